@@ -1,0 +1,180 @@
+//! [`RlmError`]: one variant per class of failure, with the server's JSON-RPC error kept whole.
+
+use std::time::Duration;
+
+use crate::protocol::{ErrorType, RpcError};
+
+/// Everything that can go wrong in a call.
+///
+/// The first group is the client's own (spawning, the child's life, timeouts); the second
+/// mirrors the server's error codes one to one and keeps the JSON-RPC error, so `code`,
+/// `message` and `data` (with its stable `data.type`) stay available through
+/// [`RlmError::rpc`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RlmError {
+    /// A configuration value, usually from the environment, is not valid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The server command could not be started.
+    #[error("could not start the server `{command}`: {source}")]
+    Spawn {
+        /// The command that was run.
+        command: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server did not send its `ready` notification in time; it was killed.
+    #[error("the server did not send `ready` within {0:?}")]
+    ReadyTimeout(Duration),
+    /// The server process exited (or closed its output) while the call was pending. The next
+    /// call starts a new one.
+    #[error("the server exited: {0}")]
+    Exited(String),
+    /// No answer within the call's timeout. The client has sent `$/cancelRequest`.
+    #[error("no answer within {0:?}; the request was cancelled")]
+    Timeout(Duration),
+    /// The client was closed with [`crate::RLMClient::close`].
+    #[error("the client is closed")]
+    Closed,
+    /// The server sent something this client cannot read (wrong protocol version, a result
+    /// that does not match the schema).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// -32700: the server could not parse a line as JSON.
+    #[error("parse error: {0}")]
+    ParseError(RpcError),
+    /// -32600: not a valid JSON-RPC request, or a line above the server's size limit.
+    #[error("invalid request: {0}")]
+    InvalidRequest(RpcError),
+    /// -32601: unknown method.
+    #[error("method not found: {0}")]
+    MethodNotFound(RpcError),
+    /// -32602: invalid params; `data.field` names the offending field.
+    #[error("invalid params: {0}")]
+    InvalidParams(RpcError),
+    /// -32603: internal error, or the worker running the request crashed
+    /// (`data.type == worker_crashed`). The server keeps running.
+    #[error("internal server error: {0}")]
+    Internal(RpcError),
+    /// -32000: the LLM backend failed after the server's retries; `data.retryable` says
+    /// whether trying again may help.
+    #[error("backend error: {0}")]
+    Backend(RpcError),
+    /// -32001: the server-side deadline (`options.timeout_s` or the server default) passed.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(RpcError),
+    /// -32002: the server is shutting down or its admission queue is full (`data.type`).
+    #[error("request rejected: {0}")]
+    Rejected(RpcError),
+    /// -32003: the backend is unavailable and the server runs in strict mode.
+    #[error("backend unavailable: {0}")]
+    BackendUnavailable(RpcError),
+    /// -32800: the request was cancelled (by `$/cancelRequest` or by a server shutdown).
+    #[error("cancelled: {0}")]
+    Cancelled(RpcError),
+    /// An error code this client does not know.
+    #[error("server error: {0}")]
+    Rpc(RpcError),
+}
+
+impl RlmError {
+    /// The variant for a JSON-RPC error from the server, chosen by its code.
+    pub fn from_rpc(error: RpcError) -> Self {
+        match error.code {
+            -32700 => RlmError::ParseError(error),
+            -32600 => RlmError::InvalidRequest(error),
+            -32601 => RlmError::MethodNotFound(error),
+            -32602 => RlmError::InvalidParams(error),
+            -32603 => RlmError::Internal(error),
+            -32000 => RlmError::Backend(error),
+            -32001 => RlmError::DeadlineExceeded(error),
+            -32002 => RlmError::Rejected(error),
+            -32003 => RlmError::BackendUnavailable(error),
+            -32800 => RlmError::Cancelled(error),
+            _ => RlmError::Rpc(error),
+        }
+    }
+
+    /// The server's JSON-RPC error, when the server answered with one.
+    pub fn rpc(&self) -> Option<&RpcError> {
+        match self {
+            RlmError::ParseError(e)
+            | RlmError::InvalidRequest(e)
+            | RlmError::MethodNotFound(e)
+            | RlmError::InvalidParams(e)
+            | RlmError::Internal(e)
+            | RlmError::Backend(e)
+            | RlmError::DeadlineExceeded(e)
+            | RlmError::Rejected(e)
+            | RlmError::BackendUnavailable(e)
+            | RlmError::Cancelled(e)
+            | RlmError::Rpc(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The JSON-RPC error code, when the server answered with one.
+    pub fn code(&self) -> Option<i64> {
+        self.rpc().map(|e| e.code)
+    }
+
+    /// Whether the client retries this error: a backend failure the server marks
+    /// `retryable`, or a full admission queue. Nothing else is retried: not a cancellation,
+    /// a deadline, invalid params, a crash or a shutdown.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RlmError::Backend(e) => e.data.as_ref().and_then(|d| d.retryable) == Some(true),
+            RlmError::Rejected(e) => e.kind() == Some(ErrorType::QueueFull),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rpc(value: serde_json::Value) -> RpcError {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn codes_map_to_variants_and_keep_the_error() {
+        let error = RlmError::from_rpc(rpc(json!({
+            "code": -32602, "message": "bad", "data": {"type": "invalid_params", "field": "options.max_depth"}
+        })));
+        assert!(matches!(error, RlmError::InvalidParams(_)));
+        assert_eq!(error.code(), Some(-32602));
+        let data = error.rpc().unwrap().data.as_ref().unwrap();
+        assert_eq!(data.field.as_deref(), Some("options.max_depth"));
+        assert!(matches!(
+            RlmError::from_rpc(rpc(json!({"code": -31999, "message": "new"}))),
+            RlmError::Rpc(_)
+        ));
+    }
+
+    #[test]
+    fn only_retryable_backend_errors_and_queue_full_are_retried() {
+        let retryable = |v| RlmError::from_rpc(rpc(v)).is_retryable();
+        assert!(retryable(json!({"code": -32000, "message": "m", "data": {"type": "backend_error", "retryable": true}})));
+        assert!(!retryable(json!({"code": -32000, "message": "m", "data": {"type": "backend_error", "retryable": false}})));
+        assert!(!retryable(json!({"code": -32000, "message": "m"})));
+        assert!(retryable(json!({"code": -32002, "message": "m", "data": {"type": "queue_full"}})));
+        assert!(!retryable(json!({"code": -32002, "message": "m", "data": {"type": "shutting_down"}})));
+        assert!(!retryable(json!({"code": -32800, "message": "m", "data": {"type": "cancelled"}})));
+        assert!(!retryable(json!({"code": -32001, "message": "m", "data": {"type": "deadline_exceeded"}})));
+        assert!(!retryable(json!({"code": -32602, "message": "m", "data": {"type": "invalid_params"}})));
+        assert!(!RlmError::Timeout(Duration::from_secs(1)).is_retryable());
+    }
+
+    #[test]
+    fn unknown_error_types_still_decode() {
+        let error = rpc(json!({"code": -32603, "message": "m", "data": {"type": "brand_new", "hint": 1}}));
+        let data = error.data.unwrap();
+        assert_eq!(data.kind, ErrorType::Other);
+        assert_eq!(data.extra["hint"], 1);
+    }
+}

@@ -1,0 +1,469 @@
+//! Serde types for the v1 wire contract (`protocol/schema.json`).
+//!
+//! Every type mirrors one definition of the schema, field for field, with the schema's
+//! snake_case names. Required members are plain fields, so a message missing one does not
+//! decode; optional members are `Option`s that are left out when `None`. Unknown members are
+//! ignored when decoding, so a newer server that adds a field does not break this client. The
+//! test suite replays the shared transcripts in `protocol/transcripts/` and checks that every
+//! message decodes into these types and encodes back to the same JSON, which catches a missing,
+//! extra or misnamed field.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A JSON-RPC request id (`Id` in the schema): an integer within 64 bits or a string.
+///
+/// The client itself only ever sends integers, counting from 1, but a server message may carry
+/// either kind, so both decode.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Id {
+    /// An integer id.
+    Number(i64),
+    /// A string id.
+    String(String),
+}
+
+/// One chat message (`Message`): an alternative to a plain string prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Who said it: `user`, `assistant`, `system`, ...
+    pub role: String,
+    /// What was said.
+    pub content: String,
+}
+
+impl Message {
+    /// A message with the given role and content.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// The long input of an `infer` request, which becomes `context` in the model's REPL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// A plain string.
+    Text(String),
+    /// A list of chat messages (at least one).
+    Messages(Vec<Message>),
+}
+
+impl From<String> for Prompt {
+    fn from(text: String) -> Self {
+        Prompt::Text(text)
+    }
+}
+
+impl From<&str> for Prompt {
+    fn from(text: &str) -> Self {
+        Prompt::Text(text.to_owned())
+    }
+}
+
+impl From<Vec<Message>> for Prompt {
+    fn from(messages: Vec<Message>) -> Self {
+        Prompt::Messages(messages)
+    }
+}
+
+/// The LLM backends the server knows (`Backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// `openai`, or any OpenAI-compatible server through `base_url`.
+    Openai,
+    /// `anthropic`.
+    Anthropic,
+    /// `gemini`.
+    Gemini,
+    /// `groq`.
+    Groq,
+    /// `openrouter`.
+    Openrouter,
+    /// `vllm`.
+    Vllm,
+    /// `azure_openai`.
+    AzureOpenai,
+    /// `portkey`.
+    Portkey,
+    /// `vercel`.
+    Vercel,
+}
+
+/// Per-request overrides (`InferOptions`). They apply to one request only and never change
+/// the server's shared configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InferOptions {
+    /// Backend for this request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+    /// Root model name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Model for `llm_query` sub-calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_model: Option<String>,
+    /// Base URL of an OpenAI-compatible server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Most root-model iterations (1..=1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_iterations: Option<u32>,
+    /// Most recursion depth (1..=10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_depth: Option<u32>,
+    /// Server-side deadline in seconds; past it the server answers -32001.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
+    /// Sampling temperature (0..=2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Most output tokens per model call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Ask for `$/progress` notifications. The client sets this itself when the request has a
+    /// progress sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<bool>,
+    /// Return the run's trajectory in [`InferResult::trajectory`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trajectory: Option<bool>,
+}
+
+/// Params of `infer` (`InferParams`). The client always sends `prompt`; `messages` is the
+/// server's accepted alias and is here so that every valid request decodes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InferParams {
+    /// The long input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Prompt>,
+    /// Alias of `prompt` for a message list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<Message>>,
+    /// The short question shown to the root model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// Per-request options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<InferOptions>,
+}
+
+/// Params of `shutdown` (`ShutdownParams`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShutdownParams {
+    /// How long in-flight requests may run before they are cancelled, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_s: Option<f64>,
+}
+
+/// Params of the `$/cancelRequest` notification (`CancelParams`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelParams {
+    /// The id of the request to cancel.
+    pub id: Id,
+}
+
+/// Token and cost accounting of one model (`Usage.models` values).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelUsage {
+    /// Model calls.
+    pub calls: u64,
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Completion tokens.
+    pub output_tokens: u64,
+    /// Cost in US dollars, when the backend reports one.
+    pub cost_usd: Option<f64>,
+}
+
+/// Token and cost accounting of one `infer` (`Usage`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Model calls, root and sub-calls together.
+    pub calls: u64,
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Completion tokens.
+    pub output_tokens: u64,
+    /// Cost in US dollars, when the backend reports one.
+    pub cost_usd: Option<f64>,
+    /// The same per model name.
+    pub models: BTreeMap<String, ModelUsage>,
+}
+
+/// How an `infer` ran (`InferResult.metadata`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferMetadata {
+    /// Backend used.
+    pub backend: String,
+    /// Root model used.
+    pub model: String,
+    /// Root-model iterations run.
+    pub iterations: u64,
+    /// Recursion depth used.
+    pub depth: u64,
+    /// Time the server spent, in milliseconds.
+    pub elapsed_ms: f64,
+    /// Backend attempts, including the server's own retries.
+    pub attempts: u64,
+}
+
+/// The result of `infer` (`InferResult`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferResult {
+    /// The answer.
+    pub text: String,
+    /// True only when the server runs in stub mode (no usable backend) and `text` is the
+    /// stub message, not an answer.
+    pub stub: bool,
+    /// Token and cost accounting.
+    pub usage: Usage,
+    /// How the run went.
+    pub metadata: InferMetadata,
+    /// The run's steps, when `options.trajectory` was true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trajectory: Option<Vec<Map<String, Value>>>,
+}
+
+/// Latency summary over the server's rolling window (`LatencySummary`), in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Mean.
+    pub avg: f64,
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+/// The server's own counters (`ServerMetrics`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerMetrics {
+    /// `infer` requests admitted or answered.
+    pub total_requests: u64,
+    /// Answered with a real (non-stub) result.
+    pub successful_requests: u64,
+    /// Answered with an error.
+    pub failed_requests: u64,
+    /// Cancelled by `$/cancelRequest` or shutdown.
+    pub cancelled_requests: u64,
+    /// Past their deadline.
+    pub timed_out_requests: u64,
+    /// Answered in stub mode.
+    pub stub_responses: u64,
+    /// Backend retries the server made.
+    pub total_retries: u64,
+    /// Latency of the last 1000 `infer`s.
+    pub latency_ms: LatencySummary,
+}
+
+/// The result of `status` (`StatusResult`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResult {
+    /// Always `rlm-server`.
+    pub server: String,
+    /// Server version.
+    pub version: String,
+    /// Protocol version, `1`.
+    pub protocol: String,
+    /// Whether the configured backend can be used.
+    pub available: bool,
+    /// Whether `infer` answers stubs.
+    pub stub: bool,
+    /// Why the backend is unavailable, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Configured backend.
+    pub backend: String,
+    /// Configured root model.
+    pub model: String,
+    /// REPL environment (`local`, `docker`, ...).
+    pub environment: String,
+    /// Default iteration limit.
+    pub max_iterations: u64,
+    /// Default depth limit.
+    pub max_depth: u64,
+    /// Completions run at once.
+    pub max_concurrency: u64,
+    /// Completions running now.
+    pub in_flight: u64,
+    /// Requests waiting for a slot.
+    pub queued: u64,
+    /// Seconds since start.
+    pub uptime_s: f64,
+    /// Counters.
+    pub metrics: ServerMetrics,
+}
+
+/// The result of `shutdown` (`ShutdownResult`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownResult {
+    /// Always true.
+    pub shutdown: bool,
+}
+
+/// Params of the `ready` notification, the first line the server writes (`ReadyNotification`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyParams {
+    /// Always `rlm-server`.
+    pub server: String,
+    /// Server version.
+    pub version: String,
+    /// Protocol version; this client speaks `1`.
+    pub protocol: String,
+    /// The server's process id.
+    pub pid: u32,
+    /// Whether the configured backend can be used.
+    pub available: bool,
+    /// Whether `infer` answers stubs.
+    pub stub: bool,
+    /// Configured backend.
+    pub backend: String,
+    /// Configured root model.
+    pub model: String,
+    /// REPL environment.
+    pub environment: String,
+}
+
+/// What a `$/progress` notification reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressEvent {
+    /// The request got a worker and began.
+    Started,
+    /// A root-model iteration finished.
+    Iteration,
+    /// Model code made a sub-call.
+    Subcall,
+    /// A backend call failed and is being retried.
+    Retry,
+}
+
+/// Params of a `$/progress` notification (`ProgressNotification`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The wire id of the `infer` request (a retry has a new id).
+    pub id: Id,
+    /// What happened.
+    pub event: ProgressEvent,
+    /// The iteration that finished, for `iteration`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iteration: Option<u32>,
+    /// The iteration limit, for `iteration`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_iterations: Option<u32>,
+    /// Milliseconds since the request began.
+    pub elapsed_ms: f64,
+    /// A short human-readable note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The stable `data.type` of an error (`ErrorType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorType {
+    /// -32700: not JSON.
+    ParseError,
+    /// -32600: not a JSON-RPC 2.0 request.
+    InvalidRequest,
+    /// -32600: a line above the server's size limit.
+    LineTooLong,
+    /// -32601: unknown method.
+    MethodNotFound,
+    /// -32602: invalid params; `field` names the offender.
+    InvalidParams,
+    /// -32603: internal error.
+    InternalError,
+    /// -32603: the worker running the request crashed.
+    WorkerCrashed,
+    /// -32000: the backend failed after the server's retries.
+    BackendError,
+    /// -32001: deadline exceeded.
+    DeadlineExceeded,
+    /// -32002: the server is shutting down.
+    ShuttingDown,
+    /// -32002: the admission queue is full.
+    QueueFull,
+    /// -32003: backend unavailable in strict mode.
+    BackendUnavailable,
+    /// -32800: cancelled.
+    Cancelled,
+    /// A type this client does not know yet (from a newer server).
+    #[serde(other)]
+    Other,
+}
+
+/// The `data` of an error (`ErrorData`). The schema leaves it open, so members it does not
+/// name are kept in `extra`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorData {
+    /// The stable error type.
+    #[serde(rename = "type")]
+    pub kind: ErrorType,
+    /// -32602: the offending field, dotted (`options.max_depth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// -32000: whether the request may be retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
+    /// Backend attempts made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u64>,
+    /// -32000: the backend's HTTP status, when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<i64>,
+    /// `line_too_long`: the server's limit in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// -32001: the deadline that passed, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
+    /// A short cause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// -32601: the unknown method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Members the schema does not name.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A JSON-RPC error object (`Error`), kept whole in [`crate::RlmError`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RpcError {
+    /// The JSON-RPC code (-32700 ... -32800).
+    pub code: i64,
+    /// A short human-readable message.
+    pub message: String,
+    /// Structured detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<ErrorData>,
+}
+
+impl RpcError {
+    /// The `data.type`, when the server sent `data`.
+    pub fn kind(&self) -> Option<ErrorType> {
+        self.data.as_ref().map(|data| data.kind)
+    }
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (code {}", self.message, self.code)?;
+        if let Some(data) = &self.data {
+            write!(f, ", {}", serde_json::to_string(data).unwrap_or_default())?;
+        }
+        write!(f, ")")
+    }
+}

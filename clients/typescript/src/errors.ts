@@ -1,0 +1,117 @@
+/**
+ * Typed errors, one class per JSON-RPC code of the contract. Errors the server sends keep its
+ * code and `data`; conditions only the client can see (the child exited, it never became ready)
+ * use -32603 with a `data.type` of their own, the code the contract gives a crashed worker.
+ */
+import type { ErrorCode, ErrorData } from "./generated/protocol.js";
+
+/** `data.type` values that only the client produces. */
+export type ClientErrorType = "server_exited" | "start_failed";
+
+/** The contract's error data, widened with the fields of client-side errors. */
+export type RLMErrorData = Omit<ErrorData, "type"> & {
+  type: ErrorData["type"] | ClientErrorType;
+  /** server_exited: the child's exit code, or null when a signal ended it. */
+  exit_code?: number | null;
+  /** server_exited: the signal that ended the child, if any. */
+  signal?: string | null;
+  /** server_exited, start_failed: the child's last line on stderr, which usually says why. */
+  stderr?: string;
+};
+
+/** Base class: `code` is the JSON-RPC error code, `data` the structured cause. */
+export class RLMError extends Error {
+  override name = "RLMError";
+
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    readonly data?: RLMErrorData,
+  ) {
+    super(message);
+  }
+
+  /**
+   * Whether a retry may succeed, as the contract defines it: a backend failure the server marks
+   * retryable, or an admission queue that was full. Cancellation and deadlines never are.
+   */
+  get retryable(): boolean {
+    if (this.code === -32000) return this.data?.retryable === true;
+    if (this.code === -32002) return this.data?.type === "queue_full";
+    return false;
+  }
+}
+
+/** -32700: the server could not parse a line as JSON. */
+export class RLMParseError extends RLMError {
+  override name = "RLMParseError";
+}
+/** -32600: not a JSON-RPC 2.0 request, or a line above the server's size limit. */
+export class RLMInvalidRequestError extends RLMError {
+  override name = "RLMInvalidRequestError";
+}
+/** -32601: unknown method. */
+export class RLMMethodNotFoundError extends RLMError {
+  override name = "RLMMethodNotFoundError";
+}
+/** -32602: invalid params; `data.field` names the offending field (e.g. `options.max_depth`). */
+export class RLMInvalidParamsError extends RLMError {
+  override name = "RLMInvalidParamsError";
+}
+/** -32603: internal error, a crashed worker, or (client side) the server process exited. */
+export class RLMInternalError extends RLMError {
+  override name = "RLMInternalError";
+}
+/** -32000: the LLM backend failed after the server's own retries. */
+export class RLMBackendError extends RLMError {
+  override name = "RLMBackendError";
+}
+/** -32001: deadline exceeded, on the server (`options.timeout_s`) or in the client (`timeoutMs`). */
+export class RLMDeadlineError extends RLMError {
+  override name = "RLMDeadlineError";
+}
+/** -32002: the server is shutting down or its admission queue is full (`data.type` says which). */
+export class RLMRejectedError extends RLMError {
+  override name = "RLMRejectedError";
+}
+/** -32003: the backend is unavailable and the server runs in strict mode. */
+export class RLMUnavailableError extends RLMError {
+  override name = "RLMUnavailableError";
+}
+/** -32800: the request was cancelled (AbortSignal, or the server's shutdown grace ran out). */
+export class RLMCancelledError extends RLMError {
+  override name = "RLMCancelledError";
+}
+
+type ErrorClass = new (code: ErrorCode, message: string, data?: RLMErrorData) => RLMError;
+
+/** Exhaustive over the schema's codes: a code added to the contract fails the build until mapped. */
+const CLASSES: { readonly [C in ErrorCode]: ErrorClass } = {
+  [-32700]: RLMParseError,
+  [-32600]: RLMInvalidRequestError,
+  [-32601]: RLMMethodNotFoundError,
+  [-32602]: RLMInvalidParamsError,
+  [-32603]: RLMInternalError,
+  [-32000]: RLMBackendError,
+  [-32001]: RLMDeadlineError,
+  [-32002]: RLMRejectedError,
+  [-32003]: RLMUnavailableError,
+  [-32800]: RLMCancelledError,
+};
+
+/** Builds the typed error for a code; a code outside the contract becomes a plain RLMError. */
+export function rlmError(code: number, message: string, data?: RLMErrorData): RLMError {
+  const Class: ErrorClass = CLASSES[code as ErrorCode] ?? RLMError;
+  return data === undefined ? new Class(code as ErrorCode, message) : new Class(code as ErrorCode, message, data);
+}
+
+export function cancelledError(): RLMCancelledError {
+  return new RLMCancelledError(-32800, "request cancelled", { type: "cancelled" });
+}
+
+export function deadlineError(timeoutMs: number): RLMDeadlineError {
+  return new RLMDeadlineError(-32001, `no answer within ${timeoutMs} ms`, {
+    type: "deadline_exceeded",
+    timeout_s: timeoutMs / 1000,
+  });
+}

@@ -1,0 +1,222 @@
+// GENERATED from protocol/schema.json by scripts/gen-types.mjs. Do not edit by hand:
+// run `npm run gen:types`. `npm test` fails when this file and the schema disagree.
+
+export type ServerMessage = Response | [Response, ...Response[]] | ReadyNotification | ProgressNotification;
+export type Response = SuccessResponse | ErrorResponse;
+/**
+ * Request id. Integers are kept within 64 bits; fractional numbers and booleans are invalid.
+ */
+export type Id = string | number;
+/**
+ * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error or worker crash; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32800 cancelled.
+ */
+export type ErrorCode = -32700 | -32600 | -32601 | -32602 | -32603 | -32000 | -32001 | -32002 | -32003 | -32800;
+export type ErrorType =
+  | "parse_error"
+  | "invalid_request"
+  | "line_too_long"
+  | "method_not_found"
+  | "invalid_params"
+  | "internal_error"
+  | "worker_crashed"
+  | "backend_error"
+  | "deadline_exceeded"
+  | "shutting_down"
+  | "queue_full"
+  | "backend_unavailable"
+  | "cancelled";
+export type ClientMessage = Request | [Request, ...Request[]];
+/**
+ * A request (with id) or a notification (without). `params: null` is treated as absent.
+ */
+export type Request = {
+  [k: string]: unknown | undefined;
+} & {
+  jsonrpc: "2.0";
+  id?: Id | null;
+  method: "infer" | "status" | "shutdown" | "$/cancelRequest";
+  params?: {} | null;
+};
+/**
+ * `prompt` (or its alias `messages`) is the long input that becomes `context` in the REPL; `query` is the short question shown to the root model.
+ */
+export type InferParams = {
+  prompt?: string | [Message, ...Message[]];
+  /**
+   * @minItems 1
+   */
+  messages?: [Message, ...Message[]];
+  query?: string;
+  options?: InferOptions;
+} & InferParams1;
+export type Backend =
+  "openai" | "anthropic" | "gemini" | "groq" | "openrouter" | "vllm" | "azure_openai" | "portkey" | "vercel";
+export type InferParams1 = {
+  [k: string]: unknown | undefined;
+};
+
+/**
+ * Newline-delimited JSON-RPC 2.0 over stdio. Every line the server writes is one `ServerMessage`; every line a client writes is one `ClientMessage`. See ../shared/DESIGN.md for the behaviour behind each message.
+ */
+export interface WireProtocol {
+  server?: ServerMessage;
+  client?: ClientMessage;
+}
+export interface SuccessResponse {
+  jsonrpc: "2.0";
+  id: Id | null;
+  result: InferResult | StatusResult | ShutdownResult;
+}
+export interface InferResult {
+  text: string;
+  stub: boolean;
+  usage: Usage;
+  metadata: {
+    backend: string;
+    model: string;
+    iterations: number;
+    depth: number;
+    elapsed_ms: number;
+    attempts: number;
+  };
+  trajectory?: {}[];
+}
+export interface Usage {
+  calls: number;
+  input_tokens: number;
+  output_tokens: number;
+  cost_usd: number | null;
+  models: {
+    [k: string]:
+      | {
+          calls: number;
+          input_tokens: number;
+          output_tokens: number;
+          cost_usd: number | null;
+        }
+      | undefined;
+  };
+}
+export interface StatusResult {
+  server: "rlm-server";
+  version: string;
+  protocol: "1";
+  available: boolean;
+  stub: boolean;
+  reason?: string;
+  backend: string;
+  model: string;
+  environment: string;
+  max_iterations: number;
+  max_depth: number;
+  max_concurrency: number;
+  in_flight: number;
+  queued: number;
+  uptime_s: number;
+  metrics: ServerMetrics;
+}
+export interface ServerMetrics {
+  total_requests: number;
+  successful_requests: number;
+  failed_requests: number;
+  cancelled_requests: number;
+  timed_out_requests: number;
+  stub_responses: number;
+  total_retries: number;
+  latency_ms: LatencySummary;
+}
+export interface LatencySummary {
+  avg: number;
+  p50: number;
+  p95: number;
+  p99: number;
+}
+export interface ShutdownResult {
+  shutdown: true;
+}
+export interface ErrorResponse {
+  jsonrpc: "2.0";
+  id: Id | null;
+  error: Error;
+}
+export interface Error {
+  code: ErrorCode;
+  message: string;
+  data?: ErrorData;
+}
+export interface ErrorData {
+  type: ErrorType;
+  /**
+   * -32602: the offending field, dotted (e.g. `options.max_depth`).
+   */
+  field?: string;
+  /**
+   * -32000: whether the client may retry.
+   */
+  retryable?: boolean;
+  attempts?: number;
+  /**
+   * -32000: HTTP status from the backend, when it gave one.
+   */
+  status?: number;
+  /**
+   * -32600 line_too_long: the configured maximum in bytes.
+   */
+  limit?: number;
+  timeout_s?: number;
+  reason?: string;
+  method?: string;
+}
+export interface ReadyNotification {
+  jsonrpc: "2.0";
+  method: "ready";
+  params: {
+    server: "rlm-server";
+    version: string;
+    protocol: "1";
+    pid: number;
+    available: boolean;
+    stub: boolean;
+    backend: string;
+    model: string;
+    environment: string;
+  };
+}
+export interface ProgressNotification {
+  jsonrpc: "2.0";
+  method: "$/progress";
+  params: {
+    id: Id;
+    event: "started" | "iteration" | "subcall" | "retry";
+    iteration?: number;
+    max_iterations?: number;
+    elapsed_ms: number;
+    message?: string;
+  };
+}
+export interface Message {
+  role: string;
+  content: string;
+}
+/**
+ * Per-request overrides. They apply to this request only.
+ */
+export interface InferOptions {
+  backend?: Backend;
+  model?: string;
+  sub_model?: string;
+  base_url?: string;
+  max_iterations?: number;
+  max_depth?: number;
+  timeout_s?: number;
+  temperature?: number;
+  max_tokens?: number;
+  progress?: boolean;
+  trajectory?: boolean;
+}
+export interface ShutdownParams {
+  grace_s?: number;
+}
+export interface CancelParams {
+  id: Id;
+}

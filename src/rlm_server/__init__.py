@@ -1,0 +1,5 @@
+"""rlm-server: a JSON-RPC 2.0 stdio server that runs Recursive Language Models."""
+
+__version__ = "0.1.0"
+PROTOCOL_VERSION = "1"
+SERVER_NAME = "rlm-server"

@@ -1,0 +1,38 @@
+"""Command line: `rlm-server [flags]` and `python -m rlm_server [flags]`.
+
+Configuration is read and checked before anything else happens: a bad value is one line on
+stderr and exit code 2. Then the protocol descriptors are claimed and the server runs until it is
+told to stop; it exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from rlm_server.config import ConfigError, load_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv, os.environ)
+    except ConfigError as error:
+        print(f"rlm-server: configuration error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO if config.verbose else logging.WARNING,
+        format="rlm-server[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    from rlm_server.server import Server  # after the config check: a bad flag costs no imports
+    from rlm_server.transport import claim_stdio
+
+    claim = claim_stdio()
+    try:
+        return anyio.run(Server(config, claim, os.environ).run)
+    finally:
+        claim.release()

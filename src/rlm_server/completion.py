@@ -1,0 +1,285 @@
+"""What runs inside a worker process: one real `rlm.RLM` completion, reported as frames.
+
+Imported by the zygote (so `rlm` is imported once, before any fork), never by the server.
+
+The library builds a new model client (two TLS contexts, ~32 ms) and a new LM handler for every
+completion and stops the handler at the end, which waits out socketserver's 0.5 s poll interval:
+~535 ms for an instant model. `WorkerRLM` uses the library's seam for this, the
+`_spawn_completion_context` context manager, to hand each completion the worker's clients
+(prebuilt in the zygote) and an LM handler that is never stopped, because the worker process ends
+with the completion. tests/test_library_seam.py fails loudly if an upgrade moves that seam.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+from rlm import RLM
+from rlm.clients import BaseLM, get_client
+from rlm.core.lm_handler import LMHandler
+from rlm.core.types import RLMIteration, UsageSummary
+from rlm.environments import get_environment
+from rlm.logger import RLMLogger
+
+from rlm_server import frames
+
+log = logging.getLogger(__name__)
+
+Json = dict[str, Any]
+Emit = Callable[..., None]
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker's socket to the server
+
+
+class Channel:
+    """Our end of the socket: one job frame in, event frames and one final frame out."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()  # events come from the LM handler's threads too
+
+    def _receive_exactly(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        while view:
+            received = self._sock.recv_into(view)
+            if received == 0:
+                raise EOFError("the server closed the worker socket")
+            view = view[received:]
+        return buffer
+
+    def receive(self) -> Json:
+        length = frames.length_of(self._receive_exactly(frames.HEADER_BYTES))
+        job: Json = orjson.loads(self._receive_exactly(length))
+        return job
+
+    def send(self, frame: Json) -> None:
+        payload = orjson.dumps(frame, default=str)
+        with self._lock:
+            self._sock.sendall(frames.header(len(payload)))
+            self._sock.sendall(payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients, built once per (backend, kwargs) and per process
+
+
+def _client_key(backend: str, backend_kwargs: Json) -> bytes:
+    return orjson.dumps([backend, backend_kwargs], option=orjson.OPT_SORT_KEYS)
+
+
+class ClientCache:
+    """Model clients by configuration. The zygote fills it; forked workers inherit it."""
+
+    def __init__(self) -> None:
+        self._clients: dict[bytes, BaseLM] = {}
+
+    def get(self, backend: str, backend_kwargs: Json) -> BaseLM:
+        key = _client_key(backend, backend_kwargs)
+        if key not in self._clients:
+            self._clients[key] = get_client(backend, dict(backend_kwargs))
+        return self._clients[key]
+
+    def prewarm(self, spec: Json) -> None:
+        """Build the clients of the server's default configuration, if they can be built."""
+        for client in spec.get("clients", []):
+            try:
+                self.get(client["backend"], client["backend_kwargs"])
+            except Exception as exc:  # a bad default only fails the requests that use it
+                log.warning("could not prebuild the %s client: %s", client["backend"], exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The library seams
+
+
+class EventLMHandler(LMHandler):  # type: ignore[misc]
+    """An LM handler that reports each sub-call (a request from model code at depth >= 1)."""
+
+    def __init__(self, client: BaseLM, on_subcall: Callable[[str], None], **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self._on_subcall = on_subcall
+
+    def get_client(self, model: str | None = None, depth: int = 0) -> BaseLM:
+        client: BaseLM = super().get_client(model, depth)
+        if depth >= 1:
+            self._on_subcall(str(model or client.model_name))
+        return client
+
+
+class ProgressLogger(RLMLogger):  # type: ignore[misc]
+    """Counts finished iterations and reports each; keeps the trajectory only when asked.
+
+    The library stores `on_iteration_*` callbacks but never calls them; its logger is called.
+    """
+
+    def __init__(self, on_iteration: Callable[[int], None], keep_trajectory: bool) -> None:
+        super().__init__()
+        self._on_iteration = on_iteration
+        self._keep = keep_trajectory
+        self.completed = 0
+
+    def clear_iterations(self) -> None:
+        super().clear_iterations()
+        self.completed = 0
+
+    def log(self, iteration: RLMIteration) -> None:
+        if self._keep:
+            super().log(iteration)
+        self.completed += 1
+        self._on_iteration(self.completed)
+
+
+class WorkerRLM(RLM):  # type: ignore[misc]
+    """An RLM whose completions use the worker's LM handler instead of building their own."""
+
+    def __init__(self, lm_handler: LMHandler, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._worker_lm_handler = lm_handler
+
+    @contextmanager
+    def _spawn_completion_context(
+        self, prompt: str | dict[str, Any]
+    ) -> Iterator[tuple[LMHandler, Any]]:
+        env_kwargs = dict(self.environment_kwargs)
+        env_kwargs["lm_handler_address"] = self._worker_lm_handler.address
+        env_kwargs["context_payload"] = prompt
+        env_kwargs["depth"] = self.depth + 1
+        if self.environment_type in ("local", "ipython", "docker") and self.max_depth > 1:
+            env_kwargs["subcall_fn"] = self._subcall
+        env_kwargs["max_concurrent_subcalls"] = self.max_concurrent_subcalls
+        environment = get_environment(self.environment_type, env_kwargs)
+        try:
+            yield self._worker_lm_handler, environment
+        finally:
+            if hasattr(environment, "cleanup"):
+                environment.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------
+# One job
+
+
+def usage_to_wire(summary: UsageSummary) -> Json:
+    models = {
+        name: {
+            "calls": usage.total_calls or 0,
+            "input_tokens": usage.total_input_tokens or 0,
+            "output_tokens": usage.total_output_tokens or 0,
+            "cost_usd": usage.total_cost,
+        }
+        for name, usage in summary.model_usage_summaries.items()
+    }
+    costs = [m["cost_usd"] for m in models.values() if m["cost_usd"] is not None]
+    return {
+        "calls": sum(m["calls"] for m in models.values()),
+        "input_tokens": sum(m["input_tokens"] for m in models.values()),
+        "output_tokens": sum(m["output_tokens"] for m in models.values()),
+        "cost_usd": sum(costs) if costs else None,
+        "models": models,
+    }
+
+
+def classify_failure(exc: BaseException) -> Json:
+    """Retryable or not, by exception type and HTTP status code (never by message text)."""
+    status = getattr(exc, "status_code", None)
+    if not isinstance(status, int):
+        code = getattr(exc, "code", None)  # google-genai's APIError
+        status = code if isinstance(code, int) and 100 <= code < 600 else None
+    if status is not None:
+        retryable = status in RETRYABLE_STATUS
+    else:
+        retryable = isinstance(exc, (TimeoutError, ConnectionError)) or _is_transport_error(exc)
+    failure: Json = {"retryable": retryable, "kind": type(exc).__name__}
+    if status is not None:
+        failure["status"] = status
+    return {"failure": failure}
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """Connection and timeout errors of the providers' SDKs (all built on httpx)."""
+    import httpx
+
+    transient: tuple[type[BaseException], ...] = (httpx.TransportError,)
+    try:
+        import openai
+
+        transient += (openai.APIConnectionError,)
+    except ImportError:
+        pass
+    try:
+        import anthropic
+
+        transient += (anthropic.APIConnectionError,)
+    except ImportError:
+        pass
+    return isinstance(exc, transient)
+
+
+def _build_rlm(job: Json, clients: ClientCache, emit: Emit) -> tuple[WorkerRLM, ProgressLogger]:
+    spec: Json = job["rlm"]
+    root = clients.get(spec["backend"], spec["backend_kwargs"])
+    sub_kwargs = (spec.get("other_backend_kwargs") or [None])[0]
+    sub = clients.get(spec["backend"], sub_kwargs) if sub_kwargs else None
+    handler = EventLMHandler(
+        root,
+        on_subcall=lambda model: emit("subcall", message=model),
+        other_backend_client=sub,
+    )
+    if sub is not None:
+        handler.register_client(sub.model_name, sub)
+    handler.start()
+    logger = ProgressLogger(
+        on_iteration=lambda n: emit(
+            "iteration", iteration=n, max_iterations=spec["max_iterations"]
+        ),
+        keep_trajectory=bool(job.get("trajectory")),
+    )
+    rlm = WorkerRLM(
+        lm_handler=handler,
+        logger=logger,
+        on_subcall_start=lambda depth, model, preview: emit("subcall", message=str(model)),
+        **spec,
+    )
+    return rlm, logger
+
+
+def run_job(job: Json, clients: ClientCache, emit: Emit) -> Json:
+    """The final frame for one job: {"result": ...} or {"failure": ...}."""
+    try:
+        rlm, logger = _build_rlm(job, clients, emit)
+        completion = rlm.completion(job["context"], root_prompt=job.get("query"))
+    except Exception as exc:
+        log.info("completion failed: %s: %s", type(exc).__name__, exc)
+        return classify_failure(exc)
+    result: Json = {
+        "text": str(completion.response),
+        "usage": usage_to_wire(completion.usage_summary),
+        "iterations": logger.completed,
+    }
+    if job.get("trajectory"):
+        trajectory = logger.get_trajectory() or {}
+        result["trajectory"] = trajectory.get("iterations", [])
+    return {"result": result}
+
+
+def serve_job(sock: socket.socket, clients: ClientCache) -> None:
+    """Read one job from the server, run it, and send its events and final frame."""
+    channel = Channel(sock)
+    job = channel.receive()
+    progress = bool(job.get("progress"))
+
+    def emit(event: str, **fields: Any) -> None:
+        if progress:
+            channel.send({"event": event, **fields})
+
+    channel.send(run_job(job, clients, emit))

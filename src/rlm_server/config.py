@@ -1,0 +1,382 @@
+"""Configuration: `ELIZA_RLM_*` environment variables (the elizaOS plugin's names and defaults),
+overridden by command-line flags, validated once at start-up.
+
+Every setting is one row of `SETTINGS`, so `--help`, the environment and validation cannot drift
+apart. A bad value raises `ConfigError` with one line that names the flag or variable; the CLI
+prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rlm_server import __version__
+
+
+class ConfigError(Exception):
+    """A setting has a value we cannot use; the message is the one line the user sees."""
+
+
+BACKENDS = (
+    "gemini",
+    "openai",
+    "anthropic",
+    "groq",
+    "openrouter",
+    "vllm",
+    "azure_openai",
+    "portkey",
+    "vercel",
+)
+ENVIRONMENTS = ("local", "ipython", "docker", "modal", "prime", "e2b", "daytona")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """How one user-facing backend name maps onto the `rlm` library's clients."""
+
+    library_backend: str
+    key_vars: tuple[str, ...]
+    default_model: str
+    default_base_url: str | None = None
+    openai_compatible: bool = False
+
+
+BACKEND_INFO: Mapping[str, BackendInfo] = {
+    "gemini": BackendInfo("gemini", ("GEMINI_API_KEY", "GOOGLE_API_KEY"), "gemini-2.5-flash"),
+    "openai": BackendInfo("openai", ("OPENAI_API_KEY",), "gpt-4o-mini", openai_compatible=True),
+    "anthropic": BackendInfo("anthropic", ("ANTHROPIC_API_KEY",), "claude-sonnet-4-5"),
+    "groq": BackendInfo(
+        "openai",
+        ("GROQ_API_KEY",),
+        "llama-3.3-70b-versatile",
+        "https://api.groq.com/openai/v1",
+        openai_compatible=True,
+    ),
+    "openrouter": BackendInfo(
+        "openrouter", ("OPENROUTER_API_KEY",), "openai/gpt-4o-mini", openai_compatible=True
+    ),
+    "vllm": BackendInfo("vllm", (), "default", openai_compatible=True),
+    "azure_openai": BackendInfo("azure_openai", ("AZURE_OPENAI_API_KEY",), "gpt-4o-mini"),
+    "portkey": BackendInfo("portkey", ("PORTKEY_API_KEY",), "gpt-4o-mini"),
+    "vercel": BackendInfo(
+        "vercel", ("AI_GATEWAY_API_KEY",), "openai/gpt-4o-mini", openai_compatible=True
+    ),
+}
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError
+        return raw
+
+    return parse
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    env: str
+    default: str
+    parse: Callable[[str], Any]
+    expect: str
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "backend",
+        "ELIZA_RLM_BACKEND",
+        "gemini",
+        _choice(BACKENDS),
+        "one of " + ", ".join(BACKENDS),
+        "LLM backend",
+    ),
+    Setting(
+        "model",
+        "ELIZA_RLM_MODEL",
+        "",
+        _text,
+        "a model name",
+        "root model (default: the backend's usual model)",
+    ),
+    Setting(
+        "sub_model",
+        "ELIZA_RLM_SUB_MODEL",
+        "",
+        _text,
+        "a model name",
+        "model for llm_query sub-calls (default: the root model)",
+    ),
+    Setting(
+        "base_url",
+        "ELIZA_RLM_BASE_URL",
+        "",
+        _text,
+        "a URL",
+        "base URL of an OpenAI-compatible server (vLLM, llama.cpp, Ollama, LM Studio)",
+    ),
+    Setting(
+        "environment",
+        "ELIZA_RLM_ENV",
+        "local",
+        _choice(ENVIRONMENTS),
+        "one of " + ", ".join(ENVIRONMENTS),
+        "REPL environment of the rlm library",
+    ),
+    Setting(
+        "max_iterations",
+        "ELIZA_RLM_MAX_ITERATIONS",
+        "4",
+        _positive_int,
+        "a positive integer",
+        "root model turns per request",
+    ),
+    Setting(
+        "max_depth",
+        "ELIZA_RLM_MAX_DEPTH",
+        "1",
+        _positive_int,
+        "a positive integer",
+        "recursion depth (1: sub-calls are plain LM calls)",
+    ),
+    Setting(
+        "verbose",
+        "ELIZA_RLM_VERBOSE",
+        "false",
+        _bool,
+        "true or false",
+        "the library's rich trace, on stderr",
+    ),
+    Setting(
+        "max_retries",
+        "ELIZA_RLM_MAX_RETRIES",
+        "3",
+        _non_negative_int,
+        "a non-negative integer",
+        "retries of a transient backend failure",
+    ),
+    Setting(
+        "retry_delay_ms",
+        "ELIZA_RLM_RETRY_DELAY",
+        "1000",
+        _positive_float,
+        "a positive number of milliseconds",
+        "first retry delay, doubled each retry",
+    ),
+    Setting(
+        "retry_max_delay_ms",
+        "ELIZA_RLM_RETRY_MAX_DELAY",
+        "30000",
+        _positive_float,
+        "a positive number of milliseconds",
+        "cap on the retry delay",
+    ),
+    Setting(
+        "max_concurrency",
+        "ELIZA_RLM_MAX_CONCURRENCY",
+        "8",
+        _positive_int,
+        "a positive integer",
+        "completions running at once (one worker process each)",
+    ),
+    Setting(
+        "max_queue",
+        "ELIZA_RLM_MAX_QUEUE",
+        "1000",
+        _non_negative_int,
+        "a non-negative integer",
+        "requests waiting for a slot before -32002 queue_full",
+    ),
+    Setting(
+        "timeout_s",
+        "ELIZA_RLM_TIMEOUT",
+        "300",
+        _positive_float,
+        "a positive number of seconds",
+        "default deadline of an infer request",
+    ),
+    Setting(
+        "strict",
+        "ELIZA_RLM_STRICT",
+        "false",
+        _bool,
+        "true or false",
+        "answer -32003 instead of stub text when the backend is unavailable",
+    ),
+    Setting(
+        "max_message_bytes",
+        "ELIZA_RLM_MAX_MESSAGE_BYTES",
+        str(1 << 30),
+        _positive_int,
+        "a positive number of bytes",
+        "longest accepted input line",
+    ),
+    Setting(
+        "shutdown_grace_s",
+        "ELIZA_RLM_SHUTDOWN_GRACE",
+        "30",
+        _non_negative_float,
+        "a non-negative number of seconds",
+        "how long EOF or SIGTERM lets in-flight requests finish",
+    ),
+    Setting(
+        "worker_memory_mb",
+        "ELIZA_RLM_WORKER_MEMORY_MB",
+        "8192",
+        _non_negative_int,
+        "a non-negative integer",
+        "address-space limit of one worker in MiB (0: none)",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str
+    model: str
+    sub_model: str
+    base_url: str
+    environment: str
+    max_iterations: int
+    max_depth: int
+    verbose: bool
+    max_retries: int
+    retry_delay_ms: float
+    retry_max_delay_ms: float
+    max_concurrency: int
+    max_queue: int
+    timeout_s: float
+    strict: bool
+    max_message_bytes: int
+    shutdown_grace_s: float
+    worker_memory_mb: int
+
+    @property
+    def effective_model(self) -> str:
+        return self.model or BACKEND_INFO[self.backend].default_model
+
+
+def _flag(setting: Setting) -> str:
+    return "--" + setting.name.removesuffix("_ms").removesuffix("_s").replace("_", "-")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus a message on a bad flag; we promise one readable line."""
+
+    def error(self, message: str) -> Any:
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="rlm-server",
+        description="JSON-RPC 2.0 server on stdin/stdout that runs Recursive Language Models. "
+        "Every flag overrides the environment variable named beside it.",
+    )
+    parser.add_argument("--version", action="version", version=f"rlm-server {__version__}")
+    for setting in SETTINGS:
+        switch = setting.parse is _bool
+        parser.add_argument(
+            _flag(setting),
+            dest=setting.name,
+            metavar="BOOL" if switch else "VALUE",
+            nargs="?" if switch else None,
+            const="true" if switch else None,
+            help=f"{setting.help} [{setting.env}, default {setting.default or 'unset'}]",
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Flags, then environment, then defaults; raises ConfigError naming the culprit."""
+    args = build_parser().parse_args(list(argv))
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        flag_value = getattr(args, setting.name)
+        source, raw = (
+            (_flag(setting), flag_value)
+            if flag_value is not None
+            else (setting.env, environ[setting.env])
+            if setting.env in environ
+            else ("default", setting.default)
+        )
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError:
+            raise ConfigError(f"{source} must be {setting.expect}, got {raw!r}") from None
+    config = Config(**values)
+    if config.retry_max_delay_ms < config.retry_delay_ms:
+        raise ConfigError("ELIZA_RLM_RETRY_MAX_DELAY must not be below ELIZA_RLM_RETRY_DELAY")
+    return config
+
+
+def backend_unavailable_reason(
+    backend: str, base_url: str, environ: Mapping[str, str]
+) -> str | None:
+    """Why the backend cannot be used (the contract's stub mode), or None when it can."""
+    if importlib.util.find_spec("rlm") is None:
+        return "the rlm library (PyPI: rlms) is not installed"
+    info = BACKEND_INFO[backend]
+    if backend == "vllm" and not base_url:
+        return "the vllm backend needs ELIZA_RLM_BASE_URL"
+    if info.openai_compatible and base_url:
+        return None  # a local OpenAI-compatible server usually needs no key
+    if info.key_vars and not any(environ.get(var) for var in info.key_vars):
+        return f"no credentials for backend {backend}: set {' or '.join(info.key_vars)}"
+    return None
+
+
+def api_key(backend: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    for var in BACKEND_INFO[backend].key_vars:
+        if environ.get(var):
+            return environ[var]
+    return None

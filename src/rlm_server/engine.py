@@ -1,0 +1,362 @@
+"""The one shared RLM engine: admission, per-request options, retries, deadlines, cancellation,
+metrics and stub mode. The work itself happens in worker processes (workers.py).
+
+Per-request options are merged into a fresh `RunSpec` for that request only; the shared `Config`
+is frozen and is what `status` reports.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
+from rlm_server.config import BACKEND_INFO, Config, api_key, backend_unavailable_reason
+from rlm_server.errors import (
+    BackendError,
+    BackendUnavailable,
+    DeadlineExceeded,
+    QueueFull,
+    RequestCancelled,
+    ShuttingDown,
+)
+from rlm_server.metrics import Metrics, Outcome
+from rlm_server.workers import WorkerPool
+
+Json = dict[str, Any]
+RequestId = str | int | None
+Notify = Callable[[Json], None]
+
+STUB_TEXT = "[RLM STUB] RLM backend not available"
+# Backends whose client is the OpenAI SDK: turn its own silent retries off so that ours (which
+# are counted and reported) are the only ones.
+OPENAI_SDK_BACKENDS = frozenset({"openai", "vllm", "openrouter", "vercel"})
+
+
+@dataclass(frozen=True)
+class InferOptions:
+    """`infer` params.options, validated (methods.py). None means: use the configuration."""
+
+    backend: str | None = None
+    model: str | None = None
+    sub_model: str | None = None
+    base_url: str | None = None
+    max_iterations: int | None = None
+    max_depth: int | None = None
+    timeout_s: float | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    progress: bool = False
+    trajectory: bool = False
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    context: str | list[dict[str, str]]
+    query: str | None = None
+    options: InferOptions = field(default_factory=InferOptions)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one request runs with: the configuration with its options applied."""
+
+    backend: str
+    model: str
+    max_iterations: int
+    max_depth: int
+    timeout_s: float
+    unavailable_reason: str | None
+    rlm_kwargs: Json
+
+    @classmethod
+    def resolve(cls, config: Config, options: InferOptions, environ: Mapping[str, str]) -> RunSpec:
+        backend = options.backend or config.backend
+        same_backend = backend == config.backend
+        info = BACKEND_INFO[backend]
+        base_url = options.base_url or (config.base_url if same_backend else "")
+        model = options.model or (config.model if same_backend else "") or info.default_model
+        sub_model = options.sub_model or (config.sub_model if same_backend else "")
+        backend_kwargs: Json = {"model_name": model}
+        if base_url or info.default_base_url:
+            backend_kwargs["base_url"] = base_url or info.default_base_url
+        key = api_key(backend, environ)
+        if key:
+            backend_kwargs["api_key"] = key
+        elif info.openai_compatible and base_url:
+            backend_kwargs["api_key"] = "not-needed"  # local servers ignore it; the SDK wants one
+        if info.library_backend in OPENAI_SDK_BACKENDS:
+            backend_kwargs["max_retries"] = 0
+        sampling = {"temperature": options.temperature, "max_tokens": options.max_tokens}
+        if any(v is not None for v in sampling.values()):
+            backend_kwargs["sampling_args"] = {k: v for k, v in sampling.items() if v is not None}
+        max_iterations = options.max_iterations or config.max_iterations
+        max_depth = options.max_depth or config.max_depth
+        rlm_kwargs: Json = {
+            "backend": info.library_backend,
+            "backend_kwargs": backend_kwargs,
+            "environment": config.environment,
+            "max_iterations": max_iterations,
+            "max_depth": max_depth,
+            "verbose": config.verbose,
+        }
+        if sub_model:
+            rlm_kwargs["other_backends"] = [info.library_backend]
+            rlm_kwargs["other_backend_kwargs"] = [{**backend_kwargs, "model_name": sub_model}]
+        return cls(
+            backend=backend,
+            model=model,
+            max_iterations=max_iterations,
+            max_depth=max_depth,
+            timeout_s=options.timeout_s or config.timeout_s,
+            unavailable_reason=backend_unavailable_reason(backend, base_url, environ),
+            rlm_kwargs=rlm_kwargs,
+        )
+
+    def prewarm(self) -> Json:
+        """What the zygote should build before the first request: this spec's clients."""
+        if self.unavailable_reason is not None:
+            return {"clients": []}
+        kwargs = [
+            self.rlm_kwargs["backend_kwargs"],
+            *self.rlm_kwargs.get("other_backend_kwargs", []),
+        ]
+        return {
+            "clients": [
+                {"backend": self.rlm_kwargs["backend"], "backend_kwargs": k} for k in kwargs
+            ]
+        }
+
+
+def backoff_s(attempt: int, base_ms: float, cap_ms: float) -> float:
+    """Exponential backoff with jitter: base * 2^(attempt-1), capped, scaled by [0.5, 1)."""
+    ceiling = min(cap_ms, base_ms * 2 ** (attempt - 1))
+    return float(ceiling * (0.5 + random.random() / 2) / 1000)
+
+
+class _Progress:
+    """Sends `$/progress` for one request, when it asked for them."""
+
+    def __init__(self, request_id: RequestId, notify: Notify | None, started: float) -> None:
+        self._request_id, self._notify, self._started = request_id, notify, started
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if self._notify is None:
+            return
+        elapsed_ms = round((time.monotonic() - self._started) * 1000, 3)
+        self._notify({"id": self._request_id, "event": event, "elapsed_ms": elapsed_ms, **fields})
+
+    def forward(self, frame: Json) -> None:
+        """An event frame from the worker."""
+        self(**frame)
+
+
+class Engine:
+    def __init__(self, config: Config, pool: WorkerPool, environ: Mapping[str, str]) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._pool = pool
+        self._environ = environ
+        self._default = RunSpec.resolve(config, InferOptions(), environ)
+        self._slots = anyio.CapacityLimiter(config.max_concurrency)
+        self._queued = 0
+        self._admit_through = math.inf  # the last input line whose infer is admitted
+        self._cancelling_all = False
+        self._scopes: dict[RequestId, set[anyio.CancelScope]] = {}
+        self._started_at = time.monotonic()
+
+    # -- what status and ready report ------------------------------------------------------
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self._default.unavailable_reason
+
+    @property
+    def stub(self) -> bool:
+        return self.unavailable_reason is not None and not self.config.strict
+
+    def prewarm(self) -> Json:
+        return self._default.prewarm()
+
+    def describe(self) -> Json:
+        return {
+            "available": self.unavailable_reason is None,
+            "stub": self.stub,
+            "backend": self.config.backend,
+            "model": self.config.effective_model,
+            "environment": self.config.environment,
+        }
+
+    def status(self) -> Json:
+        status = {"server": SERVER_NAME, "version": __version__, "protocol": PROTOCOL_VERSION}
+        status.update(self.describe())
+        if self.unavailable_reason is not None:
+            status["reason"] = self.unavailable_reason
+        return {
+            **status,
+            "max_iterations": self.config.max_iterations,
+            "max_depth": self.config.max_depth,
+            "max_concurrency": self.config.max_concurrency,
+            "in_flight": self._slots.borrowed_tokens,
+            "queued": self._queued,
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "metrics": self.metrics.snapshot(),
+        }
+
+    # -- infer ------------------------------------------------------------------------------
+
+    async def infer(
+        self, request: InferRequest, request_id: RequestId, notify: Notify, sequence: int
+    ) -> Json:
+        """Run one request; `sequence` is the number of the input line that carried it."""
+        self._admit_or_refuse(sequence)
+        spec = RunSpec.resolve(self.config, request.options, self._environ)
+        started = time.monotonic()
+        progress = _Progress(request_id, notify if request.options.progress else None, started)
+        self.metrics.started()
+        outcome = Outcome.FAILURE
+        try:
+            if spec.unavailable_reason is not None:
+                outcome, result = self._stub(spec, started)
+                return result
+            with self._cancellable(request_id):
+                result = await self._within_deadline(spec, request, progress, started)
+                outcome = Outcome.SUCCESS
+                return result
+            outcome = Outcome.CANCELLED  # only a cancelled scope gets here
+            raise RequestCancelled()
+        except DeadlineExceeded:
+            outcome = Outcome.TIMED_OUT
+            raise
+        finally:
+            self.metrics.record(outcome, (time.monotonic() - started) * 1000)
+
+    def _admit_or_refuse(self, sequence: int) -> None:
+        if sequence > self._admit_through:
+            raise ShuttingDown()
+        if self._slots.available_tokens == 0 and self._queued >= self.config.max_queue:
+            raise QueueFull(limit=self.config.max_queue)
+
+    def _stub(self, spec: RunSpec, started: float) -> tuple[Outcome, Json]:
+        if self.config.strict:
+            raise BackendUnavailable(reason=spec.unavailable_reason)
+        usage: Json = {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": None}
+        usage["models"] = {}
+        return Outcome.STUB, {
+            "text": STUB_TEXT,
+            "stub": True,
+            "usage": usage,
+            "metadata": self._metadata(spec, 0, started, attempts=0),
+        }
+
+    @contextmanager
+    def _cancellable(self, request_id: RequestId) -> Iterator[None]:
+        """Register the request so `cancel` and `drain` can reach it."""
+        scope = anyio.CancelScope()
+        if self._cancelling_all:
+            scope.cancel()
+        self._scopes.setdefault(request_id, set()).add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            scopes = self._scopes[request_id]
+            scopes.discard(scope)
+            if not scopes:
+                del self._scopes[request_id]
+
+    async def _within_deadline(
+        self, spec: RunSpec, request: InferRequest, progress: _Progress, started: float
+    ) -> Json:
+        with anyio.move_on_after(spec.timeout_s):
+            async with self._slot():
+                return await self._attempts(spec, request, progress, started)
+        raise DeadlineExceeded(timeout_s=spec.timeout_s)
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        self._queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._queued -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _attempts(
+        self, spec: RunSpec, request: InferRequest, progress: _Progress, started: float
+    ) -> Json:
+        progress("started")
+        job = {
+            "context": request.context,
+            "query": request.query,
+            "rlm": spec.rlm_kwargs,
+            "progress": request.options.progress,
+            "trajectory": request.options.trajectory,
+        }
+        attempt = 1
+        while True:
+            final = await self._pool.run(job, progress.forward)
+            if "result" in final:
+                return self._result(spec, final["result"], started, attempt)
+            failure: Json = final["failure"]
+            if not failure["retryable"] or attempt > self.config.max_retries:
+                extra = {"status": failure["status"]} if "status" in failure else {}
+                raise BackendError(retryable=failure["retryable"], attempts=attempt, **extra)
+            delay = backoff_s(attempt, self.config.retry_delay_ms, self.config.retry_max_delay_ms)
+            self.metrics.retried()
+            progress(
+                "retry",
+                message=f"attempt {attempt} failed ({failure['kind']}); "
+                f"retrying in {delay * 1000:.0f} ms",
+            )
+            await anyio.sleep(delay)
+            attempt += 1
+
+    def _result(self, spec: RunSpec, result: Json, started: float, attempts: int) -> Json:
+        response = {
+            "text": result["text"],
+            "stub": False,
+            "usage": result["usage"],
+            "metadata": self._metadata(spec, result["iterations"], started, attempts),
+        }
+        if "trajectory" in result:
+            response["trajectory"] = result["trajectory"]
+        return response
+
+    @staticmethod
+    def _metadata(spec: RunSpec, iterations: int, started: float, attempts: int) -> Json:
+        return {
+            "backend": spec.backend,
+            "model": spec.model,
+            "iterations": iterations,
+            "depth": spec.max_depth,
+            "elapsed_ms": round((time.monotonic() - started) * 1000, 3),
+            "attempts": attempts,
+        }
+
+    # -- cancellation and shutdown ----------------------------------------------------------
+
+    def cancel(self, request_id: RequestId) -> None:
+        for scope in self._scopes.get(request_id, ()):
+            scope.cancel()
+
+    def cancel_all(self) -> None:
+        """Cancel every request, including any that has not reached the engine yet."""
+        self._cancelling_all = True
+        for scopes in self._scopes.values():
+            for scope in scopes:
+                scope.cancel()
+
+    def admit_through(self, sequence: int) -> None:
+        """Refuse (-32002) every infer that arrives on an input line after `sequence`."""
+        self._admit_through = min(self._admit_through, sequence)

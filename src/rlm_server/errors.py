@@ -1,0 +1,103 @@
+"""One exception class per JSON-RPC error code of the wire contract.
+
+Like pygls' exceptions: an error code, its message and its stable `data.type` are chosen here and
+nowhere else. Every class is a jsonrpcserver `JsonRpcError`, so a method raises it and the
+dispatcher turns it into the error response. `message` is always a fixed string: causes go in
+`data`, and no exception text from model code or from our internals ever reaches the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from jsonrpcserver.exceptions import JsonRpcError
+
+
+class RpcError(JsonRpcError):
+    CODE: ClassVar[int] = -32603
+    MESSAGE: ClassVar[str] = "Internal error"
+    TYPE: ClassVar[str] = "internal_error"
+
+    def __init__(self, **data: Any) -> None:
+        super().__init__(self.CODE, self.MESSAGE, {"type": self.TYPE, **data})
+        self.data: dict[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON-RPC `error` member."""
+        return {"code": self.code, "message": self.message, "data": self.data}
+
+
+class ParseError(RpcError):
+    CODE = -32700
+    MESSAGE = "Parse error"
+    TYPE = "parse_error"
+
+
+class InvalidRequest(RpcError):
+    CODE = -32600
+    MESSAGE = "Invalid request"
+    TYPE = "invalid_request"
+
+
+class LineTooLong(InvalidRequest):
+    MESSAGE = "Message too large"
+    TYPE = "line_too_long"
+
+
+class MethodNotFound(RpcError):
+    CODE = -32601
+    MESSAGE = "Method not found"
+    TYPE = "method_not_found"
+
+
+class InvalidParams(RpcError):
+    CODE = -32602
+    MESSAGE = "Invalid params"
+    TYPE = "invalid_params"
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(field=field, reason=reason)
+
+
+class InternalError(RpcError):
+    pass
+
+
+class WorkerCrashed(InternalError):
+    MESSAGE = "Worker crashed"
+    TYPE = "worker_crashed"
+
+
+class BackendError(RpcError):
+    CODE = -32000
+    MESSAGE = "LLM backend failed"
+    TYPE = "backend_error"
+
+
+class DeadlineExceeded(RpcError):
+    CODE = -32001
+    MESSAGE = "Deadline exceeded"
+    TYPE = "deadline_exceeded"
+
+
+class ShuttingDown(RpcError):
+    CODE = -32002
+    MESSAGE = "Server shutting down"
+    TYPE = "shutting_down"
+
+
+class QueueFull(ShuttingDown):
+    MESSAGE = "Server busy: admission queue full"
+    TYPE = "queue_full"
+
+
+class BackendUnavailable(RpcError):
+    CODE = -32003
+    MESSAGE = "LLM backend unavailable"
+    TYPE = "backend_unavailable"
+
+
+class RequestCancelled(RpcError):
+    CODE = -32800
+    MESSAGE = "Request cancelled"
+    TYPE = "cancelled"

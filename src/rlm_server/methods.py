@@ -1,0 +1,186 @@
+"""Methods: `infer`, `status`, `shutdown` and `$/cancelRequest`, as jsonrpcserver methods.
+
+Each is a plain async function of (context, **params by name) that validates its params into
+types, asks the engine or the server to do the work, and returns a `Success`. Invalid params
+raise `InvalidParams` naming the field; unknown params are refused rather than ignored, so a
+client that sends `maxDepth` learns at once that nothing read it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from jsonrpcserver import Success
+from jsonrpcserver.result import Result
+
+from rlm_server.config import BACKENDS
+from rlm_server.engine import Engine, InferOptions, InferRequest, RequestId
+from rlm_server.errors import InvalidParams
+
+Json = dict[str, Any]
+MISSING: Any = object()
+
+
+class Session(Protocol):
+    """What methods need from the server around them."""
+
+    engine: Engine
+
+    def notify(self, method: str, params: Json) -> None: ...
+
+    async def shutdown(self, grace_s: float | None, sequence: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """jsonrpcserver's `context` argument: which request this is, and the session."""
+
+    request_id: RequestId
+    sequence: int  # which input line carried the request: shutdown admits those before it
+    session: Session
+
+
+# ---------------------------------------------------------------------------------------------
+# Params
+
+
+def _refuse_unknown(unknown: Mapping[str, Any], prefix: str = "") -> None:
+    for name in unknown:
+        raise InvalidParams(prefix + name, "unknown parameter")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class _OptionRule:
+    check: Callable[[Any], bool]
+    expect: str
+
+
+def _int_between(low: int, high: int | None) -> _OptionRule:
+    bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    return _OptionRule(
+        lambda v: _is_int(v) and v >= low and (high is None or v <= high), f"an integer {bound}"
+    )
+
+
+_NON_EMPTY = _OptionRule(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
+_BOOL = _OptionRule(lambda v: isinstance(v, bool), "true or false")
+
+OPTION_RULES: Mapping[str, _OptionRule] = {
+    "backend": _OptionRule(lambda v: v in BACKENDS, "one of " + ", ".join(BACKENDS)),
+    "model": _NON_EMPTY,
+    "sub_model": _NON_EMPTY,
+    "base_url": _NON_EMPTY,
+    "max_iterations": _int_between(1, 1000),
+    "max_depth": _int_between(1, 10),
+    "timeout_s": _OptionRule(lambda v: _is_number(v) and v > 0, "a number of seconds above 0"),
+    "temperature": _OptionRule(lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
+    "max_tokens": _int_between(1, None),
+    "progress": _BOOL,
+    "trajectory": _BOOL,
+}
+
+
+def parse_options(raw: Any) -> InferOptions:
+    if raw is None:
+        return InferOptions()
+    if not isinstance(raw, dict):
+        raise InvalidParams("options", "must be an object")
+    _refuse_unknown({k: v for k, v in raw.items() if k not in OPTION_RULES}, "options.")
+    for name, value in raw.items():
+        if value is not None and not OPTION_RULES[name].check(value):
+            raise InvalidParams(f"options.{name}", f"must be {OPTION_RULES[name].expect}")
+    return InferOptions(**{k: v for k, v in raw.items() if v is not None})
+
+
+def _parse_messages(field: str, raw: list[Any]) -> list[dict[str, str]]:
+    if not raw:
+        raise InvalidParams(field, "must not be empty")
+    for index, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise InvalidParams(f"{field}.{index}", "must be an object with role and content")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise InvalidParams(f"{field}.{index}.{key}", "must be a string")
+    return raw
+
+
+def parse_context(prompt: Any, messages: Any) -> str | list[dict[str, str]]:
+    """`prompt` (string or messages) or its alias `messages`: the long input."""
+    if prompt is not MISSING and messages is not MISSING:
+        raise InvalidParams("messages", "give prompt or messages, not both")
+    if prompt is MISSING and messages is MISSING:
+        raise InvalidParams("prompt", "is required (a string, or a list of messages)")
+    if prompt is not MISSING:
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list):
+            return _parse_messages("prompt", prompt)
+        raise InvalidParams("prompt", "must be a string or a list of messages")
+    if not isinstance(messages, list):
+        raise InvalidParams("messages", "must be a list of messages")
+    return _parse_messages("messages", messages)
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+async def infer(
+    ctx: RequestContext,
+    prompt: Any = MISSING,
+    messages: Any = MISSING,
+    query: Any = None,
+    options: Any = None,
+    **unknown: Any,
+) -> Result:
+    _refuse_unknown(unknown)
+    if query is not None and not isinstance(query, str):
+        raise InvalidParams("query", "must be a string")
+    request = InferRequest(parse_context(prompt, messages), query, parse_options(options))
+    session = ctx.session
+
+    def progress(params: Json) -> None:
+        session.notify("$/progress", params)
+
+    return Success(await session.engine.infer(request, ctx.request_id, progress, ctx.sequence))
+
+
+async def status(ctx: RequestContext, **unknown: Any) -> Result:
+    _refuse_unknown(unknown)
+    return Success(ctx.session.engine.status())
+
+
+async def shutdown(ctx: RequestContext, grace_s: Any = None, **unknown: Any) -> Result:
+    _refuse_unknown(unknown)
+    if grace_s is not None and not (_is_number(grace_s) and grace_s >= 0):
+        raise InvalidParams("grace_s", "must be a number of seconds, 0 or more")
+    await ctx.session.shutdown(grace_s, ctx.sequence)
+    return Success({"shutdown": True})
+
+
+async def cancel_request(ctx: RequestContext, id: Any = MISSING, **unknown: Any) -> Result:
+    """A notification: answers nothing itself; the cancelled request answers -32800."""
+    _refuse_unknown(unknown)
+    if id is MISSING or not (isinstance(id, str) or _is_int(id)):
+        raise InvalidParams("id", "must be the id of a request")
+    ctx.session.engine.cancel(id)
+    return Success(None)
+
+
+METHODS: Mapping[str, Callable[..., Awaitable[Result]]] = {
+    "infer": infer,
+    "status": status,
+    "shutdown": shutdown,
+    "$/cancelRequest": cancel_request,
+}

@@ -1,0 +1,63 @@
+"""Server-side request metrics, as `status` reports them.
+
+Every infer ends in exactly one outcome, recorded in one place (`Metrics.record`), so the counts
+always add up: total = successful + failed + cancelled + timed_out + stub.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+LATENCY_WINDOW = 1000
+
+
+class Outcome(enum.Enum):
+    SUCCESS = "successful_requests"
+    FAILURE = "failed_requests"
+    CANCELLED = "cancelled_requests"
+    TIMED_OUT = "timed_out_requests"
+    STUB = "stub_responses"
+
+
+def _percentile(ordered: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not ordered:
+        return 0.0
+    rank = max(1, min(len(ordered), round(fraction * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Metrics:
+    total_requests: int = 0
+    total_retries: int = 0
+    outcomes: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    def started(self) -> None:
+        self.total_requests += 1
+
+    def retried(self) -> None:
+        self.total_retries += 1
+
+    def record(self, outcome: Outcome, elapsed_ms: float) -> None:
+        self.outcomes[outcome] += 1
+        self.latencies_ms.append(elapsed_ms)
+
+    def snapshot(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies_ms)
+        average = sum(ordered) / len(ordered) if ordered else 0.0
+        return {
+            "total_requests": self.total_requests,
+            **{outcome.value: count for outcome, count in self.outcomes.items()},
+            "total_retries": self.total_retries,
+            "latency_ms": {
+                "avg": round(average, 3),
+                "p50": round(_percentile(ordered, 0.50), 3),
+                "p95": round(_percentile(ordered, 0.95), 3),
+                "p99": round(_percentile(ordered, 0.99), 3),
+            },
+        }

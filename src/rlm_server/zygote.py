@@ -1,0 +1,87 @@
+"""The zygote: imports `rlm` once, builds the default clients, then forks one worker per job.
+
+Run by the server as `python -m rlm_server.zygote CONTROL_FD MEMORY_MB`. Its stdout is already
+the server's stderr and its stdin is /dev/null. It stays single-threaded so that fork is safe.
+It dies with the server (PR_SET_PDEATHSIG, and end of stream on the control socket), and every
+worker dies with the zygote, so no worker outlives the server.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import socket
+import sys
+
+import orjson
+
+from rlm_server.completion import ClientCache, serve_job
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when our parent exits (Linux); check it has not already."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _limit_worker(memory_mb: int) -> None:
+    """A runaway worker is the one the kernel kills, never the server."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+    if memory_mb > 0:
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _child(job_fd: int, memory_mb: int, clients: ClientCache) -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # model code may wait for its own children
+    die_with_parent()
+    _limit_worker(memory_mb)
+    status = 0
+    try:
+        serve_job(socket.socket(fileno=job_fd), clients)
+    except BaseException:
+        status = 1
+    finally:
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def main(argv: list[str]) -> int:
+    die_with_parent()
+    control = socket.socket(fileno=int(argv[0]))
+    memory_mb = int(argv[1])
+    prewarm = orjson.loads(control.recv(1 << 20))
+
+    clients = ClientCache()
+    clients.prewarm(prewarm)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    try:
+        control.send(b"ready")
+        while True:
+            message, fds, _, _ = socket.recv_fds(control, 64, 1)
+            if not message:
+                return 0
+            pid = os.fork()
+            if pid == 0:
+                control.close()
+                _child(fds[0], memory_mb, clients)
+            for fd in fds:
+                os.close(fd)
+            control.send(pid.to_bytes(8, "big"))
+    except (BrokenPipeError, ConnectionResetError):
+        return 0  # the server has gone
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
