@@ -1,0 +1,171 @@
+/**
+ * Replays the shared transcripts in protocol/transcripts against the real server and the scripted
+ * fixture, reading through the client's own line decoder, and validates every server message
+ * against protocol/schema.json.
+ */
+import assert from "node:assert/strict";
+import { type ChildProcess, spawn } from "node:child_process";
+import { readFileSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+import { describe, test } from "node:test";
+import { Ajv2020 } from "ajv/dist/2020.js";
+import { LineDecoder } from "../src/framing.js";
+import {
+  type FixtureRule,
+  PYTHON,
+  REPO_ROOT,
+  SERVER_ARGS,
+  applyEnv,
+  serverEnv,
+  startFixture,
+  stopChild,
+} from "./helpers.js";
+import { matchesAsSet, mismatch } from "./match.js";
+
+type Step =
+  | { send: unknown }
+  | { send_raw: string }
+  | { expect: unknown }
+  | { expect_set: unknown[] }
+  | { expect_exit: number };
+
+interface Transcript {
+  name: string;
+  description: string;
+  fixture: FixtureRule[];
+  env: Record<string, string>;
+  clear_env?: string[];
+  args: string[];
+  steps: Step[];
+}
+
+const READ_TIMEOUT_MS = 30_000;
+const TRANSCRIPTS = join(REPO_ROOT, "protocol/transcripts");
+const schema: unknown = JSON.parse(readFileSync(join(REPO_ROOT, "protocol/schema.json"), "utf8"));
+const validateServerMessage = new Ajv2020({ allErrors: true }).compile(schema as object);
+
+/** The server's stdout as a queue of parsed messages, each checked against the schema. */
+class ServerOutput {
+  private readonly messages: unknown[] = [];
+  private waiter: (() => void) | undefined;
+  private ended = false;
+  readonly stderr: string[] = [];
+
+  constructor(child: ChildProcess) {
+    const lines = new LineDecoder((line) => this.push(JSON.parse(line)));
+    child.stdout?.on("data", (chunk: Buffer) => lines.push(chunk));
+    child.stdout?.on("end", () => {
+      this.ended = true;
+      this.waiter?.();
+    });
+    const errLines = new LineDecoder((line) => this.stderr.push(line));
+    child.stderr?.on("data", (chunk: Buffer) => errLines.push(chunk));
+  }
+
+  /** The next message, skipping `$/progress` notifications unless `keepProgress`. */
+  async next(keepProgress: boolean): Promise<unknown> {
+    const deadline = Date.now() + READ_TIMEOUT_MS;
+    for (;;) {
+      const message = this.messages.shift();
+      if (message !== undefined) {
+        if (keepProgress || !isProgress(message)) return message;
+        continue;
+      }
+      if (this.ended) throw new Error("server closed stdout while a message was expected");
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`no message within ${READ_TIMEOUT_MS} ms`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.waiter = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+    }
+  }
+
+  private push(message: unknown): void {
+    assert.ok(
+      validateServerMessage(message),
+      `server message does not validate against schema.json: ${JSON.stringify(message).slice(0, 500)}\n` +
+        JSON.stringify(validateServerMessage.errors?.slice(0, 5)),
+    );
+    this.messages.push(message);
+    this.waiter?.();
+  }
+}
+
+function isProgress(message: unknown): boolean {
+  return typeof message === "object" && message !== null && (message as { method?: unknown }).method === "$/progress";
+}
+
+function hasProgressMethod(pattern: unknown): boolean {
+  return isProgress(pattern);
+}
+
+function waitForExit(child: ChildProcess, timeoutMs: number): Promise<number | null> {
+  if (child.exitCode !== null) return Promise.resolve(child.exitCode);
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`server still running ${timeoutMs} ms after EOF`)), timeoutMs);
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      resolve(code);
+    });
+  });
+}
+
+async function runStep(step: Step, child: ChildProcess, output: ServerOutput): Promise<void> {
+  if ("send" in step) {
+    child.stdin?.write(JSON.stringify(step.send) + "\n");
+  } else if ("send_raw" in step) {
+    child.stdin?.write(step.send_raw + "\n");
+  } else if ("expect" in step) {
+    const message = await output.next(hasProgressMethod(step.expect));
+    const found = mismatch(step.expect, message);
+    assert.equal(found, undefined, `${found}\nmessage: ${JSON.stringify(message).slice(0, 2000)}`);
+  } else if ("expect_set" in step) {
+    const messages: unknown[] = [];
+    for (const _ of step.expect_set) messages.push(await output.next(false));
+    assert.ok(matchesAsSet(step.expect_set, messages), `no pairing of ${JSON.stringify(messages)}`);
+  } else {
+    child.stdin?.end();
+    assert.equal(await waitForExit(child, 20_000), step.expect_exit);
+  }
+}
+
+async function replay(transcript: Transcript): Promise<void> {
+  const fixture = await startFixture(transcript.fixture);
+  const env = Object.fromEntries(
+    Object.entries(transcript.env).map(([key, value]) => [key, value.replaceAll("{base_url}", fixture.baseUrl)]),
+  );
+  const child = spawn(PYTHON, [...SERVER_ARGS, ...transcript.args], {
+    env: applyEnv(serverEnv(env, transcript.clear_env)),
+    stdio: ["pipe", "pipe", "pipe"],
+  });
+  const output = new ServerOutput(child);
+  try {
+    for (const [index, step] of transcript.steps.entries()) {
+      try {
+        await runStep(step, child, output);
+      } catch (error) {
+        const stderr = output.stderr.slice(-20).join("\n");
+        throw new Error(`step ${index} ${JSON.stringify(step).slice(0, 300)}: ${(error as Error).message}\nserver stderr:\n${stderr}`);
+      }
+    }
+  } finally {
+    await stopChild(child);
+    await fixture.stop();
+  }
+}
+
+const files = readdirSync(TRANSCRIPTS).filter((name) => name.endsWith(".json")).sort();
+
+describe("shared transcripts", { concurrency: 3 }, () => {
+  test("there are transcripts to replay", () => {
+    assert.ok(files.length >= 12, `found only ${files.join(", ")}`);
+  });
+  for (const file of files) {
+    const transcript = JSON.parse(readFileSync(join(TRANSCRIPTS, file), "utf8")) as Transcript;
+    test(`${transcript.name}: ${transcript.description}`, () => replay(transcript));
+  }
+});
