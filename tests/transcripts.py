@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ TRANSCRIPTS = sorted((ROOT / "protocol" / "transcripts").glob("*.json"))
 FIXTURE = ROOT / "tests" / "fixtures" / "openai_fixture.py"
 ABSENT = object()
 
-TYPE_MATCHERS = {
+TYPE_MATCHERS: dict[str, Callable[[Any], bool]] = {
     "$any": lambda v: True,
     "$string": lambda v: isinstance(v, str),
     "$number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
