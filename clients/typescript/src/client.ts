@@ -201,6 +201,7 @@ export class RLMClient {
     params: object | undefined,
     call: CallOptions & Pick<InferCallOptions, "onProgress">,
   ): Promise<T> {
+    if (call.signal?.aborted) throw cancelledError();
     const timeoutMs = call.timeoutMs ?? this.requestTimeoutMs;
     const bounded = timeoutMs > 0 && Number.isFinite(timeoutMs);
     let deadline: number | undefined;

@@ -42,7 +42,7 @@ interface Transcript {
 const READ_TIMEOUT_MS = 30_000;
 const TRANSCRIPTS = join(REPO_ROOT, "protocol/transcripts");
 const schema: unknown = JSON.parse(readFileSync(join(REPO_ROOT, "protocol/schema.json"), "utf8"));
-const validateServerMessage = new Ajv2020({ allErrors: true }).compile(schema as object);
+const validateServerMessage = new Ajv2020({ allErrors: true, allowUnionTypes: true }).compile(schema as object);
 
 /** The server's stdout as a queue of parsed messages, each checked against the schema. */
 class ServerOutput {

@@ -1,0 +1,228 @@
+/**
+ * The client's process lifecycle and multiplexing against the real server in stub mode (no model
+ * needed): lazy shared start, many concurrent calls, what goes on the wire, close, shutdown,
+ * restart, and start-up failures.
+ */
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, test } from "node:test";
+import { Ajv2020 } from "ajv/dist/2020.js";
+import { RLMClient, RLMDeadlineError, RLMInternalError } from "../src/index.js";
+import {
+  PACKAGE_ROOT,
+  PYTHON,
+  REPO_ROOT,
+  STUB_ENV,
+  memoryLogger,
+  serverClient,
+  serverEnv,
+} from "./helpers.js";
+
+const STUB_TEXT = "[RLM STUB] RLM backend not available";
+
+function tempFile(name: string): string {
+  return join(mkdtempSync(join(tmpdir(), "rlm-client-")), name);
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Resolves once `pid` is gone (reaped children vanish at once; polled to stay simple). */
+async function gone(pid: number): Promise<void> {
+  while (isRunning(pid)) await new Promise((resolve) => setTimeout(resolve, 20));
+}
+
+/** A validator for what a client may write, from the schema's ClientMessage. */
+function clientMessageValidator(): (value: unknown) => boolean {
+  const schema = JSON.parse(readFileSync(join(REPO_ROOT, "protocol/schema.json"), "utf8")) as { $id: string };
+  const ajv = new Ajv2020({ allErrors: true, allowUnionTypes: true });
+  ajv.addSchema(schema);
+  const validate = ajv.getSchema(`${schema.$id}#/$defs/ClientMessage`);
+  assert.ok(validate);
+  return (value) => validate(value) as boolean;
+}
+
+describe("client lifecycle (stub mode)", { concurrency: true }, () => {
+  test("starts lazily; concurrent first calls share one process", async (t) => {
+    const spawns = tempFile("spawns");
+    const client = new RLMClient({
+      command: "sh",
+      args: ["-c", `echo spawned >> '${spawns}'; exec "${PYTHON}" -m rlm_server`],
+      env: serverEnv(STUB_ENV),
+      logger: memoryLogger(),
+    });
+    t.after(() => client.close());
+    assert.equal(typeof client.serverInfo, "undefined", "constructing spawns nothing");
+    const calls = await Promise.all([
+      ...Array.from({ length: 10 }, () => client.status()),
+      ...Array.from({ length: 10 }, () => client.infer("ctx")),
+    ]);
+    assert.equal(calls.length, 20);
+    assert.equal(readFileSync(spawns, "utf8"), "spawned\n");
+    assert.equal(client.serverInfo?.stub, true);
+  });
+
+  test("1,000 concurrent calls multiplex over one child, and every line written is a valid ClientMessage", async (t) => {
+    const wire = tempFile("wire.jsonl");
+    const client = new RLMClient({
+      command: "sh",
+      args: ["-c", `tee '${wire}' | exec "${PYTHON}" -m rlm_server`],
+      env: serverEnv(STUB_ENV),
+      logger: memoryLogger(),
+    });
+    t.after(() => client.close());
+    const statuses = Array.from({ length: 1000 }, () => client.status());
+    const infers = Array.from({ length: 20 }, (_, i) =>
+      client.infer([{ role: "user", content: `context ${i}` }], {
+        query: `question ${i}`,
+        options: { maxIterations: 2, maxDepth: 1, temperature: 0.5, maxTokens: 64 },
+      }),
+    );
+    const [statusResults, inferResults] = await Promise.all([Promise.all(statuses), Promise.all(infers)]);
+    assert.ok(statusResults.every((status) => status.server === "rlm-server"));
+    assert.ok(inferResults.every((result) => result.stub && result.text === STUB_TEXT));
+    await client.close();
+
+    const valid = clientMessageValidator();
+    const sent = readFileSync(wire, "utf8").trimEnd().split("\n").map((line) => JSON.parse(line) as Record<string, unknown>);
+    assert.equal(sent.length, 1020);
+    for (const message of sent) assert.ok(valid(message), JSON.stringify(message));
+    assert.deepEqual(
+      sent.map((message) => message.id).sort((a, b) => Number(a) - Number(b)),
+      Array.from({ length: 1020 }, (_, i) => i + 1),
+      "ids are 1..N, each used once",
+    );
+    const infer = sent.find((message) => message.method === "infer");
+    assert.deepEqual((infer?.params as { options: unknown }).options, {
+      max_iterations: 2,
+      max_depth: 1,
+      temperature: 0.5,
+      max_tokens: 64,
+    });
+  });
+
+  test("stub answers count as stubs, not successes or failures", async (t) => {
+    const client = serverClient(STUB_ENV);
+    t.after(() => client.close());
+    const seen: number[] = [];
+    client.onMetrics((metrics) => seen.push(metrics.stubResponses));
+    const result = await client.infer("anything");
+    assert.equal(result.stub, true);
+    assert.equal(result.text, STUB_TEXT);
+    const metrics = client.getMetrics();
+    assert.equal(metrics.totalRequests, 1);
+    assert.equal(metrics.stubResponses, 1);
+    assert.equal(metrics.successfulRequests, 0);
+    assert.equal(metrics.failedRequests, 0);
+    assert.deepEqual(seen, [1]);
+    const status = await client.status();
+    assert.equal(status.available, false);
+    assert.equal(typeof status.reason, "string");
+    assert.equal(status.metrics.stub_responses, 1);
+  });
+
+  test("close() ends stdin, the server exits, and the next call starts a new one", async (t) => {
+    const client = serverClient(STUB_ENV);
+    t.after(() => client.close());
+    await client.status();
+    const first = client.serverInfo?.pid;
+    assert.ok(first);
+    await client.close();
+    await gone(first);
+    assert.equal(typeof client.serverInfo, "undefined");
+    await client.status();
+    assert.ok(client.serverInfo && client.serverInfo.pid !== first);
+  });
+
+  test("shutdown() answers, reaps the child, and the next call restarts", async (t) => {
+    const client = serverClient(STUB_ENV);
+    t.after(() => client.close());
+    await client.status();
+    const first = client.serverInfo?.pid;
+    assert.ok(first);
+    assert.deepEqual(await client.shutdown(0.5), { shutdown: true });
+    await gone(first);
+    const result = await client.infer("again");
+    assert.equal(result.stub, true);
+    assert.notEqual(client.serverInfo?.pid, first);
+  });
+
+  test("a server that ignores EOF and SIGTERM is killed, every wait bounded", async (t) => {
+    const ready = JSON.stringify({
+      jsonrpc: "2.0",
+      method: "ready",
+      params: { server: "rlm-server", version: "0", protocol: "1", pid: 0, available: false, stub: true, backend: "x", model: "x", environment: "x" },
+    });
+    const stubborn = `import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(${JSON.stringify(ready)}, flush=True)\ntime.sleep(60)\n`;
+    const logger = memoryLogger();
+    const client = new RLMClient({ command: PYTHON, args: ["-c", stubborn], logger, closeTimeoutMs: 200 });
+    t.after(() => client.close());
+    await assert.rejects(client.status({ timeoutMs: 100 }), RLMDeadlineError);
+    await client.close();
+    assert.ok(logger.lines.some((line) => line.includes("SIGTERM")));
+    assert.ok(logger.lines.some((line) => line.includes("SIGKILL")));
+  });
+
+  test("a command that cannot be spawned rejects with start_failed, and so does the next call", async () => {
+    const client = new RLMClient({ command: join(tmpdir(), "no-such-rlm-server"), logger: memoryLogger() });
+    for (let i = 0; i < 2; i += 1) {
+      await assert.rejects(client.status(), (error: unknown) => {
+        assert.ok(error instanceof RLMInternalError);
+        assert.equal(error.code, -32603);
+        assert.equal(error.data?.type, "start_failed");
+        return true;
+      });
+    }
+  });
+
+  test("a server that exits before ready reports its stderr line", async () => {
+    const client = serverClient({ ELIZA_RLM_MAX_ITERATIONS: "abc" });
+    await assert.rejects(client.status(), (error: unknown) => {
+      assert.ok(error instanceof RLMInternalError);
+      assert.equal(error.data?.type, "start_failed");
+      assert.match(error.data?.stderr ?? "", /ELIZA_RLM_MAX_ITERATIONS/);
+      return true;
+    });
+  });
+
+  test("ready is awaited with its own timeout", async () => {
+    const client = new RLMClient({
+      command: PYTHON,
+      args: ["-c", "import time; time.sleep(60)"],
+      readyTimeoutMs: 300,
+      logger: memoryLogger(),
+    });
+    await assert.rejects(client.status(), (error: unknown) => {
+      assert.ok(error instanceof RLMInternalError);
+      assert.equal(error.data?.type, "start_failed");
+      assert.match(error.message, /ready/);
+      return true;
+    });
+  });
+
+  test("an idle client does not keep Node alive; the server then exits on EOF", async () => {
+    const script = tempFile("idle.mjs");
+    const index = join(PACKAGE_ROOT, "build/src/index.js");
+    writeFileSync(
+      script,
+      `import { RLMClient } from ${JSON.stringify(index)};\n` +
+        `const client = new RLMClient({ command: ${JSON.stringify(PYTHON)}, args: ["-m", "rlm_server"], env: ${JSON.stringify(serverEnv(STUB_ENV))} });\n` +
+        `await client.status();\nconsole.log(client.serverInfo.pid);\n`,
+    );
+    const child = spawn(process.execPath, [script], { stdio: ["ignore", "pipe", "inherit"] });
+    let out = "";
+    child.stdout.on("data", (chunk: Buffer) => (out += chunk.toString()));
+    const code = await new Promise<number | null>((resolve) => child.on("exit", resolve));
+    assert.equal(code, 0);
+    await gone(Number(out.trim()));
+  });
+});
