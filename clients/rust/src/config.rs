@@ -39,7 +39,9 @@ impl RetryConfig {
     /// not retry together.
     pub(crate) fn delay(&self, retry: u32) -> Duration {
         let doubled = self.initial_delay.saturating_mul(1u32 << retry.min(20));
-        doubled.min(self.max_delay).mul_f64(0.5 + random_unit() / 2.0)
+        doubled
+            .min(self.max_delay)
+            .mul_f64(0.5 + random_unit() / 2.0)
     }
 }
 
@@ -190,8 +192,10 @@ mod tests {
     use super::*;
 
     fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let vars: Vec<(String, String)> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
     }
 

@@ -9,7 +9,7 @@ use crate::protocol::{ErrorType, RpcError};
 /// The first group is the client's own (spawning, the child's life, timeouts); the second
 /// mirrors the server's error codes one to one and keeps the JSON-RPC error, so `code`,
 /// `message` and `data` (with its stable `data.type`) stay available through
-/// [`RlmError::rpc`].
+/// [`RlmError::rpc`]. The error object is boxed to keep `Result`s small.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RlmError {
@@ -44,44 +44,45 @@ pub enum RlmError {
     Protocol(String),
     /// -32700: the server could not parse a line as JSON.
     #[error("parse error: {0}")]
-    ParseError(RpcError),
+    ParseError(Box<RpcError>),
     /// -32600: not a valid JSON-RPC request, or a line above the server's size limit.
     #[error("invalid request: {0}")]
-    InvalidRequest(RpcError),
+    InvalidRequest(Box<RpcError>),
     /// -32601: unknown method.
     #[error("method not found: {0}")]
-    MethodNotFound(RpcError),
+    MethodNotFound(Box<RpcError>),
     /// -32602: invalid params; `data.field` names the offending field.
     #[error("invalid params: {0}")]
-    InvalidParams(RpcError),
+    InvalidParams(Box<RpcError>),
     /// -32603: internal error, or the worker running the request crashed
     /// (`data.type == worker_crashed`). The server keeps running.
     #[error("internal server error: {0}")]
-    Internal(RpcError),
+    Internal(Box<RpcError>),
     /// -32000: the LLM backend failed after the server's retries; `data.retryable` says
     /// whether trying again may help.
     #[error("backend error: {0}")]
-    Backend(RpcError),
+    Backend(Box<RpcError>),
     /// -32001: the server-side deadline (`options.timeout_s` or the server default) passed.
     #[error("deadline exceeded: {0}")]
-    DeadlineExceeded(RpcError),
+    DeadlineExceeded(Box<RpcError>),
     /// -32002: the server is shutting down or its admission queue is full (`data.type`).
     #[error("request rejected: {0}")]
-    Rejected(RpcError),
+    Rejected(Box<RpcError>),
     /// -32003: the backend is unavailable and the server runs in strict mode.
     #[error("backend unavailable: {0}")]
-    BackendUnavailable(RpcError),
+    BackendUnavailable(Box<RpcError>),
     /// -32800: the request was cancelled (by `$/cancelRequest` or by a server shutdown).
     #[error("cancelled: {0}")]
-    Cancelled(RpcError),
+    Cancelled(Box<RpcError>),
     /// An error code this client does not know.
     #[error("server error: {0}")]
-    Rpc(RpcError),
+    Rpc(Box<RpcError>),
 }
 
 impl RlmError {
     /// The variant for a JSON-RPC error from the server, chosen by its code.
     pub fn from_rpc(error: RpcError) -> Self {
+        let error = Box::new(error);
         match error.code {
             -32700 => RlmError::ParseError(error),
             -32600 => RlmError::InvalidRequest(error),
@@ -159,20 +160,35 @@ mod tests {
     #[test]
     fn only_retryable_backend_errors_and_queue_full_are_retried() {
         let retryable = |v| RlmError::from_rpc(rpc(v)).is_retryable();
-        assert!(retryable(json!({"code": -32000, "message": "m", "data": {"type": "backend_error", "retryable": true}})));
-        assert!(!retryable(json!({"code": -32000, "message": "m", "data": {"type": "backend_error", "retryable": false}})));
+        assert!(retryable(
+            json!({"code": -32000, "message": "m", "data": {"type": "backend_error", "retryable": true}})
+        ));
+        assert!(!retryable(
+            json!({"code": -32000, "message": "m", "data": {"type": "backend_error", "retryable": false}})
+        ));
         assert!(!retryable(json!({"code": -32000, "message": "m"})));
-        assert!(retryable(json!({"code": -32002, "message": "m", "data": {"type": "queue_full"}})));
-        assert!(!retryable(json!({"code": -32002, "message": "m", "data": {"type": "shutting_down"}})));
-        assert!(!retryable(json!({"code": -32800, "message": "m", "data": {"type": "cancelled"}})));
-        assert!(!retryable(json!({"code": -32001, "message": "m", "data": {"type": "deadline_exceeded"}})));
-        assert!(!retryable(json!({"code": -32602, "message": "m", "data": {"type": "invalid_params"}})));
+        assert!(retryable(
+            json!({"code": -32002, "message": "m", "data": {"type": "queue_full"}})
+        ));
+        assert!(!retryable(
+            json!({"code": -32002, "message": "m", "data": {"type": "shutting_down"}})
+        ));
+        assert!(!retryable(
+            json!({"code": -32800, "message": "m", "data": {"type": "cancelled"}})
+        ));
+        assert!(!retryable(
+            json!({"code": -32001, "message": "m", "data": {"type": "deadline_exceeded"}})
+        ));
+        assert!(!retryable(
+            json!({"code": -32602, "message": "m", "data": {"type": "invalid_params"}})
+        ));
         assert!(!RlmError::Timeout(Duration::from_secs(1)).is_retryable());
     }
 
     #[test]
     fn unknown_error_types_still_decode() {
-        let error = rpc(json!({"code": -32603, "message": "m", "data": {"type": "brand_new", "hint": 1}}));
+        let error =
+            rpc(json!({"code": -32603, "message": "m", "data": {"type": "brand_new", "hint": 1}}));
         let data = error.data.unwrap();
         assert_eq!(data.kind, ErrorType::Other);
         assert_eq!(data.extra["hint"], 1);

@@ -181,7 +181,12 @@ mod tests {
         recorder.retried();
         let m = recorder.snapshot();
         assert_eq!(
-            (m.total_requests, m.successful_requests, m.stub_responses, m.failed_requests),
+            (
+                m.total_requests,
+                m.successful_requests,
+                m.stub_responses,
+                m.failed_requests
+            ),
             (4, 1, 1, 2)
         );
         assert_eq!(m.total_retries, 1);
@@ -209,7 +214,10 @@ mod tests {
         let calls = Arc::new(AtomicU64::new(0));
         let seen = calls.clone();
         let recorder = Recorder::new(Some(Arc::new(move |m: &Metrics| {
-            seen.store(m.total_requests * 10 + m.successful_requests, Ordering::SeqCst);
+            seen.store(
+                m.total_requests * 10 + m.successful_requests,
+                Ordering::SeqCst,
+            );
         })));
         recorder.begin().finish(&Ok(result(false)));
         assert_eq!(calls.load(Ordering::SeqCst), 11);

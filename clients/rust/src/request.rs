@@ -88,9 +88,7 @@ impl InferRequest {
 
     /// The wire params, encoded once so that retries resend them without re-encoding a
     /// prompt that may be hundreds of megabytes; the timeout; the progress sink.
-    pub(crate) fn into_wire(
-        self,
-    ) -> Result<(Arc<RawValue>, Option<Duration>, Option<ProgressSink>), RlmError> {
+    pub(crate) fn into_wire(self) -> Result<Wire, RlmError> {
         let mut options = self.options;
         if self.progress.is_some() {
             options.progress = Some(true);
@@ -103,8 +101,19 @@ impl InferRequest {
         };
         let encoded = serde_json::value::to_raw_value(&params)
             .map_err(|e| RlmError::Protocol(format!("cannot encode infer params: {e}")))?;
-        Ok((Arc::from(encoded), self.timeout, self.progress))
+        Ok(Wire {
+            params: Arc::from(encoded),
+            timeout: self.timeout,
+            progress: self.progress,
+        })
     }
+}
+
+/// An [`InferRequest`] taken apart for sending.
+pub(crate) struct Wire {
+    pub(crate) params: Arc<RawValue>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) progress: Option<ProgressSink>,
 }
 
 impl fmt::Debug for InferRequest {
@@ -148,8 +157,8 @@ mod tests {
     use serde_json::json;
 
     fn wire(request: InferRequest) -> serde_json::Value {
-        let (params, _, _) = request.into_wire().unwrap();
-        serde_json::from_str(params.get()).unwrap()
+        let wire = request.into_wire().unwrap();
+        serde_json::from_str(wire.params.get()).unwrap()
     }
 
     #[test]
@@ -194,12 +203,18 @@ mod tests {
     fn a_progress_sink_asks_for_progress() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let request = InferRequest::new("ctx").progress_channel(tx);
-        assert_eq!(wire(request), json!({"prompt": "ctx", "options": {"progress": true}}));
+        assert_eq!(
+            wire(request),
+            json!({"prompt": "ctx", "options": {"progress": true}})
+        );
     }
 
     #[test]
     fn debug_does_not_print_the_prompt() {
         let shown = format!("{:?}", InferRequest::new("secret".repeat(10)));
-        assert!(shown.contains("60 bytes") && !shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains("60 bytes") && !shown.contains("secret"),
+            "{shown}"
+        );
     }
 }

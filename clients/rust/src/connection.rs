@@ -1,0 +1,702 @@
+//! One server process: its pipes, the tasks that serve them, and the requests pending on it.
+//!
+//! Modelled on rmcp's service loop. One map of pending requests keyed by id; one writer task
+//! that owns stdin, so any number of callers send without a lock; one reader task that owns
+//! stdout and routes every line (answers to their caller, progress to its sink); one task
+//! that drains stderr into `tracing`, so the child can never block on a full pipe; and one
+//! supervisor that owns the `Child`, notices its exit, and fails everything still pending at
+//! once. The supervisor is also the only place that kills the child, and it does so when the
+//! connection is dropped.
+
+use std::collections::HashMap;
+use std::io;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::timeout;
+
+use crate::config::RLMConfig;
+use crate::error::RlmError;
+use crate::protocol::{CancelParams, Id, Progress, ReadyParams, RpcError};
+use crate::request::ProgressSink;
+
+/// The protocol version this client speaks; a server announcing another is refused.
+const PROTOCOL: &str = "1";
+/// After the child exits, how long to keep reading stdout for answers it wrote just before
+/// (a `shutdown` answer is the last line before exit); after stdout closes, how long to wait
+/// for the child to exit before killing it.
+const LINGER: Duration = Duration::from_secs(1);
+/// How long to wait for the child to die after SIGKILL before giving up on reaping it.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// Pipe buffers: big enough that a burst of small requests goes out in one write and a huge
+/// answer comes in with few reads.
+const IO_BUFFER: usize = 256 * 1024;
+/// A line buffer that grew past this for one huge answer is given back afterwards.
+const KEEP_LINE_BUFFER: usize = 16 * 1024 * 1024;
+/// How much of the last stderr line is kept for error messages.
+const STDERR_TAIL: usize = 500;
+
+/// What a pending call receives: the raw `result`, decoded by the caller in its own task, or
+/// the error.
+pub(crate) type Reply = Result<Box<RawValue>, RlmError>;
+
+/// The life of a connection, published on a watch channel.
+#[derive(Clone)]
+pub(crate) enum State {
+    /// Spawned; `ready` not seen yet.
+    Starting,
+    /// `ready` seen.
+    Ready(Arc<ReadyParams>),
+    /// The child is gone; the next call starts a new one.
+    Down(Down),
+}
+
+/// Why a connection went down; becomes the error of every call still pending on it.
+#[derive(Clone, Debug)]
+pub(crate) enum Down {
+    Exited(String),
+    ReadyTimeout(Duration),
+    Protocol(String),
+    Closed,
+}
+
+impl Down {
+    fn error(&self) -> RlmError {
+        match self {
+            Down::Exited(detail) => RlmError::Exited(detail.clone()),
+            Down::ReadyTimeout(limit) => RlmError::ReadyTimeout(*limit),
+            Down::Protocol(detail) => RlmError::Protocol(detail.clone()),
+            Down::Closed => RlmError::Closed,
+        }
+    }
+}
+
+/// Orders for the supervisor.
+enum Control {
+    /// Stdin is being closed: wait, SIGTERM, wait, SIGKILL.
+    Close { wait: Duration, term_wait: Duration },
+    /// Kill the child now, for this reason.
+    Kill(Down),
+}
+
+/// What the writer task is asked to do.
+enum Outgoing {
+    Frame(Frame),
+    /// Flush and close stdin: the server's signal to finish its work and exit.
+    EndOfInput,
+}
+
+/// One outgoing line. The params are shared, so a retry resends a huge prompt without copying
+/// or re-encoding it.
+pub(crate) struct Frame {
+    head: String,
+    params: Option<Arc<RawValue>>,
+}
+
+impl Frame {
+    fn request(id: u64, method: &str, params: Option<Arc<RawValue>>) -> Self {
+        Self {
+            head: format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}""#),
+            params,
+        }
+    }
+
+    fn cancel(id: u64) -> Self {
+        let params = CancelParams {
+            id: Id::Number(id as i64),
+        };
+        let params =
+            serde_json::value::to_raw_value(&params).expect("an integer id always encodes");
+        Self {
+            head: r#"{"jsonrpc":"2.0","method":"$/cancelRequest""#.to_owned(),
+            params: Some(Arc::from(params)),
+        }
+    }
+
+    async fn write_to(&self, out: &mut BufWriter<ChildStdin>) -> io::Result<()> {
+        out.write_all(self.head.as_bytes()).await?;
+        if let Some(params) = &self.params {
+            out.write_all(br#","params":"#).await?;
+            out.write_all(params.get().as_bytes()).await?;
+        }
+        out.write_all(b"}\n").await
+    }
+}
+
+/// A request waiting for its answer.
+struct Pending {
+    reply: oneshot::Sender<Reply>,
+    progress: Option<ProgressSink>,
+}
+
+/// What the connection's tasks share. The pending map is `None` once the connection is down,
+/// so nothing can be registered after everything pending was failed.
+struct Shared {
+    pending: Mutex<Option<HashMap<u64, Pending>>>,
+    state: watch::Sender<State>,
+    stderr_tail: Mutex<Option<String>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn register(&self, id: u64, pending: Pending) -> Result<(), RlmError> {
+        let registered = match lock(&self.pending).as_mut() {
+            Some(map) => map.insert(id, pending).is_none(),
+            None => false,
+        };
+        if registered {
+            Ok(())
+        } else {
+            Err(self.down_error())
+        }
+    }
+
+    /// Removes a pending request; true if it was still waiting.
+    fn take(&self, id: u64) -> Option<Pending> {
+        lock(&self.pending).as_mut().and_then(|map| map.remove(&id))
+    }
+
+    fn down_error(&self) -> RlmError {
+        match &*self.state.borrow() {
+            State::Down(down) => down.error(),
+            _ => RlmError::Closed,
+        }
+    }
+
+    /// Publishes `Down` and fails every pending request with it. Only the supervisor calls
+    /// this, once, after the child has been reaped.
+    fn go_down(&self, down: Down) {
+        tracing::debug!(?down, "rlm-server connection down");
+        self.state.send_replace(State::Down(down.clone()));
+        let pending = lock(&self.pending).take();
+        for (_, waiting) in pending.into_iter().flatten() {
+            let _ = waiting.reply.send(Err(down.error()));
+        }
+    }
+
+    /// Routes one line from stdout. An error means the server cannot be talked to.
+    fn dispatch(&self, line: &[u8]) -> Result<(), Down> {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            return Ok(());
+        }
+        let message: Incoming = match serde_json::from_slice(line) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "ignoring a server line that is not a JSON-RPC message");
+                return Ok(());
+            }
+        };
+        match message.method.as_deref() {
+            Some("ready") => self.on_ready(message.params.as_deref()),
+            Some("$/progress") => {
+                self.on_progress(message.params.as_deref());
+                Ok(())
+            }
+            Some(method) => {
+                tracing::debug!(method, "ignoring a server notification");
+                Ok(())
+            }
+            None => {
+                self.on_response(message);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_ready(&self, params: Option<&RawValue>) -> Result<(), Down> {
+        let ready: ReadyParams = decode_params(params)
+            .map_err(|e| Down::Protocol(format!("unreadable `ready` notification: {e}")))?;
+        if ready.protocol != PROTOCOL {
+            return Err(Down::Protocol(format!(
+                "the server speaks protocol {}, this client {PROTOCOL}",
+                ready.protocol
+            )));
+        }
+        tracing::info!(
+            pid = ready.pid,
+            version = %ready.version,
+            backend = %ready.backend,
+            model = %ready.model,
+            stub = ready.stub,
+            "rlm-server ready"
+        );
+        self.state.send_if_modified(|state| {
+            let starting = matches!(state, State::Starting);
+            if starting {
+                *state = State::Ready(Arc::new(ready));
+            }
+            starting
+        });
+        Ok(())
+    }
+
+    fn on_progress(&self, params: Option<&RawValue>) {
+        let progress: Progress = match decode_params(params) {
+            Ok(progress) => progress,
+            Err(error) => {
+                tracing::warn!(%error, "ignoring an unreadable $/progress notification");
+                return;
+            }
+        };
+        let Id::Number(id) = progress.id else { return };
+        let sink = lock(&self.pending)
+            .as_ref()
+            .and_then(|map| map.get(&(id as u64)))
+            .and_then(|pending| pending.progress.clone());
+        if let Some(sink) = sink {
+            sink.deliver(progress);
+        }
+    }
+
+    fn on_response(&self, message: Incoming) {
+        let Some(id) = message.id.as_ref().and_then(Value::as_u64) else {
+            // Only a line the server could not read at all (not JSON, above its size limit)
+            // is answered with id null; it cannot be matched to a request.
+            tracing::warn!(error = ?message.error, "the server answered with no usable id");
+            return;
+        };
+        let Some(pending) = self.take(id) else {
+            tracing::debug!(
+                id,
+                "answer to a request nobody waits for (cancelled or timed out)"
+            );
+            return;
+        };
+        let reply = match (message.result, message.error) {
+            (_, Some(error)) => Err(RlmError::from_rpc(error)),
+            (Some(result), None) => Ok(result),
+            (None, None) => Err(RlmError::Protocol(format!(
+                "answer {id} has neither result nor error"
+            ))),
+        };
+        let _ = pending.reply.send(reply);
+    }
+
+    fn remember_stderr(&self, line: &str) {
+        *lock(&self.stderr_tail) = Some(line.chars().take(STDERR_TAIL).collect());
+    }
+
+    /// `status` in words, with the last thing the server said on stderr, which usually says
+    /// why it died.
+    fn describe_exit(&self, status: &io::Result<ExitStatus>) -> String {
+        let mut text = match status {
+            Ok(status) => status.to_string(),
+            Err(error) => format!("could not be reaped: {error}"),
+        };
+        if let Some(line) = &*lock(&self.stderr_tail) {
+            text.push_str("; last stderr line: ");
+            text.push_str(line);
+        }
+        text
+    }
+}
+
+/// Any line from the server, read just far enough to route it. `result` stays raw so the
+/// caller decodes it in its own task, and a huge answer is parsed once on this task.
+#[derive(Deserialize)]
+struct Incoming {
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    params: Option<Box<RawValue>>,
+    #[serde(default)]
+    result: Option<Box<RawValue>>,
+    #[serde(default)]
+    error: Option<RpcError>,
+}
+
+fn decode_params<T: DeserializeOwned>(params: Option<&RawValue>) -> Result<T, serde_json::Error> {
+    serde_json::from_str(params.map_or("null", RawValue::get))
+}
+
+/// A running (or starting) server and the handles to its tasks.
+///
+/// Dropping the last handle drops `_alive`, which tells the supervisor to kill the child.
+pub(crate) struct Connection {
+    shared: Arc<Shared>,
+    writer: mpsc::UnboundedSender<Outgoing>,
+    control: mpsc::UnboundedSender<Control>,
+    pid: Option<u32>,
+    _alive: oneshot::Sender<()>,
+}
+
+impl Connection {
+    /// Starts the server and its four tasks. Must run inside a Tokio runtime.
+    pub(crate) fn spawn(config: &RLMConfig) -> Result<Arc<Self>, RlmError> {
+        let mut child = command(config).spawn().map_err(|source| RlmError::Spawn {
+            command: config.command.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        tracing::debug!(?pid, command = %config.command, "spawned rlm-server");
+
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Some(HashMap::new())),
+            state: watch::Sender::new(State::Starting),
+            stderr_tail: Mutex::new(None),
+        });
+        let (writer, outgoing) = mpsc::unbounded_channel();
+        let (control, orders) = mpsc::unbounded_channel();
+        let (alive, dropped) = oneshot::channel();
+        let (eof, stdout_closed) = oneshot::channel();
+        tokio::spawn(write_loop(stdin, outgoing, control.clone()));
+        tokio::spawn(read_loop(stdout, shared.clone(), eof, control.clone()));
+        tokio::spawn(drain_stderr(stderr, pid, shared.clone()));
+        tokio::spawn(supervise(
+            child,
+            shared.clone(),
+            Signals {
+                orders,
+                dropped,
+                stdout_closed,
+            },
+            config.ready_timeout,
+        ));
+        Ok(Arc::new(Self {
+            shared,
+            writer,
+            control,
+            pid,
+            _alive: alive,
+        }))
+    }
+
+    /// The child's process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    pub(crate) fn is_down(&self) -> bool {
+        matches!(*self.shared.state.borrow(), State::Down(_))
+    }
+
+    /// Waits for `ready` (the supervisor bounds the wait by the ready timeout).
+    pub(crate) async fn ready(&self) -> Result<Arc<ReadyParams>, RlmError> {
+        if let State::Ready(ready) = &*self.shared.state.borrow() {
+            return Ok(ready.clone());
+        }
+        let mut state = self.shared.state.subscribe();
+        let settled = state
+            .wait_for(|state| !matches!(state, State::Starting))
+            .await
+            .map(|state| state.clone());
+        match settled {
+            Ok(State::Ready(ready)) => Ok(ready),
+            Ok(State::Down(down)) => Err(down.error()),
+            _ => Err(RlmError::Closed),
+        }
+    }
+
+    /// Registers request `id` and queues it for the writer. The returned guard cancels the
+    /// request on the server if it is dropped before the answer arrives.
+    pub(crate) fn request(
+        &self,
+        id: u64,
+        method: &str,
+        params: Option<Arc<RawValue>>,
+        progress: Option<ProgressSink>,
+    ) -> Result<InFlight<'_>, RlmError> {
+        let (reply, answer) = oneshot::channel();
+        self.shared.register(id, Pending { reply, progress })?;
+        let in_flight = InFlight {
+            connection: self,
+            id,
+            answer,
+        };
+        self.send(Frame::request(id, method, params));
+        Ok(in_flight)
+    }
+
+    /// Queues a line without waiting, so it can be called from `Drop`. If the writer is gone
+    /// the child is going down and the supervisor fails whatever was pending.
+    fn send(&self, frame: Frame) {
+        let _ = self.writer.send(Outgoing::Frame(frame));
+    }
+
+    /// End stdin, wait, SIGTERM, wait, SIGKILL; every wait bounded. Returns once the child
+    /// is reaped and everything still pending has failed.
+    pub(crate) async fn close(&self, wait: Duration, term_wait: Duration) {
+        let _ = self.writer.send(Outgoing::EndOfInput);
+        let _ = self.control.send(Control::Close { wait, term_wait });
+        let mut state = self.shared.state.subscribe();
+        let _ = state
+            .wait_for(|state| matches!(state, State::Down(_)))
+            .await;
+    }
+}
+
+fn command(config: &RLMConfig) -> Command {
+    let mut command = Command::new(&config.command);
+    command.args(&config.args);
+    for name in &config.env_remove {
+        command.env_remove(name);
+    }
+    command
+        .envs(config.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// A request on the wire. Dropping it while the request is still pending (the caller's
+/// future was dropped, or its timeout fired) sends `$/cancelRequest`, without awaiting.
+pub(crate) struct InFlight<'a> {
+    connection: &'a Connection,
+    id: u64,
+    answer: oneshot::Receiver<Reply>,
+}
+
+impl InFlight<'_> {
+    pub(crate) async fn response(mut self) -> Reply {
+        match (&mut self.answer).await {
+            Ok(reply) => reply,
+            Err(_) => Err(self.connection.shared.down_error()),
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.connection.shared.take(self.id).is_some() {
+            tracing::debug!(id = self.id, "cancelling an abandoned request");
+            self.connection.send(Frame::cancel(self.id));
+        }
+    }
+}
+
+/// Owns stdin: writes queued lines in order, flushing whenever the queue runs dry, so a burst
+/// of small requests costs few system calls. Closing stdin is the server's signal to shut down.
+async fn write_loop(
+    stdin: ChildStdin,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    control: mpsc::UnboundedSender<Control>,
+) {
+    let mut out = BufWriter::with_capacity(IO_BUFFER, stdin);
+    if let Err(error) = pump(&mut out, &mut outgoing).await {
+        tracing::warn!(%error, "writing to rlm-server's stdin failed");
+        let _ = control.send(Control::Kill(Down::Exited(format!(
+            "its stdin failed ({error})"
+        ))));
+    }
+    let _ = out.shutdown().await;
+}
+
+async fn pump(
+    out: &mut BufWriter<ChildStdin>,
+    outgoing: &mut mpsc::UnboundedReceiver<Outgoing>,
+) -> io::Result<()> {
+    while let Some(Outgoing::Frame(frame)) = outgoing.recv().await {
+        frame.write_to(out).await?;
+        loop {
+            match outgoing.try_recv() {
+                Ok(Outgoing::Frame(frame)) => frame.write_to(out).await?,
+                Ok(Outgoing::EndOfInput) => return out.flush().await,
+                Err(_) => break,
+            }
+        }
+        out.flush().await?;
+    }
+    Ok(())
+}
+
+/// Owns stdout: reads whole lines of any length and routes them. Its end (the child closed
+/// stdout, which means it exited) is reported to the supervisor.
+async fn read_loop(
+    stdout: ChildStdout,
+    shared: Arc<Shared>,
+    eof: oneshot::Sender<()>,
+    control: mpsc::UnboundedSender<Control>,
+) {
+    let mut reader = BufReader::with_capacity(IO_BUFFER, stdout);
+    let mut line = Vec::new();
+    loop {
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) => break,
+            Ok(_) => {
+                if let Err(down) = shared.dispatch(&line) {
+                    tracing::error!(?down, "cannot talk to this rlm-server");
+                    let _ = control.send(Control::Kill(down));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading rlm-server's stdout failed");
+                break;
+            }
+        }
+        line.clear();
+        if line.capacity() > KEEP_LINE_BUFFER {
+            line = Vec::new();
+        }
+    }
+    let _ = eof.send(());
+}
+
+/// Reads stderr to its end, one `tracing` event per line (target `rlm_server`). Reading it at
+/// all is the point: a child whose stderr pipe fills up blocks forever.
+async fn drain_stderr(stderr: ChildStderr, pid: Option<u32>, shared: Arc<Shared>) {
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::new();
+    while matches!(reader.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
+        let text = String::from_utf8_lossy(line.trim_ascii_end());
+        if !text.is_empty() {
+            tracing::info!(target: "rlm_server", pid = pid.unwrap_or(0), "{text}");
+            shared.remember_stderr(&text);
+        }
+        line.clear();
+    }
+}
+
+/// What the supervisor listens to besides the child itself.
+struct Signals {
+    orders: mpsc::UnboundedReceiver<Control>,
+    dropped: oneshot::Receiver<()>,
+    stdout_closed: oneshot::Receiver<()>,
+}
+
+enum Event {
+    Exited(io::Result<ExitStatus>),
+    StdoutClosed,
+    Order(Control),
+    Dropped,
+}
+
+/// Owns the child from spawn to reaping, then takes the connection down. Whatever ends it
+/// (exit, closed stdout, close, kill, drop, no `ready` in time), every wait is bounded.
+async fn supervise(
+    mut child: Child,
+    shared: Arc<Shared>,
+    signals: Signals,
+    ready_timeout: Duration,
+) {
+    let Signals {
+        mut orders,
+        mut dropped,
+        mut stdout_closed,
+    } = signals;
+    let event = tokio::select! {
+        status = child.wait() => Event::Exited(status),
+        _ = &mut stdout_closed => Event::StdoutClosed,
+        Some(order) = orders.recv() => Event::Order(order),
+        _ = &mut dropped => Event::Dropped,
+        _ = ready_watchdog(&shared, ready_timeout) => {
+            Event::Order(Control::Kill(Down::ReadyTimeout(ready_timeout)))
+        }
+    };
+    let down = match event {
+        Event::Exited(status) => {
+            let _ = timeout(LINGER, stdout_closed).await;
+            Down::Exited(shared.describe_exit(&status))
+        }
+        Event::StdoutClosed => {
+            let status = match timeout(LINGER, child.wait()).await {
+                Ok(status) => status,
+                Err(_) => kill_child(&mut child).await,
+            };
+            Down::Exited(shared.describe_exit(&status))
+        }
+        Event::Order(Control::Close { wait, term_wait }) => {
+            let status = close_child(&mut child, wait, term_wait).await;
+            tracing::debug!(status = %shared.describe_exit(&status), "rlm-server closed");
+            let _ = timeout(LINGER, stdout_closed).await;
+            Down::Closed
+        }
+        Event::Order(Control::Kill(Down::Exited(why))) => {
+            let status = kill_child(&mut child).await;
+            Down::Exited(format!("{why}; {}", shared.describe_exit(&status)))
+        }
+        Event::Order(Control::Kill(down)) => {
+            let _ = kill_child(&mut child).await;
+            down
+        }
+        Event::Dropped => {
+            let _ = kill_child(&mut child).await;
+            Down::Closed
+        }
+    };
+    shared.go_down(down);
+}
+
+/// Completes only if the server is still starting when `limit` has passed.
+async fn ready_watchdog(shared: &Shared, limit: Duration) {
+    let mut state = shared.state.subscribe();
+    let settled = timeout(limit, state.wait_for(|s| !matches!(s, State::Starting)))
+        .await
+        .is_ok();
+    if settled {
+        std::future::pending::<()>().await;
+    }
+    tracing::error!(?limit, "rlm-server sent no `ready` in time; killing it");
+}
+
+/// Stdin is already closed: wait, SIGTERM, wait, SIGKILL.
+async fn close_child(
+    child: &mut Child,
+    wait: Duration,
+    term_wait: Duration,
+) -> io::Result<ExitStatus> {
+    if let Ok(status) = timeout(wait, child.wait()).await {
+        return status;
+    }
+    // `id()` is None once the child is reaped, so the signal cannot hit a reused pid.
+    if let Some(pid) = child.id() {
+        tracing::warn!(
+            pid,
+            ?wait,
+            "rlm-server did not exit after end of input; SIGTERM"
+        );
+        terminate(pid);
+    }
+    if let Ok(status) = timeout(term_wait, child.wait()).await {
+        return status;
+    }
+    tracing::warn!(?term_wait, "rlm-server did not exit after SIGTERM; SIGKILL");
+    kill_child(child).await
+}
+
+async fn kill_child(child: &mut Child) -> io::Result<ExitStatus> {
+    // Fails only when the child was already reaped, and then `wait` answers at once.
+    let _ = child.start_kill();
+    timeout(KILL_WAIT, child.wait()).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "still alive after SIGKILL",
+        ))
+    })
+}
+
+/// Sends SIGTERM. Tokio only offers SIGKILL; libc's `kill` is linked into every Unix program,
+/// so declaring it costs no dependency.
+#[cfg(unix)]
+fn terminate(pid: u32) {
+    unsafe extern "C" {
+        fn kill(pid: i32, signal: i32) -> i32;
+    }
+    const SIGTERM: i32 = 15;
+    // SAFETY: `kill` has no memory-safety preconditions; `pid` is our own unreaped child.
+    unsafe {
+        kill(pid as i32, SIGTERM);
+    }
+}
+
+/// No SIGTERM outside Unix: the SIGKILL step follows after its wait.
+#[cfg(not(unix))]
+fn terminate(_pid: u32) {}
