@@ -63,6 +63,8 @@ export interface FixtureRule {
   delay_ms?: number;
   status?: number;
   times?: number;
+  /** Hold the call until `release()`, so tests observe concurrency instead of timing it. */
+  hold?: boolean;
 }
 
 export interface FixtureStats {
@@ -78,6 +80,8 @@ export interface Fixture {
   stats(): Promise<FixtureStats>;
   /** The last request bodies the fixture received. */
   requests(): Promise<Array<Record<string, unknown>>>;
+  /** Lets every held call go. */
+  release(): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -102,6 +106,9 @@ export async function startFixture(rules: readonly FixtureRule[]): Promise<Fixtu
     baseUrl,
     stats: () => get<FixtureStats>("/_fixture/stats"),
     requests: () => get<Array<Record<string, unknown>>>("/_fixture/requests"),
+    release: async () => {
+      await fetch(origin + "/_fixture/release", { method: "POST", body: "{}" });
+    },
     stop: () => stopChild(child),
   };
 }
