@@ -106,11 +106,12 @@ class ServerProcess:
                 f"no message within {timeout}s; stderr tail: {self.stderr_lines[-20:]}"
             ) from None
 
-    def next_response(self, timeout: float = 30) -> Json | list[Json]:
+    def next_response(self, timeout: float = 30) -> Json:
         """The next message that is not a notification (notifications are kept)."""
         while True:
             message = self.next_message(timeout)
-            if isinstance(message, dict) and "method" in message:
+            assert isinstance(message, dict), f"expected one response, got {message}"
+            if "method" in message:
                 self.notifications.append(message)
                 continue
             return message
@@ -140,14 +141,13 @@ class ServerProcess:
         """Send one request and return its response (others must not be pending)."""
         self.request(request_id, method, params)
         response = self.next_response()
-        assert isinstance(response, dict) and response.get("id") == request_id, response
+        assert response.get("id") == request_id, response
         return response
 
     def responses_by_id(self, count: int, timeout: float = 60) -> dict[Any, Json]:
         found: dict[Any, Json] = {}
         while len(found) < count:
             response = self.next_response(timeout)
-            assert isinstance(response, dict), response
             found[response["id"]] = response
         return found
 
@@ -216,3 +216,13 @@ def alive(pids: Iterable[int]) -> set[int]:
         if state != "Z":
             living.add(pid)
     return living
+
+
+def repl(*lines: str) -> str:
+    """A root-model reply that runs these lines in the REPL."""
+    return "```repl\n" + "\n".join(lines) + "\n```"
+
+
+def answer_with(expression: str) -> str:
+    """A root-model reply that sets the final answer to a Python expression."""
+    return repl(f"answer['content'] = {expression}", "answer['ready'] = True")

@@ -7,6 +7,7 @@ always add up: total = successful + failed + cancelled + timed_out + stub.
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ def _percentile(ordered: list[float], fraction: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     if not ordered:
         return 0.0
-    rank = max(1, min(len(ordered), round(fraction * len(ordered) + 0.5)))
+    rank = max(1, math.ceil(fraction * len(ordered)))
     return ordered[rank - 1]
 
 

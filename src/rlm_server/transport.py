@@ -137,6 +137,8 @@ class LineReader:
             except anyio.IncompleteRead:
                 self._ended = True
                 line = self._buffered.buffer
+            if len(line) > self._max_bytes:  # found whole within one read, but still too long
+                return OversizedLine(self._max_bytes)
             if line.strip():
                 return line
         return None

@@ -1,0 +1,143 @@
+"""JSON-RPC 2.0 conformance beyond the shared transcripts: what only bytes can express
+(invalid UTF-8, huge lines, 64-bit ids), framing edge cases, and concurrency inside a batch."""
+
+from __future__ import annotations
+
+import anyio
+import orjson
+import pytest
+from conftest import Spawn
+from harness import answer_with
+
+from rlm_server.dispatch import Dispatcher
+
+
+def _error(response: object, code: int, kind: str) -> None:
+    assert isinstance(response, dict), response
+    assert response["error"]["code"] == code, response
+    assert response["error"]["data"]["type"] == kind, response
+
+
+def test_bytes_that_are_not_json(spawn: Spawn) -> None:
+    server = spawn()
+    server.ready()
+    for raw in (b'{"jsonrpc": "2.0", "id": 1, "method": "st\xffatus"}', b"[" * 2000, b"\x00\x01"):
+        server.send_raw(raw + b"\n")
+        response = server.next_response()
+        _error(response, -32700, "parse_error")
+        assert response["id"] is None
+    for value in (1, "text", True, None):
+        server.send(value)
+        _error(server.next_response(), -32600, "invalid_request")
+    assert server.call("status")["result"]["server"] == "rlm-server"
+    assert server.close() == 0
+
+
+def test_ids_round_trip_exactly(spawn: Spawn) -> None:
+    server = spawn()
+    server.ready()
+    for request_id in (0, -1, 2**63 - 1, "", "ä-ß-🙂", "x" * 1000):
+        assert server.call("status", request_id=request_id)["id"] == request_id
+    server.send_raw(b'{"jsonrpc": "2.0", "id": 18446744073709551617, "method": "status"}\n')
+    _error(server.next_response(), -32600, "invalid_request")  # above 64 bits: not an id we keep
+    for bad in (True, [1], {"a": 1}):
+        server.send({"jsonrpc": "2.0", "id": bad, "method": "status"})
+        response = server.next_response()
+        _error(response, -32600, "invalid_request")
+        assert response["id"] is None
+    assert server.close() == 0
+
+
+def test_params_null_is_no_params_and_blank_lines_are_skipped(spawn: Spawn) -> None:
+    server = spawn()
+    server.ready()
+    server.send_raw(b"\n   \n\r\n")
+    server.send({"jsonrpc": "2.0", "id": 1, "method": "status", "params": None})
+    assert server.next_response()["result"]["server"] == "rlm-server"
+    assert server.close() == 0
+
+
+def test_final_line_without_newline_is_served_before_exit(spawn: Spawn) -> None:
+    server = spawn()
+    server.ready()
+    server.send_raw(b'{"jsonrpc": "2.0", "id": 7, "method": "status"}')
+    assert server.close() == 0
+    assert server.next_response()["id"] == 7
+
+
+def test_line_over_the_limit_is_refused_and_the_next_line_is_served(spawn: Spawn) -> None:
+    server = spawn(args=["--max-message-bytes", "100000"])
+    server.ready()
+    big = orjson.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "infer", "params": {"prompt": "x" * 500_000}}
+    )
+    follow = orjson.dumps({"jsonrpc": "2.0", "id": 2, "method": "status"})
+    server.send_raw(big + b"\n" + follow + b"\n")
+    response = server.next_response()
+    _error(response, -32600, "line_too_long")
+    assert response["id"] is None
+    assert response["error"]["data"]["limit"] == 100_000
+    assert server.next_response()["id"] == 2
+    just_under = {"jsonrpc": "2.0", "id": 3, "method": "status", "params": {"pad": "y" * 90_000}}
+    server.send(just_under)
+    _error(server.next_response(), -32602, "invalid_params")  # read whole, then judged
+    assert server.close() == 0
+
+
+def test_a_200_mb_prompt_line(spawn: Spawn) -> None:
+    needle = "NEEDLE-7Q2"
+    context = "a" * 100_000_000 + needle + "b" * 100_000_000
+    server = spawn([{"when": "root", "reply": answer_with("str(context.find('NEEDLE'))")}])
+    server.ready()
+    result = server.call("infer", {"prompt": context, "query": "where is the needle?"})["result"]
+    assert result["text"] == "100000000"
+    assert server.close() == 0
+
+
+def test_batch_elements_run_concurrently() -> None:
+    """Each element waits for the other: a dispatcher that ran them in turn would hang."""
+    from jsonrpcserver import Success
+    from jsonrpcserver.result import Result
+
+    first, second = anyio.Event(), anyio.Event()
+
+    async def ping(ctx: object) -> Result:
+        first.set()
+        await second.wait()
+        return Success("ping")
+
+    async def pong(ctx: object) -> Result:
+        await first.wait()
+        second.set()
+        return Success("pong")
+
+    async def main() -> bytes | None:
+        dispatcher = Dispatcher({"ping": ping, "pong": pong})
+        batch = [{"jsonrpc": "2.0", "id": i, "method": m} for i, m in ((1, "ping"), (2, "pong"))]
+        with anyio.fail_after(5):
+            return await dispatcher.handle(batch, lambda request_id: None)
+
+    response = anyio.run(main)
+    assert response is not None
+    assert [r["result"] for r in orjson.loads(response)] == ["ping", "pong"]
+
+
+@pytest.mark.parametrize("text", ["lone \ud800 surrogate", "fine"])
+def test_encode_never_fails_on_strings(text: str) -> None:
+    from rlm_server.dispatch import encode
+
+    assert orjson.loads(encode({"text": text}))["text"].startswith(text[:4])
+
+
+def test_internal_errors_carry_no_exception_text() -> None:
+    async def broken(ctx: object) -> None:
+        raise RuntimeError("secret internal detail")
+
+    async def main() -> bytes | None:
+        return await Dispatcher({"broken": broken}).handle(
+            {"jsonrpc": "2.0", "id": 1, "method": "broken"}, lambda request_id: None
+        )
+
+    response = anyio.run(main)
+    assert response is not None and b"secret" not in response
+    assert orjson.loads(response)["error"]["code"] == -32603

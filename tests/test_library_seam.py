@@ -1,0 +1,94 @@
+"""The seam into the `rlm` library that workers depend on. If an upgrade moves it, these fail.
+
+`WorkerRLM` overrides `RLM._spawn_completion_context` to hand completions a long-lived LM
+handler and prebuilt clients. That method is not public API, so: the version is pinned, the
+method must still exist with the same shape, and a completion through `WorkerRLM` must send the
+model exactly what the stock `RLM` sends.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+
+from fixtures.openai_fixture import FixtureServer
+from harness import repl
+from rlm import RLM
+from rlm.clients import get_client
+
+from rlm_server.completion import ClientCache, EventLMHandler, ProgressLogger, WorkerRLM
+
+ROOT = repl(
+    "n = len(context)",
+    "s = llm_query('sub question')",
+    "answer['content'] = str(n) + ':' + s",
+    "answer['ready'] = True",
+)
+
+
+def test_the_library_version_is_the_pinned_one() -> None:
+    assert importlib.metadata.version("rlms") == "0.1.3"
+
+
+def test_the_overridden_method_still_has_its_shape() -> None:
+    method = RLM._spawn_completion_context
+    assert inspect.isgeneratorfunction(inspect.unwrap(method))
+    assert list(inspect.signature(method).parameters) == ["self", "prompt"]
+    source = inspect.getsource(RLM._spawn_completion_context)
+    for key in (
+        "lm_handler_address",
+        "context_payload",
+        "depth",
+        "subcall_fn",
+        "max_concurrent_subcalls",
+    ):
+        assert f'env_kwargs["{key}"]' in source, key
+
+
+def _kwargs(llm: FixtureServer) -> dict[str, object]:
+    backend_kwargs = {
+        "model_name": "scripted",
+        "base_url": llm.base_url,
+        "api_key": "k",
+        "max_retries": 0,
+    }
+    return {
+        "backend": "openai",
+        "backend_kwargs": backend_kwargs,
+        "max_iterations": 3,
+        "max_depth": 1,
+    }
+
+
+def test_worker_rlm_sends_the_model_what_the_stock_rlm_sends(llm: FixtureServer) -> None:
+    rules = [{"when": "root", "reply": ROOT}, {"when": "sub", "reply": "sub answer"}]
+    llm.script.replace(rules)
+    stock = RLM(**_kwargs(llm)).completion("some context", root_prompt="the question")
+    stock_bodies = list(llm.script.bodies)
+
+    llm.script.replace(rules)
+    kwargs = _kwargs(llm)
+    client = ClientCache().get("openai", kwargs["backend_kwargs"])  # type: ignore[arg-type]
+    subcalls: list[str] = []
+    iterations: list[int] = []
+    handler = EventLMHandler(client, on_subcall=subcalls.append)
+    handler.start()
+    logger = ProgressLogger(on_iteration=iterations.append, keep_trajectory=False)
+    ours = WorkerRLM(lm_handler=handler, logger=logger, **kwargs).completion(
+        "some context", root_prompt="the question"
+    )
+
+    assert ours.response == stock.response == "12:sub answer"
+    assert list(llm.script.bodies) == stock_bodies
+    assert ours.usage_summary.to_dict() == stock.usage_summary.to_dict()
+    assert (subcalls, iterations, logger.completed) == (["scripted"], [1], 1)
+    assert handler._server is not None, "the worker's handler must outlive the completion"
+    handler.stop()
+
+
+def test_client_cache_builds_each_configuration_once() -> None:
+    cache = ClientCache()
+    kwargs = {"model_name": "m", "api_key": "k", "base_url": "http://127.0.0.1:1/v1"}
+    assert cache.get("openai", kwargs) is cache.get("openai", dict(reversed(kwargs.items())))
+    assert cache.get("openai", kwargs) is not cache.get("openai", {**kwargs, "model_name": "n"})
+    assert type(cache.get("openai", kwargs)) is type(get_client("openai", dict(kwargs)))

@@ -1,0 +1,134 @@
+"""Start-up, configuration errors, signals, end of input, and no worker outliving the server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+from conftest import Spawn
+from fixtures.openai_fixture import FixtureServer
+from harness import alive, answer_with, clean_env, descendants, server_command, wait_until
+
+HELD = [{"when": "root", "hold": True, "reply": answer_with("'done'")}]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ELIZA_RLM_MAX_ITERATIONS", "abc"),
+        ("ELIZA_RLM_MAX_ITERATIONS", "0"),
+        ("ELIZA_RLM_MAX_DEPTH", "-1"),
+        ("ELIZA_RLM_MAX_CONCURRENCY", "0"),
+        ("ELIZA_RLM_TIMEOUT", "-1"),
+        ("ELIZA_RLM_RETRY_DELAY", "abc"),
+        ("ELIZA_RLM_STRICT", "maybe"),
+        ("ELIZA_RLM_BACKEND", "nonsense"),
+        ("ELIZA_RLM_ENV", "moon"),
+    ],
+)
+def test_bad_configuration_is_one_line_and_exit_2(name: str, value: str) -> None:
+    done = subprocess.run(
+        server_command(), env=clean_env({name: value}), capture_output=True, timeout=30, input=b""
+    )
+    assert done.returncode == 2
+    assert done.stdout == b""
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert name in lines[0] and value in lines[0]
+
+
+def test_bad_flag_is_one_line_and_exit_2() -> None:
+    done = subprocess.run(
+        [*server_command(), "--max-depth", "0"], env=clean_env(), capture_output=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines() == [
+        "rlm-server: configuration error: --max-depth must be a positive integer, got '0'"
+    ]
+
+
+def test_requests_read_before_end_of_input_are_all_served(spawn: Spawn) -> None:
+    server = spawn([{"when": "root", "reply": answer_with("context")}])
+    for i in range(5):
+        server.request(i, "infer", {"prompt": f"p{i}"})
+    assert server.close() == 0
+    server.ready()
+    answered = server.responses_by_id(5)
+    assert {i: r["result"]["text"] for i, r in answered.items()} == {i: f"p{i}" for i in range(5)}
+
+
+def test_sigterm_drains_and_a_second_signal_cancels(spawn: Spawn, llm: FixtureServer) -> None:
+    server = spawn(HELD)
+    server.ready()
+    server.request(1, "infer", {"prompt": "ctx"})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 1)
+    server.process.send_signal(signal.SIGTERM)
+    server.request(2, "infer", {"prompt": "ctx"})
+    refused = server.next_response()
+    assert refused["id"] == 2 and refused["error"]["data"]["type"] == "shutting_down"
+    assert server.call("status")["result"]["in_flight"] == 1  # still serving while draining
+    llm.script.released.set()
+    assert server.next_response()["result"]["text"] == "done"
+    assert server.process.wait(timeout=30) == 0
+
+    llm.script.replace(HELD)
+    second = spawn(HELD)
+    second.ready()
+    second.request(1, "infer", {"prompt": "ctx"})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 1)
+    second.process.send_signal(signal.SIGTERM)
+    second.process.send_signal(signal.SIGINT)
+    assert second.next_response()["error"]["code"] == -32800
+    assert second.process.wait(timeout=30) == 0
+    llm.script.released.set()
+
+
+@pytest.mark.parametrize("how", ["shutdown", "sigkill"])
+def test_no_worker_outlives_the_server(spawn: Spawn, llm: FixtureServer, how: str) -> None:
+    server = spawn([*HELD, {"when": "root", "reply": answer_with("'x'")}])
+    server.ready()
+    for i in range(3):
+        server.request(i, "infer", {"prompt": "ctx"})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 3)
+    pid = server.process.pid
+    family = descendants(pid)
+    assert len(family) >= 4, family  # the zygote and one worker per running request
+    if how == "shutdown":
+        server.request("bye", "shutdown", {"grace_s": 0})
+        responses = server.responses_by_id(4)
+        assert responses["bye"]["result"] == {"shutdown": True}
+        assert all(responses[i]["error"]["code"] == -32800 for i in range(3))
+        assert server.process.wait(timeout=30) == 0
+    else:
+        os.kill(pid, signal.SIGKILL)
+        server.process.wait(timeout=30)
+    assert wait_until(lambda: not alive(family), timeout=10), alive(family)
+    llm.script.released.set()
+
+
+def test_stub_mode_reason_and_strict_mode(spawn: Spawn) -> None:
+    stub = spawn(raw_env={"ELIZA_RLM_BACKEND": "anthropic"})
+    ready = stub.ready()
+    assert (ready["available"], ready["stub"]) == (False, True)
+    status = stub.call("status")["result"]
+    assert "ANTHROPIC_API_KEY" in status["reason"]
+    assert stub.call("infer", {"prompt": "x"})["result"]["stub"] is True
+    assert stub.close() == 0
+
+    strict = spawn(raw_env={"ELIZA_RLM_BACKEND": "anthropic"}, args=["--strict"])
+    assert strict.ready()["stub"] is False
+    error = strict.call("infer", {"prompt": "x"})["error"]
+    assert error["code"] == -32003 and "ANTHROPIC_API_KEY" in error["data"]["reason"]
+    assert strict.close() == 0
+
+
+def test_a_per_request_backend_without_credentials_is_a_stub(spawn: Spawn) -> None:
+    server = spawn([{"when": "root", "reply": answer_with("'real'")}])
+    server.ready()
+    assert server.call("infer", {"prompt": "x"})["result"]["text"] == "real"
+    other = server.call("infer", {"prompt": "x", "options": {"backend": "gemini"}})["result"]
+    assert other["stub"] is True and other["metadata"]["backend"] == "gemini"
+    assert server.call("status")["result"]["available"] is True
+    assert server.close() == 0
