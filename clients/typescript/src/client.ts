@@ -149,7 +149,10 @@ export class RLMClient {
       this.metrics.recordResult(result.stub, performance.now() - started);
       return result;
     } catch (error) {
-      this.metrics.recordError(error instanceof RLMError ? error.code : undefined, String((error as Error).message));
+      this.metrics.recordError(
+        error instanceof RLMError ? error.code : undefined,
+        error instanceof Error ? error.message : String(error),
+      );
       throw error;
     } finally {
       this.emitMetrics();

@@ -108,7 +108,10 @@ export class Connection {
     // EPIPE once the child is gone; the exit handling reports that, so only note it.
     stdin.on("error", (error) => logger.debug(`rlm-server stdin: ${error.message}`));
 
-    const lines = new LineDecoder((line) => this.onLine(line));
+    const lines = new LineDecoder(
+      (line) => this.onLine(line),
+      (bytes) => logger.error(`rlm-server wrote a line of ${bytes} bytes, more than a JavaScript string can hold; dropped`),
+    );
     stdout.on("data", (chunk: Buffer) => lines.push(chunk));
     stdout.on("end", () => {
       this.stdoutEnded = true;

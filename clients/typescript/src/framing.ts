@@ -14,16 +14,21 @@ const NEWLINE = 0x0a;
 export class LineDecoder {
   private parts: Buffer[] = [];
 
-  constructor(private readonly onLine: (line: string) => void) {}
+  /**
+   * `onUndecodable` gets the size of a line that no JavaScript string can hold (V8 caps strings
+   * near 512 MiB); without it such a line would throw out of a stream's 'data' handler.
+   */
+  constructor(
+    private readonly onLine: (line: string) => void,
+    private readonly onUndecodable: (bytes: number) => void = () => undefined,
+  ) {}
 
   push(chunk: Buffer): void {
     let start = 0;
     let newline = chunk.indexOf(NEWLINE);
     while (newline !== -1) {
       const tail = chunk.subarray(start, newline);
-      const line =
-        this.parts.length === 0 ? tail.toString("utf8") : this.join(tail).toString("utf8");
-      if (line.length > 0) this.onLine(line);
+      this.emit(this.parts.length === 0 ? tail : this.join(tail));
       start = newline + 1;
       newline = chunk.indexOf(NEWLINE, start);
     }
@@ -32,9 +37,19 @@ export class LineDecoder {
 
   /** Hands over a last line that had no newline (stderr often ends that way). */
   flush(): void {
-    if (this.parts.length === 0) return;
-    const line = this.join(Buffer.alloc(0)).toString("utf8");
-    if (line.length > 0) this.onLine(line);
+    if (this.parts.length > 0) this.emit(this.join(Buffer.alloc(0)));
+  }
+
+  private emit(bytes: Buffer): void {
+    if (bytes.length === 0) return;
+    let line: string;
+    try {
+      line = bytes.toString("utf8");
+    } catch {
+      this.onUndecodable(bytes.length);
+      return;
+    }
+    this.onLine(line);
   }
 
   private join(tail: Buffer): Buffer {

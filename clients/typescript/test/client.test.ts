@@ -71,6 +71,15 @@ describe("client lifecycle (stub mode)", { concurrency: true }, () => {
     assert.equal(client.serverInfo?.stub, true);
   });
 
+  test("without a command it runs $ELIZA_RLM_PYTHON_PATH -m rlm_server", async (t) => {
+    const client = new RLMClient({
+      env: { ...serverEnv(STUB_ENV), ELIZA_RLM_PYTHON_PATH: PYTHON },
+      logger: memoryLogger(),
+    });
+    t.after(() => client.close());
+    assert.equal((await client.status()).server, "rlm-server");
+  });
+
   test("1,000 concurrent calls multiplex over one child, and every line written is a valid ClientMessage", async (t) => {
     const wire = tempFile("wire.jsonl");
     const client = new RLMClient({

@@ -1,5 +1,6 @@
 /** Unit tests of the pieces that need no server: framing, options, metrics, errors, backoff, schema. */
 import assert from "node:assert/strict";
+import { constants } from "node:buffer";
 import { execFileSync } from "node:child_process";
 import { Writable } from "node:stream";
 import { describe, test } from "node:test";
@@ -47,6 +48,17 @@ describe("LineDecoder", () => {
     decoder.push(Buffer.from("first\nlast words"));
     decoder.flush();
     assert.deepEqual(lines, ["first", "last words"]);
+  });
+
+  test("reports a line too long for a JavaScript string instead of throwing", () => {
+    const lines: string[] = [];
+    const undecodable: number[] = [];
+    const decoder = new LineDecoder((line) => lines.push(line), (bytes) => undecodable.push(bytes));
+    const size = constants.MAX_STRING_LENGTH + 1;
+    decoder.push(Buffer.alloc(size, "x"));
+    decoder.push(Buffer.from("\nafter\n"));
+    assert.deepEqual(undecodable, [size]);
+    assert.deepEqual(lines, ["after"]);
   });
 
   test("has no line-length cap: a 64 MiB line in 64 KiB chunks is one line", () => {
