@@ -161,6 +161,11 @@ impl Fixture {
         self.http("GET", "/_fixture/stats", None)
     }
 
+    /// `GET /_fixture/requests`: the last request bodies the model got.
+    pub fn requests(&self) -> Value {
+        self.http("GET", "/_fixture/requests", None)
+    }
+
     /// `POST /_fixture/release`: lets every held call go.
     pub fn release(&self) {
         self.http("POST", "/_fixture/release", Some(json!({})));
