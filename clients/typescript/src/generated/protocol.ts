@@ -65,7 +65,7 @@ export interface WireProtocol {
 export interface SuccessResponse {
   jsonrpc: "2.0";
   id: Id | null;
-  result: InferResult | StatusResult | ShutdownResult;
+  result: InferResult | StatusResult | ShutdownResult | null;
 }
 export interface InferResult {
   text: string;
