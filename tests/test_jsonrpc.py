@@ -112,7 +112,7 @@ def test_batch_elements_run_concurrently() -> None:
         return Success("pong")
 
     async def main() -> bytes | None:
-        dispatcher = Dispatcher({"ping": ping, "pong": pong})
+        dispatcher = Dispatcher({}, {"ping": ping, "pong": pong})
         batch = [{"jsonrpc": "2.0", "id": i, "method": m} for i, m in ((1, "ping"), (2, "pong"))]
         with anyio.fail_after(5):
             return await dispatcher.handle(batch, lambda request_id: None)
@@ -124,7 +124,7 @@ def test_batch_elements_run_concurrently() -> None:
 
 @pytest.mark.parametrize("text", ["lone \ud800 surrogate", "fine"])
 def test_encode_never_fails_on_strings(text: str) -> None:
-    from rlm_server.dispatch import encode
+    from rlm_server.wire import encode
 
     assert orjson.loads(encode({"text": text}))["text"].startswith(text[:4])
 
@@ -134,10 +134,19 @@ def test_internal_errors_carry_no_exception_text() -> None:
         raise RuntimeError("secret internal detail")
 
     async def main() -> bytes | None:
-        return await Dispatcher({"broken": broken}).handle(
+        return await Dispatcher({}, {"broken": broken}).handle(
             {"jsonrpc": "2.0", "id": 1, "method": "broken"}, lambda request_id: None
         )
 
     response = anyio.run(main)
     assert response is not None and b"secret" not in response
     assert orjson.loads(response)["error"]["code"] == -32603
+
+    def broken_inline(ctx: object) -> None:
+        raise KeyError("another secret")
+
+    line = Dispatcher({"b": broken_inline}, {}).handle_inline(
+        {"jsonrpc": "2.0", "id": 2, "method": "b"}, lambda request_id: None
+    )
+    assert line is not None and b"secret" not in line
+    assert orjson.loads(line)["error"]["code"] == -32603

@@ -60,12 +60,13 @@ def test_requests_read_before_end_of_input_are_all_served(spawn: Spawn) -> None:
 
 
 def test_sigterm_drains_and_a_second_signal_cancels(spawn: Spawn, llm: FixtureServer) -> None:
-    server = spawn(HELD)
+    server = spawn(HELD, env={"ELIZA_RLM_VERBOSE": "true"})  # logs when it handles the signal
     server.ready()
     server.request(1, "infer", {"prompt": "ctx"})
     assert wait_until(lambda: llm.script.stats()["in_flight"] == 1)
     server.process.send_signal(signal.SIGTERM)
-    server.request(2, "infer", {"prompt": "ctx"})
+    assert wait_until(lambda: any("received SIGTERM" in x for x in server.stderr_lines))
+    server.request(2, "infer", {"prompt": "ctx"})  # read after the signal: refused
     refused = server.next_response()
     assert refused["id"] == 2 and refused["error"]["data"]["type"] == "shutting_down"
     assert server.call("status")["result"]["in_flight"] == 1  # still serving while draining

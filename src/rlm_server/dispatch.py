@@ -1,10 +1,16 @@
-"""Dispatch: one line of JSON-RPC 2.0 in, at most one line out. It only routes.
+"""Dispatch: one parsed JSON-RPC 2.0 message in, at most one response line out. It only routes.
 
-orjson parses the line; each request object (or batch element) is checked against the JSON-RPC
-2.0 rules here, because jsonrpcserver 5.0.9 validates a whole batch with one schema, rejects
-`"params": null`, accepts fractional ids and is 4x slower with its default validator. Valid
-requests then go to jsonrpcserver, which binds params to the method's signature, calls it, and
-turns its `Result` (or a raised `RpcError`) into a response. Batch elements run concurrently.
+Each request object (or batch element) is checked against the JSON-RPC 2.0 rules here, because
+jsonrpcserver 5.0.9 validates a whole batch with one schema, rejects `"params": null`, accepts
+fractional ids and is 4x slower with its default validator. Valid requests then go to
+jsonrpcserver, which binds params to the method's signature, calls it and turns its `Result`
+into a response.
+
+Two kinds of method: *inline* ones never wait (`status`, `$/cancelRequest`) and are answered
+on the spot by jsonrpcserver's synchronous dispatcher, which costs no task and no scheduling;
+*task* ones wait (`infer`, `shutdown`), and the server gives every such message a task of its
+own. Batch elements run concurrently. Any exception a method raises becomes an error response
+here: an `RpcError` as itself, anything else as a bare -32603 whose text stays in our log.
 """
 
 from __future__ import annotations
@@ -15,26 +21,55 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import anyio
-import orjson
-from jsonrpcserver.async_main import dispatch_to_response
-from jsonrpcserver.exceptions import JsonRpcError
+from jsonrpcserver import Error
+from jsonrpcserver import async_main as async_jsonrpc
+from jsonrpcserver import main as sync_jsonrpc
 from jsonrpcserver.response import to_serializable
+from jsonrpcserver.result import Result
 
 from rlm_server.errors import (
     InternalError,
     InvalidParams,
     InvalidRequest,
     MethodNotFound,
-    ParseError,
     RpcError,
 )
+from rlm_server.wire import Json, RequestId, encode, error_response
 
 log = logging.getLogger(__name__)
 
-RequestId = str | int | None
-Json = dict[str, Any]
-Method = Callable[..., Awaitable[Any]]
+InlineMethod = Callable[..., Result]
+TaskMethod = Callable[..., Awaitable[Result]]
 ContextFactory = Callable[[RequestId], object]
+
+
+def _as_result(name: str, error: Exception) -> Result:
+    if not isinstance(error, RpcError):
+        log.error("internal error in %s", name, exc_info=error)
+        error = InternalError()
+    return Error(error.code, error.message, error.data)
+
+
+def _guard_inline(name: str, method: InlineMethod) -> InlineMethod:
+    @functools.wraps(method)
+    def guarded(*args: Any, **kwargs: Any) -> Result:
+        try:
+            return method(*args, **kwargs)
+        except Exception as error:
+            return _as_result(name, error)
+
+    return guarded
+
+
+def _guard_task(name: str, method: TaskMethod) -> TaskMethod:
+    @functools.wraps(method)
+    async def guarded(*args: Any, **kwargs: Any) -> Result:
+        try:
+            return await method(*args, **kwargs)
+        except Exception as error:
+            return _as_result(name, error)
+
+    return guarded
 
 
 class _Rejected(Exception):
@@ -42,52 +77,6 @@ class _Rejected(Exception):
 
     def __init__(self, error: RpcError, request_id: RequestId, notification: bool) -> None:
         self.error, self.request_id, self.notification = error, request_id, notification
-
-
-def decode(line: bytes) -> Any:
-    """Parse one line; raise ParseError (-32700) if it is not JSON (or nests over 1024 deep)."""
-    try:
-        return orjson.loads(line)
-    except orjson.JSONDecodeError:
-        raise ParseError() from None
-
-
-def error_response(error: RpcError, request_id: RequestId) -> Json:
-    return {"jsonrpc": "2.0", "id": request_id, "error": error.to_wire()}
-
-
-def encode(message: Json | list[Json]) -> bytes:
-    """One compact JSON line; lone surrogates (which orjson refuses) become U+FFFD."""
-    try:
-        return orjson.dumps(message)
-    except orjson.JSONEncodeError:
-        return orjson.dumps(_replace_surrogates(message))
-
-
-def _replace_surrogates(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(value, list):
-        return [_replace_surrogates(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _replace_surrogates(v) for k, v in value.items()}
-    return value
-
-
-def _guard(name: str, method: Method) -> Method:
-    """Unexpected exceptions become a bare -32603: their text stays in our log, off the wire."""
-
-    @functools.wraps(method)
-    async def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await method(*args, **kwargs)
-        except JsonRpcError:
-            raise
-        except Exception:
-            log.exception("internal error in %s", name)
-            raise InternalError() from None
-
-    return guarded
 
 
 def _request_id(obj: Json) -> RequestId:
@@ -122,8 +111,30 @@ def _check(obj: Any) -> tuple[RequestId, bool, str, Json]:
 
 
 class Dispatcher:
-    def __init__(self, methods: Mapping[str, Method]) -> None:
-        self._methods = {name: _guard(name, method) for name, method in methods.items()}
+    def __init__(self, inline: Mapping[str, InlineMethod], tasks: Mapping[str, TaskMethod]) -> None:
+        self._inline = {name: _guard_inline(name, m) for name, m in inline.items()}
+        self._tasks = {name: _guard_task(name, m) for name, m in tasks.items()}
+
+    def is_inline(self, message: Any) -> bool:
+        """Whether `handle_inline` can answer this message without waiting."""
+        return isinstance(message, dict) and message.get("method") not in self._tasks
+
+    def handle_inline(self, message: Json, make_context: ContextFactory) -> bytes | None:
+        prepared = self._prepare(message)
+        if isinstance(prepared, _Prepared):
+            prepared = self._call_inline(prepared, make_context)
+        return None if prepared is None else encode(prepared)
+
+    def _call_inline(self, prepared: _Prepared, make_context: ContextFactory) -> Json | None:
+        response = sync_jsonrpc.dispatch_to_response(
+            "",
+            self._inline,
+            context=make_context(prepared.request_id),
+            deserializer=lambda _: prepared.request,
+            validator=lambda parsed: parsed,
+            post_process=to_serializable,
+        )
+        return cast(Json | None, response)
 
     async def handle(self, message: Any, make_context: ContextFactory) -> bytes | None:
         """The response line for one parsed message, or None when nothing is owed.
@@ -131,44 +142,57 @@ class Dispatcher:
         `make_context` gives each request its jsonrpcserver context from its id.
         """
         if not isinstance(message, list):
-            response = await self.handle_one(message, make_context)
+            response = await self._handle_one(message, make_context)
             return None if response is None else encode(response)
         if not message:
             return encode(error_response(InvalidRequest(reason="empty batch"), None))
-        responses = await self._handle_batch(message, make_context)
-        return encode(responses) if responses else None
-
-    async def _handle_batch(self, batch: list[Any], make_context: ContextFactory) -> list[Json]:
-        results: list[Json | None] = [None] * len(batch)
+        results: list[Json | None] = [None] * len(message)
 
         async def run(index: int, element: Any) -> None:
-            results[index] = await self.handle_one(element, make_context)
+            results[index] = await self._handle_one(element, make_context)
 
         async with anyio.create_task_group() as group:
-            for index, element in enumerate(batch):
+            for index, element in enumerate(message):
                 group.start_soon(run, index, element)
-        return [r for r in results if r is not None]
+        responses = [r for r in results if r is not None]
+        return encode(responses) if responses else None
 
-    async def handle_one(self, obj: Any, make_context: ContextFactory) -> Json | None:
+    def _prepare(self, obj: Any) -> _Prepared | Json | None:
+        """A request ready for jsonrpcserver, or the error response (None: owe nothing)."""
         try:
             request_id, notification, method, params = _check(obj)
         except _Rejected as rejected:
             if rejected.notification:
                 return None
             return error_response(rejected.error, rejected.request_id)
-        if method not in self._methods:
+        if method not in self._inline and method not in self._tasks:
             return (
                 None if notification else error_response(MethodNotFound(method=method), request_id)
             )
         request: Json = {"jsonrpc": "2.0", "method": method, "params": params}
         if not notification:
             request["id"] = request_id
-        response = await dispatch_to_response(
+        return _Prepared(request, request_id)
+
+    async def _handle_one(self, obj: Any, make_context: ContextFactory) -> Json | None:
+        prepared = self._prepare(obj)
+        if not isinstance(prepared, _Prepared):
+            return prepared
+        if prepared.request["method"] in self._inline:
+            return self._call_inline(prepared, make_context)
+        response = await async_jsonrpc.dispatch_to_response(
             "",
-            self._methods,
-            context=make_context(request_id),
-            deserializer=lambda _: request,
+            self._tasks,
+            context=make_context(prepared.request_id),
+            deserializer=lambda _: prepared.request,
             validator=lambda parsed: parsed,
             post_process=to_serializable,
         )
         return cast(Json | None, response)
+
+
+class _Prepared:
+    __slots__ = ("request", "request_id")
+
+    def __init__(self, request: Json, request_id: RequestId) -> None:
+        self.request, self.request_id = request, request_id

@@ -1,26 +1,27 @@
 """One exception class per JSON-RPC error code of the wire contract.
 
 Like pygls' exceptions: an error code, its message and its stable `data.type` are chosen here and
-nowhere else. Every class is a jsonrpcserver `JsonRpcError`, so a method raises it and the
-dispatcher turns it into the error response. `message` is always a fixed string: causes go in
-`data`, and no exception text from model code or from our internals ever reaches the wire.
+nowhere else. Methods raise them; the dispatcher turns them into error responses. `message` is
+always a fixed string: causes go in `data`, and no exception text from model code or from our
+internals ever reaches the wire. Nothing here imports jsonrpcserver, so the engine and the
+transport load without it.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from jsonrpcserver.exceptions import JsonRpcError
 
-
-class RpcError(JsonRpcError):
+class RpcError(Exception):
     CODE: ClassVar[int] = -32603
     MESSAGE: ClassVar[str] = "Internal error"
     TYPE: ClassVar[str] = "internal_error"
 
     def __init__(self, **data: Any) -> None:
-        super().__init__(self.CODE, self.MESSAGE, {"type": self.TYPE, **data})
-        self.data: dict[str, Any]
+        super().__init__(self.MESSAGE)
+        self.code = self.CODE
+        self.message = self.MESSAGE
+        self.data: dict[str, Any] = {"type": self.TYPE, **data}
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON-RPC `error` member."""

@@ -1,7 +1,9 @@
 """Methods: `infer`, `status`, `shutdown` and `$/cancelRequest`, as jsonrpcserver methods.
 
-Each is a plain async function of (context, **params by name) that validates its params into
-types, asks the engine or the server to do the work, and returns a `Success`. Invalid params
+Each is a plain function of (context, **params by name) that validates its params into types,
+asks the engine or the server to do the work, and returns a `Success`. `status` and
+`$/cancelRequest` never wait, so they are plain functions that the dispatcher answers inline;
+`infer` and `shutdown` wait, so they are coroutines that get a task each. Invalid params
 raise `InvalidParams` naming the field; unknown params are refused rather than ignored, so a
 client that sends `maxDepth` learns at once that nothing read it.
 """
@@ -11,36 +13,18 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from jsonrpcserver import Success
 from jsonrpcserver.result import Result
 
 from rlm_server.config import BACKENDS
-from rlm_server.engine import Engine, InferOptions, InferRequest, RequestId
+from rlm_server.context import RequestContext
+from rlm_server.engine import InferOptions, InferRequest
 from rlm_server.errors import InvalidParams
 
 Json = dict[str, Any]
 MISSING: Any = object()
-
-
-class Session(Protocol):
-    """What methods need from the server around them."""
-
-    engine: Engine
-
-    def notify(self, method: str, params: Json) -> None: ...
-
-    async def shutdown(self, grace_s: float | None, sequence: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class RequestContext:
-    """jsonrpcserver's `context` argument: which request this is, and the session."""
-
-    request_id: RequestId
-    sequence: int  # which input line carried the request: shutdown admits those before it
-    session: Session
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +140,7 @@ async def infer(
     return Success(await session.engine.infer(request, ctx.request_id, progress, ctx.sequence))
 
 
-async def status(ctx: RequestContext, **unknown: Any) -> Result:
+def status(ctx: RequestContext, **unknown: Any) -> Result:
     _refuse_unknown(unknown)
     return Success(ctx.session.engine.status())
 
@@ -169,7 +153,7 @@ async def shutdown(ctx: RequestContext, grace_s: Any = None, **unknown: Any) -> 
     return Success({"shutdown": True})
 
 
-async def cancel_request(ctx: RequestContext, id: Any = MISSING, **unknown: Any) -> Result:
+def cancel_request(ctx: RequestContext, id: Any = MISSING, **unknown: Any) -> Result:
     """A notification: answers nothing itself; the cancelled request answers -32800."""
     _refuse_unknown(unknown)
     if id is MISSING or not (isinstance(id, str) or _is_int(id)):
@@ -178,9 +162,11 @@ async def cancel_request(ctx: RequestContext, id: Any = MISSING, **unknown: Any)
     return Success(None)
 
 
-METHODS: Mapping[str, Callable[..., Awaitable[Result]]] = {
-    "infer": infer,
+INLINE_METHODS: Mapping[str, Callable[..., Result]] = {
     "status": status,
-    "shutdown": shutdown,
     "$/cancelRequest": cancel_request,
+}
+TASK_METHODS: Mapping[str, Callable[..., Awaitable[Result]]] = {
+    "infer": infer,
+    "shutdown": shutdown,
 }

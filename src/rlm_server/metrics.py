@@ -6,6 +6,7 @@ always add up: total = successful + failed + cancelled + timed_out + stub.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
 from collections import deque
@@ -36,7 +37,9 @@ class Metrics:
     total_requests: int = 0
     total_retries: int = 0
     outcomes: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    window: deque[float] = field(default_factory=deque)  # the last latencies, oldest first
+    ordered: list[float] = field(default_factory=list)  # the same, sorted: status never sorts
+    window_sum: float = 0.0
 
     def started(self) -> None:
         self.total_requests += 1
@@ -46,11 +49,17 @@ class Metrics:
 
     def record(self, outcome: Outcome, elapsed_ms: float) -> None:
         self.outcomes[outcome] += 1
-        self.latencies_ms.append(elapsed_ms)
+        if len(self.window) == LATENCY_WINDOW:
+            oldest = self.window.popleft()
+            del self.ordered[bisect.bisect_left(self.ordered, oldest)]
+            self.window_sum -= oldest
+        self.window.append(elapsed_ms)
+        bisect.insort(self.ordered, elapsed_ms)
+        self.window_sum += elapsed_ms
 
     def snapshot(self) -> dict[str, Any]:
-        ordered = sorted(self.latencies_ms)
-        average = sum(ordered) / len(ordered) if ordered else 0.0
+        ordered = self.ordered
+        average = self.window_sum / len(ordered) if ordered else 0.0
         return {
             "total_requests": self.total_requests,
             **{outcome.value: count for outcome, count in self.outcomes.items()},

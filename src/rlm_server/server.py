@@ -1,10 +1,19 @@
 """The server: wires transport, dispatch, methods, engine and workers into one task group.
 
-One task reads lines; every line gets a task of its own (so reading never waits for a handler
-and a slow `infer` never delays `status`); one task writes. Stopping, whichever way it starts
-(`shutdown`, end of stdin, SIGTERM), is the same sequence: refuse new work, let in-flight work
-finish within the grace period, cancel the rest (each answered -32800), answer any `shutdown`
-calls, flush, exit 0. A second SIGTERM, or SIGINT, cancels everything at once.
+One task reads and parses lines. A message whose methods never wait (`status`,
+`$/cancelRequest`, and every malformed message) is answered on the spot; any other gets a task
+of its own, so reading never waits for a handler and a slow `infer` never delays `status`. One
+task writes.
+
+`ready` goes out before the dispatch layer is even imported: jsonrpcserver's import pulls in
+jsonschema and http.server, and there is no reason a client should wait for that, or for the
+zygote's import of `rlm`, which runs meanwhile in its own process. Lines that arrive early wait
+in the pipe.
+
+Stopping, whichever way it starts (`shutdown`, end of stdin, SIGTERM), is one sequence: refuse
+infers that arrive after the stop, let in-flight work finish within the grace period, cancel the
+rest (each answered -32800), answer any `shutdown` calls, flush, exit 0. A second SIGTERM, or
+SIGINT, cancels everything at once.
 """
 
 from __future__ import annotations
@@ -13,17 +22,17 @@ import logging
 import os
 import signal
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
 from rlm_server.config import Config
-from rlm_server.dispatch import Dispatcher, decode, encode, error_response
+from rlm_server.context import RequestContext
 from rlm_server.engine import Engine, InferOptions, RunSpec
-from rlm_server.errors import LineTooLong, ParseError
-from rlm_server.methods import METHODS, RequestContext
+from rlm_server.errors import LineTooLong, ParseError, RpcError
 from rlm_server.transport import (
     FdReceiveStream,
     LineReader,
@@ -31,7 +40,11 @@ from rlm_server.transport import (
     ProtocolWriter,
     StdioClaim,
 )
+from rlm_server.wire import decode, encode, error_response
 from rlm_server.workers import WorkerPool
+
+if TYPE_CHECKING:
+    from rlm_server.dispatch import ContextFactory, Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +60,11 @@ class Server:
         default = RunSpec.resolve(config, InferOptions(), environ)
         self._pool = WorkerPool(default.prewarm(), config.worker_memory_mb)
         self.engine = Engine(config, self._pool, environ)
-        self._dispatcher = Dispatcher(METHODS)
         self._lines_read = 0
+        self._active_tasks = 0
         self._stopping = anyio.Event()
         self._grace_s = config.shutdown_grace_s
         self._drained = anyio.Event()
-        self._active_lines = 0
         self._shutdown_calls = 0
 
     # -- Session, as methods see it ---------------------------------------------------------
@@ -79,72 +91,89 @@ class Server:
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> int:
-        self.notify("ready", self._ready_params())
+        self._send_ready()
         self._pool.start()
         try:
             async with anyio.create_task_group() as background:
                 background.start_soon(self._watch_signals)
                 async with anyio.create_task_group() as writing:
                     writing.start_soon(self._writer.run)
-                    await self._serve()
+                    await (
+                        anyio.lowlevel.checkpoint()
+                    )  # let the writer put `ready` on the wire first
+                    await self._serve(_load_dispatcher())
                     self._writer.close()
                 background.cancel_scope.cancel()
         finally:
             self._pool.stop()
         return 0
 
-    def _ready_params(self) -> Json:
+    def _send_ready(self) -> None:
         identity = {"server": SERVER_NAME, "version": __version__, "protocol": PROTOCOL_VERSION}
-        return {**identity, "pid": os.getpid(), **self.engine.describe()}
+        self.notify("ready", {**identity, "pid": os.getpid(), **self.engine.describe()})
 
-    async def _serve(self) -> None:
+    async def _serve(self, dispatcher: Dispatcher) -> None:
         async with anyio.create_task_group() as requests:
             reading = anyio.CancelScope()
-            requests.start_soon(self._read, requests, reading)
+            requests.start_soon(self._read, dispatcher, requests, reading)
             await self._stopping.wait()
             with anyio.move_on_after(self._grace_s):
-                await self._lines_at_most(self._shutdown_calls)
+                await self._tasks_at_most(self._shutdown_calls)
             self.engine.cancel_all()
             reading.cancel()
-            await self._lines_at_most(self._shutdown_calls)
+            await self._tasks_at_most(self._shutdown_calls)
             self._drained.set()
 
-    async def _lines_at_most(self, count: int) -> None:
-        while self._active_lines > count:  # noqa: ASYNC110 - shutdown only; no event per line
+    async def _tasks_at_most(self, count: int) -> None:
+        while self._active_tasks > count:  # noqa: ASYNC110 - shutdown only; no event per task
             await anyio.sleep(POLL_S)
 
-    async def _read(self, requests: TaskGroup, reading: anyio.CancelScope) -> None:
+    async def _read(
+        self, dispatcher: Dispatcher, requests: TaskGroup, reading: anyio.CancelScope
+    ) -> None:
         with reading:
             reader = LineReader(
                 FdReceiveStream(self._claim.read_fd), self._config.max_message_bytes
             )
             while (line := await reader.next_line()) is not None:
                 if isinstance(line, OversizedLine):
-                    error = LineTooLong(limit=line.limit)
-                    self._writer.send(encode(error_response(error, None)))
+                    self._send_error(LineTooLong(limit=line.limit))
+                    continue
+                self._lines_read += 1
+                try:
+                    message = decode(line)
+                except ParseError as error:
+                    self._send_error(error)
+                    continue
+                finally:
+                    del line  # a long context must not stay alive here while its request runs
+                make_context = self._context_factory(self._lines_read)
+                if dispatcher.is_inline(message):
+                    self._send(dispatcher.handle_inline(message, make_context))
                 else:
-                    self._lines_read += 1
-                    self._active_lines += 1
-                    requests.start_soon(self._serve_line, line, self._lines_read)
-                del line  # a long context must not stay alive here while its request runs
+                    self._active_tasks += 1
+                    requests.start_soon(self._serve_task, dispatcher, message, make_context)
+                del message
             log.info("end of input; stopping")
             self.stop(self._config.shutdown_grace_s)
 
-    async def _serve_line(self, line: bytes, sequence: int) -> None:
+    async def _serve_task(
+        self, dispatcher: Dispatcher, message: Any, make_context: ContextFactory
+    ) -> None:
         try:
-            try:
-                message = decode(line)
-            except ParseError as error:
-                self._writer.send(encode(error_response(error, None)))
-                return
-            del line  # the parsed message is all we need; free the raw bytes now
-            response = await self._dispatcher.handle(
-                message, lambda request_id: RequestContext(request_id, sequence, self)
-            )
-            if response is not None:
-                self._writer.send(response)
+            self._send(await dispatcher.handle(message, make_context))
         finally:
-            self._active_lines -= 1
+            self._active_tasks -= 1
+
+    def _context_factory(self, sequence: int) -> ContextFactory:
+        return lambda request_id: RequestContext(request_id, sequence, self)
+
+    def _send(self, line: bytes | None) -> None:
+        if line is not None:
+            self._writer.send(line)
+
+    def _send_error(self, error: RpcError) -> None:
+        self._writer.send(encode(error_response(error, None)))
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -154,3 +183,11 @@ class Server:
                 self.stop(self._config.shutdown_grace_s if first_term else 0)
                 if not first_term:
                     self.engine.cancel_all()
+
+
+def _load_dispatcher() -> Dispatcher:
+    """Import the JSON-RPC layer (after `ready` is out; see the module docstring)."""
+    from rlm_server.dispatch import Dispatcher
+    from rlm_server.methods import INLINE_METHODS, TASK_METHODS
+
+    return Dispatcher(INLINE_METHODS, TASK_METHODS)

@@ -1,0 +1,46 @@
+"""JSON lines on the wire: decoding, encoding and error responses.
+
+Kept apart from dispatch.py (which needs jsonrpcserver) so the server can answer its first
+messages, `ready` and framing errors, before the JSON-RPC layer is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from rlm_server.errors import ParseError, RpcError
+
+RequestId = str | int | None
+Json = dict[str, Any]
+
+
+def decode(line: bytes) -> Any:
+    """Parse one line; raise ParseError (-32700) if it is not JSON (or nests over 1024 deep)."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise ParseError() from None
+
+
+def error_response(error: RpcError, request_id: RequestId) -> Json:
+    return {"jsonrpc": "2.0", "id": request_id, "error": error.to_wire()}
+
+
+def encode(message: Json | list[Json]) -> bytes:
+    """One compact JSON line; lone surrogates (which orjson refuses) become U+FFFD."""
+    try:
+        return orjson.dumps(message)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(_replace_surrogates(message))
+
+
+def _replace_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace_surrogates(v) for k, v in value.items()}
+    return value
