@@ -51,3 +51,8 @@ pub use protocol::{
     Prompt, ReadyParams, RpcError, ShutdownResult, StatusResult,
 };
 pub use request::InferRequest;
+
+/// The README's example, compiled by `cargo test` so that it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeExample;
