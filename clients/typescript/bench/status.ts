@@ -20,8 +20,15 @@ const CONCURRENT = 1_000;
 const WARMUP = 500;
 
 /** A bare pipe to a server: one line out, one line back, nothing else. */
-async function rawServer(): Promise<{ call(): Promise<void>; callMany(n: number): Promise<void>; stop(): Promise<void> }> {
-  const child = spawn(PYTHON, SERVER_ARGS, { env: applyEnv(serverEnv(STUB_ENV)), stdio: ["pipe", "pipe", "inherit"] });
+async function rawServer(): Promise<{
+  call(): Promise<void>;
+  callMany(n: number): Promise<void>;
+  stop(): Promise<void>;
+}> {
+  const child = spawn(PYTHON, SERVER_ARGS, {
+    env: applyEnv(serverEnv(STUB_ENV)),
+    stdio: ["pipe", "pipe", "inherit"],
+  });
   let buffered = "";
   let waiting: { left: number; done: () => void } | undefined;
   let ready!: () => void;
@@ -107,13 +114,23 @@ async function main(): Promise<void> {
   const batch = summary(rounds);
   const rawBatch = summary(rawRounds);
 
-  console.log(`sequential status, ${N} calls each (node ${process.version}, ${PYTHON} -m rlm_server, stub mode)`);
+  console.log(
+    `sequential status, ${N} calls each (node ${process.version}, ${PYTHON} -m rlm_server, stub mode)`,
+  );
   console.log(`  raw pipe     p50 ${us(rawStats.p50)}  p99 ${us(rawStats.p99)}  mean ${us(rawStats.mean)}`);
-  console.log(`  RLMClient    p50 ${us(clientStats.p50)}  p99 ${us(clientStats.p99)}  mean ${us(clientStats.mean)}`);
-  console.log(`  client overhead per call: p50 ${us(clientStats.p50 - rawStats.p50)}, mean ${us(clientStats.mean - rawStats.mean)}`);
+  console.log(
+    `  RLMClient    p50 ${us(clientStats.p50)}  p99 ${us(clientStats.p99)}  mean ${us(clientStats.mean)}`,
+  );
+  console.log(
+    `  client overhead per call: p50 ${us(clientStats.p50 - rawStats.p50)}, mean ${us(clientStats.mean - rawStats.mean)}`,
+  );
   console.log(`${CONCURRENT} concurrent status calls, ${ROUNDS} rounds (median of rounds)`);
-  console.log(`  RLMClient    ${batch.p50.toFixed(1)} ms per 1,000 -> ${Math.round((CONCURRENT / batch.p50) * 1000)} calls/s (best round ${Math.round((CONCURRENT / Math.min(...rounds)) * 1000)} calls/s)`);
-  console.log(`  raw pipe     ${rawBatch.p50.toFixed(1)} ms per 1,000 -> ${Math.round((CONCURRENT / rawBatch.p50) * 1000)} calls/s (one write of 1,000 lines)`);
+  console.log(
+    `  RLMClient    ${batch.p50.toFixed(1)} ms per 1,000 -> ${Math.round((CONCURRENT / batch.p50) * 1000)} calls/s (best round ${Math.round((CONCURRENT / Math.min(...rounds)) * 1000)} calls/s)`,
+  );
+  console.log(
+    `  raw pipe     ${rawBatch.p50.toFixed(1)} ms per 1,000 -> ${Math.round((CONCURRENT / rawBatch.p50) * 1000)} calls/s (one write of 1,000 lines)`,
+  );
 
   await client.close();
   await raw.stop();

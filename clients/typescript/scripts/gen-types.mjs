@@ -36,8 +36,15 @@ export async function render() {
     format: true,
   });
   // The generator notes on every type where it came from; the names say that already.
-  return ts.replace(/\n \*\n \* This interface was referenced by `WireProtocol`'s JSON-Schema\n \* via the `definition` "\w+"\./g, "")
-    .replace(/\/\*\*\n \* This interface was referenced by `WireProtocol`'s JSON-Schema\n \* via the `definition` "\w+"\.\n \*\/\n/g, "");
+  return ts
+    .replace(
+      /\n \*\n \* This interface was referenced by `WireProtocol`'s JSON-Schema\n \* via the `definition` "\w+"\./g,
+      "",
+    )
+    .replace(
+      /\/\*\*\n \* This interface was referenced by `WireProtocol`'s JSON-Schema\n \* via the `definition` "\w+"\.\n \*\/\n/g,
+      "",
+    );
 }
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {

@@ -4,12 +4,7 @@
  */
 import { Connection, type Logger, type ProgressEvent, type ReadyInfo, type SpawnSpec } from "./connection.js";
 import { RLMError, cancelledError } from "./errors.js";
-import type {
-  InferResult,
-  Message,
-  ShutdownResult,
-  StatusResult,
-} from "./generated/protocol.js";
+import type { InferResult, Message, ShutdownResult, StatusResult } from "./generated/protocol.js";
 import { type MetricsCallback, MetricsRecorder, type RLMMetrics } from "./metrics.js";
 import { type InferOptions, toWireOptions } from "./options.js";
 
@@ -222,7 +217,9 @@ export class RLMClient {
         const delay = backoffDelay(attempt, this.retryBaseDelayMs, this.retryMaxDelayMs);
         if (bounded && Date.now() + delay >= deadline) throw error;
         this.metrics.recordRetry();
-        this.logger.warn(`${method} failed (${error.code} ${error.data?.type ?? ""}); retry ${attempt + 1}/${this.maxRetries} in ${Math.round(delay)} ms`);
+        this.logger.warn(
+          `${method} failed (${error.code} ${error.data?.type ?? ""}); retry ${attempt + 1}/${this.maxRetries} in ${Math.round(delay)} ms`,
+        );
         await sleep(delay, call.signal);
       }
     }

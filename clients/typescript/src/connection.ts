@@ -5,19 +5,9 @@
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import type { Readable, Writable } from "node:stream";
-import {
-  type RLMError,
-  RLMInternalError,
-  cancelledError,
-  deadlineError,
-  rlmError,
-} from "./errors.js";
+import { type RLMError, RLMInternalError, cancelledError, deadlineError, rlmError } from "./errors.js";
 import { LineDecoder, LineWriter } from "./framing.js";
-import type {
-  ProgressNotification,
-  ReadyNotification,
-  Response,
-} from "./generated/protocol.js";
+import type { ProgressNotification, ReadyNotification, Response } from "./generated/protocol.js";
 
 /** Anything with these four methods (console, pino, the elizaOS logger) will do. */
 export interface Logger {
@@ -71,7 +61,6 @@ export class Connection {
   readonly ready: Promise<ReadyInfo>;
   /** Resolves once the child has exited, or failed to spawn at all. */
   readonly exited: Promise<void>;
-  readyInfo: ReadyInfo | undefined;
 
   private readonly child: ChildProcess;
   private readonly writer: LineWriter;
@@ -83,6 +72,7 @@ export class Connection {
   private goneTimer: NodeJS.Timeout | undefined;
   private readonly readyTimer: NodeJS.Timeout;
   private lastStderr = "";
+  private info: ReadyInfo | undefined;
   private settleReady!: { resolve(info: ReadyInfo): void; reject(error: RLMError): void };
   private markExited!: () => void;
 
@@ -110,9 +100,13 @@ export class Connection {
 
     const lines = new LineDecoder(
       (line) => this.onLine(line),
-      (bytes) => logger.error(`rlm-server wrote a line of ${bytes} bytes, more than a JavaScript string can hold; dropped`),
+      (bytes) =>
+        logger.error(
+          `rlm-server wrote a line of ${bytes} bytes, more than a JavaScript string can hold; dropped`,
+        ),
     );
     stdout.on("data", (chunk: Buffer) => lines.push(chunk));
+    stdout.on("error", (error) => logger.warn(`rlm-server stdout: ${error.message}`));
     stdout.on("end", () => {
       this.stdoutEnded = true;
       this.onGone();
@@ -127,10 +121,18 @@ export class Connection {
     });
 
     this.readyTimer = setTimeout(
-      () => this.fail(startFailed(`rlm-server sent no ready notification within ${readyTimeoutMs} ms`, this.lastStderr)),
+      () =>
+        this.fail(
+          startFailed(`rlm-server sent no ready notification within ${readyTimeoutMs} ms`, this.lastStderr),
+        ),
       Math.min(readyTimeoutMs, MAX_TIMER_MS),
     );
     this.updateRef();
+  }
+
+  /** The `ready` params, once they came. */
+  get readyInfo(): ReadyInfo | undefined {
+    return this.info;
   }
 
   /** True once the connection can take no more requests (the child is gone or going). */
@@ -241,7 +243,11 @@ export class Connection {
 
   private onReady(info: ReadyInfo): void {
     clearTimeout(this.readyTimer);
-    this.readyInfo = info;
+    if (info.protocol !== "1") {
+      this.fail(startFailed(`rlm-server speaks protocol ${String(info.protocol)}; this client speaks 1`, ""));
+      return;
+    }
+    this.info = info;
     this.logger.info(
       `rlm-server ${info.version} ready (pid ${info.pid}, ${info.backend}/${info.model}${info.stub ? ", stub mode" : ""})`,
     );
@@ -266,6 +272,7 @@ export class Connection {
       this.logger.info(`rlm-server: ${line}`);
     });
     stderr.on("data", (chunk: Buffer) => lines.push(chunk));
+    stderr.on("error", (error) => this.logger.warn(`rlm-server stderr: ${error.message}`));
     stderr.on("end", () => lines.flush());
   }
 
@@ -289,7 +296,7 @@ export class Connection {
       : status.signal
         ? `was killed by ${status.signal}`
         : `exited with code ${status.code}`;
-    if (!this.readyInfo) return startFailed(`rlm-server ${how} before it was ready`, this.lastStderr);
+    if (!this.info) return startFailed(`rlm-server ${how} before it was ready`, this.lastStderr);
     return new RLMInternalError(-32603, `rlm-server ${how}`, {
       type: "server_exited",
       exit_code: status?.code ?? null,
@@ -324,7 +331,7 @@ export class Connection {
 
   /** Keeps the event loop alive only while a call waits on the child, so an idle client lets Node exit. */
   private updateRef(): void {
-    const busy = this.pending.size > 0 || (!this.readyInfo && !this.failure);
+    const busy = this.pending.size > 0 || (!this.info && !this.failure);
     for (const handle of [this.child, this.child.stdin, this.child.stdout, this.child.stderr]) {
       const refable = handle as unknown as Partial<Refable> | null;
       if (busy) refable?.ref?.();

@@ -102,7 +102,9 @@ const CLASSES: { readonly [C in ErrorCode]: ErrorClass } = {
 /** Builds the typed error for a code; a code outside the contract becomes a plain RLMError. */
 export function rlmError(code: number, message: string, data?: RLMErrorData): RLMError {
   const Class: ErrorClass = CLASSES[code as ErrorCode] ?? RLMError;
-  return data === undefined ? new Class(code as ErrorCode, message) : new Class(code as ErrorCode, message, data);
+  return data === undefined
+    ? new Class(code as ErrorCode, message)
+    : new Class(code as ErrorCode, message, data);
 }
 
 export function cancelledError(): RLMCancelledError {

@@ -102,7 +102,10 @@ describe("client lifecycle (stub mode)", { concurrency: true }, () => {
     await client.close();
 
     const valid = clientMessageValidator();
-    const sent = readFileSync(wire, "utf8").trimEnd().split("\n").map((line) => JSON.parse(line) as Record<string, unknown>);
+    const sent = readFileSync(wire, "utf8")
+      .trimEnd()
+      .split("\n")
+      .map((line) => JSON.parse(line) as Record<string, unknown>);
     assert.equal(sent.length, 1020);
     for (const message of sent) assert.ok(valid(message), JSON.stringify(message));
     assert.deepEqual(
@@ -169,7 +172,17 @@ describe("client lifecycle (stub mode)", { concurrency: true }, () => {
     const ready = JSON.stringify({
       jsonrpc: "2.0",
       method: "ready",
-      params: { server: "rlm-server", version: "0", protocol: "1", pid: 0, available: false, stub: true, backend: "x", model: "x", environment: "x" },
+      params: {
+        server: "rlm-server",
+        version: "0",
+        protocol: "1",
+        pid: 0,
+        available: false,
+        stub: true,
+        backend: "x",
+        model: "x",
+        environment: "x",
+      },
     });
     const stubborn = `import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(${JSON.stringify(ready)}, flush=True)\ntime.sleep(60)\n`;
     const logger = memoryLogger();

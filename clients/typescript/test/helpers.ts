@@ -87,7 +87,7 @@ export interface Fixture {
 
 /** A root-model reply whose REPL code sets the answer to the Python expression `expr`. */
 export function answerWith(expr: string): string {
-  return "```repl\nanswer[\"content\"] = " + expr + "\nanswer[\"ready\"] = True\n```";
+  return '```repl\nanswer["content"] = ' + expr + '\nanswer["ready"] = True\n```';
 }
 
 /** Starts tests/fixtures/openai_fixture.py with `rules`; resolves once it printed its address. */
@@ -124,7 +124,9 @@ function firstLine(child: ChildProcess): Promise<string> {
       resolveLine(buffered.slice(0, newline));
     };
     child.stdout?.on("data", onData);
-    child.once("exit", (code) => reject(new Error(`fixture exited with ${code} before printing its address`)));
+    child.once("exit", (code) =>
+      reject(new Error(`fixture exited with ${code} before printing its address`)),
+    );
   });
 }
 
@@ -175,7 +177,8 @@ export async function eventually<T>(
   for (;;) {
     const value = await probe();
     if (predicate(value)) return value;
-    if (Date.now() > deadline) throw new Error(`condition not met within ${timeoutMs} ms: ${JSON.stringify(value)}`);
+    if (Date.now() > deadline)
+      throw new Error(`condition not met within ${timeoutMs} ms: ${JSON.stringify(value)}`);
     await new Promise((done) => setTimeout(done, 50));
   }
 }

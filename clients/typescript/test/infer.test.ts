@@ -14,7 +14,15 @@ import {
   RLMInvalidParamsError,
   type RLMMetrics,
 } from "../src/index.js";
-import { type Fixture, type FixtureRule, answerWith, eventually, openaiEnv, serverClient, startFixture } from "./helpers.js";
+import {
+  type Fixture,
+  type FixtureRule,
+  answerWith,
+  eventually,
+  openaiEnv,
+  serverClient,
+  startFixture,
+} from "./helpers.js";
 
 const SLOW: FixtureRule = { when: "root", delay_ms: 20_000, reply: "too late" };
 
@@ -35,7 +43,10 @@ async function setup(
 }
 
 /** Resolves with the first progress event of `name`, given an onProgress to pass along. */
-function progressSignal(name: ProgressEvent["event"]): { onProgress: (event: ProgressEvent) => void; seen: Promise<void> } {
+function progressSignal(name: ProgressEvent["event"]): {
+  onProgress: (event: ProgressEvent) => void;
+  seen: Promise<void>;
+} {
   let seen!: () => void;
   const promise = new Promise<void>((resolve) => (seen = resolve));
   return { onProgress: (event) => event.event === name && seen(), seen: promise };
@@ -48,10 +59,17 @@ describe("infer", { concurrency: true }, () => {
     });
     const results = Promise.all(Array.from({ length: 4 }, (_, i) => client.infer(`context ${i}`)));
     // All four are at the model at once; only then are they let go.
-    await eventually(() => fixture.stats(), (stats) => stats.in_flight === 4, 30_000);
+    await eventually(
+      () => fixture.stats(),
+      (stats) => stats.in_flight === 4,
+      30_000,
+    );
     await fixture.release();
     const done = await results;
-    assert.deepEqual(done.map((result) => result.text), ["done", "done", "done", "done"]);
+    assert.deepEqual(
+      done.map((result) => result.text),
+      ["done", "done", "done", "done"],
+    );
     assert.equal((await fixture.stats()).max_in_flight, 4);
   });
 
@@ -68,7 +86,10 @@ describe("infer", { concurrency: true }, () => {
       return true;
     });
     // The server heard the cancellation: it stopped the work and counted it.
-    const status = await eventually(() => client.status(), (s) => s.metrics.cancelled_requests === 1 && s.in_flight === 0);
+    const status = await eventually(
+      () => client.status(),
+      (s) => s.metrics.cancelled_requests === 1 && s.in_flight === 0,
+    );
     assert.equal(status.metrics.total_requests, 1);
     assert.equal(client.getMetrics().cancelledRequests, 1);
     assert.equal(client.getMetrics().failedRequests, 0);
@@ -88,7 +109,10 @@ describe("infer", { concurrency: true }, () => {
       assert.equal(error.data?.type, "deadline_exceeded");
       return true;
     });
-    await eventually(() => client.status(), (s) => s.metrics.cancelled_requests === 1 && s.in_flight === 0);
+    await eventually(
+      () => client.status(),
+      (s) => s.metrics.cancelled_requests === 1 && s.in_flight === 0,
+    );
     assert.equal(client.getMetrics().timedOutRequests, 1);
   });
 
@@ -128,7 +152,11 @@ describe("infer", { concurrency: true }, () => {
     const { client } = await setup(t, [
       { when: "root", times: 1, reply: "```repl\nn = len(context)\nprint(n)\n```" },
       { when: "sub", contains: "Summarise", reply: "a summary" },
-      { when: "root", reply: '```repl\ns = llm_query("Summarise: " + context[:20])\nanswer["content"] = s\nanswer["ready"] = True\n```' },
+      {
+        when: "root",
+        reply:
+          '```repl\ns = llm_query("Summarise: " + context[:20])\nanswer["content"] = s\nanswer["ready"] = True\n```',
+      },
     ]);
     const events: ProgressEvent[] = [];
     const result = await client.infer("Some context to summarise.", {
@@ -204,10 +232,17 @@ describe("infer", { concurrency: true }, () => {
       maxRetries: 50,
     });
     const calls = Array.from({ length: 3 }, () => client.infer("ctx"));
-    await eventually(() => Promise.resolve(client.getMetrics()), (m) => m.totalRetries > 0, 30_000);
+    await eventually(
+      () => Promise.resolve(client.getMetrics()),
+      (m) => m.totalRetries > 0,
+      30_000,
+    );
     await fixture.release();
     const results = await Promise.all(calls);
-    assert.deepEqual(results.map((r) => r.text), ["done", "done", "done"]);
+    assert.deepEqual(
+      results.map((r) => r.text),
+      ["done", "done", "done"],
+    );
   });
 
   test("metrics: successes, failures, cancellations and timeouts each counted once", async (t) => {
@@ -223,7 +258,11 @@ describe("infer", { concurrency: true }, () => {
     await assert.rejects(client.infer("ctx", { query: "slow-one", timeoutMs: 300 }), RLMDeadlineError);
     const controller = new AbortController();
     const started = progressSignal("started");
-    const cancelled = client.infer("ctx", { query: "slow-one", signal: controller.signal, onProgress: started.onProgress });
+    const cancelled = client.infer("ctx", {
+      query: "slow-one",
+      signal: controller.signal,
+      onProgress: started.onProgress,
+    });
     await started.seen;
     controller.abort();
     await assert.rejects(cancelled, RLMCancelledError);
@@ -242,6 +281,10 @@ describe("infer", { concurrency: true }, () => {
     assert.ok(metrics.averageLatencyMs > 0);
     assert.ok(metrics.p50LatencyMs > 0 && metrics.p50LatencyMs <= metrics.p95LatencyMs);
     assert.ok(metrics.p95LatencyMs <= metrics.p99LatencyMs);
-    assert.deepEqual(snapshots.map((s) => s.totalRequests), [1, 2, 3, 4, 5], "no callback after unsubscribe");
+    assert.deepEqual(
+      snapshots.map((s) => s.totalRequests),
+      [1, 2, 3, 4, 5],
+      "no callback after unsubscribe",
+    );
   });
 });

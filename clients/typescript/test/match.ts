@@ -18,7 +18,9 @@ function isObject(value: unknown): value is Record<string, unknown> {
 /** Where `value` first fails `pattern`, as a path and a reason; undefined when it matches. */
 export function mismatch(pattern: unknown, value: unknown, path = "$"): string | undefined {
   if (typeof pattern === "string" && pattern.startsWith("$") && pattern in TYPE_MATCHERS) {
-    return TYPE_MATCHERS[pattern]?.(value) ? undefined : `${path}: ${JSON.stringify(value)} is not ${pattern}`;
+    return TYPE_MATCHERS[pattern]?.(value)
+      ? undefined
+      : `${path}: ${JSON.stringify(value)} is not ${pattern}`;
   }
   if (Array.isArray(pattern)) {
     if (!Array.isArray(value) || value.length !== pattern.length) {
@@ -44,7 +46,9 @@ export function mismatch(pattern: unknown, value: unknown, path = "$"): string |
     }
     return undefined;
   }
-  return pattern === value ? undefined : `${path}: expected ${JSON.stringify(pattern)}, got ${JSON.stringify(value)}`;
+  return pattern === value
+    ? undefined
+    : `${path}: expected ${JSON.stringify(pattern)}, got ${JSON.stringify(value)}`;
 }
 
 /** Whether the values can be paired one to one with the patterns (any order). */

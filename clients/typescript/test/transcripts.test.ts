@@ -42,7 +42,9 @@ interface Transcript {
 const READ_TIMEOUT_MS = 30_000;
 const TRANSCRIPTS = join(REPO_ROOT, "protocol/transcripts");
 const schema: unknown = JSON.parse(readFileSync(join(REPO_ROOT, "protocol/schema.json"), "utf8"));
-const validateServerMessage = new Ajv2020({ allErrors: true, allowUnionTypes: true }).compile(schema as object);
+const validateServerMessage = new Ajv2020({ allErrors: true, allowUnionTypes: true }).compile(
+  schema as object,
+);
 
 /** The server's stdout as a queue of parsed messages, each checked against the schema. */
 class ServerOutput {
@@ -96,7 +98,11 @@ class ServerOutput {
 }
 
 function isProgress(message: unknown): boolean {
-  return typeof message === "object" && message !== null && (message as { method?: unknown }).method === "$/progress";
+  return (
+    typeof message === "object" &&
+    message !== null &&
+    (message as { method?: unknown }).method === "$/progress"
+  );
 }
 
 function hasProgressMethod(pattern: unknown): boolean {
@@ -106,7 +112,10 @@ function hasProgressMethod(pattern: unknown): boolean {
 function waitForExit(child: ChildProcess, timeoutMs: number): Promise<number | null> {
   if (child.exitCode !== null) return Promise.resolve(child.exitCode);
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`server still running ${timeoutMs} ms after EOF`)), timeoutMs);
+    const timer = setTimeout(
+      () => reject(new Error(`server still running ${timeoutMs} ms after EOF`)),
+      timeoutMs,
+    );
     child.once("exit", (code) => {
       clearTimeout(timer);
       resolve(code);
@@ -136,7 +145,10 @@ async function runStep(step: Step, child: ChildProcess, output: ServerOutput): P
 async function replay(transcript: Transcript): Promise<void> {
   const fixture = await startFixture(transcript.fixture);
   const env = Object.fromEntries(
-    Object.entries(transcript.env).map(([key, value]) => [key, value.replaceAll("{base_url}", fixture.baseUrl)]),
+    Object.entries(transcript.env).map(([key, value]) => [
+      key,
+      value.replaceAll("{base_url}", fixture.baseUrl),
+    ]),
   );
   const child = spawn(PYTHON, [...SERVER_ARGS, ...transcript.args], {
     env: applyEnv(serverEnv(env, transcript.clear_env)),
@@ -149,7 +161,9 @@ async function replay(transcript: Transcript): Promise<void> {
         await runStep(step, child, output);
       } catch (error) {
         const stderr = output.stderr.slice(-20).join("\n");
-        throw new Error(`step ${index} ${JSON.stringify(step).slice(0, 300)}: ${(error as Error).message}\nserver stderr:\n${stderr}`);
+        throw new Error(
+          `step ${index} ${JSON.stringify(step).slice(0, 300)}: ${(error as Error).message}\nserver stderr:\n${stderr}`,
+        );
       }
     }
   } finally {
@@ -158,7 +172,9 @@ async function replay(transcript: Transcript): Promise<void> {
   }
 }
 
-const files = readdirSync(TRANSCRIPTS).filter((name) => name.endsWith(".json")).sort();
+const files = readdirSync(TRANSCRIPTS)
+  .filter((name) => name.endsWith(".json"))
+  .sort();
 
 describe("shared transcripts", { concurrency: 3 }, () => {
   test("there are transcripts to replay", () => {

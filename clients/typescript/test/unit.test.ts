@@ -53,7 +53,10 @@ describe("LineDecoder", () => {
   test("reports a line too long for a JavaScript string instead of throwing", () => {
     const lines: string[] = [];
     const undecodable: number[] = [];
-    const decoder = new LineDecoder((line) => lines.push(line), (bytes) => undecodable.push(bytes));
+    const decoder = new LineDecoder(
+      (line) => lines.push(line),
+      (bytes) => undecodable.push(bytes),
+    );
     const size = constants.MAX_STRING_LENGTH + 1;
     decoder.push(Buffer.alloc(size, "x"));
     decoder.push(Buffer.from("\nafter\n"));
@@ -148,7 +151,10 @@ describe("toWireOptions", () => {
   });
 
   test("passes snake_case and unknown keys through for the server to judge; drops undefined", () => {
-    assert.deepEqual(toWireOptions({ max_depth: 1, topP: 0.9, model: undefined }), { max_depth: 1, topP: 0.9 });
+    assert.deepEqual(toWireOptions({ max_depth: 1, topP: 0.9, model: undefined }), {
+      max_depth: 1,
+      topP: 0.9,
+    });
   });
 });
 
@@ -225,7 +231,11 @@ describe("errors", () => {
     assert.equal(rlmError(-32002, "m", { type: "queue_full" }).retryable, true);
     assert.equal(rlmError(-32002, "m", { type: "shutting_down" }).retryable, false);
     for (const code of [-32800, -32001, -32602, -32603, -32003]) {
-      assert.equal(rlmError(code, "m", { type: "backend_error", retryable: true }).retryable, false, `${code}`);
+      assert.equal(
+        rlmError(code, "m", { type: "backend_error", retryable: true }).retryable,
+        false,
+        `${code}`,
+      );
     }
   });
 });
