@@ -1,0 +1,36 @@
+"""The long context of the needle figure: deterministic filler text with one secret in it."""
+
+from __future__ import annotations
+
+import random
+
+NEEDLE_PREFIX = "The secret code is "
+SECRET_CHARS = 16
+WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
+    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu the of and "
+    "to in is was for on with as by at from river stone cloud paper garden window market"
+).split()
+
+# The root model's code: find the needle with str.find, answer the 16 characters after it.
+NEEDLE_CODE = (
+    f"i = context.find({NEEDLE_PREFIX!r})",
+    f"answer['content'] = context[i + {len(NEEDLE_PREFIX)}:i + {len(NEEDLE_PREFIX) + SECRET_CHARS}]",
+    "answer['ready'] = True",
+)
+NEEDLE_QUERY = "What is the secret code?"
+
+
+def make_context(size: int, seed: int = 5) -> tuple[bytes, str]:
+    """`size` bytes of ASCII text (no quotes, backslashes or newlines: it embeds in JSON as it
+    is) with the needle somewhere in the middle 80%; returns (text, secret)."""
+    rng = random.Random(seed)
+    block = " ".join(rng.choice(WORDS) for _ in range(1200)).encode()[:4096]
+    secret = f"{rng.getrandbits(64):016x}"
+    needle = f" {NEEDLE_PREFIX}{secret}. ".encode()
+    fill = size - len(needle)
+    at = rng.randrange(fill // 10, fill - fill // 10)
+    filler = block * (fill // len(block) + 1)
+    body = b"".join((filler[:at], needle, filler[at:fill]))
+    assert len(body) == size
+    return body, secret

@@ -1,0 +1,504 @@
+"""One function per figure. Each returns plain data (seconds, counts, bytes) for report.py.
+
+Runs of different servers are interleaved (echo, plugin, ours, echo, plugin, ours, ...) so that
+a change in the machine's load during the run touches all of them alike. Every server process
+is warmed up (ready, and one `infer` answered, so that its worker zygote or its library imports
+are done) before anything on it is timed, except in the spawn figures, which time exactly that.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from rlmbench.context import NEEDLE_CODE, NEEDLE_QUERY, make_context
+from rlmbench.procs import (
+    BENCH,
+    INSTANT_OK,
+    Channel,
+    Fixture,
+    RssSampler,
+    Target,
+    repl_reply,
+    spawned,
+    status_kib,
+    tree,
+    tree_rss_kib,
+)
+
+Json = dict[str, Any]
+GIB = 1 << 30
+
+
+@dataclass
+class Settings:
+    """Repetition counts; `quick` shrinks them for a smoke run."""
+
+    rtt_runs: int = 5
+    rtt_n: int = 2000
+    rtt_warmup: int = 200
+    pipe_runs: int = 5
+    pipe_n: int = 20000
+    spawn_runs: int = 10
+    first_infer_runs: int = 5
+    infer_n: int = 30
+    library_n: int = 10
+    plugin_infer_n: int = 10
+    conc_levels: tuple[int, ...] = (1, 4, 16, 64)
+    conc_runs: int = 3
+    plugin_conc_levels: tuple[int, ...] = (1, 4, 16)
+    plugin_conc_runs: int = 1
+    model_delay_ms: int = 1000
+    needle_bytes: int = 200 << 20
+    needle_runs: int = 3
+    line_probe: bool = True
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            rtt_runs=2,
+            rtt_n=500,
+            rtt_warmup=50,
+            pipe_runs=2,
+            pipe_n=5000,
+            spawn_runs=3,
+            first_infer_runs=2,
+            infer_n=8,
+            library_n=3,
+            plugin_infer_n=3,
+            conc_levels=(1, 4, 16, 64),
+            conc_runs=1,
+            plugin_conc_levels=(1, 4),
+            needle_bytes=20 << 20,
+            needle_runs=1,
+            line_probe=False,
+        )
+
+
+class Bench:
+    def __init__(
+        self,
+        fixture: Fixture,
+        targets: dict[str, Target],
+        settings: Settings,
+        log: Callable[[str], None],
+    ) -> None:
+        self.fixture = fixture
+        self.t = targets
+        self.s = settings
+        self.log = log
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _warm(self, target: Target, channel: Channel) -> None:
+        """Ready, and one infer answered (instant model)."""
+        target.wait_ready(channel)
+        if target.name == "echo":
+            return
+        response = target.call(channel, 0, "infer", target.infer_params("warm up", "say ok"))
+        if not target.succeeded(response):
+            raise RuntimeError(f"{target.name}: warm-up infer failed: {response}")
+        time.sleep(0.2)
+
+    def _infer_once(self, target: Target, channel: Channel, request_id: int) -> float:
+        started = time.perf_counter()
+        response = target.call(channel, request_id, "infer", target.infer_params("hello", "say ok"))
+        elapsed = time.perf_counter() - started
+        if not target.succeeded(response):
+            raise RuntimeError(f"{target.name}: infer failed: {response}")
+        return elapsed
+
+    # -- status round trip ------------------------------------------------------------------
+
+    def status_rtt(self) -> Json:
+        """p50/p99 of one `status` request and its answer, one at a time, over raw pipes."""
+        self.fixture.instant()
+        per_run: dict[str, list[tuple[float, float]]] = {"echo": [], "plugin": [], "ours": []}
+        samples_all: dict[str, list[float]] = {name: [] for name in per_run}
+        for run in range(self.s.rtt_runs):
+            for name in per_run:
+                target = self.t[name]
+                status = self.t["ours"].request(1, "status") if name == "echo" else None
+                with spawned(target) as channel:
+                    self._warm(target, channel)
+                    line = status or target.request(1, "status")
+                    rfd_read = channel.readline
+                    write = channel.write
+                    for _ in range(self.s.rtt_warmup):
+                        write(line)
+                        rfd_read()
+                    samples = []
+                    clock = time.perf_counter_ns
+                    for _ in range(self.s.rtt_n):
+                        t0 = clock()
+                        write(line)
+                        rfd_read()
+                        samples.append(clock() - t0)
+                samples_us = [s / 1000 for s in samples]
+                quantiles = statistics.quantiles(samples_us, n=100)
+                per_run[name].append((statistics.median(samples_us), quantiles[98]))
+                samples_all[name].extend(samples_us)
+                self.log(
+                    f"  status rtt run {run + 1} {name}: p50 {per_run[name][-1][0]:.1f} us, "
+                    f"p99 {per_run[name][-1][1]:.1f} us"
+                )
+        result: Json = {}
+        for name, runs in per_run.items():
+            result[name] = {
+                "p50_us": statistics.median(r[0] for r in runs),
+                "p99_us": statistics.median(r[1] for r in runs),
+                "runs": [{"p50_us": a, "p99_us": b} for a, b in runs],
+            }
+        floor = result["echo"]["p50_us"]
+        for name in ("ours", "plugin"):
+            result[name]["overhead_us"] = result[name]["p50_us"] - floor
+        result["n_per_run"] = self.s.rtt_n
+        return result
+
+    # -- pipelined status throughput --------------------------------------------------------
+
+    def pipelined(self) -> Json:
+        """N `status` requests written without waiting; N answers read. Requests per second."""
+        self.fixture.instant()
+        n = self.s.pipe_n
+        per_run: dict[str, list[float]] = {"echo": [], "plugin": [], "ours": []}
+        for run in range(self.s.pipe_runs):
+            for name in per_run:
+                target = self.t[name]
+                dialect = self.t["ours"] if name == "echo" else target
+                payload = b"".join(dialect.request(i + 1, "status") for i in range(n))
+                with spawned(target) as channel:
+                    self._warm(target, channel)
+                    writer = threading.Thread(target=channel.write, args=(payload,))
+                    started = time.perf_counter()
+                    writer.start()
+                    last = channel.count_lines(n, timeout=300)
+                    elapsed = time.perf_counter() - started
+                    writer.join()
+                last_message = orjson.loads(last)
+                if last_message.get("id") != n:
+                    raise RuntimeError(f"{name}: last pipelined answer was {last[:200]!r}")
+                per_run[name].append(n / elapsed)
+                self.log(f"  pipelined run {run + 1} {name}: {n / elapsed:,.0f} req/s")
+        return {
+            name: {"req_per_s": statistics.median(runs), "runs": runs}
+            for name, runs in per_run.items()
+        } | {"n_per_run": n}
+
+    # -- spawn ------------------------------------------------------------------------------
+
+    def spawn_ready(self) -> Json:
+        """Seconds from spawn to the ready line; the plugin also with `rlm` hidden (stub mode)."""
+        self.fixture.instant()
+        runs: dict[str, list[float]] = {"ours": [], "plugin": [], "plugin_stub": []}
+        for _ in range(self.s.spawn_runs):
+            for name in runs:
+                target = self.t["plugin" if name == "plugin_stub" else name]
+                extra = ["--no-rlm"] if name == "plugin_stub" else []
+                with spawned(target, extra) as channel:
+                    runs[name].append(target.wait_ready(channel))
+        self.log(
+            "  spawn to ready: "
+            + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in runs.items())
+        )
+        return {name: {"median_s": statistics.median(v), "runs": v} for name, v in runs.items()}
+
+    def spawn_first_infer(self) -> Json:
+        """Seconds from spawn to the answer of an `infer` written at once (instant model)."""
+        self.fixture.instant()
+        runs: dict[str, list[float]] = {"ours": [], "plugin": []}
+        for _ in range(self.s.first_infer_runs):
+            for name in runs:
+                target = self.t[name]
+                with spawned(target) as channel:
+                    request = target.request(1, "infer", target.infer_params("hello", "say ok"))
+                    channel.write(request)
+                    response = target.response(channel, 1)
+                    elapsed = time.perf_counter() - channel.spawned_at
+                if not target.succeeded(response):
+                    raise RuntimeError(f"{name}: first infer failed: {response}")
+                runs[name].append(elapsed)
+        self.log(
+            "  spawn to first infer: "
+            + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in runs.items())
+        )
+        return {name: {"median_s": statistics.median(v), "runs": v} for name, v in runs.items()}
+
+    # -- one infer, instant model -----------------------------------------------------------
+
+    def one_infer(self) -> Json:
+        """One `infer` at a time, instant model, one root call: ours, the plugin, the library."""
+        self.fixture.instant()
+        result: Json = {}
+        for name, n in (("ours", self.s.infer_n), ("plugin", self.s.plugin_infer_n)):
+            target = self.t[name]
+            with spawned(target) as channel:
+                self._warm(target, channel)
+                for i in range(2):
+                    self._infer_once(target, channel, 100 + i)
+                times = [self._infer_once(target, channel, 200 + i) for i in range(n)]
+            result[name] = {"median_s": statistics.median(times), "runs": times}
+        library = self._library("infer", str(self.s.library_n), "1")
+        if library["texts"] != ["ok"]:
+            raise RuntimeError(f"library answered {library['texts']}")
+        result["library"] = {
+            "median_s": statistics.median(library["times_s"]),
+            "runs": library["times_s"],
+            "import_and_build_s": library["import_and_build_s"],
+        }
+        self.log(
+            "  one infer: "
+            + ", ".join(f"{k} {v['median_s'] * 1000:.1f} ms" for k, v in result.items())
+        )
+        return result
+
+    def _library(self, *args: str) -> Json:
+        completed = subprocess.run(
+            [sys.executable, "-m", "rlmbench.library_direct", args[0], self.fixture.base_url,
+             *args[1:]],
+            cwd=BENCH,
+            env=self.t["ours"].env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=600,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(f"library_direct failed: {completed.stderr.decode()[-2000:]}")
+        return orjson.loads(completed.stdout)  # type: ignore[no-any-return]
+
+    # -- concurrency ------------------------------------------------------------------------
+
+    def _burst(self, target: Target, channel: Channel, n: int, base_id: int) -> float:
+        """Write n infers at once; seconds until the last answer."""
+        payload = b"".join(
+            target.request(base_id + i, "infer", target.infer_params(f"request {i}", "say ok"))
+            for i in range(n)
+        )
+        started = time.perf_counter()
+        channel.write(payload)
+        pending = set(range(base_id, base_id + n))
+        while pending:
+            message = channel.read_message(timeout=600)
+            if isinstance(message, dict) and message.get("id") in pending:
+                if not target.succeeded(message):
+                    raise RuntimeError(f"{target.name}: infer failed: {str(message)[:500]}")
+                pending.discard(message["id"])
+        return time.perf_counter() - started
+
+    def concurrency(self) -> Json:
+        """Wall time of N concurrent infers against a model that takes `model_delay_ms`.
+
+        Ours runs with --max-concurrency 64. The plugin's server reads its next line only after
+        answering the last, so its time grows linearly; levels it is not run at are extrapolated
+        from its slowest measured level (time per request x N) and marked so.
+        """
+        delay = self.s.model_delay_ms
+        max_level = max(self.s.conc_levels)
+        result: Json = {"model_delay_ms": delay, "ours": {}, "plugin": {}}
+        self.fixture.instant()
+        ours = self.t["ours"]
+        with spawned(ours, ["--max-concurrency", str(max(64, max_level))]) as channel:
+            self._warm(ours, channel)
+            self.fixture.delayed(delay)
+            base = 1000
+            for n in self.s.conc_levels:
+                times = []
+                for _ in range(self.s.conc_runs):
+                    times.append(self._burst(ours, channel, n, base))
+                    base += n
+                result["ours"][str(n)] = {"median_s": statistics.median(times), "runs": times}
+                self.log(f"  concurrency ours N={n}: {statistics.median(times):.3f} s")
+            stats = self.fixture.stats()
+            result["ours_max_in_flight_at_model"] = stats["max_in_flight"]
+        self.fixture.instant()
+        plugin = self.t["plugin"]
+        with spawned(plugin) as channel:
+            self._warm(plugin, channel)
+            self.fixture.delayed(delay)
+            base = 1000
+            for n in self.s.plugin_conc_levels:
+                times = []
+                for _ in range(self.s.plugin_conc_runs if n > 4 else max(3, self.s.conc_runs)):
+                    times.append(self._burst(plugin, channel, n, base))
+                    base += n
+                result["plugin"][str(n)] = {
+                    "median_s": statistics.median(times),
+                    "runs": times,
+                    "measured": True,
+                }
+                self.log(f"  concurrency plugin N={n}: {statistics.median(times):.3f} s")
+        slowest = max(self.s.plugin_conc_levels)
+        per_request = result["plugin"][str(slowest)]["median_s"] / slowest
+        for n in self.s.conc_levels:
+            if str(n) not in result["plugin"]:
+                result["plugin"][str(n)] = {
+                    "median_s": per_request * n,
+                    "measured": False,
+                    "extrapolated_from": slowest,
+                }
+        self.fixture.instant()
+        return result
+
+    # -- the long context -------------------------------------------------------------------
+
+    def needle(self) -> Json:
+        """A needle in a long context, found by model code in the REPL: time and peak memory."""
+        size = self.s.needle_bytes
+        self.fixture.rules([{"when": "root", "reply": repl_reply(*NEEDLE_CODE)}])
+        body, secret = make_context(size)
+        ours = self.t["ours"]
+        head = (
+            b'{"jsonrpc":"2.0","id":ID,"method":"infer","params":{"query":'
+            + orjson.dumps(NEEDLE_QUERY)
+            + b',"prompt":"'
+        )
+        tail = b'"}}\n'
+        runs = []
+        with spawned(ours) as channel:
+            ours.wait_ready(channel)
+            warm = ours.call(channel, 0, "infer", {"prompt": "x The secret code is 0123456789abcdef."})
+            if warm.get("result", {}).get("text") != "0123456789abcdef":
+                raise RuntimeError(f"needle warm-up failed: {warm}")
+            time.sleep(0.3)
+            for run in range(self.s.needle_runs):
+                idle_kib = tree_rss_kib(channel.pid)
+                request_id = 10 + run
+                with RssSampler(channel.pid, 0.01) as sampler:
+                    started = time.perf_counter()
+                    channel.write(head.replace(b"ID", str(request_id).encode()))
+                    channel.write(body)
+                    channel.write(tail)
+                    response = ours.response(channel, request_id, timeout=600)
+                    elapsed = time.perf_counter() - started
+                text = (response.get("result") or {}).get("text")
+                runs.append(
+                    {
+                        "time_s": elapsed,
+                        "found": text == secret,
+                        "peak_kib": sampler.peak_kib,
+                        "idle_kib": idle_kib,
+                        "samples": sampler.samples,
+                        "server_hwm_kib": status_kib(channel.pid, "VmHWM"),
+                        "processes": len(tree(channel.pid)),
+                    }
+                )
+                self.log(
+                    f"  needle run {run + 1}: {elapsed:.2f} s, found={text == secret}, peak "
+                    f"{sampler.peak_kib / 1024:.0f} MiB (idle {idle_kib / 1024:.0f} MiB)"
+                )
+                time.sleep(0.3)
+        del body
+        library = self._library("needle", str(size))
+        self.log(
+            f"  needle library: {library['time_s']:.2f} s, found={library['found']}, peak "
+            f"{library['peak_kib'] / 1024:.0f} MiB"
+        )
+        self.fixture.instant()
+        return {
+            "context_bytes": size,
+            "ours": {
+                "median_s": statistics.median(r["time_s"] for r in runs),
+                "peak_kib": statistics.median(r["peak_kib"] for r in runs),
+                "found": all(r["found"] for r in runs),
+                "runs": runs,
+            },
+            "library": library,
+        }
+
+    # -- line limits ------------------------------------------------------------------------
+
+    def _padded_status(self, target: Target, request_id: int, size: int) -> tuple[bytes, int]:
+        """A `status` request of exactly `size` bytes (before the newline): JSON whitespace."""
+        head = target.request(request_id, "status").rstrip(b"\n")[:-1]  # drop the closing }
+        pad = size - len(head) - 1
+        if pad < 0:
+            raise ValueError("size too small")
+        return head, pad
+
+    def _send_padded(self, channel: Channel, head: bytes, pad: int) -> None:
+        chunk = b" " * (1 << 20)
+        channel.write(head)
+        while pad > 0:
+            step = min(pad, len(chunk))
+            channel.write(memoryview(chunk)[:step])
+            pad -= step
+        channel.write(b"}\n")
+
+    def line_ours(self) -> Json:
+        """Lines of exactly 1 GiB and 1 GiB + 1 byte (not counting the newline)."""
+        ours = self.t["ours"]
+        probes = []
+        with spawned(ours) as channel:
+            ours.wait_ready(channel)
+            for request_id, size in ((1, GIB), (2, GIB + 1), (3, GIB - 1)):
+                head, pad = self._padded_status(ours, request_id, size)
+                with RssSampler(channel.pid, 0.02) as sampler:
+                    started = time.perf_counter()
+                    writer = threading.Thread(target=self._send_padded, args=(channel, head, pad))
+                    writer.start()
+                    message = channel.read_message(timeout=300)
+                    elapsed = time.perf_counter() - started
+                    writer.join()
+                accepted = message.get("id") == request_id and "result" in message
+                refused = message.get("id") is None and message.get("error", {}).get("code") == -32600
+                alive = ours.call(channel, 100 + request_id, "status", timeout=60)
+                probes.append(
+                    {
+                        "bytes": size,
+                        "accepted": accepted,
+                        "refused_32600": refused,
+                        "answer": str(message)[:200] if not accepted else "status result",
+                        "alive_after": "result" in alive,
+                        "time_s": elapsed,
+                        "peak_kib": sampler.peak_kib,
+                    }
+                )
+                self.log(
+                    f"  ours line of {size} bytes: {'accepted' if accepted else 'refused' if refused else message}"
+                    f" in {elapsed:.2f} s, peak {sampler.peak_kib / 1024:.0f} MiB, alive after: {'result' in alive}"
+                )
+        largest = max((p["bytes"] for p in probes if p["accepted"]), default=0)
+        return {"largest_accepted_bytes": largest, "probes": probes}
+
+    def line_plugin(self) -> Json:
+        """Binary search for the longest line the plugin's server answers."""
+        plugin = self.t["plugin"]
+        next_id = [10]
+
+        def accepts(size: int) -> bool:
+            request_id, sync_id = next_id[0], next_id[0] + 1
+            next_id[0] += 2
+            head, pad = self._padded_status(plugin, request_id, size)
+            self._send_padded(channel, head, pad)
+            channel.write(plugin.request(sync_id, "status"))
+            ok = False
+            while True:
+                message = channel.read_message(timeout=60)
+                if message.get("id") == request_id and "result" in message:
+                    ok = True
+                if message.get("id") == sync_id:
+                    return ok
+
+        with spawned(plugin) as channel:
+            plugin.wait_ready(channel)
+            low, high = 1024, 1 << 20  # accepted, refused
+            if not accepts(low) or accepts(high):
+                raise RuntimeError("plugin line limit is outside 1 KiB .. 1 MiB")
+            while high - low > 1:
+                middle = (low + high) // 2
+                if accepts(middle):
+                    low = middle
+                else:
+                    high = middle
+            alive = "result" in plugin.call(channel, 99999, "status")
+        self.log(f"  plugin largest line: {low} bytes (alive after: {alive})")
+        return {"largest_accepted_bytes": low, "alive_after": alive}

@@ -1,0 +1,359 @@
+"""The table (stdout, markdown, JSON) and the concurrency plot (a hand-written SVG)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+Json = dict[str, Any]
+MIB = 1 << 20
+
+
+@dataclass
+class Row:
+    figure: str
+    ours: str
+    other_name: str
+    other: str
+    ratio: str
+    target: str
+    met: bool | None  # None: no target for this row
+    detail: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.met is None else ("met" if self.met else "MISSED")
+
+
+def _us(x: float) -> str:
+    return f"{x:.1f} µs"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:.2f} s"
+
+
+def _times(x: float, better: str) -> str:
+    return f"{x:.1f}x {better}" if x < 100 else f"{x:,.0f}x {better}"
+
+
+def _bytes(n: int) -> str:
+    if n >= 1 << 30 and n % (1 << 30) == 0:
+        return f"{n >> 30} GiB"
+    if n >= MIB and n % MIB == 0:
+        return f"{n // MIB} MiB"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024} KiB"
+    return f"{n:,} B"
+
+
+def build_rows(r: Json) -> list[Row]:
+    rows: list[Row] = []
+    if "status_rtt" in r:
+        rtt = r["status_rtt"]
+        ours, plugin, echo = rtt["ours"], rtt["plugin"], rtt["echo"]
+        rows.append(
+            Row(
+                "`status` round trip p50 (p99)",
+                f"{_us(ours['p50_us'])} ({_us(ours['p99_us'])})",
+                "plugin server",
+                f"{_us(plugin['p50_us'])} ({_us(plugin['p99_us'])})",
+                _times(plugin["p50_us"] / ours["p50_us"], "faster")
+                if ours["p50_us"] <= plugin["p50_us"]
+                else _times(ours["p50_us"] / plugin["p50_us"], "slower"),
+                "",
+                None,
+                f"C echo floor {_us(echo['p50_us'])} ({_us(echo['p99_us'])})",
+            )
+        )
+        ratio = plugin["overhead_us"] / ours["overhead_us"] if ours["overhead_us"] > 0 else math.inf
+        rows.append(
+            Row(
+                "`status` overhead above the C echo floor (p50)",
+                _us(ours["overhead_us"]),
+                "plugin server",
+                _us(plugin["overhead_us"]),
+                _times(ratio, "less") if ratio >= 1 else _times(1 / ratio, "more"),
+                "≤ ½ the plugin's (≥ 2x less)",
+                ours["overhead_us"] <= plugin["overhead_us"] / 2,
+                f"floor {_us(echo['p50_us'])}",
+            )
+        )
+    if "pipelined" in r:
+        p = r["pipelined"]
+        ours, plugin = p["ours"]["req_per_s"], p["plugin"]["req_per_s"]
+        rows.append(
+            Row(
+                "pipelined `status` throughput",
+                f"{ours:,.0f} req/s",
+                "plugin server",
+                f"{plugin:,.0f} req/s",
+                _times(ours / plugin, "more") if ours >= plugin else _times(plugin / ours, "less"),
+                "≥ 2x the plugin's",
+                ours >= 2 * plugin,
+                f"C echo {p['echo']['req_per_s']:,.0f} req/s; {p['n_per_run']:,} requests a run",
+            )
+        )
+    if "spawn_ready" in r:
+        s = r["spawn_ready"]
+        ours, plugin = s["ours"]["median_s"], s["plugin"]["median_s"]
+        rows.append(
+            Row(
+                "spawn to `ready`",
+                _ms(ours),
+                "plugin server",
+                _ms(plugin),
+                _times(plugin / ours, "faster") if ours <= plugin else _times(ours / plugin, "slower"),
+                "≤ 100 ms",
+                ours <= 0.100,
+                f"plugin with `rlm` hidden (stub mode): {_ms(s['plugin_stub']['median_s'])}",
+            )
+        )
+    if "spawn_first_infer" in r:
+        s = r["spawn_first_infer"]
+        ours, plugin = s["ours"]["median_s"], s["plugin"]["median_s"]
+        rows.append(
+            Row(
+                "spawn to first `infer` answered (instant model)",
+                _ms(ours),
+                "plugin server",
+                _ms(plugin),
+                _times(plugin / ours, "faster") if ours <= plugin else _times(ours / plugin, "slower"),
+                "≤ 600 ms",
+                ours <= 0.600,
+            )
+        )
+    if "one_infer" in r:
+        o = r["one_infer"]
+        ours, lib, plugin = (o[k]["median_s"] for k in ("ours", "library", "plugin"))
+        rows.append(
+            Row(
+                "one `infer`, instant model, one root call",
+                _ms(ours),
+                "`rlm` library directly",
+                _ms(lib),
+                _times(lib / ours, "faster") if ours <= lib else _times(ours / lib, "slower"),
+                "≥ 10x faster than the library",
+                lib / ours >= 10,
+            )
+        )
+        rows.append(
+            Row(
+                "one `infer`, instant model, one root call",
+                _ms(ours),
+                "plugin server",
+                _ms(plugin),
+                _times(plugin / ours, "faster") if ours <= plugin else _times(ours / plugin, "slower"),
+                "",
+                None,
+            )
+        )
+    if "concurrency" in r:
+        c = r["concurrency"]
+        n = str(max(int(k) for k in c["ours"]))
+        ours = c["ours"][n]["median_s"]
+        plugin = c["plugin"][n]
+        mark = "" if plugin["measured"] else f" (extrapolated from N={plugin['extrapolated_from']})"
+        rows.append(
+            Row(
+                f"{n} concurrent `infer`, {c['model_delay_ms'] / 1000:g} s model, "
+                f"`--max-concurrency {max(64, int(n))}`",
+                _s(ours),
+                "plugin server",
+                _s(plugin["median_s"]) + mark,
+                _times(plugin["median_s"] / ours, "faster"),
+                f"all answered within 2 s",
+                ours <= 2.0,
+                f"at most {c.get('ours_max_in_flight_at_model', '?')} calls at the model at once",
+            )
+        )
+    if "needle" in r:
+        nd = r["needle"]
+        size = nd["context_bytes"]
+        ours = nd["ours"]
+        lib = nd["library"]
+        found = "found" if ours["found"] else "NOT FOUND"
+        rows.append(
+            Row(
+                f"{_bytes(size)} context, needle found through the REPL: time",
+                f"{_s(ours['median_s'])} ({found})",
+                "`rlm` library directly",
+                f"{_s(lib['time_s'])} ({'found' if lib['found'] else 'NOT FOUND'})",
+                _times(lib["time_s"] / ours["median_s"], "faster")
+                if ours["median_s"] <= lib["time_s"]
+                else _times(ours["median_s"] / lib["time_s"], "slower"),
+                "≤ 10 s",
+                ours["median_s"] <= 10 and ours["found"],
+                "plugin server: cannot receive it (64 KiB line limit)",
+            )
+        )
+        peak = ours["peak_kib"] * 1024
+        lib_peak = lib["peak_kib"] * 1024
+        rows.append(
+            Row(
+                f"{_bytes(size)} context: peak RSS, server + zygote + worker",
+                f"{peak / MIB:,.0f} MiB ({peak / size:.2f}x context)",
+                "`rlm` library directly",
+                f"{lib_peak / MIB:,.0f} MiB ({lib_peak / size:.2f}x context)",
+                _times(lib_peak / peak, "less") if peak <= lib_peak else _times(peak / lib_peak, "more"),
+                "≤ 4x the context",
+                peak <= 4 * size,
+                "sum of VmRSS over the process tree, sampled every 10 ms; library: VmHWM",
+            )
+        )
+    if "line_ours" in r and "line_plugin" in r:
+        ours = r["line_ours"]["largest_accepted_bytes"]
+        plugin = r["line_plugin"]["largest_accepted_bytes"]
+        over = [p for p in r["line_ours"]["probes"] if p["bytes"] > 1 << 30]
+        refused = all(p["refused_32600"] and p["alive_after"] for p in over)
+        rows.append(
+            Row(
+                "largest line accepted",
+                _bytes(ours),
+                "plugin server",
+                _bytes(plugin) if plugin % 1024 == 0 else f"{plugin:,} B",
+                _times(ours / plugin, "longer") if plugin else "",
+                "1 GiB",
+                ours >= 1 << 30 and refused,
+                "ours: 1 GiB + 1 B refused with -32600, server kept running"
+                if refused
+                else "ours: the line over 1 GiB was NOT refused cleanly",
+            )
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+COLUMNS = ("figure", "ours", "compared with", "theirs", "ratio", "target", "")
+
+
+def _cells(row: Row) -> list[str]:
+    return [row.figure, row.ours, row.other_name, row.other, row.ratio, row.target, row.verdict]
+
+
+def text_table(rows: list[Row]) -> str:
+    cells = [list(COLUMNS)] + [[c.replace("`", "") for c in _cells(r)] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    out = []
+    for index, line in enumerate(cells):
+        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+        if index == 0:
+            out.append("  ".join("-" * w for w in widths))
+    notes = [f"  - {r.figure.replace('`', '')}: {r.detail}" for r in rows if r.detail]
+    return "\n".join(out + (["", "notes:", *notes] if notes else []))
+
+
+def markdown_table(rows: list[Row]) -> str:
+    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [c.replace("|", "\\|") for c in _cells(row)]
+        if row.verdict == "MISSED":
+            cells[-1] = "**MISSED**"
+        out.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {r.figure}: {r.detail}" for r in rows if r.detail]
+    return "\n".join(out + ([""] + notes if notes else []))
+
+
+def rows_json(rows: list[Row]) -> list[Json]:
+    return [asdict(r) | {"verdict": r.verdict} for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# The plot: wall time against concurrent requests, log-log
+
+
+def concurrency_svg(c: Json) -> str:
+    width, height = 640, 400
+    left, right, top, bottom = 70, 170, 40, 60
+    pw, ph = width - left - right, height - top - bottom
+    series = {
+        "rlm-server": ("#1f77b4", c["ours"]),
+        "plugin server": ("#d62728", c["plugin"]),
+    }
+    levels = sorted({int(k) for s in series.values() for k in s[1]})
+    values = [v["median_s"] for _, data in series.values() for v in data.values()]
+    y_min = 10 ** math.floor(math.log10(min(values)))
+    y_max = 10 ** math.ceil(math.log10(max(values)))
+    x_min, x_max = math.log2(levels[0]), math.log2(levels[-1])
+
+    def x(n: int) -> float:
+        return left + (math.log2(n) - x_min) / ((x_max - x_min) or 1) * pw
+
+    def y(seconds: float) -> float:
+        span = math.log10(y_max) - math.log10(y_min)
+        return top + ph - (math.log10(seconds) - math.log10(y_min)) / span * ph
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left + pw / 2}" y="22" text-anchor="middle" font-size="14">Wall time of N '
+        f"concurrent infer requests ({c['model_delay_ms'] / 1000:g} s model)</text>",
+    ]
+    decade = y_min
+    while decade <= y_max * 1.0001:
+        for mult in (1, 2, 5):
+            v = decade * mult
+            if v > y_max * 1.0001:
+                break
+            parts.append(
+                f'<line x1="{left}" x2="{left + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
+                f'stroke="{"#ccc" if mult == 1 else "#eee"}"/>'
+            )
+            if mult == 1 or v in (2, 5, 20, 50):
+                parts.append(
+                    f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g} s</text>'
+                )
+        decade *= 10
+    for n in levels:
+        parts.append(
+            f'<line x1="{x(n):.1f}" x2="{x(n):.1f}" y1="{top}" y2="{top + ph}" stroke="#eee"/>'
+            f'<text x="{x(n):.1f}" y="{top + ph + 18}" text-anchor="middle">{n}</text>'
+        )
+    parts.append(
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>'
+        f'<text x="{left + pw / 2}" y="{height - 18}" text-anchor="middle">concurrent requests '
+        f"N (log scale)</text>"
+        f'<text transform="translate(18 {top + ph / 2}) rotate(-90)" text-anchor="middle">'
+        f"wall time (log scale)</text>"
+    )
+    for index, (name, (color, data)) in enumerate(series.items()):
+        points = sorted((int(k), v) for k, v in data.items())
+        measured = [(n, v) for n, v in points if v.get("measured", True)]
+        path = " ".join(f"{x(n):.1f},{y(v['median_s']):.1f}" for n, v in measured)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        extra = [(n, v) for n, v in points if not v.get("measured", True)]
+        if extra and measured:
+            chain = [measured[-1], *extra]
+            dashed = " ".join(f"{x(n):.1f},{y(v['median_s']):.1f}" for n, v in chain)
+            parts.append(
+                f'<polyline points="{dashed}" fill="none" stroke="{color}" stroke-width="2" '
+                f'stroke-dasharray="5,4"/>'
+            )
+        for n, v in points:
+            filled = color if v.get("measured", True) else "white"
+            parts.append(
+                f'<circle cx="{x(n):.1f}" cy="{y(v["median_s"]):.1f}" r="4" fill="{filled}" '
+                f'stroke="{color}" stroke-width="2"><title>{name}, N={n}: '
+                f'{v["median_s"]:.2f} s</title></circle>'
+            )
+        ly = top + 10 + index * 20
+        parts.append(
+            f'<line x1="{left + pw + 12}" x2="{left + pw + 36}" y1="{ly}" y2="{ly}" '
+            f'stroke="{color}" stroke-width="2"/><text x="{left + pw + 42}" y="{ly + 4}">{name}'
+            "</text>"
+        )
+    parts.append(
+        f'<text x="{left + pw + 12}" y="{top + 60}" fill="#555">open dot, dashed:</text>'
+        f'<text x="{left + pw + 12}" y="{top + 75}" fill="#555">extrapolated</text>'
+    )
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
