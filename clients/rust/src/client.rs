@@ -54,7 +54,6 @@ struct Inner {
 enum Slot {
     Idle,
     Running(Arc<Connection>),
-    Closed,
 }
 
 /// When a call must be over, and the budget to report if it is not.
@@ -179,10 +178,10 @@ impl RLMClient {
     /// run for up to `grace` (the server's default when `None`), cancels the rest, answers
     /// and exits. Returns once it has exited (bounded as in [`RLMClient::close`]).
     ///
-    /// The client stays usable: the next call starts a new server, while the old one drains.
-    /// With no server running there is nothing to do and the answer is immediate.
+    /// The next call starts a new server, even while the old one drains. With no server
+    /// running there is nothing to do and the answer is immediate.
     pub async fn shutdown(&self, grace: Option<Duration>) -> Result<ShutdownResult, RlmError> {
-        let Some(connection) = self.retire()? else {
+        let Some(connection) = self.retire() else {
             return Ok(ShutdownResult { shutdown: true });
         };
         let params = ShutdownParams {
@@ -204,13 +203,13 @@ impl RLMClient {
         decode(&reply?)
     }
 
-    /// Closes the client for good: ends the server's stdin (the server finishes in-flight
-    /// work and exits), waits up to [`RLMConfig::close_timeout`], sends SIGTERM, waits up to
+    /// Stops the server: ends its stdin (the server finishes in-flight work and exits),
+    /// waits up to [`RLMConfig::close_timeout`], sends SIGTERM, waits up to
     /// [`RLMConfig::term_timeout`], then kills it. Calls still pending when the child is gone
-    /// fail with [`RlmError::Closed`], and so does every later call.
+    /// fail with [`RlmError::Closed`]. As after [`RLMClient::shutdown`], a later call starts a
+    /// new server.
     pub async fn close(&self) {
-        let previous = std::mem::replace(&mut *self.slot(), Slot::Closed);
-        if let Slot::Running(connection) = previous {
+        if let Some(connection) = self.retire() {
             self.close_connection(&connection).await;
         }
     }
@@ -230,10 +229,10 @@ impl RLMClient {
     /// The running server, started if there is none or the last one died.
     fn connection(&self) -> Result<Arc<Connection>, RlmError> {
         let mut slot = self.slot();
-        match &*slot {
-            Slot::Closed => return Err(RlmError::Closed),
-            Slot::Running(connection) if !connection.is_down() => return Ok(connection.clone()),
-            _ => {}
+        if let Slot::Running(connection) = &*slot {
+            if !connection.is_down() {
+                return Ok(connection.clone());
+            }
         }
         let connection = Connection::spawn(&self.inner.config)?;
         *slot = Slot::Running(connection.clone());
@@ -241,15 +240,10 @@ impl RLMClient {
     }
 
     /// Takes the running server out of service, so that later calls start a new one.
-    fn retire(&self) -> Result<Option<Arc<Connection>>, RlmError> {
-        let mut slot = self.slot();
-        match std::mem::replace(&mut *slot, Slot::Idle) {
-            Slot::Running(connection) if !connection.is_down() => Ok(Some(connection)),
-            Slot::Closed => {
-                *slot = Slot::Closed;
-                Err(RlmError::Closed)
-            }
-            _ => Ok(None),
+    fn retire(&self) -> Option<Arc<Connection>> {
+        match std::mem::replace(&mut *self.slot(), Slot::Idle) {
+            Slot::Running(connection) if !connection.is_down() => Some(connection),
+            _ => None,
         }
     }
 
@@ -319,20 +313,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_closed_client_refuses_calls() {
-        let client = RLMClient::new(RLMConfig::default());
-        client.close().await;
-        assert!(matches!(client.status().await, Err(RlmError::Closed)));
-        assert!(matches!(client.shutdown(None).await, Err(RlmError::Closed)));
-    }
-
-    #[tokio::test]
-    async fn shutdown_with_no_server_running_is_immediate() {
+    async fn shutdown_and_close_with_no_server_running_start_none() {
         let client = RLMClient::new(RLMConfig::default());
         assert_eq!(
             client.shutdown(None).await.unwrap(),
             ShutdownResult { shutdown: true }
         );
+        client.close().await;
         assert_eq!(client.pid(), None);
     }
 }

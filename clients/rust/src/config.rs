@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::error::RlmError;
 use crate::metrics::Metrics;
 
-/// Called with a fresh snapshot after every change to the client's metrics.
+/// Called with a fresh snapshot of the client's metrics after every settled `infer`.
 pub type MetricsCallback = Arc<dyn Fn(&Metrics) + Send + Sync>;
 
 /// Retry of retryable errors (see [`RlmError::is_retryable`]) with exponential backoff and
@@ -96,7 +96,7 @@ pub struct RLMConfig {
     pub term_timeout: Duration,
     /// Retry of retryable errors.
     pub retry: RetryConfig,
-    /// Called after every change to the metrics (the TypeScript client's `onMetrics`).
+    /// Called after every settled `infer` (the TypeScript client's `onMetrics`).
     pub on_metrics: Option<MetricsCallback>,
 }
 

@@ -35,8 +35,9 @@ pub enum RlmError {
     /// No answer within the call's timeout. The client has sent `$/cancelRequest`.
     #[error("no answer within {0:?}; the request was cancelled")]
     Timeout(Duration),
-    /// The client was closed with [`crate::RLMClient::close`].
-    #[error("the client is closed")]
+    /// The server was stopped by [`crate::RLMClient::close`] (or the client was dropped)
+    /// before it answered.
+    #[error("the server was closed before it answered")]
     Closed,
     /// The server sent something this client cannot read (wrong protocol version, a result
     /// that does not match the schema).

@@ -1,44 +1,60 @@
-//! Client-side metrics of `infer` calls, the same set as the TypeScript client's.
+//! Client-side metrics of `infer` calls, with the TypeScript client's names and rules.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::MetricsCallback;
 use crate::error::RlmError;
 use crate::protocol::InferResult;
 
-/// How many latencies the averages are computed over (the server uses the same window).
+/// How many latencies the summary is computed over (the server uses the same window).
 const WINDOW: usize = 1000;
 
 /// A snapshot of the client's `infer` metrics, read with [`crate::RLMClient::metrics`].
 ///
-/// Every `infer` call counts once in `total_requests` and, when it ends, once in exactly one
-/// of `successful_requests`, `stub_responses` or `failed_requests`: a stub is not a success and
-/// a failure (including a timeout, or a call dropped by its caller) is not a stub. Retries
+/// Every settled `infer` counts once in `total_requests` and once in exactly one bucket, so
+/// `total_requests = successful + stub + failed + cancelled + timed_out`: a stub is not a
+/// success, a failure is not a stub, and a caller's cancellation is not a failure. Retries
 /// count in `total_retries`, not as requests.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Metrics {
-    /// `infer` calls made.
+    /// Settled `infer` calls.
     pub total_requests: u64,
     /// Calls answered with a real (non-stub) result.
     pub successful_requests: u64,
-    /// Calls that ended in an error, timed out or were dropped.
+    /// Calls that failed with an error other than a cancellation or a deadline.
     pub failed_requests: u64,
     /// Calls answered by a server in stub mode.
     pub stub_responses: u64,
-    /// Retries the client made (not counting the server's own).
+    /// Calls cancelled: dropped by the caller, or cancelled by the server (-32800, e.g. on
+    /// its shutdown).
+    pub cancelled_requests: u64,
+    /// Calls past their deadline: the client's timeout, or the server's (-32001).
+    pub timed_out_requests: u64,
+    /// Retries the client made (the server's own are in its `status`).
     pub total_retries: u64,
-    /// Mean latency of the last 1000 answered calls, in milliseconds.
+    /// Mean latency of the last 1000 successful calls, in milliseconds.
     pub average_latency_ms: f64,
+    /// Median of the same window, in milliseconds.
+    pub p50_latency_ms: f64,
     /// 95th percentile of the same window, in milliseconds.
     pub p95_latency_ms: f64,
-    /// When the last call began.
+    /// 99th percentile of the same window, in milliseconds.
+    pub p99_latency_ms: f64,
+    /// When the last call settled.
     pub last_request_timestamp: Option<SystemTime>,
-    /// When the last failure happened.
+    /// When the last failure or timeout happened.
     pub last_error_timestamp: Option<SystemTime>,
-    /// The last failure, as text.
+    /// The last failure or timeout, as text.
     pub last_error: Option<String>,
+}
+
+/// How one call ended.
+enum Settled<'a> {
+    Answered(&'a InferResult),
+    Failed(&'a RlmError),
+    Dropped,
 }
 
 /// The counters behind [`Metrics`]: one short lock per update, never held across an await.
@@ -61,60 +77,75 @@ impl Recorder {
         }
     }
 
-    /// Counts a new call and returns the guard that records how it ends.
+    /// Starts timing a call; the returned guard records how it settles.
     pub(crate) fn begin(&self) -> Tracked<'_> {
-        self.update(|m| {
-            m.metrics.total_requests += 1;
-            m.metrics.last_request_timestamp = Some(SystemTime::now());
-        });
         Tracked {
             recorder: self,
-            started: std::time::Instant::now(),
-            finished: false,
+            started: Instant::now(),
+            settled: false,
         }
     }
 
     pub(crate) fn retried(&self) {
-        self.update(|m| m.metrics.total_retries += 1);
+        self.lock().metrics.total_retries += 1;
     }
 
-    /// A consistent copy, with the averages computed from the window.
+    /// A consistent copy, with the latency summary computed from the window.
     pub(crate) fn snapshot(&self) -> Metrics {
-        summarise(&self.state.lock().unwrap_or_else(|e| e.into_inner()))
+        summarise(&self.lock())
     }
 
-    fn answered(&self, result: &InferResult, latency: Duration) {
-        self.update(|m| {
-            if result.stub {
-                m.metrics.stub_responses += 1;
-            } else {
-                m.metrics.successful_requests += 1;
-            }
-            if m.latencies_ms.len() == WINDOW {
-                m.latencies_ms.pop_front();
-            }
-            m.latencies_ms.push_back(latency.as_secs_f64() * 1000.0);
-        });
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn failed(&self, error: String) {
-        self.update(|m| {
-            m.metrics.failed_requests += 1;
-            m.metrics.last_error_timestamp = Some(SystemTime::now());
-            m.metrics.last_error = Some(error);
-        });
-    }
-
-    /// Applies `change` under the lock, then hands a snapshot to the callback outside it.
-    fn update(&self, change: impl FnOnce(&mut State)) {
+    /// Counts a settled call, then hands a snapshot to the callback outside the lock.
+    fn settle(&self, how: Settled<'_>, latency: Duration) {
         let snapshot = {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            change(&mut state);
+            let mut state = self.lock();
+            state.count(how, latency);
             self.on_metrics.as_ref().map(|_| summarise(&state))
         };
         if let (Some(callback), Some(snapshot)) = (&self.on_metrics, snapshot) {
             callback(&snapshot);
         }
+    }
+}
+
+impl State {
+    fn count(&mut self, how: Settled<'_>, latency: Duration) {
+        let now = SystemTime::now();
+        let metrics = &mut self.metrics;
+        metrics.total_requests += 1;
+        metrics.last_request_timestamp = Some(now);
+        let failure = match how {
+            Settled::Answered(result) if result.stub => {
+                metrics.stub_responses += 1;
+                return;
+            }
+            Settled::Answered(_) => {
+                metrics.successful_requests += 1;
+                if self.latencies_ms.len() == WINDOW {
+                    self.latencies_ms.pop_front();
+                }
+                self.latencies_ms.push_back(latency.as_secs_f64() * 1000.0);
+                return;
+            }
+            Settled::Dropped | Settled::Failed(RlmError::Cancelled(_)) => {
+                metrics.cancelled_requests += 1;
+                return;
+            }
+            Settled::Failed(error @ (RlmError::Timeout(_) | RlmError::DeadlineExceeded(_))) => {
+                metrics.timed_out_requests += 1;
+                error
+            }
+            Settled::Failed(error) => {
+                metrics.failed_requests += 1;
+                error
+            }
+        };
+        metrics.last_error_timestamp = Some(now);
+        metrics.last_error = Some(failure.to_string());
     }
 }
 
@@ -124,34 +155,43 @@ fn summarise(state: &State) -> Metrics {
     if !sorted.is_empty() {
         sorted.sort_by(f64::total_cmp);
         metrics.average_latency_ms = sorted.iter().sum::<f64>() / sorted.len() as f64;
-        let rank = (sorted.len() as f64 * 0.95).ceil() as usize;
-        metrics.p95_latency_ms = sorted[rank.clamp(1, sorted.len()) - 1];
+        metrics.p50_latency_ms = percentile(&sorted, 50.0);
+        metrics.p95_latency_ms = percentile(&sorted, 95.0);
+        metrics.p99_latency_ms = percentile(&sorted, 99.0);
     }
     metrics
 }
 
-/// One call in progress. Dropping it unfinished (the caller dropped the `infer` future)
-/// records a failure, so that every call ends up counted somewhere.
+/// Nearest-rank percentile of a non-empty ascending slice.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One call in progress. Dropping it unsettled (the caller dropped the `infer` future)
+/// records a cancellation, so every call is counted once.
 pub(crate) struct Tracked<'a> {
     recorder: &'a Recorder,
-    started: std::time::Instant,
-    finished: bool,
+    started: Instant,
+    settled: bool,
 }
 
 impl Tracked<'_> {
     pub(crate) fn finish(mut self, outcome: &Result<InferResult, RlmError>) {
-        self.finished = true;
-        match outcome {
-            Ok(result) => self.recorder.answered(result, self.started.elapsed()),
-            Err(error) => self.recorder.failed(error.to_string()),
-        }
+        self.settled = true;
+        let how = match outcome {
+            Ok(result) => Settled::Answered(result),
+            Err(error) => Settled::Failed(error),
+        };
+        self.recorder.settle(how, self.started.elapsed());
     }
 }
 
 impl Drop for Tracked<'_> {
     fn drop(&mut self) {
-        if !self.finished {
-            self.recorder.failed("dropped by the caller".to_owned());
+        if !self.settled {
+            self.recorder
+                .settle(Settled::Dropped, self.started.elapsed());
         }
     }
 }
@@ -159,8 +199,8 @@ impl Drop for Tracked<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::RpcError;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     fn result(stub: bool) -> InferResult {
         serde_json::from_value(serde_json::json!({
@@ -171,55 +211,89 @@ mod tests {
         .unwrap()
     }
 
+    fn server_error(code: i64) -> RlmError {
+        RlmError::from_rpc(RpcError {
+            code,
+            message: format!("error {code}"),
+            data: None,
+        })
+    }
+
     #[test]
-    fn every_call_ends_in_exactly_one_bucket() {
+    fn every_call_lands_in_exactly_one_bucket() {
         let recorder = Recorder::new(None);
         recorder.begin().finish(&Ok(result(false)));
         recorder.begin().finish(&Ok(result(true)));
-        recorder.begin().finish(&Err(RlmError::Closed));
+        recorder.begin().finish(&Err(server_error(-32000)));
+        recorder.begin().finish(&Err(server_error(-32800)));
         drop(recorder.begin());
+        recorder.begin().finish(&Err(server_error(-32001)));
+        recorder
+            .begin()
+            .finish(&Err(RlmError::Timeout(Duration::from_secs(1))));
         recorder.retried();
         let m = recorder.snapshot();
+        assert_eq!(m.total_requests, 7);
         assert_eq!(
-            (
-                m.total_requests,
-                m.successful_requests,
-                m.stub_responses,
-                m.failed_requests
-            ),
-            (4, 1, 1, 2)
+            (m.successful_requests, m.stub_responses, m.failed_requests),
+            (1, 1, 1)
         );
+        assert_eq!((m.cancelled_requests, m.timed_out_requests), (2, 2));
         assert_eq!(m.total_retries, 1);
-        assert_eq!(m.last_error.as_deref(), Some("dropped by the caller"));
+        assert!(m.last_error.unwrap().contains("no answer within 1s"));
         assert!(m.last_request_timestamp.is_some() && m.last_error_timestamp.is_some());
     }
 
     #[test]
-    fn latency_summary_covers_a_rolling_window() {
+    fn cancellations_are_not_errors() {
         let recorder = Recorder::new(None);
-        let mut state = recorder.state.lock().unwrap();
-        state.latencies_ms.extend((1..=100).map(f64::from));
-        drop(state);
+        drop(recorder.begin());
+        recorder.begin().finish(&Err(server_error(-32800)));
         let m = recorder.snapshot();
-        assert_eq!(m.average_latency_ms, 50.5);
-        assert_eq!(m.p95_latency_ms, 95.0);
-        for _ in 0..(WINDOW + 10) {
-            recorder.answered(&result(false), Duration::from_millis(1));
-        }
-        assert_eq!(recorder.state.lock().unwrap().latencies_ms.len(), WINDOW);
+        assert_eq!((m.cancelled_requests, m.failed_requests), (2, 0));
+        assert_eq!((m.last_error, m.last_error_timestamp), (None, None));
     }
 
     #[test]
-    fn the_callback_sees_every_change() {
-        let calls = Arc::new(AtomicU64::new(0));
-        let seen = calls.clone();
+    fn latency_covers_the_last_successes_only() {
+        let recorder = Recorder::new(None);
+        recorder
+            .lock()
+            .latencies_ms
+            .extend((1..=100).map(f64::from));
+        let m = recorder.snapshot();
+        assert_eq!(m.average_latency_ms, 50.5);
+        assert_eq!(
+            (m.p50_latency_ms, m.p95_latency_ms, m.p99_latency_ms),
+            (50.0, 95.0, 99.0)
+        );
+        recorder.begin().finish(&Ok(result(true)));
+        recorder.begin().finish(&Err(server_error(-32000)));
+        assert_eq!(
+            recorder.lock().latencies_ms.len(),
+            100,
+            "stubs and failures are not timed"
+        );
+        for _ in 0..(WINDOW + 10) {
+            recorder.begin().finish(&Ok(result(false)));
+        }
+        assert_eq!(recorder.lock().latencies_ms.len(), WINDOW);
+    }
+
+    #[test]
+    fn the_callback_gets_a_snapshot_per_settled_call() {
+        let seen: Arc<Mutex<Vec<Metrics>>> = Arc::default();
+        let sink = seen.clone();
         let recorder = Recorder::new(Some(Arc::new(move |m: &Metrics| {
-            seen.store(
-                m.total_requests * 10 + m.successful_requests,
-                Ordering::SeqCst,
-            );
+            sink.lock().unwrap().push(m.clone());
         })));
-        recorder.begin().finish(&Ok(result(false)));
-        assert_eq!(calls.load(Ordering::SeqCst), 11);
+        let tracked = recorder.begin();
+        recorder.retried();
+        assert!(seen.lock().unwrap().is_empty(), "nothing settled yet");
+        tracked.finish(&Ok(result(false)));
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0], recorder.snapshot());
+        assert_eq!((seen[0].successful_requests, seen[0].total_retries), (1, 1));
     }
 }

@@ -86,7 +86,8 @@ async fn dropping_an_infer_future_cancels_it_on_the_server() {
     .await;
     assert_eq!(client.status().await.unwrap().in_flight, 0);
     let metrics = client.metrics();
-    assert_eq!((metrics.total_requests, metrics.failed_requests), (1, 1));
+    assert_eq!((metrics.total_requests, metrics.cancelled_requests), (1, 1));
+    assert_eq!((metrics.failed_requests, metrics.last_error), (0, None));
 }
 
 #[tokio::test]
@@ -102,6 +103,7 @@ async fn a_timeout_sends_cancel_request_and_ids_start_at_one() {
         matches!(error, RlmError::Timeout(t) if t == Duration::from_secs(2)),
         "{error}"
     );
+    assert_eq!(client.metrics().timed_out_requests, 1);
     eventually(LIMIT, "the server counts the cancellation", || async {
         server_counter(&client, "cancelled_requests").await == 1
     })
@@ -368,6 +370,7 @@ async fn server_errors_keep_their_code_and_data() {
         (ErrorType::DeadlineExceeded, Some(0.5))
     );
     assert!(!error.is_retryable());
+    assert_eq!(client.metrics().timed_out_requests, 1);
     fixture.release();
 }
 
@@ -439,7 +442,7 @@ async fn close_escalates_to_sigterm_and_sigkill() {
         .await
         .expect("close is bounded");
     assert!(!is_running(pid));
-    assert!(matches!(client.status().await, Err(RlmError::Closed)));
+    assert_eq!(client.pid(), None);
 }
 
 #[tokio::test]
@@ -461,6 +464,11 @@ async fn close_lets_the_server_finish_its_work() {
     closing.await.unwrap();
     assert_eq!(task.await.unwrap().unwrap().text, "finished");
     assert!(!is_running(pid));
+    let ready = client
+        .start()
+        .await
+        .expect("a later call starts a new server");
+    assert_ne!(ready.pid, pid);
 }
 
 #[tokio::test]
@@ -496,8 +504,9 @@ async fn metrics_are_pushed_to_the_callback() {
     let client = RLMClient::new(config);
     client.infer(InferRequest::new("x")).await.unwrap();
     let snapshots = snapshots.lock().unwrap();
-    assert_eq!(snapshots.len(), 2, "one at the start, one at the end");
-    assert_eq!(snapshots[1], client.metrics());
+    assert_eq!(snapshots.len(), 1, "one per settled infer");
+    assert_eq!(snapshots[0], client.metrics());
+    assert_eq!(snapshots[0].stub_responses, 1);
 }
 
 /// A minimal `tracing` subscriber that keeps (target, message) of every event.
