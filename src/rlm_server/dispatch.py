@@ -16,6 +16,7 @@ here: an `RpcError` as itself, anything else as a bare -32603 whose text stays i
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
@@ -50,26 +51,32 @@ def _as_result(name: str, error: Exception) -> Result:
     return Error(error.code, error.message, error.data)
 
 
+def _with_signature(guarded: Any, method: Callable[..., Any]) -> Any:
+    """jsonrpcserver binds params with inspect.signature on every call; a precomputed
+    `__signature__` is where inspect stops, which saves a third of an inline call."""
+    functools.update_wrapper(guarded, method)
+    guarded.__signature__ = inspect.signature(method)
+    return guarded
+
+
 def _guard_inline(name: str, method: InlineMethod) -> InlineMethod:
-    @functools.wraps(method)
     def guarded(*args: Any, **kwargs: Any) -> Result:
         try:
             return method(*args, **kwargs)
         except Exception as error:
             return _as_result(name, error)
 
-    return guarded
+    return cast(InlineMethod, _with_signature(guarded, method))
 
 
 def _guard_task(name: str, method: TaskMethod) -> TaskMethod:
-    @functools.wraps(method)
     async def guarded(*args: Any, **kwargs: Any) -> Result:
         try:
             return await method(*args, **kwargs)
         except Exception as error:
             return _as_result(name, error)
 
-    return guarded
+    return cast(TaskMethod, _with_signature(guarded, method))
 
 
 class _Rejected(Exception):
@@ -134,7 +141,7 @@ class Dispatcher:
             validator=lambda parsed: parsed,
             post_process=to_serializable,
         )
-        return cast(Json | None, response)
+        return cast("Json | None", response)
 
     async def handle(self, message: Any, make_context: ContextFactory) -> bytes | None:
         """The response line for one parsed message, or None when nothing is owed.
@@ -188,7 +195,7 @@ class Dispatcher:
             validator=lambda parsed: parsed,
             post_process=to_serializable,
         )
-        return cast(Json | None, response)
+        return cast("Json | None", response)
 
 
 class _Prepared:

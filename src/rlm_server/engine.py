@@ -171,6 +171,7 @@ class Engine:
         self._cancelling_all = False
         self._scopes: dict[RequestId, set[anyio.CancelScope]] = {}
         self._started_at = time.monotonic()
+        self._static_status = self._status_of_configuration()
 
     # -- what status and ready report ------------------------------------------------------
 
@@ -195,20 +196,24 @@ class Engine:
         }
 
     def status(self) -> Json:
-        status = {"server": SERVER_NAME, "version": __version__, "protocol": PROTOCOL_VERSION}
-        status.update(self.describe())
-        if self.unavailable_reason is not None:
-            status["reason"] = self.unavailable_reason
         return {
-            **status,
-            "max_iterations": self.config.max_iterations,
-            "max_depth": self.config.max_depth,
-            "max_concurrency": self.config.max_concurrency,
+            **self._static_status,
             "in_flight": self._slots.borrowed_tokens,
             "queued": self._queued,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
             "metrics": self.metrics.snapshot(),
         }
+
+    def _status_of_configuration(self) -> Json:
+        """The part of `status` that never changes: computed once."""
+        status: Json = {"server": SERVER_NAME, "version": __version__, "protocol": PROTOCOL_VERSION}
+        status.update(self.describe())
+        if self.unavailable_reason is not None:
+            status["reason"] = self.unavailable_reason
+        status["max_iterations"] = self.config.max_iterations
+        status["max_depth"] = self.config.max_depth
+        status["max_concurrency"] = self.config.max_concurrency
+        return status
 
     # -- infer ------------------------------------------------------------------------------
 

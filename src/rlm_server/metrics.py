@@ -36,7 +36,7 @@ def _percentile(ordered: list[float], fraction: float) -> float:
 class Metrics:
     total_requests: int = 0
     total_retries: int = 0
-    outcomes: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
+    outcomes: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in Outcome})
     window: deque[float] = field(default_factory=deque)  # the last latencies, oldest first
     ordered: list[float] = field(default_factory=list)  # the same, sorted: status never sorts
     window_sum: float = 0.0
@@ -48,7 +48,7 @@ class Metrics:
         self.total_retries += 1
 
     def record(self, outcome: Outcome, elapsed_ms: float) -> None:
-        self.outcomes[outcome] += 1
+        self.outcomes[outcome.value] += 1
         if len(self.window) == LATENCY_WINDOW:
             oldest = self.window.popleft()
             del self.ordered[bisect.bisect_left(self.ordered, oldest)]
@@ -62,7 +62,7 @@ class Metrics:
         average = self.window_sum / len(ordered) if ordered else 0.0
         return {
             "total_requests": self.total_requests,
-            **{outcome.value: count for outcome, count in self.outcomes.items()},
+            **self.outcomes,
             "total_retries": self.total_retries,
             "latency_ms": {
                 "avg": round(average, 3),
