@@ -28,6 +28,7 @@ from rlmbench.procs import (
     RssSampler,
     Target,
     repl_reply,
+    cpu_ns,
     spawned,
     status_kib,
     tree,
@@ -59,7 +60,6 @@ class Settings:
     model_delay_ms: int = 1000
     needle_bytes: int = 200 << 20
     needle_runs: int = 3
-    line_probe: bool = True
 
     @classmethod
     def quick(cls) -> Settings:
@@ -79,7 +79,6 @@ class Settings:
             plugin_conc_levels=(1, 4),
             needle_bytes=20 << 20,
             needle_runs=1,
-            line_probe=False,
         )
 
 
@@ -95,6 +94,7 @@ class Bench:
         self.t = targets
         self.s = settings
         self.log = log
+        self._server_ms: list[float] = []
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -114,6 +114,9 @@ class Bench:
         elapsed = time.perf_counter() - started
         if not target.succeeded(response):
             raise RuntimeError(f"{target.name}: infer failed: {response}")
+        server_ms = response["result"].get("metadata", {}).get("elapsed_ms")
+        if isinstance(server_ms, (int, float)):
+            self._server_ms.append(server_ms / 1000)
         return elapsed
 
     # -- status round trip ------------------------------------------------------------------
@@ -122,7 +125,7 @@ class Bench:
         """p50/p99 of one `status` request and its answer, one at a time, over raw pipes."""
         self.fixture.instant()
         per_run: dict[str, list[tuple[float, float]]] = {"echo": [], "plugin": [], "ours": []}
-        samples_all: dict[str, list[float]] = {name: [] for name in per_run}
+        cpu: dict[str, list[float]] = {name: [] for name in per_run}
         for run in range(self.s.rtt_runs):
             for name in per_run:
                 target = self.t[name]
@@ -137,25 +140,30 @@ class Bench:
                         rfd_read()
                     samples = []
                     clock = time.perf_counter_ns
+                    cpu_before = cpu_ns(channel.pid)
                     for _ in range(self.s.rtt_n):
                         t0 = clock()
                         write(line)
                         rfd_read()
                         samples.append(clock() - t0)
+                    cpu[name].append((cpu_ns(channel.pid) - cpu_before) / self.s.rtt_n / 1000)
                 samples_us = [s / 1000 for s in samples]
                 quantiles = statistics.quantiles(samples_us, n=100)
                 per_run[name].append((statistics.median(samples_us), quantiles[98]))
-                samples_all[name].extend(samples_us)
                 self.log(
                     f"  status rtt run {run + 1} {name}: p50 {per_run[name][-1][0]:.1f} us, "
-                    f"p99 {per_run[name][-1][1]:.1f} us"
+                    f"p99 {per_run[name][-1][1]:.1f} us, server CPU {cpu[name][-1]:.1f} us/req"
                 )
         result: Json = {}
         for name, runs in per_run.items():
             result[name] = {
                 "p50_us": statistics.median(r[0] for r in runs),
                 "p99_us": statistics.median(r[1] for r in runs),
-                "runs": [{"p50_us": a, "p99_us": b} for a, b in runs],
+                "cpu_us_per_request": statistics.median(cpu[name]),
+                "runs": [
+                    {"p50_us": a, "p99_us": b, "cpu_us_per_request": c}
+                    for (a, b), c in zip(runs, cpu[name], strict=True)
+                ],
             }
         floor = result["echo"]["p50_us"]
         for name in ("ours", "plugin"):
@@ -170,6 +178,7 @@ class Bench:
         self.fixture.instant()
         n = self.s.pipe_n
         per_run: dict[str, list[float]] = {"echo": [], "plugin": [], "ours": []}
+        cpu: dict[str, list[float]] = {name: [] for name in per_run}
         for run in range(self.s.pipe_runs):
             for name in per_run:
                 target = self.t[name]
@@ -178,18 +187,27 @@ class Bench:
                 with spawned(target) as channel:
                     self._warm(target, channel)
                     writer = threading.Thread(target=channel.write, args=(payload,))
+                    cpu_before = cpu_ns(channel.pid)
                     started = time.perf_counter()
                     writer.start()
                     last = channel.count_lines(n, timeout=300)
                     elapsed = time.perf_counter() - started
+                    cpu[name].append((cpu_ns(channel.pid) - cpu_before) / n / 1000)
                     writer.join()
                 last_message = orjson.loads(last)
                 if last_message.get("id") != n:
                     raise RuntimeError(f"{name}: last pipelined answer was {last[:200]!r}")
                 per_run[name].append(n / elapsed)
-                self.log(f"  pipelined run {run + 1} {name}: {n / elapsed:,.0f} req/s")
+                self.log(
+                    f"  pipelined run {run + 1} {name}: {n / elapsed:,.0f} req/s, "
+                    f"server CPU {cpu[name][-1]:.1f} us/req"
+                )
         return {
-            name: {"req_per_s": statistics.median(runs), "runs": runs}
+            name: {
+                "req_per_s": statistics.median(runs),
+                "cpu_us_per_request": statistics.median(cpu[name]),
+                "runs": runs,
+            }
             for name, runs in per_run.items()
         } | {"n_per_run": n}
 
@@ -244,8 +262,11 @@ class Bench:
                 self._warm(target, channel)
                 for i in range(2):
                     self._infer_once(target, channel, 100 + i)
+                self._server_ms = []
                 times = [self._infer_once(target, channel, 200 + i) for i in range(n)]
             result[name] = {"median_s": statistics.median(times), "runs": times}
+            if self._server_ms:  # ours reports its own elapsed_ms: the rest is pipe and JSON
+                result[name]["server_elapsed_median_s"] = statistics.median(self._server_ms)
         library = self._library("infer", str(self.s.library_n), "1")
         if library["texts"] != ["ok"]:
             raise RuntimeError(f"library answered {library['texts']}")
@@ -439,7 +460,7 @@ class Bench:
         probes = []
         with spawned(ours) as channel:
             ours.wait_ready(channel)
-            for request_id, size in ((1, GIB), (2, GIB + 1), (3, GIB - 1)):
+            for request_id, size in ((1, GIB), (2, GIB + 1)):
                 head, pad = self._padded_status(ours, request_id, size)
                 with RssSampler(channel.pid, 0.02) as sampler:
                     started = time.perf_counter()

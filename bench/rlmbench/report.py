@@ -68,7 +68,9 @@ def build_rows(r: Json) -> list[Row]:
                 else _times(ours["p50_us"] / plugin["p50_us"], "slower"),
                 "",
                 None,
-                f"C echo floor {_us(echo['p50_us'])} ({_us(echo['p99_us'])})",
+                f"C echo floor {_us(echo['p50_us'])} ({_us(echo['p99_us'])}); server CPU time per "
+                f"request (schedstat, hardly moved by load): ours {_us(ours['cpu_us_per_request'])}, "
+                f"plugin {_us(plugin['cpu_us_per_request'])}",
             )
         )
         ratio = plugin["overhead_us"] / ours["overhead_us"] if ours["overhead_us"] > 0 else math.inf
@@ -96,7 +98,9 @@ def build_rows(r: Json) -> list[Row]:
                 _times(ours / plugin, "more") if ours >= plugin else _times(plugin / ours, "less"),
                 "≥ 2x the plugin's",
                 ours >= 2 * plugin,
-                f"C echo {p['echo']['req_per_s']:,.0f} req/s; {p['n_per_run']:,} requests a run",
+                f"C echo {p['echo']['req_per_s']:,.0f} req/s; {p['n_per_run']:,} requests a run; "
+                f"server CPU per request: ours {_us(p['ours']['cpu_us_per_request'])}, plugin "
+                f"{_us(p['plugin']['cpu_us_per_request'])}",
             )
         )
     if "spawn_ready" in r:
@@ -140,6 +144,10 @@ def build_rows(r: Json) -> list[Row]:
                 _times(lib / ours, "faster") if ours <= lib else _times(ours / lib, "slower"),
                 "≥ 10x faster than the library",
                 lib / ours >= 10,
+                f"ours as timed by the server itself (metadata.elapsed_ms): "
+                f"{_ms(o['ours']['server_elapsed_median_s'])}"
+                if "server_elapsed_median_s" in o["ours"]
+                else "",
             )
         )
         rows.append(
