@@ -288,8 +288,9 @@ def concurrency_svg(c: Json) -> str:
     }
     levels = sorted({int(k) for s in series.values() for k in s[1]})
     values = [v["median_s"] for _, data in series.values() for v in data.values()]
-    y_min = 10 ** math.floor(math.log10(min(values)))
-    y_max = 10 ** math.ceil(math.log10(max(values)))
+    nice = [m * 10**e for e in range(-3, 5) for m in (1, 2, 5)]
+    y_min = max(v for v in nice if v <= min(values))
+    y_max = min(v for v in nice if v >= max(values) * 1.05)
     x_min, x_max = math.log2(levels[0]), math.log2(levels[-1])
 
     def x(n: int) -> float:
@@ -306,21 +307,13 @@ def concurrency_svg(c: Json) -> str:
         f'<text x="{left + pw / 2}" y="22" text-anchor="middle" font-size="14">Wall time of N '
         f"concurrent infer requests ({c['model_delay_ms'] / 1000:g} s model)</text>",
     ]
-    decade = y_min
-    while decade <= y_max * 1.0001:
-        for mult in (1, 2, 5):
-            v = decade * mult
-            if v > y_max * 1.0001:
-                break
+    for v in nice:
+        if y_min <= v <= y_max:
             parts.append(
                 f'<line x1="{left}" x2="{left + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
-                f'stroke="{"#ccc" if mult == 1 else "#eee"}"/>'
+                f'stroke="#ddd"/><text x="{left - 6}" y="{y(v) + 4:.1f}" '
+                f'text-anchor="end">{v:g} s</text>'
             )
-            if mult == 1 or v in (2, 5, 20, 50):
-                parts.append(
-                    f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g} s</text>'
-                )
-        decade *= 10
     for n in levels:
         parts.append(
             f'<line x1="{x(n):.1f}" x2="{x(n):.1f}" y1="{top}" y2="{top + ph}" stroke="#eee"/>'
@@ -333,6 +326,13 @@ def concurrency_svg(c: Json) -> str:
         f'<text transform="translate(18 {top + ph / 2}) rotate(-90)" text-anchor="middle">'
         f"wall time (log scale)</text>"
     )
+    model_s = c["model_delay_ms"] / 1000
+    if y_min <= model_s <= y_max:
+        parts.append(
+            f'<line x1="{left}" x2="{left + pw}" y1="{y(model_s):.1f}" y2="{y(model_s):.1f}" '
+            f'stroke="#888" stroke-dasharray="2,3"/><text x="{left + pw - 4}" '
+            f'y="{y(model_s) - 5:.1f}" text-anchor="end" fill="#666">the model alone</text>'
+        )
     for index, (name, (color, data)) in enumerate(series.items()):
         points = sorted((int(k), v) for k, v in data.items())
         measured = [(n, v) for n, v in points if v.get("measured", True)]
