@@ -12,6 +12,7 @@ with the completion. tests/test_library_seam.py fails loudly if an upgrade moves
 
 from __future__ import annotations
 
+import importlib
 import logging
 import socket
 import threading
@@ -96,6 +97,82 @@ class ClientCache:
                 self.get(client["backend"], client["backend_kwargs"])
             except Exception as exc:  # a bad default only fails the requests that use it
                 log.warning("could not prebuild the %s client: %s", client["backend"], exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warming the zygote
+#
+# Constructing a client is not enough: the OpenAI SDK imports its chat resources on first use and
+# pydantic builds its request and response schemas on the first call (~115 ms together), and rlm
+# imports its REPL on the first completion. A worker forked from a zygote that has never done
+# these pays them on every request, so the zygote does each once, with no network and no threads
+# (it must stay single-threaded to fork safely).
+
+WARM_UP_ANSWER = "```repl\nanswer['content'] = context[:4]\nanswer['ready'] = True\n```"
+
+
+class _CannedLM(BaseLM):  # type: ignore[misc]
+    """A model that answers every prompt with the same REPL block, in-process."""
+
+    def __init__(self) -> None:
+        super().__init__(model_name="warm-up")
+
+    def completion(self, prompt: Any) -> str:
+        return WARM_UP_ANSWER
+
+    async def acompletion(self, prompt: Any) -> str:
+        return WARM_UP_ANSWER
+
+    def get_usage_summary(self) -> UsageSummary:
+        return UsageSummary(model_usage_summaries={})
+
+    def get_last_usage(self) -> Any:
+        return None
+
+
+def _warm_openai_sdk() -> None:
+    import openai
+
+    http = _openai_http_module()
+
+    body = {
+        "id": "warm-up",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "warm-up",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    transport = http.MockTransport(lambda request: http.Response(200, json=body))
+    client = openai.OpenAI(
+        api_key="warm-up",
+        base_url="http://warm-up.invalid/v1",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(transport=transport),
+    )
+    client.chat.completions.create(model="warm-up", messages=[{"role": "user", "content": "hi"}])
+    client.close()
+
+
+def _warm_rlm() -> None:
+    handler = EventLMHandler(_CannedLM(), on_subcall=lambda model: None)  # never started
+    logger = ProgressLogger(on_iteration=lambda n: None, keep_trajectory=False)
+    rlm = WorkerRLM(lm_handler=handler, logger=logger, backend="openai", max_iterations=1)
+    rlm.completion("warm-up context", root_prompt="warm up")
+
+
+def warm_up(spec: Json) -> ClientCache:
+    """Everything a worker would otherwise do for the first time on every request."""
+    clients = ClientCache()
+    clients.prewarm(spec)
+    for step in (_warm_openai_sdk, _warm_rlm):
+        try:
+            step()
+        except Exception as exc:  # warming is an optimisation; never fail start-up for it
+            log.warning("warm-up step %s failed: %s", step.__name__, exc)
+    return clients
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,24 +282,32 @@ def classify_failure(exc: BaseException) -> Json:
     return {"failure": failure}
 
 
+def _openai_http_module() -> Any:
+    """The HTTP library the installed OpenAI SDK is built on (httpx, or its fork httpx2)."""
+    try:
+        import httpx2
+
+        return httpx2
+    except ImportError:
+        import httpx
+
+        return httpx
+
+
 def _is_transport_error(exc: BaseException) -> bool:
-    """Connection and timeout errors of the providers' SDKs (all built on httpx)."""
-    import httpx
-
-    transient: tuple[type[BaseException], ...] = (httpx.TransportError,)
-    try:
-        import openai
-
-        transient += (openai.APIConnectionError,)
-    except ImportError:
-        pass
-    try:
-        import anthropic
-
-        transient += (anthropic.APIConnectionError,)
-    except ImportError:
-        pass
-    return isinstance(exc, transient)
+    """Connection and timeout errors of the providers' SDKs and their HTTP libraries."""
+    transient: list[type[BaseException]] = []
+    for module, name in (
+        ("httpx", "TransportError"),
+        ("httpx2", "TransportError"),
+        ("openai", "APIConnectionError"),
+        ("anthropic", "APIConnectionError"),
+    ):
+        try:
+            transient.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return isinstance(exc, tuple(transient))
 
 
 def _build_rlm(job: Json, clients: ClientCache, emit: Emit) -> tuple[WorkerRLM, ProgressLogger]:

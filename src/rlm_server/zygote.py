@@ -17,7 +17,7 @@ import sys
 
 import orjson
 
-from rlm_server.completion import ClientCache, serve_job
+from rlm_server.completion import ClientCache, serve_job, warm_up
 
 PR_SET_PDEATHSIG = 1
 
@@ -63,8 +63,7 @@ def main(argv: list[str]) -> int:
     memory_mb = int(argv[1])
     prewarm = orjson.loads(control.recv(1 << 20))
 
-    clients = ClientCache()
-    clients.prewarm(prewarm)
+    clients = warm_up(prewarm)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     try:
         control.send(b"ready")
