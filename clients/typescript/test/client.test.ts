@@ -51,7 +51,7 @@ function clientMessageValidator(): (value: unknown) => boolean {
   return (value) => validate(value) as boolean;
 }
 
-describe("client lifecycle (stub mode)", { concurrency: true }, () => {
+describe("client lifecycle (stub mode)", { concurrency: 4 }, () => {
   test("starts lazily; concurrent first calls share one process", async (t) => {
     const spawns = tempFile("spawns");
     const client = new RLMClient({

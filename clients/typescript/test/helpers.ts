@@ -171,7 +171,7 @@ export function serverClient(
 export async function eventually<T>(
   probe: () => Promise<T>,
   predicate: (value: T) => boolean,
-  timeoutMs = 10_000,
+  timeoutMs = 30_000,
 ): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
