@@ -49,6 +49,15 @@ const GONE_GRACE_MS = 200;
 /** setTimeout's largest delay; longer timeouts would fire at once. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
+/**
+ * The wire is UTF-8, which cannot carry a lone surrogate; JSON.stringify would escape one as
+ * `\ud800`, which the server cannot parse and answers -32700 without an id, leaving the call to
+ * its timeout. Such strings are sent as any UTF-8 encoder would send them, with U+FFFD.
+ */
+function wellFormed(_key: string, value: unknown): unknown {
+  return typeof value === "string" && !value.isWellFormed() ? value.toWellFormed() : value;
+}
+
 function startFailed(message: string, stderr: string): RLMInternalError {
   return new RLMInternalError(-32603, message, {
     type: "start_failed",
@@ -146,7 +155,7 @@ export class Connection {
     if (options.signal?.aborted) return Promise.reject(cancelledError());
     const id = this.nextId++;
     // Serialise before registering: a value JSON cannot hold throws here, leaving nothing pending.
-    const line = JSON.stringify({ jsonrpc: "2.0", id, method, ...(params ? { params } : {}) });
+    const line = JSON.stringify({ jsonrpc: "2.0", id, method, ...(params ? { params } : {}) }, wellFormed);
     return new Promise<T>((resolve, reject) => {
       const { signal, timeoutMs } = options;
       const onAbort = (): void => this.abandon(id, cancelledError());

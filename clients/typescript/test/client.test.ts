@@ -142,6 +142,13 @@ describe("client lifecycle (stub mode)", { concurrency: 4 }, () => {
     assert.equal(status.metrics.stub_responses, 1);
   });
 
+  test("a lone surrogate is sent as U+FFFD, so the server can parse the request and answer it", async (t) => {
+    const client = serverClient(STUB_ENV);
+    t.after(() => client.close());
+    const result = await client.infer("broken \ud800 text", { query: "\udfff" });
+    assert.equal(result.stub, true);
+  });
+
   test("close() ends stdin, the server exits, and the next call starts a new one", async (t) => {
     const client = serverClient(STUB_ENV);
     t.after(() => client.close());
