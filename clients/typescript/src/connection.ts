@@ -82,6 +82,8 @@ export class Connection {
   private readonly readyTimer: NodeJS.Timeout;
   private lastStderr = "";
   private info: ReadyInfo | undefined;
+  /** Whether the child and its pipes currently hold the event loop open (they do from spawn). */
+  private referenced = true;
   private settleReady!: { resolve(info: ReadyInfo): void; reject(error: RLMError): void };
   private markExited!: () => void;
 
@@ -341,6 +343,8 @@ export class Connection {
   /** Keeps the event loop alive only while a call waits on the child, so an idle client lets Node exit. */
   private updateRef(): void {
     const busy = this.pending.size > 0 || (!this.info && !this.failure);
+    if (busy === this.referenced) return;
+    this.referenced = busy;
     for (const handle of [this.child, this.child.stdin, this.child.stdout, this.child.stderr]) {
       const refable = handle as unknown as Partial<Refable> | null;
       if (busy) refable?.ref?.();
