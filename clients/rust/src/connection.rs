@@ -150,11 +150,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Adds a pending request (ids are never reused), unless the connection is down.
     fn register(&self, id: u64, pending: Pending) -> Result<(), RlmError> {
-        let registered = match lock(&self.pending).as_mut() {
-            Some(map) => map.insert(id, pending).is_none(),
-            None => false,
-        };
+        let registered = lock(&self.pending)
+            .as_mut()
+            .map(|map| map.insert(id, pending))
+            .is_some();
         if registered {
             Ok(())
         } else {
@@ -162,7 +163,7 @@ impl Shared {
         }
     }
 
-    /// Removes a pending request; true if it was still waiting.
+    /// Removes a pending request, if it is still waiting.
     fn take(&self, id: u64) -> Option<Pending> {
         lock(&self.pending).as_mut().and_then(|map| map.remove(&id))
     }
@@ -303,8 +304,9 @@ impl Shared {
     }
 }
 
-/// Any line from the server, read just far enough to route it. `result` stays raw so the
-/// caller decodes it in its own task, and a huge answer is parsed once on this task.
+/// Any line from the server, read just far enough to route it. `result` stays raw: the
+/// reader only finds where it ends, and the caller decodes it in its own task, so decoding a
+/// large answer never holds up the answers behind it.
 #[derive(Deserialize)]
 struct Incoming {
     #[serde(default)]
