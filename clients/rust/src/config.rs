@@ -101,7 +101,8 @@ pub struct RLMConfig {
 }
 
 impl Default for RLMConfig {
-    /// `rlm-server` on the `PATH`, 30 s to start, 5 min per call, 10 s + 5 s to close.
+    /// `rlm-server` on the `PATH`, 30 s to start, 10 min per call, 5 s + 5 s to close: the
+    /// TypeScript client's defaults.
     fn default() -> Self {
         Self {
             command: "rlm-server".to_owned(),
@@ -109,8 +110,8 @@ impl Default for RLMConfig {
             env: Vec::new(),
             env_remove: Vec::new(),
             ready_timeout: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(300),
-            close_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(600),
+            close_timeout: Duration::from_secs(5),
             term_timeout: Duration::from_secs(5),
             retry: RetryConfig::default(),
             on_metrics: None,
