@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 
+import pytest
 from fixtures.openai_fixture import FixtureServer
 from harness import repl
 from rlm import RLM
@@ -60,10 +61,18 @@ def _kwargs(llm: FixtureServer) -> dict[str, object]:
     }
 
 
-def test_worker_rlm_sends_the_model_what_the_stock_rlm_sends(llm: FixtureServer) -> None:
+CONTEXTS = {
+    "text": "some context",
+    "messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "second"}],
+}
+
+
+@pytest.mark.parametrize("kind", CONTEXTS)
+def test_worker_rlm_sends_the_model_what_the_stock_rlm_sends(llm: FixtureServer, kind: str) -> None:
+    context = CONTEXTS[kind]
     rules = [{"when": "root", "reply": ROOT}, {"when": "sub", "reply": "sub answer"}]
     llm.script.replace(rules)
-    stock = RLM(**_kwargs(llm)).completion("some context", root_prompt="the question")
+    stock = RLM(**_kwargs(llm)).completion(context, root_prompt="the question")
     stock_bodies = list(llm.script.bodies)
 
     llm.script.replace(rules)
@@ -75,14 +84,32 @@ def test_worker_rlm_sends_the_model_what_the_stock_rlm_sends(llm: FixtureServer)
     handler.start()
     logger = ProgressLogger(on_iteration=iterations.append, keep_trajectory=False)
     ours = WorkerRLM(lm_handler=handler, logger=logger, **kwargs).completion(
-        "some context", root_prompt="the question"
+        context, root_prompt="the question"
     )
 
-    assert ours.response == stock.response == "12:sub answer"
+    assert ours.response == stock.response == f"{len(context)}:sub answer"
     assert list(llm.script.bodies) == stock_bodies
     assert ours.usage_summary.to_dict() == stock.usage_summary.to_dict()
     assert (subcalls, iterations, logger.completed) == (["scripted"], [1], 1)
     assert handler._server is not None, "the worker's handler must outlive the completion"
+    handler.stop()
+
+
+def test_the_repl_gets_the_very_context_object(llm: FixtureServer) -> None:
+    """No copy of a long context: the REPL's `context` and `context_0` are the object given."""
+    context = "x" * 1000
+    reply = repl(
+        "answer['content'] = str(id(context)) + ' ' + str(id(context_0))",
+        "answer['ready'] = True",
+    )
+    llm.script.replace([{"when": "root", "reply": reply}])
+    kwargs = _kwargs(llm)
+    client = ClientCache().get("openai", kwargs["backend_kwargs"])  # type: ignore[arg-type]
+    handler = EventLMHandler(client, on_subcall=lambda model: None)
+    handler.start()
+    logger = ProgressLogger(on_iteration=lambda n: None, keep_trajectory=False)
+    result = WorkerRLM(lm_handler=handler, logger=logger, **kwargs).completion(context)
+    assert result.response == f"{id(context)} {id(context)}"
     handler.stop()
 
 

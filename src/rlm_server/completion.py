@@ -58,10 +58,16 @@ class Channel:
             view = view[received:]
         return buffer
 
-    def receive(self) -> Json:
-        length = frames.length_of(self._receive_exactly(frames.HEADER_BYTES))
-        job: Json = orjson.loads(self._receive_exactly(length))
-        return job
+    def _receive_frame(self) -> bytearray:
+        return self._receive_exactly(frames.length_of(self._receive_exactly(frames.HEADER_BYTES)))
+
+    def receive_job(self) -> tuple[Json, str | list[Any]]:
+        """The job, and its context (sent after it: raw UTF-8 text, or JSON)."""
+        job: Json = orjson.loads(self._receive_frame())
+        raw = self._receive_frame()
+        context = raw.decode() if job["context_type"] == "text" else orjson.loads(raw)
+        del raw  # halve the worker's peak: the text is all we keep
+        return job, context
 
     def send(self, frame: Json) -> None:
         payload = orjson.dumps(frame, default=str)
@@ -217,7 +223,12 @@ class ProgressLogger(RLMLogger):  # type: ignore[misc]
 
 
 class WorkerRLM(RLM):  # type: ignore[misc]
-    """An RLM whose completions use the worker's LM handler instead of building their own."""
+    """An RLM whose completions use the worker's LM handler instead of building their own.
+
+    With the local REPL it also hands the context to the REPL as the very object it is given:
+    the library would write it to a temporary file and read it back, which for a 200 MB context
+    costs 200 MB of disk and twice that in memory.
+    """
 
     def __init__(self, lm_handler: LMHandler, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -227,14 +238,18 @@ class WorkerRLM(RLM):  # type: ignore[misc]
     def _spawn_completion_context(
         self, prompt: str | dict[str, Any]
     ) -> Iterator[tuple[LMHandler, Any]]:
+        in_process = self.environment_type == "local"
         env_kwargs = dict(self.environment_kwargs)
         env_kwargs["lm_handler_address"] = self._worker_lm_handler.address
-        env_kwargs["context_payload"] = prompt
+        env_kwargs["context_payload"] = None if in_process else prompt
         env_kwargs["depth"] = self.depth + 1
         if self.environment_type in ("local", "ipython", "docker") and self.max_depth > 1:
             env_kwargs["subcall_fn"] = self._subcall
         env_kwargs["max_concurrent_subcalls"] = self.max_concurrent_subcalls
         environment = get_environment(self.environment_type, env_kwargs)
+        if in_process:
+            # what LocalREPL.load_context leaves behind, without the round trip through a file
+            environment.locals["context_0"] = environment.locals["context"] = prompt
         try:
             yield self._worker_lm_handler, environment
         finally:
@@ -338,11 +353,11 @@ def _build_rlm(job: Json, clients: ClientCache, emit: Emit) -> tuple[WorkerRLM, 
     return rlm, logger
 
 
-def run_job(job: Json, clients: ClientCache, emit: Emit) -> Json:
+def run_job(job: Json, context: str | list[Any], clients: ClientCache, emit: Emit) -> Json:
     """The final frame for one job: {"result": ...} or {"failure": ...}."""
     try:
         rlm, logger = _build_rlm(job, clients, emit)
-        completion = rlm.completion(job["context"], root_prompt=job.get("query"))
+        completion = rlm.completion(context, root_prompt=job.get("query"))
     except Exception as exc:
         log.info("completion failed: %s: %s", type(exc).__name__, exc)
         return classify_failure(exc)
@@ -360,11 +375,11 @@ def run_job(job: Json, clients: ClientCache, emit: Emit) -> Json:
 def serve_job(sock: socket.socket, clients: ClientCache) -> None:
     """Read one job from the server, run it, and send its events and final frame."""
     channel = Channel(sock)
-    job = channel.receive()
+    job, context = channel.receive_job()
     progress = bool(job.get("progress"))
 
     def emit(event: str, **fields: Any) -> None:
         if progress:
             channel.send({"event": event, **fields})
 
-    channel.send(run_job(job, clients, emit))
+    channel.send(run_job(job, context, clients, emit))

@@ -302,7 +302,6 @@ class Engine:
     ) -> Json:
         progress("started")
         job = {
-            "context": request.context,
             "query": request.query,
             "rlm": spec.rlm_kwargs,
             "progress": request.options.progress,
@@ -310,7 +309,7 @@ class Engine:
         }
         attempt = 1
         while True:
-            final = await self._pool.run(job, progress.forward)
+            final = await self._pool.run(job, request.context, progress.forward)
             if "result" in final:
                 return self._result(spec, final["result"], started, attempt)
             failure: Json = final["failure"]

@@ -4,10 +4,10 @@ At start `claim_stdio` moves the protocol onto private descriptors and points fd
 fd 0 at /dev/null, so nothing any library, child process or model code prints can reach the
 protocol stream, and no child inherits our stdin (O_NONBLOCK is shared by every holder of a pipe).
 
-Reading is `os.read` on a non-blocking descriptor after `anyio.wait_readable`, framed by anyio's
-`BufferedByteReceiveStream.receive_until`: no thread hop per line, no fixed line cap, and it can
-be cancelled. A line over the limit is reported as `OversizedLine` and skipped without holding more
-than the limit in memory. Writing is owned by one task (`ProtocolWriter.run`).
+Reading is `os.read` on a non-blocking descriptor after `anyio.wait_readable`: no thread hop per
+line, no fixed line cap, and it can be cancelled. `LineReader` frames it without copying long
+lines. A line over the limit is reported as `OversizedLine` and skipped without holding more than
+the limit in memory. Writing is owned by one task (`ProtocolWriter.run`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import anyio
 from anyio.abc import ByteReceiveStream
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 READ_CHUNK = 1 << 20
 SMALL_MESSAGE = 1 << 16
@@ -110,52 +109,78 @@ class OversizedLine:
     limit: int
 
 
+def _blank(line: bytes | bytearray) -> bool:
+    return not line or line.isspace()  # never line.strip(): that copies a 200 MB line
+
+
 class LineReader:
     """Newline-delimited lines from a byte stream, with a size limit.
 
-    A method rather than an async generator, so that no suspended frame keeps a long line alive
-    after the caller has let go of it.
+    anyio's `BufferedByteReceiveStream.receive_until` returns `bytes(buffer[:index])`: for a
+    200 MB line that is the buffer, a slice and a copy alive at once. Here a line that fills
+    most of the buffer is handed over as the buffer itself (orjson parses a bytearray), so a
+    long context is never copied on its way in; short lines are sliced off the front.
+    A method rather than an async generator, so that no suspended frame keeps a long line alive.
     """
 
     def __init__(self, stream: ByteReceiveStream, max_bytes: int) -> None:
         self._stream = stream
         self._max_bytes = max_bytes
-        self._buffered = BufferedByteReceiveStream(stream)
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer already known to hold no newline
         self._ended = False
 
-    async def next_line(self) -> bytes | OversizedLine | None:
+    async def next_line(self) -> bytes | bytearray | OversizedLine | None:
         """The next non-blank line without its newline, an OversizedLine, or None at the end.
 
         A final line without a newline counts as a line.
         """
-        while not self._ended:
-            try:
-                line = await self._buffered.receive_until(b"\n", self._max_bytes)
-            except anyio.DelimiterNotFound:
-                self._buffered = await self._skip_rest_of_line()
-                return OversizedLine(self._max_bytes)
-            except anyio.IncompleteRead:
-                self._ended = True
-                line = self._buffered.buffer
-            if len(line) > self._max_bytes:  # found whole within one read, but still too long
-                return OversizedLine(self._max_bytes)
-            if line.strip():
-                return line
-        return None
-
-    async def _skip_rest_of_line(self) -> BufferedByteReceiveStream:
-        """Drop bytes up to the next newline; return a fresh buffer holding what follows it."""
-        fresh = BufferedByteReceiveStream(self._stream)
         while True:
-            try:
-                chunk = await self._stream.receive()
-            except anyio.EndOfStream:
-                self._ended = True
-                return fresh
-            newline = chunk.find(b"\n")
+            newline = self._buffer.find(b"\n", self._scanned)
             if newline >= 0:
-                fresh.feed_data(chunk[newline + 1 :])
-                return fresh
+                line = self._take(newline)
+                if len(line) > self._max_bytes:
+                    return OversizedLine(self._max_bytes)
+                if not _blank(line):
+                    return line
+                continue
+            if len(self._buffer) > self._max_bytes:
+                await self._skip_rest_of_line()
+                return OversizedLine(self._max_bytes)
+            if self._ended:
+                return None if _blank(self._buffer) else self._take(len(self._buffer))
+            self._scanned = len(self._buffer)
+            await self._fill()
+
+    def _take(self, newline: int) -> bytes | bytearray:
+        """Remove the line ending at `newline` (and the newline) from the buffer."""
+        self._scanned = 0
+        if newline < len(self._buffer) // 2:
+            line = bytes(self._buffer[:newline])
+            del self._buffer[: newline + 1]
+            return line
+        rest = self._buffer[newline + 1 :]
+        taken, self._buffer = self._buffer, rest
+        del taken[newline:]
+        return taken
+
+    async def _fill(self) -> None:
+        try:
+            self._buffer += await self._stream.receive()
+        except anyio.EndOfStream:
+            self._ended = True
+
+    async def _skip_rest_of_line(self) -> None:
+        """Drop bytes up to the next newline, keeping what follows it."""
+        self._buffer = bytearray()
+        while not self._ended:
+            await self._fill()
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                del self._buffer[: newline + 1]
+                break
+            self._buffer = bytearray()
+        self._scanned = 0
 
 
 class ProtocolWriter:

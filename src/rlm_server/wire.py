@@ -16,7 +16,7 @@ RequestId = str | int | None
 Json = dict[str, Any]
 
 
-def decode(line: bytes) -> Any:
+def decode(line: bytes | bytearray) -> Any:
     """Parse one line; raise ParseError (-32700) if it is not JSON (or nests over 1024 deep)."""
     try:
         return orjson.loads(line)

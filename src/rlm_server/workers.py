@@ -36,6 +36,7 @@ from rlm_server.transport import FdReceiveStream, write_all
 log = logging.getLogger(__name__)
 
 Json = dict[str, Any]
+TEXT_CHUNK = 1 << 20
 EventHandler = Callable[[Json], None]
 
 
@@ -48,13 +49,33 @@ class Worker:
         self._fd = sock.fileno()
         sock.setblocking(False)
 
-    async def send(self, frame: Json) -> None:
-        payload = orjson.dumps(frame)
+    async def send_job(self, job: Json, context: str | list[Any]) -> None:
+        """The job as a JSON frame, then the context in a frame of its own.
+
+        A text context goes as raw UTF-8, streamed in chunks, so a 200 MB context is never
+        copied into one JSON document on its way to the worker.
+        """
         try:
-            await write_all(self._fd, frames.header(len(payload)))
-            await write_all(self._fd, payload)
+            if isinstance(context, str):
+                await self._write_frame(orjson.dumps({**job, "context_type": "text"}))
+                await self._write_text(context)
+            else:
+                await self._write_frame(orjson.dumps({**job, "context_type": "json"}))
+                await self._write_frame(orjson.dumps(context))
         except OSError:  # the worker died while we wrote; its frames() will end
             pass
+
+    async def _write_frame(self, payload: bytes) -> None:
+        await write_all(self._fd, frames.header(len(payload)))
+        await write_all(self._fd, payload)
+
+    async def _write_text(self, text: str) -> None:
+        if not text.isascii():  # isascii is O(1) on str; only then are characters bytes
+            await self._write_frame(text.encode())
+            return
+        await write_all(self._fd, frames.header(len(text)))
+        for start in range(0, len(text), TEXT_CHUNK):
+            await write_all(self._fd, text[start : start + TEXT_CHUNK].encode("ascii"))
 
     async def frames(self) -> AsyncIterator[Json]:
         stream = BufferedByteReceiveStream(FdReceiveStream(self._fd))
@@ -161,11 +182,11 @@ class WorkerPool:
                 raise WorkerCrashed(reason="the worker zygote did not fork")
             return Worker(int.from_bytes(reply, "big"), ours)
 
-    async def run(self, job: Json, on_event: EventHandler) -> Json:
+    async def run(self, job: Json, context: str | list[Any], on_event: EventHandler) -> Json:
         """Run one job in a fresh worker; return its final frame. The worker never outlives it."""
         worker = await self.fork()
         try:
-            await worker.send(job)
+            await worker.send_job(job, context)
             async for frame in worker.frames():
                 if "event" in frame:
                     on_event(frame)
