@@ -133,3 +133,23 @@ def test_a_per_request_backend_without_credentials_is_a_stub(spawn: Spawn) -> No
     assert other["stub"] is True and other["metadata"]["backend"] == "gemini"
     assert server.call("status")["result"]["available"] is True
     assert server.close() == 0
+
+
+def test_a_dead_zygote_is_replaced(spawn: Spawn) -> None:
+    server = spawn([{"when": "root", "reply": answer_with("'alive'")}])
+    server.ready()
+    assert server.call("infer", {"prompt": "ctx"})["result"]["text"] == "alive"
+    zygotes = [pid for pid in descendants(server.process.pid) if b"zygote" in _cmdline(pid)]
+    assert len(zygotes) == 1
+    os.kill(zygotes[0], signal.SIGKILL)
+    assert wait_until(lambda: not alive(zygotes))
+    assert server.call("infer", {"prompt": "ctx"})["result"]["text"] == "alive"
+    assert server.close() == 0
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
