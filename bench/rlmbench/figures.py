@@ -406,6 +406,8 @@ class Bench:
                         "time_s": elapsed,
                         "found": text == secret,
                         "peak_kib": sampler.peak_kib,
+                        "peak_server_kib": sampler.peak_root_kib,
+                        "peak_zygote_and_worker_kib": sampler.peak_children_kib,
                         "idle_kib": idle_kib,
                         "samples": sampler.samples,
                         "server_hwm_kib": status_kib(channel.pid, "VmHWM"),
@@ -414,7 +416,9 @@ class Bench:
                 )
                 self.log(
                     f"  needle run {run + 1}: {elapsed:.2f} s, found={text == secret}, peak "
-                    f"{sampler.peak_kib / 1024:.0f} MiB (idle {idle_kib / 1024:.0f} MiB)"
+                    f"{sampler.peak_kib / 1024:.0f} MiB (idle {idle_kib / 1024:.0f} MiB; server "
+                    f"alone {sampler.peak_root_kib / 1024:.0f}, zygote + worker "
+                    f"{sampler.peak_children_kib / 1024:.0f})"
                 )
                 time.sleep(0.3)
         del body
@@ -429,6 +433,11 @@ class Bench:
             "ours": {
                 "median_s": statistics.median(r["time_s"] for r in runs),
                 "peak_kib": statistics.median(r["peak_kib"] for r in runs),
+                "peak_server_kib": statistics.median(r["peak_server_kib"] for r in runs),
+                "peak_zygote_and_worker_kib": statistics.median(
+                    r["peak_zygote_and_worker_kib"] for r in runs
+                ),
+                "idle_kib": statistics.median(r["idle_kib"] for r in runs),
                 "found": all(r["found"] for r in runs),
                 "runs": runs,
             },

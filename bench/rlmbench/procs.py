@@ -359,19 +359,29 @@ def tree_rss_kib(pid: int) -> int:
 
 
 class RssSampler:
-    """Samples the summed VmRSS of a process tree every `period_s`; keeps the peak."""
+    """Samples the summed VmRSS of a process tree every `period_s`; keeps the peak of the sum,
+    and the peaks of the root process alone and of its descendants together (for diagnosis)."""
 
     def __init__(self, pid: int, period_s: float = 0.01) -> None:
         self._pid, self._period = pid, period_s
         self.peak_kib = 0
+        self.peak_root_kib = 0
+        self.peak_children_kib = 0
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        root = status_kib(self._pid, "VmRSS")
+        children = sum(status_kib(p, "VmRSS") for p in tree(self._pid)[1:])
+        self.peak_kib = max(self.peak_kib, root + children)
+        self.peak_root_kib = max(self.peak_root_kib, root)
+        self.peak_children_kib = max(self.peak_children_kib, children)
+        self.samples += 1
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_kib = max(self.peak_kib, tree_rss_kib(self._pid))
-            self.samples += 1
+            self.sample()
             self._stop.wait(self._period)
 
     def __enter__(self) -> RssSampler:
@@ -381,7 +391,7 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_kib = max(self.peak_kib, tree_rss_kib(self._pid))
+        self.sample()
 
 
 @contextlib.contextmanager

@@ -211,7 +211,10 @@ def build_rows(r: Json) -> list[Row]:
                 _times(lib_peak / peak, "less") if peak <= lib_peak else _times(peak / lib_peak, "more"),
                 "≤ 4x the context",
                 peak <= 4 * size,
-                "sum of VmRSS over the process tree, sampled every 10 ms; library: VmHWM",
+                "sum of VmRSS over the process tree, sampled every 10 ms (idle before the "
+                f"request: {ours['idle_kib'] / 1024:,.0f} MiB; peaks apart: server "
+                f"{ours['peak_server_kib'] / 1024:,.0f} MiB, zygote + worker "
+                f"{ours['peak_zygote_and_worker_kib'] / 1024:,.0f} MiB); library: its VmHWM",
             )
         )
     if "line_ours" in r and "line_plugin" in r:
