@@ -51,9 +51,7 @@ def _run(*argv: str) -> str:
 
 
 def _version(python: str, dist: str) -> str:
-    return _run(
-        python, "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"
-    ) or "?"
+    return _run(python, "-c", f"import importlib.metadata as m; print(m.version({dist!r}))") or "?"
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,8 +86,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="run the plugin at 64 concurrent requests too (about 100 s) instead of extrapolating",
     )
-    parser.add_argument("--out", help="directory for the results (default: results/ for a full "
-                        "run, results/tmp/ otherwise)")
+    parser.add_argument(
+        "--out",
+        help="directory for the results (default: results/ for a full run, results/tmp/ otherwise)",
+    )
     parser.add_argument("--ours", default=os.environ.get("RLMBENCH_OURS"), required=False)
     parser.add_argument("--plugin-python", default=os.environ.get("RLMBENCH_PLUGIN_PYTHON"))
     parser.add_argument("--echo", default=os.environ.get("RLMBENCH_ECHO"))
@@ -174,8 +174,10 @@ def main(argv: list[str]) -> int:
     (out / "latest.md").write_text(markdown)
     if "concurrency" in results:
         (out / "concurrency.svg").write_text(report.concurrency_svg(results["concurrency"]))
-    print(f"\nwrote {out / 'latest.json'}, {out / 'latest.md'}"
-          + (f", {out / 'concurrency.svg'}" if "concurrency" in results else ""))
+    print(
+        f"\nwrote {out / 'latest.json'}, {out / 'latest.md'}"
+        + (f", {out / 'concurrency.svg'}" if "concurrency" in results else "")
+    )
     if full and not failures:
         update_readme(markdown)
         print(f"updated the table in {BENCH / 'README.md'}")
@@ -188,7 +190,8 @@ def update_readme(markdown: str) -> None:
     pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
     if not pattern.search(text):
         return
-    block = f"{README_START}\n{markdown}\n![wall time against concurrent requests](results/concurrency.svg)\n{README_END}"
+    plot = "![wall time against concurrent requests](results/concurrency.svg)"
+    block = f"{README_START}\n{markdown}\n{plot}\n{README_END}"
     readme.write_text(pattern.sub(lambda _: block, text))
 
 

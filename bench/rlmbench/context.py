@@ -6,16 +6,17 @@ import random
 
 NEEDLE_PREFIX = "The secret code is "
 SECRET_CHARS = 16
-WORDS = (
+WORDS = (  # noqa: SIM905 - a word list reads better as one string
     "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
     "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu the of and "
     "to in is was for on with as by at from river stone cloud paper garden window market"
 ).split()
 
 # The root model's code: find the needle with str.find, answer the 16 characters after it.
+_START, _END = len(NEEDLE_PREFIX), len(NEEDLE_PREFIX) + SECRET_CHARS
 NEEDLE_CODE = (
     f"i = context.find({NEEDLE_PREFIX!r})",
-    f"answer['content'] = context[i + {len(NEEDLE_PREFIX)}:i + {len(NEEDLE_PREFIX) + SECRET_CHARS}]",
+    f"answer['content'] = context[i + {_START}:i + {_END}]",
     "answer['ready'] = True",
 )
 NEEDLE_QUERY = "What is the secret code?"

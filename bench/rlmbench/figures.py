@@ -22,13 +22,12 @@ import orjson
 from rlmbench.context import NEEDLE_CODE, NEEDLE_QUERY, make_context
 from rlmbench.procs import (
     BENCH,
-    INSTANT_OK,
     Channel,
     Fixture,
     RssSampler,
     Target,
-    repl_reply,
     cpu_ns,
+    repl_reply,
     spawned,
     status_kib,
     tree,
@@ -283,12 +282,17 @@ class Bench:
 
     def _library(self, *args: str) -> Json:
         completed = subprocess.run(
-            [sys.executable, "-m", "rlmbench.library_direct", args[0], self.fixture.base_url,
-             *args[1:]],
+            [
+                sys.executable,
+                "-m",
+                "rlmbench.library_direct",
+                args[0],
+                self.fixture.base_url,
+                *args[1:],
+            ],
             cwd=BENCH,
             env=self.t["ours"].env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             timeout=600,
             check=False,
         )
@@ -386,7 +390,9 @@ class Bench:
         runs = []
         with spawned(ours) as channel:
             ours.wait_ready(channel)
-            warm = ours.call(channel, 0, "infer", {"prompt": "x The secret code is 0123456789abcdef."})
+            warm = ours.call(
+                channel, 0, "infer", {"prompt": "x The secret code is 0123456789abcdef."}
+            )
             if warm.get("result", {}).get("text") != "0123456789abcdef":
                 raise RuntimeError(f"needle warm-up failed: {warm}")
             time.sleep(0.3)
@@ -479,7 +485,9 @@ class Bench:
                     elapsed = time.perf_counter() - started
                     writer.join()
                 accepted = message.get("id") == request_id and "result" in message
-                refused = message.get("id") is None and message.get("error", {}).get("code") == -32600
+                refused = (
+                    message.get("id") is None and message.get("error", {}).get("code") == -32600
+                )
                 alive = ours.call(channel, 100 + request_id, "status", timeout=60)
                 probes.append(
                     {
@@ -492,9 +500,10 @@ class Bench:
                         "peak_kib": sampler.peak_kib,
                     }
                 )
+                outcome = "accepted" if accepted else "refused" if refused else str(message)[:200]
                 self.log(
-                    f"  ours line of {size} bytes: {'accepted' if accepted else 'refused' if refused else message}"
-                    f" in {elapsed:.2f} s, peak {sampler.peak_kib / 1024:.0f} MiB, alive after: {'result' in alive}"
+                    f"  ours line of {size} bytes: {outcome} in {elapsed:.2f} s, peak "
+                    f"{sampler.peak_kib / 1024:.0f} MiB, alive after: {'result' in alive}"
                 )
         largest = max((p["bytes"] for p in probes if p["accepted"]), default=0)
         return {"largest_accepted_bytes": largest, "probes": probes}

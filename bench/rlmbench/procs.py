@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,7 +235,9 @@ class Target:
     env: dict[str, str] = field(default_factory=dict)
     label: str = ""
 
-    def spawn(self, extra_args: list[str] = (), env: Mapping[str, str] | None = None) -> Channel:  # type: ignore[assignment]
+    def spawn(
+        self, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> Channel:
         return Channel([*self.argv, *extra_args], env or self.env, self.name)
 
     def request(self, request_id: int, method: str, params: Json | None = None) -> bytes:
@@ -255,8 +257,14 @@ class Target:
             if self.ready(message):
                 return time.perf_counter() - channel.spawned_at
 
-    def call(self, channel: Channel, request_id: int, method: str, params: Json | None = None,
-             timeout: float = 120) -> Json:
+    def call(
+        self,
+        channel: Channel,
+        request_id: int,
+        method: str,
+        params: Json | None = None,
+        timeout: float = 120,
+    ) -> Json:
         """Send one request, return its response (notifications are skipped)."""
         channel.write(self.request(request_id, method, params))
         return self.response(channel, request_id, timeout)
@@ -347,9 +355,10 @@ def cpu_ns(pid: int) -> int:
     total = 0
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError, ValueError), open(
-                f"/proc/{pid}/task/{task}/schedstat"
-            ) as f:
+            with (
+                contextlib.suppress(OSError, ValueError),
+                open(f"/proc/{pid}/task/{task}/schedstat") as f,
+            ):
                 total += int(f.read().split()[0])
     return total
 
@@ -395,7 +404,9 @@ class RssSampler:
 
 
 @contextlib.contextmanager
-def spawned(target: Target, extra_args: list[str] = (), env: Mapping[str, str] | None = None) -> Iterator[Channel]:  # type: ignore[assignment]
+def spawned(
+    target: Target, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None
+) -> Iterator[Channel]:
     channel = target.spawn(list(extra_args), env)
     try:
         yield channel

@@ -69,7 +69,8 @@ def build_rows(r: Json) -> list[Row]:
                 "",
                 None,
                 f"C echo floor {_us(echo['p50_us'])} ({_us(echo['p99_us'])}); server CPU time per "
-                f"request (schedstat, hardly moved by load): ours {_us(ours['cpu_us_per_request'])}, "
+                "request (schedstat, hardly moved by load): "
+                f"ours {_us(ours['cpu_us_per_request'])}, "
                 f"plugin {_us(plugin['cpu_us_per_request'])}",
             )
         )
@@ -112,7 +113,9 @@ def build_rows(r: Json) -> list[Row]:
                 _ms(ours),
                 "plugin server",
                 _ms(plugin),
-                _times(plugin / ours, "faster") if ours <= plugin else _times(ours / plugin, "slower"),
+                _times(plugin / ours, "faster")
+                if ours <= plugin
+                else _times(ours / plugin, "slower"),
                 "≤ 100 ms",
                 ours <= 0.100,
                 f"plugin with `rlm` hidden (stub mode): {_ms(s['plugin_stub']['median_s'])}",
@@ -127,7 +130,9 @@ def build_rows(r: Json) -> list[Row]:
                 _ms(ours),
                 "plugin server",
                 _ms(plugin),
-                _times(plugin / ours, "faster") if ours <= plugin else _times(ours / plugin, "slower"),
+                _times(plugin / ours, "faster")
+                if ours <= plugin
+                else _times(ours / plugin, "slower"),
                 "≤ 600 ms",
                 ours <= 0.600,
             )
@@ -156,7 +161,9 @@ def build_rows(r: Json) -> list[Row]:
                 _ms(ours),
                 "plugin server",
                 _ms(plugin),
-                _times(plugin / ours, "faster") if ours <= plugin else _times(ours / plugin, "slower"),
+                _times(plugin / ours, "faster")
+                if ours <= plugin
+                else _times(ours / plugin, "slower"),
                 "",
                 None,
             )
@@ -175,7 +182,7 @@ def build_rows(r: Json) -> list[Row]:
                 "plugin server",
                 _s(plugin["median_s"]) + mark,
                 _times(plugin["median_s"] / ours, "faster"),
-                f"all answered within 2 s",
+                "all answered within 2 s",
                 ours <= 2.0,
                 f"at most {c.get('ours_max_in_flight_at_model', '?')} calls at the model at once",
             )
@@ -208,7 +215,9 @@ def build_rows(r: Json) -> list[Row]:
                 f"{peak / MIB:,.0f} MiB ({peak / size:.2f}x context)",
                 "`rlm` library directly",
                 f"{lib_peak / MIB:,.0f} MiB ({lib_peak / size:.2f}x context)",
-                _times(lib_peak / peak, "less") if peak <= lib_peak else _times(peak / lib_peak, "more"),
+                _times(lib_peak / peak, "less")
+                if peak <= lib_peak
+                else _times(peak / lib_peak, "more"),
                 "≤ 4x the context",
                 peak <= 4 * size,
                 "sum of VmRSS over the process tree, sampled every 10 ms (idle before the "
@@ -270,7 +279,7 @@ def markdown_table(rows: list[Row]) -> str:
             cells[-1] = "**MISSED**"
         out.append("| " + " | ".join(cells) + " |")
     notes = [f"- {r.figure}: {r.detail}" for r in rows if r.detail]
-    return "\n".join(out + ([""] + notes if notes else []))
+    return "\n".join(out + (["", *notes] if notes else []))
 
 
 def rows_json(rows: list[Row]) -> list[Json]:
@@ -354,7 +363,7 @@ def concurrency_svg(c: Json) -> str:
             parts.append(
                 f'<circle cx="{x(n):.1f}" cy="{y(v["median_s"]):.1f}" r="4" fill="{filled}" '
                 f'stroke="{color}" stroke-width="2"><title>{name}, N={n}: '
-                f'{v["median_s"]:.2f} s</title></circle>'
+                f"{v['median_s']:.2f} s</title></circle>"
             )
         ly = top + 10 + index * 20
         parts.append(
