@@ -73,7 +73,8 @@ impl InferRequest {
 
     /// Calls `callback` with every `$/progress` notification of this call (and asks the server
     /// for them). It runs on the client's reader task, so it must return quickly; use
-    /// [`InferRequest::progress_channel`] for anything slow.
+    /// [`InferRequest::progress_channel`] for anything slow. A panic in it is caught and
+    /// logged.
     pub fn on_progress(mut self, callback: impl Fn(Progress) + Send + Sync + 'static) -> Self {
         self.progress = Some(ProgressSink::Callback(Arc::new(callback)));
         self
@@ -143,7 +144,13 @@ pub(crate) enum ProgressSink {
 impl ProgressSink {
     pub(crate) fn deliver(&self, progress: Progress) {
         match self {
-            ProgressSink::Callback(callback) => callback(progress),
+            // It runs on the reader task: a panic must not take the connection down with it.
+            ProgressSink::Callback(callback) => {
+                let call = std::panic::AssertUnwindSafe(|| callback(progress));
+                if std::panic::catch_unwind(call).is_err() {
+                    tracing::error!("a progress callback panicked; the call goes on");
+                }
+            }
             // A receiver that went away just stops listening; the call goes on.
             ProgressSink::Channel(sender) => drop(sender.send(progress)),
         }
@@ -206,6 +213,28 @@ mod tests {
         assert_eq!(
             wire(request),
             json!({"prompt": "ctx", "options": {"progress": true}})
+        );
+    }
+
+    #[test]
+    fn a_panicking_callback_is_contained() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let request = InferRequest::new("ctx").on_progress(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            panic!("a bug in the callback");
+        });
+        let sink = request.into_wire().unwrap().progress.unwrap();
+        let progress: Progress =
+            serde_json::from_value(json!({"id": 1, "event": "started", "elapsed_ms": 0.5}))
+                .unwrap();
+        sink.deliver(progress.clone());
+        sink.deliver(progress);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "still called after a panic"
         );
     }
 
