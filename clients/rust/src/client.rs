@@ -46,14 +46,9 @@ struct Inner {
     /// Request ids, unique over the client's life (across restarts too), from 1: id 0 once
     /// collided with the server's `id: null` error replies in the elizaOS plugin's client.
     next_id: AtomicU64,
-    slot: Mutex<Slot>,
+    /// The current child, if any. The lock is held only to look at or replace it.
+    current: Mutex<Option<Arc<Connection>>>,
     metrics: Recorder,
-}
-
-/// The current child, if any. The lock is held only to look at or replace it.
-enum Slot {
-    Idle,
-    Running(Arc<Connection>),
 }
 
 /// When a call must be over, and the budget to report if it is not.
@@ -89,7 +84,7 @@ impl RLMClient {
             inner: Arc::new(Inner {
                 config,
                 next_id: AtomicU64::new(1),
-                slot: Mutex::new(Slot::Idle),
+                current: Mutex::new(None),
                 metrics,
             }),
         }
@@ -111,8 +106,8 @@ impl RLMClient {
 
     /// The process id of the running server, if one is running.
     pub fn pid(&self) -> Option<u32> {
-        match &*self.slot() {
-            Slot::Running(connection) if !connection.is_down() => connection.pid(),
+        match &*self.current() {
+            Some(connection) if !connection.is_down() => connection.pid(),
             _ => None,
         }
     }
@@ -219,32 +214,29 @@ impl RLMClient {
         self.inner.metrics.snapshot()
     }
 
-    fn slot(&self) -> MutexGuard<'_, Slot> {
+    fn current(&self) -> MutexGuard<'_, Option<Arc<Connection>>> {
         self.inner
-            .slot
+            .current
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The running server, started if there is none or the last one died.
     fn connection(&self) -> Result<Arc<Connection>, RlmError> {
-        let mut slot = self.slot();
-        if let Slot::Running(connection) = &*slot {
-            if !connection.is_down() {
-                return Ok(connection.clone());
-            }
+        let mut current = self.current();
+        if let Some(connection) = current.as_ref().filter(|c| !c.is_down()) {
+            return Ok(connection.clone());
         }
         let connection = Connection::spawn(&self.inner.config)?;
-        *slot = Slot::Running(connection.clone());
+        *current = Some(connection.clone());
         Ok(connection)
     }
 
     /// Takes the running server out of service, so that later calls start a new one.
     fn retire(&self) -> Option<Arc<Connection>> {
-        match std::mem::replace(&mut *self.slot(), Slot::Idle) {
-            Slot::Running(connection) if !connection.is_down() => Some(connection),
-            _ => None,
-        }
+        self.current()
+            .take()
+            .filter(|connection| !connection.is_down())
     }
 
     async fn close_connection(&self, connection: &Connection) {
