@@ -8,6 +8,7 @@ are done) before anything on it is timed, except in the spawn figures, which tim
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from rlmbench.procs import (
     RssSampler,
     Target,
     cpu_ns,
+    pinned,
     repl_reply,
     spawned,
     status_kib,
@@ -120,55 +122,74 @@ class Bench:
 
     # -- status round trip ------------------------------------------------------------------
 
+    def placements(self) -> dict[str, tuple[set[int], set[int]]]:
+        """Where the client and the server run in the round-trip figure: (client, server) CPUs.
+
+        Unpinned, the floor itself is bimodal (about 13 µs when the scheduler wakes the echo on
+        the client's CPU, about 50 µs when it wakes it on the other, idle one, and which happens
+        changes from process to process), so each placement is pinned and measured on its own.
+        """
+        cpus = sorted(os.sched_getaffinity(0))
+        places = {"one_cpu": ({cpus[-1]}, {cpus[-1]})}
+        if len(cpus) >= 2:
+            places["two_cpus"] = ({cpus[0]}, {cpus[-1]})
+        return places
+
     def status_rtt(self) -> Json:
-        """p50/p99 of one `status` request and its answer, one at a time, over raw pipes."""
+        """p50/p99 of one `status` request and its answer, one at a time, over raw pipes; the
+        client and the server pinned to one CPU, and to two different CPUs."""
         self.fixture.instant()
-        per_run: dict[str, list[tuple[float, float]]] = {"echo": [], "plugin": [], "ours": []}
-        cpu: dict[str, list[float]] = {name: [] for name in per_run}
+        names = ("echo", "plugin", "ours")
+        result: Json = {"n_per_run": self.s.rtt_n}
+        places = self.placements()
+        runs: dict[str, dict[str, list[Json]]] = {p: {n: [] for n in names} for p in places}
         for run in range(self.s.rtt_runs):
-            for name in per_run:
-                target = self.t[name]
-                status = self.t["ours"].request(1, "status") if name == "echo" else None
-                with spawned(target) as channel:
-                    self._warm(target, channel)
-                    line = status or target.request(1, "status")
-                    rfd_read = channel.readline
-                    write = channel.write
-                    for _ in range(self.s.rtt_warmup):
-                        write(line)
-                        rfd_read()
-                    samples = []
-                    clock = time.perf_counter_ns
-                    cpu_before = cpu_ns(channel.pid)
-                    for _ in range(self.s.rtt_n):
-                        t0 = clock()
-                        write(line)
-                        rfd_read()
-                        samples.append(clock() - t0)
-                    cpu[name].append((cpu_ns(channel.pid) - cpu_before) / self.s.rtt_n / 1000)
-                samples_us = [s / 1000 for s in samples]
-                quantiles = statistics.quantiles(samples_us, n=100)
-                per_run[name].append((statistics.median(samples_us), quantiles[98]))
-                self.log(
-                    f"  status rtt run {run + 1} {name}: p50 {per_run[name][-1][0]:.1f} us, "
-                    f"p99 {per_run[name][-1][1]:.1f} us, server CPU {cpu[name][-1]:.1f} us/req"
-                )
-        result: Json = {}
-        for name, runs in per_run.items():
-            result[name] = {
-                "p50_us": statistics.median(r[0] for r in runs),
-                "p99_us": statistics.median(r[1] for r in runs),
-                "cpu_us_per_request": statistics.median(cpu[name]),
-                "runs": [
-                    {"p50_us": a, "p99_us": b, "cpu_us_per_request": c}
-                    for (a, b), c in zip(runs, cpu[name], strict=True)
-                ],
-            }
-        floor = result["echo"]["p50_us"]
-        for name in ("ours", "plugin"):
-            result[name]["overhead_us"] = result[name]["p50_us"] - floor
-        result["n_per_run"] = self.s.rtt_n
+            for place, (client_cpus, server_cpus) in places.items():
+                for name in names:
+                    runs[place][name].append(self._rtt_run(name, client_cpus, server_cpus))
+                    last = runs[place][name][-1]
+                    self.log(
+                        f"  status rtt run {run + 1} {place} {name}: p50 {last['p50_us']:.1f} us,"
+                        f" p99 {last['p99_us']:.1f} us, server CPU "
+                        f"{last['cpu_us_per_request']:.1f} us/req"
+                    )
+        for place, (client_cpus, server_cpus) in places.items():
+            summary: Json = {"client_cpus": sorted(client_cpus), "server_cpus": sorted(server_cpus)}
+            for name in names:
+                summary[name] = {
+                    key: statistics.median(r[key] for r in runs[place][name])
+                    for key in ("p50_us", "p99_us", "cpu_us_per_request")
+                } | {"runs": runs[place][name]}
+            floor = summary["echo"]["p50_us"]
+            for name in ("ours", "plugin"):
+                summary[name]["overhead_us"] = summary[name]["p50_us"] - floor
+            result[place] = summary
         return result
+
+    def _rtt_run(self, name: str, client_cpus: set[int], server_cpus: set[int]) -> Json:
+        target = self.t[name]
+        dialect = self.t["ours"] if name == "echo" else target  # the echo gets ours' line
+        line = dialect.request(1, "status")
+        with spawned(target, cpus=server_cpus) as channel, pinned(client_cpus):
+            self._warm(target, channel)
+            read, write, clock = channel.readline, channel.write, time.perf_counter_ns
+            for _ in range(self.s.rtt_warmup):
+                write(line)
+                read()
+            samples = []
+            cpu_before = cpu_ns(channel.pid)
+            for _ in range(self.s.rtt_n):
+                t0 = clock()
+                write(line)
+                read()
+                samples.append(clock() - t0)
+            cpu_us = (cpu_ns(channel.pid) - cpu_before) / self.s.rtt_n / 1000
+        samples_us = [s / 1000 for s in samples]
+        return {
+            "p50_us": statistics.median(samples_us),
+            "p99_us": statistics.quantiles(samples_us, n=100)[98],
+            "cpu_us_per_request": cpu_us,
+        }
 
     # -- pipelined status throughput --------------------------------------------------------
 

@@ -128,7 +128,12 @@ class Channel:
     """A child process, spoken to in lines over its stdin/stdout pipes."""
 
     def __init__(
-        self, argv: list[str], env: Mapping[str, str], stderr_name: str, cwd: Path = BENCH
+        self,
+        argv: list[str],
+        env: Mapping[str, str],
+        stderr_name: str,
+        cwd: Path = BENCH,
+        cpus: set[int] | None = None,
     ) -> None:
         TMP.mkdir(parents=True, exist_ok=True)
         self._stderr = open(TMP / f"{stderr_name}.stderr", "ab")  # noqa: SIM115
@@ -141,6 +146,8 @@ class Channel:
             env=dict(env),
             cwd=cwd,
             bufsize=0,
+            # pinned before exec, so that everything it starts (zygote, workers) is pinned too
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
         assert self.process.stdin is not None and self.process.stdout is not None
         self.wfd = self.process.stdin.fileno()
@@ -236,9 +243,12 @@ class Target:
     label: str = ""
 
     def spawn(
-        self, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None
+        self,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cpus: set[int] | None = None,
     ) -> Channel:
-        return Channel([*self.argv, *extra_args], env or self.env, self.name)
+        return Channel([*self.argv, *extra_args], env or self.env, self.name, cpus=cpus)
 
     def request(self, request_id: int, method: str, params: Json | None = None) -> bytes:
         message: Json = {"id": request_id, "method": method}
@@ -404,10 +414,27 @@ class RssSampler:
 
 
 @contextlib.contextmanager
+def pinned(cpus: set[int] | None) -> Iterator[None]:
+    """Run this process (the client) on `cpus` for a while; None leaves it as it is."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextlib.contextmanager
 def spawned(
-    target: Target, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None
+    target: Target,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    cpus: set[int] | None = None,
 ) -> Iterator[Channel]:
-    channel = target.spawn(list(extra_args), env)
+    channel = target.spawn(list(extra_args), env, cpus)
     try:
         yield channel
     finally:

@@ -52,41 +52,47 @@ def _bytes(n: int) -> str:
     return f"{n:,} B"
 
 
+def _rtt_rows(rtt: Json, where: str) -> list[Row]:
+    ours, plugin, echo = rtt["ours"], rtt["plugin"], rtt["echo"]
+    faster = ours["p50_us"] <= plugin["p50_us"]
+    ratio = plugin["overhead_us"] / ours["overhead_us"] if ours["overhead_us"] > 0 else math.inf
+    return [
+        Row(
+            f"`status` round trip p50 (p99), {where}",
+            f"{_us(ours['p50_us'])} ({_us(ours['p99_us'])})",
+            "plugin server",
+            f"{_us(plugin['p50_us'])} ({_us(plugin['p99_us'])})",
+            _times(plugin["p50_us"] / ours["p50_us"], "faster")
+            if faster
+            else _times(ours["p50_us"] / plugin["p50_us"], "slower"),
+            "",
+            None,
+            f"C echo floor {_us(echo['p50_us'])} ({_us(echo['p99_us'])}); server CPU time per "
+            f"request: ours {_us(ours['cpu_us_per_request'])}, plugin "
+            f"{_us(plugin['cpu_us_per_request'])}",
+        ),
+        Row(
+            f"`status` overhead above the C echo floor (p50), {where}",
+            _us(ours["overhead_us"]),
+            "plugin server",
+            _us(plugin["overhead_us"]),
+            _times(ratio, "less") if ratio >= 1 else _times(1 / ratio, "more"),
+            "≤ ½ the plugin's (≥ 2x less)",
+            ours["overhead_us"] <= plugin["overhead_us"] / 2,
+            f"floor {_us(echo['p50_us'])}",
+        ),
+    ]
+
+
 def build_rows(r: Json) -> list[Row]:
     rows: list[Row] = []
     if "status_rtt" in r:
-        rtt = r["status_rtt"]
-        ours, plugin, echo = rtt["ours"], rtt["plugin"], rtt["echo"]
-        rows.append(
-            Row(
-                "`status` round trip p50 (p99)",
-                f"{_us(ours['p50_us'])} ({_us(ours['p99_us'])})",
-                "plugin server",
-                f"{_us(plugin['p50_us'])} ({_us(plugin['p99_us'])})",
-                _times(plugin["p50_us"] / ours["p50_us"], "faster")
-                if ours["p50_us"] <= plugin["p50_us"]
-                else _times(ours["p50_us"] / plugin["p50_us"], "slower"),
-                "",
-                None,
-                f"C echo floor {_us(echo['p50_us'])} ({_us(echo['p99_us'])}); server CPU time per "
-                "request (schedstat, hardly moved by load): "
-                f"ours {_us(ours['cpu_us_per_request'])}, "
-                f"plugin {_us(plugin['cpu_us_per_request'])}",
-            )
-        )
-        ratio = plugin["overhead_us"] / ours["overhead_us"] if ours["overhead_us"] > 0 else math.inf
-        rows.append(
-            Row(
-                "`status` overhead above the C echo floor (p50)",
-                _us(ours["overhead_us"]),
-                "plugin server",
-                _us(plugin["overhead_us"]),
-                _times(ratio, "less") if ratio >= 1 else _times(1 / ratio, "more"),
-                "≤ ½ the plugin's (≥ 2x less)",
-                ours["overhead_us"] <= plugin["overhead_us"] / 2,
-                f"floor {_us(echo['p50_us'])}",
-            )
-        )
+        for place, where in (
+            ("one_cpu", "client and server on one CPU"),
+            ("two_cpus", "client and server on two CPUs"),
+        ):
+            if place in r["status_rtt"]:
+                rows.extend(_rtt_rows(r["status_rtt"][place], where))
     if "pipelined" in r:
         p = r["pipelined"]
         ours, plugin = p["ours"]["req_per_s"], p["plugin"]["req_per_s"]
