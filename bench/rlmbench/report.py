@@ -348,8 +348,10 @@ def concurrency_svg(c: Json) -> str:
     if y_min <= model_s <= y_max:
         parts.append(
             f'<line x1="{left}" x2="{left + pw}" y1="{y(model_s):.1f}" y2="{y(model_s):.1f}" '
-            f'stroke="#888" stroke-dasharray="2,3"/><text x="{left + pw - 4}" '
-            f'y="{y(model_s) - 5:.1f}" text-anchor="end" fill="#666">the model alone</text>'
+            f'stroke="#888" stroke-dasharray="2,3"/>'
+            f'<line x1="{left + pw + 12}" x2="{left + pw + 36}" y1="{top + 50}" y2="{top + 50}" '
+            f'stroke="#888" stroke-dasharray="2,3"/><text x="{left + pw + 42}" y="{top + 54}">'
+            f"the model alone</text>"
         )
     for index, (name, (color, data)) in enumerate(series.items()):
         points = sorted((int(k), v) for k, v in data.items())
@@ -378,8 +380,8 @@ def concurrency_svg(c: Json) -> str:
             "</text>"
         )
     parts.append(
-        f'<text x="{left + pw + 12}" y="{top + 60}" fill="#555">open dot, dashed:</text>'
-        f'<text x="{left + pw + 12}" y="{top + 75}" fill="#555">extrapolated</text>'
+        f'<text x="{left + pw + 12}" y="{top + 85}" fill="#555">open dot, dashed:</text>'
+        f'<text x="{left + pw + 12}" y="{top + 100}" fill="#555">extrapolated</text>'
     )
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
