@@ -150,3 +150,13 @@ def test_internal_errors_carry_no_exception_text() -> None:
     )
     assert line is not None and b"secret" not in line
     assert orjson.loads(line)["error"]["code"] == -32603
+
+
+def test_an_escaped_lone_surrogate_is_served_not_refused(spawn: Spawn) -> None:
+    server = spawn([{"when": "root", "reply": answer_with("context")}])
+    server.ready()
+    server.send_raw(
+        b'{"jsonrpc":"2.0","id":"s","method":"infer","params":{"prompt":"a\\ud800b"}}\n'
+    )
+    assert server.next_response()["result"]["text"] == "a\ufffdb"
+    assert server.close() == 0

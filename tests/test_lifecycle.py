@@ -153,3 +153,19 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def test_the_client_closing_our_stdout_stops_the_server_cleanly(
+    spawn: Spawn, llm: FixtureServer
+) -> None:
+    server = spawn(HELD)
+    server.ready()
+    server.request(1, "infer", {"prompt": "ctx"})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 1)
+    assert server.process.stdout is not None
+    server.process.stdout.close()  # nobody will read the answers now
+    server.request(2, "status")  # its answer has nowhere to go
+    assert server.process.wait(timeout=30) == 0
+    assert wait_until(lambda: any("protocol output closed" in x for x in server.stderr_lines))
+    assert not any("Traceback" in line for line in server.stderr_lines)
+    llm.script.released.set()

@@ -56,7 +56,7 @@ class Server:
     def __init__(self, config: Config, claim: StdioClaim, environ: Mapping[str, str]) -> None:
         self._config = config
         self._claim = claim
-        self._writer = ProtocolWriter(claim.write_fd)
+        self._writer = ProtocolWriter(claim.write_fd, on_closed=self._output_closed)
         default = RunSpec.resolve(config, InferOptions(), environ)
         self._pool = WorkerPool(default.prewarm(), config.worker_memory_mb)
         self.engine = Engine(config, self._pool, environ)
@@ -87,6 +87,11 @@ class Server:
             return
         self._grace_s = grace_s
         self._stopping.set()
+
+    def _output_closed(self) -> None:
+        """Nobody reads our answers any more: stop at once."""
+        self.stop(0)
+        self.engine.cancel_all()
 
     # -- the loop -----------------------------------------------------------------------------
 

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
 from anyio.abc import ByteReceiveStream
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 SMALL_MESSAGE = 1 << 16
@@ -190,8 +194,10 @@ class ProtocolWriter:
     system call per burst rather than one per message.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, on_closed: Callable[[], None]) -> None:
         self._fd = fd
+        self._on_closed = on_closed
+        self._open = True
         self._send, self._receive = anyio.create_memory_object_stream[bytes](math.inf)
 
     def send(self, line: bytes) -> None:
@@ -211,9 +217,18 @@ class ProtocolWriter:
                         burst.append(self._receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                await self._write_burst(burst)
+                if self._open:
+                    await self._write_burst(burst)
 
     async def _write_burst(self, burst: list[bytes]) -> None:
+        try:
+            await self._write_lines(burst)
+        except OSError as error:  # the reader of our stdout has gone: nobody can be answered
+            log.warning("protocol output closed (%s); stopping", error.strerror)
+            self._open = False
+            self._on_closed()
+
+    async def _write_lines(self, burst: list[bytes]) -> None:
         if len(burst) == 1 and len(burst[0]) > SMALL_MESSAGE:
             await write_all(self._fd, burst[0])  # no copy of a long line just to add b"\n"
             await write_all(self._fd, b"\n")

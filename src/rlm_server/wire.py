@@ -6,6 +6,7 @@ messages, `ready` and framing errors, before the JSON-RPC layer is imported.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -17,10 +18,19 @@ Json = dict[str, Any]
 
 
 def decode(line: bytes | bytearray) -> Any:
-    """Parse one line; raise ParseError (-32700) if it is not JSON (or nests over 1024 deep)."""
+    """Parse one line; raise ParseError (-32700) if it is not JSON (or nests over 1024 deep).
+
+    JSON allows an escaped lone surrogate (`"\\ud800"`, as JavaScript's JSON.stringify writes
+    one) but orjson refuses it; only then does the stdlib parser get a turn, and the lone
+    surrogates become U+FFFD, so the request is served rather than refused without its id.
+    """
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
+        pass
+    try:
+        return _replace_surrogates(json.loads(line))
+    except (ValueError, RecursionError):
         raise ParseError() from None
 
 
