@@ -75,9 +75,14 @@ def test_line_over_the_limit_is_refused_and_the_next_line_is_served(spawn: Spawn
     server.send_raw(big + b"\n" + follow + b"\n")
     response = server.next_response()
     _error(response, -32600, "line_too_long")
-    assert response["id"] is None
+    assert response["id"] == 1  # it stood first on the line, so the caller hears at once
     assert response["error"]["data"]["limit"] == 100_000
     assert server.next_response()["id"] == 2
+    id_last = {"jsonrpc": "2.0", "method": "infer", "params": {"prompt": "x" * 500_000}, "id": 4}
+    server.send(id_last)
+    response = server.next_response()
+    _error(response, -32600, "line_too_long")
+    assert response["id"] is None  # the id was not among the bytes the server keeps
     just_under = {"jsonrpc": "2.0", "id": 3, "method": "status", "params": {"pad": "y" * 90_000}}
     server.send(just_under)
     _error(server.next_response(), -32602, "invalid_params")  # read whole, then judged

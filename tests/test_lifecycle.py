@@ -5,11 +5,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import Spawn
 from fixtures.openai_fixture import FixtureServer
-from harness import alive, answer_with, clean_env, descendants, server_command, wait_until
+from harness import (
+    alive,
+    answer_with,
+    clean_env,
+    descendants,
+    fixture_env,
+    server_command,
+    wait_until,
+)
 
 HELD = [{"when": "root", "hold": True, "reply": answer_with("'done'")}]
 
@@ -156,16 +165,31 @@ def _cmdline(pid: int) -> bytes:
 
 
 def test_the_client_closing_our_stdout_stops_the_server_cleanly(
-    spawn: Spawn, llm: FixtureServer
+    llm: FixtureServer, tmp_path: Path
 ) -> None:
-    server = spawn(HELD)
-    server.ready()
-    server.request(1, "infer", {"prompt": "ctx"})
-    assert wait_until(lambda: llm.script.stats()["in_flight"] == 1)
-    assert server.process.stdout is not None
-    server.process.stdout.close()  # nobody will read the answers now
-    server.request(2, "status")  # its answer has nowhere to go
-    assert server.process.wait(timeout=30) == 0
-    assert wait_until(lambda: any("protocol output closed" in x for x in server.stderr_lines))
-    assert not any("Traceback" in line for line in server.stderr_lines)
-    llm.script.released.set()
+    llm.script.replace(HELD)
+    stderr_path = tmp_path / "stderr"
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            server_command(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=clean_env(fixture_env(llm.base_url)),
+        )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        assert b'"method":"ready"' in process.stdout.readline()
+        process.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"infer","params":{"prompt":"x"}}\n')
+        process.stdin.flush()
+        assert wait_until(lambda: llm.script.stats()["in_flight"] == 1)
+        process.stdout.close()  # nobody will read the answers now
+        process.stdin.write(b'{"jsonrpc":"2.0","id":2,"method":"status"}\n')
+        process.stdin.flush()
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        llm.script.released.set()
+    logged = stderr_path.read_text()
+    assert "protocol output closed" in logged
+    assert "Traceback" not in logged

@@ -33,6 +33,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     claim = claim_stdio()
     try:
-        return anyio.run(Server(config, claim, os.environ).run)
+        return anyio.run(Server(config, claim, os.environ).run, backend="asyncio")
     finally:
         claim.release()

@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
@@ -40,7 +39,7 @@ from rlm_server.transport import (
     ProtocolWriter,
     StdioClaim,
 )
-from rlm_server.wire import decode, encode, error_response
+from rlm_server.wire import RequestId, decode, encode, error_response, leading_id
 from rlm_server.workers import WorkerPool
 
 if TYPE_CHECKING:
@@ -96,7 +95,7 @@ class Server:
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> int:
-        self._send_ready()
+        self._send_ready()  # written at once: nothing is queued yet
         self._pool.start()
         try:
             async with anyio.create_task_group() as background:
@@ -136,31 +135,43 @@ class Server:
     async def _read(
         self, dispatcher: Dispatcher, requests: TaskGroup, reading: anyio.CancelScope
     ) -> None:
-        with reading:
-            reader = LineReader(
-                FdReceiveStream(self._claim.read_fd), self._config.max_message_bytes
-            )
-            while (line := await reader.next_line()) is not None:
-                if isinstance(line, OversizedLine):
-                    self._send_error(LineTooLong(limit=line.limit))
-                    continue
-                self._lines_read += 1
-                try:
-                    message = decode(line)
-                except ParseError as error:
-                    self._send_error(error)
-                    continue
-                finally:
-                    del line  # a long context must not stay alive here while its request runs
-                make_context = self._context_factory(self._lines_read)
-                if dispatcher.is_inline(message):
-                    self._send(dispatcher.handle_inline(message, make_context))
-                else:
-                    self._active_tasks += 1
-                    requests.start_soon(self._serve_task, dispatcher, message, make_context)
-                del message
-            log.info("end of input; stopping")
-            self.stop(self._config.shutdown_grace_s)
+        stream = FdReceiveStream(self._claim.read_fd, persistent=True)
+        reader = LineReader(stream, self._config.max_message_bytes)
+        try:
+            with reading:
+                await self._read_lines(reader, dispatcher, requests)
+                log.info("end of input; stopping")
+                self.stop(self._config.shutdown_grace_s)
+        finally:
+            await stream.aclose()
+
+    async def _read_lines(
+        self, reader: LineReader, dispatcher: Dispatcher, requests: TaskGroup
+    ) -> None:
+        while True:
+            if not reader.has_line():
+                self._writer.flush()  # about to wait for input: answers so far go out now
+            line = await reader.next_line()
+            if line is None:
+                return
+            if isinstance(line, OversizedLine):
+                self._send_error(LineTooLong(limit=line.limit), leading_id(line.head))
+                continue
+            self._lines_read += 1
+            try:
+                message = decode(line)
+            except ParseError as error:
+                self._send_error(error)
+                continue
+            finally:
+                del line  # a long context must not stay alive here while its request runs
+            make_context = self._context_factory(self._lines_read)
+            if dispatcher.is_inline(message):
+                self._send(dispatcher.handle_inline(message, make_context), flush=False)
+            else:
+                self._active_tasks += 1
+                requests.start_soon(self._serve_task, dispatcher, message, make_context)
+            del message
 
     async def _serve_task(
         self, dispatcher: Dispatcher, message: Any, make_context: ContextFactory
@@ -173,12 +184,12 @@ class Server:
     def _context_factory(self, sequence: int) -> ContextFactory:
         return lambda request_id: RequestContext(request_id, sequence, self)
 
-    def _send(self, line: bytes | None) -> None:
+    def _send(self, line: bytes | None, flush: bool = True) -> None:
         if line is not None:
-            self._writer.send(line)
+            self._writer.send(line, flush)
 
-    def _send_error(self, error: RpcError) -> None:
-        self._writer.send(encode(error_response(error, None)))
+    def _send_error(self, error: RpcError, request_id: RequestId = None) -> None:
+        self._writer.send(encode(error_response(error, request_id)), flush=False)
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -12,6 +12,7 @@ the limit in memory. Writing is owned by one task (`ProtocolWriter.run`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -26,7 +27,9 @@ from anyio.abc import ByteReceiveStream
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
-SMALL_MESSAGE = 1 << 16
+IOV_MAX = 1024  # buffers per writev
+HEAD_BYTES = 4096  # what is kept of a line over the limit, to find its id
+Buffer = bytes | memoryview
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
 
@@ -74,24 +77,44 @@ def claim_stdio() -> StdioClaim:
 
 
 class FdReceiveStream(ByteReceiveStream):
-    """A byte stream over a non-blocking descriptor (pipe or socket), read without threads."""
+    """A byte stream over a non-blocking descriptor (pipe or socket), read without threads.
 
-    def __init__(self, fd: int) -> None:
+    `anyio.wait_readable` registers the descriptor with the event loop and unregisters it on
+    every wait: two `epoll_ctl` calls per request on an idle connection. With `persistent`, the
+    descriptor stays registered (asyncio's `add_reader`) until `aclose`, as asyncio's own pipe
+    transports do; the server's stdin uses that, workers' sockets (read once) do not.
+    """
+
+    def __init__(self, fd: int, persistent: bool = False) -> None:
         self._fd = fd
+        self._persistent = persistent
+        self._readable: asyncio.Event | None = None
 
     async def receive(self, max_bytes: int = READ_CHUNK) -> bytes:
         while True:
             try:
                 data = os.read(self._fd, max_bytes)
             except BlockingIOError:
-                await anyio.wait_readable(self._fd)
+                await self._wait()
                 continue
             if not data:
                 raise anyio.EndOfStream
             return data
 
+    async def _wait(self) -> None:
+        if not self._persistent:
+            await anyio.wait_readable(self._fd)
+            return
+        if self._readable is None:
+            self._readable = asyncio.Event()
+            asyncio.get_running_loop().add_reader(self._fd, self._readable.set)
+        self._readable.clear()
+        await self._readable.wait()
+
     async def aclose(self) -> None:
-        return None
+        if self._readable is not None:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            self._readable = None
 
 
 async def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -108,9 +131,10 @@ async def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 @dataclass(frozen=True)
 class OversizedLine:
-    """A line longer than the limit was read and thrown away."""
+    """A line longer than the limit was read and thrown away; `head` is its first bytes."""
 
     limit: int
+    head: bytes
 
 
 def _blank(line: bytes | bytearray) -> bool:
@@ -134,6 +158,10 @@ class LineReader:
         self._scanned = 0  # bytes of the buffer already known to hold no newline
         self._ended = False
 
+    def has_line(self) -> bool:
+        """Whether a whole line is buffered already (next_line will not wait for input)."""
+        return self._buffer.find(b"\n", self._scanned) >= 0
+
     async def next_line(self) -> bytes | bytearray | OversizedLine | None:
         """The next non-blank line without its newline, an OversizedLine, or None at the end.
 
@@ -144,13 +172,14 @@ class LineReader:
             if newline >= 0:
                 line = self._take(newline)
                 if len(line) > self._max_bytes:
-                    return OversizedLine(self._max_bytes)
+                    return OversizedLine(self._max_bytes, bytes(line[:HEAD_BYTES]))
                 if not _blank(line):
                     return line
                 continue
             if len(self._buffer) > self._max_bytes:
+                head = bytes(self._buffer[:HEAD_BYTES])
                 await self._skip_rest_of_line()
-                return OversizedLine(self._max_bytes)
+                return OversizedLine(self._max_bytes, head)
             if self._ended:
                 return None if _blank(self._buffer) else self._take(len(self._buffer))
             self._scanned = len(self._buffer)
@@ -188,21 +217,48 @@ class LineReader:
 
 
 class ProtocolWriter:
-    """The single owner of the protocol descriptor: every message is queued to one task.
+    """The single owner of the protocol descriptor; every message goes through `send`.
 
-    The task writes whatever has queued up in one `write`, so pipelined responses cost one
-    system call per burst rather than one per message.
+    When nothing is waiting to be written, `send` writes at once (one `writev`, no task switch);
+    whatever the pipe does not take is queued, and the writer task (`run`) writes the queue
+    out, a burst per `writev`. Nothing is written directly while anything is queued, so
+    messages keep their order.
     """
 
     def __init__(self, fd: int, on_closed: Callable[[], None]) -> None:
         self._fd = fd
         self._on_closed = on_closed
         self._open = True
-        self._send, self._receive = anyio.create_memory_object_stream[bytes](math.inf)
+        self._pending = 0  # buffers queued or being written by the task
+        self._outbox: list[Buffer] = []  # sent with flush=False, not yet written or queued
+        self._send, self._receive = anyio.create_memory_object_stream[Buffer](math.inf)
 
-    def send(self, line: bytes) -> None:
-        """Queue one encoded message, without its newline. Never blocks."""
-        self._send.send_nowait(line)
+    def send(self, line: bytes, flush: bool = True) -> None:
+        """Write one encoded message (the newline is added here). Never blocks.
+
+        `flush=False` holds it until the next `flush`: the reader answers a burst of pipelined
+        requests that way, so the burst costs one write rather than one per answer.
+        """
+        self._outbox += (line, b"\n")
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what `send` holds now if nothing is queued before it; queue what is left."""
+        buffers, self._outbox = self._outbox, []
+        if not buffers or not self._open:
+            return
+        if self._pending == 0:
+            try:
+                buffers = _advance(buffers, os.writev(self._fd, buffers[:IOV_MAX]))
+            except BlockingIOError:
+                pass
+            except OSError as error:
+                self._close(error)
+                return
+        self._pending += len(buffers)
+        for buffer in buffers:
+            self._send.send_nowait(buffer)
 
     def close(self) -> None:
         """No more messages; `run` returns once the queue is written out."""
@@ -212,26 +268,40 @@ class ProtocolWriter:
         async with self._receive:
             async for first in self._receive:
                 burst = [first]
-                while True:
+                while len(burst) < IOV_MAX:
                     try:
                         burst.append(self._receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
                 if self._open:
-                    await self._write_burst(burst)
+                    try:
+                        await _writev_all(self._fd, burst)
+                    except OSError as error:
+                        self._close(error)
+                self._pending -= len(burst)
 
-    async def _write_burst(self, burst: list[bytes]) -> None:
-        try:
-            await self._write_lines(burst)
-        except OSError as error:  # the reader of our stdout has gone: nobody can be answered
-            log.warning("protocol output closed (%s); stopping", error.strerror)
-            self._open = False
-            self._on_closed()
+    def _close(self, error: OSError) -> None:
+        """The reader of our stdout has gone: nobody can be answered any more."""
+        log.warning("protocol output closed (%s); stopping", error.strerror)
+        self._open = False
+        self._on_closed()
 
-    async def _write_lines(self, burst: list[bytes]) -> None:
-        if len(burst) == 1 and len(burst[0]) > SMALL_MESSAGE:
-            await write_all(self._fd, burst[0])  # no copy of a long line just to add b"\n"
-            await write_all(self._fd, b"\n")
+
+def _advance(buffers: list[Buffer], written: int) -> list[Buffer]:
+    """What is left of `buffers` after `written` bytes of them went out."""
+    left: list[Buffer] = []
+    for buffer in buffers:
+        if written >= len(buffer):
+            written -= len(buffer)
         else:
-            burst.append(b"")
-            await write_all(self._fd, b"\n".join(burst))
+            left.append(memoryview(buffer)[written:] if written else buffer)
+            written = 0
+    return left
+
+
+async def _writev_all(fd: int, buffers: list[Buffer]) -> None:
+    while buffers:
+        try:
+            buffers = _advance(buffers, os.writev(fd, buffers))
+        except BlockingIOError:
+            await anyio.wait_writable(fd)

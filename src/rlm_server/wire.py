@@ -7,6 +7,7 @@ messages, `ready` and framing errors, before the JSON-RPC layer is imported.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -15,6 +16,12 @@ from rlm_server.errors import ParseError, RpcError
 
 RequestId = str | int | None
 Json = dict[str, Any]
+
+# `"id"` as the first member of the top-level object, or the second after `"jsonrpc": "2.0"`,
+# as clients write it: only there can it not be a key inside `params`.
+_LEADING_ID = re.compile(
+    rb'\s*\{\s*(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?"id"\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")\s*[,}]'
+)
 
 
 def decode(line: bytes | bytearray) -> Any:
@@ -54,3 +61,19 @@ def _replace_surrogates(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _replace_surrogates(v) for k, v in value.items()}
     return value
+
+
+def leading_id(head: bytes) -> RequestId:
+    """The id of a request from the first bytes of its line, when it stands first; else None.
+
+    For a line over the size limit, which is never parsed whole: its caller's request can then
+    fail at once instead of waiting for its own timeout.
+    """
+    match = _LEADING_ID.match(head)
+    if match is None:
+        return None
+    try:
+        request_id = orjson.loads(match.group(1))
+    except orjson.JSONDecodeError:
+        return None
+    return request_id if isinstance(request_id, str | int) else None
