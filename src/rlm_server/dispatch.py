@@ -134,12 +134,7 @@ class Dispatcher:
 
     def _call_inline(self, prepared: _Prepared, make_context: ContextFactory) -> Json | None:
         response = sync_jsonrpc.dispatch_to_response(
-            "",
-            self._inline,
-            context=make_context(prepared.request_id),
-            deserializer=lambda _: prepared.request,
-            validator=lambda parsed: parsed,
-            post_process=to_serializable,
+            "", self._inline, **prepared.dispatch_options(make_context)
         )
         return cast("Json | None", response)
 
@@ -188,18 +183,24 @@ class Dispatcher:
         if prepared.request["method"] in self._inline:
             return self._call_inline(prepared, make_context)
         response = await async_jsonrpc.dispatch_to_response(
-            "",
-            self._tasks,
-            context=make_context(prepared.request_id),
-            deserializer=lambda _: prepared.request,
-            validator=lambda parsed: parsed,
-            post_process=to_serializable,
+            "", self._tasks, **prepared.dispatch_options(make_context)
         )
         return cast("Json | None", response)
 
 
 class _Prepared:
+    """A request that passed our checks, ready for jsonrpcserver."""
+
     __slots__ = ("request", "request_id")
 
     def __init__(self, request: Json, request_id: RequestId) -> None:
         self.request, self.request_id = request, request_id
+
+    def dispatch_options(self, make_context: ContextFactory) -> dict[str, Any]:
+        """jsonrpcserver's dispatch_to_response options: our parsed, checked request as is."""
+        return {
+            "context": make_context(self.request_id),
+            "deserializer": lambda _: self.request,
+            "validator": lambda parsed: parsed,
+            "post_process": to_serializable,
+        }
