@@ -66,3 +66,18 @@ def test_cancelling_one_request_leaves_the_others_alone(spawn: Spawn, llm: Fixtu
         "keep-2": "keep-2",
     }
     assert server.close() == 0
+
+
+def test_a_cancel_in_the_same_read_as_its_infer_is_not_lost(
+    spawn: Spawn, llm: FixtureServer
+) -> None:
+    server = spawn([{"when": "root", "hold": True, "reply": answer_with("context")}])
+    infer = b'{"jsonrpc":"2.0","id":"both","method":"infer","params":{"prompt":"x"}}\n'
+    cancel = b'{"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":"both"}}\n'
+    server.send_raw(infer + cancel)  # before ready, one write: the server reads them together
+    server.ready()
+    response = server.next_response()
+    assert response["id"] == "both" and response["error"]["code"] == -32800
+    assert server.call("status")["result"]["in_flight"] == 0
+    llm.script.released.set()
+    assert server.close() == 0

@@ -180,19 +180,23 @@ def main(argv: list[str]) -> int:
     )
     if full and not failures:
         update_readme(markdown)
-        print(f"updated the table in {BENCH / 'README.md'}")
+        print("updated the results in bench/README.md and README.md")
     return 1 if failures else 0
 
 
 def update_readme(markdown: str) -> None:
-    readme = BENCH / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
-    if not pattern.search(text):
-        return
-    plot = "![wall time against concurrent requests](results/concurrency.svg)"
-    block = f"{README_START}\n{markdown}\n{plot}\n{README_END}"
-    readme.write_text(pattern.sub(lambda _: block, text))
+    """Rewrite the results block of bench/README.md and of the repository's README.md."""
+    for readme, plot_path in (
+        (BENCH / "README.md", "results/concurrency.svg"),
+        (BENCH.parent / "README.md", "bench/results/concurrency.svg"),
+    ):
+        text = readme.read_text()
+        pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+        if not pattern.search(text):
+            continue
+        plot = f"![wall time against concurrent requests]({plot_path})"
+        block = f"{README_START}\n{markdown}\n{plot}\n{README_END}"
+        readme.write_text(pattern.sub(lambda _, block=block: block, text))
 
 
 if __name__ == "__main__":

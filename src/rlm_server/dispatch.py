@@ -6,11 +6,12 @@ fractional ids and is 4x slower with its default validator. Valid requests then 
 jsonrpcserver, which binds params to the method's signature, calls it and turns its `Result`
 into a response.
 
-Two kinds of method: *inline* ones never wait (`status`, `$/cancelRequest`) and are answered
-on the spot by jsonrpcserver's synchronous dispatcher, which costs no task and no scheduling;
-*task* ones wait (`infer`, `shutdown`), and the server gives every such message a task of its
-own. Batch elements run concurrently. Any exception a method raises becomes an error response
-here: an `RpcError` as itself, anything else as a bare -32603 whose text stays in our log.
+Two kinds of method: *inline* ones never wait (`status`) and are answered on the spot by
+jsonrpcserver's synchronous dispatcher, which costs no task and no scheduling; *task* ones
+(`infer`, `shutdown`, `$/cancelRequest`) get a task of their own per message, and tasks start in
+the order their lines arrived. Batch elements run concurrently. Any exception a method raises
+becomes an error response here: an `RpcError` as itself, anything else as a bare -32603 whose
+text stays in our log.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Methods: `infer`, `status`, `shutdown` and `$/cancelRequest`, as jsonrpcserver methods.
 
 Each is a plain function of (context, **params by name) that validates its params into types,
-asks the engine or the server to do the work, and returns a `Success`. `status` and
-`$/cancelRequest` never wait, so they are plain functions that the dispatcher answers inline;
-`infer` and `shutdown` wait, so they are coroutines that get a task each. Invalid params
-raise `InvalidParams` naming the field; unknown params are refused rather than ignored, so a
-client that sends `maxDepth` learns at once that nothing read it.
+asks the engine or the server to do the work, and returns a `Success`. `status` never waits, so
+it is a plain function that the dispatcher answers inline. `infer` and `shutdown` wait, so they
+are coroutines that get a task each; so is `$/cancelRequest`, though it never waits: tasks start
+in the order their lines arrived, so a cancel that comes in the same read as its `infer` still
+finds it registered, where an inline cancel would overtake it and be lost. Invalid params raise
+`InvalidParams` naming the field; unknown params are refused rather than ignored, so a client
+that sends `maxDepth` learns at once that nothing read it.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ async def shutdown(ctx: RequestContext, grace_s: Any = None, **unknown: Any) -> 
     return Success({"shutdown": True})
 
 
-def cancel_request(ctx: RequestContext, id: Any = MISSING, **unknown: Any) -> Result:
+async def cancel_request(ctx: RequestContext, id: Any = MISSING, **unknown: Any) -> Result:
     """A notification: answers nothing itself; the cancelled request answers -32800."""
     _refuse_unknown(unknown)
     if id is MISSING or not (isinstance(id, str) or _is_int(id)):
@@ -164,9 +166,9 @@ def cancel_request(ctx: RequestContext, id: Any = MISSING, **unknown: Any) -> Re
 
 INLINE_METHODS: Mapping[str, Callable[..., Result]] = {
     "status": status,
-    "$/cancelRequest": cancel_request,
 }
 TASK_METHODS: Mapping[str, Callable[..., Awaitable[Result]]] = {
     "infer": infer,
     "shutdown": shutdown,
+    "$/cancelRequest": cancel_request,
 }

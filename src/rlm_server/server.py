@@ -1,9 +1,8 @@
 """The server: wires transport, dispatch, methods, engine and workers into one task group.
 
-One task reads and parses lines. A message whose methods never wait (`status`,
-`$/cancelRequest`, and every malformed message) is answered on the spot; any other gets a task
-of its own, so reading never waits for a handler and a slow `infer` never delays `status`. One
-task writes.
+One task reads and parses lines. A message whose method never waits (`status`, and every
+malformed message) is answered on the spot; any other gets a task of its own, so reading never
+waits for a handler and a slow `infer` never delays `status`. One task writes.
 
 `ready` goes out before the dispatch layer is even imported: jsonrpcserver's import pulls in
 jsonschema and http.server, and there is no reason a client should wait for that, or for the
