@@ -506,8 +506,11 @@ class Bench:
                     elapsed = time.perf_counter() - started
                     writer.join()
                 accepted = message.get("id") == request_id and "result" in message
-                refused = (
-                    message.get("id") is None and message.get("error", {}).get("code") == -32600
+                error = message.get("error", {})
+                refused = (  # the server names the request when the line starts with its id
+                    message.get("id") in (None, request_id)
+                    and error.get("code") == -32600
+                    and error.get("data", {}).get("type") == "line_too_long"
                 )
                 alive = ours.call(channel, 100 + request_id, "status", timeout=60)
                 probes.append(
