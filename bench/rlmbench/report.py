@@ -38,6 +38,11 @@ def _s(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
+def _faster_or_slower(ours: float, theirs: float) -> str:
+    """The ratio of two durations, said the way round that is at least 1x."""
+    return _times(theirs / ours, "faster") if ours <= theirs else _times(ours / theirs, "slower")
+
+
 def _times(x: float, better: str) -> str:
     return f"{x:.1f}x {better}" if x < 100 else f"{x:,.0f}x {better}"
 
@@ -119,9 +124,7 @@ def build_rows(r: Json) -> list[Row]:
                 _ms(ours),
                 "plugin server",
                 _ms(plugin),
-                _times(plugin / ours, "faster")
-                if ours <= plugin
-                else _times(ours / plugin, "slower"),
+                _faster_or_slower(ours, plugin),
                 "≤ 100 ms",
                 ours <= 0.100,
                 f"plugin with `rlm` hidden (stub mode): {_ms(s['plugin_stub']['median_s'])}",
@@ -136,9 +139,7 @@ def build_rows(r: Json) -> list[Row]:
                 _ms(ours),
                 "plugin server",
                 _ms(plugin),
-                _times(plugin / ours, "faster")
-                if ours <= plugin
-                else _times(ours / plugin, "slower"),
+                _faster_or_slower(ours, plugin),
                 "≤ 600 ms",
                 ours <= 0.600,
             )
@@ -167,9 +168,7 @@ def build_rows(r: Json) -> list[Row]:
                 _ms(ours),
                 "plugin server",
                 _ms(plugin),
-                _times(plugin / ours, "faster")
-                if ours <= plugin
-                else _times(ours / plugin, "slower"),
+                _faster_or_slower(ours, plugin),
                 "",
                 None,
             )
