@@ -183,9 +183,6 @@ class Engine:
     def stub(self) -> bool:
         return self.unavailable_reason is not None and not self.config.strict
 
-    def prewarm(self) -> Json:
-        return self._default.prewarm()
-
     def describe(self) -> Json:
         return {
             "available": self.unavailable_reason is None,
