@@ -101,9 +101,6 @@ class Server:
                 background.start_soon(self._watch_signals)
                 async with anyio.create_task_group() as writing:
                     writing.start_soon(self._writer.run)
-                    await (
-                        anyio.lowlevel.checkpoint()
-                    )  # let the writer put `ready` on the wire first
                     await self._serve(_load_dispatcher())
                     self._writer.close()
                 background.cancel_scope.cancel()
