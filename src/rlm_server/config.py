@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -375,7 +374,7 @@ def backend_unavailable_reason(
     return None
 
 
-def api_key(backend: str, environ: Mapping[str, str] = os.environ) -> str | None:
+def api_key(backend: str, environ: Mapping[str, str]) -> str | None:
     for var in BACKEND_INFO[backend].key_vars:
         if environ.get(var):
             return environ[var]

@@ -159,12 +159,12 @@ class _Progress:
 
 
 class Engine:
-    def __init__(self, config: Config, pool: WorkerPool, environ: Mapping[str, str]) -> None:
+    def __init__(self, config: Config, environ: Mapping[str, str]) -> None:
         self.config = config
         self.metrics = Metrics()
-        self._pool = pool
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
+        self.workers = WorkerPool(self._default.prewarm(), config.worker_memory_mb)
         self._slots = anyio.CapacityLimiter(config.max_concurrency)
         self._queued = 0
         self._admit_through = math.inf  # the last input line whose infer is admitted
@@ -184,7 +184,11 @@ class Engine:
         return self.unavailable_reason is not None and not self.config.strict
 
     def describe(self) -> Json:
+        """Who we are and what we run: the part that `ready` and `status` share."""
         return {
+            "server": SERVER_NAME,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
             "available": self.unavailable_reason is None,
             "stub": self.stub,
             "backend": self.config.backend,
@@ -203,8 +207,7 @@ class Engine:
 
     def _status_of_configuration(self) -> Json:
         """The part of `status` that never changes: computed once."""
-        status: Json = {"server": SERVER_NAME, "version": __version__, "protocol": PROTOCOL_VERSION}
-        status.update(self.describe())
+        status = self.describe()
         if self.unavailable_reason is not None:
             status["reason"] = self.unavailable_reason
         status["max_iterations"] = self.config.max_iterations
@@ -306,7 +309,7 @@ class Engine:
         }
         attempt = 1
         while True:
-            final = await self._pool.run(job, request.context, progress.forward)
+            final = await self.workers.run(job, request.context, progress.forward)
             if "result" in final:
                 return self._result(spec, final["result"], started, attempt)
             failure: Json = final["failure"]

@@ -26,10 +26,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
-from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
 from rlm_server.config import Config
 from rlm_server.context import RequestContext
-from rlm_server.engine import Engine, InferOptions, RunSpec
+from rlm_server.engine import Engine
 from rlm_server.errors import LineTooLong, ParseError, RpcError
 from rlm_server.transport import (
     FdReceiveStream,
@@ -39,7 +38,6 @@ from rlm_server.transport import (
     StdioClaim,
 )
 from rlm_server.wire import RequestId, decode, encode, error_response, leading_id
-from rlm_server.workers import WorkerPool
 
 if TYPE_CHECKING:
     from rlm_server.dispatch import ContextFactory, Dispatcher
@@ -55,9 +53,7 @@ class Server:
         self._config = config
         self._claim = claim
         self._writer = ProtocolWriter(claim.write_fd, on_closed=self._output_closed)
-        default = RunSpec.resolve(config, InferOptions(), environ)
-        self._pool = WorkerPool(default.prewarm(), config.worker_memory_mb)
-        self.engine = Engine(config, self._pool, environ)
+        self.engine = Engine(config, environ)
         self._lines_read = 0
         self._active_tasks = 0
         self._stopping = anyio.Event()
@@ -95,7 +91,7 @@ class Server:
 
     async def run(self) -> int:
         self._send_ready()  # written at once: nothing is queued yet
-        self._pool.start()
+        self.engine.workers.start()
         try:
             async with anyio.create_task_group() as background:
                 background.start_soon(self._watch_signals)
@@ -105,12 +101,11 @@ class Server:
                     self._writer.close()
                 background.cancel_scope.cancel()
         finally:
-            self._pool.stop()
+            self.engine.workers.stop()
         return 0
 
     def _send_ready(self) -> None:
-        identity = {"server": SERVER_NAME, "version": __version__, "protocol": PROTOCOL_VERSION}
-        self.notify("ready", {**identity, "pid": os.getpid(), **self.engine.describe()})
+        self.notify("ready", {**self.engine.describe(), "pid": os.getpid()})
 
     async def _serve(self, dispatcher: Dispatcher) -> None:
         async with anyio.create_task_group() as requests:
