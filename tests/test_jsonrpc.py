@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import orjson
 import pytest
@@ -10,6 +12,14 @@ from conftest import Spawn
 from harness import answer_with
 
 from rlm_server.dispatch import Dispatcher
+
+
+async def dispatch_all(dispatcher: Dispatcher, message: Any) -> list[Any]:
+    """Everything the dispatcher answers to one message, its tasks run to the end."""
+    sent: list[Any] = []
+    async with anyio.create_task_group() as group:
+        dispatcher.dispatch(message, lambda request_id: None, group.start_soon, sent.append)
+    return [response for response in sent if response is not None]
 
 
 def _error(response: object, code: int, kind: str) -> None:
@@ -116,15 +126,14 @@ def test_batch_elements_run_concurrently() -> None:
         second.set()
         return Success("pong")
 
-    async def main() -> bytes | None:
+    async def main() -> list[Any]:
         dispatcher = Dispatcher({}, {"ping": ping, "pong": pong})
         batch = [{"jsonrpc": "2.0", "id": i, "method": m} for i, m in ((1, "ping"), (2, "pong"))]
         with anyio.fail_after(5):
-            return await dispatcher.handle(batch, lambda request_id: None)
+            return await dispatch_all(dispatcher, batch)
 
-    response = anyio.run(main)
-    assert response is not None
-    assert [r["result"] for r in orjson.loads(response)] == ["ping", "pong"]
+    [response] = anyio.run(main)
+    assert [r["result"] for r in response] == ["ping", "pong"]
 
 
 @pytest.mark.parametrize("text", ["lone \ud800 surrogate", "fine"])
@@ -138,23 +147,22 @@ def test_internal_errors_carry_no_exception_text() -> None:
     async def broken(ctx: object) -> None:
         raise RuntimeError("secret internal detail")
 
-    async def main() -> bytes | None:
-        return await Dispatcher({}, {"broken": broken}).handle(
-            {"jsonrpc": "2.0", "id": 1, "method": "broken"}, lambda request_id: None
-        )
-
-    response = anyio.run(main)
-    assert response is not None and b"secret" not in response
-    assert orjson.loads(response)["error"]["code"] == -32603
-
     def broken_inline(ctx: object) -> None:
         raise KeyError("another secret")
 
-    line = Dispatcher({"b": broken_inline}, {}).handle_inline(
-        {"jsonrpc": "2.0", "id": 2, "method": "b"}, lambda request_id: None
-    )
-    assert line is not None and b"secret" not in line
-    assert orjson.loads(line)["error"]["code"] == -32603
+    async def main() -> list[Any]:
+        dispatcher = Dispatcher({"b": broken_inline}, {"broken": broken})
+        return await dispatch_all(
+            dispatcher,
+            [
+                {"jsonrpc": "2.0", "id": 1, "method": "broken"},
+                {"jsonrpc": "2.0", "id": 2, "method": "b"},
+            ],
+        )
+
+    [responses] = anyio.run(main)
+    assert b"secret" not in orjson.dumps(responses)
+    assert [r["error"]["code"] for r in responses] == [-32603, -32603]
 
 
 def test_an_escaped_lone_surrogate_is_served_not_refused(spawn: Spawn) -> None:

@@ -236,6 +236,14 @@ SETTINGS: tuple[Setting, ...] = (
         "requests waiting for a slot before -32002 queue_full",
     ),
     Setting(
+        "max_queue_bytes",
+        "ELIZA_RLM_MAX_QUEUE_BYTES",
+        str(4 << 30),
+        _positive_int,
+        "a positive integer",
+        "total prompt size of the requests waiting for a slot before -32002 queue_full",
+    ),
+    Setting(
         "timeout_s",
         "ELIZA_RLM_TIMEOUT",
         "300",
@@ -293,6 +301,7 @@ class Config:
     retry_max_delay_ms: float
     max_concurrency: int
     max_queue: int
+    max_queue_bytes: int
     timeout_s: float
     strict: bool
     max_message_bytes: int

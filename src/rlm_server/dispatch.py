@@ -1,4 +1,4 @@
-"""Dispatch: one parsed JSON-RPC 2.0 message in, at most one response line out. It only routes.
+"""Dispatch: one parsed JSON-RPC 2.0 message in, its response (if one is owed) out. It only routes.
 
 Each request object (or batch element) is checked against the JSON-RPC 2.0 rules here, because
 jsonrpcserver 5.0.9 validates a whole batch with one schema, rejects `"params": null`, accepts
@@ -8,10 +8,16 @@ into a response.
 
 Two kinds of method: *inline* ones never wait (`status`) and are answered on the spot by
 jsonrpcserver's synchronous dispatcher, which costs no task and no scheduling; *task* ones
-(`infer`, `shutdown`, `$/cancelRequest`) get a task of their own per message, and tasks start in
-the order their lines arrived. Batch elements run concurrently. Any exception a method raises
-becomes an error response here: an `RpcError` as itself, anything else as a bare -32603 whose
-text stays in our log.
+(`infer`, `shutdown`, `$/cancelRequest`) get a task of their own per request, started through the
+server's `spawn` in the server's one task group, in the order their lines arrived. A batch is no
+exception: each of its elements is its own task, started as the batch is read, so a cancel read
+after a batch always finds the batch's requests; the batch's answer goes out when its last
+element is done.
+
+Whatever arrives, the answer is a JSON-RPC response or nothing: any exception a method raises
+becomes an error response here (an `RpcError` as itself, anything else a bare -32603 whose text
+stays in our log), and jsonrpcserver's own errors are rewritten so that `data` is always an
+object with a `type`.
 """
 
 from __future__ import annotations
@@ -19,10 +25,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from typing import Any, cast
 
-import anyio
 from jsonrpcserver import Error
 from jsonrpcserver import async_main as async_jsonrpc
 from jsonrpcserver import main as sync_jsonrpc
@@ -36,13 +41,16 @@ from rlm_server.errors import (
     MethodNotFound,
     RpcError,
 )
-from rlm_server.wire import Json, RequestId, encode, error_response
+from rlm_server.wire import Json, RequestId, error_response
 
 log = logging.getLogger(__name__)
 
 InlineMethod = Callable[..., Result]
 TaskMethod = Callable[..., Awaitable[Result]]
 ContextFactory = Callable[[RequestId], object]
+Response = Json | list[Json]
+Send = Callable[[Response | None], None]  # None: nothing is owed (a notification)
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], object]  # a task group's start_soon
 
 
 def _as_result(name: str, error: Exception) -> Result:
@@ -118,47 +126,88 @@ def _check(obj: Any) -> tuple[RequestId, bool, str, Json]:
     return request_id, notification, method, params
 
 
+def _with_object_data(response: Json | None) -> Json | None:
+    """jsonrpcserver answers a params/signature mismatch with its binder's text as `data`
+    (naming our internal arguments); the wire only ever carries `data` objects."""
+    if response is None or "error" not in response:
+        return response
+    if isinstance(response["error"].get("data"), dict):
+        return response
+    error = InvalidParams("params", "do not match the method's parameters")
+    return error_response(error, response.get("id"))
+
+
+class _Batch:
+    """The answers of one batch, sent together once every element is done."""
+
+    def __init__(self, size: int, send: Send) -> None:
+        self._responses: list[Json | None] = [None] * size
+        self._waiting = size
+        self._send = send
+
+    def done(self, index: int, response: Response | None) -> None:
+        assert not isinstance(response, list)  # batches do not nest
+        self._responses[index] = response
+        self._waiting -= 1
+        if self._waiting == 0:
+            answered = [r for r in self._responses if r is not None]
+            if answered:
+                self._send(answered)
+
+
 class Dispatcher:
-    def __init__(self, inline: Mapping[str, InlineMethod], tasks: Mapping[str, TaskMethod]) -> None:
+    """Routes messages to methods. `no_notifications` names methods that only run as requests:
+    sent as a notification, nobody could receive or cancel them, so they are not run."""
+
+    def __init__(
+        self,
+        inline: Mapping[str, InlineMethod],
+        tasks: Mapping[str, TaskMethod],
+        no_notifications: Collection[str] = (),
+    ) -> None:
         self._inline = {name: _guard_inline(name, m) for name, m in inline.items()}
         self._tasks = {name: _guard_task(name, m) for name, m in tasks.items()}
+        self._no_notifications = frozenset(no_notifications)
 
-    def is_inline(self, message: Any) -> bool:
-        """Whether `handle_inline` can answer this message without waiting."""
-        return isinstance(message, dict) and message.get("method") not in self._tasks
+    def dispatch(
+        self, message: Any, make_context: ContextFactory, spawn: Spawn, send: Send
+    ) -> None:
+        """Answer `message` through `send`, now or from tasks started with `spawn`.
 
-    def handle_inline(self, message: Json, make_context: ContextFactory) -> bytes | None:
-        prepared = self._prepare(message)
-        if isinstance(prepared, _Prepared):
-            prepared = self._call_inline(prepared, make_context)
-        return None if prepared is None else encode(prepared)
+        `make_context` gives each request its jsonrpcserver context from its id.
+        """
+        if not isinstance(message, list):
+            self._route(message, make_context, spawn, send)
+            return
+        if not message:
+            send(error_response(InvalidRequest(reason="empty batch"), None))
+            return
+        batch = _Batch(len(message), send)
+        for index, element in enumerate(message):
+            self._route(element, make_context, spawn, functools.partial(batch.done, index))
+
+    def _route(self, obj: Any, make_context: ContextFactory, spawn: Spawn, send: Send) -> None:
+        prepared = self._prepare(obj)
+        if not isinstance(prepared, _Prepared):
+            send(prepared)
+        elif prepared.method in self._inline:
+            send(self._call_inline(prepared, make_context))
+        else:
+            spawn(functools.partial(self._run_task, prepared, make_context, send))
+
+    async def _run_task(
+        self, prepared: _Prepared, make_context: ContextFactory, send: Send
+    ) -> None:
+        response = await async_jsonrpc.dispatch_to_response(
+            "", self._tasks, **prepared.dispatch_options(make_context)
+        )
+        send(_with_object_data(cast("Json | None", response)))
 
     def _call_inline(self, prepared: _Prepared, make_context: ContextFactory) -> Json | None:
         response = sync_jsonrpc.dispatch_to_response(
             "", self._inline, **prepared.dispatch_options(make_context)
         )
-        return cast("Json | None", response)
-
-    async def handle(self, message: Any, make_context: ContextFactory) -> bytes | None:
-        """The response line for one parsed message, or None when nothing is owed.
-
-        `make_context` gives each request its jsonrpcserver context from its id.
-        """
-        if not isinstance(message, list):
-            response = await self._handle_one(message, make_context)
-            return None if response is None else encode(response)
-        if not message:
-            return encode(error_response(InvalidRequest(reason="empty batch"), None))
-        results: list[Json | None] = [None] * len(message)
-
-        async def run(index: int, element: Any) -> None:
-            results[index] = await self._handle_one(element, make_context)
-
-        async with anyio.create_task_group() as group:
-            for index, element in enumerate(message):
-                group.start_soon(run, index, element)
-        responses = [r for r in results if r is not None]
-        return encode(responses) if responses else None
+        return _with_object_data(cast("Json | None", response))
 
     def _prepare(self, obj: Any) -> _Prepared | Json | None:
         """A request ready for jsonrpcserver, or the error response (None: owe nothing)."""
@@ -172,30 +221,22 @@ class Dispatcher:
             return (
                 None if notification else error_response(MethodNotFound(method=method), request_id)
             )
+        if notification and method in self._no_notifications:
+            log.warning("%s sent as a notification (no id) is not run: nobody could get it", method)
+            return None
         request: Json = {"jsonrpc": "2.0", "method": method, "params": params}
         if not notification:
             request["id"] = request_id
-        return _Prepared(request, request_id)
-
-    async def _handle_one(self, obj: Any, make_context: ContextFactory) -> Json | None:
-        prepared = self._prepare(obj)
-        if not isinstance(prepared, _Prepared):
-            return prepared
-        if prepared.request["method"] in self._inline:
-            return self._call_inline(prepared, make_context)
-        response = await async_jsonrpc.dispatch_to_response(
-            "", self._tasks, **prepared.dispatch_options(make_context)
-        )
-        return cast("Json | None", response)
+        return _Prepared(request, request_id, method)
 
 
 class _Prepared:
     """A request that passed our checks, ready for jsonrpcserver."""
 
-    __slots__ = ("request", "request_id")
+    __slots__ = ("method", "request", "request_id")
 
-    def __init__(self, request: Json, request_id: RequestId) -> None:
-        self.request, self.request_id = request, request_id
+    def __init__(self, request: Json, request_id: RequestId, method: str) -> None:
+        self.request, self.request_id, self.method = request, request_id, method
 
     def dispatch_options(self, make_context: ContextFactory) -> dict[str, Any]:
         """jsonrpcserver's dispatch_to_response options: our parsed, checked request as is."""

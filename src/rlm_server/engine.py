@@ -35,9 +35,6 @@ RequestId = str | int | None
 Notify = Callable[[Json], None]
 
 STUB_TEXT = "[RLM STUB] RLM backend not available"
-# Backends whose client is the OpenAI SDK: turn its own silent retries off so that ours (which
-# are counted and reported) are the only ones.
-OPENAI_SDK_BACKENDS = frozenset({"openai", "vllm", "openrouter", "vercel"})
 
 
 @dataclass(frozen=True)
@@ -62,6 +59,13 @@ class InferRequest:
     context: str | list[dict[str, str]]
     query: str | None = None
     options: InferOptions = field(default_factory=InferOptions)
+
+    @property
+    def size(self) -> int:
+        """What the request holds while it waits: the length of its long input."""
+        if isinstance(self.context, str):
+            return len(self.context)
+        return sum(len(message["content"]) for message in self.context)
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,6 @@ class RunSpec:
             backend_kwargs["api_key"] = key
         elif info.openai_compatible and base_url:
             backend_kwargs["api_key"] = "not-needed"  # local servers ignore it; the SDK wants one
-        if info.library_backend in OPENAI_SDK_BACKENDS:
-            backend_kwargs["max_retries"] = 0
         sampling = {"temperature": options.temperature, "max_tokens": options.max_tokens}
         if any(v is not None for v in sampling.values()):
             backend_kwargs["sampling_args"] = {k: v for k, v in sampling.items() if v is not None}
@@ -164,9 +166,12 @@ class Engine:
         self.metrics = Metrics()
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
-        self.workers = WorkerPool(self._default.prewarm(), config.worker_memory_mb)
+        self.workers = WorkerPool(
+            self._default.prewarm(), config.worker_memory_mb, config.max_message_bytes
+        )
         self._slots = anyio.CapacityLimiter(config.max_concurrency)
         self._queued = 0
+        self._queued_bytes = 0
         self._admit_through = math.inf  # the last input line whose infer is admitted
         self._cancelling_all = False
         self._scopes: dict[RequestId, set[anyio.CancelScope]] = {}
@@ -221,7 +226,7 @@ class Engine:
         self, request: InferRequest, request_id: RequestId, notify: Notify, sequence: int
     ) -> Json:
         """Run one request; `sequence` is the number of the input line that carried it."""
-        self._admit_or_refuse(sequence)
+        self._admit_or_refuse(sequence, request.size)
         spec = RunSpec.resolve(self.config, request.options, self._environ)
         started = time.monotonic()
         progress = _Progress(request_id, notify if request.options.progress else None, started)
@@ -243,11 +248,15 @@ class Engine:
         finally:
             self.metrics.record(outcome, (time.monotonic() - started) * 1000)
 
-    def _admit_or_refuse(self, sequence: int) -> None:
+    def _admit_or_refuse(self, sequence: int, size: int) -> None:
         if sequence > self._admit_through:
             raise ShuttingDown()
-        if self._slots.available_tokens == 0 and self._queued >= self.config.max_queue:
+        if self._slots.available_tokens > 0:
+            return
+        if self._queued >= self.config.max_queue:
             raise QueueFull(limit=self.config.max_queue)
+        if self._queued_bytes + size > self.config.max_queue_bytes:
+            raise QueueFull(limit_bytes=self.config.max_queue_bytes)
 
     def _stub(self, spec: RunSpec, started: float) -> tuple[Outcome, Json]:
         if self.config.strict:
@@ -281,17 +290,19 @@ class Engine:
         self, spec: RunSpec, request: InferRequest, progress: _Progress, started: float
     ) -> Json:
         with anyio.move_on_after(spec.timeout_s):
-            async with self._slot():
+            async with self._slot(request.size):
                 return await self._attempts(spec, request, progress, started)
         raise DeadlineExceeded(timeout_s=spec.timeout_s)
 
     @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
+    async def _slot(self, size: int) -> AsyncIterator[None]:
         self._queued += 1
+        self._queued_bytes += size
         try:
             await self._slots.acquire()
         finally:
             self._queued -= 1
+            self._queued_bytes -= size
         try:
             yield
         finally:
@@ -314,8 +325,9 @@ class Engine:
                 return self._result(spec, final["result"], started, attempt)
             failure: Json = final["failure"]
             if not failure["retryable"] or attempt > self.config.max_retries:
+                # Our retries are the only ones: once they are spent, nobody should retry.
                 extra = {"status": failure["status"]} if "status" in failure else {}
-                raise BackendError(retryable=failure["retryable"], attempts=attempt, **extra)
+                raise BackendError(retryable=False, attempts=attempt, **extra)
             delay = backoff_s(attempt, self.config.retry_delay_ms, self.config.retry_max_delay_ms)
             self.metrics.retried()
             progress(

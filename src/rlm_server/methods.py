@@ -7,7 +7,8 @@ are coroutines that get a task each; so is `$/cancelRequest`, though it never wa
 in the order their lines arrived, so a cancel that comes in the same read as its `infer` still
 finds it registered, where an inline cancel would overtake it and be lost. Invalid params raise
 `InvalidParams` naming the field; unknown params are refused rather than ignored, so a client
-that sends `maxDepth` learns at once that nothing read it.
+that sends `maxDepth` learns at once that nothing read it. The context argument is
+positional-only, so no param name on the wire can reach it: `{"ctx": 1}` is an unknown param.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def parse_context(prompt: Any, messages: Any) -> str | list[dict[str, str]]:
 
 async def infer(
     ctx: RequestContext,
+    /,
     prompt: Any = MISSING,
     messages: Any = MISSING,
     query: Any = None,
@@ -137,17 +139,18 @@ async def infer(
     session = ctx.session
 
     def progress(params: Json) -> None:
-        session.notify("$/progress", params)
+        if ctx.request_id is not None:  # progress names its request; a null id names none
+            session.notify("$/progress", params)
 
     return Success(await session.engine.infer(request, ctx.request_id, progress, ctx.sequence))
 
 
-def status(ctx: RequestContext, **unknown: Any) -> Result:
+def status(ctx: RequestContext, /, **unknown: Any) -> Result:
     _refuse_unknown(unknown)
     return Success(ctx.session.engine.status())
 
 
-async def shutdown(ctx: RequestContext, grace_s: Any = None, **unknown: Any) -> Result:
+async def shutdown(ctx: RequestContext, /, grace_s: Any = None, **unknown: Any) -> Result:
     _refuse_unknown(unknown)
     if grace_s is not None and not (_is_number(grace_s) and grace_s >= 0):
         raise InvalidParams("grace_s", "must be a number of seconds, 0 or more")
@@ -155,7 +158,7 @@ async def shutdown(ctx: RequestContext, grace_s: Any = None, **unknown: Any) -> 
     return Success({"shutdown": True})
 
 
-async def cancel_request(ctx: RequestContext, id: Any = MISSING, **unknown: Any) -> Result:
+async def cancel_request(ctx: RequestContext, /, id: Any = MISSING, **unknown: Any) -> Result:
     """A notification: answers nothing itself; the cancelled request answers -32800."""
     _refuse_unknown(unknown)
     if id is MISSING or not (isinstance(id, str) or _is_int(id)):
@@ -167,6 +170,8 @@ async def cancel_request(ctx: RequestContext, id: Any = MISSING, **unknown: Any)
 INLINE_METHODS: Mapping[str, Callable[..., Result]] = {
     "status": status,
 }
+# Sent as a notification, an infer would run a paid completion nobody can receive or cancel.
+REQUEST_ONLY_METHODS = frozenset({"infer"})
 TASK_METHODS: Mapping[str, Callable[..., Awaitable[Result]]] = {
     "infer": infer,
     "shutdown": shutdown,

@@ -1,8 +1,10 @@
 """The server: wires transport, dispatch, methods, engine and workers into one task group.
 
 One task reads and parses lines. A message whose method never waits (`status`, and every
-malformed message) is answered on the spot; any other gets a task of its own, so reading never
-waits for a handler and a slow `infer` never delays `status`. One task writes.
+malformed message) is answered on the spot; any other request, batch elements included, gets a
+task of its own in the one request task group, so reading never waits for a handler and a slow
+`infer` never delays `status`. One task writes. While more than `OUTPUT_HIGH_WATER` bytes of
+answers are unsent (a client that stopped reading), no more input is read.
 
 `ready` goes out before the dispatch layer is even imported: jsonrpcserver's import pulls in
 jsonschema and http.server, and there is no reason a client should wait for that, or for the
@@ -10,17 +12,20 @@ zygote's import of `rlm`, which runs meanwhile in its own process. Lines that ar
 in the pipe.
 
 Stopping, whichever way it starts (`shutdown`, end of stdin, SIGTERM), is one sequence: refuse
-infers that arrive after the stop, let in-flight work finish within the grace period, cancel the
-rest (each answered -32800), answer any `shutdown` calls, flush, exit 0. A second SIGTERM, or
-SIGINT, cancels everything at once.
+infers that arrive after the stop, let in-flight infers finish until the stop's deadline, cancel
+the rest (each answered -32800), answer any `shutdown` calls, flush, exit 0. There is one
+deadline: every stop request can only bring it closer (the shortest grace asked for wins). A
+second SIGTERM, SIGINT, or the death of the process that started us, cancels everything at once.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import math
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -30,6 +35,7 @@ from rlm_server.config import Config
 from rlm_server.context import RequestContext
 from rlm_server.engine import Engine
 from rlm_server.errors import LineTooLong, ParseError, RpcError
+from rlm_server.lifeline import ParentWatch
 from rlm_server.transport import (
     FdReceiveStream,
     LineReader,
@@ -37,29 +43,83 @@ from rlm_server.transport import (
     ProtocolWriter,
     StdioClaim,
 )
-from rlm_server.wire import RequestId, decode, encode, error_response, leading_id
+from rlm_server.wire import Json, RequestId, decode, encode, error_response, leading_id
 
 if TYPE_CHECKING:
-    from rlm_server.dispatch import ContextFactory, Dispatcher
+    from rlm_server.dispatch import ContextFactory, Dispatcher, Response, Spawn
 
 log = logging.getLogger(__name__)
 
-Json = dict[str, Any]
-POLL_S = 0.005
+OUTPUT_HIGH_WATER = 64 << 20  # unsent answer bytes above which we stop reading input
+DECODE_IN_THREAD_BYTES = 1 << 20
+YIELD_EVERY_LINES = 64  # a flood of input must not starve request tasks and the writer
+
+
+class InFlight:
+    """The requests read and not yet answered: what a stop waits for.
+
+    A request counts from the moment its task is spawned (jsonrpcserver reaches the method a
+    scheduling step later, and a stop read in the same burst must still wait for it) until its
+    answer is sent. A request that only waits for the stop itself (`shutdown`) steps out.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._current: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("request")
+
+    def spawner(self, group: TaskGroup) -> Spawn:
+        def spawn(task: Callable[[], Coroutine[Any, Any, None]]) -> None:
+            self._enter()
+            group.start_soon(self._run, task)
+
+        return spawn
+
+    async def _run(self, task: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        counted = [True]  # cleared when this request steps out
+        self._current.set(counted)  # this task's own context: seen by the tasks it starts
+        try:
+            await task()
+        finally:
+            if counted[0]:
+                self._leave()
+
+    def step_out(self) -> None:
+        """The calling request no longer counts (it waits for the others)."""
+        counted = self._current.get(None)
+        if counted is not None and counted[0]:
+            counted[0] = False
+            self._leave()
+
+    def _enter(self) -> None:
+        if self._count == 0:
+            self._idle = anyio.Event()
+        self._count += 1
+
+    def _leave(self) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
 
 
 class Server:
     def __init__(self, config: Config, claim: StdioClaim, environ: Mapping[str, str]) -> None:
         self._config = config
         self._claim = claim
-        self._writer = ProtocolWriter(claim.write_fd, on_closed=self._output_closed)
+        self._writer = ProtocolWriter(
+            claim.write_fd, on_closed=self._output_closed, high_water=OUTPUT_HIGH_WATER
+        )
         self.engine = Engine(config, environ)
+        self._parent = ParentWatch()
         self._lines_read = 0
-        self._active_tasks = 0
+        self._in_flight = InFlight()
         self._stopping = anyio.Event()
-        self._grace_s = config.shutdown_grace_s
+        self._grace: anyio.CancelScope  # made in run(), in the event loop; lowered by every stop
         self._drained = anyio.Event()
-        self._shutdown_calls = 0
 
     # -- Session, as methods see it ---------------------------------------------------------
 
@@ -68,33 +128,31 @@ class Server:
 
     async def shutdown(self, grace_s: float | None, sequence: int) -> None:
         """Start stopping, and return once everything else has been answered."""
-        self._shutdown_calls += 1
         self.stop(self._config.shutdown_grace_s if grace_s is None else grace_s, sequence)
+        self._in_flight.step_out()
         await self._drained.wait()
 
     def stop(self, grace_s: float, sequence: int | None = None) -> None:
-        """Refuse infers read after `sequence` (default: after the last line read so far)."""
+        """Refuse infers read after `sequence` (default: after the last line read so far), and
+        bring the deadline for in-flight work to at most `grace_s` from now."""
         self.engine.admit_through(self._lines_read if sequence is None else sequence)
-        if self._stopping.is_set():
-            if grace_s == 0:
-                self.engine.cancel_all()
-            return
-        self._grace_s = grace_s
+        self._grace.deadline = min(self._grace.deadline, anyio.current_time() + grace_s)
         self._stopping.set()
 
     def _output_closed(self) -> None:
         """Nobody reads our answers any more: stop at once."""
         self.stop(0)
-        self.engine.cancel_all()
 
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> int:
+        self._grace = anyio.CancelScope(deadline=math.inf)
         self._send_ready()  # written at once: nothing is queued yet
         self.engine.workers.start()
         try:
             async with anyio.create_task_group() as background:
                 background.start_soon(self._watch_signals)
+                background.start_soon(self._parent.wait_gone, self._parent_gone)
                 async with anyio.create_task_group() as writing:
                     writing.start_soon(self._writer.run)
                     await self._serve(_load_dispatcher())
@@ -112,16 +170,12 @@ class Server:
             reading = anyio.CancelScope()
             requests.start_soon(self._read, dispatcher, requests, reading)
             await self._stopping.wait()
-            with anyio.move_on_after(self._grace_s):
-                await self._tasks_at_most(self._shutdown_calls)
+            with self._grace:
+                await self._in_flight.idle()
             self.engine.cancel_all()
+            await self._in_flight.idle()  # each cancelled infer is answered -32800
             reading.cancel()
-            await self._tasks_at_most(self._shutdown_calls)
-            self._drained.set()
-
-    async def _tasks_at_most(self, count: int) -> None:
-        while self._active_tasks > count:  # noqa: ASYNC110 - shutdown only; no event per task
-            await anyio.sleep(POLL_S)
+            self._drained.set()  # `shutdown` calls answer last; the task group waits for them
 
     async def _read(
         self, dispatcher: Dispatcher, requests: TaskGroup, reading: anyio.CancelScope
@@ -139,9 +193,9 @@ class Server:
     async def _read_lines(
         self, reader: LineReader, dispatcher: Dispatcher, requests: TaskGroup
     ) -> None:
+        spawn = self._in_flight.spawner(requests)
         while True:
-            if not reader.has_line():
-                self._writer.flush()  # about to wait for input: answers so far go out now
+            await self._writer.below_high_water()
             line = await reader.next_line()
             if line is None:
                 return
@@ -149,38 +203,28 @@ class Server:
                 self._send_error(LineTooLong(limit=line.limit), leading_id(line.head))
                 continue
             self._lines_read += 1
+            if self._lines_read % YIELD_EVERY_LINES == 0:
+                await anyio.lowlevel.checkpoint()
             try:
-                message = decode(line)
+                message = await _decode(line)
             except ParseError as error:
                 self._send_error(error)
                 continue
             finally:
                 del line  # a long context must not stay alive here while its request runs
-            make_context = self._context_factory(self._lines_read)
-            if dispatcher.is_inline(message):
-                self._send(dispatcher.handle_inline(message, make_context), flush=False)
-            else:
-                self._active_tasks += 1
-                requests.start_soon(self._serve_task, dispatcher, message, make_context)
+            context = self._context_factory(self._lines_read)
+            dispatcher.dispatch(message, context, spawn, self._send)
             del message
-
-    async def _serve_task(
-        self, dispatcher: Dispatcher, message: Any, make_context: ContextFactory
-    ) -> None:
-        try:
-            self._send(await dispatcher.handle(message, make_context))
-        finally:
-            self._active_tasks -= 1
 
     def _context_factory(self, sequence: int) -> ContextFactory:
         return lambda request_id: RequestContext(request_id, sequence, self)
 
-    def _send(self, line: bytes | None, flush: bool = True) -> None:
-        if line is not None:
-            self._writer.send(line, flush)
+    def _send(self, response: Response | None) -> None:
+        if response is not None:
+            self._writer.send(encode(response))
 
     def _send_error(self, error: RpcError, request_id: RequestId = None) -> None:
-        self._writer.send(encode(error_response(error, request_id)), flush=False)
+        self._send(error_response(error, request_id))
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -188,13 +232,23 @@ class Server:
                 first_term = signum == signal.SIGTERM and not self._stopping.is_set()
                 log.info("received %s", signal.Signals(signum).name)
                 self.stop(self._config.shutdown_grace_s if first_term else 0)
-                if not first_term:
-                    self.engine.cancel_all()
+
+    def _parent_gone(self) -> None:
+        log.warning("the process that started us has gone; cancelling everything")
+        self.stop(0)
+
+
+async def _decode(line: bytes | bytearray) -> Any:
+    """Parse a line; a long one in a thread, so that `status` and cancels are answered while
+    a long context is parsed (orjson lets the loop run meanwhile; a 1 GiB line takes seconds)."""
+    if len(line) < DECODE_IN_THREAD_BYTES:
+        return decode(line)
+    return await anyio.to_thread.run_sync(decode, line, abandon_on_cancel=True)
 
 
 def _load_dispatcher() -> Dispatcher:
     """Import the JSON-RPC layer (after `ready` is out; see the module docstring)."""
     from rlm_server.dispatch import Dispatcher
-    from rlm_server.methods import INLINE_METHODS, TASK_METHODS
+    from rlm_server.methods import INLINE_METHODS, REQUEST_ONLY_METHODS, TASK_METHODS
 
-    return Dispatcher(INLINE_METHODS, TASK_METHODS)
+    return Dispatcher(INLINE_METHODS, TASK_METHODS, REQUEST_ONLY_METHODS)

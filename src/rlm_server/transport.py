@@ -158,10 +158,6 @@ class LineReader:
         self._scanned = 0  # bytes of the buffer already known to hold no newline
         self._ended = False
 
-    def has_line(self) -> bool:
-        """Whether a whole line is buffered already (next_line will not wait for input)."""
-        return self._buffer.find(b"\n", self._scanned) >= 0
-
     async def next_line(self) -> bytes | bytearray | OversizedLine | None:
         """The next non-blank line without its newline, an OversizedLine, or None at the end.
 
@@ -219,29 +215,29 @@ class LineReader:
 class ProtocolWriter:
     """The single owner of the protocol descriptor; every message goes through `send`.
 
-    When nothing is waiting to be written, `send` writes at once (one `writev`, no task switch);
-    whatever the pipe does not take is queued, and the writer task (`run`) writes the queue
-    out, a burst per `writev`. Nothing is written directly while anything is queued, so
-    messages keep their order.
+    `send` never blocks: messages sent during one turn of the event loop are written together
+    at the end of that turn (one `writev` for a burst of pipelined answers, wherever they came
+    from). What the pipe does not take is queued, and the writer task (`run`) writes the queue
+    out; nothing is written directly while anything is queued, so messages keep their order.
+    `below_high_water` lets the reader stop reading while too much is unsent.
     """
 
-    def __init__(self, fd: int, on_closed: Callable[[], None]) -> None:
+    def __init__(self, fd: int, on_closed: Callable[[], None], high_water: int) -> None:
         self._fd = fd
         self._on_closed = on_closed
         self._open = True
         self._pending = 0  # buffers queued or being written by the task
-        self._outbox: list[Buffer] = []  # sent with flush=False, not yet written or queued
+        self._unsent_bytes = 0  # the bytes of those buffers
+        self._high_water = high_water
+        self._drained = asyncio.Event()
+        self._outbox: list[Buffer] = []  # sent this turn, not yet written or queued
         self._send, self._receive = anyio.create_memory_object_stream[Buffer](math.inf)
 
-    def send(self, line: bytes, flush: bool = True) -> None:
-        """Write one encoded message (the newline is added here). Never blocks.
-
-        `flush=False` holds it until the next `flush`: the reader answers a burst of pipelined
-        requests that way, so the burst costs one write rather than one per answer.
-        """
+    def send(self, line: bytes) -> None:
+        """Write one encoded message (the newline is added here) at the end of this turn."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self.flush)
         self._outbox += (line, b"\n")
-        if flush:
-            self.flush()
 
     def flush(self) -> None:
         """Write what `send` holds now if nothing is queued before it; queue what is left."""
@@ -258,10 +254,18 @@ class ProtocolWriter:
                 return
         self._pending += len(buffers)
         for buffer in buffers:
+            self._unsent_bytes += len(buffer)
             self._send.send_nowait(buffer)
+
+    async def below_high_water(self) -> None:
+        """Return once no more than the high-water mark of bytes is waiting to be written."""
+        while self._unsent_bytes > self._high_water and self._open:
+            self._drained.clear()
+            await self._drained.wait()
 
     def close(self) -> None:
         """No more messages; `run` returns once the queue is written out."""
+        self.flush()
         self._send.close()
 
     async def run(self) -> None:
@@ -279,11 +283,15 @@ class ProtocolWriter:
                     except OSError as error:
                         self._close(error)
                 self._pending -= len(burst)
+                self._unsent_bytes -= sum(len(buffer) for buffer in burst)
+                if self._unsent_bytes <= self._high_water:
+                    self._drained.set()
 
     def _close(self, error: OSError) -> None:
         """The reader of our stdout has gone: nobody can be answered any more."""
         log.warning("protocol output closed (%s); stopping", error.strerror)
         self._open = False
+        self._drained.set()
         self._on_closed()
 
 

@@ -34,11 +34,25 @@ def decode(line: bytes | bytearray) -> Any:
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
-        pass
+        if not _has_surrogate_escape(line):  # malformed: no slower parser will do better
+            raise ParseError() from None
     try:
         return _replace_surrogates(json.loads(line))
     except (ValueError, RecursionError):
         raise ParseError() from None
+
+
+SCAN_CHUNK = 8 << 20
+
+
+def _has_surrogate_escape(line: bytes | bytearray) -> bool:
+    """Whether `line` may hold an escaped surrogate (`\\ud800`-`\\udfff`), searched a chunk
+    at a time so that, run in a thread, it never holds the interpreter for long."""
+    for start in range(0, len(line), SCAN_CHUNK):
+        end = start + SCAN_CHUNK + 3  # an escape may straddle two chunks
+        if line.find(b"\\ud", start, end) >= 0 or line.find(b"\\uD", start, end) >= 0:
+            return True
+    return False
 
 
 def error_response(error: RpcError, request_id: RequestId) -> Json:
