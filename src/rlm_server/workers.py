@@ -7,22 +7,33 @@ importing `rlm` costs hundreds of milliseconds, so a zygote (`rlm_server.zygote`
 and builds the default model clients; forking from it takes a few milliseconds, and nothing one
 request's model code did can be seen by the next.
 
-The zygote is told to fork over a SOCK_SEQPACKET control socket that carries the child's end of
-a fresh socketpair (SCM_RIGHTS); it answers with the child's pid. The server then talks to the
-worker over its socketpair in frames (see frames.py): one job frame in, event frames and one
-final frame out. End of stream without a final frame means the worker died.
+The zygote is told to fork over a SOCK_SEQPACKET control socket: a message with a token and the
+worker's directory, carrying the child's end of a fresh socketpair (SCM_RIGHTS); it answers with
+the token and the child's pid. The handshake is shielded from cancellation, so a fork once asked
+for is always answered and its worker always ended; the token matches each answer to its
+request. The server then talks to the worker over its socketpair in frames (see frames.py): one
+job frame in, event frames and one final frame out. End of stream without a final frame means the
+worker died. Every frame is checked: the worker runs model code, and nothing it sends is trusted.
+
+Each worker leads its own session, so killing its process group ends whatever model code
+started, and works in a private directory (its cwd and TMPDIR) that the server removes when the
+worker ends, however it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -37,16 +48,18 @@ log = logging.getLogger(__name__)
 
 Json = dict[str, Any]
 TEXT_CHUNK = 1 << 20
+HANDSHAKE_TIMEOUT_S = 10.0  # a zygote that does not answer a fork in this time is replaced
 EventHandler = Callable[[Json], None]
 
 
 class Worker:
-    """One forked worker process and our end of its socket."""
+    """One forked worker process (the leader of its own session) and our end of its socket."""
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
+    def __init__(self, pid: int, sock: socket.socket, max_frame_bytes: int) -> None:
         self.pid = pid
         self._sock = sock
         self._fd = sock.fileno()
+        self._max_frame_bytes = max_frame_bytes
         sock.setblocking(False)
 
     async def send_job(self, job: Json, context: str | list[Any]) -> None:
@@ -78,18 +91,28 @@ class Worker:
             await write_all(self._fd, text[start : start + TEXT_CHUNK].encode("ascii"))
 
     async def frames(self) -> AsyncIterator[Json]:
+        """The worker's frames, each a JSON object. A frame longer than the limit or not a
+        JSON object means the worker cannot be trusted any more: WorkerCrashed."""
         stream = BufferedByteReceiveStream(FdReceiveStream(self._fd))
         while True:
             try:
                 length = frames.length_of(await stream.receive_exactly(frames.HEADER_BYTES))
+                if length > self._max_frame_bytes:
+                    raise WorkerCrashed(reason="the worker sent a frame over the size limit")
                 payload = await stream.receive_exactly(length)
             except (anyio.IncompleteRead, OSError):
                 return
-            yield orjson.loads(payload)
+            try:
+                frame = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                frame = None
+            if not isinstance(frame, dict):
+                raise WorkerCrashed(reason="the worker sent a malformed frame")
+            yield frame
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
+        """End the worker and everything it started (its whole process group)."""
+        _kill_group(self.pid)
         self._sock.close()
 
 
@@ -104,20 +127,20 @@ class _Zygote:
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             close_fds=True,
+            start_new_session=True,  # a Ctrl-C to our process group is ours to handle, not its
         )
         theirs.close()
         ours.setblocking(False)
         ours.send(orjson.dumps(prewarm))
         self.ready = False
 
-    async def request(self, message: bytes, fds: list[int] | None = None) -> bytes:
+    async def send(self, message: bytes, fds: list[int]) -> None:
         while True:
             try:
-                socket.send_fds(self.control, [message], fds or [])
-                break
+                socket.send_fds(self.control, [message], fds)
+                return
             except BlockingIOError:
                 await anyio.wait_writable(self.control)
-        return await self.receive()
 
     async def receive(self) -> bytes:
         while True:
@@ -140,20 +163,27 @@ class _Zygote:
 class WorkerPool:
     """Forks workers from a zygote that is started at once and replaced if it dies."""
 
-    def __init__(self, prewarm: Json, memory_mb: int) -> None:
+    def __init__(self, prewarm: Json, memory_mb: int, max_frame_bytes: int) -> None:
         self._prewarm = prewarm
         self._memory_mb = memory_mb
+        self._max_frame_bytes = max_frame_bytes
         self._zygote: _Zygote | None = None
         self._lock = anyio.Lock()
+        self._tokens = itertools.count(1)
+        self._root: str | None = None  # the parent of every worker's directory
 
     def start(self) -> None:
         """Start the zygote now, so its import of `rlm` overlaps with the first request."""
+        self._root = tempfile.mkdtemp(prefix="rlm-server-")
         self._zygote = _Zygote(self._prewarm, self._memory_mb)
 
     def stop(self) -> None:
         if self._zygote is not None:
             self._zygote.stop()
             self._zygote = None
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
 
     async def _ready_zygote(self) -> _Zygote:
         zygote = self._zygote
@@ -168,30 +198,140 @@ class WorkerPool:
             zygote.ready = True
         return zygote
 
-    async def fork(self) -> Worker:
+    async def _fork(self, workdir: str) -> Worker:
         async with self._lock:
             zygote = await self._ready_zygote()
             ours, theirs = socket.socketpair()
             try:
-                reply = await zygote.request(b"fork", [theirs.fileno()])
+                with anyio.CancelScope(shield=True):
+                    pid = await self._handshake(zygote, workdir, theirs)
+            except BaseException:
+                ours.close()
+                raise
             finally:
                 theirs.close()
-            if len(reply) != 8:
-                ours.close()
-                zygote.process.poll()
-                raise WorkerCrashed(reason="the worker zygote did not fork")
-            return Worker(int.from_bytes(reply, "big"), ours)
+            return Worker(pid, ours, self._max_frame_bytes)
+
+    async def _handshake(self, zygote: _Zygote, workdir: str, theirs: socket.socket) -> int:
+        """Ask for one fork and return its pid; answers to any earlier request are ended."""
+        token = next(self._tokens).to_bytes(8, "big")
+        await zygote.send(token + os.fsencode(workdir), [theirs.fileno()])
+        with anyio.move_on_after(HANDSHAKE_TIMEOUT_S):
+            while len(reply := await zygote.receive()) == 16:
+                pid = int.from_bytes(reply[8:], "big")
+                if reply[:8] == token:
+                    return pid
+                _kill_group(pid)  # an answer nobody waits for: its worker must not run
+        log.warning("the worker zygote did not fork; replacing it")
+        zygote.process.kill()
+        raise WorkerCrashed(reason="the worker zygote did not fork")
+
+    @asynccontextmanager
+    async def _forked(self) -> AsyncIterator[Worker]:
+        """A fresh worker, killed on exit along with everything it started; its directory is
+        removed afterwards, whatever happened."""
+        workdir = tempfile.mkdtemp(prefix="worker-", dir=self._root)
+        try:
+            worker = await self._fork(workdir)
+            try:
+                yield worker
+            finally:
+                worker.kill()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
 
     async def run(self, job: Json, context: str | list[Any], on_event: EventHandler) -> Json:
         """Run one job in a fresh worker; return its final frame. The worker never outlives it."""
-        worker = await self.fork()
-        try:
+        async with self._forked() as worker:
             await worker.send_job(job, context)
             async for frame in worker.frames():
-                if "event" in frame:
-                    on_event(frame)
-                else:
-                    return frame
+                if "event" not in frame:
+                    return checked_final(frame)
+                event = checked_event(frame)
+                if event is not None:
+                    on_event(event)
             raise WorkerCrashed()
-        finally:
-            worker.kill()
+
+
+# -- what a worker may say ------------------------------------------------------------------
+#
+# Model code runs in the worker and can write to its socket, so a frame is only as good as its
+# shape: an event carries only known fields (it can never name a request: the server adds the
+# id), and a final frame that does not have the shape the engine expects ends the request as a
+# crash, never as an exception in the server.
+
+WORKER_EVENTS = frozenset({"iteration", "subcall"})
+MESSAGE_CHARS = 1000
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def checked_event(frame: Json) -> Json | None:
+    """The event with only the fields a progress notification may carry, or None."""
+    if frame.get("event") not in WORKER_EVENTS:
+        return None
+    event: Json = {"event": frame["event"]}
+    for name in ("iteration", "max_iterations"):
+        if _is_count(frame.get(name)):
+            event[name] = frame[name]
+    if isinstance(frame.get("message"), str):
+        event["message"] = frame["message"][:MESSAGE_CHARS]
+    return event
+
+
+def _is_cost(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _is_model_usage(usage: Any) -> bool:
+    return (
+        isinstance(usage, dict)
+        and all(_is_count(usage.get(k)) for k in ("calls", "input_tokens", "output_tokens"))
+        and _is_cost(usage.get("cost_usd"))
+    )
+
+
+def _is_usage(usage: Any) -> bool:
+    models = usage.get("models") if isinstance(usage, dict) else None
+    return (
+        _is_model_usage(usage)
+        and isinstance(models, dict)
+        and all(isinstance(k, str) and _is_model_usage(v) for k, v in models.items())
+    )
+
+
+def _is_result(result: Any) -> bool:
+    trajectory = result.get("trajectory", []) if isinstance(result, dict) else None
+    return (
+        isinstance(result, dict)
+        and isinstance(result.get("text"), str)
+        and _is_count(result.get("iterations"))
+        and _is_usage(result.get("usage"))
+        and isinstance(trajectory, list)
+        and all(isinstance(step, dict) for step in trajectory)
+    )
+
+
+def _is_failure(failure: Any) -> bool:
+    return (
+        isinstance(failure, dict)
+        and isinstance(failure.get("retryable"), bool)
+        and isinstance(failure.get("kind"), str)
+        and ("status" not in failure or _is_count(failure["status"]))
+    )
+
+
+def checked_final(frame: Json) -> Json:
+    """A final frame of the shape the engine reads, or WorkerCrashed."""
+    if _is_result(frame.get("result")) or _is_failure(frame.get("failure")):
+        return frame
+    raise WorkerCrashed(reason="the worker sent a malformed final frame")
+
+
+def _kill_group(pid: int) -> None:
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(pid, signal.SIGKILL)

@@ -1,9 +1,14 @@
 """The zygote: imports `rlm` once, builds the default clients, then forks one worker per job.
 
-Run by the server as `python -m rlm_server.zygote CONTROL_FD MEMORY_MB`. Its stdout is already
-the server's stderr and its stdin is /dev/null. It stays single-threaded so that fork is safe.
+Run by the server as `python -m rlm_server.zygote CONTROL_FD MEMORY_MB`, in a session of its
+own (a Ctrl-C meant for the server is the server's to handle). Its stdout is already the
+server's stderr and its stdin is /dev/null. It stays single-threaded so that fork is safe.
 It dies with the server (PR_SET_PDEATHSIG, and end of stream on the control socket), and every
 worker dies with the zygote, so no worker outlives the server.
+
+Each worker leads a session of its own (the server kills its whole process group), works in the
+directory the server made for it (its cwd and TMPDIR, so the REPL's files land there), and
+exits only when the server closes its socket, so the server always kills a living group.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import resource
 import signal
 import socket
 import sys
+import tempfile
 
 import orjson
 
@@ -43,13 +49,23 @@ def _limit_worker(memory_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _child(job_fd: int, memory_mb: int, clients: ClientCache) -> None:
+def _enter(workdir: str) -> None:
+    """Make the server's directory for this worker its cwd and its temporary directory."""
+    os.chdir(workdir)
+    os.environ["TMPDIR"] = tempfile.tempdir = workdir
+
+
+def _child(job_fd: int, workdir: str, memory_mb: int, clients: ClientCache) -> None:
+    os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # model code may wait for its own children
     die_with_parent()
     _limit_worker(memory_mb)
     status = 0
+    sock = socket.socket(fileno=job_fd)
     try:
-        serve_job(socket.socket(fileno=job_fd), clients)
+        _enter(workdir)
+        serve_job(sock, clients)
+        sock.recv(1)  # until the server, which kills our group, closes the socket
     except BaseException:
         status = 1
     finally:
@@ -68,16 +84,17 @@ def main(argv: list[str]) -> int:
     try:
         control.send(b"ready")
         while True:
-            message, fds, _, _ = socket.recv_fds(control, 64, 1)
+            message, fds, _, _ = socket.recv_fds(control, 4096, 1)
             if not message:
                 return 0
+            token, workdir = message[:8], os.fsdecode(message[8:])
             pid = os.fork()
             if pid == 0:
                 control.close()
-                _child(fds[0], memory_mb, clients)
+                _child(fds[0], workdir, memory_mb, clients)
             for fd in fds:
                 os.close(fd)
-            control.send(pid.to_bytes(8, "big"))
+            control.send(token + pid.to_bytes(8, "big"))
     except (BrokenPipeError, ConnectionResetError):
         return 0  # the server has gone
 
