@@ -24,7 +24,7 @@ import orjson
 from rlm import RLM
 from rlm.clients import BaseLM, get_client
 from rlm.core.lm_handler import LMHandler
-from rlm.core.types import RLMIteration, UsageSummary
+from rlm.core.types import RLMChatCompletion, RLMIteration, UsageSummary
 from rlm.environments import get_environment
 from rlm.logger import RLMLogger
 
@@ -80,6 +80,17 @@ class Channel:
 # Clients, built once per (backend, kwargs) and per process
 
 
+def without_sdk_retries(lm: BaseLM) -> BaseLM:
+    """Turn the provider SDK's own silent retries off (OpenAI, Azure, Anthropic and Portkey
+    retry twice by default; google-genai only when asked): ours are counted and reported, and
+    two layers of retries multiply."""
+    for name in ("client", "async_client"):
+        with_options = getattr(getattr(lm, name, None), "with_options", None)
+        if callable(with_options):
+            setattr(lm, name, with_options(max_retries=0))
+    return lm
+
+
 def _client_key(backend: str, backend_kwargs: Json) -> bytes:
     return orjson.dumps([backend, backend_kwargs], option=orjson.OPT_SORT_KEYS)
 
@@ -93,7 +104,7 @@ class ClientCache:
     def get(self, backend: str, backend_kwargs: Json) -> BaseLM:
         key = _client_key(backend, backend_kwargs)
         if key not in self._clients:
-            self._clients[key] = get_client(backend, dict(backend_kwargs))
+            self._clients[key] = without_sdk_retries(get_client(backend, dict(backend_kwargs)))
         return self._clients[key]
 
     def prewarm(self, spec: Json) -> None:
@@ -200,9 +211,12 @@ class EventLMHandler(LMHandler):  # type: ignore[misc]
 
 
 class ProgressLogger(RLMLogger):  # type: ignore[misc]
-    """Counts finished iterations and reports each; keeps the trajectory only when asked.
+    """Counts finished iterations and reports each; keeps a bounded trajectory when asked.
 
     The library stores `on_iteration_*` callbacks but never calls them; its logger is called.
+    The library's own trajectory carries every prompt and the REPL's variables, the context
+    among them (a 1 MB context over two iterations made a 4 MB answer), so each iteration is
+    summarised as it is logged and nothing else is kept.
     """
 
     def __init__(self, on_iteration: Callable[[int], None], keep_trajectory: bool) -> None:
@@ -210,16 +224,70 @@ class ProgressLogger(RLMLogger):  # type: ignore[misc]
         self._on_iteration = on_iteration
         self._keep = keep_trajectory
         self.completed = 0
+        self.steps: list[Json] = []
 
     def clear_iterations(self) -> None:
         super().clear_iterations()
         self.completed = 0
+        self.steps = []
 
     def log(self, iteration: RLMIteration) -> None:
-        if self._keep:
-            super().log(iteration)
         self.completed += 1
+        if self._keep:
+            self.steps.append(trajectory_step(self.completed, iteration))
         self._on_iteration(self.completed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trajectories: what the model did, bounded
+
+TRAJECTORY_CHARS = 4096
+
+
+def bounded(value: Any) -> str:
+    """At most TRAJECTORY_CHARS characters of `value` as text, saying how much was left out."""
+    text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+    if len(text) <= TRAJECTORY_CHARS:
+        return text
+    marker = f"…[truncated {len(text)} chars]"  # a bound on the count, fixed before cutting
+    keep = TRAJECTORY_CHARS - len(marker)
+    return text[:keep] + f"…[truncated {len(text) - keep} chars]"
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _sub_call(call: RLMChatCompletion) -> Json:
+    usage = usage_to_wire(call.usage_summary)
+    return {
+        "model": str(call.root_model),
+        "prompt": bounded(call.prompt),
+        "response": bounded(call.response),
+        "input_tokens": usage["input_tokens"],
+        "output_tokens": usage["output_tokens"],
+        "execution_time_s": _seconds(call.execution_time),
+    }
+
+
+def trajectory_step(number: int, iteration: RLMIteration) -> Json:
+    """One iteration: the model's reply, each code block with its output and sub-calls."""
+    return {
+        "iteration": number,
+        "response": bounded(iteration.response),
+        "code_blocks": [
+            {
+                "code": bounded(block.code),
+                "stdout": bounded(block.result.stdout),
+                "stderr": bounded(block.result.stderr),
+                "execution_time_s": _seconds(block.result.execution_time),
+                "sub_calls": [_sub_call(call) for call in block.result.rlm_calls],
+            }
+            for block in iteration.code_blocks
+        ],
+        "final_answer": None if iteration.final_answer is None else bounded(iteration.final_answer),
+        "iteration_time_s": _seconds(iteration.iteration_time),
+    }
 
 
 class WorkerRLM(RLM):  # type: ignore[misc]
@@ -367,8 +435,7 @@ def run_job(job: Json, context: str | list[Any], clients: ClientCache, emit: Emi
         "iterations": logger.completed,
     }
     if job.get("trajectory"):
-        trajectory = logger.get_trajectory() or {}
-        result["trajectory"] = trajectory.get("iterations", [])
+        result["trajectory"] = logger.steps
     return {"result": result}
 
 
