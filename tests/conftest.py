@@ -31,11 +31,12 @@ def spawn(llm: FixtureServer) -> Iterator[Spawn]:
         env: Mapping[str, str] | None = None,
         args: Sequence[str] = (),
         raw_env: Mapping[str, str] | None = None,
+        new_session: bool = False,
     ) -> ServerProcess:
         llm.script.replace(rules or [])
         environment = dict(raw_env) if raw_env is not None else fixture_env(llm.base_url)
         environment.update(env or {})
-        server = ServerProcess(environment, args)
+        server = ServerProcess(environment, args, new_session)
         started.append(server)
         return server
 

@@ -59,13 +59,16 @@ def fixture_env(base_url: str, **extra: str) -> dict[str, str]:
 
 
 class ServerProcess:
-    def __init__(self, env: Mapping[str, str], args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, env: Mapping[str, str], args: Sequence[str] = (), new_session: bool = False
+    ) -> None:
         self.process = subprocess.Popen(
             [*server_command(), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=clean_env(env),
+            start_new_session=new_session,  # a process group of its own, to signal as a terminal
         )
         self.messages: queue.Queue[Json | list[Json]] = queue.Queue()
         self.violations: list[str] = []

@@ -20,6 +20,8 @@ class Session(Protocol):
 
     async def shutdown(self, grace_s: float | None, sequence: int) -> None: ...
 
+    def cancel(self, request_id: RequestId) -> None: ...
+
 
 @dataclass(frozen=True)
 class RequestContext:

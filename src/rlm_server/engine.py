@@ -174,6 +174,7 @@ class Engine:
         self._queued_bytes = 0
         self._admit_through = math.inf  # the last input line whose infer is admitted
         self._cancelling_all = False
+        self._cancel_on_arrival: set[RequestId] = set()  # cancelled while still being read
         self._scopes: dict[RequestId, set[anyio.CancelScope]] = {}
         self._started_at = time.monotonic()
         self._static_status = self._status_of_configuration()
@@ -274,7 +275,8 @@ class Engine:
     def _cancellable(self, request_id: RequestId) -> Iterator[None]:
         """Register the request so `cancel` and `drain` can reach it."""
         scope = anyio.CancelScope()
-        if self._cancelling_all:
+        if self._cancelling_all or request_id in self._cancel_on_arrival:
+            self._cancel_on_arrival.discard(request_id)
             scope.cancel()
         self._scopes.setdefault(request_id, set()).add(scope)
         try:
@@ -362,9 +364,17 @@ class Engine:
 
     # -- cancellation and shutdown ----------------------------------------------------------
 
-    def cancel(self, request_id: RequestId) -> None:
+    def cancel(self, request_id: RequestId, arriving: bool = False) -> None:
+        """Cancel the request(s) with this id; `arriving`: one is read but not yet here, and
+        is cancelled as it arrives."""
         for scope in self._scopes.get(request_id, ()):
             scope.cancel()
+        if arriving:
+            self._cancel_on_arrival.add(request_id)
+
+    def forget_arrival(self, request_id: RequestId) -> None:
+        """The request expected under this id will not arrive after all."""
+        self._cancel_on_arrival.discard(request_id)
 
     def cancel_all(self) -> None:
         """Cancel every request, including any that has not reached the engine yet."""

@@ -163,7 +163,7 @@ async def cancel_request(ctx: RequestContext, /, id: Any = MISSING, **unknown: A
     _refuse_unknown(unknown)
     if id is MISSING or not (isinstance(id, str) or _is_int(id)):
         raise InvalidParams("id", "must be the id of a request")
-    ctx.session.engine.cancel(id)
+    ctx.session.cancel(id)
     return Success(None)
 
 

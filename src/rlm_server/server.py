@@ -20,7 +20,9 @@ second SIGTERM, SIGINT, or the death of the process that started us, cancels eve
 
 from __future__ import annotations
 
+import collections
 import contextvars
+import functools
 import logging
 import math
 import os
@@ -37,6 +39,7 @@ from rlm_server.engine import Engine
 from rlm_server.errors import LineTooLong, ParseError, RpcError
 from rlm_server.lifeline import ParentWatch
 from rlm_server.transport import (
+    HEAD_BYTES,
     FdReceiveStream,
     LineReader,
     OversizedLine,
@@ -117,6 +120,7 @@ class Server:
         self._parent = ParentWatch()
         self._lines_read = 0
         self._in_flight = InFlight()
+        self._decoding: collections.Counter[RequestId] = collections.Counter()  # by leading id
         self._stopping = anyio.Event()
         self._grace: anyio.CancelScope  # made in run(), in the event loop; lowered by every stop
         self._drained = anyio.Event()
@@ -205,16 +209,46 @@ class Server:
             self._lines_read += 1
             if self._lines_read % YIELD_EVERY_LINES == 0:
                 await anyio.lowlevel.checkpoint()
-            try:
-                message = await _decode(line)
-            except ParseError as error:
-                self._send_error(error)
-                continue
-            finally:
-                del line  # a long context must not stay alive here while its request runs
             context = self._context_factory(self._lines_read)
-            dispatcher.dispatch(message, context, spawn, self._send)
-            del message
+            if len(line) >= DECODE_IN_THREAD_BYTES:
+                spawn(functools.partial(self._decode_aside, line, dispatcher, context, spawn))
+            else:
+                self._decode_and_dispatch(line, dispatcher, context, spawn)
+            del line  # a long context must not stay alive here while its request runs
+
+    def _decode_and_dispatch(
+        self, line: bytes | bytearray, dispatcher: Dispatcher, context: ContextFactory, spawn: Spawn
+    ) -> None:
+        try:
+            message = decode(line)
+        except ParseError as error:
+            self._send_error(error)
+            return
+        dispatcher.dispatch(message, context, spawn, self._send)
+
+    async def _decode_aside(
+        self, line: bytes | bytearray, dispatcher: Dispatcher, context: ContextFactory, spawn: Spawn
+    ) -> None:
+        """Parse a long line in a thread while reading goes on, so that `status` and cancels
+        behind it are answered meanwhile (a 1 GiB line takes seconds; orjson lets the loop run).
+        A cancel for its id that comes first is kept for the request when it arrives."""
+        request_id = leading_id(bytes(line[:HEAD_BYTES]))
+        self._decoding[request_id] += 1
+        try:
+            message = await anyio.to_thread.run_sync(decode, line, abandon_on_cancel=True)
+        except ParseError as error:
+            self.engine.forget_arrival(request_id)
+            self._send_error(error)
+            return
+        finally:
+            self._decoding[request_id] -= 1
+            if not self._decoding[request_id]:
+                del self._decoding[request_id]
+        del line
+        dispatcher.dispatch(message, context, spawn, self._send)
+
+    def cancel(self, request_id: RequestId) -> None:
+        self.engine.cancel(request_id, arriving=request_id in self._decoding)
 
     def _context_factory(self, sequence: int) -> ContextFactory:
         return lambda request_id: RequestContext(request_id, sequence, self)
@@ -236,14 +270,6 @@ class Server:
     def _parent_gone(self) -> None:
         log.warning("the process that started us has gone; cancelling everything")
         self.stop(0)
-
-
-async def _decode(line: bytes | bytearray) -> Any:
-    """Parse a line; a long one in a thread, so that `status` and cancels are answered while
-    a long context is parsed (orjson lets the loop run meanwhile; a 1 GiB line takes seconds)."""
-    if len(line) < DECODE_IN_THREAD_BYTES:
-        return decode(line)
-    return await anyio.to_thread.run_sync(decode, line, abandon_on_cancel=True)
 
 
 def _load_dispatcher() -> Dispatcher:

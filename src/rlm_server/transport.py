@@ -252,6 +252,7 @@ class ProtocolWriter:
             except OSError as error:
                 self._close(error)
                 return
+        buffers = _compact(buffers)
         self._pending += len(buffers)
         for buffer in buffers:
             self._unsent_bytes += len(buffer)
@@ -293,6 +294,27 @@ class ProtocolWriter:
         self._open = False
         self._drained.set()
         self._on_closed()
+
+
+COMPACT_BELOW = 64 << 10
+
+
+def _compact(buffers: list[Buffer]) -> list[Buffer]:
+    """Buffers that must wait, with the small ones joined into one. orjson's output keeps its
+    working capacity (8 KiB for a 600-byte answer): 100,000 queued answers held 800 MB."""
+    compacted: list[Buffer] = []
+    small: list[Buffer] = []
+    for buffer in buffers:
+        if len(buffer) < COMPACT_BELOW:
+            small.append(buffer)
+            continue
+        if small:
+            compacted.append(b"".join(small))
+            small = []
+        compacted.append(buffer)
+    if small:
+        compacted.append(b"".join(small))
+    return compacted
 
 
 def _advance(buffers: list[Buffer], written: int) -> list[Buffer]:
