@@ -450,3 +450,15 @@ def test_a_trajectory_never_carries_the_context(spawn: Spawn) -> None:
     assert [s["iteration"] for s in steps] == [1, 2]
     assert steps[0]["code_blocks"][0]["stdout"].startswith("secret-yyy")
     assert server.close() == 0
+
+
+def test_a_shutdown_read_with_the_end_of_input_does_not_wait_out_the_grace(
+    spawn: Spawn,
+) -> None:
+    """The old count of shutdown calls could be read before the call counted itself: the
+    server then drained for the whole configured grace with nothing in flight."""
+    server = spawn(env={"ELIZA_RLM_SHUTDOWN_GRACE": "600"})
+    server.send_raw(b'{"jsonrpc":"2.0","id":1,"method":"shutdown","params":{"grace_s":600}}\n')
+    assert server.close(timeout=20) == 0  # nothing in flight: no grace to wait for
+    server.ready()
+    assert server.next_response()["result"] == {"shutdown": True}
