@@ -106,6 +106,7 @@ describe("infer", { concurrency: 4 }, () => {
 
   test("a client timeout cancels the request on the server and rejects with -32001", async (t) => {
     const { client } = await setup(t, [SLOW]);
+    await client.start(); // the timeout covers start-up too; here it is to reach the server
     await assert.rejects(client.infer({ context: "ctx", timeoutMs: 500 }), (error: unknown) => {
       assert.ok(error instanceof RLMDeadlineError);
       assert.equal(error.code, -32001);
