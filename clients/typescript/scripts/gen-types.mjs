@@ -13,6 +13,24 @@ const BANNER = `// GENERATED from protocol/schema.json by scripts/gen-types.mjs.
 // run \`npm run gen:types\`. \`npm test\` fails when this file and the schema disagree.
 `;
 
+/**
+ * The values the client needs at run time, not only as types: read from the schema so that no
+ * hand-written copy can drift from it.
+ */
+function constants(defs) {
+  const list = (values) => `[${values.map((value) => JSON.stringify(value)).join(", ")}] as const`;
+  return `
+/** The protocol version this client speaks: the \`ready\` notification's \`protocol\`. */
+export const PROTOCOL_VERSION = ${JSON.stringify(defs.ReadyNotification.properties.params.properties.protocol.const)} as const;
+/** Every error code of the contract. */
+export const ERROR_CODES = ${list(defs.ErrorCode.enum)};
+/** Every \`data.type\` of the contract. */
+export const ERROR_TYPES = ${list(defs.ErrorType.enum)};
+/** Every per-request option, by its wire name. */
+export const INFER_OPTION_NAMES = ${list(Object.keys(defs.InferOptions.properties))};
+`;
+}
+
 /** Renders the schema as TypeScript. The root is wrapped so that every $def is emitted. */
 export async function render() {
   const schema = JSON.parse(readFileSync(schemaPath, "utf8"));
@@ -36,7 +54,7 @@ export async function render() {
     format: true,
   });
   // The generator notes on every type where it came from; the names say that already.
-  return ts
+  const types = ts
     .replace(
       /\n \*\n \* This interface was referenced by `WireProtocol`'s JSON-Schema\n \* via the `definition` "\w+"\./g,
       "",
@@ -45,6 +63,7 @@ export async function render() {
       /\/\*\*\n \* This interface was referenced by `WireProtocol`'s JSON-Schema\n \* via the `definition` "\w+"\.\n \*\/\n/g,
       "",
     );
+  return types + constants(schema.$defs);
 }
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {

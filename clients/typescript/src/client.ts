@@ -1,12 +1,17 @@
 /**
- * RLMClient: spawns rlm-server on first use, multiplexes any number of concurrent calls over its
- * one pipe, retries what the contract marks retryable, and keeps the seed plugin's metrics.
+ * RLMClient: spawns rlm-server on first use (or on `start()`), multiplexes any number of
+ * concurrent calls over its one pipe, retries only what the server never ran to an answer, and
+ * keeps the seed plugin's metrics.
  */
 import { Connection, type Logger, type ProgressEvent, type ReadyInfo, type SpawnSpec } from "./connection.js";
-import { RLMError, cancelledError } from "./errors.js";
+import { RLMError, cancelledError, deadlineError } from "./errors.js";
+import { MAX_LINE_BYTES } from "./framing.js";
 import type { InferResult, Message, ShutdownResult, StatusResult } from "./generated/protocol.js";
 import { type MetricsCallback, MetricsRecorder, type RLMMetrics } from "./metrics.js";
 import { type InferOptions, toWireOptions } from "./options.js";
+
+/** The server's own default shutdown grace (its ELIZA_RLM_SHUTDOWN_GRACE), in seconds. */
+export const DEFAULT_SHUTDOWN_GRACE_S = 30;
 
 export interface RLMClientOptions {
   /** Server executable. Default: `$ELIZA_RLM_PYTHON_PATH -m rlm_server` when that is set, else `rlm-server`. */
@@ -16,40 +21,47 @@ export interface RLMClientOptions {
   /** Merged over `process.env` for the child; a key set to `undefined` is removed. */
   env?: Readonly<Record<string, string | undefined>>;
   cwd?: string;
-  /** Client-side deadline per call, retries included; 0 or Infinity for none. Default 600000. */
+  /** Client-side deadline per call, start-up, retries and backoff included; 0 or Infinity for none. Default 600000. */
   requestTimeoutMs?: number;
   /** How long to wait for the `ready` notification after spawning. Default 30000. */
   readyTimeoutMs?: number;
-  /** Each of close()'s waits (after closing stdin, after SIGTERM, after SIGKILL). Default 5000. */
+  /** The grace `close()` and `shutdown()` give in-flight calls, in seconds. Default 30, the server's. */
+  shutdownGraceS?: number;
+  /** How long close() waits after the grace, after SIGTERM and after SIGKILL. Default 5000. */
   closeTimeoutMs?: number;
-  /** Re-sends after a retryable error. Default 3. */
+  /** Re-sends after queue_full or a server that exited before answering. Default 3. */
   maxRetries?: number;
   /** First backoff delay, doubled per retry, with jitter. Default 1000. */
   retryBaseDelayMs?: number;
   /** Backoff ceiling. Default 30000. */
   retryMaxDelayMs?: number;
+  /**
+   * Longest line accepted from the server, in bytes; a longer answer fails its call with
+   * -32603 `protocol_error`. Default and maximum: what one JavaScript string holds (~512 MiB).
+   */
+  maxLineBytes?: number;
   /** Receives the child's stderr (info) and the client's own notes. Default: warnings to console. */
   logger?: Logger;
 }
 
 export type ChatMessage = Message;
 
-export interface InferCallOptions {
-  /** The short question shown to the root model; `prompt` is the long context it works over. */
+export interface CallOptions {
+  /** Aborting sends `$/cancelRequest` and rejects with RLMCancelledError (-32800). */
+  signal?: AbortSignal;
+  /** Overrides `requestTimeoutMs` for this call; it covers the server's start-up too. */
+  timeoutMs?: number;
+}
+
+export interface InferRequest extends CallOptions {
+  /** The long input the model explores in its REPL as `context`: text or chat messages. */
+  context: string | readonly ChatMessage[];
+  /** The short question about the context, shown to the root model. */
   query?: string;
   /** Per-request overrides, sent as the contract's snake_case names. */
   options?: InferOptions;
-  /** Aborting sends `$/cancelRequest` and rejects with RLMCancelledError (-32800). */
-  signal?: AbortSignal;
-  /** Overrides `requestTimeoutMs` for this call. */
-  timeoutMs?: number;
   /** Receives this call's `$/progress` events (and asks the server to send them). */
   onProgress?: (event: ProgressEvent) => void;
-}
-
-export interface CallOptions {
-  signal?: AbortSignal;
-  timeoutMs?: number;
 }
 
 const defaultLogger: Logger = {
@@ -58,6 +70,19 @@ const defaultLogger: Logger = {
   warn: (message) => console.warn(`[rlm] ${message}`),
   error: (message) => console.error(`[rlm] ${message}`),
 };
+
+/** setTimeout's largest delay; longer timeouts would fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** When a call must be settled by: epoch ms, and the timeout it came from (for the message). */
+interface Deadline {
+  at: number;
+  timeoutMs: number;
+}
+
+function deadlineAfter(timeoutMs: number): Deadline | undefined {
+  return timeoutMs > 0 && Number.isFinite(timeoutMs) ? { at: Date.now() + timeoutMs, timeoutMs } : undefined;
+}
 
 /** Exponential backoff with equal jitter: half the ceiling fixed, half random. */
 export function backoffDelay(attempt: number, baseMs: number, maxMs: number): number {
@@ -78,32 +103,54 @@ function spawnSpec(options: RLMClientOptions): SpawnSpec {
   return { command: "rlm-server", args, env, cwd: options.cwd };
 }
 
-/** Waits for `promise` unless `signal` aborts first (the work itself goes on for others). */
-function abortable<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
-  if (!signal) return promise;
-  if (signal.aborted) return Promise.reject(cancelledError());
+/**
+ * Waits for `promise` unless `signal` aborts (RLMCancelledError) or `deadline` passes
+ * (RLMDeadlineError) first. The work itself goes on, for whoever else waits on it.
+ */
+function waitFor<T>(promise: Promise<T>, signal: AbortSignal | undefined, deadline?: Deadline): Promise<T> {
+  if (!signal && !deadline) return promise;
+  if (signal?.aborted) return Promise.reject(cancelledError());
   return new Promise<T>((resolve, reject) => {
     const onAbort = (): void => reject(cancelledError());
-    signal.addEventListener("abort", onAbort, { once: true });
-    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+    const timer =
+      deadline &&
+      setTimeout(
+        () => reject(deadlineError(deadline.timeoutMs)),
+        Math.min(deadline.at - Date.now(), MAX_TIMER_MS),
+      );
+    signal?.addEventListener("abort", onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
+    });
   });
 }
 
 function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
   let timer: NodeJS.Timeout | undefined;
   const delay = new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)));
-  return abortable(delay, signal).finally(() => clearTimeout(timer));
+  return waitFor(delay, signal).finally(() => clearTimeout(timer));
 }
 
-export class RLMClient {
+export class RLMClient implements AsyncDisposable {
+  /** Called whenever a server process has ended (closed, shut down or died) and its calls are settled. */
+  onclose: (() => void) | undefined;
+  /**
+   * Called with what no call can be rejected with: a server that died or failed to start when
+   * not asked to stop, or a line from it that names no waiting call. Calls still get their own.
+   */
+  onerror: ((error: RLMError) => void) | undefined;
+
   private readonly spec: SpawnSpec;
   private readonly logger: Logger;
   private readonly requestTimeoutMs: number;
   private readonly readyTimeoutMs: number;
+  private readonly shutdownGraceS: number;
   private readonly closeTimeoutMs: number;
   private readonly maxRetries: number;
   private readonly retryBaseDelayMs: number;
   private readonly retryMaxDelayMs: number;
+  private readonly maxLineBytes: number;
   private readonly metrics = new MetricsRecorder();
   private readonly metricsListeners = new Set<MetricsCallback>();
   private connection: Connection | undefined;
@@ -113,10 +160,12 @@ export class RLMClient {
     this.logger = options.logger ?? defaultLogger;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 600_000;
     this.readyTimeoutMs = options.readyTimeoutMs ?? 30_000;
+    this.shutdownGraceS = options.shutdownGraceS ?? DEFAULT_SHUTDOWN_GRACE_S;
     this.closeTimeoutMs = options.closeTimeoutMs ?? 5_000;
     this.maxRetries = options.maxRetries ?? 3;
     this.retryBaseDelayMs = options.retryBaseDelayMs ?? 1_000;
     this.retryMaxDelayMs = options.retryMaxDelayMs ?? 30_000;
+    this.maxLineBytes = options.maxLineBytes ?? MAX_LINE_BYTES;
   }
 
   /** The running server's `ready` params (pid, version, backend, stub), if it is up. */
@@ -125,22 +174,30 @@ export class RLMClient {
   }
 
   /**
-   * Runs one RLM completion. `prompt` (a string or chat messages) is the long input that the
-   * model explores as `context`; `query` is the question about it.
+   * Starts the server now instead of on the first call, and resolves with its `ready` params.
+   * Calls made meanwhile share this start. Without a `timeoutMs`, `readyTimeoutMs` bounds it.
    */
-  async infer(prompt: string | readonly ChatMessage[], call: InferCallOptions = {}): Promise<InferResult> {
+  start(call: CallOptions = {}): Promise<ReadyInfo> {
+    return waitFor(this.current().ready, call.signal, deadlineAfter(call.timeoutMs ?? 0));
+  }
+
+  /**
+   * Runs one RLM completion over `context` (the long input, explored in the model's REPL),
+   * answering `query` (the short question). Named fields, so the two cannot be swapped.
+   */
+  async infer(request: InferRequest): Promise<InferResult> {
     const options = {
-      ...toWireOptions(call.options ?? {}),
-      ...(call.onProgress ? { progress: true } : {}),
+      ...toWireOptions(request.options ?? {}),
+      ...(request.onProgress ? { progress: true } : {}),
     };
     const params = {
-      prompt,
-      ...(call.query === undefined ? {} : { query: call.query }),
+      prompt: request.context,
+      ...(request.query === undefined ? {} : { query: request.query }),
       ...(Object.keys(options).length === 0 ? {} : { options }),
     };
     const started = performance.now();
     try {
-      const result = await this.call<InferResult>("infer", params, call);
+      const result = await this.call<InferResult>("infer", params, request);
       this.metrics.recordResult(result.stub, performance.now() - started);
       return result;
     } catch (error) {
@@ -161,26 +218,33 @@ export class RLMClient {
 
   /**
    * Asks the server to stop: it refuses new work, lets in-flight calls finish within `graceS`,
-   * cancels the rest, answers and exits; then the child is reaped. A later call starts a new one.
+   * cancels the rest, answers and exits; then the child is reaped. The answer is awaited for the
+   * grace plus `requestTimeoutMs`. A later call starts a new server.
    */
-  async shutdown(graceS?: number): Promise<ShutdownResult> {
+  async shutdown(graceS: number = this.shutdownGraceS): Promise<ShutdownResult> {
     const connection = this.connection;
     if (!connection || connection.closed) return { shutdown: true };
+    this.connection = undefined;
     try {
-      await connection.ready;
-      return await connection.request<ShutdownResult>(
-        "shutdown",
-        graceS === undefined ? undefined : { grace_s: graceS },
-        { timeoutMs: this.requestTimeoutMs },
-      );
+      return await connection.shutdown(graceS, this.requestTimeoutMs);
     } finally {
-      await this.closeConnection(connection);
+      await connection.close(graceS, this.closeTimeoutMs);
     }
   }
 
-  /** Ends the child: close stdin, wait, SIGTERM, wait, SIGKILL, wait (each wait bounded). */
-  async close(): Promise<void> {
-    if (this.connection) await this.closeConnection(this.connection);
+  /**
+   * Ends the server: in-flight calls get `graceS` (default `shutdownGraceS`) to finish, then the
+   * child gets `closeTimeoutMs` to exit; then SIGTERM, SIGKILL, each waited for as long.
+   */
+  async close(graceS: number = this.shutdownGraceS): Promise<void> {
+    const connection = this.connection;
+    this.connection = undefined;
+    await connection?.close(graceS, this.closeTimeoutMs);
+  }
+
+  /** `await using client = new RLMClient()` closes it at the end of the scope. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
   }
 
   getMetrics(): RLMMetrics {
@@ -193,29 +257,27 @@ export class RLMClient {
     return () => this.metricsListeners.delete(callback);
   }
 
-  /** One call with retries: the deadline covers every attempt and the backoff between them. */
+  /** One call with retries: the deadline covers start-up, every attempt and the backoff between. */
   private async call<T>(
     method: string,
     params: object | undefined,
-    call: CallOptions & Pick<InferCallOptions, "onProgress">,
+    call: CallOptions & Pick<InferRequest, "onProgress">,
   ): Promise<T> {
     if (call.signal?.aborted) throw cancelledError();
-    const timeoutMs = call.timeoutMs ?? this.requestTimeoutMs;
-    const bounded = timeoutMs > 0 && Number.isFinite(timeoutMs);
-    let deadline: number | undefined;
+    const deadline = deadlineAfter(call.timeoutMs ?? this.requestTimeoutMs);
     for (let attempt = 0; ; attempt += 1) {
-      const connection = await this.connect(call.signal);
-      deadline ??= Date.now() + timeoutMs;
+      const connection = this.current();
+      await waitFor(connection.ready, call.signal, deadline);
       try {
         return await connection.request<T>(method, params, {
           signal: call.signal,
-          timeoutMs: bounded ? Math.max(1, deadline - Date.now()) : 0,
+          timeoutMs: deadline ? Math.max(1, deadline.at - Date.now()) : 0,
           onProgress: call.onProgress,
         });
       } catch (error) {
-        if (!(error instanceof RLMError) || !error.retryable || attempt >= this.maxRetries) throw error;
+        if (!this.retries(error, connection, attempt)) throw error;
         const delay = backoffDelay(attempt, this.retryBaseDelayMs, this.retryMaxDelayMs);
-        if (bounded && Date.now() + delay >= deadline) throw error;
+        if (deadline && Date.now() + delay >= deadline.at) throw error;
         this.metrics.recordRetry();
         this.logger.warn(
           `${method} failed (${error.code} ${error.data?.type ?? ""}); retry ${attempt + 1}/${this.maxRetries} in ${Math.round(delay)} ms`,
@@ -225,30 +287,42 @@ export class RLMClient {
     }
   }
 
-  /** Starts the server on first use; concurrent first calls share one start and one `ready`. */
-  private async connect(signal: AbortSignal | undefined): Promise<Connection> {
-    if (!this.connection || this.connection.closed) {
-      this.connection = new Connection(this.spec, this.logger, this.readyTimeoutMs);
-    }
-    const connection = this.connection;
-    await abortable(connection.ready, signal);
-    return connection;
+  /**
+   * Whether to send again: only what the server never ran to an answer (RLMError.retryable),
+   * and not when the server exited because this client stopped it.
+   */
+  private retries(error: unknown, connection: Connection, attempt: number): error is RLMError {
+    return (
+      error instanceof RLMError && error.retryable && attempt < this.maxRetries && !connection.stopRequested
+    );
   }
 
-  private async closeConnection(connection: Connection): Promise<void> {
-    if (this.connection === connection) this.connection = undefined;
-    await connection.close(this.closeTimeoutMs);
+  /** The live connection, started on first use; concurrent first calls share one start. */
+  private current(): Connection {
+    if (!this.connection || this.connection.closed) {
+      this.connection = new Connection(this.spec, {
+        logger: this.logger,
+        readyTimeoutMs: this.readyTimeoutMs,
+        maxLineBytes: this.maxLineBytes,
+        onError: (error) => this.onerror?.(error),
+        onClose: () => this.emit("onclose", () => this.onclose?.()),
+      });
+    }
+    return this.connection;
   }
 
   private emitMetrics(): void {
     if (this.metricsListeners.size === 0) return;
     const snapshot = this.metrics.snapshot();
-    for (const listener of this.metricsListeners) {
-      try {
-        listener(snapshot);
-      } catch (error) {
-        this.logger.warn(`onMetrics callback threw: ${String(error)}`);
-      }
+    for (const listener of this.metricsListeners) this.emit("onMetrics", () => listener(snapshot));
+  }
+
+  /** Runs a user callback; one that throws is logged, never allowed to break the client. */
+  private emit(name: string, callback: () => void): void {
+    try {
+      callback();
+    } catch (error) {
+      this.logger.warn(`${name} callback threw: ${String(error)}`);
     }
   }
 }

@@ -2,12 +2,30 @@
  * One rlm-server child process and the JSON-RPC session over its pipes: one pending map keyed by
  * id, one writer, a timer per request, and everything pending rejected the moment the child is
  * gone. Modelled on the MCP TypeScript SDK's protocol.ts.
+ *
+ * Nothing the child writes may throw out of here: a stream handler that throws takes the host
+ * process down. Every line is checked before use; an unusable answer fails its own call when
+ * its id can be read, and is reported (logger, `onError`) when it cannot.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import type { Readable, Writable } from "node:stream";
-import { type RLMError, RLMInternalError, cancelledError, deadlineError, rlmError } from "./errors.js";
+import { killOnExit, release } from "./children.js";
+import {
+  type RLMError,
+  type RLMErrorData,
+  RLMInternalError,
+  cancelledError,
+  deadlineError,
+  protocolError,
+  rlmError,
+} from "./errors.js";
 import { LineDecoder, LineWriter } from "./framing.js";
-import type { ProgressNotification, ReadyNotification, Response } from "./generated/protocol.js";
+import {
+  PROTOCOL_VERSION,
+  type ProgressNotification,
+  type ReadyNotification,
+  type ShutdownResult,
+} from "./generated/protocol.js";
 
 /** Anything with these four methods (console, pino, the elizaOS logger) will do. */
 export interface Logger {
@@ -22,6 +40,17 @@ export interface SpawnSpec {
   args: readonly string[];
   env: NodeJS.ProcessEnv;
   cwd?: string | undefined;
+}
+
+export interface ConnectionOptions {
+  logger: Logger;
+  readyTimeoutMs: number;
+  /** Longest stdout line accepted; a longer answer fails its call (see LineLimit). */
+  maxLineBytes: number;
+  /** What no call can be told: an unusable line without a readable id, an unexpected exit. */
+  onError(error: RLMError): void;
+  /** The child is gone and every call has been settled. */
+  onClose(): void;
 }
 
 /** The `ready` notification's params: who answered, and whether it runs in stub mode. */
@@ -43,11 +72,34 @@ interface Pending {
 }
 
 type Refable = { ref(): void; unref(): void };
+type Json = Record<string, unknown>;
 
 /** How long to wait for the other half of "gone" (exit vs. end of stdout) before giving up on it. */
 const GONE_GRACE_MS = 200;
 /** setTimeout's largest delay; longer timeouts would fire at once. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** Each stderr line is logged in pieces of at most this many bytes. */
+const STDERR_LINE_BYTES = 64 * 1024;
+/** An answer's `"id"` as its first member (after `"jsonrpc"`)... */
+const LEADING_ID = /^\s*\{\s*(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?"id"\s*:\s*(\d+)\s*[,}]/;
+/** ...or as its last (where the server puts it today): a brace closing a nested object would not match. */
+const TRAILING_ID = /[{,]\s*"id"\s*:\s*(\d+)\s*\}\s*$/;
+
+function isObject(value: unknown): value is Json {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+/** The id of a line that could not be used whole, read from its first or last bytes, if it can be. */
+function answerId(head: string, tail: string): number | undefined {
+  const match = LEADING_ID.exec(head) ?? TRAILING_ID.exec(tail);
+  return match ? Number(match[1]) : undefined;
+}
+
+/** A short description of an unusable value, for messages (never the whole of a long line). */
+function describe(value: unknown): string {
+  const text = JSON.stringify(value) ?? String(value);
+  return text.length > 200 ? `${text.slice(0, 200)}...` : text;
+}
 
 /**
  * The wire is UTF-8, which cannot carry a lone surrogate; JSON.stringify would escape one as
@@ -65,6 +117,21 @@ function startFailed(message: string, stderr: string): RLMInternalError {
   });
 }
 
+/** A response's outcome: its result, or the error to reject its call with. */
+function readAnswer(message: Json): { result: unknown } | { error: RLMError } {
+  if ("error" in message) {
+    const error = message.error;
+    if (!isObject(error) || typeof error.code !== "number" || typeof error.message !== "string") {
+      return { error: protocolError(`rlm-server sent a malformed error: ${describe(error)}`) };
+    }
+    const data = isObject(error.data) ? (error.data as RLMErrorData) : undefined;
+    return { error: rlmError(error.code, error.message, data) };
+  }
+  // Every method of the contract answers with an object.
+  if (isObject(message.result)) return { result: message.result };
+  return { error: protocolError(`rlm-server sent an answer without a result object: ${describe(message)}`) };
+}
+
 export class Connection {
   /** Resolves with the ready params; rejects (-32603 start_failed) if the child never gets there. */
   readonly ready: Promise<ReadyInfo>;
@@ -74,8 +141,11 @@ export class Connection {
   private readonly child: ChildProcess;
   private readonly writer: LineWriter;
   private readonly pending = new Map<number, Pending>();
+  private readonly logger: Logger;
   private nextId = 1;
   private failure: RLMError | undefined;
+  /** Set once the client asked the child to stop: its exit is then expected, and final. */
+  private stopping: Promise<ShutdownResult> | undefined;
   private exitStatus: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   private stdoutEnded = false;
   private goneTimer: NodeJS.Timeout | undefined;
@@ -89,9 +159,10 @@ export class Connection {
 
   constructor(
     spec: SpawnSpec,
-    private readonly logger: Logger,
-    readyTimeoutMs: number,
+    private readonly options: ConnectionOptions,
   ) {
+    const { logger } = options;
+    this.logger = logger;
     this.ready = new Promise((resolve, reject) => (this.settleReady = { resolve, reject }));
     // Callers await `ready`; one that gave up (AbortSignal) must not leave it unhandled.
     this.ready.catch(() => undefined);
@@ -103,29 +174,17 @@ export class Connection {
       stdio: ["pipe", "pipe", "pipe"],
       ...(spec.cwd === undefined ? {} : { cwd: spec.cwd }),
     });
+    if (this.child.pid !== undefined) killOnExit(this.child);
     const stdin = this.child.stdin as Writable;
-    const stdout = this.child.stdout as Readable;
     this.writer = new LineWriter(stdin);
     // EPIPE once the child is gone; the exit handling reports that, so only note it.
     stdin.on("error", (error) => logger.debug(`rlm-server stdin: ${error.message}`));
-
-    const lines = new LineDecoder(
-      (line) => this.onLine(line),
-      (bytes) =>
-        logger.error(
-          `rlm-server wrote a line of ${bytes} bytes, more than a JavaScript string can hold; dropped`,
-        ),
-    );
-    stdout.on("data", (chunk: Buffer) => lines.push(chunk));
-    stdout.on("error", (error) => logger.warn(`rlm-server stdout: ${error.message}`));
-    stdout.on("end", () => {
-      this.stdoutEnded = true;
-      this.onGone();
-    });
+    this.readStdout(this.child.stdout as Readable);
     this.drainStderr(this.child.stderr as Readable);
 
     this.child.on("error", (error) => this.onSpawnError(error));
     this.child.on("exit", (code, signal) => {
+      release(this.child);
       this.exitStatus = { code, signal };
       this.markExited();
       this.onGone();
@@ -134,9 +193,12 @@ export class Connection {
     this.readyTimer = setTimeout(
       () =>
         this.fail(
-          startFailed(`rlm-server sent no ready notification within ${readyTimeoutMs} ms`, this.lastStderr),
+          startFailed(
+            `rlm-server sent no ready notification within ${options.readyTimeoutMs} ms`,
+            this.lastStderr,
+          ),
         ),
-      Math.min(readyTimeoutMs, MAX_TIMER_MS),
+      Math.min(options.readyTimeoutMs, MAX_TIMER_MS),
     );
     this.updateRef();
   }
@@ -148,7 +210,12 @@ export class Connection {
 
   /** True once the connection can take no more requests (the child is gone or going). */
   get closed(): boolean {
-    return this.failure !== undefined;
+    return this.failure !== undefined || this.stopping !== undefined;
+  }
+
+  /** True once the client asked this child to stop; its calls are then not to be retried. */
+  get stopRequested(): boolean {
+    return this.stopping !== undefined;
   }
 
   /** Sends a request and resolves with its result, or rejects with a typed RLMError. */
@@ -192,13 +259,37 @@ export class Connection {
   }
 
   /**
-   * Ends stdin (the server then finishes what is in flight and exits 0), waits; SIGTERM, waits;
-   * SIGKILL, waits. Every wait is bounded by `waitMs`.
+   * Asks the server to stop: it refuses new work, lets in-flight calls finish within `graceS`,
+   * cancels the rest, answers and exits. Sent once; later calls share the first answer. The
+   * answer may take the whole grace, so it is waited for `graceS` plus `timeoutMs`.
    */
-  async close(waitMs: number): Promise<void> {
+  shutdown(graceS: number, timeoutMs: number): Promise<ShutdownResult> {
+    this.stopping ??= this.request<ShutdownResult>(
+      "shutdown",
+      { grace_s: graceS },
+      {
+        timeoutMs: timeoutMs > 0 ? graceS * 1000 + timeoutMs : 0,
+      },
+    );
+    return this.stopping;
+  }
+
+  /**
+   * Stops the child for good. Asks for a shutdown within `graceS` and waits for its answer (the
+   * grace plus `waitMs` at most), then ends stdin and waits `waitMs` for the exit; then SIGTERM,
+   * waits `waitMs`; SIGKILL, waits `waitMs`. Stdin is ended only after the answer because the
+   * server takes end of input as a stop of its own, with its own grace, which would race ours.
+   */
+  async close(graceS: number, waitMs: number): Promise<void> {
+    // A rejection (the child is already gone) says nothing the exit does not.
+    const answered = this.shutdown(graceS, 0).then(
+      () => true,
+      () => false,
+    );
+    await this.within(answered, graceS * 1000 + waitMs);
     this.writer.end();
     if (await this.waitForExit(waitMs)) return;
-    this.logger.warn(`rlm-server still running ${waitMs} ms after stdin closed: SIGTERM`);
+    this.logger.warn(`rlm-server still running ${waitMs} ms after it was asked to stop: SIGTERM`);
     this.child.kill("SIGTERM");
     if (await this.waitForExit(waitMs)) return;
     this.logger.warn(`rlm-server still running ${waitMs} ms after SIGTERM: SIGKILL`);
@@ -208,12 +299,61 @@ export class Connection {
 
   /** Gives up on a request now; the server's late -32800 answer then finds nothing pending. */
   private abandon(id: number, error: RLMError): void {
-    const entry = this.pending.get(id);
-    if (!entry) return;
-    this.pending.delete(id);
+    if (!this.settle(id, error)) return;
     this.notify("$/cancelRequest", { id });
-    entry.reject(error);
+  }
+
+  /** Settles call `id` with a result or an error; false if nothing waits under that id. */
+  private settle(id: number, outcome: { result: unknown } | RLMError): boolean {
+    const entry = this.pending.get(id);
+    if (!entry) return false;
+    this.pending.delete(id);
+    if ("result" in outcome) entry.resolve(outcome.result);
+    else entry.reject(outcome);
     this.updateRef();
+    return true;
+  }
+
+  /** Tells whoever listens about something no single call can be failed with. */
+  private report(error: RLMError): void {
+    this.logger.warn(error.message);
+    try {
+      this.options.onError(error);
+    } catch (thrown) {
+      this.logger.warn(`onerror callback threw: ${String(thrown)}`);
+    }
+  }
+
+  private readStdout(stdout: Readable): void {
+    const { maxLineBytes } = this.options;
+    const lines = new LineDecoder((line) => this.onLine(line), {
+      maxLineBytes,
+      onOversized: (head, tail) =>
+        this.unusable(
+          protocolError(`rlm-server wrote a line longer than ${maxLineBytes} bytes`, maxLineBytes),
+          answerId(head.toString("latin1"), tail.toString("latin1")),
+        ),
+    });
+    stdout.on("data", (chunk: Buffer) => lines.push(chunk));
+    stdout.on("error", (error) => this.logger.warn(`rlm-server stdout: ${error.message}`));
+    stdout.on("end", () => {
+      this.stdoutEnded = true;
+      this.onGone();
+    });
+  }
+
+  /**
+   * A line that cannot be read whole: its call fails when the line names it. When it names no
+   * call, it may have been any call's answer, so every pending call fails (and is cancelled on
+   * the server) rather than waiting for an answer that has been thrown away.
+   */
+  private unusable(error: RLMError, id: number | undefined): void {
+    if (id !== undefined) {
+      if (!this.settle(id, error)) this.report(error);
+      return;
+    }
+    this.report(error);
+    for (const pendingId of [...this.pending.keys()]) this.abandon(pendingId, error);
   }
 
   private onLine(line: string): void {
@@ -221,43 +361,73 @@ export class Connection {
     try {
       message = JSON.parse(line);
     } catch {
-      this.logger.warn(`rlm-server wrote a line that is not JSON (${line.length} chars)`);
+      this.unusable(
+        protocolError(`rlm-server wrote a line that is not JSON: ${line.slice(0, 200)}`),
+        answerId(line.slice(0, 256), line.slice(-256)),
+      );
       return;
     }
-    for (const item of Array.isArray(message) ? message : [message]) {
-      this.dispatch(item as Response | ReadyNotification | ProgressNotification);
-    }
-  }
-
-  private dispatch(message: Response | ReadyNotification | ProgressNotification): void {
-    if ("method" in message) {
-      if (message.method === "ready") this.onReady(message.params);
-      else this.onProgress(message.params);
-      return;
-    }
-    const entry = typeof message.id === "number" ? this.pending.get(message.id) : undefined;
-    if (!entry) {
-      if (message.id === null && "error" in message) {
-        this.logger.warn(`rlm-server error without id: ${message.error.code} ${message.error.message}`);
-      }
-      return;
-    }
-    this.pending.delete(message.id as number);
-    if ("error" in message) {
-      const { code, message: text, data } = message.error;
-      entry.reject(rlmError(code, text, data));
+    if (Array.isArray(message) && message.length > 0) {
+      for (const item of message) this.dispatch(item);
     } else {
-      entry.resolve(message.result);
+      this.dispatch(message);
     }
-    this.updateRef();
   }
 
-  private onReady(info: ReadyInfo): void {
-    clearTimeout(this.readyTimer);
-    if (info.protocol !== "1") {
-      this.fail(startFailed(`rlm-server speaks protocol ${String(info.protocol)}; this client speaks 1`, ""));
+  private dispatch(message: unknown): void {
+    if (!isObject(message)) {
+      this.report(protocolError(`rlm-server wrote ${describe(message)}, which is not a message`));
+    } else if (typeof message.method === "string") {
+      this.onNotification(message.method, message.params);
+    } else {
+      this.onResponse(message);
+    }
+  }
+
+  private onResponse(message: Json): void {
+    const id = message.id;
+    if (typeof id !== "number" || !this.pending.has(id)) {
+      this.onUnmatched(message);
       return;
     }
+    const answer = readAnswer(message);
+    this.settle(id, "result" in answer ? answer : answer.error);
+  }
+
+  /** An answer no call waits for: a late one for a call given up on is normal; others are not. */
+  private onUnmatched(message: Json): void {
+    const id = message.id;
+    if (typeof id === "number" && Number.isInteger(id) && id > 0 && id < this.nextId) {
+      this.logger.debug(`rlm-server answered call ${id} after it was given up on`);
+      return;
+    }
+    const answer = readAnswer(message);
+    const what = "error" in answer ? `${answer.error.code} ${answer.error.message}` : "a result";
+    this.report(
+      protocolError(`rlm-server sent ${what} for id ${describe(id)}, which no call is waiting for`),
+    );
+  }
+
+  private onNotification(method: string, params: unknown): void {
+    if (method === "ready") this.onReady(params);
+    else if (method === "$/progress") this.onProgress(params);
+    else this.logger.debug(`rlm-server sent a notification this client does not know: ${method}`);
+  }
+
+  private onReady(params: unknown): void {
+    if (this.info) {
+      this.report(protocolError("rlm-server sent a second ready notification"));
+      return;
+    }
+    clearTimeout(this.readyTimer);
+    if (!isObject(params) || params.protocol !== PROTOCOL_VERSION) {
+      const protocol = isObject(params) ? describe(params.protocol) : "nothing";
+      this.fail(
+        startFailed(`rlm-server speaks protocol ${protocol}; this client speaks ${PROTOCOL_VERSION}`, ""),
+      );
+      return;
+    }
+    const info = params as ReadyInfo;
     this.info = info;
     this.logger.info(
       `rlm-server ${info.version} ready (pid ${info.pid}, ${info.backend}/${info.model}${info.stub ? ", stub mode" : ""})`,
@@ -266,22 +436,32 @@ export class Connection {
     this.updateRef();
   }
 
-  private onProgress(event: ProgressEvent): void {
-    const entry = typeof event.id === "number" ? this.pending.get(event.id) : undefined;
+  private onProgress(params: unknown): void {
+    if (!isObject(params)) {
+      this.report(protocolError(`rlm-server sent $/progress without params: ${describe(params)}`));
+      return;
+    }
+    const entry = typeof params.id === "number" ? this.pending.get(params.id) : undefined;
     if (!entry?.onProgress) return;
     try {
-      entry.onProgress(event);
+      entry.onProgress(params as ProgressEvent);
     } catch (error) {
       this.logger.warn(`onProgress callback threw: ${String(error)}`);
     }
   }
 
-  /** Stderr is read as fast as it comes (a full pipe would block the server) and logged by line. */
+  /**
+   * Stderr is read as fast as it comes (a full pipe would block the server) and logged by line,
+   * a line without end in pieces, so that it cannot grow a buffer without limit.
+   */
   private drainStderr(stderr: Readable): void {
-    const lines = new LineDecoder((line) => {
-      this.lastStderr = line;
-      this.logger.info(`rlm-server: ${line}`);
-    });
+    const lines = new LineDecoder(
+      (line) => {
+        this.lastStderr = line;
+        this.logger.info(`rlm-server: ${line}`);
+      },
+      { maxLineBytes: STDERR_LINE_BYTES },
+    );
     stderr.on("data", (chunk: Buffer) => lines.push(chunk));
     stderr.on("error", (error) => this.logger.warn(`rlm-server stderr: ${error.message}`));
     stderr.on("end", () => lines.flush());
@@ -325,7 +505,10 @@ export class Connection {
     this.markExited();
   }
 
-  /** Marks the connection dead and rejects everything pending with `error`, once. */
+  /**
+   * Marks the connection dead and rejects everything pending with `error`, once. An end the
+   * client did not ask for is also reported, since no call may be there to hear of it.
+   */
   private fail(error: RLMError): void {
     if (this.failure) return;
     this.failure = error;
@@ -338,6 +521,8 @@ export class Connection {
     for (const entry of entries) entry.reject(error);
     if (!this.exitStatus && this.child.pid !== undefined) this.child.kill("SIGKILL");
     this.updateRef();
+    if (!this.stopping) this.report(error);
+    void this.exited.then(() => this.options.onClose());
   }
 
   /** Keeps the event loop alive only while a call waits on the child, so an idle client lets Node exit. */
@@ -352,11 +537,19 @@ export class Connection {
     }
   }
 
-  private async waitForExit(ms: number): Promise<boolean> {
+  private waitForExit(ms: number): Promise<boolean> {
+    return this.within(
+      this.exited.then(() => true),
+      ms,
+    );
+  }
+
+  /** `promise`'s value, or false if `ms` pass first (or the child exits first). */
+  private async within(promise: Promise<boolean>, ms: number): Promise<boolean> {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), ms)));
     try {
-      return await Promise.race([this.exited.then(() => true), timeout]);
+      return await Promise.race([promise, this.exited.then(() => true), timeout]);
     } finally {
       clearTimeout(timer);
     }

@@ -5,8 +5,12 @@
  */
 import type { ErrorCode, ErrorData } from "./generated/protocol.js";
 
-/** `data.type` values that only the client produces. */
-export type ClientErrorType = "server_exited" | "start_failed";
+/**
+ * `data.type` values that only the client produces: the child died (`server_exited`), never got
+ * ready (`start_failed`), or wrote an answer the client cannot use (`protocol_error`: malformed,
+ * or longer than `maxLineBytes`).
+ */
+export type ClientErrorType = "server_exited" | "start_failed" | "protocol_error";
 
 /** The contract's error data, widened with the fields of client-side errors. */
 export type RLMErrorData = Omit<ErrorData, "type"> & {
@@ -32,13 +36,14 @@ export class RLMError extends Error {
   }
 
   /**
-   * Whether a retry may succeed, as the contract defines it: a backend failure the server marks
-   * retryable, or an admission queue that was full. Cancellation and deadlines never are.
+   * Whether the client retries this: only work the server never ran to an answer, i.e. a full
+   * admission queue, or a server that exited before answering. Never a backend error, whatever
+   * its `data.retryable` says: the server has already spent its own retries on it, and each
+   * client retry would multiply them (a full RLM run each).
    */
   get retryable(): boolean {
-    if (this.code === -32000) return this.data?.retryable === true;
     if (this.code === -32002) return this.data?.type === "queue_full";
-    return false;
+    return this.code === -32603 && this.data?.type === "server_exited";
   }
 }
 
@@ -62,7 +67,7 @@ export class RLMInvalidParamsError extends RLMError {
 export class RLMInternalError extends RLMError {
   override name = "RLMInternalError";
 }
-/** -32000: the LLM backend failed after the server's own retries. */
+/** -32000: the LLM backend failed after the server's own retries; never retried by the client. */
 export class RLMBackendError extends RLMError {
   override name = "RLMBackendError";
 }
@@ -115,5 +120,13 @@ export function deadlineError(timeoutMs: number): RLMDeadlineError {
   return new RLMDeadlineError(-32001, `no answer within ${timeoutMs} ms`, {
     type: "deadline_exceeded",
     timeout_s: timeoutMs / 1000,
+  });
+}
+
+/** -32603 `protocol_error`: the server wrote something this client cannot read as an answer. */
+export function protocolError(message: string, limit?: number): RLMInternalError {
+  return new RLMInternalError(-32603, message, {
+    type: "protocol_error",
+    ...(limit === undefined ? {} : { limit }),
   });
 }

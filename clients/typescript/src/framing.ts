@@ -1,10 +1,45 @@
 /**
- * Newline framing for the stdio pipes. Lines have no length cap: a long context is the point of
- * the product, so a 200 MB prompt or result is one line like any other.
+ * Newline framing for the stdio pipes. A long context is the point of the product, so a 200 MB
+ * prompt or result is one line like any other; but every line has a ceiling, so that a peer that
+ * never writes a newline cannot grow a buffer without limit.
  */
+import { constants } from "node:buffer";
 import type { Writable } from "node:stream";
 
 const NEWLINE = 0x0a;
+/** The longest line one JavaScript string can hold (V8 caps strings near 512 MiB on 64-bit). */
+export const MAX_LINE_BYTES = constants.MAX_STRING_LENGTH;
+/** How much of each end of an oversized line `onOversized` sees: enough for an `"id"`. */
+const END_BYTES = 256;
+
+export interface LineLimit {
+  /** Longest line handed over whole, in bytes; at most MAX_LINE_BYTES. */
+  maxLineBytes: number;
+  /**
+   * Called instead of `onLine` for a line longer than the limit, with its first and last bytes
+   * (the rest is dropped as it comes). Without it, such a line is handed over in pieces of at
+   * most the limit, cut between characters (for logs, where every byte is still worth showing).
+   */
+  onOversized?: ((head: Buffer, tail: Buffer) => void) | undefined;
+}
+
+/** The largest cut at or below `at` that does not split a UTF-8 sequence (`at` if none is). */
+function characterBoundary(bytes: Buffer, at: number): number {
+  let cut = at;
+  while (cut > 0 && ((bytes[cut] as number) & 0xc0) === 0x80) cut -= 1;
+  return cut === 0 ? at : cut;
+}
+
+/** The last `count` bytes of `parts` taken together. */
+function lastBytes(parts: readonly Buffer[], count: number): Buffer {
+  const picked: Buffer[] = [];
+  for (let i = parts.length - 1, size = 0; i >= 0 && size < count; i -= 1) {
+    const part = parts[i] as Buffer;
+    picked.unshift(part.subarray(Math.max(0, part.length - (count - size))));
+    size += picked[0]?.length ?? 0;
+  }
+  return Buffer.concat(picked);
+}
 
 /**
  * Splits a byte stream into lines. Chunks are kept as they arrive and joined once per line, so
@@ -13,49 +48,78 @@ const NEWLINE = 0x0a;
  */
 export class LineDecoder {
   private parts: Buffer[] = [];
+  private buffered = 0;
+  /** While dropping an oversized line: its first bytes, and the last bytes seen so far. */
+  private skipped: { head: Buffer; tail: Buffer } | undefined;
+  private readonly maxLineBytes: number;
 
-  /**
-   * `onUndecodable` gets the size of a line that no JavaScript string can hold (V8 caps strings
-   * near 512 MiB); without it such a line would throw out of a stream's 'data' handler.
-   */
   constructor(
     private readonly onLine: (line: string) => void,
-    private readonly onUndecodable: (bytes: number) => void = () => undefined,
-  ) {}
+    private readonly limit: LineLimit = { maxLineBytes: MAX_LINE_BYTES },
+  ) {
+    this.maxLineBytes = Math.max(1, Math.min(limit.maxLineBytes, MAX_LINE_BYTES));
+  }
 
   push(chunk: Buffer): void {
-    let start = 0;
-    let newline = chunk.indexOf(NEWLINE);
-    while (newline !== -1) {
-      const tail = chunk.subarray(start, newline);
-      this.emit(this.parts.length === 0 ? tail : this.join(tail));
+    for (let start = 0; start < chunk.length;) {
+      const newline = chunk.indexOf(NEWLINE, start);
+      this.take(chunk.subarray(start, newline === -1 ? chunk.length : newline));
+      if (newline === -1) return;
+      this.endLine();
       start = newline + 1;
-      newline = chunk.indexOf(NEWLINE, start);
     }
-    if (start < chunk.length) this.parts.push(chunk.subarray(start));
   }
 
   /** Hands over a last line that had no newline (stderr often ends that way). */
   flush(): void {
-    if (this.parts.length > 0) this.emit(this.join(Buffer.alloc(0)));
+    this.endLine();
+  }
+
+  private take(piece: Buffer): void {
+    if (this.skipped) {
+      this.skipped.tail = lastBytes([this.skipped.tail, piece], END_BYTES);
+      return;
+    }
+    if (piece.length === 0) return;
+    this.parts.push(piece);
+    this.buffered += piece.length;
+    if (this.buffered > this.maxLineBytes) this.overflow();
+  }
+
+  private endLine(): void {
+    const skipped = this.skipped;
+    this.skipped = undefined;
+    if (skipped) this.limit.onOversized?.(skipped.head, skipped.tail);
+    else this.emit(this.join());
+  }
+
+  private overflow(): void {
+    if (this.limit.onOversized) {
+      const head = Buffer.concat(this.parts, Math.min(END_BYTES, this.buffered));
+      this.skipped = { head, tail: lastBytes(this.parts, END_BYTES) };
+      this.parts = [];
+      this.buffered = 0;
+      return;
+    }
+    let rest = this.join();
+    while (rest.length > this.maxLineBytes) {
+      const cut = characterBoundary(rest, this.maxLineBytes);
+      this.emit(rest.subarray(0, cut));
+      rest = rest.subarray(cut);
+    }
+    this.take(rest);
   }
 
   private emit(bytes: Buffer): void {
-    if (bytes.length === 0) return;
-    let line: string;
-    try {
-      line = bytes.toString("utf8");
-    } catch {
-      this.onUndecodable(bytes.length);
-      return;
-    }
-    this.onLine(line);
+    if (bytes.length > 0) this.onLine(bytes.toString("utf8"));
   }
 
-  private join(tail: Buffer): Buffer {
-    this.parts.push(tail);
-    const whole = Buffer.concat(this.parts);
+  /** Takes what is buffered as one Buffer (no copy for a line that came in one chunk). */
+  private join(): Buffer {
+    const whole =
+      this.parts.length === 1 ? (this.parts[0] as Buffer) : Buffer.concat(this.parts, this.buffered);
     this.parts = [];
+    this.buffered = 0;
     return whole;
   }
 }

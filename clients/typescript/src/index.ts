@@ -1,9 +1,10 @@
 export {
+  DEFAULT_SHUTDOWN_GRACE_S,
   RLMClient,
   backoffDelay,
   type CallOptions,
   type ChatMessage,
-  type InferCallOptions,
+  type InferRequest,
   type RLMClientOptions,
 } from "./client.js";
 export type { Logger, ProgressEvent, ReadyInfo } from "./connection.js";
@@ -22,14 +23,18 @@ export {
   type ClientErrorType,
   type RLMErrorData,
 } from "./errors.js";
-export type {
-  Backend,
-  ErrorCode,
-  ErrorType,
-  InferResult,
-  ShutdownResult,
-  StatusResult,
-  Usage,
+export {
+  ERROR_CODES,
+  ERROR_TYPES,
+  INFER_OPTION_NAMES,
+  PROTOCOL_VERSION,
+  type Backend,
+  type ErrorCode,
+  type ErrorType,
+  type InferResult,
+  type ShutdownResult,
+  type StatusResult,
+  type Usage,
 } from "./generated/protocol.js";
 export { LATENCY_WINDOW, type MetricsCallback, type RLMMetrics } from "./metrics.js";
 export type { InferOptions } from "./options.js";

@@ -1,35 +1,31 @@
 /**
  * Per-request options. The wire takes snake_case only (the elizaOS plugin's camelCase was
- * silently ignored); the API offers camelCase and converts here. The name table is checked
- * against the schema's InferOptions, so an option added to or removed from the contract fails
- * the build until this file follows.
+ * silently ignored); the API offers camelCase and converts here. The names are derived from the
+ * schema's InferOptions (generated), so an option added to or removed from the contract reaches
+ * the API without a hand-written table to forget.
  */
-import type { InferOptions as WireInferOptions } from "./generated/protocol.js";
+import { INFER_OPTION_NAMES, type InferOptions as WireInferOptions } from "./generated/protocol.js";
 
-/** Wire name -> API name. `progress` is absent: the client sets it when `onProgress` is given. */
-const API_NAMES = {
-  backend: "backend",
-  model: "model",
-  sub_model: "subModel",
-  base_url: "baseUrl",
-  max_iterations: "maxIterations",
-  max_depth: "maxDepth",
-  timeout_s: "timeoutS",
-  temperature: "temperature",
-  max_tokens: "maxTokens",
-  trajectory: "trajectory",
-} as const satisfies { readonly [K in Exclude<keyof WireInferOptions, "progress">]-?: string };
+/** `max_iterations` -> `maxIterations`, as a type. */
+type Camel<S extends string> = S extends `${infer Head}_${infer Tail}`
+  ? `${Head}${Capitalize<Camel<Tail>>}`
+  : S;
 
-type OptionName = keyof typeof API_NAMES;
+/** `progress` is left out: the client sets it when `onProgress` is given. */
+type OptionName = Exclude<keyof WireInferOptions, "progress">;
 
 /** Per-request overrides in camelCase; each applies to this request only. */
 export type InferOptions = {
-  [K in OptionName as (typeof API_NAMES)[K]]?: WireInferOptions[K];
+  [K in OptionName as Camel<K>]?: WireInferOptions[K];
 };
 
-const WIRE_NAMES: ReadonlyMap<string, string> = new Map(
-  Object.entries(API_NAMES).map(([wire, api]) => [api, wire]),
-);
+function camel(name: string): string {
+  return name.replace(/_([a-z])/g, (_match, letter: string) => letter.toUpperCase());
+}
+
+const API_OPTION_NAMES = INFER_OPTION_NAMES.filter((name) => name !== "progress");
+
+const WIRE_NAMES: ReadonlyMap<string, string> = new Map(API_OPTION_NAMES.map((wire) => [camel(wire), wire]));
 
 /**
  * Converts to wire names. Keys that are not API names (a snake_case name, or a typo) pass
@@ -45,4 +41,4 @@ export function toWireOptions(options: Readonly<Record<string, unknown>>): Recor
 }
 
 /** The API names, for callers (such as the plugin) that pick options out of a wider object. */
-export const OPTION_API_NAMES: readonly string[] = Object.values(API_NAMES);
+export const OPTION_API_NAMES: readonly string[] = [...WIRE_NAMES.keys()];

@@ -64,9 +64,10 @@ function collectOptions(params: GenerateTextParamsLike): Record<string, unknown>
 
 function handler(client: RLMClient): ModelHandler {
   return async (_runtime, params) => {
-    const prompt = params.messages?.length ? params.messages : params.prompt;
-    if (prompt === undefined) throw new TypeError("rlm: params.prompt or params.messages is required");
-    const result = await client.infer(prompt, {
+    const context = params.messages?.length ? params.messages : params.prompt;
+    if (context === undefined) throw new TypeError("rlm: params.prompt or params.messages is required");
+    const result = await client.infer({
+      context,
       ...(typeof params.query === "string" ? { query: params.query } : {}),
       options: collectOptions(params) as InferOptions,
     });

@@ -182,3 +182,38 @@ export async function eventually<T>(
     await new Promise((done) => setTimeout(done, 50));
   }
 }
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Resolves once `pid` is gone (reaped children vanish at once; polled to stay simple). */
+export async function gone(pid: number, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (isRunning(pid)) {
+    if (Date.now() > deadline) throw new Error(`process ${pid} still running after ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** The `ready` notification a fake server sends, as the real one would. */
+export const READY_LINE = JSON.stringify({
+  jsonrpc: "2.0",
+  method: "ready",
+  params: {
+    server: "rlm-server",
+    version: "0",
+    protocol: "1",
+    pid: 0,
+    available: false,
+    stub: true,
+    backend: "x",
+    model: "x",
+    environment: "x",
+  },
+});

@@ -25,6 +25,8 @@ import {
 } from "./helpers.js";
 
 const SLOW: FixtureRule = { when: "root", delay_ms: 20_000, reply: "too late" };
+/** Held until the test releases it. */
+const HELD: FixtureRule = { when: "root", hold: true, reply: answerWith("'finished'") };
 
 /** A fixture with `rules` and a client for a server pointed at it; both closed after the test. */
 async function setup(
@@ -57,7 +59,9 @@ describe("infer", { concurrency: 4 }, () => {
     const { fixture, client } = await setup(t, [{ when: "root", hold: true, reply: answerWith("'done'") }], {
       serverArgs: ["--max-concurrency", "4"],
     });
-    const results = Promise.all(Array.from({ length: 4 }, (_, i) => client.infer(`context ${i}`)));
+    const results = Promise.all(
+      Array.from({ length: 4 }, (_, i) => client.infer({ context: `context ${i}` })),
+    );
     // All four are at the model at once; only then are they let go.
     await eventually(
       () => fixture.stats(),
@@ -76,7 +80,7 @@ describe("infer", { concurrency: 4 }, () => {
     const { client } = await setup(t, [SLOW]);
     const controller = new AbortController();
     const started = progressSignal("started");
-    const call = client.infer("ctx", { signal: controller.signal, onProgress: started.onProgress });
+    const call = client.infer({ context: "ctx", signal: controller.signal, onProgress: started.onProgress });
     await started.seen;
     controller.abort();
     await assert.rejects(call, (error: unknown) => {
@@ -96,13 +100,14 @@ describe("infer", { concurrency: 4 }, () => {
 
   test("an already aborted signal rejects without sending", async (t) => {
     const { client } = await setup(t, [SLOW]);
-    await assert.rejects(client.infer("ctx", { signal: AbortSignal.abort() }), RLMCancelledError);
+    await assert.rejects(client.infer({ context: "ctx", signal: AbortSignal.abort() }), RLMCancelledError);
     assert.equal((await client.status()).metrics.total_requests, 0);
   });
 
   test("a client timeout cancels the request on the server and rejects with -32001", async (t) => {
     const { client } = await setup(t, [SLOW]);
-    await assert.rejects(client.infer("ctx", { timeoutMs: 500 }), (error: unknown) => {
+    await client.start(); // the timeout covers start-up too; here it is to reach the server
+    await assert.rejects(client.infer({ context: "ctx", timeoutMs: 500 }), (error: unknown) => {
       assert.ok(error instanceof RLMDeadlineError);
       assert.equal(error.code, -32001);
       assert.equal(error.data?.type, "deadline_exceeded");
@@ -117,7 +122,7 @@ describe("infer", { concurrency: 4 }, () => {
 
   test("options.timeoutS reaches the server as timeout_s: its deadline gives -32001", async (t) => {
     const { client } = await setup(t, [SLOW]);
-    await assert.rejects(client.infer("ctx", { options: { timeoutS: 0.5 } }), (error: unknown) => {
+    await assert.rejects(client.infer({ context: "ctx", options: { timeoutS: 0.5 } }), (error: unknown) => {
       assert.ok(error instanceof RLMDeadlineError);
       assert.equal(error.data?.timeout_s, 0.5);
       return true;
@@ -126,9 +131,12 @@ describe("infer", { concurrency: 4 }, () => {
   });
 
   test("a child killed mid-request rejects every pending call at once; the next call restarts it", async (t) => {
-    const { client } = await setup(t, [SLOW]);
+    const { client } = await setup(t, [SLOW], { maxRetries: 0 });
     const started = progressSignal("started");
-    const pending = [client.infer("ctx", { onProgress: started.onProgress }), client.infer("ctx")];
+    const pending = [
+      client.infer({ context: "ctx", onProgress: started.onProgress }),
+      client.infer({ context: "ctx" }),
+    ];
     await started.seen;
     const pid = client.serverInfo?.pid;
     assert.ok(pid);
@@ -147,6 +155,25 @@ describe("infer", { concurrency: 4 }, () => {
     assert.notEqual(client.serverInfo?.pid, pid);
   });
 
+  test("a call whose server exited before answering is sent again to a new server", async (t) => {
+    const { fixture, client } = await setup(t, [
+      { when: "root", times: 1, delay_ms: 20_000, reply: "never seen" },
+      { when: "root", reply: answerWith("'second server'") },
+    ]);
+    const call = client.infer({ context: "ctx" });
+    // The first server's model call holds the slow rule, so the second server's gets the other.
+    await eventually(
+      () => fixture.stats(),
+      (stats) => stats.in_flight === 1,
+    );
+    const pid = client.serverInfo?.pid;
+    assert.ok(pid);
+    process.kill(pid, "SIGKILL");
+    assert.equal((await call).text, "second server");
+    assert.notEqual(client.serverInfo?.pid, pid);
+    assert.equal(client.getMetrics().totalRetries, 1);
+  });
+
   test("progress events reach onProgress in order, and options reach the server", async (t) => {
     const { client } = await setup(t, [
       { when: "root", times: 1, reply: "```repl\nn = len(context)\nprint(n)\n```" },
@@ -158,7 +185,8 @@ describe("infer", { concurrency: 4 }, () => {
       },
     ]);
     const events: ProgressEvent[] = [];
-    const result = await client.infer("Some context to summarise.", {
+    const result = await client.infer({
+      context: "Some context to summarise.",
       query: "Summarise it",
       options: { maxIterations: 7, trajectory: true },
       onProgress: (event) => events.push(event),
@@ -180,47 +208,48 @@ describe("infer", { concurrency: 4 }, () => {
   test("an unknown option key is sent as is and rejected by the server with -32602", async (t) => {
     const { client } = await setup(t, [{ when: "root", reply: answerWith("'ok'") }]);
     const options = { maxDepth: 1, bogusOption: 1 } as Record<string, unknown>;
-    await assert.rejects(client.infer("ctx", { options }), (error: unknown) => {
+    await assert.rejects(client.infer({ context: "ctx", options }), (error: unknown) => {
       assert.ok(error instanceof RLMInvalidParamsError);
       assert.equal(error.code, -32602);
       assert.equal(error.data?.field, "options.bogusOption");
       return true;
     });
-    const ok = await client.infer("ctx", { options: { maxDepth: 1, maxIterations: 2 } });
+    const ok = await client.infer({ context: "ctx", options: { maxDepth: 1, maxIterations: 2 } });
     assert.equal(ok.text, "ok");
   });
 
   test("temperature and maxTokens reach the model", async (t) => {
     const { fixture, client } = await setup(t, [{ when: "root", reply: answerWith("'ok'") }]);
-    await client.infer("ctx", { options: { temperature: 0.25, maxTokens: 77 } });
+    await client.infer({ context: "ctx", options: { temperature: 0.25, maxTokens: 77 } });
     const [body] = await fixture.requests();
     assert.equal(body?.temperature, 0.25);
     // The rlm library sends max_tokens under OpenAI's newer name.
     assert.equal(body?.max_completion_tokens ?? body?.max_tokens, 77);
   });
 
-  test("a retryable -32000 is retried with backoff; a non-retryable one is not", async (t) => {
+  test("a backend error (-32000) is never retried by the client, whatever data.retryable says", async (t) => {
     const { fixture, client } = await setup(
       t,
       [
         { when: "root", contains: "auth-fails", status: 401 },
         { when: "root", status: 500 },
       ],
+      // The server's own retries are off, so every model call below is one attempt of the client's.
       { env: { ELIZA_RLM_MAX_RETRIES: "0" }, maxRetries: 2 },
     );
-    await assert.rejects(client.infer("ctx", { query: "auth-fails" }), (error: unknown) => {
+    await assert.rejects(client.infer({ context: "ctx", query: "auth-fails" }), (error: unknown) => {
+      assert.ok(error instanceof RLMBackendError);
+      assert.equal(error.data?.retryable, false);
+      return true;
+    });
+    await assert.rejects(client.infer({ context: "ctx", query: "server-fails" }), (error: unknown) => {
       assert.ok(error instanceof RLMBackendError);
       assert.equal(error.retryable, false);
       return true;
     });
-    await assert.rejects(client.infer("ctx", { query: "server-fails" }), (error: unknown) => {
-      assert.ok(error instanceof RLMBackendError);
-      assert.equal(error.retryable, true);
-      return true;
-    });
-    assert.deepEqual((await fixture.stats()).statuses, { "401": 1, "500": 3 });
+    assert.deepEqual((await fixture.stats()).statuses, { "401": 1, "500": 1 });
     const metrics = client.getMetrics();
-    assert.equal(metrics.totalRetries, 2);
+    assert.equal(metrics.totalRetries, 0);
     assert.equal(metrics.failedRequests, 2);
     assert.equal(metrics.totalRequests, 2);
   });
@@ -231,7 +260,7 @@ describe("infer", { concurrency: 4 }, () => {
       // Retries end at the deadline, not after a count that a slow machine could exhaust.
       maxRetries: Number.MAX_SAFE_INTEGER,
     });
-    const calls = Array.from({ length: 3 }, () => client.infer("ctx"));
+    const calls = Array.from({ length: 3 }, () => client.infer({ context: "ctx" }));
     await eventually(
       () => Promise.resolve(client.getMetrics()),
       (m) => m.totalRetries > 0,
@@ -244,6 +273,49 @@ describe("infer", { concurrency: 4 }, () => {
     );
   });
 
+  test("an answer longer than maxLineBytes fails its own call, and the server goes on serving", async (t) => {
+    const { client } = await setup(t, [{ when: "root", reply: answerWith("'x' * 10000") }], {
+      maxLineBytes: 4096,
+    });
+    const { pid } = await client.start();
+    await assert.rejects(client.infer({ context: "ctx" }), (error: unknown) => {
+      assert.ok(error instanceof RLMInternalError);
+      assert.equal(error.data?.type, "protocol_error");
+      assert.equal(error.data?.limit, 4096);
+      return true;
+    });
+    assert.equal((await client.status()).server, "rlm-server");
+    assert.equal(client.serverInfo?.pid, pid);
+  });
+
+  test("shutdown(graceS) waits for the grace plus the request timeout, not the timeout alone", async (t) => {
+    const { fixture, client } = await setup(t, [HELD], { requestTimeoutMs: 2_000 });
+    const call = client.infer({ context: "ctx", timeoutMs: 60_000 });
+    await eventually(
+      () => fixture.stats(),
+      (stats) => stats.in_flight === 1,
+    );
+    const cancelled = assert.rejects(call, RLMCancelledError);
+    // The server answers once the 4 s grace has run out on the held call, after 2 s have passed.
+    assert.deepEqual(await client.shutdown(4), { shutdown: true });
+    await cancelled;
+  });
+
+  test("close() lets in-flight work finish within the grace it asks for", async (t) => {
+    const { fixture, client } = await setup(t, [HELD], { shutdownGraceS: 30, closeTimeoutMs: 100 });
+    const call = client.infer({ context: "ctx" });
+    await eventually(
+      () => fixture.stats(),
+      (stats) => stats.in_flight === 1,
+    );
+    const closing = client.close();
+    // Long past the 2 x closeTimeoutMs after which close() used to SIGTERM and SIGKILL the server.
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    await fixture.release();
+    assert.equal((await call).text, "finished");
+    await closing;
+  });
+
   test("metrics: successes, failures, cancellations and timeouts each counted once", async (t) => {
     const { client } = await setup(t, [
       { when: "root", contains: "slow-one", delay_ms: 20_000, reply: "late" },
@@ -251,13 +323,17 @@ describe("infer", { concurrency: 4 }, () => {
     ]);
     const snapshots: RLMMetrics[] = [];
     const unsubscribe = client.onMetrics((metrics) => snapshots.push(metrics));
-    await client.infer("ctx");
-    await client.infer("ctx");
-    await assert.rejects(client.infer("ctx", { options: { maxDepth: 0 } }), RLMInvalidParamsError);
-    await assert.rejects(client.infer("ctx", { query: "slow-one", timeoutMs: 300 }), RLMDeadlineError);
+    await client.infer({ context: "ctx" });
+    await client.infer({ context: "ctx" });
+    await assert.rejects(client.infer({ context: "ctx", options: { maxDepth: 0 } }), RLMInvalidParamsError);
+    await assert.rejects(
+      client.infer({ context: "ctx", query: "slow-one", timeoutMs: 300 }),
+      RLMDeadlineError,
+    );
     const controller = new AbortController();
     const started = progressSignal("started");
-    const cancelled = client.infer("ctx", {
+    const cancelled = client.infer({
+      context: "ctx",
       query: "slow-one",
       signal: controller.signal,
       onProgress: started.onProgress,
@@ -266,7 +342,7 @@ describe("infer", { concurrency: 4 }, () => {
     controller.abort();
     await assert.rejects(cancelled, RLMCancelledError);
     unsubscribe();
-    await client.infer("ctx");
+    await client.infer({ context: "ctx" });
 
     const metrics = client.getMetrics();
     assert.equal(metrics.totalRequests, 6);

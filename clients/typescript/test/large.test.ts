@@ -33,13 +33,13 @@ describe("long contexts", { timeout: 180_000 }, () => {
   });
 
   test("a 50 MB prompt reaches the REPL whole", async () => {
-    const measured = await client.infer(longContext(50 * MB), { query: "measure-it" });
+    const measured = await client.infer({ context: longContext(50 * MB), query: "measure-it" });
     assert.equal(measured.text, `${50 * MB}:END-MARKER-12345`);
   });
 
   test("a 200 MB prompt goes in and a 200 MB result comes back, whole", async () => {
     const context = longContext(200 * MB);
-    const echoed = await client.infer(context, { query: "echo-it" });
+    const echoed = await client.infer({ context, query: "echo-it" });
     assert.equal(echoed.text.length, context.length);
     assert.ok(echoed.text === context, "the echoed context differs");
   });

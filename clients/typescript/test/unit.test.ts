@@ -19,9 +19,10 @@ import {
   RLMUnavailableError,
   rlmError,
 } from "../src/errors.js";
-import { LineDecoder, LineWriter } from "../src/framing.js";
+import { LineDecoder, LineWriter, MAX_LINE_BYTES } from "../src/framing.js";
 import { LATENCY_WINDOW, MetricsRecorder, percentile } from "../src/metrics.js";
 import { toWireOptions } from "../src/options.js";
+import { ERROR_CODES } from "../src/generated/protocol.js";
 import { PACKAGE_ROOT } from "./helpers.js";
 
 describe("LineDecoder", () => {
@@ -50,18 +51,37 @@ describe("LineDecoder", () => {
     assert.deepEqual(lines, ["first", "last words"]);
   });
 
-  test("reports a line too long for a JavaScript string instead of throwing", () => {
+  test("reports a line over the limit once, by its two ends, and drops the rest of it", () => {
     const lines: string[] = [];
-    const undecodable: number[] = [];
-    const decoder = new LineDecoder(
-      (line) => lines.push(line),
-      (bytes) => undecodable.push(bytes),
-    );
-    const size = constants.MAX_STRING_LENGTH + 1;
-    decoder.push(Buffer.alloc(size, "x"));
-    decoder.push(Buffer.from("\nafter\n"));
-    assert.deepEqual(undecodable, [size]);
-    assert.deepEqual(lines, ["after"]);
+    const ends: Array<[string, string]> = [];
+    const decoder = new LineDecoder((line) => lines.push(line), {
+      maxLineBytes: 16,
+      onOversized: (head, tail) => ends.push([head.toString(), tail.toString()]),
+    });
+    decoder.push(Buffer.from('{"result":"'));
+    for (let i = 0; i < 100; i += 1) decoder.push(Buffer.from("x".repeat(100)));
+    decoder.push(Buffer.from('","i'));
+    decoder.push(Buffer.from('d":7}\nshort\n'));
+    assert.equal(ends.length, 1);
+    assert.ok(ends[0]?.[0].startsWith('{"result":"xxx'), ends[0]?.[0]);
+    assert.ok(ends[0]?.[1].endsWith('xx","id":7}'), ends[0]?.[1]);
+    assert.equal(ends[0]?.[1].length, 256);
+    assert.deepEqual(lines, ["short"]);
+  });
+
+  test("without onOversized, a long line comes in pieces within the limit, characters whole", () => {
+    const pieces: string[] = [];
+    const decoder = new LineDecoder((line) => pieces.push(line), { maxLineBytes: 10 });
+    const text = "aé".repeat(20) + "✓✓✓";
+    for (const byte of Buffer.from(text)) decoder.push(Buffer.from([byte]));
+    decoder.flush();
+    assert.equal(pieces.join(""), text);
+    assert.ok(pieces.length >= 7);
+    for (const piece of pieces) assert.ok(Buffer.byteLength(piece) <= 10, piece);
+  });
+
+  test("the limit cannot exceed what a JavaScript string holds", () => {
+    assert.equal(MAX_LINE_BYTES, constants.MAX_STRING_LENGTH);
   });
 
   test("has no line-length cap: a 64 MiB line in 64 KiB chunks is one line", () => {
@@ -224,18 +244,24 @@ describe("errors", () => {
     assert.equal(rlmError(-31999, "m").constructor, RLMError);
   });
 
-  test("retryable exactly where the contract says", () => {
-    assert.equal(rlmError(-32000, "m", { type: "backend_error", retryable: true }).retryable, true);
-    assert.equal(rlmError(-32000, "m", { type: "backend_error", retryable: false }).retryable, false);
-    assert.equal(rlmError(-32000, "m").retryable, false);
+  test("retryable only where the server never ran the call to an answer", () => {
     assert.equal(rlmError(-32002, "m", { type: "queue_full" }).retryable, true);
+    assert.equal(rlmError(-32603, "m", { type: "server_exited" }).retryable, true);
     assert.equal(rlmError(-32002, "m", { type: "shutting_down" }).retryable, false);
-    for (const code of [-32800, -32001, -32602, -32603, -32003]) {
-      assert.equal(
-        rlmError(code, "m", { type: "backend_error", retryable: true }).retryable,
-        false,
-        `${code}`,
-      );
+    assert.equal(rlmError(-32000, "m", { type: "backend_error", retryable: true }).retryable, false);
+    for (const type of ["start_failed", "protocol_error", "worker_crashed", "internal_error"] as const) {
+      assert.equal(rlmError(-32603, "m", { type }).retryable, false, type);
+    }
+    for (const code of [-32800, -32001, -32602, -32003]) {
+      assert.equal(rlmError(code, "m", { type: "queue_full", retryable: true }).retryable, false, `${code}`);
+    }
+  });
+
+  test("every error code of the schema has its own class", () => {
+    for (const code of ERROR_CODES) {
+      const error = rlmError(code, "m");
+      assert.notEqual(error.constructor, RLMError, `${code}`);
+      assert.equal(error.code, code);
     }
   });
 });

@@ -220,3 +220,12 @@ export interface ShutdownParams {
 export interface CancelParams {
   id: Id;
 }
+
+/** The protocol version this client speaks: the `ready` notification's `protocol`. */
+export const PROTOCOL_VERSION = "1" as const;
+/** Every error code of the contract. */
+export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32800] as const;
+/** Every `data.type` of the contract. */
+export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "backend_error", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "cancelled"] as const;
+/** Every per-request option, by its wire name. */
+export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory"] as const;
