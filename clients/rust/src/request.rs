@@ -17,9 +17,9 @@ use crate::protocol::{InferOptions, InferParams, Message, Progress, Prompt};
 /// use rlm_client::{InferOptions, InferRequest};
 /// let request = InferRequest::new("...a long document...")
 ///     .query("What is the secret code?")
-///     .options(InferOptions { max_iterations: Some(6), ..Default::default() })
+///     .options(InferOptions::new().max_iterations(6))
 ///     .timeout(std::time::Duration::from_secs(120))
-///     .on_progress(|p| println!("{:?}", p.event));
+///     .on_progress(|p| println!("{}", p.event));
 /// # let _ = request;
 /// ```
 pub struct InferRequest {
@@ -30,7 +30,7 @@ pub struct InferRequest {
     /// Per-request options, sent as they are.
     pub options: InferOptions,
     /// Bound of the whole call, retries included; defaults to
-    /// [`crate::RLMConfig::request_timeout`]. When it passes the client sends
+    /// [`crate::RlmConfig::request_timeout`]. When it passes the client sends
     /// `$/cancelRequest` and returns [`RlmError::Timeout`].
     pub timeout: Option<Duration>,
     progress: Option<ProgressSink>,
