@@ -111,9 +111,7 @@ impl Exit {
     /// The exit status, when the process was reaped.
     pub fn status(&self) -> Option<ExitStatus> {
         match self {
-            Exit::Exited(status) | Exit::Terminated(status) | Exit::Killed(status) => {
-                Some(*status)
-            }
+            Exit::Exited(status) | Exit::Terminated(status) | Exit::Killed(status) => Some(*status),
             _ => None,
         }
     }
@@ -492,7 +490,11 @@ impl Connection {
     /// Starts the server and its four tasks. Must run inside a Tokio runtime.
     pub(crate) fn spawn(config: &RlmConfig) -> Result<Arc<Self>, RlmError> {
         let mut command = config.server_command();
-        let program = command.as_std().get_program().to_string_lossy().into_owned();
+        let program = command
+            .as_std()
+            .get_program()
+            .to_string_lossy()
+            .into_owned();
         let mut child = command.spawn().map_err(|source| RlmError::Spawn {
             command: program.clone(),
             source,
@@ -853,11 +855,7 @@ async fn close_child(child: &mut Child, wait: Duration, term_wait: Duration) -> 
     }
     // `id()` is None once the child is reaped, so the signal cannot hit a reused pid.
     if let Some(pid) = child.id() {
-        tracing::warn!(
-            pid,
-            ?wait,
-            "rlm-server did not exit when asked to; SIGTERM"
-        );
+        tracing::warn!(pid, ?wait, "rlm-server did not exit when asked to; SIGTERM");
         terminate(pid);
     }
     if let Ok(status) = timeout(term_wait, child.wait()).await {

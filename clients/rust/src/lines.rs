@@ -85,7 +85,10 @@ pub(crate) fn edge_id(head: &[u8], tail: &[u8]) -> Option<u64> {
 }
 
 fn leading_id(head: &[u8]) -> Option<u64> {
-    let rest = head.trim_ascii_start().strip_prefix(b"{")?.trim_ascii_start();
+    let rest = head
+        .trim_ascii_start()
+        .strip_prefix(b"{")?
+        .trim_ascii_start();
     let rest = skip_jsonrpc_member(rest).unwrap_or(rest);
     let rest = rest
         .strip_prefix(b"\"id\"")?
@@ -153,9 +156,7 @@ pub(crate) fn loose_id(line: &[u8]) -> Option<u64> {
 /// piece). Never 0 for a piece of 4 bytes or more.
 pub(crate) fn utf8_cut(piece: &[u8]) -> usize {
     match std::str::from_utf8(piece) {
-        Err(error) if error.error_len().is_none() && error.valid_up_to() > 0 => {
-            error.valid_up_to()
-        }
+        Err(error) if error.error_len().is_none() && error.valid_up_to() > 0 => error.valid_up_to(),
         _ => piece.len(),
     }
 }
@@ -238,7 +239,10 @@ mod tests {
     #[test]
     fn a_loose_id_comes_from_json_or_from_the_ends() {
         assert_eq!(loose_id(br#"{"id":5,"error":{"code":1}}"#), Some(5));
-        assert_eq!(loose_id(br#"{"jsonrpc":"2.0","result":"\xff","id":6}"#), Some(6));
+        assert_eq!(
+            loose_id(br#"{"jsonrpc":"2.0","result":"\xff","id":6}"#),
+            Some(6)
+        );
         assert_eq!(loose_id(b"null"), None);
         assert_eq!(loose_id(b"not json"), None);
     }

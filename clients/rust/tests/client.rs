@@ -14,6 +14,7 @@ use rlm_client::{
 };
 use serde_json::{Value, json};
 
+use common::capture::{Capture, Events, Spans};
 use common::{
     Fixture, STUB_TEXT, answer, eventually, is_running, kill9, scratch, server_config, stub_config,
     wrapped,
@@ -232,7 +233,10 @@ async fn progress_reaches_the_callback_in_order() {
     assert_eq!(result.text, "a summary");
     assert!(result.trajectory.is_some_and(|steps| !steps.is_empty()));
     let seen = seen.lock().unwrap();
-    let events: Vec<_> = seen.iter().map(|p| (p.event.clone(), p.iteration)).collect();
+    let events: Vec<_> = seen
+        .iter()
+        .map(|p| (p.event.clone(), p.iteration))
+        .collect();
     assert_eq!(
         events,
         [
@@ -390,7 +394,7 @@ async fn server_errors_keep_their_code_and_data() {
 #[tokio::test(flavor = "current_thread")]
 async fn stderr_is_drained_into_tracing() {
     let lines = Arc::new(Mutex::new(Vec::new()));
-    let _guard = tracing::subscriber::set_default(capture::Capture(lines.clone()));
+    let _guard = tracing::subscriber::set_default(Capture::new(lines.clone()));
     // 20,000 lines (about 500 KB) before the server starts: far more than a pipe holds, so a
     // client that does not read stderr never sees `ready`.
     let script = "yes 'flood line from the server wrapper' | head -n 20000 >&2; exec \"$@\"";
@@ -535,43 +539,25 @@ async fn metrics_are_pushed_to_the_callback() {
     assert_eq!(snapshots[0].stub_responses, 1);
 }
 
-/// A minimal `tracing` subscriber that keeps (target, message) of every event.
-mod capture {
-    use std::fmt::Debug;
-    use std::sync::{Arc, Mutex};
-
-    use tracing::field::{Field, Visit};
-    use tracing::span::{Attributes, Id, Record};
-    use tracing::{Event, Metadata, Subscriber};
-
-    pub struct Capture(pub Arc<Mutex<Vec<(String, String)>>>);
-
-    struct Message(String);
-
-    impl Visit for Message {
-        fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
-            if field.name() == "message" {
-                self.0 = format!("{value:?}");
-            }
-        }
-    }
-
-    impl Subscriber for Capture {
-        fn enabled(&self, _: &Metadata<'_>) -> bool {
-            true
-        }
-        fn new_span(&self, _: &Attributes<'_>) -> Id {
-            Id::from_u64(1)
-        }
-        fn record(&self, _: &Id, _: &Record<'_>) {}
-        fn record_follows_from(&self, _: &Id, _: &Id) {}
-        fn event(&self, event: &Event<'_>) {
-            let mut message = Message(String::new());
-            event.record(&mut message);
-            let target = event.metadata().target().to_owned();
-            self.0.lock().unwrap().push((target, message.0));
-        }
-        fn enter(&self, _: &Id) {}
-        fn exit(&self, _: &Id) {}
-    }
+#[tokio::test(flavor = "current_thread")]
+async fn each_request_runs_in_a_span_with_its_method_and_id() {
+    let spans = Spans::default();
+    let _guard =
+        tracing::subscriber::set_default(Capture::with_spans(Events::default(), spans.clone()));
+    let client = RlmClient::new(stub_config());
+    client.status(None).await.unwrap();
+    client.infer(InferRequest::new("x")).await.unwrap();
+    let spans = spans.lock().unwrap();
+    let requests: Vec<&Vec<String>> = spans
+        .iter()
+        .filter(|(name, _)| name == "rlm_request")
+        .map(|(_, fields)| fields)
+        .collect();
+    assert_eq!(
+        requests,
+        [
+            &vec![r#"method="status""#.to_owned(), "id=1".to_owned()],
+            &vec![r#"method="infer""#.to_owned(), "id=2".to_owned()],
+        ]
+    );
 }

@@ -2,18 +2,22 @@
 test can send the client lines a real server never writes (malformed, oversized) or behave in
 ways a real one does not (exit mid-request, answer late).
 
-    fake_server.py [--eof-sleep=S] ANSWER...
+    fake_server.py [--drain=S] ANSWER...
 
 It writes a `ready` notification, then answers the n-th request it reads (a message with an
-id; notifications are ignored) with the n-th ANSWER, which is one of:
+id, other than `shutdown`) with the n-th ANSWER, which is one of:
 
 - a template: written as is (it may hold several lines), after `{id}` is replaced by the
   request's id and `{big:N}` by N times `x`;
-- `!exit N`: exit with status N without answering;
-- `!after S TEMPLATE`: wait S seconds, then answer with TEMPLATE.
+- `!none`: no answer;
+- `!exit N`: exit with status N without answering.
 
-Requests past the last ANSWER get no answer. At the end of its input it waits S seconds
-(`--eof-sleep`, default 0) and exits 0.
+Every line it reads is echoed to stderr (its first 200 characters), after
+`fake server read: `, so that a test can see what the client sent. Requests past the last
+ANSWER get no answer; other notifications are ignored. A `shutdown`
+(request or notification) makes it spend S seconds (`--drain`, default 0) on its pretend
+in-flight work, answer `{"shutdown": true}` if it was a request, and exit 0; so does the end
+of its input, without the wait.
 """
 
 import json
@@ -45,28 +49,31 @@ def render(template: str, request_id: object) -> str:
 
 
 def main(args: list[str]) -> int:
-    eof_sleep = 0.0
-    if args and args[0].startswith("--eof-sleep="):
-        eof_sleep = float(args.pop(0).split("=", 1)[1])
+    drain = 0.0
+    if args and args[0].startswith("--drain="):
+        drain = float(args.pop(0).split("=", 1)[1])
     answers = iter(args)
     out = sys.stdout
     out.write(json.dumps(READY) + "\n")
     out.flush()
     for line in sys.stdin:
+        sys.stderr.write("fake server read: " + line[:200])
+        sys.stderr.flush()
         message = json.loads(line)
+        if message.get("method") == "shutdown":
+            time.sleep(drain)
+            if "id" in message:
+                answer = {"jsonrpc": "2.0", "result": {"shutdown": True}, "id": message["id"]}
+                out.write(json.dumps(answer) + "\n")
+            return 0
         if "id" not in message:
             continue
-        answer = next(answers, None)
-        if answer is None:
-            continue
+        answer = next(answers, "!none")
         if answer.startswith("!exit "):
             return int(answer.split()[1])
-        if answer.startswith("!after "):
-            _, delay, answer = answer.split(" ", 2)
-            time.sleep(float(delay))
-        out.write(render(answer, message["id"]) + "\n")
-        out.flush()
-    time.sleep(eof_sleep)
+        if answer != "!none":
+            out.write(render(answer, message["id"]) + "\n")
+            out.flush()
     return 0
 
 

@@ -4,6 +4,8 @@
 //! whatever a test scripts, for the lines a real server never writes.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod capture;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
