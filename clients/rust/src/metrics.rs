@@ -18,6 +18,7 @@ const WINDOW: usize = 1000;
 /// success, a failure is not a stub, and a caller's cancellation is not a failure. Retries
 /// count in `total_retries`, not as requests.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Metrics {
     /// Settled `infer` calls.
     pub total_requests: u64,

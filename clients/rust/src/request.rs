@@ -22,6 +22,7 @@ use crate::protocol::{InferOptions, InferParams, Message, Progress, Prompt};
 ///     .on_progress(|p| println!("{}", p.event));
 /// # let _ = request;
 /// ```
+#[non_exhaustive]
 pub struct InferRequest {
     /// The long input; it becomes `context` in the model's REPL.
     pub prompt: Prompt,

@@ -7,7 +7,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rlm_client::{
@@ -15,7 +15,7 @@ use rlm_client::{
 };
 use serde_json::{Value, json};
 
-use common::capture::Capture;
+use common::capture::capture;
 use common::{eventually, fake_config, python, scratch, wrapped};
 
 /// Bound of every wait below: long enough for a slow CI machine, far below the 600 s a lost
@@ -173,8 +173,8 @@ async fn an_oversized_answer_fails_its_call() {
 /// and each is cancelled on the server, since its answer could not be told apart.
 #[tokio::test(flavor = "current_thread")]
 async fn an_oversized_line_without_an_id_fails_every_pending_call() {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let _guard = tracing::subscriber::set_default(Capture::new(events.clone()));
+    let captured = capture();
+    let events = &captured.events;
     // The first request gets no answer; the second gets a big line of no JSON at all.
     let config = fake_config(&["!none", "{big:3000000}"])
         .into_builder()
@@ -193,7 +193,7 @@ async fn an_oversized_line_without_an_id_fails_every_pending_call() {
         assert!(matches!(error, RlmError::LineTooLong { .. }), "{error}");
     }
     eventually(LIMIT, "both calls cancelled on the server", || async {
-        let read = server_read(&events);
+        let read = server_read(events);
         [1, 2].iter().all(|id| {
             let cancel =
                 format!(r#"{{"jsonrpc":"2.0","method":"$/cancelRequest","params":{{"id":{id}}}}}"#);
@@ -207,8 +207,8 @@ async fn an_oversized_line_without_an_id_fails_every_pending_call() {
 /// size instead of growing one buffer until the newline that never comes.
 #[tokio::test(flavor = "current_thread")]
 async fn a_stderr_line_without_end_is_forwarded_in_pieces() {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let _guard = tracing::subscriber::set_default(Capture::new(events.clone()));
+    let captured = capture();
+    let events = &captured.events;
     // 300 pieces and 5 bytes more, and the line never ends: the 300 pieces must arrive.
     let script = "head -c 3000005 /dev/zero | tr '\\0' e >&2; exec \"$@\"";
     let config = fake_config(&[])
@@ -238,8 +238,8 @@ async fn a_stderr_line_without_end_is_forwarded_in_pieces() {
 /// must be allowed to exit by itself, not be sent SIGTERM after the margin.
 #[tokio::test(flavor = "current_thread")]
 async fn close_sends_its_grace_and_waits_for_it() {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let _guard = tracing::subscriber::set_default(Capture::new(events.clone()));
+    let captured = capture();
+    let events = &captured.events;
     let config = fake_config(&["--drain=2"])
         .into_builder()
         .shutdown_grace(Duration::from_secs(20))
@@ -252,10 +252,10 @@ async fn close_sends_its_grace_and_waits_for_it() {
     assert!(exit.success(), "{exit:?}");
     let shutdown = r#"{"jsonrpc":"2.0","method":"shutdown","params":{"grace_s":20.0}}"#;
     eventually(LIMIT, "the server's stderr forwarded", || async {
-        !server_read(&events).is_empty()
+        !server_read(events).is_empty()
     })
     .await;
-    assert_eq!(server_read(&events), [shutdown]);
+    assert_eq!(server_read(events), [shutdown]);
 }
 
 /// The lines the fake server says it read (it echoes them to stderr).

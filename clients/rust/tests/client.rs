@@ -14,7 +14,7 @@ use rlm_client::{
 };
 use serde_json::{Value, json};
 
-use common::capture::{Capture, Events, Spans};
+use common::capture::capture;
 use common::{
     Fixture, STUB_TEXT, answer, eventually, is_running, kill9, scratch, server_config, stub_config,
     wrapped,
@@ -393,8 +393,8 @@ async fn server_errors_keep_their_code_and_data() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn stderr_is_drained_into_tracing() {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let _guard = tracing::subscriber::set_default(Capture::new(lines.clone()));
+    let captured = capture();
+    let lines = &captured.events;
     // 20,000 lines (about 500 KB) before the server starts: far more than a pipe holds, so a
     // client that does not read stderr never sees `ready`.
     let script = "yes 'flood line from the server wrapper' | head -n 20000 >&2; exec \"$@\"";
@@ -541,13 +541,11 @@ async fn metrics_are_pushed_to_the_callback() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn each_request_runs_in_a_span_with_its_method_and_id() {
-    let spans = Spans::default();
-    let _guard =
-        tracing::subscriber::set_default(Capture::with_spans(Events::default(), spans.clone()));
+    let captured = capture();
     let client = RlmClient::new(stub_config());
     client.status(None).await.unwrap();
     client.infer(InferRequest::new("x")).await.unwrap();
-    let spans = spans.lock().unwrap();
+    let spans = captured.spans.lock().unwrap();
     let requests: Vec<&Vec<String>> = spans
         .iter()
         .filter(|(name, _)| name == "rlm_request")

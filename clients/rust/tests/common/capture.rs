@@ -1,9 +1,15 @@
-//! A minimal `tracing` subscriber that keeps the (target, message) of every event and the
-//! (name, fields) of every span, for the tests that check what the client reports.
+//! Keeps the (target, message) of every `tracing` event and the (name, fields) of every span
+//! that a test's own thread emits, for the tests that check what the client reports. Such
+//! tests run on a current-thread runtime, so the client's tasks emit on the test's thread.
+//!
+//! One global subscriber serves every test and hands each event to the sink of the thread
+//! that emits it. (A scoped subscriber per test, `tracing::subscriber::set_default`, loses
+//! events: a callsite first hit on another test's thread can be cached as uninteresting.)
 
+use std::cell::RefCell;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -14,24 +20,48 @@ pub type Events = Arc<Mutex<Vec<(String, String)>>>;
 /// (name, `field=value` pairs) of each span.
 pub type Spans = Arc<Mutex<Vec<(String, Vec<String>)>>>;
 
-pub struct Capture {
-    events: Events,
-    spans: Spans,
-    next_span: AtomicU64,
+thread_local! {
+    static SINK: RefCell<Option<Captured>> = const { RefCell::new(None) };
 }
 
-impl Capture {
-    pub fn new(events: Events) -> Self {
-        Self::with_spans(events, Spans::default())
-    }
+/// What this thread emitted since [`capture`]; capturing stops when it is dropped.
+#[derive(Clone, Default)]
+pub struct Captured {
+    pub events: Events,
+    pub spans: Spans,
+}
 
-    pub fn with_spans(events: Events, spans: Spans) -> Self {
-        Self {
-            events,
-            spans,
-            next_span: AtomicU64::new(1),
-        }
+/// Starts capturing what this thread emits.
+pub fn capture() -> Guard {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        tracing::subscriber::set_global_default(Global::default())
+            .expect("no other global subscriber in the tests");
+    });
+    let captured = Captured::default();
+    SINK.with(|sink| *sink.borrow_mut() = Some(captured.clone()));
+    Guard(captured)
+}
+
+/// Stops capturing when dropped; derefs to what was captured.
+pub struct Guard(Captured);
+
+impl std::ops::Deref for Guard {
+    type Target = Captured;
+    fn deref(&self) -> &Captured {
+        &self.0
     }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        SINK.with(|sink| *sink.borrow_mut() = None);
+    }
+}
+
+#[derive(Default)]
+struct Global {
+    next_span: AtomicU64,
 }
 
 /// The `message` of an event.
@@ -54,24 +84,32 @@ impl Visit for Fields {
     }
 }
 
-impl Subscriber for Capture {
+impl Subscriber for Global {
     fn enabled(&self, _: &Metadata<'_>) -> bool {
         true
     }
     fn new_span(&self, attributes: &Attributes<'_>) -> Id {
-        let mut fields = Fields(Vec::new());
-        attributes.record(&mut fields);
-        let name = attributes.metadata().name().to_owned();
-        self.spans.lock().unwrap().push((name, fields.0));
-        Id::from_u64(self.next_span.fetch_add(1, Ordering::Relaxed))
+        SINK.with(|sink| {
+            if let Some(captured) = &*sink.borrow() {
+                let mut fields = Fields(Vec::new());
+                attributes.record(&mut fields);
+                let name = attributes.metadata().name().to_owned();
+                captured.spans.lock().unwrap().push((name, fields.0));
+            }
+        });
+        Id::from_u64(self.next_span.fetch_add(1, Ordering::Relaxed) + 1)
     }
     fn record(&self, _: &Id, _: &Record<'_>) {}
     fn record_follows_from(&self, _: &Id, _: &Id) {}
     fn event(&self, event: &Event<'_>) {
-        let mut message = Message(String::new());
-        event.record(&mut message);
-        let target = event.metadata().target().to_owned();
-        self.events.lock().unwrap().push((target, message.0));
+        SINK.with(|sink| {
+            if let Some(captured) = &*sink.borrow() {
+                let mut message = Message(String::new());
+                event.record(&mut message);
+                let target = event.metadata().target().to_owned();
+                captured.events.lock().unwrap().push((target, message.0));
+            }
+        });
     }
     fn enter(&self, _: &Id) {}
     fn exit(&self, _: &Id) {}
