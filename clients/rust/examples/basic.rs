@@ -9,11 +9,11 @@
 //! backend credentials the server runs in stub mode and the answer says so; export for example
 //! `ELIZA_RLM_BACKEND=openai OPENAI_API_KEY=...` for a real one.
 
-use rlm_client::{InferRequest, RLMClient, RlmError};
+use rlm_client::{InferRequest, RlmClient, RlmError};
 
 #[tokio::main]
 async fn main() -> Result<(), RlmError> {
-    let client = RLMClient::from_env()?;
+    let client = RlmClient::from_env();
     let ready = client.start().await?;
     println!(
         "rlm-server {} (pid {}): backend {}, model {}, stub {}",
@@ -34,7 +34,7 @@ async fn main() -> Result<(), RlmError> {
         result.usage.calls, result.usage.input_tokens, result.usage.output_tokens
     );
 
-    let status = client.status().await?;
+    let status = client.status(None).await?;
     println!(
         "server: {} requests, {} in flight, available: {}{}",
         status.metrics.total_requests,
@@ -43,6 +43,7 @@ async fn main() -> Result<(), RlmError> {
         status.reason.map(|r| format!(" ({r})")).unwrap_or_default()
     );
     println!("client metrics: {:#?}", client.metrics());
-    client.close().await;
+    let exit = client.close().await;
+    println!("server ended: {exit:?}");
     Ok(())
 }

@@ -9,7 +9,7 @@
 //!
 //! 1. Raw pipe: SEQUENTIAL `status` round trips written and read by hand over the pipes of
 //!    a server process, with no client: the floor, set by the server and the pipes.
-//! 2. Client: SEQUENTIAL `status` calls through [`RLMClient`] to a second server started the
+//! 2. Client: SEQUENTIAL `status` calls through [`RlmClient`] to a second server started the
 //!    same way, in blocks that alternate with those of 1. The difference of the two
 //!    distributions is the client's overhead per call.
 //! 3. Throughput: ROUNDS times, CONCURRENT `status` calls from as many tasks at once through
@@ -22,7 +22,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use rlm_client::{RLMClient, RLMConfig, RlmError};
+use rlm_client::{RlmClient, RlmConfig, RlmError};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
@@ -60,11 +60,11 @@ fn main() -> Result<(), RlmError> {
 }
 
 async fn bench(sequential: usize, concurrent: usize, rounds: usize) -> Result<(), RlmError> {
-    let config = stub_server(RLMConfig::from_env()?);
-    println!("server: {} {}", config.command, config.args.join(" "));
+    let config = stub_server(RlmConfig::from_env());
+    println!("server: {} {}", config.program, config.args.join(" "));
 
     let mut raw = RawPipe::start(&config).await;
-    let client = RLMClient::new(config);
+    let client = RlmClient::new(config);
     client.start().await?;
     // Blocks of raw and client calls alternate, so that whatever else the machine is doing
     // weighs on both alike; the first tenth of each warms up and is not counted.
@@ -78,7 +78,7 @@ async fn bench(sequential: usize, concurrent: usize, rounds: usize) -> Result<()
         }
         for _ in 0..BLOCK {
             let start = Instant::now();
-            client.status().await?;
+            client.status(None).await?;
             client_times.push(start.elapsed());
         }
         if block * BLOCK < warm_up {
@@ -125,14 +125,13 @@ async fn bench(sequential: usize, concurrent: usize, rounds: usize) -> Result<()
 }
 
 /// The configured server in stub mode.
-fn stub_server(mut config: RLMConfig) -> RLMConfig {
+fn stub_server(config: RlmConfig) -> RlmConfig {
     config
-        .env
-        .push(("ELIZA_RLM_BACKEND".into(), "gemini".into()));
-    config
-        .env_remove
-        .extend(["GEMINI_API_KEY".into(), "GOOGLE_API_KEY".into()]);
-    config
+        .into_builder()
+        .env_remove("GEMINI_API_KEY")
+        .env_remove("GOOGLE_API_KEY")
+        .env("ELIZA_RLM_BACKEND", "gemini")
+        .build()
 }
 
 /// A server driven by hand: one request line out, one answer line in.
@@ -145,8 +144,8 @@ struct RawPipe {
 }
 
 impl RawPipe {
-    async fn start(config: &RLMConfig) -> Self {
-        let mut command = Command::new(&config.command);
+    async fn start(config: &RlmConfig) -> Self {
+        let mut command = Command::new(&config.program);
         for name in &config.env_remove {
             command.env_remove(name);
         }
@@ -215,12 +214,12 @@ impl RawPipe {
 }
 
 /// Time for `count` tasks to each get one `status` answer through `client`.
-async fn burst(client: &RLMClient, count: usize) -> Result<Duration, RlmError> {
+async fn burst(client: &RlmClient, count: usize) -> Result<Duration, RlmError> {
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..count {
         let client = client.clone();
-        tasks.spawn(async move { client.status().await.map(drop) });
+        tasks.spawn(async move { client.status(None).await.map(drop) });
     }
     while let Some(outcome) = tasks.join_next().await {
         outcome.expect("task")?;

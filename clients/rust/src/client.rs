@@ -1,4 +1,4 @@
-//! [`RLMClient`]: the handle agents hold.
+//! [`RlmClient`]: the handle agents hold.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -7,9 +7,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
+use tracing::Instrument;
 
-use crate::config::RLMConfig;
-use crate::connection::{Connection, Reply};
+use crate::config::RlmConfig;
+use crate::connection::{Connection, Exit, Reply};
 use crate::error::RlmError;
 use crate::metrics::{Metrics, Recorder};
 use crate::protocol::{InferResult, ReadyParams, ShutdownParams, ShutdownResult, StatusResult};
@@ -19,7 +20,7 @@ use crate::request::{InferRequest, ProgressSink, Wire};
 ///
 /// Cloning is cheap and every clone drives the same child: requests from all of them are
 /// multiplexed over its one pipe by id, so a slow `infer` never holds up a `status`. The
-/// child is started on the first call (or by [`RLMClient::start`]), started again on the
+/// child is started on the first call (or by [`RlmClient::start`]), started again on the
 /// call after it dies, and killed when the last clone is dropped. No lock is held while a
 /// call waits for its answer.
 ///
@@ -27,8 +28,8 @@ use crate::request::{InferRequest, ProgressSink, Wire};
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), rlm_client::RlmError> {
-/// use rlm_client::{InferRequest, RLMClient};
-/// let client = RLMClient::from_env()?;
+/// use rlm_client::{InferRequest, RlmClient};
+/// let client = RlmClient::from_env();
 /// let answer = client
 ///     .infer(InferRequest::new("...a long document...").query("What is the secret code?"))
 ///     .await?;
@@ -37,12 +38,12 @@ use crate::request::{InferRequest, ProgressSink, Wire};
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
-pub struct RLMClient {
+pub struct RlmClient {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    config: RLMConfig,
+    config: RlmConfig,
     /// Request ids, unique over the client's life (across restarts too), from 1: id 0 once
     /// collided with the server's `id: null` error replies in the elizaOS plugin's client.
     next_id: AtomicU64,
@@ -67,18 +68,18 @@ impl Deadline {
     }
 }
 
-impl std::fmt::Debug for RLMClient {
+impl std::fmt::Debug for RlmClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RLMClient")
+        f.debug_struct("RlmClient")
             .field("config", &self.inner.config)
             .field("pid", &self.pid())
             .finish()
     }
 }
 
-impl RLMClient {
+impl RlmClient {
     /// A client that will start the server described by `config` on its first call.
-    pub fn new(config: RLMConfig) -> Self {
+    pub fn new(config: RlmConfig) -> Self {
         let metrics = Recorder::new(config.on_metrics.clone());
         Self {
             inner: Arc::new(Inner {
@@ -90,13 +91,18 @@ impl RLMClient {
         }
     }
 
-    /// A client configured by [`RLMConfig::from_env`].
-    pub fn from_env() -> Result<Self, RlmError> {
-        RLMConfig::from_env().map(Self::new)
+    /// A client configured by [`RlmConfig::from_env`].
+    pub fn from_env() -> Self {
+        Self::new(RlmConfig::from_env())
+    }
+
+    /// The configuration this client was made with.
+    pub fn config(&self) -> &RlmConfig {
+        &self.inner.config
     }
 
     /// Starts the server now, if it is not running, and waits for its `ready` notification
-    /// (at most [`RLMConfig::ready_timeout`]). Calls do this by themselves; use it to pay the
+    /// (at most [`RlmConfig::ready_timeout`]). Calls do this by themselves; use it to pay the
     /// start-up cost early, or to learn what the server reported.
     pub async fn start(&self) -> Result<ReadyParams, RlmError> {
         let connection = self.connection()?;
@@ -114,9 +120,10 @@ impl RLMClient {
 
     /// Runs one RLM completion.
     ///
-    /// Retryable errors ([`RlmError::is_retryable`]) are retried with backoff and jitter
-    /// within the request's timeout. When the timeout passes, or when the returned future is
-    /// dropped, the server is sent `$/cancelRequest` for the request in flight.
+    /// What the server could not start ([`RlmError::is_retryable`]: a full queue, a server
+    /// that exited) is retried with backoff and jitter within the request's timeout; nothing
+    /// else is. When the timeout passes, or when the returned future is dropped, the server is
+    /// sent `$/cancelRequest` for the request in flight.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResult, RlmError> {
         let tracked = self.inner.metrics.begin();
         let outcome = self.infer_with_retries(request).await;
@@ -159,32 +166,41 @@ impl RLMClient {
         }
     }
 
-    /// The server's configuration, load and counters.
-    pub async fn status(&self) -> Result<StatusResult, RlmError> {
+    /// The server's configuration, load and counters, within `timeout` (default
+    /// [`RlmConfig::request_timeout`]), start-up included. Not retried.
+    pub async fn status(&self, timeout: Option<Duration>) -> Result<StatusResult, RlmError> {
         let connection = self.connection()?;
-        let deadline = Deadline::after(self.inner.config.request_timeout);
+        let deadline = Deadline::after(timeout.unwrap_or(self.inner.config.request_timeout));
         let raw = self
             .call(&connection, "status", None, None, deadline)
             .await?;
         decode(&raw)
     }
 
-    /// Asks the running server to finish: it stops admitting work, lets in-flight requests
-    /// run for up to `grace` (the server's default when `None`), cancels the rest, answers
-    /// and exits. Returns once it has exited (bounded as in [`RLMClient::close`]).
+    /// Asks the running server to finish and waits until it has: it stops admitting work,
+    /// lets in-flight requests run for up to `grace`, cancels the rest (they fail with
+    /// [`RlmError::Cancelled`]), answers, and exits. The answer is awaited for `grace` plus
+    /// `timeout` (default [`RlmConfig::request_timeout`]); then the server's input is ended
+    /// and it is given [`RlmConfig::close_margin`] to exit before SIGTERM and, after
+    /// [`RlmConfig::term_timeout`], SIGKILL. Returns how it ended.
     ///
     /// The next call starts a new server, even while the old one drains. With no server
-    /// running there is nothing to do and the answer is immediate.
-    pub async fn shutdown(&self, grace: Option<Duration>) -> Result<ShutdownResult, RlmError> {
+    /// running there is nothing to do and the answer is [`Exit::NotRunning`].
+    pub async fn shutdown(
+        &self,
+        grace: Duration,
+        timeout: Option<Duration>,
+    ) -> Result<Exit, RlmError> {
         let Some(connection) = self.retire() else {
-            return Ok(ShutdownResult { shutdown: true });
+            return Ok(Exit::NotRunning);
         };
+        let config = &self.inner.config;
         let params = ShutdownParams {
-            grace_s: grace.map(|grace| grace.as_secs_f64()),
+            grace_s: Some(grace.as_secs_f64()),
         };
         let params = serde_json::value::to_raw_value(&params)
             .map_err(|e| RlmError::Protocol(format!("cannot encode shutdown params: {e}")))?;
-        let budget = grace.unwrap_or_default() + self.inner.config.request_timeout;
+        let budget = grace + timeout.unwrap_or(config.request_timeout);
         let reply = self
             .call(
                 &connection,
@@ -194,19 +210,32 @@ impl RLMClient {
                 Deadline::after(budget),
             )
             .await;
-        self.close_connection(&connection).await;
-        decode(&reply?)
+        let exit = connection
+            .close(None, config.close_margin, config.term_timeout)
+            .await;
+        let _: ShutdownResult = decode(&reply?)?;
+        Ok(exit)
     }
 
-    /// Stops the server: ends its stdin (the server finishes in-flight work and exits),
-    /// waits up to [`RLMConfig::close_timeout`], sends SIGTERM, waits up to
-    /// [`RLMConfig::term_timeout`], then kills it. Calls still pending when the child is gone
-    /// fail with [`RlmError::Closed`]. As after [`RLMClient::shutdown`], a later call starts a
-    /// new server.
-    pub async fn close(&self) {
-        if let Some(connection) = self.retire() {
-            self.close_connection(&connection).await;
-        }
+    /// Stops the server, letting its in-flight requests finish: sends it a `shutdown`
+    /// notification with [`RlmConfig::shutdown_grace`], waits for it to exit for the grace
+    /// plus [`RlmConfig::close_margin`], sends SIGTERM, waits up to
+    /// [`RlmConfig::term_timeout`], then kills it. Requests still running when the grace ends
+    /// are cancelled by the server; calls still pending when the child is gone fail with
+    /// [`RlmError::Closed`]. Returns how the server ended. As after [`RlmClient::shutdown`],
+    /// a later call starts a new server.
+    pub async fn close(&self) -> Exit {
+        let Some(connection) = self.retire() else {
+            return Exit::NotRunning;
+        };
+        let config = &self.inner.config;
+        connection
+            .close(
+                Some(config.shutdown_grace),
+                config.shutdown_grace + config.close_margin,
+                config.term_timeout,
+            )
+            .await
     }
 
     /// A snapshot of the client-side metrics of `infer` calls.
@@ -239,16 +268,10 @@ impl RLMClient {
             .filter(|connection| !connection.is_down())
     }
 
-    async fn close_connection(&self, connection: &Connection) {
-        let config = &self.inner.config;
-        connection
-            .close(config.close_timeout, config.term_timeout)
-            .await;
-    }
-
     /// One request on `connection`: wait for `ready`, send, wait for the answer, all before
-    /// `deadline`. Whatever interrupts the wait (the deadline, or the caller dropping this
-    /// future) drops the in-flight guard, which cancels the request on the server.
+    /// `deadline`, inside a `tracing` span `rlm_request` with the method and the wire id.
+    /// Whatever interrupts the wait (the deadline, or the caller dropping this future) drops
+    /// the in-flight guard, which cancels the request on the server.
     async fn call(
         &self,
         connection: &Connection,
@@ -265,9 +288,15 @@ impl RLMClient {
                 .response()
                 .await
         };
-        tokio::time::timeout_at(deadline.at, exchange)
+        let span = tracing::debug_span!("rlm_request", method, id);
+        let reply = tokio::time::timeout_at(deadline.at, exchange)
+            .instrument(span.clone())
             .await
-            .unwrap_or(Err(RlmError::Timeout(deadline.budget)))
+            .unwrap_or(Err(RlmError::Timeout(deadline.budget)));
+        if let Err(error) = &reply {
+            span.in_scope(|| tracing::debug!(%error, "request failed"));
+        }
+        reply
     }
 }
 
@@ -285,33 +314,34 @@ mod tests {
 
     #[test]
     fn the_client_and_its_futures_cross_threads() {
-        shareable::<RLMClient>();
-        let client = RLMClient::new(RLMConfig::default());
+        shareable::<RlmClient>();
+        let client = RlmClient::new(RlmConfig::default());
         sendable(&client.infer(InferRequest::new("x")));
-        sendable(&client.status());
-        sendable(&client.shutdown(None));
+        sendable(&client.status(None));
+        sendable(&client.shutdown(Duration::ZERO, None));
         sendable(&client.close());
     }
 
     #[tokio::test]
     async fn a_missing_command_is_a_spawn_error() {
-        let client = RLMClient::new(RLMConfig {
-            command: "/nonexistent/rlm-server".into(),
-            ..Default::default()
-        });
-        let error = client.status().await.unwrap_err();
+        let client = RlmClient::new(
+            RlmConfig::builder()
+                .program("/nonexistent/rlm-server")
+                .build(),
+        );
+        let error = client.status(None).await.unwrap_err();
         assert!(matches!(error, RlmError::Spawn { .. }), "{error}");
         assert_eq!(client.pid(), None);
     }
 
     #[tokio::test]
     async fn shutdown_and_close_with_no_server_running_start_none() {
-        let client = RLMClient::new(RLMConfig::default());
+        let client = RlmClient::new(RlmConfig::default());
         assert_eq!(
-            client.shutdown(None).await.unwrap(),
-            ShutdownResult { shutdown: true }
+            client.shutdown(Duration::ZERO, None).await.unwrap(),
+            Exit::NotRunning
         );
-        client.close().await;
+        assert_eq!(client.close().await, Exit::NotRunning);
         assert_eq!(client.pid(), None);
     }
 }

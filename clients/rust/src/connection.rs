@@ -7,25 +7,30 @@
 //! supervisor that owns the `Child`, notices its exit, and fails everything still pending at
 //! once. The supervisor is also the only place that kills the child, and it does so when the
 //! connection is dropped.
+//!
+//! No line can lose a call or grow memory without bound: an answer that does not decode fails
+//! its own call at once (its id is read before its body), a stdout line over the configured
+//! limit is skipped and fails the call it answers, and stderr is forwarded in bounded pieces.
 
 use std::collections::HashMap;
 use std::io;
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::timeout;
 
-use crate::config::RLMConfig;
+use crate::config::RlmConfig;
 use crate::error::RlmError;
-use crate::protocol::{CancelParams, Id, Progress, ReadyParams, RpcError};
+use crate::lines::{Segment, edge_id, loose_id, read_segment, skip_line, utf8_cut};
+use crate::protocol::{CancelParams, Id, Progress, ReadyParams, RpcError, ShutdownParams};
 use crate::request::ProgressSink;
 
 /// The protocol version this client speaks; a server announcing another is refused.
@@ -43,6 +48,8 @@ const IO_BUFFER: usize = 256 * 1024;
 const KEEP_LINE_BUFFER: usize = 16 * 1024 * 1024;
 /// How much of the last stderr line is kept for error messages.
 const STDERR_TAIL: usize = 500;
+/// How much of an unreadable line is quoted in its error.
+const QUOTE: usize = 200;
 
 /// What a pending call receives: the raw `result`, decoded by the caller in its own task, or
 /// the error.
@@ -63,6 +70,7 @@ pub(crate) enum State {
 #[derive(Clone, Debug)]
 pub(crate) enum Down {
     Exited(String),
+    StartFailed(String),
     ReadyTimeout(Duration),
     Protocol(String),
     Closed,
@@ -72,9 +80,51 @@ impl Down {
     fn error(&self) -> RlmError {
         match self {
             Down::Exited(detail) => RlmError::Exited(detail.clone()),
+            Down::StartFailed(detail) => RlmError::StartFailed(detail.clone()),
             Down::ReadyTimeout(limit) => RlmError::ReadyTimeout(*limit),
             Down::Protocol(detail) => RlmError::Protocol(detail.clone()),
             Down::Closed => RlmError::Closed,
+        }
+    }
+}
+
+/// How the server process ended, as [`crate::RlmClient::close`] and
+/// [`crate::RlmClient::shutdown`] report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Exit {
+    /// No server was running.
+    NotRunning,
+    /// It exited by itself: after the end of its input or a `shutdown`, within the wait, or
+    /// earlier, on its own.
+    Exited(ExitStatus),
+    /// It did not exit in time and ended after SIGTERM.
+    Terminated(ExitStatus),
+    /// It was killed (SIGKILL): it outlived SIGTERM, or the client was dropped, or it could
+    /// not be talked to.
+    Killed(ExitStatus),
+    /// It could not be reaped; the text says why.
+    Unreaped(String),
+}
+
+impl Exit {
+    /// The exit status, when the process was reaped.
+    pub fn status(&self) -> Option<ExitStatus> {
+        match self {
+            Exit::Exited(status) | Exit::Terminated(status) | Exit::Killed(status) => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Whether the server exited by itself with status 0: a clean shutdown.
+    pub fn success(&self) -> bool {
+        matches!(self, Exit::Exited(status) if status.success())
+    }
+
+    fn from_wait(status: io::Result<ExitStatus>, ended: fn(ExitStatus) -> Exit) -> Self {
+        match status {
+            Ok(status) => ended(status),
+            Err(error) => Exit::Unreaped(error.to_string()),
         }
     }
 }
@@ -113,10 +163,22 @@ impl Frame {
         let params = CancelParams {
             id: Id::Number(id as i64),
         };
-        let params =
-            serde_json::value::to_raw_value(&params).expect("an integer id always encodes");
+        Self::notification("$/cancelRequest", &params)
+    }
+
+    /// `shutdown` as a notification: the server stops, drains for `grace`, and exits, and
+    /// nobody waits for its answer.
+    fn shutdown(grace: Duration) -> Self {
+        let params = ShutdownParams {
+            grace_s: Some(grace.as_secs_f64()),
+        };
+        Self::notification("shutdown", &params)
+    }
+
+    fn notification(method: &str, params: &impl serde::Serialize) -> Self {
+        let params = serde_json::value::to_raw_value(params).expect("plain params always encode");
         Self {
-            head: r#"{"jsonrpc":"2.0","method":"$/cancelRequest""#.to_owned(),
+            head: format!(r#"{{"jsonrpc":"2.0","method":"{method}""#),
             params: Some(Arc::from(params)),
         }
     }
@@ -143,6 +205,8 @@ struct Shared {
     pending: Mutex<Option<HashMap<u64, Pending>>>,
     state: watch::Sender<State>,
     stderr_tail: Mutex<Option<String>>,
+    /// How the child ended; set by the supervisor before it publishes `Down`.
+    exit: OnceLock<Exit>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -176,8 +240,15 @@ impl Shared {
     }
 
     /// Publishes `Down` and fails every pending request with it. Only the supervisor calls
-    /// this, once, after the child has been reaped.
+    /// this, once, after the child has been reaped. A child that exits before `ready` could
+    /// not start, which is not the same failure as one that dies while serving.
     fn go_down(&self, down: Down) {
+        let down = match down {
+            Down::Exited(detail) if matches!(*self.state.borrow(), State::Starting) => {
+                Down::StartFailed(detail)
+            }
+            down => down,
+        };
         tracing::debug!(?down, "rlm-server connection down");
         self.state.send_replace(State::Down(down.clone()));
         let pending = lock(&self.pending).take();
@@ -186,16 +257,28 @@ impl Shared {
         }
     }
 
-    /// Routes one line from stdout. An error means the server cannot be talked to.
+    /// Routes one line from stdout (a message, or a batch of them). An error means the
+    /// server cannot be talked to.
     fn dispatch(&self, line: &[u8]) -> Result<(), Down> {
         let line = line.trim_ascii();
         if line.is_empty() {
             return Ok(());
         }
+        if line.starts_with(b"[") {
+            if let Ok(batch) = serde_json::from_slice::<Vec<Box<RawValue>>>(line) {
+                return batch
+                    .iter()
+                    .try_for_each(|message| self.dispatch_one(message.get().as_bytes()));
+            }
+        }
+        self.dispatch_one(line)
+    }
+
+    fn dispatch_one(&self, line: &[u8]) -> Result<(), Down> {
         let message: Incoming = match serde_json::from_slice(line) {
             Ok(message) => message,
             Err(error) => {
-                tracing::warn!(%error, "ignoring a server line that is not a JSON-RPC message");
+                self.unreadable(line, &error);
                 return Ok(());
             }
         };
@@ -213,6 +296,21 @@ impl Shared {
                 self.on_response(message);
                 Ok(())
             }
+        }
+    }
+
+    /// A line that is not a JSON-RPC message: fails the call it answers, if its id can be
+    /// read at all, else is logged.
+    fn unreadable(&self, line: &[u8], error: &serde_json::Error) {
+        let quoted = quote(line);
+        match loose_id(line) {
+            Some(id) => self.answer(
+                id,
+                Err(RlmError::Protocol(format!(
+                    "unreadable answer to request {id} ({error}): {quoted}"
+                ))),
+            ),
+            None => tracing::warn!(%error, line = %quoted, "ignoring an unreadable server line"),
         }
     }
 
@@ -265,36 +363,76 @@ impl Shared {
         let Some(id) = message.id.as_ref().and_then(Value::as_u64) else {
             // Only a line the server could not read at all (not JSON, above its size limit)
             // is answered with id null; it cannot be matched to a request.
-            tracing::warn!(error = ?message.error, "the server answered with no usable id");
-            return;
-        };
-        let Some(pending) = self.take(id) else {
-            tracing::debug!(
-                id,
-                "answer to a request nobody waits for (cancelled or timed out)"
-            );
+            let error = message.error.as_deref().map(|e| quote(e.get().as_bytes()));
+            tracing::warn!(?error, "the server answered with no usable id");
             return;
         };
         let reply = match (message.result, message.error) {
-            (_, Some(error)) => Err(RlmError::from_rpc(error)),
+            (_, Some(error)) => match serde_json::from_str::<RpcError>(error.get()) {
+                Ok(error) => Err(RlmError::from_rpc(error)),
+                Err(why) => Err(RlmError::Protocol(format!(
+                    "the error answering request {id} does not match the schema ({why}): {}",
+                    quote(error.get().as_bytes())
+                ))),
+            },
             (Some(result), None) => Ok(result),
             (None, None) => Err(RlmError::Protocol(format!(
                 "answer {id} has neither result nor error"
             ))),
         };
-        let _ = pending.reply.send(reply);
+        self.answer(id, reply);
+    }
+
+    /// Settles pending request `id`, if anyone still waits for it.
+    fn answer(&self, id: u64, reply: Reply) {
+        match self.take(id) {
+            Some(pending) => drop(pending.reply.send(reply)),
+            None => tracing::debug!(
+                id,
+                "answer to a request nobody waits for (cancelled or timed out)"
+            ),
+        }
+    }
+
+    /// A stdout line over `limit` bytes, of which only the ends were kept: fails the call
+    /// it answers, or, when its id cannot be read, every pending call (which are then
+    /// cancelled on the server, since nobody will take their answers). Returns the ids to
+    /// cancel.
+    fn oversized(&self, head: &[u8], tail: &[u8], limit: usize) -> Vec<u64> {
+        let error = || Err(RlmError::LineTooLong { limit });
+        if let Some(id) = edge_id(head, tail) {
+            tracing::warn!(id, limit, "the server's answer is over the line limit");
+            self.answer(id, error());
+            return Vec::new();
+        }
+        tracing::warn!(
+            limit,
+            head = %quote(head),
+            "a server line over the line limit has no readable id; failing every pending call"
+        );
+        let failed: Vec<(u64, Pending)> = lock(&self.pending)
+            .as_mut()
+            .map(|map| map.drain().collect())
+            .unwrap_or_default();
+        failed
+            .into_iter()
+            .map(|(id, pending)| {
+                let _ = pending.reply.send(error());
+                id
+            })
+            .collect()
     }
 
     fn remember_stderr(&self, line: &str) {
         *lock(&self.stderr_tail) = Some(line.chars().take(STDERR_TAIL).collect());
     }
 
-    /// `status` in words, with the last thing the server said on stderr, which usually says
+    /// `exit` in words, with the last thing the server said on stderr, which usually says
     /// why it died.
-    fn describe_exit(&self, status: &io::Result<ExitStatus>) -> String {
-        let mut text = match status {
-            Ok(status) => status.to_string(),
-            Err(error) => format!("could not be reaped: {error}"),
+    fn describe_exit(&self, exit: &Exit) -> String {
+        let mut text = match exit {
+            Exit::Unreaped(why) => format!("could not be reaped: {why}"),
+            exit => exit.status().map(|s| s.to_string()).unwrap_or_default(),
         };
         if let Some(line) = &*lock(&self.stderr_tail) {
             text.push_str("; last stderr line: ");
@@ -304,9 +442,10 @@ impl Shared {
     }
 }
 
-/// Any line from the server, read just far enough to route it. `result` stays raw: the
-/// reader only finds where it ends, and the caller decodes it in its own task, so decoding a
-/// large answer never holds up the answers behind it.
+/// Any message from the server, read just far enough to route it, the id first. `result`
+/// stays raw: the reader only finds where it ends, and the caller decodes it in its own task,
+/// so decoding a large answer never holds up the answers behind it (and a result of the wrong
+/// shape fails that caller with [`RlmError::Protocol`]).
 #[derive(Deserialize)]
 struct Incoming {
     #[serde(default)]
@@ -317,8 +456,19 @@ struct Incoming {
     params: Option<Box<RawValue>>,
     #[serde(default)]
     result: Option<Box<RawValue>>,
+    /// Raw too: an error that does not decode fails its call, not the whole line.
     #[serde(default)]
-    error: Option<RpcError>,
+    error: Option<Box<RawValue>>,
+}
+
+/// The start of a line, for a log or an error message.
+fn quote(line: &[u8]) -> String {
+    let end = line.len().min(QUOTE);
+    let mut text = String::from_utf8_lossy(&line[..end]).into_owned();
+    if end < line.len() {
+        text.push_str("...");
+    }
+    text
 }
 
 fn decode_params<T: DeserializeOwned>(params: Option<&RawValue>) -> Result<T, serde_json::Error> {
@@ -338,29 +488,50 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// Starts the server and its four tasks. Must run inside a Tokio runtime.
-    pub(crate) fn spawn(config: &RLMConfig) -> Result<Arc<Self>, RlmError> {
-        let mut child = command(config).spawn().map_err(|source| RlmError::Spawn {
-            command: config.command.clone(),
+    pub(crate) fn spawn(config: &RlmConfig) -> Result<Arc<Self>, RlmError> {
+        let mut command = config.server_command();
+        let program = command
+            .as_std()
+            .get_program()
+            .to_string_lossy()
+            .into_owned();
+        let mut child = command.spawn().map_err(|source| RlmError::Spawn {
+            command: program.clone(),
             source,
         })?;
         let pid = child.id();
         let stdin = child.stdin.take().expect("stdin is piped");
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
-        tracing::debug!(?pid, command = %config.command, "spawned rlm-server");
+        tracing::debug!(?pid, %program, "spawned rlm-server");
 
         let shared = Arc::new(Shared {
             pending: Mutex::new(Some(HashMap::new())),
             state: watch::Sender::new(State::Starting),
             stderr_tail: Mutex::new(None),
+            exit: OnceLock::new(),
         });
         let (writer, outgoing) = mpsc::unbounded_channel();
         let (control, orders) = mpsc::unbounded_channel();
         let (alive, dropped) = oneshot::channel();
         let (eof, stdout_closed) = oneshot::channel();
         tokio::spawn(write_loop(stdin, outgoing, control.clone()));
-        tokio::spawn(read_loop(stdout, shared.clone(), eof, control.clone()));
-        tokio::spawn(drain_stderr(stderr, pid, shared.clone()));
+        tokio::spawn(read_loop(
+            stdout,
+            Reader {
+                shared: shared.clone(),
+                writer: writer.clone(),
+                control: control.clone(),
+                limit: config.max_line_bytes,
+            },
+            eof,
+        ));
+        tokio::spawn(drain_stderr(
+            stderr,
+            pid,
+            shared.clone(),
+            config.max_stderr_line.max(4),
+        ));
         tokio::spawn(supervise(
             child,
             shared.clone(),
@@ -432,31 +603,35 @@ impl Connection {
         let _ = self.writer.send(Outgoing::Frame(frame));
     }
 
-    /// End stdin, wait, SIGTERM, wait, SIGKILL; every wait bounded. Returns once the child
-    /// is reaped and everything still pending has failed.
-    pub(crate) async fn close(&self, wait: Duration, term_wait: Duration) {
-        let _ = self.writer.send(Outgoing::EndOfInput);
+    /// Asks the child to stop: with a `grace`, by a `shutdown` notification with it; without,
+    /// by ending its stdin (after a `shutdown` request was answered). Then waits up to `wait`
+    /// for the child to exit, SIGTERM, waits up to `term_wait`, SIGKILL. Returns how the child
+    /// ended, once it is reaped and everything still pending has failed.
+    ///
+    /// Stdin stays open after the notification: a server that reads the end of its input
+    /// before it has run the `shutdown` drains for its own configured grace (30 s by
+    /// default) instead, whatever `grace` said, and SIGTERM does not shorten that.
+    pub(crate) async fn close(
+        &self,
+        grace: Option<Duration>,
+        wait: Duration,
+        term_wait: Duration,
+    ) -> Exit {
+        match grace {
+            Some(grace) => self.send(Frame::shutdown(grace)),
+            None => drop(self.writer.send(Outgoing::EndOfInput)),
+        }
         let _ = self.control.send(Control::Close { wait, term_wait });
         let mut state = self.shared.state.subscribe();
         let _ = state
             .wait_for(|state| matches!(state, State::Down(_)))
             .await;
+        self.shared
+            .exit
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Exit::Unreaped("the runtime is shutting down".to_owned()))
     }
-}
-
-fn command(config: &RLMConfig) -> Command {
-    let mut command = Command::new(&config.command);
-    command.args(&config.args);
-    for name in &config.env_remove {
-        command.env_remove(name);
-    }
-    command
-        .envs(config.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
 }
 
 /// A request on the wire. Dropping it while the request is still pending (the caller's
@@ -520,25 +695,42 @@ async fn pump(
     Ok(())
 }
 
-/// Owns stdout: reads whole lines of any length and routes them. Its end (the child closed
-/// stdout, which means it exited) is reported to the supervisor.
-async fn read_loop(
-    stdout: ChildStdout,
+/// What the reader task needs besides stdout.
+struct Reader {
     shared: Arc<Shared>,
-    eof: oneshot::Sender<()>,
+    /// To cancel calls failed by an oversized line with no readable id.
+    writer: mpsc::UnboundedSender<Outgoing>,
     control: mpsc::UnboundedSender<Control>,
-) {
-    let mut reader = BufReader::with_capacity(IO_BUFFER, stdout);
+    /// The longest line kept, in bytes.
+    limit: usize,
+}
+
+/// Owns stdout: reads lines up to the limit and routes them; a longer line is read to its end
+/// without being kept and fails the call it answers. The end of stdout (the child closed it,
+/// which means it exited) is reported to the supervisor.
+async fn read_loop(stdout: ChildStdout, reader: Reader, eof: oneshot::Sender<()>) {
+    let mut input = BufReader::with_capacity(IO_BUFFER, stdout);
     let mut line = Vec::new();
     loop {
-        match reader.read_until(b'\n', &mut line).await {
-            Ok(0) => break,
-            Ok(_) => {
-                if let Err(down) = shared.dispatch(&line) {
-                    tracing::error!(?down, "cannot talk to this rlm-server");
-                    let _ = control.send(Control::Kill(down));
+        let outcome = match read_segment(&mut input, &mut line, reader.limit).await {
+            Ok(Segment::Full) => skip_line(&mut input, &mut line).await.map(|(tail, ended)| {
+                for id in reader.shared.oversized(&line, &tail, reader.limit) {
+                    let _ = reader.writer.send(Outgoing::Frame(Frame::cancel(id)));
                 }
+                ended
+            }),
+            Ok(segment) => {
+                if let Err(down) = reader.shared.dispatch(&line) {
+                    tracing::error!(?down, "cannot talk to this rlm-server");
+                    let _ = reader.control.send(Control::Kill(down));
+                }
+                Ok(segment == Segment::Eof)
             }
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(false) => {}
+            Ok(true) => break,
             Err(error) => {
                 tracing::warn!(%error, "reading rlm-server's stdout failed");
                 break;
@@ -552,18 +744,28 @@ async fn read_loop(
     let _ = eof.send(());
 }
 
-/// Reads stderr to its end, one `tracing` event per line (target `rlm_server`). Reading it at
-/// all is the point: a child whose stderr pipe fills up blocks forever.
-async fn drain_stderr(stderr: ChildStderr, pid: Option<u32>, shared: Arc<Shared>) {
+/// Reads stderr to its end, one `tracing` event per line (target `rlm_server`), a line longer
+/// than `limit` bytes in pieces of at most `limit`, so memory stays bounded whatever the child
+/// writes. Reading it at all is the point: a child whose stderr pipe fills up blocks forever.
+async fn drain_stderr(stderr: ChildStderr, pid: Option<u32>, shared: Arc<Shared>, limit: usize) {
     let mut reader = BufReader::new(stderr);
     let mut line = Vec::new();
-    while matches!(reader.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
-        let text = String::from_utf8_lossy(line.trim_ascii_end());
+    loop {
+        let segment = read_segment(&mut reader, &mut line, limit).await;
+        // A piece cut at the limit keeps a split character for the next piece.
+        let cut = match segment {
+            Ok(Segment::Full) => utf8_cut(&line),
+            _ => line.len(),
+        };
+        let text = String::from_utf8_lossy(line[..cut].trim_ascii_end());
         if !text.is_empty() {
             tracing::info!(target: "rlm_server", pid = pid.unwrap_or(0), "{text}");
             shared.remember_stderr(&text);
         }
-        line.clear();
+        line.drain(..cut);
+        if !matches!(segment, Ok(Segment::Line | Segment::Full)) {
+            break;
+        }
     }
 }
 
@@ -603,37 +805,34 @@ async fn supervise(
             Event::Order(Control::Kill(Down::ReadyTimeout(ready_timeout)))
         }
     };
-    let down = match event {
+    let (down, exit) = match event {
         Event::Exited(status) => {
             let _ = timeout(LINGER, stdout_closed).await;
-            Down::Exited(shared.describe_exit(&status))
+            let exit = Exit::from_wait(status, Exit::Exited);
+            (Down::Exited(shared.describe_exit(&exit)), exit)
         }
         Event::StdoutClosed => {
-            let status = match timeout(LINGER, child.wait()).await {
-                Ok(status) => status,
+            let exit = match timeout(LINGER, child.wait()).await {
+                Ok(status) => Exit::from_wait(status, Exit::Exited),
                 Err(_) => kill_child(&mut child).await,
             };
-            Down::Exited(shared.describe_exit(&status))
+            (Down::Exited(shared.describe_exit(&exit)), exit)
         }
         Event::Order(Control::Close { wait, term_wait }) => {
-            let status = close_child(&mut child, wait, term_wait).await;
-            tracing::debug!(status = %shared.describe_exit(&status), "rlm-server closed");
+            let exit = close_child(&mut child, wait, term_wait).await;
+            tracing::debug!(?exit, "rlm-server closed");
             let _ = timeout(LINGER, stdout_closed).await;
-            Down::Closed
+            (Down::Closed, exit)
         }
         Event::Order(Control::Kill(Down::Exited(why))) => {
-            let status = kill_child(&mut child).await;
-            Down::Exited(format!("{why}; {}", shared.describe_exit(&status)))
+            let exit = kill_child(&mut child).await;
+            let down = Down::Exited(format!("{why}; {}", shared.describe_exit(&exit)));
+            (down, exit)
         }
-        Event::Order(Control::Kill(down)) => {
-            let _ = kill_child(&mut child).await;
-            down
-        }
-        Event::Dropped => {
-            let _ = kill_child(&mut child).await;
-            Down::Closed
-        }
+        Event::Order(Control::Kill(down)) => (down, kill_child(&mut child).await),
+        Event::Dropped => (Down::Closed, kill_child(&mut child).await),
     };
+    let _ = shared.exit.set(exit);
     shared.go_down(down);
 }
 
@@ -649,40 +848,30 @@ async fn ready_watchdog(shared: &Shared, limit: Duration) {
     tracing::error!(?limit, "rlm-server sent no `ready` in time; killing it");
 }
 
-/// Stdin is already closed: wait, SIGTERM, wait, SIGKILL.
-async fn close_child(
-    child: &mut Child,
-    wait: Duration,
-    term_wait: Duration,
-) -> io::Result<ExitStatus> {
+/// The child was asked to stop: wait, SIGTERM, wait, SIGKILL.
+async fn close_child(child: &mut Child, wait: Duration, term_wait: Duration) -> Exit {
     if let Ok(status) = timeout(wait, child.wait()).await {
-        return status;
+        return Exit::from_wait(status, Exit::Exited);
     }
     // `id()` is None once the child is reaped, so the signal cannot hit a reused pid.
     if let Some(pid) = child.id() {
-        tracing::warn!(
-            pid,
-            ?wait,
-            "rlm-server did not exit after end of input; SIGTERM"
-        );
+        tracing::warn!(pid, ?wait, "rlm-server did not exit when asked to; SIGTERM");
         terminate(pid);
     }
     if let Ok(status) = timeout(term_wait, child.wait()).await {
-        return status;
+        return Exit::from_wait(status, Exit::Terminated);
     }
     tracing::warn!(?term_wait, "rlm-server did not exit after SIGTERM; SIGKILL");
     kill_child(child).await
 }
 
-async fn kill_child(child: &mut Child) -> io::Result<ExitStatus> {
+async fn kill_child(child: &mut Child) -> Exit {
     // Fails only when the child was already reaped, and then `wait` answers at once.
     let _ = child.start_kill();
-    timeout(KILL_WAIT, child.wait()).await.unwrap_or_else(|_| {
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "still alive after SIGKILL",
-        ))
-    })
+    match timeout(KILL_WAIT, child.wait()).await {
+        Ok(status) => Exit::from_wait(status, Exit::Killed),
+        Err(_) => Exit::Unreaped("still alive after SIGKILL".to_owned()),
+    }
 }
 
 /// Sends SIGTERM. Tokio only offers SIGKILL; libc's `kill` is linked into every Unix program,

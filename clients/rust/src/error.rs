@@ -13,9 +13,6 @@ use crate::protocol::{ErrorType, RpcError};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RlmError {
-    /// A configuration value, usually from the environment, is not valid.
-    #[error("invalid configuration: {0}")]
-    Config(String),
     /// The server command could not be started.
     #[error("could not start the server `{command}`: {source}")]
     Spawn {
@@ -28,21 +25,34 @@ pub enum RlmError {
     /// The server did not send its `ready` notification in time; it was killed.
     #[error("the server did not send `ready` within {0:?}")]
     ReadyTimeout(Duration),
+    /// The server process exited (or closed its output) before it sent `ready`: it could not
+    /// start (a bad setting, a missing dependency). The text has its exit status and last
+    /// stderr line. Not retried: the next attempt would most likely fail the same way.
+    #[error("the server exited before it was ready: {0}")]
+    StartFailed(String),
     /// The server process exited (or closed its output) while the call was pending. The next
-    /// call starts a new one.
+    /// call starts a new one; an `infer` is retried (see [`RlmError::is_retryable`]).
     #[error("the server exited: {0}")]
     Exited(String),
     /// No answer within the call's timeout. The client has sent `$/cancelRequest`.
     #[error("no answer within {0:?}; the request was cancelled")]
     Timeout(Duration),
-    /// The server was stopped by [`crate::RLMClient::close`] (or the client was dropped)
+    /// The server was stopped by [`crate::RlmClient::close`] (or the client was dropped)
     /// before it answered.
     #[error("the server was closed before it answered")]
     Closed,
-    /// The server sent something this client cannot read (wrong protocol version, a result
-    /// that does not match the schema).
+    /// The server sent something this client cannot read (wrong protocol version, an answer
+    /// that does not match the schema). A malformed answer fails its own call at once.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// The server's answer to this call (or a line whose id could not be read, which fails
+    /// every pending call) was longer than [`crate::RlmConfig::max_line_bytes`]; it was
+    /// discarded without being kept in memory.
+    #[error("the server sent a line of more than {limit} bytes")]
+    LineTooLong {
+        /// The limit that was exceeded, in bytes.
+        limit: usize,
+    },
     /// -32700: the server could not parse a line as JSON.
     #[error("parse error: {0}")]
     ParseError(Box<RpcError>),
@@ -59,8 +69,8 @@ pub enum RlmError {
     /// (`data.type == worker_crashed`). The server keeps running.
     #[error("internal server error: {0}")]
     Internal(Box<RpcError>),
-    /// -32000: the LLM backend failed after the server's retries; `data.retryable` says
-    /// whether trying again may help.
+    /// -32000: the LLM backend failed after the server's own retries. Never retried by the
+    /// client, whatever `data.retryable` says: the server has spent its retries already.
     #[error("backend error: {0}")]
     Backend(Box<RpcError>),
     /// -32001: the server-side deadline (`options.timeout_s` or the server default) passed.
@@ -122,13 +132,17 @@ impl RlmError {
         self.rpc().map(|e| e.code)
     }
 
-    /// Whether the client retries this error: a backend failure the server marks
-    /// `retryable`, or a full admission queue. Nothing else is retried: not a cancellation,
-    /// a deadline, invalid params, a crash or a shutdown.
+    /// Whether the client retries this error: only what the server could not start, so that
+    /// a retry never repeats work (and spending) the server has done. That is a full admission
+    /// queue (-32002 `queue_full`) and a server that exited while the call was pending
+    /// ([`RlmError::Exited`]). Nothing else: not a backend error (-32000, whatever its
+    /// `data.retryable` says: the server retries the backend itself, with
+    /// `ELIZA_RLM_MAX_RETRIES`), a cancellation, a deadline, invalid params, a worker crash, a
+    /// shutdown or a server that could not start.
     pub fn is_retryable(&self) -> bool {
         match self {
-            RlmError::Backend(e) => e.data.as_ref().and_then(|d| d.retryable) == Some(true),
-            RlmError::Rejected(e) => e.kind() == Some(ErrorType::QueueFull),
+            RlmError::Rejected(e) => e.kind() == Some(&ErrorType::QueueFull),
+            RlmError::Exited(_) => true,
             _ => false,
         }
     }
@@ -159,9 +173,9 @@ mod tests {
     }
 
     #[test]
-    fn only_retryable_backend_errors_and_queue_full_are_retried() {
+    fn only_a_full_queue_and_an_exited_server_are_retried() {
         let retryable = |v| RlmError::from_rpc(rpc(v)).is_retryable();
-        assert!(retryable(
+        assert!(!retryable(
             json!({"code": -32000, "message": "m", "data": {"type": "backend_error", "retryable": true}})
         ));
         assert!(!retryable(
@@ -183,7 +197,14 @@ mod tests {
         assert!(!retryable(
             json!({"code": -32602, "message": "m", "data": {"type": "invalid_params"}})
         ));
+        assert!(!retryable(
+            json!({"code": -32603, "message": "m", "data": {"type": "worker_crashed"}})
+        ));
         assert!(!RlmError::Timeout(Duration::from_secs(1)).is_retryable());
+        assert!(RlmError::Exited("signal: 9".into()).is_retryable());
+        assert!(!RlmError::StartFailed("exit status: 2".into()).is_retryable());
+        assert!(!RlmError::Closed.is_retryable());
+        assert!(!RlmError::Protocol("bad".into()).is_retryable());
     }
 
     #[test]
@@ -191,7 +212,12 @@ mod tests {
         let error =
             rpc(json!({"code": -32603, "message": "m", "data": {"type": "brand_new", "hint": 1}}));
         let data = error.data.unwrap();
-        assert_eq!(data.kind, ErrorType::Other);
+        assert_eq!(data.kind, ErrorType::Unknown("brand_new".into()));
         assert_eq!(data.extra["hint"], 1);
+        assert_eq!(
+            serde_json::to_value(&data).unwrap(),
+            json!({"type": "brand_new", "hint": 1}),
+            "encodes back as it came"
+        );
     }
 }

@@ -11,13 +11,14 @@ use crate::protocol::InferResult;
 /// How many latencies the summary is computed over (the server uses the same window).
 const WINDOW: usize = 1000;
 
-/// A snapshot of the client's `infer` metrics, read with [`crate::RLMClient::metrics`].
+/// A snapshot of the client's `infer` metrics, read with [`crate::RlmClient::metrics`].
 ///
 /// Every settled `infer` counts once in `total_requests` and once in exactly one bucket, so
 /// `total_requests = successful + stub + failed + cancelled + timed_out`: a stub is not a
 /// success, a failure is not a stub, and a caller's cancellation is not a failure. Retries
 /// count in `total_retries`, not as requests.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Metrics {
     /// Settled `infer` calls.
     pub total_requests: u64,

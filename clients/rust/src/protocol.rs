@@ -13,12 +13,73 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+/// An enum of the wire's string values, plus `Unknown` for a value this crate does not know
+/// (a newer server's), kept as it was sent so that nothing is dropped and it encodes back the
+/// same. `KNOWN` lists the wire names, for the test that compares them with the schema.
+macro_rules! wire_enum {
+    (
+        $(#[$meta:meta])*
+        $name:ident { $($(#[$variant_meta:meta])* $variant:ident = $wire:literal,)* }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum $name {
+            $($(#[$variant_meta])* $variant,)*
+            /// A value this crate does not know yet, as the wire spelled it.
+            Unknown(String),
+        }
+
+        impl $name {
+            /// Every value this crate knows, as spelled on the wire.
+            pub const KNOWN: &'static [&'static str] = &[$($wire),*];
+
+            /// The value as spelled on the wire.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $(Self::$variant => $wire,)*
+                    Self::Unknown(other) => other,
+                }
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(wire: &str) -> Self {
+                match wire {
+                    $($wire => Self::$variant,)*
+                    other => Self::Unknown(other.to_owned()),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let wire = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+                Ok(Self::from(&*wire))
+            }
+        }
+    };
+}
+
 /// A JSON-RPC request id (`Id` in the schema): an integer within 64 bits or a string.
 ///
 /// The client itself only ever sends integers, counting from 1, but a server message may carry
 /// either kind, so both decode.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(untagged)]
+#[non_exhaustive]
 pub enum Id {
     /// An integer id.
     Number(i64),
@@ -28,6 +89,7 @@ pub enum Id {
 
 /// One chat message (`Message`): an alternative to a plain string prompt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Message {
     /// Who said it: `user`, `assistant`, `system`, ...
     pub role: String,
@@ -48,6 +110,7 @@ impl Message {
 /// The long input of an `infer` request, which becomes `context` in the model's REPL.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
+#[non_exhaustive]
 pub enum Prompt {
     /// A plain string.
     Text(String),
@@ -73,33 +136,35 @@ impl From<Vec<Message>> for Prompt {
     }
 }
 
-/// The LLM backends the server knows (`Backend`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Backend {
-    /// `openai`, or any OpenAI-compatible server through `base_url`.
-    Openai,
-    /// `anthropic`.
-    Anthropic,
-    /// `gemini`.
-    Gemini,
-    /// `groq`.
-    Groq,
-    /// `openrouter`.
-    Openrouter,
-    /// `vllm`.
-    Vllm,
-    /// `azure_openai`.
-    AzureOpenai,
-    /// `portkey`.
-    Portkey,
-    /// `vercel`.
-    Vercel,
+wire_enum! {
+    /// The LLM backends the server knows (`Backend`). A backend this crate does not know yet
+    /// can still be sent as [`Backend::Unknown`].
+    Backend {
+        /// `openai`, or any OpenAI-compatible server through `base_url`.
+        Openai = "openai",
+        /// `anthropic`.
+        Anthropic = "anthropic",
+        /// `gemini`.
+        Gemini = "gemini",
+        /// `groq`.
+        Groq = "groq",
+        /// `openrouter`.
+        Openrouter = "openrouter",
+        /// `vllm`.
+        Vllm = "vllm",
+        /// `azure_openai`.
+        AzureOpenai = "azure_openai",
+        /// `portkey`.
+        Portkey = "portkey",
+        /// `vercel`.
+        Vercel = "vercel",
+    }
 }
 
 /// Per-request overrides (`InferOptions`). They apply to one request only and never change
 /// the server's shared configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct InferOptions {
     /// Backend for this request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,9 +202,66 @@ pub struct InferOptions {
     pub trajectory: Option<bool>,
 }
 
+/// Setters, one per option, for building options outside this crate (the struct is
+/// `#[non_exhaustive]`, so a struct literal cannot name all of its fields there):
+///
+/// ```
+/// use rlm_client::{Backend, InferOptions};
+/// let options = InferOptions::new().backend(Backend::Openai).max_iterations(8).temperature(0.2);
+/// assert_eq!(options.max_iterations, Some(8));
+/// ```
+impl InferOptions {
+    /// No overrides: the server's defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+macro_rules! option_setters {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty $(as $into:ident)?;)*) => {
+        impl InferOptions {
+            $(
+                $(#[$doc])*
+                pub fn $field(mut self, value: option_setters!(@arg $ty $(, $into)?)) -> Self {
+                    self.$field = Some(value.into());
+                    self
+                }
+            )*
+        }
+    };
+    (@arg $ty:ty, into) => { impl Into<$ty> };
+    (@arg $ty:ty) => { $ty };
+}
+
+option_setters! {
+    /// Sets `backend`.
+    backend: Backend;
+    /// Sets `model`, the root model.
+    model: String as into;
+    /// Sets `sub_model`, the model of `llm_query` sub-calls.
+    sub_model: String as into;
+    /// Sets `base_url`, of an OpenAI-compatible server.
+    base_url: String as into;
+    /// Sets `max_iterations` (1..=1000).
+    max_iterations: u32;
+    /// Sets `max_depth` (1..=10).
+    max_depth: u32;
+    /// Sets `timeout_s`, the server-side deadline in seconds.
+    timeout_s: f64;
+    /// Sets `temperature` (0..=2).
+    temperature: f64;
+    /// Sets `max_tokens`, per model call.
+    max_tokens: u32;
+    /// Sets `progress` (the client sets it itself when the request has a progress sink).
+    progress: bool;
+    /// Sets `trajectory`: return the run's steps in [`InferResult::trajectory`].
+    trajectory: bool;
+}
+
 /// Params of `infer` (`InferParams`). The client always sends `prompt`; `messages` is the
 /// server's accepted alias and is here so that every valid request decodes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct InferParams {
     /// The long input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,6 +279,7 @@ pub struct InferParams {
 
 /// Params of `shutdown` (`ShutdownParams`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ShutdownParams {
     /// How long in-flight requests may run before they are cancelled, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -165,6 +288,7 @@ pub struct ShutdownParams {
 
 /// Params of the `$/cancelRequest` notification (`CancelParams`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct CancelParams {
     /// The id of the request to cancel.
     pub id: Id,
@@ -172,6 +296,7 @@ pub struct CancelParams {
 
 /// Token and cost accounting of one model (`Usage.models` values).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ModelUsage {
     /// Model calls.
     pub calls: u64,
@@ -185,6 +310,7 @@ pub struct ModelUsage {
 
 /// Token and cost accounting of one `infer` (`Usage`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Usage {
     /// Model calls, root and sub-calls together.
     pub calls: u64,
@@ -200,6 +326,7 @@ pub struct Usage {
 
 /// How an `infer` ran (`InferResult.metadata`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct InferMetadata {
     /// Backend used.
     pub backend: String,
@@ -217,6 +344,7 @@ pub struct InferMetadata {
 
 /// The result of `infer` (`InferResult`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct InferResult {
     /// The answer.
     pub text: String,
@@ -234,6 +362,7 @@ pub struct InferResult {
 
 /// Latency summary over the server's rolling window (`LatencySummary`), in milliseconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct LatencySummary {
     /// Mean.
     pub avg: f64,
@@ -247,6 +376,7 @@ pub struct LatencySummary {
 
 /// The server's own counters (`ServerMetrics`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ServerMetrics {
     /// `infer` requests admitted or answered.
     pub total_requests: u64,
@@ -268,6 +398,7 @@ pub struct ServerMetrics {
 
 /// The result of `status` (`StatusResult`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct StatusResult {
     /// Always `rlm-server`.
     pub server: String,
@@ -306,6 +437,7 @@ pub struct StatusResult {
 
 /// The result of `shutdown` (`ShutdownResult`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ShutdownResult {
     /// Always true.
     pub shutdown: bool,
@@ -313,6 +445,7 @@ pub struct ShutdownResult {
 
 /// Params of the `ready` notification, the first line the server writes (`ReadyNotification`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ReadyParams {
     /// Always `rlm-server`.
     pub server: String,
@@ -334,22 +467,23 @@ pub struct ReadyParams {
     pub environment: String,
 }
 
-/// What a `$/progress` notification reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProgressEvent {
-    /// The request got a worker and began.
-    Started,
-    /// A root-model iteration finished.
-    Iteration,
-    /// Model code made a sub-call.
-    Subcall,
-    /// A backend call failed and is being retried.
-    Retry,
+wire_enum! {
+    /// What a `$/progress` notification reports.
+    ProgressEvent {
+        /// The request got a worker and began.
+        Started = "started",
+        /// A root-model iteration finished.
+        Iteration = "iteration",
+        /// Model code made a sub-call.
+        Subcall = "subcall",
+        /// A backend call failed and is being retried.
+        Retry = "retry",
+    }
 }
 
 /// Params of a `$/progress` notification (`ProgressNotification`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Progress {
     /// The wire id of the `infer` request (a retry has a new id).
     pub id: Id,
@@ -368,44 +502,42 @@ pub struct Progress {
     pub message: Option<String>,
 }
 
-/// The stable `data.type` of an error (`ErrorType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorType {
-    /// -32700: not JSON.
-    ParseError,
-    /// -32600: not a JSON-RPC 2.0 request.
-    InvalidRequest,
-    /// -32600: a line above the server's size limit.
-    LineTooLong,
-    /// -32601: unknown method.
-    MethodNotFound,
-    /// -32602: invalid params; `field` names the offender.
-    InvalidParams,
-    /// -32603: internal error.
-    InternalError,
-    /// -32603: the worker running the request crashed.
-    WorkerCrashed,
-    /// -32000: the backend failed after the server's retries.
-    BackendError,
-    /// -32001: deadline exceeded.
-    DeadlineExceeded,
-    /// -32002: the server is shutting down.
-    ShuttingDown,
-    /// -32002: the admission queue is full.
-    QueueFull,
-    /// -32003: backend unavailable in strict mode.
-    BackendUnavailable,
-    /// -32800: cancelled.
-    Cancelled,
-    /// A type this client does not know yet (from a newer server).
-    #[serde(other)]
-    Other,
+wire_enum! {
+    /// The stable `data.type` of an error (`ErrorType`).
+    ErrorType {
+        /// -32700: not JSON.
+        ParseError = "parse_error",
+        /// -32600: not a JSON-RPC 2.0 request.
+        InvalidRequest = "invalid_request",
+        /// -32600: a line above the server's size limit.
+        LineTooLong = "line_too_long",
+        /// -32601: unknown method.
+        MethodNotFound = "method_not_found",
+        /// -32602: invalid params; `field` names the offender.
+        InvalidParams = "invalid_params",
+        /// -32603: internal error.
+        InternalError = "internal_error",
+        /// -32603: the worker running the request crashed.
+        WorkerCrashed = "worker_crashed",
+        /// -32000: the backend failed after the server's retries.
+        BackendError = "backend_error",
+        /// -32001: deadline exceeded.
+        DeadlineExceeded = "deadline_exceeded",
+        /// -32002: the server is shutting down.
+        ShuttingDown = "shutting_down",
+        /// -32002: the admission queue is full.
+        QueueFull = "queue_full",
+        /// -32003: backend unavailable in strict mode.
+        BackendUnavailable = "backend_unavailable",
+        /// -32800: cancelled.
+        Cancelled = "cancelled",
+    }
 }
 
 /// The `data` of an error (`ErrorData`). The schema leaves it open, so members it does not
 /// name are kept in `extra`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ErrorData {
     /// The stable error type.
     #[serde(rename = "type")]
@@ -441,6 +573,7 @@ pub struct ErrorData {
 
 /// A JSON-RPC error object (`Error`), kept whole in [`crate::RlmError`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RpcError {
     /// The JSON-RPC code (-32700 ... -32800).
     pub code: i64,
@@ -453,8 +586,8 @@ pub struct RpcError {
 
 impl RpcError {
     /// The `data.type`, when the server sent `data`.
-    pub fn kind(&self) -> Option<ErrorType> {
-        self.data.as_ref().map(|data| data.kind)
+    pub fn kind(&self) -> Option<&ErrorType> {
+        self.data.as_ref().map(|data| &data.kind)
     }
 }
 

@@ -17,11 +17,12 @@ use crate::protocol::{InferOptions, InferParams, Message, Progress, Prompt};
 /// use rlm_client::{InferOptions, InferRequest};
 /// let request = InferRequest::new("...a long document...")
 ///     .query("What is the secret code?")
-///     .options(InferOptions { max_iterations: Some(6), ..Default::default() })
+///     .options(InferOptions::new().max_iterations(6))
 ///     .timeout(std::time::Duration::from_secs(120))
-///     .on_progress(|p| println!("{:?}", p.event));
+///     .on_progress(|p| println!("{}", p.event));
 /// # let _ = request;
 /// ```
+#[non_exhaustive]
 pub struct InferRequest {
     /// The long input; it becomes `context` in the model's REPL.
     pub prompt: Prompt,
@@ -30,7 +31,7 @@ pub struct InferRequest {
     /// Per-request options, sent as they are.
     pub options: InferOptions,
     /// Bound of the whole call, retries included; defaults to
-    /// [`crate::RLMConfig::request_timeout`]. When it passes the client sends
+    /// [`crate::RlmConfig::request_timeout`]. When it passes the client sends
     /// `$/cancelRequest` and returns [`RlmError::Timeout`].
     pub timeout: Option<Duration>,
     progress: Option<ProgressSink>,

@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rlm_client::{
-    Backend, ErrorType, InferOptions, InferRequest, Metrics, Progress, ProgressEvent, RLMClient,
-    RLMConfig, RetryConfig, RlmError,
+    Backend, ErrorType, Exit, InferOptions, InferRequest, Metrics, Progress, ProgressEvent,
+    RetryConfig, RlmClient, RlmConfig, RlmError,
 };
 use serde_json::{Value, json};
 
+use common::capture::capture;
 use common::{
     Fixture, STUB_TEXT, answer, eventually, is_running, kill9, scratch, server_config, stub_config,
     wrapped,
@@ -27,16 +28,17 @@ fn held(expr: &str) -> Value {
     json!([{"when": "root", "hold": true, "reply": answer(expr)}])
 }
 
-async fn server_counter(client: &RLMClient, counter: &str) -> u64 {
-    let status = client.status().await.expect("status");
+async fn server_counter(client: &RlmClient, counter: &str) -> u64 {
+    let status = client.status(None).await.expect("status");
     let metrics = serde_json::to_value(&status.metrics).unwrap();
     metrics[counter].as_u64().unwrap()
 }
 
 #[tokio::test]
 async fn sixteen_tasks_infer_concurrently_over_one_child() {
+    repo_or_skip!();
     let fixture = Fixture::start(held("'answer-' + str(len(context))"));
-    let client = RLMClient::new(fixture.config(&[], &["--max-concurrency", "16"]));
+    let client = RlmClient::new(fixture.config(&[], &["--max-concurrency", "16"]));
     let pid = client.start().await.unwrap().pid;
     let tasks: Vec<_> = (1..=16)
         .map(|n| {
@@ -68,8 +70,9 @@ async fn sixteen_tasks_infer_concurrently_over_one_child() {
 
 #[tokio::test]
 async fn dropping_an_infer_future_cancels_it_on_the_server() {
+    repo_or_skip!();
     let fixture = Fixture::start(held("'too late'"));
-    let client = RLMClient::new(fixture.config(&[], &[]));
+    let client = RlmClient::new(fixture.config(&[], &[]));
     let (progress, mut events) = tokio::sync::mpsc::unbounded_channel();
     let caller = client.clone();
     let task = tokio::spawn(async move {
@@ -84,7 +87,7 @@ async fn dropping_an_infer_future_cancels_it_on_the_server() {
         server_counter(&client, "cancelled_requests").await == 1
     })
     .await;
-    assert_eq!(client.status().await.unwrap().in_flight, 0);
+    assert_eq!(client.status(None).await.unwrap().in_flight, 0);
     let metrics = client.metrics();
     assert_eq!((metrics.total_requests, metrics.cancelled_requests), (1, 1));
     assert_eq!((metrics.failed_requests, metrics.last_error), (0, None));
@@ -92,11 +95,12 @@ async fn dropping_an_infer_future_cancels_it_on_the_server() {
 
 #[tokio::test]
 async fn a_timeout_sends_cancel_request_and_ids_start_at_one() {
+    repo_or_skip!();
     let fixture = Fixture::start(held("'too late'"));
     let wire = scratch("wire.jsonl");
     let script = format!("tee '{}' | exec \"$@\"", wire.display());
-    let client = RLMClient::new(wrapped(fixture.config(&[], &[]), &script));
-    client.status().await.unwrap();
+    let client = RlmClient::new(wrapped(fixture.config(&[], &[]), &script));
+    client.status(None).await.unwrap();
     let request = InferRequest::new("ctx").timeout(Duration::from_secs(2));
     let error = client.infer(request).await.unwrap_err();
     assert!(
@@ -127,8 +131,16 @@ async fn a_timeout_sends_cancel_request_and_ids_start_at_one() {
 
 #[tokio::test]
 async fn a_killed_child_fails_pending_calls_at_once_and_the_next_call_restarts_it() {
+    repo_or_skip!();
     let fixture = Fixture::start(held("'too late'"));
-    let client = RLMClient::new(fixture.config(&[], &[]));
+    // Without retries: an `infer` whose server died is retried on a new one (another test
+    // covers that), and here the model would hold the retries too.
+    let config = fixture
+        .config(&[], &[])
+        .into_builder()
+        .retry(RetryConfig::disabled())
+        .build();
+    let client = RlmClient::new(config);
     let pid = client.start().await.unwrap().pid;
     let tasks: Vec<_> = (0..3)
         .map(|_| {
@@ -154,7 +166,7 @@ async fn a_killed_child_fails_pending_calls_at_once_and_the_next_call_restarts_i
         );
     }
     let status = client
-        .status()
+        .status(None)
         .await
         .expect("the next call starts a new child");
     assert_eq!(status.metrics.total_requests, 0, "a fresh server");
@@ -164,13 +176,13 @@ async fn a_killed_child_fails_pending_calls_at_once_and_the_next_call_restarts_i
 
 #[tokio::test]
 async fn stub_mode_answers_stubs_and_counts_them_as_stubs() {
-    let client = RLMClient::new(stub_config());
+    let client = RlmClient::new(stub_config());
     let ready = client.start().await.unwrap();
     assert!(ready.stub && !ready.available);
     let result = client.infer(InferRequest::new("anything")).await.unwrap();
     assert!(result.stub);
     assert_eq!(result.text, STUB_TEXT);
-    let status = client.status().await.unwrap();
+    let status = client.status(None).await.unwrap();
     assert!(!status.available && status.reason.is_some());
     assert_eq!(status.metrics.stub_responses, 1);
     let metrics = client.metrics();
@@ -187,8 +199,9 @@ async fn stub_mode_answers_stubs_and_counts_them_as_stubs() {
 
 #[tokio::test]
 async fn a_50_mb_prompt_comes_back_as_a_50_mb_answer() {
+    repo_or_skip!();
     let fixture = Fixture::start(json!([{"when": "root", "reply": answer("context")}]));
-    let client = RLMClient::new(fixture.config(&[], &[]));
+    let client = RlmClient::new(fixture.config(&[], &[]));
     let mut prompt = "0123456789abcdef\"\\\u{e9}\n".repeat(50 * 1024 * 1024 / 21);
     prompt.push_str("THE END");
     let result = client
@@ -204,25 +217,26 @@ async fn a_50_mb_prompt_comes_back_as_a_50_mb_answer() {
 
 #[tokio::test]
 async fn progress_reaches_the_callback_in_order() {
+    repo_or_skip!();
     let fixture = Fixture::start(json!([
         {"when": "root", "times": 1, "reply": "```repl\nprint(len(context))\n```"},
         {"when": "sub", "reply": "a summary"},
         {"when": "root", "reply": answer("llm_query('Summarise: ' + context[:20])")},
     ]));
-    let client = RLMClient::new(fixture.config(&[], &[]));
+    let client = RlmClient::new(fixture.config(&[], &[]));
     let seen: Arc<Mutex<Vec<Progress>>> = Arc::default();
     let sink = seen.clone();
     let request = InferRequest::new("Some context to summarise.")
-        .options(InferOptions {
-            trajectory: Some(true),
-            ..Default::default()
-        })
+        .options(InferOptions::new().trajectory(true))
         .on_progress(move |progress| sink.lock().unwrap().push(progress));
     let result = client.infer(request).await.unwrap();
     assert_eq!(result.text, "a summary");
     assert!(result.trajectory.is_some_and(|steps| !steps.is_empty()));
     let seen = seen.lock().unwrap();
-    let events: Vec<_> = seen.iter().map(|p| (p.event, p.iteration)).collect();
+    let events: Vec<_> = seen
+        .iter()
+        .map(|p| (p.event.clone(), p.iteration))
+        .collect();
     assert_eq!(
         events,
         [
@@ -240,21 +254,21 @@ async fn progress_reaches_the_callback_in_order() {
 
 #[tokio::test]
 async fn every_option_reaches_the_server_and_bad_ones_are_not_retried() {
+    repo_or_skip!();
     let fixture = Fixture::start(json!([{"when": "any", "reply": answer("'ok'")}]));
-    let client = RLMClient::new(fixture.config(&[], &[]));
-    let options = InferOptions {
-        backend: Some(Backend::Openai),
-        model: Some("scripted".into()),
-        sub_model: Some("scripted-sub".into()),
-        base_url: Some(fixture.base_url.clone()),
-        max_iterations: Some(3),
-        max_depth: Some(1),
-        timeout_s: Some(30.0),
-        temperature: Some(0.5),
-        max_tokens: Some(256),
-        progress: Some(false),
-        trajectory: Some(false),
-    };
+    let client = RlmClient::new(fixture.config(&[], &[]));
+    let options = InferOptions::new()
+        .backend(Backend::Openai)
+        .model("scripted")
+        .sub_model("scripted-sub")
+        .base_url(fixture.base_url.as_str())
+        .max_iterations(3)
+        .max_depth(1)
+        .timeout_s(30.0)
+        .temperature(0.5)
+        .max_tokens(256)
+        .progress(false)
+        .trajectory(false);
     let request = InferRequest::new("ctx")
         .query("What?")
         .options(options.clone());
@@ -271,10 +285,7 @@ async fn every_option_reaches_the_server_and_bad_ones_are_not_retried() {
     let max_tokens = body.get("max_tokens").or(body.get("max_completion_tokens"));
     assert_eq!(max_tokens, Some(&json!(256)));
 
-    let bad = InferOptions {
-        max_depth: Some(0),
-        ..options
-    };
+    let bad = options.max_depth(0);
     let error = client
         .infer(InferRequest::new("ctx").options(bad))
         .await
@@ -291,15 +302,26 @@ async fn every_option_reaches_the_server_and_bad_ones_are_not_retried() {
     assert!(metrics.last_error.unwrap().contains("invalid params"));
 }
 
+/// Issue 14, defect 1: the server retries the backend itself (`ELIZA_RLM_MAX_RETRIES`) and
+/// still says `retryable: true` when its retries are spent; a client that retried that too
+/// multiplied the runs (and the spending) per `infer`.
 #[tokio::test]
-async fn retryable_backend_errors_are_retried_and_the_others_are_not() {
+async fn backend_errors_are_never_retried_by_the_client() {
+    repo_or_skip!();
     let fixture = Fixture::start(json!([
         {"when": "root", "contains": "QUERY-ALPHA", "status": 401},
         {"when": "root", "status": 500},
     ]));
-    let mut config = fixture.config(&[("ELIZA_RLM_MAX_RETRIES", "1")], &[]);
-    config.retry.max_retries = 2;
-    let client = RLMClient::new(config);
+    let config = fixture
+        .config(&[("ELIZA_RLM_MAX_RETRIES", "1")], &[])
+        .into_builder()
+        .retry(RetryConfig::new(
+            3,
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        ))
+        .build();
+    let client = RlmClient::new(config);
 
     let error = client
         .infer(InferRequest::new("ctx").query("QUERY-ALPHA"))
@@ -309,28 +331,25 @@ async fn retryable_backend_errors_are_retried_and_the_others_are_not() {
         panic!("{error}")
     };
     assert_eq!(rpc.data.as_ref().unwrap().status, Some(401));
-    assert_eq!(client.metrics().total_retries, 0, "an auth error is final");
 
     let error = client
         .infer(InferRequest::new("ctx").query("QUERY-BETA"))
         .await
         .unwrap_err();
-    assert!(error.is_retryable(), "{error}");
-    assert_eq!(client.metrics().total_retries, 2);
-    // 1 call for the 401; 2 server attempts for each of the 3 client attempts.
-    assert_eq!(fixture.stats()["requests"], 1 + 3 * 2);
+    assert!(matches!(error, RlmError::Backend(_)), "{error}");
+    assert!(!error.is_retryable(), "{error}");
+    assert_eq!(client.metrics().total_retries, 0);
+    // 1 call for the 401; the server's 2 attempts (1 + 1 retry) for the 500, and no more.
+    assert_eq!(fixture.stats()["requests"], 1 + 2);
 }
 
 #[tokio::test]
 async fn a_full_queue_is_retried_until_there_is_room() {
+    repo_or_skip!();
     let fixture = Fixture::start(held("'done'"));
     let mut config = fixture.config(&[], &["--max-concurrency", "1", "--max-queue", "1"]);
-    config.retry = RetryConfig {
-        max_retries: 200,
-        initial_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(100),
-    };
-    let client = RLMClient::new(config);
+    config.retry = RetryConfig::new(200, Duration::from_millis(20), Duration::from_millis(100));
+    let client = RlmClient::new(config);
     let tasks: Vec<_> = (0..3)
         .map(|_| {
             let client = client.clone();
@@ -352,12 +371,10 @@ async fn a_full_queue_is_retried_until_there_is_room() {
 
 #[tokio::test]
 async fn server_errors_keep_their_code_and_data() {
+    repo_or_skip!();
     let fixture = Fixture::start(json!([{"when": "root", "hold": true, "reply": "late"}]));
-    let client = RLMClient::new(fixture.config(&[], &[]));
-    let options = InferOptions {
-        timeout_s: Some(0.5),
-        ..Default::default()
-    };
+    let client = RlmClient::new(fixture.config(&[], &[]));
+    let options = InferOptions::new().timeout_s(0.5);
     let error = client
         .infer(InferRequest::new("ctx").options(options))
         .await
@@ -366,8 +383,8 @@ async fn server_errors_keep_their_code_and_data() {
     assert_eq!(error.code(), Some(-32001));
     let data = error.rpc().unwrap().data.as_ref().unwrap();
     assert_eq!(
-        (data.kind, data.timeout_s),
-        (ErrorType::DeadlineExceeded, Some(0.5))
+        (&data.kind, data.timeout_s),
+        (&ErrorType::DeadlineExceeded, Some(0.5))
     );
     assert!(!error.is_retryable());
     assert_eq!(client.metrics().timed_out_requests, 1);
@@ -376,16 +393,16 @@ async fn server_errors_keep_their_code_and_data() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn stderr_is_drained_into_tracing() {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let _guard = tracing::subscriber::set_default(capture::Capture(lines.clone()));
+    let captured = capture();
+    let lines = &captured.events;
     // 20,000 lines (about 500 KB) before the server starts: far more than a pipe holds, so a
     // client that does not read stderr never sees `ready`.
     let script = "yes 'flood line from the server wrapper' | head -n 20000 >&2; exec \"$@\"";
     let mut config = wrapped(stub_config(), script);
     config.ready_timeout = LIMIT;
-    let client = RLMClient::new(config);
+    let client = RlmClient::new(config);
     client
-        .status()
+        .status(None)
         .await
         .expect("the server starts despite the flood");
     // The last lines may still be in the pipe when `ready` arrives on stdout.
@@ -403,25 +420,27 @@ async fn stderr_is_drained_into_tracing() {
 }
 
 #[tokio::test]
-async fn a_server_that_fails_at_start_reports_why() {
-    let client = RLMClient::new(server_config(&[("ELIZA_RLM_MAX_ITERATIONS", "abc")], &[]));
-    let error = client.status().await.unwrap_err();
-    let RlmError::Exited(detail) = &error else {
+async fn a_server_that_fails_at_start_reports_why_and_is_not_retried() {
+    let client = RlmClient::new(server_config(&[("ELIZA_RLM_MAX_ITERATIONS", "abc")], &[]));
+    let error = client.infer(InferRequest::new("ctx")).await.unwrap_err();
+    let RlmError::StartFailed(detail) = &error else {
         panic!("{error}")
     };
     assert!(detail.contains("exit status: 2"), "{detail}");
     assert!(detail.contains("ELIZA_RLM_MAX_ITERATIONS"), "{detail}");
+    assert_eq!(client.metrics().total_retries, 0);
 }
 
 #[tokio::test]
 async fn a_server_that_never_sends_ready_is_killed() {
-    let client = RLMClient::new(RLMConfig {
-        command: "sleep".into(),
-        args: vec!["30".into()],
-        ready_timeout: Duration::from_millis(300),
-        ..Default::default()
-    });
-    let starting = client.status();
+    let client = RlmClient::new(
+        RlmConfig::builder()
+            .program("sleep")
+            .arg("30")
+            .ready_timeout(Duration::from_millis(300))
+            .build(),
+    );
+    let starting = client.status(None);
     let error = tokio::time::timeout(LIMIT, starting)
         .await
         .unwrap()
@@ -433,28 +452,32 @@ async fn a_server_that_never_sends_ready_is_killed() {
 #[tokio::test]
 async fn close_escalates_to_sigterm_and_sigkill() {
     // A "server" that ignores both the end of its input and SIGTERM.
-    let client = RLMClient::new(RLMConfig {
-        command: "sh".into(),
-        args: vec!["-c".into(), "trap '' TERM; exec sleep 30".into()],
-        request_timeout: Duration::from_millis(200),
-        close_timeout: Duration::from_millis(200),
-        term_timeout: Duration::from_millis(200),
-        ..Default::default()
-    });
-    let error = client.status().await.unwrap_err();
+    let client = RlmClient::new(
+        RlmConfig::builder()
+            .program("sh")
+            .args(["-c", "trap '' TERM; exec sleep 30"])
+            .request_timeout(Duration::from_millis(200))
+            .shutdown_grace(Duration::from_millis(100))
+            .close_margin(Duration::from_millis(100))
+            .term_timeout(Duration::from_millis(200))
+            .build(),
+    );
+    let error = client.status(None).await.unwrap_err();
     assert!(matches!(error, RlmError::Timeout(_)), "{error}");
     let pid = client.pid().expect("spawned");
-    tokio::time::timeout(LIMIT, client.close())
+    let exit = tokio::time::timeout(LIMIT, client.close())
         .await
         .expect("close is bounded");
+    assert!(matches!(exit, Exit::Killed(_)), "{exit:?}");
     assert!(!is_running(pid));
     assert_eq!(client.pid(), None);
 }
 
 #[tokio::test]
 async fn close_lets_the_server_finish_its_work() {
+    repo_or_skip!();
     let fixture = Fixture::start(held("'finished'"));
-    let client = RLMClient::new(fixture.config(&[], &[]));
+    let client = RlmClient::new(fixture.config(&[], &[]));
     let pid = client.start().await.unwrap().pid;
     let caller = client.clone();
     let task = tokio::spawn(async move { caller.infer(InferRequest::new("ctx")).await });
@@ -467,7 +490,8 @@ async fn close_lets_the_server_finish_its_work() {
         async move { client.close().await }
     });
     fixture.release();
-    closing.await.unwrap();
+    let exit = closing.await.unwrap();
+    assert!(exit.success(), "{exit:?}");
     assert_eq!(task.await.unwrap().unwrap().text, "finished");
     assert!(!is_running(pid));
     let ready = client
@@ -479,7 +503,7 @@ async fn close_lets_the_server_finish_its_work() {
 
 #[tokio::test]
 async fn dropping_the_last_clone_kills_the_child() {
-    let client = RLMClient::new(stub_config());
+    let client = RlmClient::new(stub_config());
     let pid = client.start().await.unwrap().pid;
     let clone = client.clone();
     drop(client);
@@ -490,10 +514,10 @@ async fn dropping_the_last_clone_kills_the_child() {
 
 #[tokio::test]
 async fn shutdown_stops_the_server_and_the_next_call_starts_another() {
-    let client = RLMClient::new(stub_config());
+    let client = RlmClient::new(stub_config());
     let pid = client.start().await.unwrap().pid;
-    let answer = client.shutdown(Some(Duration::from_secs(5))).await.unwrap();
-    assert!(answer.shutdown);
+    let exit = client.shutdown(Duration::from_secs(5), None).await.unwrap();
+    assert!(exit.success(), "{exit:?}");
     assert!(!is_running(pid));
     let ready = client.start().await.unwrap();
     assert_ne!(ready.pid, pid);
@@ -503,11 +527,11 @@ async fn shutdown_stops_the_server_and_the_next_call_starts_another() {
 async fn metrics_are_pushed_to_the_callback() {
     let snapshots: Arc<Mutex<Vec<Metrics>>> = Arc::default();
     let sink = snapshots.clone();
-    let mut config = stub_config();
-    config.on_metrics = Some(Arc::new(move |m: &Metrics| {
-        sink.lock().unwrap().push(m.clone())
-    }));
-    let client = RLMClient::new(config);
+    let config = stub_config()
+        .into_builder()
+        .on_metrics(move |m: &Metrics| sink.lock().unwrap().push(m.clone()))
+        .build();
+    let client = RlmClient::new(config);
     client.infer(InferRequest::new("x")).await.unwrap();
     let snapshots = snapshots.lock().unwrap();
     assert_eq!(snapshots.len(), 1, "one per settled infer");
@@ -515,43 +539,23 @@ async fn metrics_are_pushed_to_the_callback() {
     assert_eq!(snapshots[0].stub_responses, 1);
 }
 
-/// A minimal `tracing` subscriber that keeps (target, message) of every event.
-mod capture {
-    use std::fmt::Debug;
-    use std::sync::{Arc, Mutex};
-
-    use tracing::field::{Field, Visit};
-    use tracing::span::{Attributes, Id, Record};
-    use tracing::{Event, Metadata, Subscriber};
-
-    pub struct Capture(pub Arc<Mutex<Vec<(String, String)>>>);
-
-    struct Message(String);
-
-    impl Visit for Message {
-        fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
-            if field.name() == "message" {
-                self.0 = format!("{value:?}");
-            }
-        }
-    }
-
-    impl Subscriber for Capture {
-        fn enabled(&self, _: &Metadata<'_>) -> bool {
-            true
-        }
-        fn new_span(&self, _: &Attributes<'_>) -> Id {
-            Id::from_u64(1)
-        }
-        fn record(&self, _: &Id, _: &Record<'_>) {}
-        fn record_follows_from(&self, _: &Id, _: &Id) {}
-        fn event(&self, event: &Event<'_>) {
-            let mut message = Message(String::new());
-            event.record(&mut message);
-            let target = event.metadata().target().to_owned();
-            self.0.lock().unwrap().push((target, message.0));
-        }
-        fn enter(&self, _: &Id) {}
-        fn exit(&self, _: &Id) {}
-    }
+#[tokio::test(flavor = "current_thread")]
+async fn each_request_runs_in_a_span_with_its_method_and_id() {
+    let captured = capture();
+    let client = RlmClient::new(stub_config());
+    client.status(None).await.unwrap();
+    client.infer(InferRequest::new("x")).await.unwrap();
+    let spans = captured.spans.lock().unwrap();
+    let requests: Vec<&Vec<String>> = spans
+        .iter()
+        .filter(|(name, _)| name == "rlm_request")
+        .map(|(_, fields)| fields)
+        .collect();
+    assert_eq!(
+        requests,
+        [
+            &vec![r#"method="status""#.to_owned(), "id=1".to_owned()],
+            &vec![r#"method="infer""#.to_owned(), "id=2".to_owned()],
+        ]
+    );
 }

@@ -1,6 +1,10 @@
 //! What the integration tests share: the real server's command line, an environment cleaned
-//! as `protocol/README.md` prescribes, and the scripted OpenAI fixture from `tests/fixtures/`.
+//! as `protocol/README.md` prescribes, the scripted OpenAI fixture from the repository's
+//! `tests/fixtures/`, and a fake server (`fake_server.py`, next to this file) that answers
+//! whatever a test scripts, for the lines a real server never writes.
 #![allow(dead_code)] // each test binary uses a different part of this module
+
+pub mod capture;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -9,7 +13,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rlm_client::{RLMConfig, RetryConfig};
+use rlm_client::{RetryConfig, RlmConfig};
 use serde_json::{Value, json};
 
 /// Text of every stub-mode answer.
@@ -23,9 +27,28 @@ pub const CLEARED: [&str; 4] = [
     "GOOGLE_API_KEY",
 ];
 
-/// The repository root (this crate lives in `clients/rust`).
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+/// The repository root (this crate lives in `clients/rust`), or `None` when the crate is
+/// built from its packaged form, where only the crate's own files exist.
+pub fn repo_root() -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.join("protocol/schema.json").is_file().then_some(root)
+}
+
+/// The repository root, or returns from the test with a note saying why it is skipped.
+#[macro_export]
+macro_rules! repo_or_skip {
+    () => {
+        match common::repo_root() {
+            Some(root) => root,
+            None => {
+                eprintln!(
+                    "skipped: needs the rlm-server repository around this crate \
+                     (protocol/, tests/fixtures/), which a packaged crate does not have"
+                );
+                return;
+            }
+        }
+    };
 }
 
 /// The interpreter that runs the server and the fixture.
@@ -51,48 +74,67 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// A config that runs the real server (`python3 -m rlm_server`) with `env` and `args`, retries
 /// quickly, and is bounded everywhere so a broken server fails a test instead of hanging it.
-pub fn server_config(env: &[(&str, &str)], args: &[&str]) -> RLMConfig {
-    RLMConfig {
-        command: python(),
-        args: ["-m", "rlm_server"]
-            .iter()
-            .chain(args)
-            .map(|a| a.to_string())
-            .collect(),
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        env_remove: cleared_env(&[]),
-        ready_timeout: Duration::from_secs(60),
-        request_timeout: Duration::from_secs(60),
-        close_timeout: Duration::from_secs(10),
-        term_timeout: Duration::from_secs(5),
-        retry: RetryConfig {
-            max_retries: 3,
-            initial_delay: Duration::from_millis(20),
-            max_delay: Duration::from_millis(200),
-        },
-        on_metrics: None,
+pub fn server_config(env: &[(&str, &str)], args: &[&str]) -> RlmConfig {
+    let mut builder = RlmConfig::builder()
+        .program(python())
+        .args(["-m", "rlm_server"])
+        .args(args.iter().copied())
+        .ready_timeout(Duration::from_secs(60))
+        .request_timeout(Duration::from_secs(60))
+        .shutdown_grace(Duration::from_secs(10))
+        .close_margin(Duration::from_secs(5))
+        .term_timeout(Duration::from_secs(5))
+        .retry(RetryConfig::new(
+            3,
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        ));
+    for name in cleared_env(&[]) {
+        builder = builder.env_remove(name);
     }
+    for (name, value) in env {
+        builder = builder.env(*name, *value);
+    }
+    builder.build()
+}
+
+/// The fake server: `fake_server.py ANSWERS...`, which sends `ready`, then answers the n-th
+/// request it reads with the n-th of `answers` (see the script for the forms they take).
+pub fn fake_config(answers: &[&str]) -> RlmConfig {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/common/fake_server.py");
+    RlmConfig::builder()
+        .program(python())
+        .arg(script.to_string_lossy())
+        .args(answers.iter().copied())
+        .ready_timeout(Duration::from_secs(60))
+        .request_timeout(Duration::from_secs(600))
+        .shutdown_grace(Duration::from_secs(10))
+        .close_margin(Duration::from_secs(5))
+        .term_timeout(Duration::from_secs(5))
+        .retry(RetryConfig::new(
+            3,
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        ))
+        .build()
 }
 
 /// Stub mode: a backend without credentials.
-pub fn stub_config() -> RLMConfig {
+pub fn stub_config() -> RlmConfig {
     server_config(&[("ELIZA_RLM_BACKEND", "gemini")], &[])
 }
 
 /// Runs the server through `sh -c SCRIPT` where `"$@"` is the server's command line, to put
 /// something between the client and the server (a `tee`, a flood of stderr, a counter).
-pub fn wrapped(mut config: RLMConfig, script: &str) -> RLMConfig {
+pub fn wrapped(mut config: RlmConfig, script: &str) -> RlmConfig {
     let mut args = vec![
         "-c".to_owned(),
         script.to_owned(),
         "rlm-server-wrapper".to_owned(),
-        config.command.clone(),
+        config.program.clone(),
     ];
     args.append(&mut config.args);
-    config.command = "sh".to_owned();
+    config.program = "sh".to_owned();
     config.args = args;
     config
 }
@@ -115,8 +157,9 @@ impl Fixture {
     pub fn start(rules: Value) -> Self {
         let path = scratch("rules.json");
         std::fs::write(&path, rules.to_string()).unwrap();
+        let root = repo_root().expect("the fixture is in the repository");
         let mut child = Command::new(python())
-            .arg(repo_root().join("tests/fixtures/openai_fixture.py"))
+            .arg(root.join("tests/fixtures/openai_fixture.py"))
             .arg("--rules")
             .arg(&path)
             .stdin(Stdio::piped())
@@ -149,7 +192,7 @@ impl Fixture {
     }
 
     /// A server config pointed at this fixture, with `extra` variables and `args`.
-    pub fn config(&self, extra: &[(&str, &str)], args: &[&str]) -> RLMConfig {
+    pub fn config(&self, extra: &[(&str, &str)], args: &[&str]) -> RlmConfig {
         let env = self.env();
         let mut pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         pairs.extend_from_slice(extra);
