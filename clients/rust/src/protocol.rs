@@ -357,7 +357,59 @@ pub struct InferResult {
     pub metadata: InferMetadata,
     /// The run's steps, when `options.trajectory` was true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trajectory: Option<Vec<Map<String, Value>>>,
+    pub trajectory: Option<Vec<TrajectoryStep>>,
+}
+
+/// One iteration of the root model (`TrajectoryStep`): what it said, the code it ran and what
+/// that printed, its sub-calls. Every string is cut to at most 4096 characters (a cut one ends
+/// with `…[truncated N chars]`); the context and the REPL's variables are never included.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TrajectoryStep {
+    /// 1 for the first iteration.
+    pub iteration: u64,
+    /// The root model's reply.
+    pub response: String,
+    /// The code blocks it ran, in order.
+    pub code_blocks: Vec<TrajectoryCodeBlock>,
+    /// The answer, when this iteration set it.
+    pub final_answer: Option<String>,
+    /// How long the iteration took, in seconds.
+    pub iteration_time_s: Option<f64>,
+}
+
+/// One code block of an iteration (`TrajectoryCodeBlock`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TrajectoryCodeBlock {
+    /// The code.
+    pub code: String,
+    /// What it printed.
+    pub stdout: String,
+    /// What it wrote to stderr.
+    pub stderr: String,
+    /// How long it ran, in seconds.
+    pub execution_time_s: Option<f64>,
+    /// The model calls it made.
+    pub sub_calls: Vec<TrajectorySubCall>,
+}
+
+/// A model call made by code (`TrajectorySubCall`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TrajectorySubCall {
+    /// The model called.
+    pub model: String,
+    /// Its prompt.
+    pub prompt: String,
+    /// Its answer.
+    pub response: String,
+    /// Tokens in.
+    pub input_tokens: u64,
+    /// Tokens out.
+    pub output_tokens: u64,
+    /// How long it took, in seconds.
+    pub execution_time_s: Option<f64>,
 }
 
 /// Latency summary over the server's rolling window (`LatencySummary`), in milliseconds.
@@ -554,9 +606,13 @@ pub struct ErrorData {
     /// -32000: the backend's HTTP status, when it gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<i64>,
-    /// `line_too_long`: the server's limit in bytes.
+    /// `line_too_long`: the server's line limit in bytes; `queue_full`: the most requests
+    /// that may wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
+    /// `queue_full`: the most prompt bytes that may wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_bytes: Option<u64>,
     /// -32001: the deadline that passed, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<f64>,

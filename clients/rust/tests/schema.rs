@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use rlm_client::protocol::{
     CancelParams, ErrorData, InferOptions, InferParams, InferResult, LatencySummary, Message,
     Progress, ReadyParams, RpcError, ServerMetrics, ShutdownParams, ShutdownResult, StatusResult,
-    Usage,
+    TrajectoryCodeBlock, TrajectoryStep, TrajectorySubCall, Usage,
 };
 use rlm_client::{Backend, ErrorType, ProgressEvent, RlmError};
 use serde::Serialize;
@@ -79,6 +79,9 @@ fn check(name: &str, def: &Value, defs: &Map<String, Value>) -> Result<(), Strin
         }
         "Usage" => round_trip::<Usage>(&sample()),
         "InferResult" => round_trip::<InferResult>(&sample()),
+        "TrajectoryStep" => round_trip::<TrajectoryStep>(&sample()),
+        "TrajectoryCodeBlock" => round_trip::<TrajectoryCodeBlock>(&sample()),
+        "TrajectorySubCall" => round_trip::<TrajectorySubCall>(&sample()),
         "LatencySummary" => round_trip::<LatencySummary>(&sample()),
         "ServerMetrics" => round_trip::<ServerMetrics>(&sample()),
         "StatusResult" => round_trip::<StatusResult>(&sample()),

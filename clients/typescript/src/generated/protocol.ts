@@ -56,7 +56,7 @@ export type InferParams1 = {
 };
 
 /**
- * Newline-delimited JSON-RPC 2.0 over stdio. Every line the server writes is one `ServerMessage`; every line a client writes is one `ClientMessage`. See ../shared/DESIGN.md for the behaviour behind each message.
+ * Newline-delimited JSON-RPC 2.0 over stdio. Every line the server writes is one `ServerMessage`; every line a client writes is one `ClientMessage`. protocol/README.md is the binding description of the behaviour behind each message.
  */
 export interface WireProtocol {
   server?: ServerMessage;
@@ -79,7 +79,7 @@ export interface InferResult {
     elapsed_ms: number;
     attempts: number;
   };
-  trajectory?: {}[];
+  trajectory?: TrajectoryStep[];
 }
 export interface Usage {
   calls: number;
@@ -96,6 +96,37 @@ export interface Usage {
         }
       | undefined;
   };
+}
+/**
+ * One iteration of the root model: what it said, the code it ran and what that printed, its sub-calls. Every string is truncated to at most 4096 characters (a truncated one ends with `…[truncated N chars]`, N the characters left out); never the context or the REPL's variables.
+ */
+export interface TrajectoryStep {
+  iteration: number;
+  response: string;
+  code_blocks: TrajectoryCodeBlock[];
+  final_answer: string | null;
+  iteration_time_s: number | null;
+}
+export interface TrajectoryCodeBlock {
+  code: string;
+  stdout: string;
+  stderr: string;
+  execution_time_s: number | null;
+  sub_calls: TrajectorySubCall[];
+}
+export interface TrajectorySubCall {
+  model: string;
+  /**
+   * The sub-call's prompt, truncated.
+   */
+  prompt: string;
+  /**
+   * Its answer, truncated.
+   */
+  response: string;
+  input_tokens: number;
+  output_tokens: number;
+  execution_time_s: number | null;
 }
 export interface StatusResult {
   server: "rlm-server";
@@ -151,7 +182,7 @@ export interface ErrorData {
    */
   field?: string;
   /**
-   * -32000: whether the client may retry.
+   * -32000: always false once the server's own retries are spent; clients never retry -32000.
    */
   retryable?: boolean;
   attempts?: number;
@@ -160,12 +191,16 @@ export interface ErrorData {
    */
   status?: number;
   /**
-   * -32600 line_too_long: the configured maximum in bytes.
+   * -32600 line_too_long: the configured maximum line in bytes; -32002 queue_full: the maximum number of queued requests.
    */
   limit?: number;
   timeout_s?: number;
   reason?: string;
   method?: string;
+  /**
+   * -32002 queue_full: the maximum total prompt size of queued requests.
+   */
+  limit_bytes?: number;
 }
 export interface ReadyNotification {
   jsonrpc: "2.0";
