@@ -35,6 +35,7 @@ FIGURES = (
     "line_ours",
     "line_plugin",
 )
+OPT_IN = ("soak",)  # run only when named: bench/run --only soak
 README_START = "<!-- results:start (written by bench/run) -->"
 README_END = "<!-- results:end -->"
 
@@ -80,7 +81,7 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run")
-    parser.add_argument("--only", help="comma-separated figures: " + ", ".join(FIGURES))
+    parser.add_argument("--only", help="comma-separated figures: " + ", ".join(FIGURES + OPT_IN))
     parser.add_argument(
         "--plugin-full",
         action="store_true",
@@ -105,7 +106,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     selected = FIGURES if not args.only else tuple(args.only.split(","))
-    unknown = set(selected) - set(FIGURES)
+    unknown = set(selected) - set(FIGURES) - set(OPT_IN)
     if unknown:
         raise SystemExit(f"unknown figures: {', '.join(sorted(unknown))}")
     settings = Settings.quick() if args.quick else Settings()
@@ -196,7 +197,8 @@ def update_readme(markdown: str) -> None:
             continue
         plot = f"![wall time against concurrent requests]({plot_path})"
         block = f"{README_START}\n{markdown}\n{plot}\n{README_END}"
-        readme.write_text(pattern.sub(lambda _, block=block: block, text))
+        start, end = pattern.search(text).span()  # type: ignore[union-attr]  # checked above
+        readme.write_text(text[:start] + block + text[end:])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from rlmbench import soak
 from rlmbench.context import NEEDLE_CODE, NEEDLE_QUERY, make_context
 from rlmbench.procs import (
     BENCH,
@@ -121,6 +122,10 @@ class Bench:
         return elapsed
 
     # -- status round trip ------------------------------------------------------------------
+
+    def soak(self) -> Json:
+        """A long hostile session, then a check that nothing leaked (rlmbench/soak.py)."""
+        return soak.run(self.t["ours"], self.fixture)
 
     def placements(self) -> dict[str, tuple[set[int], set[int]]]:
         """Where the client and the server run in the round-trip figure: (client, server) CPUs.

@@ -326,7 +326,7 @@ def targets(ours_cmd: list[str], plugin_python: str, echo: str, base_url: str) -
 # Memory: the resident set of a process and all its descendants
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     found: list[int] = []
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -338,7 +338,7 @@ def _children(pid: int) -> list[int]:
 def tree(pid: int) -> list[int]:
     pids, pending = [pid], [pid]
     while pending:
-        for child in _children(pending.pop()):
+        for child in children(pending.pop()):
             pids.append(child)
             pending.append(child)
     return pids
@@ -392,10 +392,10 @@ class RssSampler:
 
     def sample(self) -> None:
         root = status_kib(self._pid, "VmRSS")
-        children = sum(status_kib(p, "VmRSS") for p in tree(self._pid)[1:])
-        self.peak_kib = max(self.peak_kib, root + children)
+        below = sum(status_kib(p, "VmRSS") for p in tree(self._pid)[1:])
+        self.peak_kib = max(self.peak_kib, root + below)
         self.peak_root_kib = max(self.peak_root_kib, root)
-        self.peak_children_kib = max(self.peak_children_kib, children)
+        self.peak_children_kib = max(self.peak_children_kib, below)
         self.samples += 1
 
     def _run(self) -> None:

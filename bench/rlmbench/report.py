@@ -89,8 +89,29 @@ def _rtt_rows(rtt: Json, where: str) -> list[Row]:
     ]
 
 
+def _soak_row(s: Json) -> Row:
+    before, after = s["before"], s["after"]
+    leaks = {k: (before[k], after[k]) for k in ("processes", "open_fds", "temp_entries")}
+    clean = all(a <= b for b, a in leaks.values()) and s["after_exit_temp_entries"] == 0
+    met = not s["answered_twice"] and clean and s["exit_code"] == 0
+    return Row(
+        "soak: every id answered once, nothing left over",
+        f"{s['fuzz']['lines']:,} fuzzed lines, {s['infer']['infers']} infers",
+        "",
+        "",
+        "",
+        "no id twice; processes, fds, temp dirs back",
+        met,
+        f"infer outcomes {s['infer']['outcomes']}, {s['infer']['workers_killed']} workers killed; "
+        + ", ".join(f"{k} {b}->{a}" for k, (b, a) in leaks.items())
+        + f"; RSS {before['rss_mib']}->{after['rss_mib']} MiB",
+    )
+
+
 def build_rows(r: Json) -> list[Row]:
     rows: list[Row] = []
+    if "soak" in r:
+        rows.append(_soak_row(r["soak"]))
     if "status_rtt" in r:
         for place, where in (
             ("one_cpu", "client and server on one CPU"),
