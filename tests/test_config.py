@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
+from rlm_server.broker import backoff_s
 from rlm_server.config import ConfigError, backend_unavailable_reason, load_config
-from rlm_server.engine import InferOptions, RunSpec, backoff_s
+from rlm_server.engine import InferOptions, RunSpec
+from rlm_server.errors import InvalidParams
 from rlm_server.metrics import Metrics, Outcome
 
 
@@ -52,11 +55,12 @@ def test_options_resolve_per_request_without_touching_the_configuration() -> Non
     options = InferOptions(model="other", max_depth=3, temperature=0.5, sub_model="small")
     spec = RunSpec.resolve(config, options, {"OPENAI_API_KEY": "k"})
     kwargs = spec.rlm_kwargs
-    assert kwargs["backend_kwargs"]["model_name"] == "other"
-    assert kwargs["backend_kwargs"]["max_retries"] == 0  # our retries are the only retries
-    assert kwargs["backend_kwargs"]["sampling_args"] == {"temperature": 0.5}
+    assert kwargs["backend_kwargs"] == {"model_name": "other"}  # the worker: a model name only
     assert kwargs["max_depth"] == 3 and kwargs["max_iterations"] == 4
-    assert kwargs["other_backend_kwargs"][0]["model_name"] == "small"
+    assert kwargs["other_backend_kwargs"] == [{"model_name": "small"}]
+    assert spec.route.kwargs["sampling_args"] == {"temperature": 0.5}
+    assert spec.route.kwargs["api_key"] == "k"  # the broker's route, in the server only
+    assert spec.route.kwargs_for("small")["model_name"] == "small"
     assert config.model == "base" and config.max_depth == 1
 
 
@@ -66,9 +70,20 @@ def test_switching_backend_drops_the_configured_model_and_url() -> None:
     )
     spec = RunSpec.resolve(config, InferOptions(backend="groq"), {"GROQ_API_KEY": "g"})
     assert spec.model == "llama-3.3-70b-versatile"
-    assert spec.rlm_kwargs["backend"] == "openai"
-    assert spec.rlm_kwargs["backend_kwargs"]["base_url"] == "https://api.groq.com/openai/v1"
-    assert spec.rlm_kwargs["backend_kwargs"]["api_key"] == "g"
+    assert spec.rlm_kwargs["backend"] == spec.route.backend == "openai"
+    assert spec.route.kwargs["base_url"] == "https://api.groq.com/openai/v1"
+    assert spec.route.kwargs["api_key"] == "g"
+    assert "api_key" not in orjson.dumps(spec.rlm_kwargs).decode()
+
+
+def test_a_per_request_base_url_is_refused_unless_allowed() -> None:
+    env = {"OPENAI_API_KEY": "k"}
+    config = load_config(["--backend", "openai", "--allow-base-url", "http://127.0.0.1:9/v1"], env)
+    with pytest.raises(InvalidParams) as refused:
+        RunSpec.resolve(config, InferOptions(base_url="http://attacker.invalid/v1"), env)
+    assert refused.value.data["field"] == "options.base_url"
+    allowed = RunSpec.resolve(config, InferOptions(base_url="http://127.0.0.1:9/v1/"), env)
+    assert allowed.route.kwargs["base_url"] == "http://127.0.0.1:9/v1/"
 
 
 def test_backoff_grows_with_jitter_under_the_cap() -> None:

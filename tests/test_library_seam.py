@@ -1,9 +1,10 @@
-"""The seam into the `rlm` library that workers depend on. If an upgrade moves it, these fail.
+"""The seams into the `rlm` library that workers depend on. If an upgrade moves one, these fail.
 
 `WorkerRLM` overrides `RLM._spawn_completion_context` to hand completions a long-lived LM
-handler and prebuilt clients. That method is not public API, so: the version is pinned, the
-method must still exist with the same shape, and a completion through `WorkerRLM` must send the
-model exactly what the stock `RLM` sends.
+handler. Workers replace `rlm.core.rlm.get_client`, through which the library builds every model
+client (root, child RLMs, max-depth fallbacks), with one that relays to the broker. Neither is
+public API, so: the version is pinned, both must still exist with the same shape, and a
+completion through `WorkerRLM` must send the model exactly what the stock `RLM` sends.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import importlib.metadata
 import inspect
 
 import pytest
+import rlm.core.rlm
 from fixtures.openai_fixture import FixtureServer
 from harness import repl
 from rlm import RLM
 from rlm.clients import get_client
 
-from rlm_server.completion import ClientCache, EventLMHandler, ProgressLogger, WorkerRLM
+from rlm_server.completion import EventLMHandler, ProgressLogger, WorkerRLM
 
 ROOT = repl(
     "n = len(context)",
@@ -77,7 +79,7 @@ def test_worker_rlm_sends_the_model_what_the_stock_rlm_sends(llm: FixtureServer,
 
     llm.script.replace(rules)
     kwargs = _kwargs(llm)
-    client = ClientCache().get("openai", kwargs["backend_kwargs"])  # type: ignore[arg-type]
+    client = get_client("openai", dict(kwargs["backend_kwargs"]))  # type: ignore[call-overload]
     subcalls: list[str] = []
     iterations: list[int] = []
     handler = EventLMHandler(client, on_subcall=subcalls.append)
@@ -104,7 +106,7 @@ def test_the_repl_gets_the_very_context_object(llm: FixtureServer) -> None:
     )
     llm.script.replace([{"when": "root", "reply": reply}])
     kwargs = _kwargs(llm)
-    client = ClientCache().get("openai", kwargs["backend_kwargs"])  # type: ignore[arg-type]
+    client = get_client("openai", dict(kwargs["backend_kwargs"]))  # type: ignore[call-overload]
     handler = EventLMHandler(client, on_subcall=lambda model: None)
     handler.start()
     logger = ProgressLogger(on_iteration=lambda n: None, keep_trajectory=False)
@@ -113,9 +115,17 @@ def test_the_repl_gets_the_very_context_object(llm: FixtureServer) -> None:
     handler.stop()
 
 
-def test_client_cache_builds_each_configuration_once() -> None:
-    cache = ClientCache()
-    kwargs = {"model_name": "m", "api_key": "k", "base_url": "http://127.0.0.1:1/v1"}
-    assert cache.get("openai", kwargs) is cache.get("openai", dict(reversed(kwargs.items())))
-    assert cache.get("openai", kwargs) is not cache.get("openai", {**kwargs, "model_name": "n"})
-    assert type(cache.get("openai", kwargs)) is type(get_client("openai", dict(kwargs)))
+def test_every_client_the_library_builds_comes_from_one_name() -> None:
+    """Workers replace `rlm.core.rlm.get_client`: every place that builds a client must call it
+    by that name, or a worker would build a real one (with no key, to a real endpoint)."""
+    assert callable(rlm.core.rlm.get_client)
+    for method in (
+        RLM._spawn_completion_context,
+        RLM._subcall,
+        RLM._fallback_answer,
+    ):
+        source = inspect.getsource(method)
+        assert "get_client(" in source, method.__name__
+    module_source = inspect.getsource(rlm.core.rlm)
+    assert "from rlm.clients import BaseLM, get_client" in module_source
+    assert module_source.count("get_client(") == 6  # nowhere else: all of them are relayed

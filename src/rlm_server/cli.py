@@ -28,11 +28,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if config.verbose else logging.WARNING,
         format="rlm-server[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    from rlm_server.keys import hide_from_proc_environ
     from rlm_server.server import Server  # after the config check: a bad flag costs no imports
     from rlm_server.transport import claim_stdio
 
+    environ = dict(os.environ)  # our keys, read once: the block the kernel shows is blanked
+    hide_from_proc_environ()
     claim = claim_stdio()
     try:
-        return anyio.run(Server(config, claim, os.environ).run, backend="asyncio")
+        return anyio.run(Server(config, claim, environ).run, backend="asyncio")
     finally:
         claim.release()

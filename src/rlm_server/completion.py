@@ -2,17 +2,22 @@
 
 Imported by the zygote (so `rlm` is imported once, before any fork), never by the server.
 
-The library builds a new model client (two TLS contexts, ~32 ms) and a new LM handler for every
-completion and stops the handler at the end, which waits out socketserver's 0.5 s poll interval:
-~535 ms for an instant model. `WorkerRLM` uses the library's seam for this, the
-`_spawn_completion_context` context manager, to hand each completion the worker's clients
-(prebuilt in the zygote) and an LM handler that is never stopped, because the worker process ends
-with the completion. tests/test_library_seam.py fails loudly if an upgrade moves that seam.
+A worker holds no key and calls no provider: every client the library builds in it (for the root
+model, sub-calls, and child RLMs at any depth, through `rlm.core.rlm.get_client`) is a
+`RelayLM`, which sends the call to the server's broker as a frame on the worker's own socket and
+waits for the reply. The worker knows model names only; the server decides the endpoint.
+
+The library builds a new LM handler for every completion and stops it at the end, which waits
+out socketserver's 0.5 s poll interval: ~535 ms for an instant model. `WorkerRLM` uses the
+library's seam for this, the `_spawn_completion_context` context manager, to hand each completion
+an LM handler that is never stopped, because the worker process ends with the completion.
+tests/test_library_seam.py fails loudly if an upgrade moves either seam.
 """
 
 from __future__ import annotations
 
-import importlib
+import asyncio
+import itertools
 import logging
 import socket
 import threading
@@ -21,10 +26,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import orjson
+import rlm.core.rlm
 from rlm import RLM
-from rlm.clients import BaseLM, get_client
+from rlm.clients import BaseLM
 from rlm.core.lm_handler import LMHandler
-from rlm.core.types import RLMChatCompletion, RLMIteration, UsageSummary
+from rlm.core.types import ModelUsageSummary, RLMChatCompletion, RLMIteration, UsageSummary
 from rlm.environments import get_environment
 from rlm.logger import RLMLogger
 
@@ -34,7 +40,6 @@ log = logging.getLogger(__name__)
 
 Json = dict[str, Any]
 Emit = Callable[..., None]
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,13 +63,13 @@ class Channel:
             view = view[received:]
         return buffer
 
-    def _receive_frame(self) -> bytearray:
+    def receive_frame(self) -> bytearray:
         return self._receive_exactly(frames.length_of(self._receive_exactly(frames.HEADER_BYTES)))
 
     def receive_job(self) -> tuple[Json, str | list[Any]]:
         """The job, and its context (sent after it: raw UTF-8 text, or JSON)."""
-        job: Json = orjson.loads(self._receive_frame())
-        raw = self._receive_frame()
+        job: Json = orjson.loads(self.receive_frame())
+        raw = self.receive_frame()
         context = raw.decode() if job["context_type"] == "text" else orjson.loads(raw)
         del raw  # halve the worker's peak: the text is all we keep
         return job, context
@@ -80,50 +85,121 @@ class Channel:
 # Clients, built once per (backend, kwargs) and per process
 
 
-def without_sdk_retries(lm: BaseLM) -> BaseLM:
-    """Turn the provider SDK's own silent retries off (OpenAI, Azure, Anthropic and Portkey
-    retry twice by default; google-genai only when asked): ours are counted and reported, and
-    two layers of retries multiply."""
-    for name in ("client", "async_client"):
-        with_options = getattr(getattr(lm, name, None), "with_options", None)
-        if callable(with_options):
-            setattr(lm, name, with_options(max_retries=0))
-    return lm
+class BrokerCallFailed(Exception):
+    """The broker could not make a call (the server knows why and will say so)."""
 
 
-def _client_key(backend: str, backend_kwargs: Json) -> bytes:
-    return orjson.dumps([backend, backend_kwargs], option=orjson.OPT_SORT_KEYS)
+class BrokerLink:
+    """The worker's calls to the broker: a frame out per call, its reply in, matched by number.
+
+    Many calls may wait at once (the library's LM handler serves sub-calls on threads), so one
+    reader thread hands each reply to the caller waiting for it.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._numbers = itertools.count(1)
+        self._waiting: dict[int, list[Json]] = {}
+        self._arrived = threading.Condition()
+        self._closed = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._read_replies, daemon=True, name="broker-replies").start()
+
+    def _read_replies(self) -> None:
+        try:
+            while True:
+                reply = orjson.loads(self._channel.receive_frame())
+                with self._arrived:
+                    slot = self._waiting.get(reply.get("reply"))
+                    if slot is not None:
+                        slot.append(reply)
+                        self._arrived.notify_all()
+        except (EOFError, OSError, orjson.JSONDecodeError, AttributeError):
+            with self._arrived:
+                self._closed = True
+                self._arrived.notify_all()
+
+    def wait_closed(self) -> None:
+        """Until the server closes the channel (it kills our process group first)."""
+        with self._arrived:
+            self._arrived.wait_for(lambda: self._closed)
+
+    def call(self, model: str, prompt: Any) -> Json:
+        number = next(self._numbers)
+        slot: list[Json] = []
+        with self._arrived:
+            self._waiting[number] = slot
+        try:
+            self._channel.send({"call": number, "model": model, "prompt": prompt})
+            with self._arrived:
+                self._arrived.wait_for(lambda: bool(slot) or self._closed)
+        finally:
+            with self._arrived:
+                del self._waiting[number]
+        if not slot:
+            raise BrokerCallFailed("the server closed the worker's channel")
+        return slot[0]
 
 
-class ClientCache:
-    """Model clients by configuration. The zygote fills it; forked workers inherit it."""
+class RelayLM(BaseLM):  # type: ignore[misc]
+    """A model client that asks the broker: no key, no endpoint, no SDK in the worker."""
 
-    def __init__(self) -> None:
-        self._clients: dict[bytes, BaseLM] = {}
+    def __init__(self, model_name: str, link: BrokerLink) -> None:
+        super().__init__(model_name=model_name)
+        self._link = link
+        self._usage: dict[str, ModelUsageSummary] = {}
+        self._last = threading.local()  # the handler serves calls on threads: each its own
 
-    def get(self, backend: str, backend_kwargs: Json) -> BaseLM:
-        key = _client_key(backend, backend_kwargs)
-        if key not in self._clients:
-            self._clients[key] = without_sdk_retries(get_client(backend, dict(backend_kwargs)))
-        return self._clients[key]
+    def completion(self, prompt: Any, model: str | None = None) -> str:
+        name = model or self.model_name
+        reply = self._link.call(name, prompt)
+        if "error" in reply:
+            raise BrokerCallFailed(str(reply["error"].get("type", "error")))
+        usage = reply["usage"]
+        last = ModelUsageSummary(
+            total_calls=1,
+            total_input_tokens=usage["input_tokens"],
+            total_output_tokens=usage["output_tokens"],
+            total_cost=usage["cost_usd"],
+        )
+        self._last.usage = last
+        self._add(name, last)
+        return str(reply["text"])
 
-    def prewarm(self, spec: Json) -> None:
-        """Build the clients of the server's default configuration, if they can be built."""
-        for client in spec.get("clients", []):
-            try:
-                self.get(client["backend"], client["backend_kwargs"])
-            except Exception as exc:  # a bad default only fails the requests that use it
-                log.warning("could not prebuild the %s client: %s", client["backend"], exc)
+    async def acompletion(self, prompt: Any, model: str | None = None) -> str:
+        return await asyncio.to_thread(self.completion, prompt, model)
+
+    def _add(self, name: str, last: ModelUsageSummary) -> None:
+        total = self._usage.setdefault(name, ModelUsageSummary(0, 0, 0, None))
+        total.total_calls += 1
+        total.total_input_tokens += last.total_input_tokens
+        total.total_output_tokens += last.total_output_tokens
+        if last.total_cost is not None:
+            total.total_cost = (total.total_cost or 0.0) + last.total_cost
+
+    def get_usage_summary(self) -> UsageSummary:
+        return UsageSummary(model_usage_summaries=dict(self._usage))
+
+    def get_last_usage(self) -> ModelUsageSummary:
+        return getattr(self._last, "usage", ModelUsageSummary(0, 0, 0, None))
+
+
+def relay_clients(link: BrokerLink) -> None:
+    """Make every client the library builds in this worker a relay to the broker."""
+
+    def get_client(backend: str, backend_kwargs: Json) -> BaseLM:
+        return RelayLM(str(backend_kwargs.get("model_name") or "default"), link)
+
+    rlm.core.rlm.get_client = get_client
 
 
 # ---------------------------------------------------------------------------------------------
 # Warming the zygote
 #
-# Constructing a client is not enough: the OpenAI SDK imports its chat resources on first use and
-# pydantic builds its request and response schemas on the first call (~115 ms together), and rlm
-# imports its REPL on the first completion. A worker forked from a zygote that has never done
-# these pays them on every request, so the zygote does each once, with no network and no threads
-# (it must stay single-threaded to fork safely).
+# rlm imports its REPL on the first completion: a worker forked from a zygote that has never done
+# it pays it on every request, so the zygote does it once, with no network and no threads (it must
+# stay single-threaded to fork safely).
 
 WARM_UP_ANSWER = "```repl\nanswer['content'] = context[:4]\nanswer['ready'] = True\n```"
 
@@ -147,32 +223,6 @@ class _CannedLM(BaseLM):  # type: ignore[misc]
         return None
 
 
-def _warm_openai_sdk() -> None:
-    import openai
-
-    http = _openai_http_module()
-
-    body = {
-        "id": "warm-up",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "warm-up",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    }
-    transport = http.MockTransport(lambda request: http.Response(200, json=body))
-    client = openai.OpenAI(
-        api_key="warm-up",
-        base_url="http://warm-up.invalid/v1",
-        max_retries=0,
-        http_client=openai.DefaultHttpxClient(transport=transport),
-    )
-    client.chat.completions.create(model="warm-up", messages=[{"role": "user", "content": "hi"}])
-    client.close()
-
-
 def _warm_rlm() -> None:
     handler = EventLMHandler(_CannedLM(), on_subcall=lambda model: None)  # never started
     logger = ProgressLogger(on_iteration=lambda n: None, keep_trajectory=False)
@@ -180,16 +230,13 @@ def _warm_rlm() -> None:
     rlm.completion("warm-up context", root_prompt="warm up")
 
 
-def warm_up(spec: Json) -> ClientCache:
-    """Everything a worker would otherwise do for the first time on every request."""
-    clients = ClientCache()
-    clients.prewarm(spec)
-    for step in (_warm_openai_sdk, _warm_rlm):
-        try:
-            step()
-        except Exception as exc:  # warming is an optimisation; never fail start-up for it
-            log.warning("warm-up step %s failed: %s", step.__name__, exc)
-    return clients
+def warm_up() -> None:
+    """What a worker would otherwise do for the first time on every request: rlm imports its
+    REPL and builds its prompts on the first completion."""
+    try:
+        _warm_rlm()
+    except Exception as exc:  # warming is an optimisation; never fail start-up for it
+        log.warning("warming the REPL failed: %s", exc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,55 +396,11 @@ def usage_to_wire(summary: UsageSummary) -> Json:
     }
 
 
-def classify_failure(exc: BaseException) -> Json:
-    """Retryable or not, by exception type and HTTP status code (never by message text)."""
-    status = getattr(exc, "status_code", None)
-    if not isinstance(status, int):
-        code = getattr(exc, "code", None)  # google-genai's APIError
-        status = code if isinstance(code, int) and 100 <= code < 600 else None
-    if status is not None:
-        retryable = status in RETRYABLE_STATUS
-    else:
-        retryable = isinstance(exc, (TimeoutError, ConnectionError)) or _is_transport_error(exc)
-    failure: Json = {"retryable": retryable, "kind": type(exc).__name__}
-    if status is not None:
-        failure["status"] = status
-    return {"failure": failure}
-
-
-def _openai_http_module() -> Any:
-    """The HTTP library the installed OpenAI SDK is built on (httpx, or its fork httpx2)."""
-    try:
-        import httpx2
-
-        return httpx2
-    except ImportError:
-        import httpx
-
-        return httpx
-
-
-def _is_transport_error(exc: BaseException) -> bool:
-    """Connection and timeout errors of the providers' SDKs and their HTTP libraries."""
-    transient: list[type[BaseException]] = []
-    for module, name in (
-        ("httpx", "TransportError"),
-        ("httpx2", "TransportError"),
-        ("openai", "APIConnectionError"),
-        ("anthropic", "APIConnectionError"),
-    ):
-        try:
-            transient.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return isinstance(exc, tuple(transient))
-
-
-def _build_rlm(job: Json, clients: ClientCache, emit: Emit) -> tuple[WorkerRLM, ProgressLogger]:
+def _build_rlm(job: Json, link: BrokerLink, emit: Emit) -> tuple[WorkerRLM, ProgressLogger]:
     spec: Json = job["rlm"]
-    root = clients.get(spec["backend"], spec["backend_kwargs"])
+    root = RelayLM(spec["backend_kwargs"]["model_name"], link)
     sub_kwargs = (spec.get("other_backend_kwargs") or [None])[0]
-    sub = clients.get(spec["backend"], sub_kwargs) if sub_kwargs else None
+    sub = RelayLM(sub_kwargs["model_name"], link) if sub_kwargs else None
     handler = EventLMHandler(
         root,
         on_subcall=lambda model: emit("subcall", message=model),
@@ -421,14 +424,15 @@ def _build_rlm(job: Json, clients: ClientCache, emit: Emit) -> tuple[WorkerRLM, 
     return rlm, logger
 
 
-def run_job(job: Json, context: str | list[Any], clients: ClientCache, emit: Emit) -> Json:
-    """The final frame for one job: {"result": ...} or {"failure": ...}."""
+def run_job(job: Json, context: str | list[Any], link: BrokerLink, emit: Emit) -> Json:
+    """The final frame for one job: {"result": ...} or {"failure": ...} (the server knows what
+    its broker saw; the worker only says what ended the completion)."""
     try:
-        rlm, logger = _build_rlm(job, clients, emit)
+        rlm, logger = _build_rlm(job, link, emit)
         completion = rlm.completion(context, root_prompt=job.get("query"))
     except Exception as exc:
         log.info("completion failed: %s: %s", type(exc).__name__, exc)
-        return classify_failure(exc)
+        return {"failure": {"kind": type(exc).__name__}}
     result: Json = {
         "text": str(completion.response),
         "usage": usage_to_wire(completion.usage_summary),
@@ -439,14 +443,19 @@ def run_job(job: Json, context: str | list[Any], clients: ClientCache, emit: Emi
     return {"result": result}
 
 
-def serve_job(sock: socket.socket, clients: ClientCache) -> None:
-    """Read one job from the server, run it, and send its events and final frame."""
+def serve_job(sock: socket.socket) -> None:
+    """Read one job from the server, run it, send its events and final frame, and wait until
+    the server closes the channel: the server always kills a living process group."""
     channel = Channel(sock)
     job, context = channel.receive_job()
+    link = BrokerLink(channel)
+    link.start()
+    relay_clients(link)
     progress = bool(job.get("progress"))
 
     def emit(event: str, **fields: Any) -> None:
         if progress:
             channel.send({"event": event, **fields})
 
-    channel.send(run_job(job, context, clients, emit))
+    channel.send(run_job(job, context, link, emit))
+    link.wait_closed()

@@ -45,24 +45,42 @@ class BackendInfo:
     default_model: str
     default_base_url: str | None = None
     openai_compatible: bool = False
+    price_provider: str | None = None  # genai-prices' provider id, where it has one
 
 
 BACKEND_INFO: Mapping[str, BackendInfo] = {
-    "gemini": BackendInfo("gemini", ("GEMINI_API_KEY", "GOOGLE_API_KEY"), "gemini-2.5-flash"),
-    "openai": BackendInfo("openai", ("OPENAI_API_KEY",), "gpt-4o-mini", openai_compatible=True),
-    "anthropic": BackendInfo("anthropic", ("ANTHROPIC_API_KEY",), "claude-sonnet-4-5"),
+    "gemini": BackendInfo(
+        "gemini", ("GEMINI_API_KEY", "GOOGLE_API_KEY"), "gemini-2.5-flash", price_provider="google"
+    ),
+    "openai": BackendInfo(
+        "openai",
+        ("OPENAI_API_KEY",),
+        "gpt-4o-mini",
+        openai_compatible=True,
+        price_provider="openai",
+    ),
+    "anthropic": BackendInfo(
+        "anthropic", ("ANTHROPIC_API_KEY",), "claude-sonnet-4-5", price_provider="anthropic"
+    ),
     "groq": BackendInfo(
         "openai",
         ("GROQ_API_KEY",),
         "llama-3.3-70b-versatile",
         "https://api.groq.com/openai/v1",
         openai_compatible=True,
+        price_provider="groq",
     ),
     "openrouter": BackendInfo(
-        "openrouter", ("OPENROUTER_API_KEY",), "openai/gpt-4o-mini", openai_compatible=True
+        "openrouter",
+        ("OPENROUTER_API_KEY",),
+        "openai/gpt-4o-mini",
+        openai_compatible=True,
+        price_provider="openrouter",
     ),
     "vllm": BackendInfo("vllm", (), "default", openai_compatible=True),
-    "azure_openai": BackendInfo("azure_openai", ("AZURE_OPENAI_API_KEY",), "gpt-4o-mini"),
+    "azure_openai": BackendInfo(
+        "azure_openai", ("AZURE_OPENAI_API_KEY",), "gpt-4o-mini", price_provider="azure"
+    ),
     "portkey": BackendInfo("portkey", ("PORTKEY_API_KEY",), "gpt-4o-mini"),
     "vercel": BackendInfo(
         "vercel", ("AI_GATEWAY_API_KEY",), "openai/gpt-4o-mini", openai_compatible=True
@@ -120,6 +138,18 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _optional_usd(raw: str) -> float | None:
+    return None if not raw.strip() else _positive_float(raw)
+
+
+def _urls(raw: str) -> tuple[str, ...]:
+    """Comma-separated http(s) URLs, compared without a trailing slash."""
+    urls = tuple(url.strip().rstrip("/") for url in raw.split(",") if url.strip())
+    if not all(url.startswith(("http://", "https://")) for url in urls):
+        raise ValueError
+    return urls
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -128,6 +158,7 @@ class Setting:
     parse: Callable[[str], Any]
     expect: str
     help: str
+    repeatable: bool = False  # the flag may be given again; its values join with commas
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -276,6 +307,31 @@ SETTINGS: tuple[Setting, ...] = (
         "how long EOF or SIGTERM lets in-flight requests finish",
     ),
     Setting(
+        "allow_base_url",
+        "ELIZA_RLM_ALLOW_BASE_URL",
+        "",
+        _urls,
+        "http(s) URLs separated by commas",
+        "a per-request options.base_url that may be used, with the configured key (repeatable)",
+        repeatable=True,
+    ),
+    Setting(
+        "max_cost_usd",
+        "ELIZA_RLM_MAX_COST_USD",
+        "",
+        _optional_usd,
+        "a positive number of US dollars",
+        "default cost limit of one request's whole call tree (unset: none)",
+    ),
+    Setting(
+        "spend_limit_usd",
+        "ELIZA_RLM_SPEND_LIMIT_USD",
+        "",
+        _optional_usd,
+        "a positive number of US dollars",
+        "cost limit over the server's lifetime (unset: none)",
+    ),
+    Setting(
         "worker_memory_mb",
         "ELIZA_RLM_WORKER_MEMORY_MB",
         "8192",
@@ -306,6 +362,9 @@ class Config:
     strict: bool
     max_message_bytes: int
     shutdown_grace_s: float
+    allow_base_url: tuple[str, ...]
+    max_cost_usd: float | None
+    spend_limit_usd: float | None
     worker_memory_mb: int
 
     @property
@@ -339,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="BOOL" if switch else "VALUE",
             nargs="?" if switch else None,
             const="true" if switch else None,
+            action="append" if setting.repeatable else "store",
             help=f"{setting.help} [{setting.env}, default {setting.default or 'unset'}]",
         )
     return parser
@@ -350,6 +410,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         flag_value = getattr(args, setting.name)
+        if isinstance(flag_value, list):
+            flag_value = ",".join(flag_value)
         source, raw = (
             (_flag(setting), flag_value)
             if flag_value is not None

@@ -1,14 +1,16 @@
-"""The one shared RLM engine: admission, per-request options, retries, deadlines, cancellation,
-metrics and stub mode. The work itself happens in worker processes (workers.py).
+"""The one shared RLM engine: admission, per-request options, deadlines, cancellation, metrics
+and stub mode. The work itself happens in worker processes (workers.py), and every model call a
+worker makes is made by the broker (broker.py), which retries each call, counts it and charges
+it to the request's account.
 
 Per-request options are merged into a fresh `RunSpec` for that request only; the shared `Config`
-is frozen and is what `status` reports.
+is frozen and is what `status` reports. A RunSpec has two halves: what the worker is told (model
+names and loop settings, never a key or an endpoint) and the `Route` that only the broker sees.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -18,13 +20,16 @@ from typing import Any
 import anyio
 
 from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
+from rlm_server.broker import Account, Broker, Budget, RetryPolicy, Route
 from rlm_server.config import BACKEND_INFO, Config, api_key, backend_unavailable_reason
 from rlm_server.errors import (
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
+    InvalidParams,
     QueueFull,
     RequestCancelled,
+    RpcError,
     ShuttingDown,
 )
 from rlm_server.metrics import Metrics, Outcome
@@ -52,6 +57,7 @@ class InferOptions:
     max_tokens: int | None = None
     progress: bool = False
     trajectory: bool = False
+    budget: Budget = field(default_factory=Budget)
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,21 @@ class InferRequest:
         return sum(len(message["content"]) for message in self.context)
 
 
+def _endpoint(config: Config, options: InferOptions, same_backend: bool) -> str:
+    """The base URL a request may use. A configured key goes only to the configured endpoint
+    (or one allowed with --allow-base-url): any other URL a caller names is refused, rather
+    than sent the key, or sent the context without one."""
+    configured = config.base_url if same_backend else ""
+    wanted = options.base_url
+    if not wanted or wanted.rstrip("/") == configured.rstrip("/"):
+        return configured
+    if wanted.rstrip("/") in config.allow_base_url:
+        return wanted
+    raise InvalidParams(
+        "options.base_url", "not an allowed endpoint (the server allows it with --allow-base-url)"
+    )
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything one request runs with: the configuration with its options applied."""
@@ -78,40 +99,45 @@ class RunSpec:
     max_depth: int
     timeout_s: float
     unavailable_reason: str | None
-    rlm_kwargs: Json
+    rlm_kwargs: Json  # what the worker is told: model names and loop settings only
+    route: Route  # what the broker may call for it, keys included: never leaves the server
+    budget: Budget
+    cost_limited: bool  # a cost limit applies, so every model must have a known price
 
     @classmethod
     def resolve(cls, config: Config, options: InferOptions, environ: Mapping[str, str]) -> RunSpec:
         backend = options.backend or config.backend
         same_backend = backend == config.backend
         info = BACKEND_INFO[backend]
-        base_url = options.base_url or (config.base_url if same_backend else "")
+        base_url = _endpoint(config, options, same_backend)
         model = options.model or (config.model if same_backend else "") or info.default_model
         sub_model = options.sub_model or (config.sub_model if same_backend else "")
-        backend_kwargs: Json = {"model_name": model}
+        client: Json = {"model_name": model}
         if base_url or info.default_base_url:
-            backend_kwargs["base_url"] = base_url or info.default_base_url
+            client["base_url"] = base_url or info.default_base_url
         key = api_key(backend, environ)
         if key:
-            backend_kwargs["api_key"] = key
+            client["api_key"] = key
         elif info.openai_compatible and base_url:
-            backend_kwargs["api_key"] = "not-needed"  # local servers ignore it; the SDK wants one
+            client["api_key"] = "not-needed"  # local servers ignore it; the SDK wants one
         sampling = {"temperature": options.temperature, "max_tokens": options.max_tokens}
         if any(v is not None for v in sampling.values()):
-            backend_kwargs["sampling_args"] = {k: v for k, v in sampling.items() if v is not None}
+            client["sampling_args"] = {k: v for k, v in sampling.items() if v is not None}
         max_iterations = options.max_iterations or config.max_iterations
         max_depth = options.max_depth or config.max_depth
         rlm_kwargs: Json = {
             "backend": info.library_backend,
-            "backend_kwargs": backend_kwargs,
+            "backend_kwargs": {"model_name": model},
             "environment": config.environment,
             "max_iterations": max_iterations,
             "max_depth": max_depth,
             "verbose": config.verbose,
         }
+        sub_client = {**client, "model_name": sub_model} if sub_model else None
         if sub_model:
             rlm_kwargs["other_backends"] = [info.library_backend]
-            rlm_kwargs["other_backend_kwargs"] = [{**backend_kwargs, "model_name": sub_model}]
+            rlm_kwargs["other_backend_kwargs"] = [{"model_name": sub_model}]
+        budget = options.budget.within(Budget(max_cost_usd=config.max_cost_usd))
         return cls(
             backend=backend,
             model=model,
@@ -120,27 +146,10 @@ class RunSpec:
             timeout_s=options.timeout_s or config.timeout_s,
             unavailable_reason=backend_unavailable_reason(backend, base_url, environ),
             rlm_kwargs=rlm_kwargs,
+            route=Route(info.library_backend, client, sub_client, info.price_provider),
+            budget=budget,
+            cost_limited=budget.max_cost_usd is not None or config.spend_limit_usd is not None,
         )
-
-    def prewarm(self) -> Json:
-        """What the zygote should build before the first request: this spec's clients."""
-        if self.unavailable_reason is not None:
-            return {"clients": []}
-        kwargs = [
-            self.rlm_kwargs["backend_kwargs"],
-            *self.rlm_kwargs.get("other_backend_kwargs", []),
-        ]
-        return {
-            "clients": [
-                {"backend": self.rlm_kwargs["backend"], "backend_kwargs": k} for k in kwargs
-            ]
-        }
-
-
-def backoff_s(attempt: int, base_ms: float, cap_ms: float) -> float:
-    """Exponential backoff with jitter: base * 2^(attempt-1), capped, scaled by [0.5, 1)."""
-    ceiling = min(cap_ms, base_ms * 2 ** (attempt - 1))
-    return float(ceiling * (0.5 + random.random() / 2) / 1000)
 
 
 class _Progress:
@@ -160,14 +169,33 @@ class _Progress:
         self(**frame)
 
 
+_OUTCOMES = {
+    DeadlineExceeded: Outcome.TIMED_OUT,
+    RequestCancelled: Outcome.CANCELLED,
+}
+
+
+def _failure(account: Account) -> RpcError:
+    """The error for a completion that ended without an answer: what the broker saw."""
+    if account.exceeded is not None:
+        return account.exceeded
+    failure = account.failure
+    if failure is None:  # the completion itself failed (no model call did)
+        return BackendError(retryable=False, attempts=1 + account.retries)
+    extra = {} if failure.status is None else {"status": failure.status}
+    return BackendError(retryable=False, attempts=failure.attempts, **extra)
+
+
 class Engine:
     def __init__(self, config: Config, environ: Mapping[str, str]) -> None:
         self.config = config
         self.metrics = Metrics()
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
-        self.workers = WorkerPool(
-            self._default.prewarm(), config.worker_memory_mb, config.max_message_bytes
+        self.workers = WorkerPool(config.worker_memory_mb, config.max_message_bytes, environ)
+        self.broker = Broker(
+            RetryPolicy(config.max_retries, config.retry_delay_ms, config.retry_max_delay_ms),
+            lifetime=Budget(max_cost_usd=config.spend_limit_usd),
         )
         self._slots = anyio.CapacityLimiter(config.max_concurrency)
         self._queued = 0
@@ -208,7 +236,7 @@ class Engine:
             "in_flight": self._slots.borrowed_tokens,
             "queued": self._queued,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
-            "metrics": self.metrics.snapshot(),
+            "metrics": {**self.metrics.snapshot(), **self.broker.ledger.totals()},
         }
 
     def _status_of_configuration(self) -> Json:
@@ -229,8 +257,10 @@ class Engine:
         """Run one request; `sequence` is the number of the input line that carried it."""
         self._admit_or_refuse(sequence, request.size)
         spec = RunSpec.resolve(self.config, request.options, self._environ)
+        await self._check_prices(spec, request.options)
         started = time.monotonic()
         progress = _Progress(request_id, notify if request.options.progress else None, started)
+        account = self.broker.account(spec.budget)
         self.metrics.started()
         outcome = Outcome.FAILURE
         try:
@@ -238,16 +268,35 @@ class Engine:
                 outcome, result = self._stub(spec, started)
                 return result
             with self._cancellable(request_id):
-                result = await self._within_deadline(spec, request, progress, started)
+                result = await self._within_deadline(spec, request, progress, started, account)
                 outcome = Outcome.SUCCESS
                 return result
-            outcome = Outcome.CANCELLED  # only a cancelled scope gets here
-            raise RequestCancelled()
-        except DeadlineExceeded:
-            outcome = Outcome.TIMED_OUT
+            raise RequestCancelled()  # only a cancelled scope gets here
+        except RpcError as error:
+            outcome = _OUTCOMES.get(type(error), Outcome.FAILURE)
+            if account.made_calls:  # a request that spent anything says what it spent
+                error.data["usage"] = account.usage()
             raise
         finally:
+            self.metrics.retried(account.retries)
             self.metrics.record(outcome, (time.monotonic() - started) * 1000)
+
+    async def _check_prices(self, spec: RunSpec, options: InferOptions) -> None:
+        """A cost limit on a model without a known price is refused up front: it could not be
+        kept, and ignoring it silently would be worse."""
+        if not spec.cost_limited or spec.unavailable_reason is not None:
+            return
+        await self.broker.prices.load()
+        for model in spec.route.models:
+            if not self.broker.prices.known(spec.route.price_provider, model):
+                field = (
+                    "options.budget.max_cost_usd"
+                    if options.budget.max_cost_usd is not None
+                    else "options.model"
+                )
+                raise InvalidParams(
+                    field, f"no price is known for model {model!r}, and a cost limit applies"
+                )
 
     def _admit_or_refuse(self, sequence: int, size: int) -> None:
         if sequence > self._admit_through:
@@ -289,11 +338,16 @@ class Engine:
                 del self._scopes[request_id]
 
     async def _within_deadline(
-        self, spec: RunSpec, request: InferRequest, progress: _Progress, started: float
+        self,
+        spec: RunSpec,
+        request: InferRequest,
+        progress: _Progress,
+        started: float,
+        account: Account,
     ) -> Json:
         with anyio.move_on_after(spec.timeout_s):
             async with self._slot(request.size):
-                return await self._attempts(spec, request, progress, started)
+                return await self._run(spec, request, progress, started, account)
         raise DeadlineExceeded(timeout_s=spec.timeout_s)
 
     @asynccontextmanager
@@ -310,9 +364,16 @@ class Engine:
         finally:
             self._slots.release()
 
-    async def _attempts(
-        self, spec: RunSpec, request: InferRequest, progress: _Progress, started: float
+    async def _run(
+        self,
+        spec: RunSpec,
+        request: InferRequest,
+        progress: _Progress,
+        started: float,
+        account: Account,
     ) -> Json:
+        """One completion in one worker; its model calls go through the broker, which retries
+        each on its own (so a flaky call costs one call more, not a whole completion)."""
         progress("started")
         job = {
             "query": request.query,
@@ -320,32 +381,22 @@ class Engine:
             "progress": request.options.progress,
             "trajectory": request.options.trajectory,
         }
-        attempt = 1
-        while True:
-            final = await self.workers.run(job, request.context, progress.forward)
-            if "result" in final:
-                return self._result(spec, final["result"], started, attempt)
-            failure: Json = final["failure"]
-            if not failure["retryable"] or attempt > self.config.max_retries:
-                # Our retries are the only ones: once they are spent, nobody should retry.
-                extra = {"status": failure["status"]} if "status" in failure else {}
-                raise BackendError(retryable=False, attempts=attempt, **extra)
-            delay = backoff_s(attempt, self.config.retry_delay_ms, self.config.retry_max_delay_ms)
-            self.metrics.retried()
-            progress(
-                "retry",
-                message=f"attempt {attempt} failed ({failure['kind']}); "
-                f"retrying in {delay * 1000:.0f} ms",
-            )
-            await anyio.sleep(delay)
-            attempt += 1
 
-    def _result(self, spec: RunSpec, result: Json, started: float, attempts: int) -> Json:
+        def on_retry(message: str) -> None:
+            progress("retry", message=message)
+
+        async def on_call(model: str, prompt: Any) -> Json:
+            return await self.broker.call(spec.route, account, model, prompt, on_retry)
+
+        final = await self.workers.run(job, request.context, progress.forward, on_call)
+        if "result" not in final:
+            raise _failure(account)
+        result: Json = final["result"]
         response = {
             "text": result["text"],
             "stub": False,
-            "usage": result["usage"],
-            "metadata": self._metadata(spec, result["iterations"], started, attempts),
+            "usage": account.usage(),  # the broker's count: the whole call tree, every depth
+            "metadata": self._metadata(spec, result["iterations"], started, 1 + account.retries),
         }
         if "trajectory" in result:
             response["trajectory"] = result["trajectory"]

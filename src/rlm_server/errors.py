@@ -98,6 +98,12 @@ class BackendUnavailable(RpcError):
     TYPE = "backend_unavailable"
 
 
+class BudgetExceeded(RpcError):
+    CODE = -32004
+    MESSAGE = "Budget exceeded"
+    TYPE = "budget_exceeded"
+
+
 class RequestCancelled(RpcError):
     CODE = -32800
     MESSAGE = "Request cancelled"

@@ -21,6 +21,7 @@ from typing import Any
 from jsonrpcserver import Success
 from jsonrpcserver.result import Result
 
+from rlm_server.broker import budget_from
 from rlm_server.config import BACKENDS
 from rlm_server.context import RequestContext
 from rlm_server.engine import InferOptions, InferRequest
@@ -75,19 +76,40 @@ OPTION_RULES: Mapping[str, _OptionRule] = {
     "max_tokens": _int_between(1, None),
     "progress": _BOOL,
     "trajectory": _BOOL,
+    "budget": _OptionRule(lambda v: isinstance(v, dict), "an object"),
 }
+
+
+BUDGET_RULES: Mapping[str, _OptionRule] = {
+    "max_calls": _int_between(1, None),
+    "max_input_tokens": _int_between(1, None),
+    "max_output_tokens": _int_between(1, None),
+    "max_cost_usd": _OptionRule(
+        lambda v: _is_number(v) and v > 0, "a number of US dollars above 0"
+    ),
+}
+
+
+def _checked(raw: Any, rules: Mapping[str, _OptionRule], prefix: str) -> Json:
+    """The members of an options object that are set, each checked against its rule."""
+    if not isinstance(raw, dict):
+        raise InvalidParams(prefix.rstrip("."), "must be an object")
+    _refuse_unknown({k: v for k, v in raw.items() if k not in rules}, prefix)
+    for name, value in raw.items():
+        if value is not None and not rules[name].check(value):
+            raise InvalidParams(prefix + name, f"must be {rules[name].expect}")
+    return {k: v for k, v in raw.items() if v is not None}
 
 
 def parse_options(raw: Any) -> InferOptions:
     if raw is None:
         return InferOptions()
-    if not isinstance(raw, dict):
-        raise InvalidParams("options", "must be an object")
-    _refuse_unknown({k: v for k, v in raw.items() if k not in OPTION_RULES}, "options.")
-    for name, value in raw.items():
-        if value is not None and not OPTION_RULES[name].check(value):
-            raise InvalidParams(f"options.{name}", f"must be {OPTION_RULES[name].expect}")
-    return InferOptions(**{k: v for k, v in raw.items() if v is not None})
+    options = _checked(raw, OPTION_RULES, "options.")
+    if "budget" in options:
+        options["budget"] = budget_from(
+            _checked(options["budget"], BUDGET_RULES, "options.budget.")
+        )
+    return InferOptions(**options)
 
 
 def _parse_messages(field: str, raw: list[Any]) -> list[dict[str, str]]:

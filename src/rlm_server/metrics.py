@@ -44,8 +44,9 @@ class Metrics:
     def started(self) -> None:
         self.total_requests += 1
 
-    def retried(self) -> None:
-        self.total_retries += 1
+    def retried(self, calls: int) -> None:
+        """Model calls that were tried again (the broker retries each call on its own)."""
+        self.total_retries += calls
 
     def record(self, outcome: Outcome, elapsed_ms: float) -> None:
         self.outcomes[outcome.value] += 1

@@ -12,8 +12,12 @@ worker's directory, carrying the child's end of a fresh socketpair (SCM_RIGHTS);
 the token and the child's pid. The handshake is shielded from cancellation, so a fork once asked
 for is always answered and its worker always ended; the token matches each answer to its
 request. The server then talks to the worker over its socketpair in frames (see frames.py): one
-job frame in, event frames and one final frame out. End of stream without a final frame means the
-worker died. Every frame is checked: the worker runs model code, and nothing it sends is trusted.
+job frame in; event frames, model-call frames (each answered by a reply frame, made by the
+broker) and one final frame out. End of stream without a final frame means the worker died. Every
+frame is checked: the worker runs model code, and nothing it sends is trusted.
+
+The zygote, and so every worker, starts from an environment with nothing but what Python needs:
+no provider key and no `ELIZA_RLM_*` setting reaches model code.
 
 Each worker leads its own session, so killing its process group ends whatever model code
 started, and works in a private directory (its cwd and TMPDIR) that the server removes when the
@@ -32,7 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -50,6 +54,35 @@ Json = dict[str, Any]
 TEXT_CHUNK = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0  # a zygote that does not answer a fork in this time is replaced
 EventHandler = Callable[[Json], None]
+CallHandler = Callable[[str, Any], Awaitable[Json]]  # (model, prompt) -> reply
+WORKER_ENVIRONMENT = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "VIRTUAL_ENV",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUTF8",
+        "PYTHONIOENCODING",
+        "OPENBLAS_CORETYPE",
+        "OPENBLAS_L2_SIZE",
+    }
+)
+
+
+def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """What of our environment the zygote and its workers may see: an allowlist, so that no
+    key (whatever its variable is called) reaches model code."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in WORKER_ENVIRONMENT or name.startswith("LC_")
+    }
 
 
 class Worker:
@@ -60,6 +93,7 @@ class Worker:
         self._sock = sock
         self._fd = sock.fileno()
         self._max_frame_bytes = max_frame_bytes
+        self._writing = anyio.Lock()  # replies to concurrent calls must not interleave
         sock.setblocking(False)
 
     async def send_job(self, job: Json, context: str | list[Any]) -> None:
@@ -69,13 +103,21 @@ class Worker:
         copied into one JSON document on its way to the worker.
         """
         try:
-            if isinstance(context, str):
-                await self._write_frame(orjson.dumps({**job, "context_type": "text"}))
-                await self._write_text(context)
-            else:
-                await self._write_frame(orjson.dumps({**job, "context_type": "json"}))
-                await self._write_frame(orjson.dumps(context))
+            async with self._writing:
+                if isinstance(context, str):
+                    await self._write_frame(orjson.dumps({**job, "context_type": "text"}))
+                    await self._write_text(context)
+                else:
+                    await self._write_frame(orjson.dumps({**job, "context_type": "json"}))
+                    await self._write_frame(orjson.dumps(context))
         except OSError:  # the worker died while we wrote; its frames() will end
+            pass
+
+    async def send_frame(self, frame: Json) -> None:
+        try:
+            async with self._writing:
+                await self._write_frame(orjson.dumps(frame))
+        except OSError:  # the worker died; its frames() will end
             pass
 
     async def _write_frame(self, payload: bytes) -> None:
@@ -119,7 +161,7 @@ class Worker:
 class _Zygote:
     """The zygote process and our end of its control socket."""
 
-    def __init__(self, prewarm: Json, memory_mb: int) -> None:
+    def __init__(self, memory_mb: int, env: Mapping[str, str]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.control = ours
         self.process = subprocess.Popen(
@@ -128,10 +170,10 @@ class _Zygote:
             stdin=subprocess.DEVNULL,
             close_fds=True,
             start_new_session=True,  # a Ctrl-C to our process group is ours to handle, not its
+            env=dict(env),
         )
         theirs.close()
         ours.setblocking(False)
-        ours.send(orjson.dumps(prewarm))
         self.ready = False
 
     async def send(self, message: bytes, fds: list[int]) -> None:
@@ -163,8 +205,8 @@ class _Zygote:
 class WorkerPool:
     """Forks workers from a zygote that is started at once and replaced if it dies."""
 
-    def __init__(self, prewarm: Json, memory_mb: int, max_frame_bytes: int) -> None:
-        self._prewarm = prewarm
+    def __init__(self, memory_mb: int, max_frame_bytes: int, environ: Mapping[str, str]) -> None:
+        self._env = worker_environment(environ)
         self._memory_mb = memory_mb
         self._max_frame_bytes = max_frame_bytes
         self._zygote: _Zygote | None = None
@@ -175,7 +217,7 @@ class WorkerPool:
     def start(self) -> None:
         """Start the zygote now, so its import of `rlm` overlaps with the first request."""
         self._root = tempfile.mkdtemp(prefix="rlm-server-")
-        self._zygote = _Zygote(self._prewarm, self._memory_mb)
+        self._zygote = _Zygote(self._memory_mb, self._env)
 
     def stop(self) -> None:
         if self._zygote is not None:
@@ -191,7 +233,7 @@ class WorkerPool:
             if zygote is not None:
                 log.warning("zygote exited with %s; starting a new one", zygote.process.returncode)
                 zygote.stop()
-            zygote = self._zygote = _Zygote(self._prewarm, self._memory_mb)
+            zygote = self._zygote = _Zygote(self._memory_mb, self._env)
         if not zygote.ready:
             if await zygote.receive() != b"ready":
                 raise WorkerCrashed(reason="the worker zygote failed to start")
@@ -241,17 +283,48 @@ class WorkerPool:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
 
-    async def run(self, job: Json, context: str | list[Any], on_event: EventHandler) -> Json:
-        """Run one job in a fresh worker; return its final frame. The worker never outlives it."""
+    async def run(
+        self, job: Json, context: str | list[Any], on_event: EventHandler, on_call: CallHandler
+    ) -> Json:
+        """Run one job in a fresh worker; return its final frame. The worker never outlives it;
+        its model calls are answered by `on_call`, concurrently."""
         async with self._forked() as worker:
-            await worker.send_job(job, context)
-            async for frame in worker.frames():
-                if "event" not in frame:
-                    return checked_final(frame)
+            try:
+                final = await _converse(worker, job, context, on_event, on_call)
+            except* WorkerCrashed as crashed:  # raised inside the calls' task group
+                raise crashed.exceptions[0] from None
+        if final is None:
+            raise WorkerCrashed()
+        return checked_final(final)
+
+
+async def _converse(
+    worker: Worker,
+    job: Json,
+    context: str | list[Any],
+    on_event: EventHandler,
+    on_call: CallHandler,
+) -> Json | None:
+    """Send the job, then serve the worker's frames until its final one (None: it died)."""
+    async with anyio.create_task_group() as calls:
+        await worker.send_job(job, context)
+        async for frame in worker.frames():
+            if "call" in frame:
+                calls.start_soon(_answer, worker, checked_call(frame), on_call)
+            elif "event" in frame:
                 event = checked_event(frame)
                 if event is not None:
                     on_event(event)
-            raise WorkerCrashed()
+            else:
+                calls.cancel_scope.cancel()
+                return frame
+        calls.cancel_scope.cancel()
+    return None
+
+
+async def _answer(worker: Worker, call: Json, on_call: CallHandler) -> None:
+    reply = await on_call(call["model"], call["prompt"])
+    await worker.send_frame({"reply": call["call"], **reply})
 
 
 # -- what a worker may say ------------------------------------------------------------------
@@ -316,12 +389,33 @@ def _is_result(result: Any) -> bool:
 
 
 def _is_failure(failure: Any) -> bool:
-    return (
-        isinstance(failure, dict)
-        and isinstance(failure.get("retryable"), bool)
-        and isinstance(failure.get("kind"), str)
-        and ("status" not in failure or _is_count(failure["status"]))
+    return isinstance(failure, dict) and isinstance(failure.get("kind"), str)
+
+
+MODEL_NAME_CHARS = 200
+
+
+def _is_prompt(prompt: Any) -> bool:
+    if isinstance(prompt, str):
+        return True
+    return isinstance(prompt, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in prompt
     )
+
+
+def checked_call(frame: Json) -> Json:
+    """A model call of the shape the broker takes (it names a model, never an endpoint), or
+    WorkerCrashed."""
+    model = frame.get("model")
+    if (
+        _is_count(frame.get("call"))
+        and isinstance(model, str)
+        and 0 < len(model) <= MODEL_NAME_CHARS
+        and _is_prompt(frame.get("prompt"))
+    ):
+        return frame
+    raise WorkerCrashed(reason="the worker sent a malformed model call")
 
 
 def checked_final(frame: Json) -> Json:

@@ -1,4 +1,4 @@
-"""The zygote: imports `rlm` once, builds the default clients, then forks one worker per job.
+"""The zygote: imports `rlm` once (never reading `.env`), then forks one worker per job.
 
 Run by the server as `python -m rlm_server.zygote CONTROL_FD MEMORY_MB`, in a session of its
 own (a Ctrl-C meant for the server is the server's to handle). Its stdout is already the
@@ -21,9 +21,11 @@ import socket
 import sys
 import tempfile
 
-import orjson
+from rlm_server import library
 
-from rlm_server.completion import ClientCache, serve_job, warm_up
+library.without_dotenv()  # before rlm is imported, below
+
+from rlm_server.completion import serve_job, warm_up  # noqa: E402
 
 PR_SET_PDEATHSIG = 1
 
@@ -55,7 +57,7 @@ def _enter(workdir: str) -> None:
     os.environ["TMPDIR"] = tempfile.tempdir = workdir
 
 
-def _child(job_fd: int, workdir: str, memory_mb: int, clients: ClientCache) -> None:
+def _child(job_fd: int, workdir: str, memory_mb: int) -> None:
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # model code may wait for its own children
     die_with_parent()
@@ -64,8 +66,7 @@ def _child(job_fd: int, workdir: str, memory_mb: int, clients: ClientCache) -> N
     sock = socket.socket(fileno=job_fd)
     try:
         _enter(workdir)
-        serve_job(sock, clients)
-        sock.recv(1)  # until the server, which kills our group, closes the socket
+        serve_job(sock)
     except BaseException:
         status = 1
     finally:
@@ -77,9 +78,7 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     control = socket.socket(fileno=int(argv[0]))
     memory_mb = int(argv[1])
-    prewarm = orjson.loads(control.recv(1 << 20))
-
-    clients = warm_up(prewarm)
+    warm_up()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     try:
         control.send(b"ready")
@@ -91,7 +90,7 @@ def main(argv: list[str]) -> int:
             pid = os.fork()
             if pid == 0:
                 control.close()
-                _child(fds[0], workdir, memory_mb, clients)
+                _child(fds[0], workdir, memory_mb)
             for fd in fds:
                 os.close(fd)
             control.send(token + pid.to_bytes(8, "big"))

@@ -1,0 +1,447 @@
+"""The broker: the only door to the models.
+
+Every model call of every completion (the root model, `llm_query` sub-calls, child RLMs at any
+depth) leaves its worker as a frame that names a model and a prompt, and is made here, in the
+server, which alone holds the keys. Here each call is retried on its own when it fails
+transiently, counted as it returns, and charged to its request's `Account`, whose budget is
+reserved before the call and settled after it, so that concurrent requests cannot overspend
+together. A `Route` is all a request may call: the endpoints and keys its configuration chose.
+A worker can name another model, never another endpoint, and never sees a key.
+
+The calls are made with the `rlm` library's own clients (its prompt formats and usage extraction
+for every provider), imported on first use in a thread: the provider SDKs cost about a second to
+import and must neither delay `ready` nor block the event loop. Each client records a call's
+usage synchronously right after its awaited SDK call, so `get_last_usage()` read as soon as
+`acompletion()` returns is that call's own, however many calls are in flight on the loop.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import importlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import anyio
+import orjson
+
+from rlm_server import library
+from rlm_server.errors import BackendError, BudgetExceeded
+
+log = logging.getLogger(__name__)
+
+Json = dict[str, Any]
+OnRetry = Callable[[str], None]
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+OUTPUT_ESTIMATE_TOKENS = 4096  # reserved for a call's answer when max_tokens does not bound it
+
+
+# ---------------------------------------------------------------------------------------------
+# Importing the library (never reading .env)
+
+
+def import_rlm_clients() -> Any:
+    """`rlm.clients`, imported without reading `.env` (library.py says why)."""
+    library.without_dotenv()
+    return importlib.import_module("rlm.clients")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a request may call, and what it may spend
+
+
+@dataclass(frozen=True)
+class Route:
+    """The clients one request may use: by the model name a worker asks for."""
+
+    backend: str  # the library's backend name
+    kwargs: Json  # the root model's client arguments, key included: never leaves the server
+    sub_kwargs: Json | None
+    price_provider: str | None  # genai-prices' provider id for these endpoints
+
+    def kwargs_for(self, model: str) -> Json:
+        """The client for `model`: the configured ones, or another model at the same endpoint
+        with the same key (model code may name a model; it cannot name an endpoint)."""
+        if self.sub_kwargs is not None and model == self.sub_kwargs["model_name"]:
+            return self.sub_kwargs
+        if model == self.kwargs["model_name"]:
+            return self.kwargs
+        return {**self.kwargs, "model_name": model}
+
+    @property
+    def models(self) -> list[str]:
+        configured = [self.kwargs, *([self.sub_kwargs] if self.sub_kwargs else [])]
+        return [kwargs["model_name"] for kwargs in configured]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits over one request's whole call tree (or the server's lifetime); None: no limit."""
+
+    max_calls: int | None = None
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    max_cost_usd: float | None = None
+
+    def within(self, other: Budget) -> Budget:
+        """The tighter of the two, limit by limit."""
+        tighter = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            tighter[f.name] = (
+                theirs if mine is None else mine if theirs is None else min(mine, theirs)
+            )
+        return Budget(**tighter)
+
+
+@dataclass
+class Spend:
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = None
+
+    def add(self, other: Spend, sign: int = 1) -> None:
+        self.calls += sign * other.calls
+        self.input_tokens += sign * other.input_tokens
+        self.output_tokens += sign * other.output_tokens
+        if other.cost_usd is not None:
+            self.cost_usd = (self.cost_usd or 0.0) + sign * other.cost_usd
+
+    def to_wire(self) -> Json:
+        return {
+            "calls": self.calls,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 10),
+        }
+
+
+def _over(budget: Budget, spent: Spend, reserved: Spend, estimate: Spend) -> str | None:
+    """The first limit that spent + reserved + estimate would pass, or None."""
+    for name, used in (
+        ("max_calls", spent.calls + reserved.calls + estimate.calls),
+        ("max_input_tokens", spent.input_tokens + reserved.input_tokens + estimate.input_tokens),
+        (
+            "max_output_tokens",
+            spent.output_tokens + reserved.output_tokens + estimate.output_tokens,
+        ),
+        (
+            "max_cost_usd",
+            (spent.cost_usd or 0) + (reserved.cost_usd or 0) + (estimate.cost_usd or 0),
+        ),
+    ):
+        limit = getattr(budget, name)
+        if limit is not None and used > limit:
+            return name
+    return None
+
+
+class Ledger:
+    """The server's lifetime spend, its lifetime limit, and every reservation not yet settled."""
+
+    def __init__(self, limit: Budget) -> None:
+        self.limit = limit
+        self.spent = Spend()
+        self.reserved = Spend()
+
+    def totals(self) -> Json:
+        wire = self.spent.to_wire()
+        return {f"total_{name}": value for name, value in wire.items()}
+
+
+@dataclass
+class CallFailure:
+    """Why a call failed for good: what the error that ends its request says."""
+
+    kind: str
+    attempts: int
+    status: int | None = None
+
+
+class Account:
+    """One request's spend, per model, against its budget and the server's."""
+
+    def __init__(self, budget: Budget, ledger: Ledger) -> None:
+        self.budget = budget
+        self._ledger = ledger
+        self._by_model: dict[str, Spend] = {}
+        self._spent = Spend()
+        self._reserved = Spend()
+        self.retries = 0
+        self.failure: CallFailure | None = None
+        self.exceeded: BudgetExceeded | None = None
+
+    def reserve(self, estimate: Spend) -> None:
+        """Hold `estimate` against both budgets, or raise BudgetExceeded (and remember it)."""
+        limit = _over(self.budget, self._spent, self._reserved, estimate)
+        scope = "request"
+        if limit is None:
+            limit = _over(self._ledger.limit, self._ledger.spent, self._ledger.reserved, estimate)
+            scope = "server"
+        if limit is not None:
+            budget = self.budget if scope == "request" else self._ledger.limit
+            self.exceeded = BudgetExceeded(
+                limit=limit, max=getattr(budget, limit), scope=scope, usage=self.usage()
+            )
+            raise self.exceeded
+        self._reserved.add(estimate)
+        self._ledger.reserved.add(estimate)
+
+    def release(self, estimate: Spend) -> None:
+        self._reserved.add(estimate, -1)
+        self._ledger.reserved.add(estimate, -1)
+
+    def settle(self, estimate: Spend, model: str, actual: Spend) -> None:
+        self.release(estimate)
+        self._spent.add(actual)
+        self._ledger.spent.add(actual)
+        self._by_model.setdefault(model, Spend()).add(actual)
+
+    @property
+    def made_calls(self) -> bool:
+        return self._spent.calls > 0 or self.retries > 0 or self.failure is not None
+
+    def usage(self) -> Json:
+        """The wire's `usage`: the whole call tree, and per model."""
+        return {
+            **self._spent.to_wire(),
+            "models": {model: spend.to_wire() for model, spend in self._by_model.items()},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Prices
+
+
+class Prices:
+    """USD per call from genai-prices' bundled table (never fetched at run time)."""
+
+    def __init__(self) -> None:
+        self._module: Any = None
+
+    async def load(self) -> None:
+        if self._module is None:
+            self._module = await anyio.to_thread.run_sync(importlib.import_module, "genai_prices")
+
+    def cost(self, provider: str | None, model: str, spent: Spend) -> float | None:
+        """What the call cost, or None when the table does not know the model (a price the
+        provider reports itself, as OpenRouter does, takes precedence: see `Broker`)."""
+        if self._module is None or provider is None:
+            return None
+        usage = self._module.Usage(
+            input_tokens=spent.input_tokens, output_tokens=spent.output_tokens
+        )
+        try:
+            price = self._module.calc_price(usage, model_ref=model, provider_id=provider)
+        except LookupError:
+            return None
+        return float(price.total_price)
+
+    def known(self, provider: str | None, model: str) -> bool:
+        return self.cost(provider, model, Spend(input_tokens=1, output_tokens=1)) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures
+
+
+def _status_of(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        return status
+    code = getattr(exc, "code", None)  # google-genai's APIError
+    return code if isinstance(code, int) and 100 <= code < 600 else None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection and timeout errors of the providers' SDKs and their HTTP libraries."""
+    found: list[type[BaseException]] = [TimeoutError, ConnectionError]
+    for module, name in (
+        ("httpx", "TransportError"),
+        ("httpx2", "TransportError"),
+        ("openai", "APIConnectionError"),
+        ("anthropic", "APIConnectionError"),
+    ):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def retryable(exc: BaseException) -> tuple[bool, int | None]:
+    """Whether a failed call may succeed if tried again, by exception type and HTTP status
+    (never by message text), and the status when there is one."""
+    status = _status_of(exc)
+    if status is not None:
+        return status in RETRYABLE_STATUS, status
+    return isinstance(exc, _transport_errors()), None
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The provider's `Retry-After` (seconds or an HTTP date), when it sent one."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    raw = headers.get("retry-after") if headers is not None else None
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(raw)
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+def backoff_s(attempt: int, base_ms: float, cap_ms: float) -> float:
+    """Exponential backoff with jitter: base * 2^(attempt-1), capped, scaled by [0.5, 1)."""
+    ceiling = min(cap_ms, base_ms * 2 ** (attempt - 1))
+    return float(ceiling * (0.5 + random.random() / 2) / 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# The broker
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int
+    delay_ms: float
+    max_delay_ms: float
+
+
+@dataclass
+class _Clients:
+    """The library's client objects, one per configuration, built once."""
+
+    module: Any = None
+    built: dict[bytes, Any] = field(default_factory=dict)
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+def estimate(prompt: Any, max_tokens: int | None) -> Spend:
+    """An upper bound of what a call can spend: a token is at least a byte of its prompt."""
+    size = len(prompt.encode()) if isinstance(prompt, str) else len(orjson.dumps(prompt))
+    return Spend(calls=1, input_tokens=size, output_tokens=max_tokens or OUTPUT_ESTIMATE_TOKENS)
+
+
+class Broker:
+    def __init__(self, retry: RetryPolicy, lifetime: Budget) -> None:
+        self._retry = retry
+        self._clients = _Clients()
+        self.prices = Prices()
+        self.ledger = Ledger(lifetime)
+
+    def account(self, budget: Budget) -> Account:
+        return Account(budget, self.ledger)
+
+    async def call(
+        self, route: Route, account: Account, model: str, prompt: Any, on_retry: OnRetry
+    ) -> Json:
+        """Make one model call for a worker: its reply frame (text and usage, or an error)."""
+        try:
+            client = await self._client(route, model)
+            return await self._attempts(route, account, client, model, prompt, on_retry)
+        except BudgetExceeded as exceeded:
+            return {"error": {"type": exceeded.TYPE}}
+        except BackendError as failed:
+            return {"error": {"type": failed.TYPE}}
+
+    async def _client(self, route: Route, model: str) -> Any:
+        kwargs = route.kwargs_for(model)
+        key = orjson.dumps([route.backend, kwargs], option=orjson.OPT_SORT_KEYS)
+        clients = self._clients
+        if key not in clients.built:
+            async with clients.lock:
+                if clients.module is None:
+                    clients.module = await anyio.to_thread.run_sync(import_rlm_clients)
+                if key not in clients.built:
+                    clients.built[key] = await anyio.to_thread.run_sync(
+                        _build_client, clients.module, route.backend, dict(kwargs)
+                    )
+        return clients.built[key]
+
+    async def _attempts(
+        self,
+        route: Route,
+        account: Account,
+        client: Any,
+        model: str,
+        prompt: Any,
+        on_retry: OnRetry,
+    ) -> Json:
+        hold = self._estimate(route, model, prompt, client)
+        attempt = 1
+        while True:
+            account.reserve(hold)
+            try:
+                text = await client.acompletion(prompt)
+                spend = self._spend(route, model, client.get_last_usage(), client)  # same turn
+            except Exception as exc:
+                account.release(hold)
+                may_retry, status = retryable(exc)
+                log.info("model call failed: %s (status %s)", type(exc).__name__, status)
+                if not may_retry or attempt > self._retry.max_retries:
+                    account.failure = CallFailure(type(exc).__name__, attempt, status)
+                    raise BackendError(retryable=False, attempts=attempt) from None
+                delay = self._delay(attempt, exc)
+                account.retries += 1
+                on_retry(
+                    f"attempt {attempt} failed ({type(exc).__name__}); "
+                    f"retrying in {delay * 1000:.0f} ms"
+                )
+                await anyio.sleep(delay)
+                attempt += 1
+                continue
+            except BaseException:
+                account.release(hold)
+                raise
+            account.settle(hold, model, spend)
+            return {"text": "" if text is None else str(text), "usage": spend.to_wire()}
+
+    def _delay(self, attempt: int, exc: BaseException) -> float:
+        wait = backoff_s(attempt, self._retry.delay_ms, self._retry.max_delay_ms)
+        asked = retry_after_s(exc)
+        cap = self._retry.max_delay_ms / 1000
+        return min(cap, max(wait, asked)) if asked is not None else wait
+
+    def _estimate(self, route: Route, model: str, prompt: Any, client: Any) -> Spend:
+        sampling = getattr(client, "sampling_args", None) or {}
+        hold = estimate(prompt, sampling.get("max_tokens"))
+        hold.cost_usd = self.prices.cost(route.price_provider, model, hold)
+        return hold
+
+    def _spend(self, route: Route, model: str, usage: Any, client: Any) -> Spend:
+        spend = Spend(
+            calls=1,
+            input_tokens=int(getattr(usage, "total_input_tokens", 0) or 0),
+            output_tokens=int(getattr(usage, "total_output_tokens", 0) or 0),
+        )
+        reported = getattr(client, "last_cost", None)  # OpenRouter and others report a price
+        spend.cost_usd = (
+            float(reported)
+            if isinstance(reported, int | float) and math.isfinite(reported)
+            else self.prices.cost(route.price_provider, model, spend)
+        )
+        return spend
+
+
+def _build_client(module: Any, backend: str, kwargs: Json) -> Any:
+    """One of the library's clients, with the provider SDK's own retries off: ours are the
+    only ones (OpenAI, Azure, Anthropic and Portkey retry twice by default), counted and
+    reported; two layers would multiply."""
+    client = module.get_client(backend, kwargs)
+    for name in ("client", "async_client"):
+        with_options = getattr(getattr(client, name, None), "with_options", None)
+        if callable(with_options):
+            setattr(client, name, with_options(max_retries=0))
+    return client
+
+
+def budget_from(raw: Mapping[str, Any] | None) -> Budget:
+    """A Budget from validated `options.budget` (methods.py checks the values)."""
+    return replace(Budget(), **(raw or {}))
