@@ -8,6 +8,11 @@ reserved before the call and settled after it, so that concurrent requests canno
 together. A `Route` is all a request may call: the endpoints and keys its configuration chose.
 A worker can name another model, never another endpoint, and never sees a key.
 
+With `--record DIR` every exchange is also stored (the request as sent and the answer, under a
+hash of the request); with `--replay DIR` calls are answered from there, with no network and no
+key, and a call that was never recorded fails its request, naming its hash, instead of reaching
+a provider.
+
 The calls are made with the `rlm` library's own clients (its prompt formats and usage extraction
 for every provider), imported on first use in a thread: the provider SDKs cost about a second to
 import and must neither delay `ready` nor block the event loop. Each client records a call's
@@ -18,6 +23,7 @@ usage synchronously right after its awaited SDK call, so `get_last_usage()` read
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import importlib
 import logging
 import math
@@ -25,13 +31,14 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
 
 from rlm_server import library
-from rlm_server.errors import BackendError, BudgetExceeded
+from rlm_server.errors import BackendError, BudgetExceeded, ReplayMiss
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +169,13 @@ class CallFailure:
     kind: str
     attempts: int
     status: int | None = None
+    missing: str | None = None  # --replay: the hash of the request nothing was recorded for
+
+    def error(self) -> BackendError:
+        if self.missing is not None:
+            return ReplayMiss(retryable=False, attempts=self.attempts, hash=self.missing)
+        extra = {} if self.status is None else {"status": self.status}
+        return BackendError(retryable=False, attempts=self.attempts, **extra)
 
 
 class Account:
@@ -213,6 +227,43 @@ class Account:
             **self._spent.to_wire(),
             "models": {model: spend.to_wire() for model, spend in self._by_model.items()},
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Record and replay
+
+
+class Tape:
+    """Model exchanges on disk, one file per request as sent, named by its hash.
+
+    The hash covers what decides the answer (backend, model, prompt, sampling arguments), not
+    the key or the endpoint, so a tape recorded against one provider account replays anywhere.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self._directory = Path(directory)
+
+    @staticmethod
+    def request(route: Route, model: str, prompt: Any) -> Json:
+        sampling = route.kwargs_for(model).get("sampling_args") or {}
+        return {"backend": route.backend, "model": model, "prompt": prompt, "sampling": sampling}
+
+    @staticmethod
+    def key(request: Json) -> str:
+        return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    async def play(self, key: str) -> Json | None:
+        path = self._directory / f"{key}.json"
+        try:
+            raw = await anyio.to_thread.run_sync(path.read_bytes)
+        except FileNotFoundError:
+            return None
+        answer: Json = orjson.loads(raw)["answer"]
+        return answer
+
+    async def record(self, key: str, request: Json, answer: Json) -> None:
+        entry = orjson.dumps({"hash": key, "request": request, "answer": answer})
+        await anyio.to_thread.run_sync((self._directory / f"{key}.json").write_bytes, entry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,11 +381,19 @@ def estimate(prompt: Any, max_tokens: int | None) -> Spend:
 
 
 class Broker:
-    def __init__(self, retry: RetryPolicy, lifetime: Budget) -> None:
+    def __init__(
+        self,
+        retry: RetryPolicy,
+        lifetime: Budget,
+        record: str | None = None,
+        replay: str | None = None,
+    ) -> None:
         self._retry = retry
         self._clients = _Clients()
         self.prices = Prices()
         self.ledger = Ledger(lifetime)
+        self._recording = Tape(record) if record else None
+        self._replaying = Tape(replay) if replay else None
 
     def account(self, budget: Budget) -> Account:
         return Account(budget, self.ledger)
@@ -344,12 +403,39 @@ class Broker:
     ) -> Json:
         """Make one model call for a worker: its reply frame (text and usage, or an error)."""
         try:
+            if self._replaying is not None:
+                return await self._replay(self._replaying, route, account, model, prompt)
             client = await self._client(route, model)
-            return await self._attempts(route, account, client, model, prompt, on_retry)
+            reply = await self._attempts(route, account, client, model, prompt, on_retry)
+            if self._recording is not None:
+                request = Tape.request(route, model, prompt)
+                await self._recording.record(Tape.key(request), request, reply)
+            return reply
         except BudgetExceeded as exceeded:
             return {"error": {"type": exceeded.TYPE}}
         except BackendError as failed:
             return {"error": {"type": failed.TYPE}}
+
+    async def _replay(
+        self, tape: Tape, route: Route, account: Account, model: str, prompt: Any
+    ) -> Json:
+        """The recorded answer, charged like a real call; a miss ends the request."""
+        request = Tape.request(route, model, prompt)
+        key = Tape.key(request)
+        hold = estimate(
+            prompt, (route.kwargs_for(model).get("sampling_args") or {}).get("max_tokens")
+        )
+        account.reserve(hold)
+        answer = await tape.play(key)
+        if answer is None:
+            account.release(hold)
+            account.failure = CallFailure("replay_miss", 1, missing=key)
+            log.warning("--replay: nothing recorded for model call %s", key)
+            raise ReplayMiss(retryable=False, attempts=1, hash=key)
+        usage = answer["usage"]
+        spend = Spend(1, usage["input_tokens"], usage["output_tokens"], usage["cost_usd"])
+        account.settle(hold, model, spend)
+        return answer
 
     async def _client(self, route: Route, model: str) -> Any:
         kwargs = route.kwargs_for(model)

@@ -396,7 +396,7 @@ def usage_to_wire(summary: UsageSummary) -> Json:
     }
 
 
-def _build_rlm(job: Json, link: BrokerLink, emit: Emit) -> tuple[WorkerRLM, ProgressLogger]:
+def _build_rlm(job: Json, link: BrokerLink, emit: Emit, logger: ProgressLogger) -> WorkerRLM:
     spec: Json = job["rlm"]
     root = RelayLM(spec["backend_kwargs"]["model_name"], link)
     sub_kwargs = (spec.get("other_backend_kwargs") or [None])[0]
@@ -409,36 +409,40 @@ def _build_rlm(job: Json, link: BrokerLink, emit: Emit) -> tuple[WorkerRLM, Prog
     if sub is not None:
         handler.register_client(sub.model_name, sub)
     handler.start()
-    logger = ProgressLogger(
-        on_iteration=lambda n: emit(
-            "iteration", iteration=n, max_iterations=spec["max_iterations"]
-        ),
-        keep_trajectory=bool(job.get("trajectory")),
-    )
-    rlm = WorkerRLM(
+    return WorkerRLM(
         lm_handler=handler,
         logger=logger,
         on_subcall_start=lambda depth, model, preview: emit("subcall", message=str(model)),
         **spec,
     )
-    return rlm, logger
 
 
 def run_job(job: Json, context: str | list[Any], link: BrokerLink, emit: Emit) -> Json:
     """The final frame for one job: {"result": ...} or {"failure": ...} (the server knows what
-    its broker saw; the worker only says what ended the completion)."""
+    its broker saw; the worker only says what ended the completion, and what it did before)."""
+    keep = bool(job.get("trajectory"))
+    logger = ProgressLogger(
+        on_iteration=lambda n: emit(
+            "iteration", iteration=n, max_iterations=job["rlm"]["max_iterations"]
+        ),
+        keep_trajectory=keep,
+    )
     try:
-        rlm, logger = _build_rlm(job, link, emit)
-        completion = rlm.completion(context, root_prompt=job.get("query"))
+        completion = _build_rlm(job, link, emit, logger).completion(
+            context, root_prompt=job.get("query")
+        )
     except Exception as exc:
         log.info("completion failed: %s: %s", type(exc).__name__, exc)
-        return {"failure": {"kind": type(exc).__name__}}
+        failure: Json = {"kind": type(exc).__name__}
+        if keep:
+            failure["trajectory"] = logger.steps
+        return {"failure": failure}
     result: Json = {
         "text": str(completion.response),
         "usage": usage_to_wire(completion.usage_summary),
         "iterations": logger.completed,
     }
-    if job.get("trajectory"):
+    if keep:
         result["trajectory"] = logger.steps
     return {"result": result}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +141,18 @@ def _text(raw: str) -> str:
 
 def _optional_usd(raw: str) -> float | None:
     return None if not raw.strip() else _positive_float(raw)
+
+
+def _directory(raw: str) -> str | None:
+    """A directory path, made if missing; empty: unset."""
+    path = raw.strip()
+    if not path:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        raise ValueError(path) from None
+    return os.path.abspath(path)
 
 
 def _urls(raw: str) -> tuple[str, ...]:
@@ -332,6 +345,30 @@ SETTINGS: tuple[Setting, ...] = (
         "cost limit over the server's lifetime (unset: none)",
     ),
     Setting(
+        "log_dir",
+        "ELIZA_RLM_LOG_DIR",
+        "",
+        _directory,
+        "a directory we can create",
+        "write one JSONL trajectory per request here (the rlm library's logger format)",
+    ),
+    Setting(
+        "record",
+        "ELIZA_RLM_RECORD",
+        "",
+        _directory,
+        "a directory we can create",
+        "store every model exchange here, keyed by a hash of the request",
+    ),
+    Setting(
+        "replay",
+        "ELIZA_RLM_REPLAY",
+        "",
+        _directory,
+        "a directory we can create",
+        "answer every model call from a --record directory: no network, no key",
+    ),
+    Setting(
         "worker_memory_mb",
         "ELIZA_RLM_WORKER_MEMORY_MB",
         "8192",
@@ -365,6 +402,9 @@ class Config:
     allow_base_url: tuple[str, ...]
     max_cost_usd: float | None
     spend_limit_usd: float | None
+    log_dir: str | None
+    record: str | None
+    replay: str | None
     worker_memory_mb: int
 
     @property
@@ -426,15 +466,20 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     config = Config(**values)
     if config.retry_max_delay_ms < config.retry_delay_ms:
         raise ConfigError("ELIZA_RLM_RETRY_MAX_DELAY must not be below ELIZA_RLM_RETRY_DELAY")
+    if config.record and config.replay:
+        raise ConfigError("--record and --replay cannot be used together")
     return config
 
 
 def backend_unavailable_reason(
-    backend: str, base_url: str, environ: Mapping[str, str]
+    backend: str, base_url: str, environ: Mapping[str, str], replaying: bool = False
 ) -> str | None:
-    """Why the backend cannot be used (the contract's stub mode), or None when it can."""
+    """Why the backend cannot be used (the contract's stub mode), or None when it can. A
+    server that replays recorded answers needs no endpoint and no key."""
     if importlib.util.find_spec("rlm") is None:
         return "the rlm library (PyPI: rlms) is not installed"
+    if replaying:
+        return None
     info = BACKEND_INFO[backend]
     if backend == "vllm" and not base_url:
         return "the vllm backend needs ELIZA_RLM_BASE_URL"

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
+from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__, logdir
 from rlm_server.broker import Account, Broker, Budget, RetryPolicy, Route
 from rlm_server.config import BACKEND_INFO, Config, api_key, backend_unavailable_reason
 from rlm_server.errors import (
@@ -144,7 +144,9 @@ class RunSpec:
             max_iterations=max_iterations,
             max_depth=max_depth,
             timeout_s=options.timeout_s or config.timeout_s,
-            unavailable_reason=backend_unavailable_reason(backend, base_url, environ),
+            unavailable_reason=backend_unavailable_reason(
+                backend, base_url, environ, replaying=config.replay is not None
+            ),
             rlm_kwargs=rlm_kwargs,
             route=Route(info.library_backend, client, sub_client, info.price_provider),
             budget=budget,
@@ -179,11 +181,9 @@ def _failure(account: Account) -> RpcError:
     """The error for a completion that ended without an answer: what the broker saw."""
     if account.exceeded is not None:
         return account.exceeded
-    failure = account.failure
-    if failure is None:  # the completion itself failed (no model call did)
+    if account.failure is None:  # the completion itself failed (no model call did)
         return BackendError(retryable=False, attempts=1 + account.retries)
-    extra = {} if failure.status is None else {"status": failure.status}
-    return BackendError(retryable=False, attempts=failure.attempts, **extra)
+    return account.failure.error()
 
 
 class Engine:
@@ -196,6 +196,8 @@ class Engine:
         self.broker = Broker(
             RetryPolicy(config.max_retries, config.retry_delay_ms, config.retry_max_delay_ms),
             lifetime=Budget(max_cost_usd=config.spend_limit_usd),
+            record=config.record,
+            replay=config.replay,
         )
         self._slots = anyio.CapacityLimiter(config.max_concurrency)
         self._queued = 0
@@ -261,14 +263,17 @@ class Engine:
         started = time.monotonic()
         progress = _Progress(request_id, notify if request.options.progress else None, started)
         account = self.broker.account(spec.budget)
+        steps: list[Json] = []  # the trajectory, as far as the worker got
         self.metrics.started()
         outcome = Outcome.FAILURE
+        ending: Json = {}
         try:
             if spec.unavailable_reason is not None:
                 outcome, result = self._stub(spec, started)
                 return result
             with self._cancellable(request_id):
-                result = await self._within_deadline(spec, request, progress, started, account)
+                run = self._within_deadline(spec, request, progress, started, account, steps)
+                ending = result = await run
                 outcome = Outcome.SUCCESS
                 return result
             raise RequestCancelled()  # only a cancelled scope gets here
@@ -276,10 +281,15 @@ class Engine:
             outcome = _OUTCOMES.get(type(error), Outcome.FAILURE)
             if account.made_calls:  # a request that spent anything says what it spent
                 error.data["usage"] = account.usage()
+            ending = {"error": error.to_wire()}
             raise
         finally:
             self.metrics.retried(account.retries)
             self.metrics.record(outcome, (time.monotonic() - started) * 1000)
+            if self.config.log_dir is not None and spec.unavailable_reason is None:
+                with anyio.CancelScope(shield=True):
+                    entry = logdir.Entry(request_id, request.query, spec.rlm_kwargs, steps)
+                    await logdir.write(self.config.log_dir, entry, ending, account.usage())
 
     async def _check_prices(self, spec: RunSpec, options: InferOptions) -> None:
         """A cost limit on a model without a known price is refused up front: it could not be
@@ -344,10 +354,11 @@ class Engine:
         progress: _Progress,
         started: float,
         account: Account,
+        steps: list[Json],
     ) -> Json:
         with anyio.move_on_after(spec.timeout_s):
             async with self._slot(request.size):
-                return await self._run(spec, request, progress, started, account)
+                return await self._run(spec, request, progress, started, account, steps)
         raise DeadlineExceeded(timeout_s=spec.timeout_s)
 
     @asynccontextmanager
@@ -371,6 +382,7 @@ class Engine:
         progress: _Progress,
         started: float,
         account: Account,
+        steps: list[Json],
     ) -> Json:
         """One completion in one worker; its model calls go through the broker, which retries
         each on its own (so a flaky call costs one call more, not a whole completion)."""
@@ -379,7 +391,7 @@ class Engine:
             "query": request.query,
             "rlm": spec.rlm_kwargs,
             "progress": request.options.progress,
-            "trajectory": request.options.trajectory,
+            "trajectory": request.options.trajectory or self.config.log_dir is not None,
         }
 
         def on_retry(message: str) -> None:
@@ -389,6 +401,8 @@ class Engine:
             return await self.broker.call(spec.route, account, model, prompt, on_retry)
 
         final = await self.workers.run(job, request.context, progress.forward, on_call)
+        outcome: Json = final.get("result") or final["failure"]
+        steps += outcome.get("trajectory") or []
         if "result" not in final:
             raise _failure(account)
         result: Json = final["result"]
@@ -398,8 +412,8 @@ class Engine:
             "usage": account.usage(),  # the broker's count: the whole call tree, every depth
             "metadata": self._metadata(spec, result["iterations"], started, 1 + account.retries),
         }
-        if "trajectory" in result:
-            response["trajectory"] = result["trajectory"]
+        if request.options.trajectory:
+            response["trajectory"] = steps
         return response
 
     @staticmethod

@@ -75,6 +75,13 @@ class BackendError(RpcError):
     TYPE = "backend_error"
 
 
+class ReplayMiss(BackendError):
+    """--replay has no recorded answer for a model call; it never calls a provider instead."""
+
+    MESSAGE = "No recorded answer for a model call"
+    TYPE = "replay_miss"
+
+
 class DeadlineExceeded(RpcError):
     CODE = -32001
     MESSAGE = "Deadline exceeded"
