@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -40,7 +41,7 @@ answer["content"] = f"The vault code is {code.strip()} (log line {number}: {line
 answer["ready"] = True
 ```"""
 
-RULES = [
+RULES: list[dict[str, Any]] = [
     {"when": "root", "times": 1, "reply": FIND},
     {"when": "sub", "reply": "7-4-1-9"},
     {"when": "root", "reply": ANSWER},
