@@ -298,16 +298,24 @@ describe("infer", { concurrency: 4 }, () => {
     assert.equal(server.total_cost_usd, null);
   });
 
-  test("a server deadline carries the usage spent before it", async (t) => {
-    const { client } = await setup(t, [FIRST_OF_TWO, SLOW]);
-    await client.start();
-    await assert.rejects(client.infer({ context: "ctx", options: { timeoutS: 5 } }), (error: unknown) => {
-      assert.ok(error instanceof RLMDeadlineError);
-      assert.equal(error.data?.timeout_s, 5);
+  test("a request the server cancels carries the usage spent before", async (t) => {
+    const { fixture, client } = await setup(t, [FIRST_OF_TWO, HELD]);
+    const call = client.infer({ context: "ctx" });
+    // The second model call is held: the first one has returned and been counted.
+    await eventually(
+      () => fixture.stats(),
+      (stats) => stats.requests === 2,
+    );
+    const cancelled = assert.rejects(call, (error: unknown) => {
+      assert.ok(error instanceof RLMCancelledError);
+      assert.equal(error.data?.type, "cancelled");
       assert.equal(error.usage?.calls, 1);
       assert.equal(error.usage?.models["scripted"]?.calls, 1);
       return true;
     });
+    // A shutdown without grace makes the server cancel the request and answer it.
+    assert.deepEqual(await client.shutdown(0), { shutdown: true });
+    await cancelled;
   });
 
   test("queue_full (-32002) is retried with backoff until admitted", async (t) => {
