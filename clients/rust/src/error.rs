@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::protocol::{ErrorType, RpcError};
+use crate::protocol::{ErrorType, RpcError, Usage};
 
 /// Everything that can go wrong in a call.
 ///
@@ -82,6 +82,13 @@ pub enum RlmError {
     /// -32003: the backend is unavailable and the server runs in strict mode.
     #[error("backend unavailable: {0}")]
     BackendUnavailable(Box<RpcError>),
+    /// -32004: a budget was exhausted. `data.limit` names the limit reached
+    /// ([`crate::protocol::Limit::Budget`]), `data.max` its value, `data.scope` whether it was
+    /// the request's ([`crate::InferOptions::budget`]) or the server's lifetime limit, and
+    /// `data.usage` what the request had spent ([`RlmError::usage`]). Never retried: the same
+    /// request would meet the same limit.
+    #[error("budget exceeded: {0}")]
+    BudgetExceeded(Box<RpcError>),
     /// -32800: the request was cancelled (by `$/cancelRequest` or by a server shutdown).
     #[error("cancelled: {0}")]
     Cancelled(Box<RpcError>),
@@ -104,6 +111,7 @@ impl RlmError {
             -32001 => RlmError::DeadlineExceeded(error),
             -32002 => RlmError::Rejected(error),
             -32003 => RlmError::BackendUnavailable(error),
+            -32004 => RlmError::BudgetExceeded(error),
             -32800 => RlmError::Cancelled(error),
             _ => RlmError::Rpc(error),
         }
@@ -121,6 +129,7 @@ impl RlmError {
             | RlmError::DeadlineExceeded(e)
             | RlmError::Rejected(e)
             | RlmError::BackendUnavailable(e)
+            | RlmError::BudgetExceeded(e)
             | RlmError::Cancelled(e)
             | RlmError::Rpc(e) => Some(e),
             _ => None,
@@ -130,6 +139,15 @@ impl RlmError {
     /// The JSON-RPC error code, when the server answered with one.
     pub fn code(&self) -> Option<i64> {
         self.rpc().map(|e| e.code)
+    }
+
+    /// What the request spent before the server ended it with this error (`data.usage`):
+    /// sent on every error that ends an `infer` after a model call was made (over budget,
+    /// failed, timed out or cancelled on the server). `None` when no model call was made, and
+    /// for the client's own errors (its timeout, a dropped future, a dead child), which do not
+    /// wait for the server's answer.
+    pub fn usage(&self) -> Option<&Usage> {
+        self.rpc()?.data.as_ref()?.usage.as_ref()
     }
 
     /// Whether the client retries this error: only what the server could not start, so that
@@ -151,6 +169,7 @@ impl RlmError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{BudgetLimit, BudgetScope, Limit};
     use serde_json::json;
 
     fn rpc(value: serde_json::Value) -> RpcError {
@@ -198,6 +217,9 @@ mod tests {
             json!({"code": -32602, "message": "m", "data": {"type": "invalid_params"}})
         ));
         assert!(!retryable(
+            json!({"code": -32004, "message": "m", "data": {"type": "budget_exceeded", "limit": "max_calls"}})
+        ));
+        assert!(!retryable(
             json!({"code": -32603, "message": "m", "data": {"type": "worker_crashed"}})
         ));
         assert!(!RlmError::Timeout(Duration::from_secs(1)).is_retryable());
@@ -205,6 +227,63 @@ mod tests {
         assert!(!RlmError::StartFailed("exit status: 2".into()).is_retryable());
         assert!(!RlmError::Closed.is_retryable());
         assert!(!RlmError::Protocol("bad".into()).is_retryable());
+    }
+
+    #[test]
+    fn a_budget_error_names_its_limit_and_keeps_the_usage() {
+        let error = RlmError::from_rpc(rpc(json!({
+            "code": -32004, "message": "Budget exceeded", "data": {
+                "type": "budget_exceeded", "limit": "max_cost_usd", "max": 0.5, "scope": "server",
+                "usage": {"calls": 2, "input_tokens": 10, "output_tokens": 3, "cost_usd": 0.51,
+                          "models": {"m": {"calls": 2, "input_tokens": 10, "output_tokens": 3, "cost_usd": 0.51}}}
+            }
+        })));
+        assert!(matches!(error, RlmError::BudgetExceeded(_)), "{error}");
+        let data = error.rpc().unwrap().data.as_ref().unwrap();
+        assert_eq!(data.kind, ErrorType::BudgetExceeded);
+        assert_eq!(
+            data.limit.as_ref().and_then(Limit::budget),
+            Some(&BudgetLimit::MaxCostUsd)
+        );
+        assert_eq!(data.limit.as_ref().and_then(Limit::count), None);
+        assert_eq!(
+            (data.max, data.scope.as_ref()),
+            (Some(0.5), Some(&BudgetScope::Server))
+        );
+        assert_eq!(
+            error.usage().map(|u| (u.calls, u.cost_usd)),
+            Some((2, Some(0.51)))
+        );
+        assert!(
+            RlmError::from_rpc(rpc(
+                json!({"code": -32000, "message": "m", "data": {"type": "backend_error"}})
+            ))
+            .usage()
+            .is_none()
+        );
+        assert!(RlmError::Closed.usage().is_none());
+    }
+
+    #[test]
+    fn a_limit_is_a_count_or_a_name() {
+        let count = rpc(
+            json!({"code": -32002, "message": "m", "data": {"type": "queue_full", "limit": 64}}),
+        );
+        let limit = count.data.unwrap().limit.unwrap();
+        assert_eq!((limit.count(), limit.budget()), (Some(64), None));
+        let name = rpc(
+            json!({"code": -32004, "message": "m", "data": {"type": "budget_exceeded", "limit": "max_brand_new"}}),
+        );
+        let limit = name.data.unwrap().limit.unwrap();
+        assert_eq!(
+            limit,
+            Limit::Budget(BudgetLimit::Unknown("max_brand_new".into()))
+        );
+        assert_eq!(
+            serde_json::to_value(&limit).unwrap(),
+            json!("max_brand_new")
+        );
+        assert_eq!(serde_json::to_value(Limit::Count(7)).unwrap(), json!(7));
     }
 
     #[test]

@@ -85,8 +85,8 @@ pub use connection::Exit;
 pub use error::RlmError;
 pub use metrics::Metrics;
 pub use protocol::{
-    Backend, ErrorData, ErrorType, InferOptions, InferResult, Message, Progress, ProgressEvent,
-    Prompt, ReadyParams, RpcError, ShutdownResult, StatusResult,
+    Backend, Budget, ErrorData, ErrorType, InferOptions, InferResult, Message, Progress,
+    ProgressEvent, Prompt, ReadyParams, RpcError, ShutdownResult, StatusResult,
 };
 pub use request::InferRequest;
 

@@ -175,7 +175,8 @@ pub struct InferOptions {
     /// Model for `llm_query` sub-calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_model: Option<String>,
-    /// Base URL of an OpenAI-compatible server.
+    /// Base URL of an OpenAI-compatible server. Refused with -32602 (`data.field` is
+    /// `options.base_url`) unless the server was started with `--allow-base-url` for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
     /// Most root-model iterations (1..=1000).
@@ -200,6 +201,71 @@ pub struct InferOptions {
     /// Return the run's trajectory in [`InferResult::trajectory`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trajectory: Option<bool>,
+    /// Limits over this request's whole call tree; past one the server answers -32004
+    /// ([`crate::RlmError::BudgetExceeded`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+}
+
+/// Limits over one request's whole call tree, every model call at every depth (`Budget`).
+///
+/// The server reserves before each model call (its input counted as at most its prompt's
+/// bytes, its output as at most `max_tokens`, else 4096) and settles after it, so concurrent
+/// requests cannot overspend together. Past a limit the request ends with -32004
+/// ([`crate::RlmError::BudgetExceeded`]), whose data names the limit and carries the usage so
+/// far. A cost limit on a model without a known price is refused with -32602.
+///
+/// ```
+/// use rlm_client::{Budget, InferOptions};
+/// let options = InferOptions::new().budget(Budget::new().max_calls(20).max_cost_usd(0.5));
+/// assert_eq!(options.budget.unwrap().max_calls, Some(20));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Budget {
+    /// Most model calls (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_calls: Option<u64>,
+    /// Most prompt tokens, over every call (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_input_tokens: Option<u64>,
+    /// Most completion tokens, over every call (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
+    /// Most cost in US dollars (above 0); the model must have a known price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+}
+
+impl Budget {
+    /// No limits of the request's own (the server's configured limits still apply).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `max_calls`.
+    pub fn max_calls(mut self, value: u64) -> Self {
+        self.max_calls = Some(value);
+        self
+    }
+
+    /// Sets `max_input_tokens`.
+    pub fn max_input_tokens(mut self, value: u64) -> Self {
+        self.max_input_tokens = Some(value);
+        self
+    }
+
+    /// Sets `max_output_tokens`.
+    pub fn max_output_tokens(mut self, value: u64) -> Self {
+        self.max_output_tokens = Some(value);
+        self
+    }
+
+    /// Sets `max_cost_usd`.
+    pub fn max_cost_usd(mut self, value: f64) -> Self {
+        self.max_cost_usd = Some(value);
+        self
+    }
 }
 
 /// Setters, one per option, for building options outside this crate (the struct is
@@ -256,6 +322,8 @@ option_setters! {
     progress: bool;
     /// Sets `trajectory`: return the run's steps in [`InferResult::trajectory`].
     trajectory: bool;
+    /// Sets `budget`: limits over the request's whole call tree.
+    budget: Budget;
 }
 
 /// Params of `infer` (`InferParams`). The client always sends `prompt`; `messages` is the
@@ -304,7 +372,8 @@ pub struct ModelUsage {
     pub input_tokens: u64,
     /// Completion tokens.
     pub output_tokens: u64,
-    /// Cost in US dollars, when the backend reports one.
+    /// Cost in US dollars: the provider's, or priced from a table; `None` when the price of
+    /// a model is unknown.
     pub cost_usd: Option<f64>,
 }
 
@@ -312,13 +381,14 @@ pub struct ModelUsage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Usage {
-    /// Model calls, root and sub-calls together.
+    /// Model calls, root and sub-calls together, at every depth.
     pub calls: u64,
     /// Prompt tokens.
     pub input_tokens: u64,
     /// Completion tokens.
     pub output_tokens: u64,
-    /// Cost in US dollars, when the backend reports one.
+    /// Cost in US dollars: the provider's, or priced from a table; `None` when the price of
+    /// a model is unknown.
     pub cost_usd: Option<f64>,
     /// The same per model name.
     pub models: BTreeMap<String, ModelUsage>,
@@ -442,10 +512,18 @@ pub struct ServerMetrics {
     pub timed_out_requests: u64,
     /// Answered in stub mode.
     pub stub_responses: u64,
-    /// Backend retries the server made.
+    /// Model calls the server retried (each call is retried on its own).
     pub total_retries: u64,
     /// Latency of the last 1000 `infer`s.
     pub latency_ms: LatencySummary,
+    /// Model calls made over the server's lifetime (every request, every depth).
+    pub total_calls: u64,
+    /// Prompt tokens over the server's lifetime.
+    pub total_input_tokens: u64,
+    /// Completion tokens over the server's lifetime.
+    pub total_output_tokens: u64,
+    /// Cost in US dollars over the server's lifetime; `None` while no call had a known price.
+    pub total_cost_usd: Option<f64>,
 }
 
 /// The result of `status` (`StatusResult`).
@@ -581,8 +659,65 @@ wire_enum! {
         QueueFull = "queue_full",
         /// -32003: backend unavailable in strict mode.
         BackendUnavailable = "backend_unavailable",
+        /// -32004: a budget was exhausted.
+        BudgetExceeded = "budget_exceeded",
         /// -32800: cancelled.
         Cancelled = "cancelled",
+    }
+}
+
+wire_enum! {
+    /// The budget limit a -32004 error names in `data.limit`.
+    BudgetLimit {
+        /// `max_calls`.
+        MaxCalls = "max_calls",
+        /// `max_input_tokens`.
+        MaxInputTokens = "max_input_tokens",
+        /// `max_output_tokens`.
+        MaxOutputTokens = "max_output_tokens",
+        /// `max_cost_usd`.
+        MaxCostUsd = "max_cost_usd",
+    }
+}
+
+/// `data.limit` of an error: a number for `line_too_long` and `queue_full`, the name of the
+/// budget limit that was reached for -32004.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+#[non_exhaustive]
+pub enum Limit {
+    /// `line_too_long`: the server's line limit in bytes; `queue_full`: the most requests
+    /// that may wait.
+    Count(u64),
+    /// -32004: which budget limit was reached.
+    Budget(BudgetLimit),
+}
+
+impl Limit {
+    /// The number, for `line_too_long` and `queue_full`.
+    pub fn count(&self) -> Option<u64> {
+        match self {
+            Limit::Count(count) => Some(*count),
+            Limit::Budget(_) => None,
+        }
+    }
+
+    /// The budget limit, for -32004.
+    pub fn budget(&self) -> Option<&BudgetLimit> {
+        match self {
+            Limit::Budget(limit) => Some(limit),
+            Limit::Count(_) => None,
+        }
+    }
+}
+
+wire_enum! {
+    /// Whose limit a -32004 error reached (`data.scope`).
+    BudgetScope {
+        /// The request's own `options.budget` (or the server's default per request).
+        Request = "request",
+        /// The server's lifetime spend limit.
+        Server = "server",
     }
 }
 
@@ -600,16 +735,16 @@ pub struct ErrorData {
     /// -32000: whether the request may be retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retryable: Option<bool>,
-    /// Backend attempts made.
+    /// -32000: how many times the model call that failed was tried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u64>,
     /// -32000: the backend's HTTP status, when it gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<i64>,
     /// `line_too_long`: the server's line limit in bytes; `queue_full`: the most requests
-    /// that may wait.
+    /// that may wait; -32004: the budget limit that was reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limit: Option<u64>,
+    pub limit: Option<Limit>,
     /// `queue_full`: the most prompt bytes that may wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_bytes: Option<u64>,
@@ -622,6 +757,16 @@ pub struct ErrorData {
     /// -32601: the unknown method.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    /// -32004: the value of the limit that was reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// -32004: whether the request's budget or the server's lifetime limit was reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<BudgetScope>,
+    /// What the request spent before it ended: on every error that ends an `infer` after a
+    /// model call was made (cancelled, timed out, failed, over budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
     /// Members the schema does not name.
     #[serde(flatten)]
     pub extra: Map<String, Value>,

@@ -161,7 +161,7 @@ impl ProgressSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Backend;
+    use crate::protocol::{Backend, Budget};
     use serde_json::json;
 
     fn wire(request: InferRequest) -> serde_json::Value {
@@ -188,6 +188,7 @@ mod tests {
             max_tokens: Some(100),
             progress: Some(false),
             trajectory: Some(true),
+            budget: Some(Budget::new().max_calls(5).max_cost_usd(0.25)),
         };
         let request = InferRequest::messages(vec![Message::new("user", "hi")])
             .query("q")
@@ -201,7 +202,8 @@ mod tests {
                     "backend": "azure_openai", "model": "m", "sub_model": "s",
                     "base_url": "http://x/v1", "max_iterations": 3, "max_depth": 2,
                     "timeout_s": 1.5, "temperature": 0.2, "max_tokens": 100,
-                    "progress": false, "trajectory": true
+                    "progress": false, "trajectory": true,
+                    "budget": {"max_calls": 5, "max_cost_usd": 0.25}
                 }
             })
         );

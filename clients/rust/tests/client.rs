@@ -1,6 +1,6 @@
 //! The client against the real rlm-server process, with the scripted OpenAI fixture as its
-//! model: concurrency, cancellation, a dying child, retries, progress, large messages, stub
-//! mode, stderr, close and shutdown. Nothing here measures time; waits for asynchronous
+//! model: concurrency, cancellation, a dying child, retries, budgets, progress, large messages,
+//! stub mode, stderr, close and shutdown. Nothing here measures time; waits for asynchronous
 //! effects poll with a bound, so a broken client fails instead of hanging.
 
 mod common;
@@ -8,8 +8,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rlm_client::protocol::{BudgetLimit, BudgetScope, Limit};
 use rlm_client::{
-    Backend, ErrorType, Exit, InferOptions, InferRequest, Metrics, Progress, ProgressEvent,
+    Backend, Budget, ErrorType, Exit, InferOptions, InferRequest, Metrics, Progress, ProgressEvent,
     RetryConfig, RlmClient, RlmConfig, RlmError,
 };
 use serde_json::{Value, json};
@@ -26,6 +27,11 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// A root-model rule that waits for `POST /_fixture/release`, then answers `expr`.
 fn held(expr: &str) -> Value {
     json!([{"when": "root", "hold": true, "reply": answer(expr)}])
+}
+
+/// A root-model answer that does not finish the run, so that the model is called again.
+fn first_of_two() -> Value {
+    json!({"when": "root", "times": 1, "reply": "```repl\nx = 1\n```"})
 }
 
 async fn server_counter(client: &RlmClient, counter: &str) -> u64 {
@@ -341,6 +347,89 @@ async fn backend_errors_are_never_retried_by_the_client() {
     assert_eq!(client.metrics().total_retries, 0);
     // 1 call for the 401; the server's 2 attempts (1 + 1 retry) for the 500, and no more.
     assert_eq!(fixture.stats()["requests"], 1 + 2);
+}
+
+/// Issue 9: a request over its budget ends with -32004, which names the limit and carries what
+/// was spent. The client does not send it again: a retry would get a fresh budget and spend it.
+#[tokio::test]
+async fn a_budget_error_names_its_limit_carries_usage_and_is_not_retried() {
+    repo_or_skip!();
+    let fixture =
+        Fixture::start(json!([first_of_two(), {"when": "root", "reply": answer("'late'")}]));
+    let config = fixture
+        .config(&[], &[])
+        .into_builder()
+        .retry(RetryConfig::new(
+            3,
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        ))
+        .build();
+    let client = RlmClient::new(config);
+    let options = InferOptions::new().budget(Budget::new().max_calls(1));
+    let error = client
+        .infer(InferRequest::new("ctx").options(options))
+        .await
+        .unwrap_err();
+    let RlmError::BudgetExceeded(rpc) = &error else {
+        panic!("{error}")
+    };
+    assert_eq!(error.code(), Some(-32004));
+    let data = rpc.data.as_ref().unwrap();
+    assert_eq!(data.kind, ErrorType::BudgetExceeded);
+    assert_eq!(data.limit, Some(Limit::Budget(BudgetLimit::MaxCalls)));
+    assert_eq!(
+        (data.max, data.scope.as_ref()),
+        (Some(1.0), Some(&BudgetScope::Request))
+    );
+    let usage = error.usage().expect("a budget error carries the usage");
+    assert_eq!(usage.calls, 1);
+    assert!(usage.input_tokens > 0, "{usage:?}");
+    assert!(!error.is_retryable());
+    // One model call in all: the budget stopped the second, and the client did not resend.
+    assert_eq!(fixture.stats()["requests"], 1);
+    let metrics = client.metrics();
+    assert_eq!((metrics.failed_requests, metrics.total_retries), (1, 0));
+    // The server's lifetime totals count that call; the scripted model has no price.
+    let server = client.status(None).await.expect("status").metrics;
+    assert_eq!(server.total_calls, 1);
+    assert_eq!(
+        (server.total_input_tokens, server.total_output_tokens),
+        (usage.input_tokens, usage.output_tokens)
+    );
+    assert_eq!(server.total_cost_usd, None);
+}
+
+/// A request the server cancels after a model call reports what that call spent.
+#[tokio::test]
+async fn a_request_the_server_cancels_carries_the_usage_spent_before() {
+    repo_or_skip!();
+    let fixture = Fixture::start(json!([
+        first_of_two(),
+        {"when": "root", "hold": true, "reply": "late"}
+    ]));
+    let client = RlmClient::new(fixture.config(&[], &[]));
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { client.infer(InferRequest::new("ctx")).await })
+    };
+    // The second model call is held: the first one has returned and been counted.
+    eventually(LIMIT, "the second model call", || async {
+        fixture.stats()["requests"] == 2
+    })
+    .await;
+    client
+        .shutdown(Duration::ZERO, None)
+        .await
+        .expect("shutdown");
+    let error = call.await.unwrap().unwrap_err();
+    assert!(matches!(error, RlmError::Cancelled(_)), "{error}");
+    let usage = error
+        .usage()
+        .expect("a cancellation after a model call carries the usage");
+    assert_eq!(usage.calls, 1);
+    assert_eq!(usage.models["scripted"].calls, 1);
+    fixture.release();
 }
 
 #[tokio::test]

@@ -5,8 +5,8 @@
 //! - every object definition is filled with every property it names, decoded into the
 //!   crate's type for it and encoded back, which must give the same JSON (a property the
 //!   type lacks is dropped, one it spells differently is missing);
-//! - every value of the `Backend`, progress `event` and `ErrorType` enums must be one the
-//!   crate knows (and the crate must know no other), every `ErrorCode` must map to its own
+//! - every value of the `Backend`, progress `event`, `ErrorType` and error `scope` enums must
+//!   be one the crate knows (and the crate must know no other), every `ErrorCode` must map to its own
 //!   `RlmError` variant, and every method must be one the client implements;
 //! - a definition this test has never seen fails it, so a new one cannot slip by.
 //!
@@ -18,9 +18,9 @@ mod common;
 use std::collections::BTreeSet;
 
 use rlm_client::protocol::{
-    CancelParams, ErrorData, InferOptions, InferParams, InferResult, LatencySummary, Message,
-    Progress, ReadyParams, RpcError, ServerMetrics, ShutdownParams, ShutdownResult, StatusResult,
-    TrajectoryCodeBlock, TrajectoryStep, TrajectorySubCall, Usage,
+    Budget, BudgetScope, CancelParams, ErrorData, InferOptions, InferParams, InferResult,
+    LatencySummary, Message, Progress, ReadyParams, RpcError, ServerMetrics, ShutdownParams,
+    ShutdownResult, StatusResult, TrajectoryCodeBlock, TrajectoryStep, TrajectorySubCall, Usage,
 };
 use rlm_client::{Backend, ErrorType, ProgressEvent, RlmError};
 use serde::Serialize;
@@ -67,6 +67,7 @@ fn check(name: &str, def: &Value, defs: &Map<String, Value>) -> Result<(), Strin
         "Message" => round_trip::<Message>(&sample()),
         "InferParams" => round_trip::<InferParams>(&sample()),
         "InferOptions" => round_trip::<InferOptions>(&sample()),
+        "Budget" => round_trip::<Budget>(&sample()),
         "ShutdownParams" => round_trip::<ShutdownParams>(&sample()),
         "CancelParams" => round_trip::<CancelParams>(&sample()),
         "Error" => round_trip::<RpcError>(&sample()),
@@ -74,7 +75,11 @@ fn check(name: &str, def: &Value, defs: &Map<String, Value>) -> Result<(), Strin
             let data: ErrorData = decode(&sample())?;
             match data.extra.keys().next() {
                 Some(unknown) => Err(format!("`{unknown}` is not a field of ErrorData")),
-                None => round_trip::<ErrorData>(&sample()),
+                None => {
+                    round_trip::<ErrorData>(&sample())?;
+                    let scopes = &def["properties"]["scope"]["enum"];
+                    same_names(&strings(scopes), BudgetScope::KNOWN)
+                }
             }
         }
         "Usage" => round_trip::<Usage>(&sample()),

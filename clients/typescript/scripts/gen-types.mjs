@@ -31,6 +31,20 @@ export const INFER_OPTION_NAMES = ${list(Object.keys(defs.InferOptions.propertie
 `;
 }
 
+/**
+ * A `$ref` with siblings (say a `description`) makes the generator emit a copy of the referenced
+ * type under a new name (`Usage1`); as the single member of an `allOf` it stays the named type and
+ * the description becomes the property's doc comment. Returns a rewritten copy of `node`.
+ */
+function refsWithSiblings(node) {
+  if (Array.isArray(node)) return node.map(refsWithSiblings);
+  if (node === null || typeof node !== "object") return node;
+  const out = Object.fromEntries(Object.entries(node).map(([key, value]) => [key, refsWithSiblings(value)]));
+  if (typeof out.$ref !== "string" || Object.keys(out).length === 1) return out;
+  const { $ref, ...siblings } = out;
+  return { allOf: [{ $ref }], ...siblings };
+}
+
 /** Renders the schema as TypeScript. The root is wrapped so that every $def is emitted. */
 export async function render() {
   const schema = JSON.parse(readFileSync(schemaPath, "utf8"));
@@ -43,7 +57,7 @@ export async function render() {
       server: { $ref: "#/$defs/ServerMessage" },
       client: { $ref: "#/$defs/ClientMessage" },
     },
-    $defs: schema.$defs,
+    $defs: refsWithSiblings(schema.$defs),
   };
   const ts = await compile(root, "WireProtocol", {
     bannerComment: BANNER,

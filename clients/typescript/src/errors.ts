@@ -3,7 +3,7 @@
  * code and `data`; conditions only the client can see (the child exited, it never became ready)
  * use -32603 with a `data.type` of their own, the code the contract gives a crashed worker.
  */
-import type { ErrorCode, ErrorData } from "./generated/protocol.js";
+import type { ErrorCode, ErrorData, Usage } from "./generated/protocol.js";
 
 /**
  * `data.type` values that only the client produces: the child died (`server_exited`), never got
@@ -33,6 +33,16 @@ export class RLMError extends Error {
     readonly data?: RLMErrorData,
   ) {
     super(message);
+  }
+
+  /**
+   * What the request spent before it ended (`data.usage`): the server sends it on every error
+   * that ends an `infer` after a model call was made (cancelled, timed out, failed, over budget),
+   * so spend is counted even when there is no result. Undefined when no call was made, and on
+   * errors the client itself raised (its own deadline or AbortSignal, a dead child).
+   */
+  get usage(): Usage | undefined {
+    return this.data?.usage;
   }
 
   /**
@@ -83,6 +93,16 @@ export class RLMRejectedError extends RLMError {
 export class RLMUnavailableError extends RLMError {
   override name = "RLMUnavailableError";
 }
+/**
+ * -32004: a budget was exhausted: `data.limit` names the limit reached (`max_calls`,
+ * `max_input_tokens`, `max_output_tokens` or `max_cost_usd`), `data.max` its value, `data.scope`
+ * whether it was the request's `options.budget` (`request`) or the server's lifetime spend limit
+ * (`server`), and `data.usage` what the request had spent. Never retried by the client: the same
+ * request would meet the same limit.
+ */
+export class RLMBudgetError extends RLMError {
+  override name = "RLMBudgetError";
+}
 /** -32800: the request was cancelled (AbortSignal, or the server's shutdown grace ran out). */
 export class RLMCancelledError extends RLMError {
   override name = "RLMCancelledError";
@@ -101,6 +121,7 @@ const CLASSES: { readonly [C in ErrorCode]: ErrorClass } = {
   [-32001]: RLMDeadlineError,
   [-32002]: RLMRejectedError,
   [-32003]: RLMUnavailableError,
+  [-32004]: RLMBudgetError,
   [-32800]: RLMCancelledError,
 };
 

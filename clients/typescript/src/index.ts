@@ -10,6 +10,7 @@ export {
 export type { Logger, ProgressEvent, ReadyInfo } from "./connection.js";
 export {
   RLMBackendError,
+  RLMBudgetError,
   RLMCancelledError,
   RLMDeadlineError,
   RLMError,
@@ -29,9 +30,11 @@ export {
   INFER_OPTION_NAMES,
   PROTOCOL_VERSION,
   type Backend,
+  type Budget,
   type ErrorCode,
   type ErrorType,
   type InferResult,
+  type ServerMetrics,
   type ShutdownResult,
   type StatusResult,
   type Usage,

@@ -1,6 +1,7 @@
 /**
  * infer against the real server and the scripted OpenAI-compatible fixture: parallelism,
- * cancellation, deadlines, a killed child, progress, options on the wire, retries, metrics.
+ * cancellation, deadlines, a killed child, progress, options on the wire, retries, budgets,
+ * metrics.
  */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
@@ -8,11 +9,13 @@ import {
   type ProgressEvent,
   type RLMClient,
   RLMBackendError,
+  RLMBudgetError,
   RLMCancelledError,
   RLMDeadlineError,
   RLMInternalError,
   RLMInvalidParamsError,
   type RLMMetrics,
+  type Usage,
 } from "../src/index.js";
 import {
   type Fixture,
@@ -25,6 +28,8 @@ import {
 } from "./helpers.js";
 
 const SLOW: FixtureRule = { when: "root", delay_ms: 20_000, reply: "too late" };
+/** A root answer that does not finish the run, so that the model is called again. */
+const FIRST_OF_TWO: FixtureRule = { when: "root", times: 1, reply: "```repl\nx = 1\n```" };
 /** Held until the test releases it. */
 const HELD: FixtureRule = { when: "root", hold: true, reply: answerWith("'finished'") };
 
@@ -252,6 +257,65 @@ describe("infer", { concurrency: 4 }, () => {
     assert.equal(metrics.totalRetries, 0);
     assert.equal(metrics.failedRequests, 2);
     assert.equal(metrics.totalRequests, 2);
+  });
+
+  test("a budget error (-32004) names the limit, carries the usage and is not retried", async (t) => {
+    // The model's first answer does not finish, so the run needs a second call: over max_calls.
+    const { fixture, client } = await setup(
+      t,
+      [FIRST_OF_TWO, { when: "root", reply: answerWith("'late'") }],
+      {
+        maxRetries: 2,
+      },
+    );
+    let spent: Usage | undefined;
+    await assert.rejects(
+      client.infer({ context: "ctx", options: { budget: { max_calls: 1 } } }),
+      (error: unknown) => {
+        assert.ok(error instanceof RLMBudgetError);
+        assert.equal(error.code, -32004);
+        assert.equal(error.data?.type, "budget_exceeded");
+        assert.equal(error.data?.limit, "max_calls");
+        assert.equal(error.data?.max, 1);
+        assert.equal(error.data?.scope, "request");
+        assert.equal(error.usage?.calls, 1);
+        assert.ok((error.usage?.input_tokens ?? 0) > 0);
+        assert.equal(error.retryable, false);
+        spent = error.usage;
+        return true;
+      },
+    );
+    // One model call in all: the budget stopped the second, and the client did not send again.
+    assert.equal((await fixture.stats()).requests, 1);
+    const metrics = client.getMetrics();
+    assert.equal(metrics.totalRetries, 0);
+    assert.equal(metrics.failedRequests, 1);
+    // The server's lifetime totals count that call; the scripted model has no price.
+    const { metrics: server } = await client.status();
+    assert.equal(server.total_calls, 1);
+    assert.equal(server.total_input_tokens, spent?.input_tokens);
+    assert.equal(server.total_output_tokens, spent?.output_tokens);
+    assert.equal(server.total_cost_usd, null);
+  });
+
+  test("a request the server cancels carries the usage spent before", async (t) => {
+    const { fixture, client } = await setup(t, [FIRST_OF_TWO, HELD]);
+    const call = client.infer({ context: "ctx" });
+    // The second model call is held: the first one has returned and been counted.
+    await eventually(
+      () => fixture.stats(),
+      (stats) => stats.requests === 2,
+    );
+    const cancelled = assert.rejects(call, (error: unknown) => {
+      assert.ok(error instanceof RLMCancelledError);
+      assert.equal(error.data?.type, "cancelled");
+      assert.equal(error.usage?.calls, 1);
+      assert.equal(error.usage?.models["scripted"]?.calls, 1);
+      return true;
+    });
+    // A shutdown without grace makes the server cancel the request and answer it.
+    assert.deepEqual(await client.shutdown(0), { shutdown: true });
+    await cancelled;
   });
 
   test("queue_full (-32002) is retried with backoff until admitted", async (t) => {

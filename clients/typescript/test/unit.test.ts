@@ -7,6 +7,7 @@ import { describe, test } from "node:test";
 import { backoffDelay } from "../src/client.js";
 import {
   RLMBackendError,
+  RLMBudgetError,
   RLMCancelledError,
   RLMDeadlineError,
   RLMError,
@@ -232,6 +233,7 @@ describe("errors", () => {
       [-32001, RLMDeadlineError],
       [-32002, RLMRejectedError],
       [-32003, RLMUnavailableError],
+      [-32004, RLMBudgetError],
       [-32800, RLMCancelledError],
     ];
     for (const [code, Class] of expected) {
@@ -252,9 +254,23 @@ describe("errors", () => {
     for (const type of ["start_failed", "protocol_error", "worker_crashed", "internal_error"] as const) {
       assert.equal(rlmError(-32603, "m", { type }).retryable, false, type);
     }
-    for (const code of [-32800, -32001, -32602, -32003]) {
+    for (const code of [-32800, -32001, -32602, -32003, -32004]) {
       assert.equal(rlmError(code, "m", { type: "queue_full", retryable: true }).retryable, false, `${code}`);
     }
+  });
+
+  test("usage is read from data.usage, and absent without it", () => {
+    const usage = { calls: 1, input_tokens: 10, output_tokens: 2, cost_usd: null, models: {} };
+    const error = rlmError(-32004, "m", {
+      type: "budget_exceeded",
+      limit: "max_calls",
+      max: 1,
+      scope: "request",
+      usage,
+    });
+    assert.deepEqual(error.usage, usage);
+    assert.equal(rlmError(-32000, "m", { type: "backend_error" }).usage, undefined);
+    assert.equal(rlmError(-32000, "m").usage, undefined);
   });
 
   test("every error code of the schema has its own class", () => {

@@ -8,9 +8,10 @@ export type Response = SuccessResponse | ErrorResponse;
  */
 export type Id = string | number;
 /**
- * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error or worker crash; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32800 cancelled.
+ * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error or worker crash; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32004 a budget was exhausted; -32800 cancelled.
  */
-export type ErrorCode = -32700 | -32600 | -32601 | -32602 | -32603 | -32000 | -32001 | -32002 | -32003 | -32800;
+export type ErrorCode =
+  -32700 | -32600 | -32601 | -32602 | -32603 | -32000 | -32001 | -32002 | -32003 | -32004 | -32800;
 export type ErrorType =
   | "parse_error"
   | "invalid_request"
@@ -24,6 +25,7 @@ export type ErrorType =
   | "shutting_down"
   | "queue_full"
   | "backend_unavailable"
+  | "budget_exceeded"
   | "cancelled";
 export type ClientMessage = Request | [Request, ...Request[]];
 /**
@@ -153,8 +155,21 @@ export interface ServerMetrics {
   cancelled_requests: number;
   timed_out_requests: number;
   stub_responses: number;
+  /**
+   * Model calls the broker tried again (each call is retried on its own).
+   */
   total_retries: number;
   latency_ms: LatencySummary;
+  /**
+   * Model calls made over the server's lifetime (every request, every depth).
+   */
+  total_calls: number;
+  total_input_tokens: number;
+  total_output_tokens: number;
+  /**
+   * Null while no call had a known price.
+   */
+  total_cost_usd: number | null;
 }
 export interface LatencySummary {
   avg: number;
@@ -185,15 +200,18 @@ export interface ErrorData {
    * -32000: always false once the server's own retries are spent; clients never retry -32000.
    */
   retryable?: boolean;
+  /**
+   * -32000: how many times the call that failed was tried.
+   */
   attempts?: number;
   /**
    * -32000: HTTP status from the backend, when it gave one.
    */
   status?: number;
   /**
-   * -32600 line_too_long: the configured maximum line in bytes; -32002 queue_full: the maximum number of queued requests.
+   * -32600 line_too_long: the maximum line in bytes; -32002 queue_full: the maximum number of queued requests; -32004: the name of the limit that was reached (max_calls, max_input_tokens, max_output_tokens or max_cost_usd).
    */
-  limit?: number;
+  limit?: number | string;
   timeout_s?: number;
   reason?: string;
   method?: string;
@@ -201,6 +219,18 @@ export interface ErrorData {
    * -32002 queue_full: the maximum total prompt size of queued requests.
    */
   limit_bytes?: number;
+  /**
+   * -32004: the value of that limit.
+   */
+  max?: number;
+  /**
+   * -32004: whether the request's budget or the server's lifetime limit was reached.
+   */
+  scope?: "request" | "server";
+  /**
+   * What the request spent before it ended: on every error that ends an infer after a model call was made.
+   */
+  usage?: Usage;
 }
 export interface ReadyNotification {
   jsonrpc: "2.0";
@@ -248,6 +278,16 @@ export interface InferOptions {
   max_tokens?: number;
   progress?: boolean;
   trajectory?: boolean;
+  budget?: Budget;
+}
+/**
+ * Limits over this request's whole call tree (every model call at every depth). The broker reserves before each call (a call's input is counted as at most its prompt's bytes, its output as at most max_tokens, else 4096) and settles after it, so concurrent requests cannot overspend together. A cost limit on a model without a known price is refused (-32602).
+ */
+export interface Budget {
+  max_calls?: number;
+  max_input_tokens?: number;
+  max_output_tokens?: number;
+  max_cost_usd?: number;
 }
 export interface ShutdownParams {
   grace_s?: number;
@@ -259,8 +299,8 @@ export interface CancelParams {
 /** The protocol version this client speaks: the `ready` notification's `protocol`. */
 export const PROTOCOL_VERSION = "1" as const;
 /** Every error code of the contract. */
-export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32800] as const;
+export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32004, -32800] as const;
 /** Every `data.type` of the contract. */
-export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "backend_error", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "cancelled"] as const;
+export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "backend_error", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "cancelled"] as const;
 /** Every per-request option, by its wire name. */
-export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory"] as const;
+export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget"] as const;
