@@ -651,6 +651,8 @@ wire_enum! {
         WorkerCrashed = "worker_crashed",
         /// -32000: the backend failed after the server's retries.
         BackendError = "backend_error",
+        /// -32000: `--replay` has no recorded answer for a model call (`data.hash` names it).
+        ReplayMiss = "replay_miss",
         /// -32001: deadline exceeded.
         DeadlineExceeded = "deadline_exceeded",
         /// -32002: the server is shutting down.
@@ -748,6 +750,9 @@ pub struct ErrorData {
     /// `queue_full`: the most prompt bytes that may wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_bytes: Option<u64>,
+    /// `replay_miss`: the SHA-256 of the model call nothing was recorded for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
     /// -32001: the deadline that passed, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<f64>,

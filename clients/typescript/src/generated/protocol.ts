@@ -21,6 +21,7 @@ export type ErrorType =
   | "internal_error"
   | "worker_crashed"
   | "backend_error"
+  | "replay_miss"
   | "deadline_exceeded"
   | "shutting_down"
   | "queue_full"
@@ -231,6 +232,10 @@ export interface ErrorData {
    * What the request spent before it ended: on every error that ends an infer after a model call was made.
    */
   usage?: Usage;
+  /**
+   * -32000 replay_miss: the SHA-256 of the model call (backend, model, prompt, sampling) that --replay has no recorded answer for.
+   */
+  hash?: string;
 }
 export interface ReadyNotification {
   jsonrpc: "2.0";
@@ -301,6 +306,6 @@ export const PROTOCOL_VERSION = "1" as const;
 /** Every error code of the contract. */
 export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32004, -32800] as const;
 /** Every `data.type` of the contract. */
-export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "backend_error", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "cancelled"] as const;
+export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "backend_error", "replay_miss", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "cancelled"] as const;
 /** Every per-request option, by its wire name. */
 export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget"] as const;
