@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import Spawn
 from fixtures.openai_fixture import FixtureServer
-from harness import answer_with, clean_env, repl, server_command
+from harness import ServerProcess, answer_with, clean_env, repl, server_command
 
 RULES = [
     {"when": "root", "times": 1, "reply": repl("n = len(context)", "s = llm_query('sub q')")},
@@ -27,6 +27,17 @@ def _record(spawn: Spawn, tape: Path) -> str:
     return text
 
 
+def _replaying(spawn: Spawn, llm: FixtureServer, tape: Path) -> ServerProcess:
+    """A server that replays `tape` with no key; its endpoint is the fixture, so a call that
+    reached a provider would be counted there."""
+    env = {
+        "ELIZA_RLM_BACKEND": "openai",
+        "ELIZA_RLM_MODEL": "scripted",
+        "ELIZA_RLM_BASE_URL": llm.base_url,
+    }
+    return spawn(raw_env=env, args=["--replay", str(tape)])
+
+
 def test_a_replay_answers_without_a_provider(
     spawn: Spawn, llm: FixtureServer, tmp_path: Path
 ) -> None:
@@ -34,15 +45,7 @@ def test_a_replay_answers_without_a_provider(
     recorded = _record(spawn, tape)
     assert recorded == f"SUB:{len(CONTEXT)}:hello"
     assert len(list(tape.glob("*.json"))) == 3  # two root calls and a sub-call
-    # no key, and the model is the fixture: a call would reach it and be counted
-    replaying = spawn(
-        raw_env={
-            "ELIZA_RLM_BACKEND": "openai",
-            "ELIZA_RLM_MODEL": "scripted",
-            "ELIZA_RLM_BASE_URL": llm.base_url,
-        },
-        args=["--replay", str(tape)],
-    )
+    replaying = _replaying(spawn, llm, tape)
     assert replaying.ready()["available"] is True
     assert llm.script.stats()["requests"] == 0  # spawn() reset the fixture's counters
     result = replaying.call("infer", {"prompt": CONTEXT, "query": "what?"})["result"]
@@ -57,14 +60,7 @@ def test_a_replay_miss_fails_naming_the_call_and_calls_nobody(
 ) -> None:
     tape = tmp_path / "tape"
     _record(spawn, tape)
-    replaying = spawn(
-        raw_env={
-            "ELIZA_RLM_BACKEND": "openai",
-            "ELIZA_RLM_MODEL": "scripted",
-            "ELIZA_RLM_BASE_URL": llm.base_url,
-        },
-        args=["--replay", str(tape)],
-    )
+    replaying = _replaying(spawn, llm, tape)
     replaying.ready()
     error = replaying.call("infer", {"prompt": "another context"})["error"]
     assert error["code"] == -32000

@@ -186,6 +186,18 @@ def _failure(account: Account) -> RpcError:
     return account.failure.error()
 
 
+@dataclass
+class _Running:
+    """One admitted request: what it runs with, and what it has done so far."""
+
+    spec: RunSpec
+    request: InferRequest
+    progress: _Progress
+    started: float
+    account: Account
+    steps: list[Json] = field(default_factory=list)  # the trajectory, as far as it got
+
+
 class Engine:
     def __init__(self, config: Config, environ: Mapping[str, str]) -> None:
         self.config = config
@@ -262,8 +274,8 @@ class Engine:
         await self._check_prices(spec, request.options)
         started = time.monotonic()
         progress = _Progress(request_id, notify if request.options.progress else None, started)
-        account = self.broker.account(spec.budget)
-        steps: list[Json] = []  # the trajectory, as far as the worker got
+        run = _Running(spec, request, progress, started, self.broker.account(spec.budget))
+        account = run.account
         self.metrics.started()
         outcome = Outcome.FAILURE
         ending: Json = {}
@@ -272,8 +284,7 @@ class Engine:
                 outcome, result = self._stub(spec, started)
                 return result
             with self._cancellable(request_id):
-                run = self._within_deadline(spec, request, progress, started, account, steps)
-                ending = result = await run
+                ending = result = await self._within_deadline(run)
                 outcome = Outcome.SUCCESS
                 return result
             raise RequestCancelled()  # only a cancelled scope gets here
@@ -286,10 +297,15 @@ class Engine:
         finally:
             self.metrics.retried(account.retries)
             self.metrics.record(outcome, (time.monotonic() - started) * 1000)
-            if self.config.log_dir is not None and spec.unavailable_reason is None:
-                with anyio.CancelScope(shield=True):
-                    entry = logdir.Entry(request_id, request.query, spec.rlm_kwargs, steps)
-                    await logdir.write(self.config.log_dir, entry, ending, account.usage())
+            await self._log(run, request_id, ending)
+
+    async def _log(self, run: _Running, request_id: RequestId, ending: Json) -> None:
+        """--log-dir: the request's trajectory file, written however it ended."""
+        if self.config.log_dir is None or run.spec.unavailable_reason is not None:
+            return
+        entry = logdir.Entry(request_id, run.request.query, run.spec.rlm_kwargs, run.steps)
+        with anyio.CancelScope(shield=True):  # a cancelled request is logged too
+            await logdir.write(self.config.log_dir, entry, ending, run.account.usage())
 
     async def _check_prices(self, spec: RunSpec, options: InferOptions) -> None:
         """A cost limit on a model without a known price is refused up front: it could not be
@@ -347,19 +363,11 @@ class Engine:
             if not scopes:
                 del self._scopes[request_id]
 
-    async def _within_deadline(
-        self,
-        spec: RunSpec,
-        request: InferRequest,
-        progress: _Progress,
-        started: float,
-        account: Account,
-        steps: list[Json],
-    ) -> Json:
-        with anyio.move_on_after(spec.timeout_s):
-            async with self._slot(request.size):
-                return await self._run(spec, request, progress, started, account, steps)
-        raise DeadlineExceeded(timeout_s=spec.timeout_s)
+    async def _within_deadline(self, run: _Running) -> Json:
+        with anyio.move_on_after(run.spec.timeout_s):
+            async with self._slot(run.request.size):
+                return await self._run(run)
+        raise DeadlineExceeded(timeout_s=run.spec.timeout_s)
 
     @asynccontextmanager
     async def _slot(self, size: int) -> AsyncIterator[None]:
@@ -375,18 +383,11 @@ class Engine:
         finally:
             self._slots.release()
 
-    async def _run(
-        self,
-        spec: RunSpec,
-        request: InferRequest,
-        progress: _Progress,
-        started: float,
-        account: Account,
-        steps: list[Json],
-    ) -> Json:
+    async def _run(self, run: _Running) -> Json:
         """One completion in one worker; its model calls go through the broker, which retries
         each on its own (so a flaky call costs one call more, not a whole completion)."""
-        progress("started")
+        spec, request, account = run.spec, run.request, run.account
+        run.progress("started")
         job = {
             "query": request.query,
             "rlm": spec.rlm_kwargs,
@@ -395,14 +396,14 @@ class Engine:
         }
 
         def on_retry(message: str) -> None:
-            progress("retry", message=message)
+            run.progress("retry", message=message)
 
         async def on_call(model: str, prompt: Any) -> Json:
             return await self.broker.call(spec.route, account, model, prompt, on_retry)
 
-        final = await self.workers.run(job, request.context, progress.forward, on_call)
+        final = await self.workers.run(job, request.context, run.progress.forward, on_call)
         outcome: Json = final.get("result") or final["failure"]
-        steps += outcome.get("trajectory") or []
+        run.steps += outcome.get("trajectory") or []
         if "result" not in final:
             raise _failure(account)
         result: Json = final["result"]
@@ -410,10 +411,12 @@ class Engine:
             "text": result["text"],
             "stub": False,
             "usage": account.usage(),  # the broker's count: the whole call tree, every depth
-            "metadata": self._metadata(spec, result["iterations"], started, 1 + account.retries),
+            "metadata": self._metadata(
+                spec, result["iterations"], run.started, 1 + account.retries
+            ),
         }
         if request.options.trajectory:
-            response["trajectory"] = steps
+            response["trajectory"] = run.steps
         return response
 
     @staticmethod

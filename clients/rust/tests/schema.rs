@@ -15,6 +15,8 @@
 
 mod common;
 
+use common::{decode, round_trip};
+
 use std::collections::BTreeSet;
 
 use rlm_client::protocol::{
@@ -23,8 +25,6 @@ use rlm_client::protocol::{
     ShutdownResult, StatusResult, TrajectoryCodeBlock, TrajectoryStep, TrajectorySubCall, Usage,
 };
 use rlm_client::{Backend, ErrorType, ProgressEvent, RlmError};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 /// The methods the client implements (`infer`, `status`, `shutdown` as calls,
@@ -201,37 +201,6 @@ fn same_names(schema: &[String], crate_knows: &[&str]) -> Result<(), String> {
         Err(format!(
             "unknown to the crate: {unknown:?}; known to the crate, not in the schema: {extra:?}"
         ))
-    }
-}
-
-fn decode<T: DeserializeOwned>(value: &Value) -> Result<T, String> {
-    serde_json::from_value(value.clone()).map_err(|e| format!("{value} does not decode: {e}"))
-}
-
-/// `value` decodes as `T` and encodes back to the same JSON (numbers compared by value).
-fn round_trip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<(), String> {
-    let typed: T = decode(value)?;
-    let back = serde_json::to_value(&typed).unwrap();
-    if same(value, &back) {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} changed {value} into {back}",
-            std::any::type_name::<T>()
-        ))
-    }
-}
-
-fn same(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y))
-        }
-        (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
-        }
-        _ => a == b,
     }
 }
 

@@ -16,13 +16,11 @@ use rlm_client::protocol::{
     CancelParams, InferParams, InferResult, Progress, ReadyParams, RpcError, ShutdownParams,
     ShutdownResult, StatusResult,
 };
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use common::{Fixture, cleared_env, python};
+use common::{Fixture, cleared_env, python, round_trip, same};
 
 /// How long one read or one exit may take before the replay fails.
 const STEP_LIMIT: Duration = Duration::from_secs(60);
@@ -294,38 +292,6 @@ impl Run {
 
 fn is_progress(message: &Value) -> bool {
     message.get("method").and_then(Value::as_str) == Some("$/progress")
-}
-
-/// `value` decodes as `T` and encodes back to the same JSON (numbers compared by value).
-fn round_trip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<(), String> {
-    let typed: T = serde_json::from_value(value.clone()).map_err(|e| {
-        format!(
-            "{value} does not decode as {}: {e}",
-            std::any::type_name::<T>()
-        )
-    })?;
-    let back = serde_json::to_value(&typed).unwrap();
-    if same(value, &back) {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} changed {value} into {back}",
-            std::any::type_name::<T>()
-        ))
-    }
-}
-
-fn same(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y))
-        }
-        (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
-        }
-        _ => a == b,
-    }
 }
 
 /// The matcher of `protocol/README.md`.
