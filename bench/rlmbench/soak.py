@@ -141,7 +141,7 @@ def _fuzz(channel: Channel, seen: Counter[Any]) -> Json:
 
 
 def _infers(target: Target, channel: Channel, fixture: Fixture, seen: Counter[Any]) -> Json:
-    """300 infers, 30 at a time: a third cancelled, some workers killed from outside."""
+    """300 infers, a wave of 30 at a time: a third cancelled, some workers killed from outside."""
     slow_ok = repl_reply(
         "import time", "time.sleep(0.2)", "answer['content'] = 'ok'", "answer['ready'] = True"
     )
@@ -149,8 +149,8 @@ def _infers(target: Target, channel: Channel, fixture: Fixture, seen: Counter[An
     rng = random.Random(SEED)
     outcomes: Counter[str] = Counter()
     killed = 0
-    for wave in range(INFERS // 30):
-        ids = [f"i{wave}-{n}" for n in range(30)]
+    for wave in range(INFERS // WAVE):
+        ids = [f"i{wave}-{n}" for n in range(WAVE)]
         channel.write(b"".join(_infer_line(i) for i in ids))
         cancelled = rng.sample(ids, 10)
         time.sleep(rng.uniform(0.0, 0.15))
@@ -167,6 +167,20 @@ def _infers(target: Target, channel: Channel, fixture: Fixture, seen: Counter[An
                 if request_id in owed:
                     outcomes[_outcome(message)] += 1
     return {"infers": INFERS, "outcomes": dict(outcomes), "workers_killed": killed}
+
+
+WAVE = 30
+
+
+def _warm_up(channel: Channel, seen: Counter[Any]) -> None:
+    """One wave as wide as the soak's: the server keeps the connections to the model that a
+    wave opens (an HTTP keep-alive pool, bounded), and they are not a leak."""
+    ids = [f"warm-{n}" for n in range(WAVE)]
+    channel.write(b"".join(_infer_line(i) for i in ids))
+    owed = set(ids)
+    while not owed <= set(seen):
+        for request_id in _answered(channel.read_message(120)):
+            seen[request_id] += 1
 
 
 def _infer_line(request_id: str) -> bytes:
@@ -199,7 +213,7 @@ def run(target: Target, fixture: Fixture) -> Json:
     try:
         target.wait_ready(channel)
         fixture.instant()
-        target.call(channel, 0, "infer", {"prompt": "warm up"})
+        _warm_up(channel, seen)  # the broker's HTTP pool at its steady size, as in the soak
         time.sleep(1)
         before = _footprint(channel.pid, tmpdir)
         fuzz = _fuzz(channel, seen)
