@@ -126,6 +126,16 @@ def test_odd_lines_are_reported_on_the_page_not_fatal(tmp_path: Path) -> None:
     assert page.count('class="iteration"') == 3
 
 
+def test_an_empty_file_and_restarted_numbering_are_explained(tmp_path: Path) -> None:
+    empty = viewer.render(viewer.load(_write(tmp_path / "empty.jsonl", [])))
+    assert "no metadata line" in empty and "No iterations were logged." in empty
+    iteration = _records()[1]
+    twice = viewer.load(_write(tmp_path / "twice.jsonl", [iteration, iteration]))
+    assert twice.problems[0].startswith("line 2: iteration numbers restart (1 then 1)")
+    page = viewer.render(twice)
+    assert 'id="iteration-1"' in page and 'id="iteration-2"' in page  # ids stay unique
+
+
 def test_a_file_from_the_library_s_own_logger_opens(tmp_path: Path) -> None:
     """No query, request id or result line: the answer comes from the last iteration."""
     records = _records()[:-1]

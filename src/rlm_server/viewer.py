@@ -246,7 +246,14 @@ def _take(trajectory: Trajectory, record: dict[str, Any], number: int) -> None:
     if kind == "metadata" and trajectory.metadata is None:
         trajectory.metadata = record
     elif kind == "iteration":
-        trajectory.iterations.append(_iteration(record, len(trajectory.iterations) + 1))
+        iteration = _iteration(record, len(trajectory.iterations) + 1)
+        previous = trajectory.iterations[-1].number if trajectory.iterations else 0
+        if iteration.number <= previous:  # the library's logger restarts at 1 per completion
+            trajectory.problems.append(
+                f"line {number}: iteration numbers restart ({previous} then {iteration.number}):"
+                " the file may hold more than one run"
+            )
+        trajectory.iterations.append(iteration)
     elif kind == "result" and trajectory.result is None:
         trajectory.result = record
     elif kind in ("metadata", "result"):
@@ -357,7 +364,8 @@ def _iteration_stats(it: Iteration) -> str:
     return " · ".join(stats)
 
 
-def _iteration_html(it: Iteration) -> str:
+def _iteration_html(position: int, it: Iteration) -> str:
+    """`position` keeps element ids unique when a file's iteration numbers repeat."""
     final = ""
     if it.final_answer is not None:
         final = (
@@ -366,11 +374,11 @@ def _iteration_html(it: Iteration) -> str:
         )
     prompt = ""
     if it.prompt:
-        text = "\n\n".join(f"[{role}]\n{content}" for role, content in it.prompt)
+        text = _clip("\n\n".join(f"[{role}]\n{content}" for role, content in it.prompt))
         prompt = _block("prompt", f"prompt to the root model ({len(it.prompt)} messages)", text)
     blocks = "".join(_code_block_html(i, b) for i, b in enumerate(it.blocks, start=1))
     return (
-        f'<details class="iteration" id="iteration-{it.number}" data-iteration="{it.number}" open>'
+        f'<details class="iteration" id="iteration-{position}" data-iteration="{it.number}" open>'
         f'<summary><h3>Iteration {it.number} <span class="muted small">{escape(it.timestamp)}'
         f'</span></h3><div class="stats">{_iteration_stats(it)}</div></summary>{prompt}'
         f"{_block('reply', 'model reply', it.response)}{blocks}{final}</details>"
@@ -632,7 +640,7 @@ def render(t: Trajectory) -> str:
         if query is not None
         else '<p class="muted" id="question">The file does not record the question.</p>'
     )
-    timeline = "".join(_iteration_html(it) for it in t.iterations) or (
+    timeline = "".join(_iteration_html(i, it) for i, it in enumerate(t.iterations, 1)) or (
         '<p class="muted">No iterations were logged.</p>'
     )
     title = f"RLM trajectory: {query[:80]}" if query else "RLM trajectory"
@@ -643,7 +651,7 @@ def render(t: Trajectory) -> str:
 <title>{escape(title)}</title><style>{_CSS}</style></head>
 <body><main>
 <h1>What the model did {_status(t)}</h1>
-<div class="muted small">{escape(t.source)}</div>
+<div class="muted small">{escape(Path(t.source).name)}</div>
 {_notices_html(t)}
 <div class="card"><h2>Question</h2>{question}</div>
 {_outcome_html(t)}
