@@ -148,6 +148,8 @@ def test_a_file_from_the_library_s_own_logger_opens(tmp_path: Path) -> None:
     assert "The file does not record the question." in page
     assert "no result line" in page
     assert "prompt to the root model (1 messages)" in page
+    assert "30.7 s in iterations" in page  # no result line: elapsed from the iterations
+    assert "1,814 in / 114 out" in page  # sub-call tokens, summed over the file
 
 
 def test_an_error_result_shows_the_error_and_no_answer(tmp_path: Path) -> None:
@@ -161,7 +163,18 @@ def test_an_error_result_shows_the_error_and_no_answer(tmp_path: Path) -> None:
         record.pop("final_answer", None)
     page = viewer.render(viewer.load(_write(tmp_path / "failed.jsonl", records)))
     assert 'id="error"' in page and 'id="answer"' not in page
+    assert '<span class="badge err">error</span>' in page
     assert "Error -32002: budget exceeded" in page and "max_calls" in page
+
+
+def test_a_block_with_many_sub_calls_lists_them_folded(tmp_path: Path) -> None:
+    records = _records()
+    block = records[3]["code_blocks"][0]["result"]
+    block["rlm_calls"] = block["rlm_calls"] * 2
+    page = viewer.render(viewer.load(_write(tmp_path / "many.jsonl", records)))
+    assert page.count('<details class="subcall">') == 6
+    assert '<details class="subcall" open>' not in page
+    assert "$0.000047" in page  # a sub-call's cost, without exponent notation
 
 
 def test_hostile_strings_are_escaped_in_the_html(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import argparse
 import base64
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any
 DISPLAY_LIMIT = 20_000  # chars shown of one string: the library's own logs are not truncated
 OPEN_MAX_LINES = 14  # a text block longer than this starts collapsed
 OPEN_MAX_CHARS = 1_500
+OPEN_MAX_SUB_CALLS = 3  # a code block with more sub-calls lists them folded
 
 # ---------------------------------------------------------------------------------------------
 # Reading: a trajectory file into plain, typed records. Nothing here raises on odd data.
@@ -291,9 +293,10 @@ def _fmt_usd(cost: float | None) -> str:
         return "cost unknown"
     if cost == 0:
         return "$0"
-    if cost >= 0.01:
+    if abs(cost) >= 0.01:
         return f"${cost:.4f}"
-    return "$" + f"{cost:.8f}".rstrip("0")  # small sums without the 1e-05 notation
+    digits = 1 - math.floor(math.log10(abs(cost)))  # two significant digits, never 1e-05
+    return f"${cost:.{digits}f}"
 
 
 def _tokens(pair: tuple[int | None, int | None]) -> str:
@@ -318,7 +321,7 @@ def _block(kind: str, label: str, text: str) -> str:
     )
 
 
-def _sub_call_html(index: int, call: SubCall) -> str:
+def _sub_call_html(index: int, call: SubCall, open_: bool) -> str:
     parts = [
         f"sub-call {index}",
         escape(call.model),
@@ -330,7 +333,8 @@ def _sub_call_html(index: int, call: SubCall) -> str:
     if call.error:
         body += _block("stderr", "error", call.error)
     return (
-        f'<details class="subcall" open><summary>↳ {" · ".join(parts)}</summary>'
+        f'<details class="subcall"{" open" if open_ else ""}>'
+        f"<summary>↳ {' · '.join(parts)}</summary>"
         f'<div class="subbody">{body}</div></details>'
     )
 
@@ -346,7 +350,8 @@ def _code_block_html(index: int, block: CodeBlock) -> str:
     if block.locals:
         names = "\n".join(f"{k} = {v}" for k, v in block.locals.items())
         parts.append(_block("locals", "variables", names))
-    parts.extend(_sub_call_html(i, c) for i, c in enumerate(block.calls, start=1))
+    open_ = len(block.calls) <= OPEN_MAX_SUB_CALLS
+    parts.extend(_sub_call_html(i, c, open_) for i, c in enumerate(block.calls, start=1))
     timing = f"ran in {_fmt_seconds(block.seconds)}"
     return f'<div class="codeblock"><div class="muted small">{timing}</div>{"".join(parts)}</div>'
 
@@ -404,10 +409,22 @@ def _fact(name: str, value: str) -> str:
     return f"<div><dt>{escape(name)}</dt><dd>{escape(value)}</dd></div>"
 
 
+def _elapsed(t: Trajectory) -> str:
+    """The request's wall time; without a result line, the iterations' own times summed."""
+    elapsed_ms = _num(_dict((t.result or {}).get("metadata")).get("elapsed_ms"))
+    if elapsed_ms is not None:
+        return _fmt_seconds(elapsed_ms / 1000)
+    times = [it.seconds for it in t.iterations if it.seconds is not None]
+    return f"{_fmt_seconds(sum(times))} in iterations" if times else "?"
+
+
 def _facts_html(t: Trajectory) -> str:
     meta, result = t.metadata or {}, t.result or {}
     done, usage = _dict(result.get("metadata")), _dict(result.get("usage"))
-    elapsed = _num(done.get("elapsed_ms"))
+    sub_tokens = (
+        sum(it.sub_tokens[0] for it in t.iterations),
+        sum(it.sub_tokens[1] for it in t.iterations),
+    )
     max_iter = _text(meta.get("max_iterations")) or "?"
     facts = [
         ("request", _text(meta.get("request_id")) or "—"),
@@ -417,8 +434,10 @@ def _facts_html(t: Trajectory) -> str:
         ("max depth", _text(meta.get("max_depth")) or "?"),
         ("environment", _text(meta.get("environment_type")) or "?"),
         ("started", _text(meta.get("timestamp")) or "?"),
-        ("elapsed", _fmt_seconds(None if elapsed is None else elapsed / 1000)),
+        ("elapsed", _elapsed(t)),
         ("attempts", _text(done.get("attempts")) or "?"),
+        ("sub-calls", f"{sum(len(it.calls) for it in t.iterations)}"),
+        ("sub-call tokens", _tokens(sub_tokens)),
     ]
     if usage:
         totals = (_int(usage.get("input_tokens")), _int(usage.get("output_tokens")))
@@ -625,7 +644,7 @@ def _csp() -> str:
 
 
 def _status(t: Trajectory) -> str:
-    if t.error:
+    if t.error or (t.result or {}).get("outcome") == "error":
         return '<span class="badge err">error</span>'
     if t.result is not None:
         return '<span class="badge ok">success</span>'
