@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
+from fixtures.openai_fixture import FixtureServer
+from harness import repl
 
 from rlm_server import cli, viewer
 
@@ -308,6 +310,35 @@ def test_hostile_strings_render_as_text_in_chromium(browser: Browser, tmp_path: 
     shown = page.inner_text("#iteration-1")
     for text in (HOSTILE["img"], HOSTILE["attr"]):
         assert text in shown
+    assert opened.errors == [], opened.errors
+
+
+def test_a_file_the_rlm_library_wrote_renders(
+    llm: FixtureServer, browser: Browser, tmp_path: Path
+) -> None:
+    """The library's own logger (no query or result line, full prompts, locals) opens too."""
+    from rlm import RLM
+    from rlm.logger import RLMLogger
+
+    code = repl("s = llm_query('the code in: ' + context)", "print(s)", "answer['content'] = s")
+    llm.script.replace(
+        [
+            {"when": "sub", "reply": "It says <b>7-ALPHA</b>."},
+            {"when": "root", "reply": code + "\n" + repl("answer['ready'] = True")},
+        ]
+    )
+    backend = {"model_name": "scripted", "base_url": llm.base_url, "api_key": "k"}
+    logger = RLMLogger(log_dir=str(tmp_path / "logs"))
+    rlm = RLM(backend="openai", backend_kwargs=backend, max_iterations=3, logger=logger)
+    rlm.completion("The launch code is 7-ALPHA.", root_prompt="What is the launch code?")
+    (log,) = (tmp_path / "logs").glob("*.jsonl")
+    assert viewer.load(log).problems == []
+    opened = Opened(browser, _report(tmp_path, log))
+    page = opened.page
+    assert opened.numbers(".timeline > .iteration") == [1]
+    assert "scripted" in page.inner_text(".subcall > summary")
+    assert page.inner_text("#answer") == "It says <b>7-ALPHA</b>."
+    assert "no result line" in page.inner_text("#notices")
     assert opened.errors == [], opened.errors
 
 

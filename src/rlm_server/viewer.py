@@ -307,10 +307,10 @@ def _tokens(pair: tuple[int | None, int | None]) -> str:
 # Rendering. Every string from the file goes through `escape`; nothing else builds markup.
 
 
-def _block(kind: str, label: str, text: str) -> str:
+def _block(kind: str, label: str, text: str, fold: bool = False) -> str:
     """A collapsible monospace block: open when short, closed with a one-line preview when long."""
     lines = text.count("\n") + 1
-    short = lines <= OPEN_MAX_LINES and len(text) <= OPEN_MAX_CHARS
+    short = lines <= OPEN_MAX_LINES and len(text) <= OPEN_MAX_CHARS and not fold
     first = text.strip().splitlines()[0] if text.strip() else ""
     preview = "" if short else f'<span class="preview">{escape(first[:90])}</span>'
     size = f"{lines:,} lines, {len(text):,} chars"
@@ -349,7 +349,7 @@ def _code_block_html(index: int, block: CodeBlock) -> str:
         parts.append('<p class="muted small">no output</p>')
     if block.locals:
         names = "\n".join(f"{k} = {v}" for k, v in block.locals.items())
-        parts.append(_block("locals", "variables", names))
+        parts.append(_block("locals", "variables", names, fold=True))  # secondary: folded
     open_ = len(block.calls) <= OPEN_MAX_SUB_CALLS
     parts.extend(_sub_call_html(i, c, open_) for i, c in enumerate(block.calls, start=1))
     timing = f"ran in {_fmt_seconds(block.seconds)}"
@@ -528,13 +528,14 @@ _RIGHT = _LEFT + _PANEL + 110
 def _chart_row(y: int, it: Iteration, time_scale: float, token_scale: float) -> str:
     """One iteration's two stacked bars, each with its total and a hover tooltip."""
     split, tokens = _time_split(it), it.sub_tokens
+    total = "?" if it.seconds is None else _fmt_seconds(sum(split))
     tip = " / ".join(f"{n} {_fmt_seconds(v)}" for (n, _), v in zip(_TIME_PARTS, split, strict=True))
     token_tip = f"sub-calls: {tokens[0]:,} input, {tokens[1]:,} output tokens"
     return (
         f'<g class="row" data-iteration="{it.number}">'
         f'<text x="{_LEFT - 8}" y="{y + 11}" text-anchor="end">#{it.number}</text>'
         + _bar(_LEFT, y, [v * time_scale for v in split], _TIME_PARTS, tip)
-        + f'<text x="{_LEFT + _PANEL + 6}" y="{y + 11}">{_fmt_seconds(sum(split))}</text>'
+        + f'<text x="{_LEFT + _PANEL + 6}" y="{y + 11}">{total}</text>'
         + _bar(_RIGHT, y, [v * token_scale for v in tokens], _TOKEN_PARTS, token_tip)
         + f'<text x="{_RIGHT + _PANEL + 6}" y="{y + 11}">{_fmt_int(sum(tokens))}</text></g>'
     )
@@ -648,6 +649,8 @@ def _status(t: Trajectory) -> str:
         return '<span class="badge err">error</span>'
     if t.result is not None:
         return '<span class="badge ok">success</span>'
+    if t.answer is not None:  # the library's own files end without our result line
+        return '<span class="badge none">no result line</span>'
     return '<span class="badge none">unfinished</span>'
 
 
