@@ -290,7 +290,7 @@ def _fmt_seconds(seconds: float | None) -> str:
 
 def _fmt_usd(cost: float | None) -> str:
     if cost is None:
-        return "cost unknown"
+        return "unknown"  # e.g. a model without a known price
     if cost == 0:
         return "$0"
     if abs(cost) >= 0.01:
@@ -327,7 +327,7 @@ def _sub_call_html(index: int, call: SubCall, open_: bool) -> str:
         escape(call.model),
         _tokens((call.input_tokens, call.output_tokens)) + " tokens",
         _fmt_seconds(call.seconds),
-        _fmt_usd(call.cost),
+        "cost unknown" if call.cost is None else _fmt_usd(call.cost),
     ]
     body = _block("prompt", "prompt", call.prompt) + _block("answer", "answer", call.response)
     if call.error:
