@@ -2,7 +2,7 @@
 
 Configuration is read and checked before anything else happens: a bad value is one line on
 stderr and exit code 2. Then the protocol descriptors are claimed and the server runs until it is
-told to stop; it exits 0.
+told to stop; it exits 0. `rlm-server view FILE.jsonl` writes a trajectory's HTML report instead.
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ from rlm_server.config import ConfigError, load_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["view"]:  # `rlm-server view FILE.jsonl`: a report, not a server
+        from rlm_server.viewer import main as view
+
+        return view(args[1:])
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv, os.environ)
+        config = load_config(args, os.environ)
     except ConfigError as error:
         print(f"rlm-server: configuration error: {error}", file=sys.stderr)
         return 2
