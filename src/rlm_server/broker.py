@@ -422,11 +422,13 @@ class Broker:
         """The recorded answer, charged like a real call; a miss ends the request."""
         request = Tape.request(route, model, prompt)
         key = Tape.key(request)
-        hold = estimate(
-            prompt, (route.kwargs_for(model).get("sampling_args") or {}).get("max_tokens")
-        )
+        hold = estimate(prompt, request["sampling"].get("max_tokens"))
         account.reserve(hold)
-        answer = await tape.play(key)
+        try:
+            answer = await tape.play(key)
+        except BaseException:  # cancelled while reading: nothing was spent
+            account.release(hold)
+            raise
         if answer is None:
             account.release(hold)
             account.failure = CallFailure("replay_miss", 1, missing=key)
