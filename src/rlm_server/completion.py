@@ -437,11 +437,7 @@ def run_job(job: Json, context: str | list[Any], link: BrokerLink, emit: Emit) -
         if keep:
             failure["trajectory"] = logger.steps
         return {"failure": failure}
-    result: Json = {
-        "text": str(completion.response),
-        "usage": usage_to_wire(completion.usage_summary),
-        "iterations": logger.completed,
-    }
+    result: Json = {"text": str(completion.response), "iterations": logger.completed}
     if keep:
         result["trajectory"] = logger.steps
     return {"result": result}

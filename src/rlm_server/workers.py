@@ -355,34 +355,12 @@ def checked_event(frame: Json) -> Json | None:
     return event
 
 
-def _is_cost(value: Any) -> bool:
-    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
-
-
-def _is_model_usage(usage: Any) -> bool:
-    return (
-        isinstance(usage, dict)
-        and all(_is_count(usage.get(k)) for k in ("calls", "input_tokens", "output_tokens"))
-        and _is_cost(usage.get("cost_usd"))
-    )
-
-
-def _is_usage(usage: Any) -> bool:
-    models = usage.get("models") if isinstance(usage, dict) else None
-    return (
-        _is_model_usage(usage)
-        and isinstance(models, dict)
-        and all(isinstance(k, str) and _is_model_usage(v) for k, v in models.items())
-    )
-
-
 def _is_result(result: Any) -> bool:
     trajectory = result.get("trajectory", []) if isinstance(result, dict) else None
     return (
         isinstance(result, dict)
         and isinstance(result.get("text"), str)
         and _is_count(result.get("iterations"))
-        and _is_usage(result.get("usage"))
         and isinstance(trajectory, list)
         and all(isinstance(step, dict) for step in trajectory)
     )
