@@ -138,6 +138,9 @@ class CompatServer:
                     writing.start_soon(self._writer.run)
                     await self._serve()
                     self._writer.close()
+                # Still watching signals: the TypeScript client sends SIGTERM right after the
+                # answer to `shutdown`, and it must find us stopping, not kill us.
+                self.engine.workers.stop()
                 background.cancel_scope.cancel()
         finally:
             self.engine.workers.stop()
@@ -326,4 +329,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return anyio.run(CompatServer(config, claim, environ).run, backend="asyncio")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # decided to exit; a late SIGTERM agrees
         claim.release()

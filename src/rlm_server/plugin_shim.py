@@ -58,7 +58,7 @@ def probe(python: str) -> dict[str, object]:
     """Ask the target interpreter where its packages go and what it can import already."""
     try:
         out = subprocess.run(
-            [python, "-I", "-c", PROBE], capture_output=True, text=True, check=True
+            [python, "-c", PROBE], capture_output=True, text=True, check=True
         ).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         raise ShimError(f"cannot run {python}: {error}") from None
