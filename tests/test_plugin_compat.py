@@ -165,6 +165,19 @@ def test_errors_are_strings_under_the_requests_id(plugin: Any) -> None:
     assert answers[9]["error"].startswith("Invalid params: messages")
 
 
+def test_long_lines_are_parsed_aside_and_over_long_ones_refused(plugin: Any) -> None:
+    server = plugin([{"when": "root", "reply": FIND_CODE}], ELIZA_RLM_MAX_MESSAGE_BYTES="3000000")
+    server.next()
+    context = "x" * (2 << 20) + " The vault code is BIG2. "
+    server.send({"id": 1, "method": "infer", "params": {"messages": context}})
+    server.send({"id": 2, "method": "status", "params": {}})
+    server.send({"id": 3, "method": "infer", "params": {"messages": "y" * 3_000_001}})
+    answers = server.answers(3)
+    assert answers[1]["result"]["text"] == "BIG2"
+    assert answers[2]["result"]["available"] is True
+    assert answers[3] == {"id": 3, "error": "Message too large (over 3000000 bytes)"}
+
+
 def test_a_resent_identical_infer_joins_the_running_one(plugin: Any, llm: FixtureServer) -> None:
     server = plugin([{"when": "root", "reply": FIND_CODE, "hold": True}])
     server.next()

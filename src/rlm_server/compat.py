@@ -19,6 +19,7 @@ and exits 0. The clients kill us right after that answer, so nothing is left to 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -47,7 +48,7 @@ from rlm_server.transport import (
     StdioClaim,
     claim_stdio,
 )
-from rlm_server.wire import decode
+from rlm_server.wire import decode, leading_id
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class CompatServer:
 
     async def _infer(self, request_id: Any, params: Json, sequence: int) -> None:
         try:
-            work = lambda: self._run_infer(params, sequence)  # noqa: E731
+            work = functools.partial(self._run_infer, params, sequence)
             self._answer(request_id, **await self._joiner.run(request_key(params), work))
         finally:
             self._leave()
@@ -303,10 +304,9 @@ def _decoded(line: bytes | bytearray) -> Any:
 
 
 def _leading_id(head: bytes) -> Any:
-    """The id of an over-long line, if it begins with it as both clients write it."""
-    from rlm_server.wire import leading_id
-
-    found = leading_id(head.replace(b'{"id":', b'{"jsonrpc":"2.0","id":', 1))
+    """The id of an over-long line, if it begins with it as both clients write it; else 0, the
+    published server's id for what it cannot read."""
+    found = leading_id(head)
     return 0 if found is None else found
 
 
