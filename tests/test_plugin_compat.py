@@ -48,7 +48,8 @@ class PluginServer:
         self.lines: queue.Queue[Json] = queue.Queue()
         self.stderr = b""
         threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -58,6 +59,11 @@ class PluginServer:
     def _read_stderr(self) -> None:
         assert self.process.stderr is not None
         self.stderr = self.process.stderr.read()
+
+    def stderr_after_exit(self) -> str:
+        """Everything the server wrote on stderr; call once it has exited."""
+        self._stderr_reader.join(timeout=10)
+        return self.stderr.decode()
 
     def next(self, timeout: float = 30) -> Json:
         return self.lines.get(timeout=timeout)
@@ -139,6 +145,7 @@ def test_snake_case_opts_from_the_rust_crate_are_applied(plugin: Any, llm: Fixtu
     server = plugin([{"when": "root", "reply": FIND_CODE}])
     server.next()
     opts = {"max_iterations": 2, "root_model": "other-model", "max_tokens": 77, "stream": False}
+    opts |= {"top_p": 0.5, "stop_sequences": []}
     messages = [{"role": "user", "content": "The vault code is ABC."}]
     server.send({"id": 0, "method": "infer", "params": {"messages": messages, "opts": opts}})
     answer = server.next()
@@ -146,6 +153,12 @@ def test_snake_case_opts_from_the_rust_crate_are_applied(plugin: Any, llm: Fixtu
     body = llm.script.bodies[-1]
     assert body["model"] == "other-model"
     assert body["max_completion_tokens"] == 77
+    assert "top_p" not in body
+    server.process.terminate()
+    server.process.wait(timeout=10)
+    notes = server.stderr_after_exit()
+    assert "opts.top_p is accepted but not applied" in notes
+    assert "stream" not in notes and "stop_sequences" not in notes, "false and [] were not set"
 
 
 def test_errors_are_strings_under_the_requests_id(plugin: Any) -> None:

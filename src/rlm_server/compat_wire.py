@@ -49,12 +49,11 @@ FLAG_OPTS: Mapping[str, str] = {
     "track_costs": "cost",
     "trackCosts": "cost",
 }
-# Sent by the clients' option types but meaningless for an RLM answer, which is one final
-# value of a REPL variable: the published server ignores them, and so must a drop-in (a refusal
-# would turn into a stub answer in both clients). compat.py reports each once on stderr.
-NOT_APPLIED_OPTS = frozenset(
-    {"stream", "top_p", "topP", "stop_sequences", "stopSequences", "user", "tools"}
-)
+# Every other key (`stream`, `topP`, `stopSequences`, `user`, which the clients' option types
+# carry) means nothing for an RLM answer, the final value of a REPL variable: the published
+# server ignores them, and so must a drop-in (a refusal would become a stub answer in both
+# clients). compat.py says once on stderr that one was set; `false`, `[]` and `""` are not set
+# (the Rust crate always sends `"stream": false`).
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,11 @@ def parse_infer(params: Json, defaults: PluginDefaults) -> PluginRequest:
         infer=InferRequest(context, None, parsed),
         trajectory=flags["trajectory"],
         cost=flags["cost"],
-        not_applied=frozenset(k for k in opts if k not in APPLIED_OPTS and k not in FLAG_OPTS),
+        not_applied=frozenset(
+            key
+            for key, value in opts.items()
+            if key not in APPLIED_OPTS and key not in FLAG_OPTS and value not in (False, [], "")
+        ),
     )
 
 
