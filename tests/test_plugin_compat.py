@@ -191,6 +191,17 @@ def test_long_lines_are_parsed_aside_and_over_long_ones_refused(plugin: Any) -> 
     assert answers[3] == {"id": 3, "error": "Message too large (over 3000000 bytes)"}
 
 
+def test_a_flood_of_pipelined_requests_is_answered_in_full(plugin: Any) -> None:
+    server = plugin([])
+    server.next()
+    requests = ({"id": n, "method": "status", "params": {}} for n in range(1, 1001))
+    lines = [json.dumps(request).encode() for request in requests]
+    server.send(b"\n".join(lines))
+    answers = server.answers(1000)
+    assert sorted(answers) == list(range(1, 1001))
+    assert all(answer["result"]["max_depth"] == 1 for answer in answers.values())
+
+
 def test_a_resent_identical_infer_joins_the_running_one(plugin: Any, llm: FixtureServer) -> None:
     server = plugin([{"when": "root", "reply": FIND_CODE, "hold": True}])
     server.next()

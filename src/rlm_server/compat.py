@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 Json = dict[str, Any]
 OUTPUT_HIGH_WATER = 64 << 20
 DECODE_IN_THREAD_BYTES = 1 << 20
+YIELD_EVERY_LINES = 64
 
 
 @dataclass
@@ -170,12 +171,14 @@ class CompatServer:
                     if line is None:
                         break
                     self._lines_read += 1
-                    await self._take(line, requests)
+                    if self._lines_read % YIELD_EVERY_LINES == 0:
+                        await anyio.lowlevel.checkpoint()  # a flood must not starve the rest
+                    self._take(line, requests)
                 self.stop(self._config.shutdown_grace_s)
         finally:
             await stream.aclose()
 
-    async def _take(self, line: bytes | bytearray | OversizedLine, requests: TaskGroup) -> None:
+    def _take(self, line: bytes | bytearray | OversizedLine, requests: TaskGroup) -> None:
         if isinstance(line, OversizedLine):
             limit = self._config.max_message_bytes
             self._answer(_leading_id(line.head), error=f"Message too large (over {limit} bytes)")
