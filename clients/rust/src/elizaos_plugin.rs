@@ -22,20 +22,21 @@ use std::future::Future;
 use std::pin::Pin;
 
 use anyhow::{Context as _, anyhow};
-use elizaos::types::{ModelHandlerFn, Plugin, PluginDefinition};
+use elizaos::types::{ModelHandlerFn, Plugin, PluginDefinition, model_type};
 use serde_json::Value;
 
 use crate::{InferOptions, InferRequest, Message, Prompt, RlmClient, RlmConfig};
 
 /// The RLM's own model types, always registered.
 pub const RLM_MODEL_TYPES: [&str; 2] = ["TEXT_RLM_LARGE", "TEXT_RLM_REASONING"];
-/// elizaOS's text model types, registered only when asked for.
+/// elizaOS's text model types (the runtime's keys: the reasoning ones are `REASONING_SMALL`
+/// and `REASONING_LARGE`), registered only when asked for.
 pub const TEXT_MODEL_TYPES: [&str; 5] = [
-    "TEXT_SMALL",
-    "TEXT_LARGE",
-    "TEXT_REASONING_SMALL",
-    "TEXT_REASONING_LARGE",
-    "TEXT_COMPLETION",
+    model_type::TEXT_SMALL,
+    model_type::TEXT_LARGE,
+    model_type::TEXT_REASONING_SMALL,
+    model_type::TEXT_REASONING_LARGE,
+    model_type::TEXT_COMPLETION,
 ];
 /// The setting that asks for [`TEXT_MODEL_TYPES`] as well.
 pub const TEXT_MODELS_SETTING: &str = "ELIZA_RLM_TEXT_MODELS";
