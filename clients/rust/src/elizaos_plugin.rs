@@ -115,6 +115,7 @@ pub async fn answer(client: &RlmClient, params: &Value) -> anyhow::Result<String
     Ok(cut_at_stop(&result.text, &stop_sequences(params)))
 }
 
+/// A `responseFormat` other than `text` cannot be honoured: refused before anything runs.
 fn refuse_unsupported(params: &Value) -> anyhow::Result<()> {
     let format = &params["responseFormat"];
     let kind = format.get("type").unwrap_or(format);
@@ -189,35 +190,4 @@ pub fn cut_at_stop(text: &str, stops: &[String]) -> String {
         .min()
         .unwrap_or(text.len());
     text[..end].to_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn stop_sequences_cut_at_the_first_one() {
-        let stops = vec!["STOP".to_owned(), "b".to_owned(), String::new()];
-        assert_eq!(cut_at_stop("alpha STOP beta", &stops), "alpha ");
-        assert_eq!(cut_at_stop("none here", &[]), "none here");
-    }
-
-    #[test]
-    fn prompt_is_the_query_and_context_goes_to_the_repl() {
-        let request = infer_request(&json!({"prompt": "Q?", "context": "long"})).unwrap();
-        assert_eq!(request.query.as_deref(), Some("Q?"));
-        assert_eq!(request.prompt, Prompt::from("long"));
-        let alone = infer_request(&json!({"prompt": "Q?", "temperature": 0.5})).unwrap();
-        assert_eq!(alone.prompt, Prompt::from("Q?"));
-        assert_eq!(alone.options.temperature, Some(0.5));
-    }
-
-    #[test]
-    fn json_response_format_and_missing_prompt_are_refused() {
-        assert!(refuse_unsupported(&json!({"responseFormat": {"type": "json_object"}})).is_err());
-        assert!(refuse_unsupported(&json!({"responseFormat": "json_object"})).is_err());
-        assert!(refuse_unsupported(&json!({"responseFormat": {"type": "text"}})).is_ok());
-        assert!(infer_request(&json!({"context": "x"})).is_err());
-    }
 }

@@ -1,12 +1,15 @@
-//! The elizaOS plugin (feature `elizaos`): its model handlers, called as the `elizaos`
-//! runtime calls them (`handler(params)`), against the real rlm-server and the scripted model.
+//! rlm-client's elizaOS plugin (feature `elizaos`): its model handlers, called as the
+//! `elizaos` runtime calls them (`handler(params)`), against the real rlm-server and the
+//! scripted model. It lives here, beside the published crate's test, so that CI builds the
+//! `elizaos` crate once; it shares the Rust client's test helpers.
 
+#[path = "../../../rust/tests/common/mod.rs"]
 mod common;
 
 use std::time::Duration;
 
-use rlm_client::elizaos_plugin::{RLM_MODEL_TYPES, TEXT_MODEL_TYPES};
-use rlm_client::{RlmClient, RlmPluginOptions, create_rlm_elizaos_plugin_with};
+use rlm_client::elizaos_plugin::{RLM_MODEL_TYPES, TEXT_MODEL_TYPES, cut_at_stop, infer_request};
+use rlm_client::{Prompt, RlmClient, RlmPluginOptions, create_rlm_elizaos_plugin_with};
 use serde_json::json;
 
 use common::{Fixture, STUB_TEXT, answer, stub_config};
@@ -79,4 +82,31 @@ async fn without_a_backend_the_handlers_answer_the_stub() {
     let text = plugin.model_handlers["TEXT_RLM_REASONING"](json!({"prompt": "hello"})).await;
     assert_eq!(text.unwrap(), STUB_TEXT);
     client.close().await;
+}
+
+#[test]
+fn stop_sequences_cut_at_the_first_one() {
+    let stops = vec!["STOP".to_owned(), "b".to_owned(), String::new()];
+    assert_eq!(cut_at_stop("alpha STOP beta", &stops), "alpha ");
+    assert_eq!(cut_at_stop("none here", &[]), "none here");
+}
+
+#[test]
+fn the_request_carries_the_prompt_as_query_and_the_context_as_prompt() {
+    let request = infer_request(&json!({"prompt": "Q?", "context": "long"})).unwrap();
+    assert_eq!(request.query.as_deref(), Some("Q?"));
+    assert_eq!(request.prompt, Prompt::from("long"));
+    let alone =
+        infer_request(&json!({"prompt": "Q?", "temperature": 0.5, "maxTokens": 9})).unwrap();
+    assert_eq!(alone.prompt, Prompt::from("Q?"));
+    assert_eq!(
+        (alone.options.temperature, alone.options.max_tokens),
+        (Some(0.5), Some(9))
+    );
+    let messages = json!({"prompt": "Q?", "messages": [{"role": "user", "content": "m"}]});
+    assert!(matches!(
+        infer_request(&messages).unwrap().prompt,
+        Prompt::Messages(_)
+    ));
+    assert!(infer_request(&json!({"context": "no prompt"})).is_err());
 }
