@@ -305,6 +305,13 @@ def test_shim_refuses_an_interpreter_that_imports_the_real_plugin(tmp_path: Path
         plugin_shim.resolve_target(str(fake_python), removing=False)
 
 
+def test_shim_says_why_it_cannot_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    assert plugin_shim.main(["--target", str(blocker)]) == 1
+    assert "rlm-server-plugin-shim:" in capsys.readouterr().err
+
+
 def test_shim_installs_updates_and_removes_only_itself(tmp_path: Path) -> None:
     assert plugin_shim.main(["--target", str(tmp_path)]) == 0
     assert plugin_shim.main(["--target", str(tmp_path)]) == 0  # again: updates our own

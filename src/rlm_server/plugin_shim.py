@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         target = args.target or resolve_target(args.python, args.remove)
         package = remove(target) if args.remove else install(target)
-    except ShimError as error:
+    except (ShimError, OSError) as error:
         print(f"rlm-server-plugin-shim: {error}", file=sys.stderr)
         return 1
     if args.remove:
