@@ -79,6 +79,13 @@ mod metrics;
 pub mod protocol;
 mod request;
 
+#[cfg(feature = "elizaos")]
+pub mod elizaos_plugin;
+#[cfg(feature = "elizaos")]
+pub use elizaos_plugin::{
+    RlmPluginOptions, create_rlm_elizaos_plugin, create_rlm_elizaos_plugin_with,
+};
+
 pub use client::RlmClient;
 pub use config::{CommandFactory, MetricsCallback, RetryConfig, RlmConfig, RlmConfigBuilder};
 pub use connection::Exit;

@@ -41,12 +41,3 @@ export {
 } from "./generated/protocol.js";
 export { LATENCY_WINDOW, type MetricsCallback, type RLMMetrics } from "./metrics.js";
 export type { InferOptions } from "./options.js";
-export {
-  RLM_MODEL_TYPES,
-  createRlmPlugin,
-  rlmPlugin,
-  type AgentRuntimeLike,
-  type GenerateTextParamsLike,
-  type ModelHandler,
-  type RLMPlugin,
-} from "./plugin.js";

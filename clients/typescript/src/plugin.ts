@@ -1,94 +1,250 @@
 /**
- * An elizaOS plugin that routes the runtime's text models to rlm-server. The shapes below are
- * structural copies of the few @elizaos/core types it touches, so the package has no runtime
- * dependency on elizaOS and any runtime that calls `models[type](runtime, params)` can use it.
+ * The elizaOS plugin (`rlm-server-client/plugin`): the runtime's text models answered by
+ * rlm-server, following elizaOS's conventions.
+ *
+ * - Settings are read through the runtime (`runtime.getSetting`, which sees character settings,
+ *   secrets and the environment) when the plugin is initialised, never from `process.env` at
+ *   import time; `config` lists every setting it reads.
+ * - The server is a service (`RlmService`, type `rlm`): started by the runtime, and `stop()`
+ *   closes the child process.
+ * - `priority` is below every other provider's (-10), so registering the plugin adds the
+ *   `TEXT_RLM_*` models without taking `TEXT_SMALL`/`TEXT_LARGE` from the agent's usual model;
+ *   `ELIZA_RLM_PRIORITY` raises it when the user wants the RLM to answer those too.
+ * - A call's `prompt` is what the agent asks: the root model's `query`. The long material the
+ *   RLM explores goes in `context` (a string or messages; or `messages`), which becomes the
+ *   REPL's `context`; without it, the prompt is the context too.
+ * - `stream`, `stopSequences` and `responseFormat` are honoured or refused, never ignored:
+ *   a stream yields the answer as one chunk once the REPL has set it (an RLM answer does not
+ *   exist before that), stop sequences cut the answer at the first one, a `text` format is
+ *   what the RLM returns anyway, and a JSON format is refused (nothing makes the answer JSON).
+ *
+ * `@elizaos/core` is an optional peer dependency: only this entry point imports it.
  */
+import {
+  type GenerateTextParams,
+  type IAgentRuntime,
+  ModelType,
+  type Plugin,
+  Service,
+  type TextStreamResult,
+} from "@elizaos/core";
 import { type ChatMessage, RLMClient, type RLMClientOptions } from "./client.js";
-import { type InferOptions, OPTION_API_NAMES } from "./options.js";
+import { RLMError } from "./errors.js";
+import type { InferOptions } from "./options.js";
 
-/** elizaOS ModelType values this plugin answers (keys are the ModelType constant names). */
+/** Settings the plugin reads through the runtime and passes to the server's environment. */
+export const RLM_SETTINGS = [
+  "ELIZA_RLM_PYTHON_PATH",
+  "ELIZA_RLM_BACKEND",
+  "ELIZA_RLM_MODEL",
+  "ELIZA_RLM_SUB_MODEL",
+  "ELIZA_RLM_BASE_URL",
+  "ELIZA_RLM_ENV",
+  "ELIZA_RLM_MAX_ITERATIONS",
+  "ELIZA_RLM_MAX_DEPTH",
+  "ELIZA_RLM_TIMEOUT",
+  "ELIZA_RLM_MAX_CONCURRENCY",
+  "ELIZA_RLM_STRICT",
+  "ELIZA_RLM_VERBOSE",
+  "OPENAI_API_KEY",
+  "ANTHROPIC_API_KEY",
+  "GEMINI_API_KEY",
+  "GOOGLE_API_KEY",
+  "GROQ_API_KEY",
+  "OPENROUTER_API_KEY",
+  "AI_GATEWAY_API_KEY",
+  "PORTKEY_API_KEY",
+  "AZURE_OPENAI_API_KEY",
+] as const;
+
+/** The plugin's own setting: its priority among the agent's model providers. */
+export const PRIORITY_SETTING = "ELIZA_RLM_PRIORITY";
+/** Below the default (0) of every other provider: the RLM answers only what nobody else does. */
+export const DEFAULT_PRIORITY = -10;
+
+/** The model types the plugin registers: elizaOS's text models and the two RLM-only ones. */
 export const RLM_MODEL_TYPES = {
-  TEXT_SMALL: "TEXT_SMALL",
-  TEXT_LARGE: "TEXT_LARGE",
-  TEXT_REASONING_SMALL: "REASONING_SMALL",
-  TEXT_REASONING_LARGE: "REASONING_LARGE",
-  TEXT_COMPLETION: "TEXT_COMPLETION",
+  TEXT_SMALL: ModelType.TEXT_SMALL,
+  TEXT_LARGE: ModelType.TEXT_LARGE,
+  TEXT_REASONING_SMALL: ModelType.TEXT_REASONING_SMALL,
+  TEXT_REASONING_LARGE: ModelType.TEXT_REASONING_LARGE,
+  TEXT_COMPLETION: ModelType.TEXT_COMPLETION,
   TEXT_RLM_LARGE: "TEXT_RLM_LARGE",
   TEXT_RLM_REASONING: "TEXT_RLM_REASONING",
 } as const;
 
-/** The part of elizaOS's IAgentRuntime that a model handler may receive; unused here. */
-export type AgentRuntimeLike = object;
-
-/** elizaOS GenerateTextParams, plus the RLM's own fields. */
-export interface GenerateTextParamsLike {
-  prompt?: string;
+/** elizaOS's text params, plus the RLM's own: the long `context` and per-request `options`. */
+export interface RlmTextParams extends GenerateTextParams {
+  /** What the RLM explores in its REPL (string or messages); default: the prompt. */
+  context?: string | ChatMessage[];
+  /** Same as `context` given as messages (the seed plugin's name). */
   messages?: ChatMessage[];
-  /** The short question for the root model; the prompt or messages are its context. */
-  query?: string;
-  /** RLM options, camelCase or snake_case, passed through as they are (unknown keys get -32602). */
-  options?: InferOptions & Record<string, unknown>;
-  [key: string]: unknown;
+  /** RLM options for this request (camelCase), e.g. `{ maxIterations: 8 }`. */
+  options?: InferOptions;
 }
 
-export type ModelHandler = (runtime: AgentRuntimeLike, params: GenerateTextParamsLike) => Promise<string>;
-
-export interface RLMPlugin {
-  name: string;
-  description: string;
-  models: Record<(typeof RLM_MODEL_TYPES)[keyof typeof RLM_MODEL_TYPES], ModelHandler>;
-  /** The client behind the handlers: for status, metrics and close(). */
-  client: RLMClient;
+/** A call the plugin will not answer, with the reason: raised before anything is spent. */
+export class RLMUnsupportedError extends RLMError {
+  constructor(message: string) {
+    super(-32602, `rlm: ${message}`, { type: "invalid_params" });
+    this.name = "RLMUnsupportedError";
+  }
 }
 
-/**
- * Names the seed plugin accepted at the top level of the params, mapped to this client's
- * option names; generic text params the RLM has no use for (topP, stopSequences, stream...) are
- * not options and are left out.
- */
-const SEED_ALIASES: Readonly<Record<string, keyof InferOptions>> = {
-  rootModel: "model",
-  subcallModel: "subModel",
-  logTrajectories: "trajectory",
+/** Reads the plugin's settings through the runtime; the plugin's `config` fills the gaps. */
+export function readSettings(
+  runtime: IAgentRuntime,
+  config: Record<string, string> = {},
+): Record<string, string> {
+  const settings: Record<string, string> = {};
+  for (const key of [...RLM_SETTINGS, PRIORITY_SETTING]) {
+    const value = runtime.getSetting(key) ?? config[key];
+    if (value !== null && value !== undefined && value !== "") settings[key] = String(value);
+  }
+  return settings;
+}
+
+/** Client options that start the server with these settings in its environment. */
+export function clientOptions(settings: Record<string, string>): RLMClientOptions {
+  const env: Record<string, string> = {};
+  for (const key of RLM_SETTINGS) {
+    if (settings[key] !== undefined) env[key] = settings[key];
+  }
+  return { env };
+}
+
+/** The running server, as an elizaOS service: started by the runtime, closed by `stop()`. */
+export class RlmService extends Service {
+  static override serviceType = "rlm";
+  override capabilityDescription =
+    "Recursive Language Models through rlm-server (long contexts explored in a REPL)";
+  readonly client: RLMClient;
+
+  constructor(runtime?: IAgentRuntime, client?: RLMClient) {
+    super(runtime);
+    this.client = client ?? new RLMClient(runtime ? clientOptions(readSettings(runtime)) : {});
+  }
+
+  static override async start(runtime: IAgentRuntime): Promise<RlmService> {
+    return new RlmService(runtime);
+  }
+
+  static override async stop(runtime: IAgentRuntime): Promise<void> {
+    await runtime.getService<RlmService>(RlmService.serviceType)?.stop();
+  }
+
+  override async stop(): Promise<void> {
+    await this.client.close();
+  }
+}
+
+/** The service's client; waits for the service while the runtime is still starting it. */
+async function clientOf(runtime: IAgentRuntime): Promise<RLMClient> {
+  const running = runtime.getService<RlmService>(RlmService.serviceType);
+  if (running) return running.client;
+  const loading = runtime.getServiceLoadPromise(
+    RlmService.serviceType as Parameters<IAgentRuntime["getServiceLoadPromise"]>[0],
+  );
+  return ((await loading) as RlmService).client;
+}
+
+/** Refuses what the RLM cannot honour, before any process starts or any token is spent. */
+function refuseUnsupported(params: RlmTextParams): void {
+  const format = params.responseFormat;
+  const type = typeof format === "string" ? format : format?.type;
+  if (type !== undefined && type !== "text") {
+    throw new RLMUnsupportedError(
+      `responseFormat ${JSON.stringify(type)} is not supported: an RLM answer is the text its REPL sets, and nothing makes it JSON; use an OBJECT_* model of another provider`,
+    );
+  }
+  if (typeof params.prompt !== "string" || params.prompt === "") {
+    throw new TypeError("rlm: params.prompt (what the agent asks) is required");
+  }
+}
+
+/** `prompt` -> query; `context` or `messages` (else the prompt) -> the REPL's context. */
+function inferRequest(params: RlmTextParams): {
+  context: string | ChatMessage[];
+  query: string;
+  options: InferOptions;
+} {
+  const context = params.context ?? (params.messages?.length ? params.messages : params.prompt);
+  const options: InferOptions = { ...params.options };
+  if (params.temperature !== undefined && options.temperature === undefined)
+    options.temperature = params.temperature;
+  if (params.maxTokens !== undefined && options.maxTokens === undefined) options.maxTokens = params.maxTokens;
+  return { context, query: params.prompt, options };
+}
+
+/** The answer up to the first stop sequence, as a model stopping there would have written it. */
+export function cutAtStop(text: string, stopSequences: readonly string[] | undefined): string {
+  let end = text.length;
+  for (const stop of stopSequences ?? []) {
+    const at = stop === "" ? -1 : text.indexOf(stop);
+    if (at !== -1 && at < end) end = at;
+  }
+  return text.slice(0, end);
+}
+
+/** One chunk, the whole answer, once the REPL has set it: what an RLM can stream. */
+function oneChunkStream(text: Promise<string>): TextStreamResult {
+  return {
+    textStream: (async function* () {
+      yield await text;
+    })(),
+    text,
+    usage: text.then(() => undefined),
+    finishReason: text.then(() => "stop"),
+  };
+}
+
+export type RlmModelHandler = (
+  runtime: IAgentRuntime,
+  params: RlmTextParams,
+) => Promise<string | TextStreamResult>;
+
+function handler(fixed: RLMClient | undefined): RlmModelHandler {
+  return async (runtime, params) => {
+    refuseUnsupported(params);
+    const client = fixed ?? (await clientOf(runtime));
+    const answer = client
+      .infer(inferRequest(params))
+      .then((result) => cutAtStop(result.text, params.stopSequences));
+    return params.stream === true ? oneChunkStream(answer) : answer;
+  };
+}
+
+export type RlmPlugin = Plugin & {
+  models: Record<(typeof RLM_MODEL_TYPES)[keyof typeof RLM_MODEL_TYPES], RlmModelHandler>;
+  priority: number;
 };
 
-/** Top-level RLM options (temperature, maxTokens, maxIterations...) under `options`' own keys. */
-function collectOptions(params: GenerateTextParamsLike): Record<string, unknown> {
-  const picked: Record<string, unknown> = {};
-  for (const [key, value] of Object.entries(params)) {
-    const name = OPTION_API_NAMES.includes(key) ? key : SEED_ALIASES[key];
-    if (name !== undefined && value !== undefined) picked[name] = value;
-  }
-  return { ...picked, ...params.options };
-}
-
-function handler(client: RLMClient): ModelHandler {
-  return async (_runtime, params) => {
-    const context = params.messages?.length ? params.messages : params.prompt;
-    if (context === undefined) throw new TypeError("rlm: params.prompt or params.messages is required");
-    const result = await client.infer({
-      context,
-      ...(typeof params.query === "string" ? { query: params.query } : {}),
-      options: collectOptions(params) as InferOptions,
-    });
-    return result.text;
-  };
-}
-
-/** A plugin bound to `client`, or to a new client built from `options`. */
-export function createRlmPlugin(clientOrOptions: RLMClient | RLMClientOptions = {}): RLMPlugin {
-  const client = clientOrOptions instanceof RLMClient ? clientOrOptions : new RLMClient(clientOrOptions);
+/**
+ * The plugin. With no argument the runtime's `rlm` service runs the server; a client given here
+ * answers instead (for an application that manages its own client).
+ */
+export function createRlmPlugin(client?: RLMClient): RlmPlugin {
   const handle = handler(client);
-  const models = Object.fromEntries(
-    Object.values(RLM_MODEL_TYPES).map((type) => [type, handle]),
-  ) as RLMPlugin["models"];
-  return {
+  const plugin: RlmPlugin = {
     name: "rlm",
     description: "Recursive Language Models through rlm-server: long contexts explored in a REPL",
-    models,
-    client,
+    config: Object.fromEntries([...RLM_SETTINGS, PRIORITY_SETTING].map((key) => [key, null])),
+    priority: DEFAULT_PRIORITY,
+    services: client ? [] : [RlmService],
+    models: Object.fromEntries(
+      Object.values(RLM_MODEL_TYPES).map((type) => [type, handle]),
+    ) as unknown as RlmPlugin["models"],
+    async init(config, runtime) {
+      const raw = readSettings(runtime, config)[PRIORITY_SETTING];
+      if (raw === undefined) return;
+      const priority = Number(raw);
+      if (!Number.isFinite(priority))
+        throw new TypeError(`rlm: ${PRIORITY_SETTING} must be a number, got ${raw}`);
+      plugin.priority = priority; // read by the runtime when it registers the models, after init
+    },
   };
+  return plugin;
 }
 
-/** The default plugin: one lazily started rlm-server, configured from the environment. */
-export const rlmPlugin: RLMPlugin = createRlmPlugin();
+/** The default plugin: register it with the runtime (`plugins: [rlmPlugin]`). */
+export const rlmPlugin: RlmPlugin = createRlmPlugin();

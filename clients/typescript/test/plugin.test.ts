@@ -1,83 +1,150 @@
-/** The elizaOS-style plugin: the seven model types, and prompt, messages and options passed through. */
+/**
+ * The elizaOS plugin against the real server: settings through the runtime, the service that
+ * owns the child, prompt -> query and context -> REPL, and stream / stopSequences /
+ * responseFormat honoured or refused.
+ */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
-import { RLMInvalidParamsError, RLM_MODEL_TYPES, createRlmPlugin, rlmPlugin } from "../src/index.js";
-import { STUB_ENV, answerWith, openaiEnv, serverClient, startFixture } from "./helpers.js";
+import type { IAgentRuntime, Plugin, TextStreamResult } from "@elizaos/core";
+import {
+  DEFAULT_PRIORITY,
+  RLMUnsupportedError,
+  RLM_MODEL_TYPES,
+  RlmService,
+  createRlmPlugin,
+  rlmPlugin,
+} from "../src/plugin.js";
+import {
+  PYTHON,
+  STUB_ENV,
+  answerWith,
+  gone,
+  openaiEnv,
+  serverClient,
+  serverEnv,
+  startFixture,
+} from "./helpers.js";
 
-const runtime = {};
+/** The part of IAgentRuntime the plugin uses: settings, and the services it started. */
+function fakeRuntime(settings: Record<string, string>): IAgentRuntime {
+  const services = new Map<string, RlmService>();
+  const runtime = {
+    getSetting: (key: string) => settings[key] ?? null,
+    getService: (type: string) => services.get(type) ?? null,
+    getServiceLoadPromise: async (type: string) => services.get(type),
+    async startServices() {
+      services.set(RlmService.serviceType, await RlmService.start(runtime as unknown as IAgentRuntime));
+    },
+  };
+  return runtime as unknown as IAgentRuntime;
+}
+
+async function started(
+  settings: Record<string, string>,
+): Promise<{ runtime: IAgentRuntime; service: RlmService }> {
+  const runtime = fakeRuntime(settings);
+  await (runtime as unknown as { startServices(): Promise<void> }).startServices();
+  const service = runtime.getService<RlmService>(RlmService.serviceType);
+  assert.ok(service);
+  return { runtime, service };
+}
+
+/** Settings that point the server at the fixture, as a character's settings would. */
+function fixtureSettings(baseUrl: string): Record<string, string> {
+  const env = serverEnv(openaiEnv(baseUrl, { ELIZA_RLM_PYTHON_PATH: PYTHON }));
+  return Object.fromEntries(Object.entries(env).filter((e): e is [string, string] => e[1] !== undefined));
+}
+
+const runtime = fakeRuntime({});
 
 describe("rlmPlugin", { concurrency: true }, () => {
-  test("registers a handler for each of the seven text model types, by elizaOS ModelType value", () => {
-    assert.equal(rlmPlugin.name, "rlm");
-    assert.deepEqual(Object.keys(rlmPlugin.models).sort(), [
-      "REASONING_LARGE",
-      "REASONING_SMALL",
-      "TEXT_COMPLETION",
-      "TEXT_LARGE",
-      "TEXT_RLM_LARGE",
-      "TEXT_RLM_REASONING",
-      "TEXT_SMALL",
-    ]);
-    assert.deepEqual(Object.keys(RLM_MODEL_TYPES), [
-      "TEXT_SMALL",
-      "TEXT_LARGE",
-      "TEXT_REASONING_SMALL",
-      "TEXT_REASONING_LARGE",
-      "TEXT_COMPLETION",
-      "TEXT_RLM_LARGE",
-      "TEXT_RLM_REASONING",
-    ]);
-    assert.equal(typeof rlmPlugin.client.infer, "function");
+  test("follows elizaOS's plugin shape: config, low priority, a service, the text models", () => {
+    const plugin: Plugin = rlmPlugin; // type-checks against @elizaos/core
+    assert.equal(plugin.name, "rlm");
+    assert.equal(plugin.priority, DEFAULT_PRIORITY);
+    assert.ok(DEFAULT_PRIORITY < 0, "the agent's usual model keeps TEXT_SMALL/TEXT_LARGE");
+    assert.equal(plugin.config?.ELIZA_RLM_BACKEND, null);
+    assert.deepEqual(plugin.services, [RlmService]);
+    assert.deepEqual(Object.keys(rlmPlugin.models).sort(), Object.values(RLM_MODEL_TYPES).sort());
   });
 
-  test("every handler answers through the server (stub mode) and is counted as a stub", async (t) => {
-    const plugin = createRlmPlugin(serverClient(STUB_ENV));
-    t.after(() => plugin.client.close());
-    const texts = await Promise.all(
-      Object.values(plugin.models).map((handler) => handler(runtime, { prompt: "hello" })),
+  test("init reads the priority through the runtime: the user can ask for the text models", async () => {
+    const plugin = createRlmPlugin();
+    await plugin.init?.({}, fakeRuntime({ ELIZA_RLM_PRIORITY: "50" }));
+    assert.equal(plugin.priority, 50);
+    const fromConfig = createRlmPlugin();
+    await fromConfig.init?.({ ELIZA_RLM_PRIORITY: "7" }, fakeRuntime({}));
+    assert.equal(fromConfig.priority, 7);
+    await assert.rejects(
+      createRlmPlugin().init?.({}, fakeRuntime({ ELIZA_RLM_PRIORITY: "high" })) ?? Promise.resolve(),
+      TypeError,
     );
-    assert.deepEqual(texts, Array(7).fill("[RLM STUB] RLM backend not available"));
-    assert.equal(plugin.client.getMetrics().stubResponses, 7);
   });
 
-  test("messages, query and options are passed through; generic text params are not options", async (t) => {
+  test("the prompt is the query, the context goes to the REPL; the service's stop() ends the child", async (t) => {
     const fixture = await startFixture([
-      { when: "root", contains: "which-code", reply: answerWith('context[0]["content"].split()[-1]') },
+      {
+        when: "root",
+        contains: "What is the vault code?",
+        reply: answerWith('__import__("re").search(r"vault code is (\\w+)", context).group(1)'),
+      },
     ]);
-    const plugin = createRlmPlugin(serverClient(openaiEnv(fixture.baseUrl)));
+    t.after(() => fixture.stop());
+    const { runtime: agent, service } = await started(fixtureSettings(fixture.baseUrl));
+    const context = `${"filler. ".repeat(20_000)}The vault code is K2Q. ${"more. ".repeat(100)}`;
+    const text = await rlmPlugin.models.TEXT_RLM_LARGE(agent, { prompt: "What is the vault code?", context });
+    assert.equal(text, "K2Q");
+    const bodies = JSON.stringify(await fixture.requests());
+    assert.ok(bodies.includes("What is the vault code?"), "the root model saw the query");
+    assert.ok(!bodies.includes("K2Q"), "and not the context");
+    const pid = service.client.serverInfo?.pid;
+    assert.ok(pid);
+    await RlmService.stop(agent);
+    await gone(pid);
+  });
+
+  test("stream: true yields the answer as one chunk; stop sequences cut it", async (t) => {
+    const fixture = await startFixture([{ when: "root", reply: answerWith('"alpha STOP beta"') }]);
+    const client = serverClient(openaiEnv(fixture.baseUrl));
     t.after(async () => {
-      await plugin.client.close();
+      await client.close();
       await fixture.stop();
     });
-    const text = await plugin.models.TEXT_RLM_LARGE(runtime, {
-      messages: [{ role: "user", content: "the code is ZEBRA-42" }],
-      prompt: "ignored when messages are given",
-      query: "which-code",
-      temperature: 0.3,
-      maxTokens: 50,
-      maxIterations: 3,
-      topP: 0.9,
-      stopSequences: ["\n"],
-      options: { maxDepth: 1 },
-    });
-    assert.equal(text, "ZEBRA-42");
-    const [body] = await fixture.requests();
-    assert.equal(body?.temperature, 0.3);
-    assert.equal(body?.max_completion_tokens ?? body?.max_tokens, 50);
-  });
-
-  test("an unknown key inside options reaches the server, which names it", async (t) => {
-    const plugin = createRlmPlugin(serverClient(STUB_ENV));
-    t.after(() => plugin.client.close());
-    await assert.rejects(
-      plugin.models.TEXT_LARGE(runtime, { prompt: "p", options: { bogus: true } }),
-      (error: unknown) => error instanceof RLMInvalidParamsError && error.data?.field === "options.bogus",
+    const plugin = createRlmPlugin(client);
+    const streamed = (await plugin.models.TEXT_LARGE(runtime, {
+      prompt: "go",
+      stream: true,
+    })) as TextStreamResult;
+    const chunks: string[] = [];
+    for await (const chunk of streamed.textStream) chunks.push(chunk);
+    assert.deepEqual(chunks, ["alpha STOP beta"]);
+    assert.equal(await streamed.text, "alpha STOP beta");
+    assert.equal(
+      await plugin.models.TEXT_SMALL(runtime, { prompt: "go", stopSequences: ["STOP", "beta"] }),
+      "alpha ",
     );
   });
 
-  test("a call with neither prompt nor messages is refused before any process starts", async () => {
-    const plugin = createRlmPlugin(serverClient(STUB_ENV));
-    await assert.rejects(plugin.models.TEXT_SMALL(runtime, {}), TypeError);
-    assert.equal(typeof plugin.client.serverInfo, "undefined");
+  test("a JSON response format is refused with a clear error before any process starts", async () => {
+    const client = serverClient(STUB_ENV);
+    const plugin = createRlmPlugin(client);
+    for (const responseFormat of [{ type: "json_object" } as const, "json_object"]) {
+      await assert.rejects(
+        plugin.models.TEXT_LARGE(runtime, { prompt: "p", responseFormat }),
+        (error: unknown) =>
+          error instanceof RLMUnsupportedError && /responseFormat "json_object"/.test(error.message),
+      );
+    }
+    assert.equal(
+      await plugin.models.TEXT_LARGE(runtime, { prompt: "p", responseFormat: { type: "text" } }),
+      "[RLM STUB] RLM backend not available",
+    );
+    await client.close();
+  });
+
+  test("a call without a prompt is refused before any process starts", async () => {
+    const client = serverClient(STUB_ENV);
+    await assert.rejects(createRlmPlugin(client).models.TEXT_SMALL(runtime, { prompt: "" }), TypeError);
+    assert.equal(client.serverInfo, undefined);
   });
 });

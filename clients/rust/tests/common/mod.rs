@@ -29,11 +29,15 @@ pub const CLEARED: [&str; 4] = [
     "GOOGLE_API_KEY",
 ];
 
-/// The repository root (this crate lives in `clients/rust`), or `None` when the crate is
-/// built from its packaged form, where only the crate's own files exist.
+/// The repository root (above `clients/rust`, or above `clients/compat-tests/rust`, which
+/// shares this module), or `None` when the crate is built from its packaged form, where only
+/// the crate's own files exist.
 pub fn repo_root() -> Option<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    root.join("protocol/schema.json").is_file().then_some(root)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .take(4)
+        .find(|dir| dir.join("protocol/schema.json").is_file())
+        .map(PathBuf::from)
 }
 
 /// The repository root, or returns from the test with a note saying why it is skipped.

@@ -1,0 +1,1 @@
+//! Nothing here: the tests drive the published crate (see tests/).
