@@ -1,8 +1,9 @@
 """Methods: `infer`, `status`, `shutdown` and `$/cancelRequest`, as jsonrpcserver methods.
 
-Each is a plain function of (context, **params by name) that validates its params into types,
-asks the engine or the server to do the work, and returns a `Success`. `status` never waits, so
-it is a plain function that the dispatcher answers inline. `infer` and `shutdown` wait, so they
+Each is a plain function of (context, **params by name) that validates its params into types and
+asks the engine or the server to do the work. `status` never waits, so it is a plain function
+that returns its JSON result and that the dispatcher answers inline; the others return a
+jsonrpcserver `Success`. `infer` and `shutdown` wait, so they
 are coroutines that get a task each; so is `$/cancelRequest`, though it never waits: tasks start
 in the order their lines arrived, so a cancel that comes in the same read as its `infer` still
 finds it registered, where an inline cancel would overtake it and be lost. Invalid params raise
@@ -145,9 +146,9 @@ async def infer(
     return Success(await session.engine.infer(request, ctx.request_id, progress, ctx.sequence))
 
 
-def status(ctx: RequestContext, /, **unknown: Any) -> Result:
+def status(ctx: RequestContext, /, **unknown: Any) -> Json:
     _refuse_unknown(unknown)
-    return Success(ctx.session.engine.status())
+    return ctx.session.engine.status()
 
 
 async def shutdown(ctx: RequestContext, /, grace_s: Any = None, **unknown: Any) -> Result:
@@ -167,7 +168,7 @@ async def cancel_request(ctx: RequestContext, /, id: Any = MISSING, **unknown: A
     return Success(None)
 
 
-INLINE_METHODS: Mapping[str, Callable[..., Result]] = {
+INLINE_METHODS: Mapping[str, Callable[..., Json]] = {
     "status": status,
 }
 # Sent as a notification, an infer would run a paid completion nobody can receive or cancel.
