@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+Line = bytes | bytearray | OversizedLine
+
 OUTPUT_HIGH_WATER = 64 << 20  # unsent answer bytes above which we stop reading input
 DECODE_IN_THREAD_BYTES = 1 << 20
 YIELD_EVERY_LINES = 64  # a flood of input must not starve request tasks and the writer
@@ -203,18 +205,37 @@ class Server:
             line = await reader.next_line()
             if line is None:
                 return
-            if isinstance(line, OversizedLine):
-                self._send_error(LineTooLong(limit=line.limit), leading_id(line.head))
-                continue
-            self._lines_read += 1
-            if self._lines_read % YIELD_EVERY_LINES == 0:
-                await anyio.lowlevel.checkpoint()
-            context = self._context_factory(self._lines_read)
-            if len(line) >= DECODE_IN_THREAD_BYTES:
-                spawn(functools.partial(self._decode_aside, line, dispatcher, context, spawn))
-            else:
-                self._decode_and_dispatch(line, dispatcher, context, spawn)
+            handled = self._handle_burst(line, reader, dispatcher, spawn)
             del line  # a long context must not stay alive here while its request runs
+            if handled == YIELD_EVERY_LINES:
+                await anyio.lowlevel.checkpoint()
+
+    def _handle_burst(
+        self, first: Line, reader: LineReader, dispatcher: Dispatcher, spawn: Spawn
+    ) -> int:
+        """Handle `first` and the complete lines read with it, up to YIELD_EVERY_LINES; the
+        answers to them go out together, in one write. Return how many were handled."""
+        handled = 0
+        line: Line | None = first
+        with self._writer.held():
+            while line is not None:
+                self._handle_line(line, dispatcher, spawn)
+                handled += 1
+                if handled == YIELD_EVERY_LINES:
+                    break
+                line = reader.buffered_line()
+        return handled
+
+    def _handle_line(self, line: Line, dispatcher: Dispatcher, spawn: Spawn) -> None:
+        if isinstance(line, OversizedLine):
+            self._send_error(LineTooLong(limit=line.limit), leading_id(line.head))
+            return
+        self._lines_read += 1
+        context = self._context_factory(self._lines_read)
+        if len(line) >= DECODE_IN_THREAD_BYTES:
+            spawn(functools.partial(self._decode_aside, line, dispatcher, context, spawn))
+        else:
+            self._decode_and_dispatch(line, dispatcher, context, spawn)
 
     def _decode_and_dispatch(
         self, line: bytes | bytearray, dispatcher: Dispatcher, context: ContextFactory, spawn: Spawn
