@@ -29,12 +29,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
-from typing import Any, cast
-
-from jsonrpcserver import Error
-from jsonrpcserver import async_main as async_jsonrpc
-from jsonrpcserver.response import to_serializable
-from jsonrpcserver.result import Result
+from typing import TYPE_CHECKING, Any, cast
 
 from rlm_server.errors import (
     InternalError,
@@ -45,10 +40,13 @@ from rlm_server.errors import (
 )
 from rlm_server.wire import Json, RequestId, error_response, result_response
 
+if TYPE_CHECKING:
+    from jsonrpcserver.result import Result
+
 log = logging.getLogger(__name__)
 
 InlineMethod = Callable[..., Json]
-TaskMethod = Callable[..., Awaitable[Result]]
+TaskMethod = Callable[..., Awaitable["Result"]]
 ContextFactory = Callable[[RequestId], object]
 Response = Json | list[Json]
 Send = Callable[[Response | None], None]  # None: nothing is owed (a notification)
@@ -64,6 +62,8 @@ def _as_rpc_error(name: str, error: Exception) -> RpcError:
 
 
 def _as_result(name: str, error: Exception) -> Result:
+    from jsonrpcserver import Error  # imported by the first task: see _run_task
+
     error = _as_rpc_error(name, error)
     return Error(error.code, error.message, error.data)
 
@@ -229,6 +229,12 @@ class Dispatcher:
     async def _run_task(
         self, prepared: _Prepared, make_context: ContextFactory, send: Send
     ) -> None:
+        """jsonrpcserver is imported here, by the first task, not with this module: its import
+        (jsonschema with it) costs as much as everything the server imports before `ready`,
+        and `status` never needs it. A first `infer` waits for the zygote's import of `rlm`
+        anyway."""
+        from jsonrpcserver import async_main as async_jsonrpc
+
         response = await async_jsonrpc.dispatch_to_response(
             "", self._tasks, **prepared.dispatch_options(make_context)
         )
@@ -270,6 +276,8 @@ class _Prepared:
 
     def dispatch_options(self, make_context: ContextFactory) -> dict[str, Any]:
         """jsonrpcserver's dispatch_to_response options: our parsed, checked request as is."""
+        from jsonrpcserver.response import to_serializable
+
         request: Json = {"jsonrpc": "2.0", "method": self.method, "params": self.params}
         if not self.notification:
             request["id"] = self.request_id

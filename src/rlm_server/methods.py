@@ -17,18 +17,26 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from jsonrpcserver import Success
-from jsonrpcserver.result import Result
+from typing import TYPE_CHECKING, Any
 
 from rlm_server.config import BACKENDS
 from rlm_server.context import RequestContext
 from rlm_server.engine import InferOptions, InferRequest
 from rlm_server.errors import InvalidParams
 
+if TYPE_CHECKING:
+    from jsonrpcserver.result import Result
+
 Json = dict[str, Any]
 MISSING: Any = object()
+
+
+def _success(result: Any) -> Result:
+    """jsonrpcserver's `Success`, imported when a task method first answers, not with this
+    module: `status` and the server's start never need jsonrpcserver (see dispatch.py)."""
+    from jsonrpcserver import Success
+
+    return Success(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +151,7 @@ async def infer(
         if ctx.request_id is not None:  # progress names its request; a null id names none
             session.notify("$/progress", params)
 
-    return Success(await session.engine.infer(request, ctx.request_id, progress, ctx.sequence))
+    return _success(await session.engine.infer(request, ctx.request_id, progress, ctx.sequence))
 
 
 def status(ctx: RequestContext, /, **unknown: Any) -> Json:
@@ -156,7 +164,7 @@ async def shutdown(ctx: RequestContext, /, grace_s: Any = None, **unknown: Any) 
     if grace_s is not None and not (_is_number(grace_s) and grace_s >= 0):
         raise InvalidParams("grace_s", "must be a number of seconds, 0 or more")
     await ctx.session.shutdown(grace_s, ctx.sequence)
-    return Success({"shutdown": True})
+    return _success({"shutdown": True})
 
 
 async def cancel_request(ctx: RequestContext, /, id: Any = MISSING, **unknown: Any) -> Result:
@@ -165,7 +173,7 @@ async def cancel_request(ctx: RequestContext, /, id: Any = MISSING, **unknown: A
     if id is MISSING or not (isinstance(id, str) or _is_int(id)):
         raise InvalidParams("id", "must be the id of a request")
     ctx.session.cancel(id)
-    return Success(None)
+    return _success(None)
 
 
 INLINE_METHODS: Mapping[str, Callable[..., Json]] = {

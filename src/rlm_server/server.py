@@ -6,10 +6,11 @@ task of its own in the one request task group, so reading never waits for a hand
 `infer` never delays `status`. One task writes. While more than `OUTPUT_HIGH_WATER` bytes of
 answers are unsent (a client that stopped reading), no more input is read.
 
-`ready` goes out before the dispatch layer is even imported: jsonrpcserver's import pulls in
-jsonschema and http.server, and there is no reason a client should wait for that, or for the
-zygote's import of `rlm`, which runs meanwhile in its own process. Lines that arrive early wait
-in the pipe.
+`ready` is written before the zygote starts and before the dispatch layer is imported, and
+jsonrpcserver (whose import pulls in jsonschema and costs as much as everything before `ready`)
+is imported only by the first request that needs it (`infer`, `shutdown`, `$/cancelRequest`;
+never `status`). The zygote's import of `rlm` runs meanwhile in its own process. Lines that
+arrive early wait in the pipe.
 
 Stopping, whichever way it starts (`shutdown`, end of stdin, SIGTERM), is one sequence: refuse
 infers that arrive after the stop, let in-flight infers finish until the stop's deadline, cancel
@@ -153,7 +154,7 @@ class Server:
 
     async def run(self) -> int:
         self._grace = anyio.CancelScope(deadline=math.inf)
-        self._send_ready()  # written at once: nothing is queued yet
+        self._send_ready()
         self.engine.workers.start()
         try:
             async with anyio.create_task_group() as background:
@@ -169,7 +170,10 @@ class Server:
         return 0
 
     def _send_ready(self) -> None:
-        self.notify("ready", {**self.engine.describe(), "pid": os.getpid()})
+        """Written now, not at the end of this turn: the zygote's start and the dispatcher's
+        import come after it, and a client should not wait for them."""
+        with self._writer.held():
+            self.notify("ready", {**self.engine.describe(), "pid": os.getpid()})
 
     async def _serve(self, dispatcher: Dispatcher) -> None:
         async with anyio.create_task_group() as requests:
