@@ -8,12 +8,14 @@ import os
 import select
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 from conftest import Spawn
-from harness import alive, descendants, wait_until
+from harness import alive, clean_env, descendants, server_command, wait_until
 from test_jsonrpc import dispatch_all
 
 from rlm_server.dispatch import Dispatcher
@@ -147,3 +149,19 @@ def test_end_of_input_with_nothing_in_flight_leaves_no_process(spawn: Spawn, whe
     assert family  # the zygote
     assert server.close() == 0
     assert wait_until(lambda: not alive(family), timeout=10), alive(family)
+
+
+def test_input_from_a_regular_file_is_read_to_its_end(tmp_path: Path) -> None:
+    """A regular file never blocks and cannot be polled: a short read must not mean 'wait'."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(
+        b'{"jsonrpc":"2.0","id":1,"method":"status"}\n{"jsonrpc":"2.0","id":2,"method":"status"}'
+    )
+    with requests.open("rb") as stdin:
+        done = subprocess.run(
+            server_command(), stdin=stdin, capture_output=True, env=clean_env(), timeout=60
+        )
+    lines = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert [line.get("id") for line in lines] == [None, 1, 2]  # ready, then both answers
+    assert done.returncode == 0, done.stderr
+    assert b"Traceback" not in done.stderr

@@ -18,6 +18,7 @@ import fcntl
 import logging
 import math
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -89,10 +90,12 @@ class FdReceiveStream(ByteReceiveStream):
         self._fd = fd
         self._persistent = persistent
         self._readable: asyncio.Event | None = None
+        # A regular file (`rlm-server < requests.jsonl`) never blocks, and epoll refuses it.
+        self._pollable = not stat.S_ISREG(os.fstat(fd).st_mode)
         self._drained = False  # the last read emptied the descriptor
 
     async def receive(self, max_bytes: int = READ_CHUNK) -> bytes:
-        """The next bytes. After a read that was short (it emptied the descriptor), wait
+        """The next bytes. After a read that was short (it emptied the pipe or socket), wait
         before reading again: a read that is sure to fail costs a syscall and an exception,
         once per request of a client that waits for each answer."""
         if self._drained:
@@ -105,7 +108,7 @@ class FdReceiveStream(ByteReceiveStream):
                 continue
             if not data:
                 raise anyio.EndOfStream
-            self._drained = len(data) < max_bytes
+            self._drained = self._pollable and len(data) < max_bytes
             return data
 
     async def _wait(self) -> None:
