@@ -147,7 +147,7 @@ def test_internal_errors_carry_no_exception_text() -> None:
     async def broken(ctx: object) -> None:
         raise RuntimeError("secret internal detail")
 
-    def broken_inline(ctx: object) -> None:
+    def broken_inline(ctx: object) -> dict[str, Any]:
         raise KeyError("another secret")
 
     async def main() -> list[Any]:

@@ -28,6 +28,8 @@ FIGURES = (
     "status_rtt",
     "pipelined",
     "spawn_ready",
+    "first_answers",
+    "exit_eof",
     "spawn_first_infer",
     "one_infer",
     "concurrency",

@@ -51,6 +51,8 @@ class Settings:
     pipe_runs: int = 5
     pipe_n: int = 20000
     spawn_runs: int = 10
+    first_answer_runs: int = 3
+    exit_runs: int = 5
     first_infer_runs: int = 5
     infer_n: int = 30
     library_n: int = 10
@@ -72,6 +74,8 @@ class Settings:
             pipe_runs=2,
             pipe_n=5000,
             spawn_runs=3,
+            first_answer_runs=1,
+            exit_runs=2,
             first_infer_runs=2,
             infer_n=8,
             library_n=3,
@@ -199,57 +203,158 @@ class Bench:
     # -- pipelined status throughput --------------------------------------------------------
 
     def pipelined(self) -> Json:
-        """N `status` requests written without waiting; N answers read. Requests per second."""
+        """N `status` requests written without waiting; N answers read. Requests per second,
+        with the client and the server pinned to one CPU, and to two different CPUs."""
         self.fixture.instant()
-        n = self.s.pipe_n
-        per_run: dict[str, list[float]] = {"echo": [], "plugin": [], "ours": []}
-        cpu: dict[str, list[float]] = {name: [] for name in per_run}
+        names = ("echo", "plugin", "ours")
+        places = self.placements()
+        runs: dict[str, dict[str, list[Json]]] = {p: {n: [] for n in names} for p in places}
         for run in range(self.s.pipe_runs):
-            for name in per_run:
-                target = self.t[name]
-                dialect = self.t["ours"] if name == "echo" else target
-                payload = b"".join(dialect.request(i + 1, "status") for i in range(n))
-                with spawned(target) as channel:
-                    self._warm(target, channel)
-                    writer = threading.Thread(target=channel.write, args=(payload,))
-                    cpu_before = cpu_ns(channel.pid)
-                    started = time.perf_counter()
-                    writer.start()
-                    last = channel.count_lines(n, timeout=300)
-                    elapsed = time.perf_counter() - started
-                    cpu[name].append((cpu_ns(channel.pid) - cpu_before) / n / 1000)
-                    writer.join()
-                last_message = orjson.loads(last)
-                if last_message.get("id") != n:
-                    raise RuntimeError(f"{name}: last pipelined answer was {last[:200]!r}")
-                per_run[name].append(n / elapsed)
-                self.log(
-                    f"  pipelined run {run + 1} {name}: {n / elapsed:,.0f} req/s, "
-                    f"server CPU {cpu[name][-1]:.1f} us/req"
-                )
-        return {
-            name: {
-                "req_per_s": statistics.median(runs),
-                "cpu_us_per_request": statistics.median(cpu[name]),
-                "runs": runs,
-            }
-            for name, runs in per_run.items()
-        } | {"n_per_run": n}
+            for place, (client_cpus, server_cpus) in places.items():
+                for name in names:
+                    runs[place][name].append(self._pipe_run(name, client_cpus, server_cpus))
+                    last = runs[place][name][-1]
+                    self.log(
+                        f"  pipelined run {run + 1} {place} {name}: {last['req_per_s']:,.0f} "
+                        f"req/s, server CPU {last['cpu_us_per_request']:.1f} us/req"
+                    )
+        result: Json = {"n_per_run": self.s.pipe_n}
+        for place, (client_cpus, server_cpus) in places.items():
+            summary: Json = {"client_cpus": sorted(client_cpus), "server_cpus": sorted(server_cpus)}
+            for name in names:
+                summary[name] = {
+                    key: statistics.median(r[key] for r in runs[place][name])
+                    for key in ("req_per_s", "cpu_us_per_request")
+                } | {"runs": runs[place][name]}
+            result[place] = summary
+        return result
+
+    def _pipe_run(self, name: str, client_cpus: set[int], server_cpus: set[int]) -> Json:
+        n = self.s.pipe_n
+        target = self.t[name]
+        dialect = self.t["ours"] if name == "echo" else target
+        payload = b"".join(dialect.request(i + 1, "status") for i in range(n))
+        with spawned(target, cpus=server_cpus) as channel, pinned(client_cpus):
+            self._warm(target, channel)
+            writer = threading.Thread(target=channel.write, args=(payload,))
+            cpu_before = cpu_ns(channel.pid)
+            started = time.perf_counter()
+            writer.start()  # the thread inherits the client's pinning
+            last = channel.count_lines(n, timeout=300)
+            elapsed = time.perf_counter() - started
+            cpu_us = (cpu_ns(channel.pid) - cpu_before) / n / 1000
+            writer.join()
+        if orjson.loads(last).get("id") != n:
+            raise RuntimeError(f"{name}: last pipelined answer was {last[:200]!r}")
+        return {"req_per_s": n / elapsed, "cpu_us_per_request": cpu_us}
 
     # -- spawn ------------------------------------------------------------------------------
 
     def spawn_ready(self) -> Json:
-        """Seconds from spawn to the ready line; the plugin also with `rlm` hidden (stub mode)."""
+        """Seconds from spawn to the ready line, the server on one CPU (the one the client is
+        not on) and unpinned; the plugin also with `rlm` hidden (stub mode), unpinned."""
         self.fixture.instant()
-        runs: dict[str, list[float]] = {"ours": [], "plugin": [], "plugin_stub": []}
+        one_cpu = {sorted(os.sched_getaffinity(0))[-1]}
+        kinds = {
+            "ours": ("ours", [], None),
+            "plugin": ("plugin", [], None),
+            "plugin_stub": ("plugin", ["--no-rlm"], None),
+            "ours_one_cpu": ("ours", [], one_cpu),
+            "plugin_one_cpu": ("plugin", [], one_cpu),
+        }
+        runs: dict[str, list[float]] = {name: [] for name in kinds}
         for _ in range(self.s.spawn_runs):
-            for name in runs:
-                target = self.t["plugin" if name == "plugin_stub" else name]
-                extra = ["--no-rlm"] if name == "plugin_stub" else []
-                with spawned(target, extra) as channel:
+            for name, (target_name, extra, cpus) in kinds.items():
+                target = self.t[target_name]
+                with spawned(target, extra, cpus=cpus) as channel:
                     runs[name].append(target.wait_ready(channel))
         self.log(
             "  spawn to ready: "
+            + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in runs.items())
+        )
+        return {name: {"median_s": statistics.median(v), "runs": v} for name, v in runs.items()}
+
+    def first_answers(self) -> Json:
+        """On one CPU (client and server, so that anything the server starts competes with its
+        own answers): from spawn, one `status` written at once, then one every millisecond
+        for two seconds, each waiting for its answer. Spawn to the first answer, and the round
+        trips of the first second (ours: while the zygote imports `rlm` and warms up) against
+        those of the second."""
+        self.fixture.instant()
+        cpu = {sorted(os.sched_getaffinity(0))[-1]}
+        runs: dict[str, list[Json]] = {"ours": [], "plugin": []}
+        for _ in range(self.s.first_answer_runs):
+            for name, per_run in runs.items():
+                per_run.append(self._first_answers_run(self.t[name], cpu))
+        result: Json = {}
+        for name, per_run in runs.items():
+            result[name] = {
+                key: statistics.median(r[key] for r in per_run)
+                for key in (
+                    "first_answer_s",
+                    "early_p50_us",
+                    "early_p99_us",
+                    "late_p50_us",
+                    "late_p99_us",
+                )
+            } | {"runs": per_run}
+            self.log(
+                f"  first answers {name}: first after {result[name]['first_answer_s'] * 1000:.0f}"
+                f" ms; first second p50 {result[name]['early_p50_us']:.0f} us, p99 "
+                f"{result[name]['early_p99_us']:.0f} us; second second p50 "
+                f"{result[name]['late_p50_us']:.0f} us, p99 {result[name]['late_p99_us']:.0f} us"
+            )
+        return result
+
+    def _first_answers_run(self, target: Target, cpus: set[int]) -> Json:
+        line = target.request(1, "status")
+        early: list[float] = []
+        late: list[float] = []
+        with spawned(target, cpus=cpus) as channel, pinned(cpus):
+            channel.write(line)
+            target.response(channel, 1)
+            first = time.perf_counter() - channel.spawned_at
+            while (since := time.perf_counter() - channel.spawned_at) < 2.0:
+                t0 = time.perf_counter_ns()
+                channel.write(line)
+                channel.readline()
+                elapsed_us = (time.perf_counter_ns() - t0) / 1000
+                (early if since < 1.0 else late).append(elapsed_us)
+                time.sleep(0.001)
+        return {
+            "first_answer_s": first,
+            "early_p50_us": statistics.median(early),
+            "early_p99_us": statistics.quantiles(early, n=100)[98],
+            "late_p50_us": statistics.median(late),
+            "late_p99_us": statistics.quantiles(late, n=100)[98],
+            "early_n": len(early),
+            "late_n": len(late),
+        }
+
+    def exit_eof(self) -> Json:
+        """Milliseconds from closing the server's stdin, with nothing in flight (one `status`
+        answered), to its exit: right after spawn (ours: the zygote is still importing) and
+        once warm (one `infer` answered)."""
+        self.fixture.instant()
+        runs: dict[str, list[float]] = {
+            "ours_cold": [],
+            "plugin_cold": [],
+            "ours_warm": [],
+            "plugin_warm": [],
+        }
+        for _ in range(self.s.exit_runs):
+            for name in runs:
+                target_name, when = name.split("_")
+                target = self.t[target_name]
+                with spawned(target) as channel:
+                    if when == "warm":
+                        self._warm(target, channel)
+                    target.call(channel, 1, "status")
+                    started = time.perf_counter()
+                    channel.close(timeout=30)
+                    runs[name].append(time.perf_counter() - started)
+        self.log(
+            "  exit after end of stdin: "
             + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in runs.items())
         )
         return {name: {"median_s": statistics.median(v), "runs": v} for name, v in runs.items()}

@@ -108,49 +108,125 @@ def _soak_row(s: Json) -> Row:
     )
 
 
-def build_rows(r: Json) -> list[Row]:
-    rows: list[Row] = []
-    if "soak" in r:
-        rows.append(_soak_row(r["soak"]))
-    if "status_rtt" in r:
-        for place, where in (
-            ("one_cpu", "client and server on one CPU"),
-            ("two_cpus", "client and server on two CPUs"),
-        ):
-            if place in r["status_rtt"]:
-                rows.extend(_rtt_rows(r["status_rtt"][place], where))
-    if "pipelined" in r:
-        p = r["pipelined"]
-        ours, plugin = p["ours"]["req_per_s"], p["plugin"]["req_per_s"]
+PLACES = (
+    ("one_cpu", "client and server on one CPU"),
+    ("two_cpus", "client and server on two CPUs"),
+)
+
+
+def _pipelined_row(p: Json, n: int, where: str) -> Row:
+    ours, plugin = p["ours"]["req_per_s"], p["plugin"]["req_per_s"]
+    return Row(
+        f"pipelined `status` throughput, {where}",
+        f"{ours:,.0f} req/s",
+        "plugin server",
+        f"{plugin:,.0f} req/s",
+        _times(ours / plugin, "more") if ours >= plugin else _times(plugin / ours, "less"),
+        "≥ 2x the plugin's",
+        ours >= 2 * plugin,
+        f"C echo {p['echo']['req_per_s']:,.0f} req/s; {n:,} requests a run; server CPU per "
+        f"request: ours {_us(p['ours']['cpu_us_per_request'])}, plugin "
+        f"{_us(p['plugin']['cpu_us_per_request'])}",
+    )
+
+
+def _spawn_rows(s: Json) -> list[Row]:
+    rows = []
+    if "ours_one_cpu" in s:
+        ours, plugin = s["ours_one_cpu"]["median_s"], s["plugin_one_cpu"]["median_s"]
         rows.append(
             Row(
-                "pipelined `status` throughput",
-                f"{ours:,.0f} req/s",
+                "spawn to `ready`, server on one CPU",
+                _ms(ours),
                 "plugin server",
-                f"{plugin:,.0f} req/s",
-                _times(ours / plugin, "more") if ours >= plugin else _times(plugin / ours, "less"),
-                "≥ 2x the plugin's",
-                ours >= 2 * plugin,
-                f"C echo {p['echo']['req_per_s']:,.0f} req/s; {p['n_per_run']:,} requests a run; "
-                f"server CPU per request: ours {_us(p['ours']['cpu_us_per_request'])}, plugin "
-                f"{_us(p['plugin']['cpu_us_per_request'])}",
+                _ms(plugin),
+                _faster_or_slower(ours, plugin),
+                "no slower than the plugin's",
+                ours <= plugin,
             )
         )
-    if "spawn_ready" in r:
-        s = r["spawn_ready"]
-        ours, plugin = s["ours"]["median_s"], s["plugin"]["median_s"]
+    ours, plugin = s["ours"]["median_s"], s["plugin"]["median_s"]
+    rows.append(
+        Row(
+            "spawn to `ready`, unpinned",
+            _ms(ours),
+            "plugin server",
+            _ms(plugin),
+            _faster_or_slower(ours, plugin),
+            "≤ 100 ms",
+            ours <= 0.100,
+            f"plugin with `rlm` hidden (stub mode): {_ms(s['plugin_stub']['median_s'])}",
+        )
+    )
+    return rows
+
+
+def _first_answer_rows(f: Json) -> list[Row]:
+    ours, plugin = f["ours"], f["plugin"]
+    return [
+        Row(
+            "spawn to first `status` answered, client and server on one CPU",
+            _ms(ours["first_answer_s"]),
+            "plugin server",
+            _ms(plugin["first_answer_s"]),
+            _faster_or_slower(ours["first_answer_s"], plugin["first_answer_s"]),
+            "",
+            None,
+            "the request written at once, before `ready`",
+        ),
+        Row(
+            "`status` round trip p50 (p99) in the first second after spawn, one CPU",
+            f"{_us(ours['early_p50_us'])} ({_us(ours['early_p99_us'])})",
+            "ours in the second second",
+            f"{_us(ours['late_p50_us'])} ({_us(ours['late_p99_us'])})",
+            _faster_or_slower(ours["early_p50_us"], ours["late_p50_us"]),
+            "no slower than the second second (p50 within 10%)",
+            ours["early_p50_us"] <= 1.1 * ours["late_p50_us"],
+            "one `status` a millisecond, each waiting for its answer, while the zygote imports "
+            f"`rlm` and warms up; plugin: {_us(plugin['early_p50_us'])} "
+            f"({_us(plugin['early_p99_us'])}) then {_us(plugin['late_p50_us'])} "
+            f"({_us(plugin['late_p99_us'])})",
+        ),
+    ]
+
+
+def _exit_rows(e: Json) -> list[Row]:
+    rows = []
+    for when, what in (("cold", "right after spawn"), ("warm", "once warm")):
+        ours, plugin = e[f"ours_{when}"]["median_s"], e[f"plugin_{when}"]["median_s"]
         rows.append(
             Row(
-                "spawn to `ready`",
+                f"end of stdin to exit, nothing in flight, {what}",
                 _ms(ours),
                 "plugin server",
                 _ms(plugin),
                 _faster_or_slower(ours, plugin),
                 "≤ 100 ms",
                 ours <= 0.100,
-                f"plugin with `rlm` hidden (stub mode): {_ms(s['plugin_stub']['median_s'])}",
             )
         )
+    return rows
+
+
+def build_rows(r: Json) -> list[Row]:
+    rows: list[Row] = []
+    if "soak" in r:
+        rows.append(_soak_row(r["soak"]))
+    if "status_rtt" in r:
+        for place, where in PLACES:
+            if place in r["status_rtt"]:
+                rows.extend(_rtt_rows(r["status_rtt"][place], where))
+    if "pipelined" in r:
+        p = r["pipelined"]
+        rows.extend(
+            _pipelined_row(p[place], p["n_per_run"], where) for place, where in PLACES if place in p
+        )
+    if "spawn_ready" in r:
+        rows.extend(_spawn_rows(r["spawn_ready"]))
+    if "first_answers" in r:
+        rows.extend(_first_answer_rows(r["first_answers"]))
+    if "exit_eof" in r:
+        rows.extend(_exit_rows(r["exit_eof"]))
     if "spawn_first_infer" in r:
         s = r["spawn_first_infer"]
         ours, plugin = s["ours"]["median_s"], s["plugin"]["median_s"]

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import anyio
 
@@ -41,6 +42,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     hide_from_proc_environ()
     claim = claim_stdio()
     try:
-        return anyio.run(Server(config, claim, environ).run, backend="asyncio")
+        code = anyio.run(Server(config, claim, environ).run, backend="asyncio")
     finally:
         claim.release()
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit without the interpreter's teardown. Every answer is written and every child is
+    gone by now; what is left, garbage-collecting every module we imported, costs ~40 ms
+    between the last answer and the exit a client waits for, and buys nothing."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,8 +1,9 @@
 """Methods: `infer`, `status`, `shutdown` and `$/cancelRequest`, as jsonrpcserver methods.
 
-Each is a plain function of (context, **params by name) that validates its params into types,
-asks the engine or the server to do the work, and returns a `Success`. `status` never waits, so
-it is a plain function that the dispatcher answers inline. `infer` and `shutdown` wait, so they
+Each is a plain function of (context, **params by name) that validates its params into types and
+asks the engine or the server to do the work. `status` never waits, so it is a plain function
+that returns its JSON result and that the dispatcher answers inline; the others return a
+jsonrpcserver `Success`. `infer` and `shutdown` wait, so they
 are coroutines that get a task each; so is `$/cancelRequest`, though it never waits: tasks start
 in the order their lines arrived, so a cancel that comes in the same read as its `infer` still
 finds it registered, where an inline cancel would overtake it and be lost. Invalid params raise
@@ -16,10 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from jsonrpcserver import Success
-from jsonrpcserver.result import Result
+from typing import TYPE_CHECKING, Any
 
 from rlm_server.broker import budget_from
 from rlm_server.config import BACKENDS
@@ -27,8 +25,19 @@ from rlm_server.context import RequestContext
 from rlm_server.engine import InferOptions, InferRequest
 from rlm_server.errors import InvalidParams
 
+if TYPE_CHECKING:
+    from jsonrpcserver.result import Result
+
 Json = dict[str, Any]
 MISSING: Any = object()
+
+
+def _success(result: Any) -> Result:
+    """jsonrpcserver's `Success`, imported when a task method first answers, not with this
+    module: `status` and the server's start never need jsonrpcserver (see dispatch.py)."""
+    from jsonrpcserver import Success
+
+    return Success(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,12 +173,12 @@ async def infer(
         if ctx.request_id is not None:  # progress names its request; a null id names none
             session.notify("$/progress", params)
 
-    return Success(await session.engine.infer(request, ctx.request_id, progress, ctx.sequence))
+    return _success(await session.engine.infer(request, ctx.request_id, progress, ctx.sequence))
 
 
-def status(ctx: RequestContext, /, **unknown: Any) -> Result:
+def status(ctx: RequestContext, /, **unknown: Any) -> Json:
     _refuse_unknown(unknown)
-    return Success(ctx.session.engine.status())
+    return ctx.session.engine.status()
 
 
 async def shutdown(ctx: RequestContext, /, grace_s: Any = None, **unknown: Any) -> Result:
@@ -177,7 +186,7 @@ async def shutdown(ctx: RequestContext, /, grace_s: Any = None, **unknown: Any) 
     if grace_s is not None and not (_is_number(grace_s) and grace_s >= 0):
         raise InvalidParams("grace_s", "must be a number of seconds, 0 or more")
     await ctx.session.shutdown(grace_s, ctx.sequence)
-    return Success({"shutdown": True})
+    return _success({"shutdown": True})
 
 
 async def cancel_request(ctx: RequestContext, /, id: Any = MISSING, **unknown: Any) -> Result:
@@ -186,10 +195,10 @@ async def cancel_request(ctx: RequestContext, /, id: Any = MISSING, **unknown: A
     if id is MISSING or not (isinstance(id, str) or _is_int(id)):
         raise InvalidParams("id", "must be the id of a request")
     ctx.session.cancel(id)
-    return Success(None)
+    return _success(None)
 
 
-INLINE_METHODS: Mapping[str, Callable[..., Result]] = {
+INLINE_METHODS: Mapping[str, Callable[..., Json]] = {
     "status": status,
 }
 # Sent as a notification, an infer would run a paid completion nobody can receive or cancel.

@@ -6,10 +6,11 @@ task of its own in the one request task group, so reading never waits for a hand
 `infer` never delays `status`. One task writes. While more than `OUTPUT_HIGH_WATER` bytes of
 answers are unsent (a client that stopped reading), no more input is read.
 
-`ready` goes out before the dispatch layer is even imported: jsonrpcserver's import pulls in
-jsonschema and http.server, and there is no reason a client should wait for that, or for the
-zygote's import of `rlm`, which runs meanwhile in its own process. Lines that arrive early wait
-in the pipe.
+`ready` is written before the zygote starts and before the dispatch layer is imported, and
+jsonrpcserver (whose import pulls in jsonschema and costs as much as everything before `ready`)
+is imported only by the first request that needs it (`infer`, `shutdown`, `$/cancelRequest`;
+never `status`). The zygote's import of `rlm` runs meanwhile in its own process. Lines that
+arrive early wait in the pipe.
 
 Stopping, whichever way it starts (`shutdown`, end of stdin, SIGTERM), is one sequence: refuse
 infers that arrive after the stop, let in-flight infers finish until the stop's deadline, cancel
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from rlm_server.dispatch import ContextFactory, Dispatcher, Response, Spawn
 
 log = logging.getLogger(__name__)
+
+Line = bytes | bytearray | OversizedLine
 
 OUTPUT_HIGH_WATER = 64 << 20  # unsent answer bytes above which we stop reading input
 DECODE_IN_THREAD_BYTES = 1 << 20
@@ -151,7 +154,7 @@ class Server:
 
     async def run(self) -> int:
         self._grace = anyio.CancelScope(deadline=math.inf)
-        self._send_ready()  # written at once: nothing is queued yet
+        self._send_ready()
         self.engine.workers.start()
         try:
             async with anyio.create_task_group() as background:
@@ -167,7 +170,10 @@ class Server:
         return 0
 
     def _send_ready(self) -> None:
-        self.notify("ready", {**self.engine.describe(), "pid": os.getpid()})
+        """Written now, not at the end of this turn: the zygote's start and the dispatcher's
+        import come after it, and a client should not wait for them."""
+        with self._writer.held():
+            self.notify("ready", {**self.engine.describe(), "pid": os.getpid()})
 
     async def _serve(self, dispatcher: Dispatcher) -> None:
         async with anyio.create_task_group() as requests:
@@ -203,18 +209,37 @@ class Server:
             line = await reader.next_line()
             if line is None:
                 return
-            if isinstance(line, OversizedLine):
-                self._send_error(LineTooLong(limit=line.limit), leading_id(line.head))
-                continue
-            self._lines_read += 1
-            if self._lines_read % YIELD_EVERY_LINES == 0:
-                await anyio.lowlevel.checkpoint()
-            context = self._context_factory(self._lines_read)
-            if len(line) >= DECODE_IN_THREAD_BYTES:
-                spawn(functools.partial(self._decode_aside, line, dispatcher, context, spawn))
-            else:
-                self._decode_and_dispatch(line, dispatcher, context, spawn)
+            handled = self._handle_burst(line, reader, dispatcher, spawn)
             del line  # a long context must not stay alive here while its request runs
+            if handled == YIELD_EVERY_LINES:
+                await anyio.lowlevel.checkpoint()
+
+    def _handle_burst(
+        self, first: Line, reader: LineReader, dispatcher: Dispatcher, spawn: Spawn
+    ) -> int:
+        """Handle `first` and the complete lines read with it, up to YIELD_EVERY_LINES; the
+        answers to them go out together, in one write. Return how many were handled."""
+        handled = 0
+        line: Line | None = first
+        with self._writer.held():
+            while line is not None:
+                self._handle_line(line, dispatcher, spawn)
+                handled += 1
+                if handled == YIELD_EVERY_LINES:
+                    break
+                line = reader.buffered_line()
+        return handled
+
+    def _handle_line(self, line: Line, dispatcher: Dispatcher, spawn: Spawn) -> None:
+        if isinstance(line, OversizedLine):
+            self._send_error(LineTooLong(limit=line.limit), leading_id(line.head))
+            return
+        self._lines_read += 1
+        context = self._context_factory(self._lines_read)
+        if len(line) >= DECODE_IN_THREAD_BYTES:
+            spawn(functools.partial(self._decode_aside, line, dispatcher, context, spawn))
+        else:
+            self._decode_and_dispatch(line, dispatcher, context, spawn)
 
     def _decode_and_dispatch(
         self, line: bytes | bytearray, dispatcher: Dispatcher, context: ContextFactory, spawn: Spawn

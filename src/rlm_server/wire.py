@@ -55,6 +55,10 @@ def _has_surrogate_escape(line: bytes | bytearray) -> bool:
     return False
 
 
+def result_response(result: Any, request_id: RequestId) -> Json:
+    return {"jsonrpc": "2.0", "result": result, "id": request_id}
+
+
 def error_response(error: RpcError, request_id: RequestId) -> Json:
     return {"jsonrpc": "2.0", "id": request_id, "error": error.to_wire()}
 
