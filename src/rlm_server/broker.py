@@ -58,6 +58,37 @@ def import_rlm_clients() -> Any:
     return importlib.import_module("rlm.clients")
 
 
+def warm_openai_sdk() -> None:
+    """The OpenAI SDK imports its chat resources and builds its pydantic models on its first
+    call (~100 ms): make that call once, against a mock transport (no network, no key)."""
+    try:
+        import openai
+    except ImportError:
+        return
+    try:
+        http: Any = importlib.import_module("httpx2")  # the SDK's fork of httpx, when it has one
+    except ImportError:
+        http = importlib.import_module("httpx")
+    choice = {"index": 0, "message": {"role": "assistant", "content": "ok"}}
+    body = {
+        "id": "warm-up",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "warm-up",
+        "choices": [{**choice, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    transport = http.MockTransport(lambda request: http.Response(200, json=body))
+    client = openai.OpenAI(
+        api_key="warm-up",
+        base_url="http://warm-up.invalid/v1",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(transport=transport),
+    )
+    client.chat.completions.create(model="warm-up", messages=[{"role": "user", "content": "hi"}])
+    client.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # What a request may call, and what it may spend
 
@@ -439,16 +470,29 @@ class Broker:
         account.settle(hold, model, spend)
         return answer
 
+    async def prepare(self, route: Route) -> None:
+        """Build the clients a request will call while its worker starts: the first request
+        would otherwise pay the provider SDK's import (about a second) after its worker asks."""
+        if self._replaying is not None:
+            return
+        try:
+            for model in route.models:
+                await self._client(route, model)
+        except Exception as exc:  # the call itself will fail and say why
+            log.warning("could not prepare the %s client: %s", route.backend, exc)
+
     async def _client(self, route: Route, model: str) -> Any:
         kwargs = route.kwargs_for(model)
         key = orjson.dumps([route.backend, kwargs], option=orjson.OPT_SORT_KEYS)
         clients = self._clients
         if key not in clients.built:
             async with clients.lock:
+                # abandoned on cancel: a server that stops must not wait for an import
                 if clients.module is None:
-                    clients.module = await anyio.to_thread.run_sync(import_rlm_clients)
+                    clients.module = await _in_thread(import_rlm_clients)
+                    await _in_thread(warm_openai_sdk)
                 if key not in clients.built:
-                    clients.built[key] = await anyio.to_thread.run_sync(
+                    clients.built[key] = await _in_thread(
                         _build_client, clients.module, route.backend, dict(kwargs)
                     )
         return clients.built[key]
@@ -516,6 +560,10 @@ class Broker:
             else self.prices.cost(route.price_provider, model, spend)
         )
         return spend
+
+
+async def _in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    return await anyio.to_thread.run_sync(function, *args, abandon_on_cancel=True)
 
 
 def _build_client(module: Any, backend: str, kwargs: Json) -> Any:

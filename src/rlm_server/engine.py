@@ -401,7 +401,12 @@ class Engine:
         async def on_call(model: str, prompt: Any) -> Json:
             return await self.broker.call(spec.route, account, model, prompt, on_retry)
 
-        final = await self.workers.run(job, request.context, run.progress.forward, on_call)
+        try:
+            async with anyio.create_task_group() as starting:
+                starting.start_soon(self.broker.prepare, spec.route)  # while the worker starts
+                final = await self.workers.run(job, request.context, run.progress.forward, on_call)
+        except* RpcError as failed:  # raised inside the task group
+            raise failed.exceptions[0] from None
         outcome: Json = final.get("result") or final["failure"]
         run.steps += outcome.get("trajectory") or []
         if "result" not in final:
