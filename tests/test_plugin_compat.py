@@ -320,3 +320,15 @@ def test_shim_installs_updates_and_removes_only_itself(tmp_path: Path) -> None:
     assert plugin_shim.main(["--target", str(tmp_path), "--remove"]) == 0
     assert not (tmp_path / "elizaos_plugin_rlm").exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_plugin_mode_keeps_the_key_out_of_its_proc_environ(plugin: Any) -> None:
+    """Plugin mode starts through the same path as `rlm-server`: the key is read once and
+    blanked from the environment block that /proc/PID/environ shows to model code."""
+    secret = "sk-plugin-mode-7f3a9c"
+    server = plugin([], OPENAI_API_KEY=secret)
+    assert server.next()["ready"] is True
+    environ = Path(f"/proc/{server.process.pid}/environ").read_bytes()
+    assert b"OPENAI_API_KEY=" in environ and secret.encode() not in environ
+    server.send({"id": 1, "method": "shutdown", "params": {}})
+    assert server.next()["result"] == {"shutdown": True}

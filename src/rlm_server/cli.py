@@ -10,12 +10,32 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 import anyio
 
-from rlm_server.config import ConfigError, load_config
+from rlm_server.config import Config, ConfigError, load_config
+
+
+def configured(argv: Sequence[str], environ: Mapping[str, str], who: str) -> Config | None:
+    """The configuration, with logging to stderr started; None (after one line on stderr)
+    when a setting is bad. Then the keys are blanked from the environment block that
+    /proc/PID/environ shows (keys.py): `environ` is the copy the server keeps."""
+    try:
+        config = load_config(argv, environ)
+    except ConfigError as error:
+        print(f"{who}: configuration error: {error}", file=sys.stderr)
+        return None
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO if config.verbose else logging.WARNING,
+        format="rlm-server[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    from rlm_server.keys import hide_from_proc_environ
+
+    hide_from_proc_environ()
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,22 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rlm_server.viewer import main as view
 
         return view(args[1:])
-    try:
-        config = load_config(args, os.environ)
-    except ConfigError as error:
-        print(f"rlm-server: configuration error: {error}", file=sys.stderr)
+    environ = dict(os.environ)  # our keys, read once
+    config = configured(args, environ, "rlm-server")
+    if config is None:
         return 2
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO if config.verbose else logging.WARNING,
-        format="rlm-server[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
-    from rlm_server.keys import hide_from_proc_environ
     from rlm_server.server import Server  # after the config check: a bad flag costs no imports
     from rlm_server.transport import claim_stdio
 
-    environ = dict(os.environ)  # our keys, read once: the block the kernel shows is blanked
-    hide_from_proc_environ()
     claim = claim_stdio()
     try:
         code = anyio.run(Server(config, claim, environ).run, backend="asyncio")

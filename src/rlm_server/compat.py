@@ -36,7 +36,8 @@ import orjson
 from anyio.abc import TaskGroup
 
 from rlm_server import __version__
-from rlm_server.config import Config, ConfigError, load_config
+from rlm_server.cli import configured
+from rlm_server.config import Config
 from rlm_server.engine import Engine
 from rlm_server.errors import InternalError, ParseError, RpcError
 from rlm_server.lifeline import ParentWatch
@@ -317,17 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m elizaos_plugin_rlm.server`: our engine, the plugin's protocol."""
     from rlm_server.compat_wire import plugin_environ
 
-    environ = plugin_environ(os.environ)
-    try:
-        config = load_config(sys.argv[1:] if argv is None else argv, environ)
-    except ConfigError as error:
-        print(f"rlm-server (elizaos plugin mode): configuration error: {error}", file=sys.stderr)
+    environ = plugin_environ(os.environ)  # a copy: our keys, read once
+    args = sys.argv[1:] if argv is None else argv
+    config = configured(args, environ, "rlm-server (elizaos plugin mode)")
+    if config is None:
         return 2
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO if config.verbose else logging.WARNING,
-        format="rlm-server[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
     claim = claim_stdio()
     try:
         return anyio.run(CompatServer(config, claim, environ).run, backend="asyncio")
