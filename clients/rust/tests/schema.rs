@@ -14,8 +14,9 @@
 //! this test says so and skips.
 
 mod common;
+mod json;
 
-use common::{decode, round_trip};
+use json::{decode, round_trip};
 
 use std::collections::BTreeSet;
 

@@ -7,6 +7,7 @@
 //! from the package, these tests say so and skip.
 
 mod common;
+mod json;
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -20,7 +21,8 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use common::{Fixture, cleared_env, python, round_trip, same};
+use common::{Fixture, cleared_env, python};
+use json::{round_trip, same};
 
 /// How long one read or one exit may take before the replay fails.
 const STEP_LIMIT: Duration = Duration::from_secs(60);
