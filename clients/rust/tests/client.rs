@@ -318,15 +318,8 @@ async fn backend_errors_are_never_retried_by_the_client() {
         {"when": "root", "contains": "QUERY-ALPHA", "status": 401},
         {"when": "root", "status": 500},
     ]));
-    let config = fixture
-        .config(&[("ELIZA_RLM_MAX_RETRIES", "1")], &[])
-        .into_builder()
-        .retry(RetryConfig::new(
-            3,
-            Duration::from_millis(20),
-            Duration::from_millis(200),
-        ))
-        .build();
+    // the client's own retries are on (common::bounded): it still must not use them here
+    let config = fixture.config(&[("ELIZA_RLM_MAX_RETRIES", "1")], &[]);
     let client = RlmClient::new(config);
 
     let error = client
@@ -356,15 +349,8 @@ async fn a_budget_error_names_its_limit_carries_usage_and_is_not_retried() {
     repo_or_skip!();
     let fixture =
         Fixture::start(json!([first_of_two(), {"when": "root", "reply": answer("'late'")}]));
-    let config = fixture
-        .config(&[], &[])
-        .into_builder()
-        .retry(RetryConfig::new(
-            3,
-            Duration::from_millis(20),
-            Duration::from_millis(200),
-        ))
-        .build();
+    // the client's own retries are on (common::bounded): it still must not use them here
+    let config = fixture.config(&[], &[]);
     let client = RlmClient::new(config);
     let options = InferOptions::new().budget(Budget::new().max_calls(1));
     let error = client

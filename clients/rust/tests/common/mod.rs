@@ -13,7 +13,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rlm_client::{RetryConfig, RlmConfig};
+use rlm_client::{RetryConfig, RlmConfig, RlmConfigBuilder};
 use serde_json::{Value, json};
 
 /// Text of every stub-mode answer.
@@ -76,15 +76,11 @@ pub fn scratch(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("rlm-client-{}-{n}-{name}", std::process::id()))
 }
 
-/// A config that runs the real server (`python3 -m rlm_server`) with `env` and `args`, retries
-/// quickly, and is bounded everywhere so a broken server fails a test instead of hanging it.
-pub fn server_config(env: &[(&str, &str)], args: &[&str]) -> RlmConfig {
-    let mut builder = RlmConfig::builder()
-        .program(python())
-        .args(["-m", "rlm_server"])
-        .args(args.iter().copied())
+/// What every test client shares: start-up and stopping bounded, so a broken server fails a
+/// test instead of hanging it, and the client's own retries on (fast).
+pub fn bounded(builder: RlmConfigBuilder) -> RlmConfigBuilder {
+    builder
         .ready_timeout(Duration::from_secs(60))
-        .request_timeout(Duration::from_secs(60))
         .shutdown_grace(Duration::from_secs(10))
         .close_margin(Duration::from_secs(5))
         .term_timeout(Duration::from_secs(5))
@@ -92,7 +88,17 @@ pub fn server_config(env: &[(&str, &str)], args: &[&str]) -> RlmConfig {
             3,
             Duration::from_millis(20),
             Duration::from_millis(200),
-        ));
+        ))
+}
+
+/// A config that runs the real server (`python3 -m rlm_server`) with `env` and `args`, retries
+/// quickly, and is bounded everywhere so a broken server fails a test instead of hanging it.
+pub fn server_config(env: &[(&str, &str)], args: &[&str]) -> RlmConfig {
+    let mut builder = bounded(RlmConfig::builder())
+        .program(python())
+        .args(["-m", "rlm_server"])
+        .args(args.iter().copied())
+        .request_timeout(Duration::from_secs(60));
     for name in cleared_env(&[]) {
         builder = builder.env_remove(name);
     }
@@ -106,20 +112,11 @@ pub fn server_config(env: &[(&str, &str)], args: &[&str]) -> RlmConfig {
 /// request it reads with the n-th of `answers` (see the script for the forms they take).
 pub fn fake_config(answers: &[&str]) -> RlmConfig {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/common/fake_server.py");
-    RlmConfig::builder()
+    bounded(RlmConfig::builder())
         .program(python())
         .arg(script.to_string_lossy())
         .args(answers.iter().copied())
-        .ready_timeout(Duration::from_secs(60))
         .request_timeout(Duration::from_secs(600))
-        .shutdown_grace(Duration::from_secs(10))
-        .close_margin(Duration::from_secs(5))
-        .term_timeout(Duration::from_secs(5))
-        .retry(RetryConfig::new(
-            3,
-            Duration::from_millis(20),
-            Duration::from_millis(200),
-        ))
         .build()
 }
 
