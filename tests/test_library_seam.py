@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+from typing import Any
 
 import pytest
 import rlm.core.rlm
@@ -48,7 +49,7 @@ def test_the_overridden_method_still_has_its_shape() -> None:
         assert f'env_kwargs["{key}"]' in source, key
 
 
-def _kwargs(llm: FixtureServer) -> dict[str, object]:
+def _kwargs(llm: FixtureServer) -> dict[str, Any]:
     backend_kwargs = {
         "model_name": "scripted",
         "base_url": llm.base_url,
@@ -79,7 +80,7 @@ def test_worker_rlm_sends_the_model_what_the_stock_rlm_sends(llm: FixtureServer,
 
     llm.script.replace(rules)
     kwargs = _kwargs(llm)
-    client = get_client("openai", dict(kwargs["backend_kwargs"]))  # type: ignore[call-overload]
+    client = get_client("openai", dict(kwargs["backend_kwargs"]))
     subcalls: list[str] = []
     iterations: list[int] = []
     handler = EventLMHandler(client, on_subcall=subcalls.append)
@@ -106,7 +107,7 @@ def test_the_repl_gets_the_very_context_object(llm: FixtureServer) -> None:
     )
     llm.script.replace([{"when": "root", "reply": reply}])
     kwargs = _kwargs(llm)
-    client = get_client("openai", dict(kwargs["backend_kwargs"]))  # type: ignore[call-overload]
+    client = get_client("openai", dict(kwargs["backend_kwargs"]))
     handler = EventLMHandler(client, on_subcall=lambda model: None)
     handler.start()
     logger = ProgressLogger(on_iteration=lambda n: None, keep_trajectory=False)
