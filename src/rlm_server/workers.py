@@ -386,6 +386,10 @@ class LongWorker:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(shutil.rmtree, self._workdir, True)
 
+    def kill(self) -> None:
+        """At exit: end it and everything it started (the pool removes every directory)."""
+        self._worker.kill()
+
 
 async def _job(
     worker: Worker, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
