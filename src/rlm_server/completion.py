@@ -410,6 +410,13 @@ class WorkerRLM(RLM):  # type: ignore[misc]
         self._worker_lm_handler = lm_handler
         self._session = session
 
+    def completion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
+        """A session's turn may bring no input (`prompt` None): the metadata then describes
+        the session's first context."""
+        if self._session is not None:
+            prompt = self._session.begin_turn(prompt)
+        return cast(RLMChatCompletion, super().completion(prompt, root_prompt=root_prompt))
+
     @contextmanager
     def _spawn_completion_context(
         self, prompt: str | dict[str, Any]
@@ -541,9 +548,8 @@ def _build_rlm(
 def _complete(
     job: Json, context: Any, rlm: WorkerRLM, session: SessionState | None
 ) -> RLMChatCompletion:
-    subject = context if session is None else session.begin_turn(context)
     try:
-        return rlm.completion(subject, root_prompt=job.get("query"))
+        return rlm.completion(context, root_prompt=job.get("query"))
     finally:
         if session is not None:
             rlm.retire_handler()
