@@ -204,7 +204,9 @@ class Engine:
         self.metrics = Metrics()
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
-        self.workers = WorkerPool(config.worker_memory_mb, config.max_message_bytes, environ)
+        self.workers = WorkerPool(
+            config.worker_memory_mb, config.max_message_bytes, environ, config.protections
+        )
         self.broker = Broker(
             RetryPolicy(config.max_retries, config.retry_delay_ms, config.retry_max_delay_ms),
             lifetime=Budget(max_cost_usd=config.spend_limit_usd),
@@ -242,6 +244,8 @@ class Engine:
             "backend": self.config.backend,
             "model": self.config.effective_model,
             "environment": self.config.environment,
+            "sandbox": self.config.sandbox,
+            "protections": list(self.config.protections),
         }
 
     def status(self) -> Json:

@@ -36,7 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -44,7 +44,7 @@ import anyio
 import orjson
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from rlm_server import frames
+from rlm_server import frames, sandbox
 from rlm_server.errors import WorkerCrashed
 from rlm_server.transport import FdReceiveStream, write_all
 
@@ -86,10 +86,13 @@ def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 class Worker:
-    """One forked worker process (the leader of its own session) and our end of its socket."""
+    """One worker: its keeper (the zygote's child, leader of its own session), the process
+    that runs the job (the keeper itself, or its child in a PID namespace of its own; see
+    sandbox.py), and our end of its socket."""
 
     def __init__(self, pid: int, sock: socket.socket, max_frame_bytes: int) -> None:
         self.pid = pid
+        self.job_pid = 0  # told by the keeper before the job is sent
         self._sock = sock
         self._fd = sock.fileno()
         self._max_frame_bytes = max_frame_bytes
@@ -152,8 +155,23 @@ class Worker:
                 raise WorkerCrashed(reason="the worker sent a malformed frame")
             yield frame
 
+    async def receive_job_pid(self) -> None:
+        """The keeper's first words: the pid of the process that will run the job."""
+        stream = FdReceiveStream(self._fd)
+        told = b""
+        while len(told) < sandbox.PID_BYTES:
+            try:
+                told += await stream.receive(sandbox.PID_BYTES - len(told))
+            except (anyio.EndOfStream, OSError):
+                raise WorkerCrashed(reason="the worker failed to start") from None
+        self.job_pid = int.from_bytes(told, "big")
+
     def kill(self) -> None:
-        """End the worker and everything it started (its whole process group)."""
+        """End the worker and everything it started: the job's process first (in a PID
+        namespace of its own, everything in it dies with it), then the keeper's group."""
+        if self.job_pid and self.job_pid != self.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.job_pid, signal.SIGKILL)
         _kill_group(self.pid)
         self._sock.close()
 
@@ -161,11 +179,13 @@ class Worker:
 class _Zygote:
     """The zygote process and our end of its control socket."""
 
-    def __init__(self, memory_mb: int, env: Mapping[str, str]) -> None:
+    def __init__(self, memory_mb: int, env: Mapping[str, str], plan: sandbox.Plan) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.control = ours
+        argv = [str(theirs.fileno()), str(memory_mb), plan.encode()]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rlm_server.zygote", str(theirs.fileno()), str(memory_mb)],
+            # -P: the working directory is not on sys.path (nor readable by model code)
+            [sys.executable, "-P", "-m", "rlm_server.zygote", *argv],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             close_fds=True,
@@ -205,8 +225,16 @@ class _Zygote:
 class WorkerPool:
     """Forks workers from a zygote that is started at once and replaced if it dies."""
 
-    def __init__(self, memory_mb: int, max_frame_bytes: int, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        memory_mb: int,
+        max_frame_bytes: int,
+        environ: Mapping[str, str],
+        protections: Sequence[str] = (sandbox.PRIVATE_TMP,),
+    ) -> None:
         self._env = worker_environment(environ)
+        self._protections = protections
+        self._plan = sandbox.Plan(protections, "")
         self._memory_mb = memory_mb
         self._max_frame_bytes = max_frame_bytes
         self._zygote: _Zygote | None = None
@@ -217,7 +245,9 @@ class WorkerPool:
     def start(self) -> None:
         """Start the zygote now, so its import of `rlm` overlaps with the first request."""
         self._root = tempfile.mkdtemp(prefix="rlm-server-")
-        self._zygote = _Zygote(self._memory_mb, self._env)
+        if sandbox.PROCESS_LIMIT in self._protections and sandbox.pids_cgroup_available():
+            self._plan = sandbox.Plan(self._protections, f"rlm-server-{os.getpid()}")
+        self._zygote = _Zygote(self._memory_mb, self._env, self._plan)
 
     def stop(self) -> None:
         if self._zygote is not None:
@@ -226,6 +256,8 @@ class WorkerPool:
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
+        if self._plan.cgroup_root:
+            sandbox.remove_pids_cgroup(self._plan.cgroup_root)
 
     async def _ready_zygote(self) -> _Zygote:
         zygote = self._zygote
@@ -233,7 +265,7 @@ class WorkerPool:
             if zygote is not None:
                 log.warning("zygote exited with %s; starting a new one", zygote.process.returncode)
                 zygote.stop()
-            zygote = self._zygote = _Zygote(self._memory_mb, self._env)
+            zygote = self._zygote = _Zygote(self._memory_mb, self._env, self._plan)
         if not zygote.ready:
             if await zygote.receive() != b"ready":
                 raise WorkerCrashed(reason="the worker zygote failed to start")
@@ -254,6 +286,11 @@ class WorkerPool:
                 theirs.close()
             return Worker(pid, ours, self._max_frame_bytes)
 
+    def _forget(self, worker: Worker) -> None:
+        """What outlives a killed worker: its pids cgroup (empty once it is dead)."""
+        if self._plan.cgroup_root:
+            sandbox.remove_pids_cgroup(f"{self._plan.cgroup_root}/{worker.pid}")
+
     async def _handshake(self, zygote: _Zygote, workdir: str, theirs: socket.socket) -> int:
         """Ask for one fork and return its pid; answers to any earlier request are ended."""
         token = next(self._tokens).to_bytes(8, "big")
@@ -273,15 +310,25 @@ class WorkerPool:
         """A fresh worker, killed on exit along with everything it started; its directory is
         removed afterwards, whatever happened."""
         workdir = tempfile.mkdtemp(prefix="worker-", dir=self._root)
+        worker: Worker | None = None
         try:
             worker = await self._fork(workdir)
             try:
-                yield worker
-            finally:
-                worker.kill()
+                with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
+                    await worker.receive_job_pid()
+            except TimeoutError:
+                raise WorkerCrashed(reason="the worker did not start") from None
+            yield worker
         finally:
+            if worker is not None:
+                worker.kill()
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
+                await anyio.to_thread.run_sync(self._clean, worker, workdir)
+
+    def _clean(self, worker: Worker | None, workdir: str) -> None:
+        shutil.rmtree(workdir, True)
+        if worker is not None:
+            self._forget(worker)
 
     async def run(
         self, job: Json, context: str | list[Any], on_event: EventHandler, on_call: CallHandler
