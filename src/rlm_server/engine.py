@@ -31,6 +31,7 @@ from rlm_server.errors import (
     RequestCancelled,
     RpcError,
     ShuttingDown,
+    first_of,
 )
 from rlm_server.metrics import Metrics, Outcome
 from rlm_server.workers import WorkerPool
@@ -405,12 +406,15 @@ class Engine:
         async def on_call(model: str, prompt: Any) -> Json:
             return await self.broker.call(spec.route, account, model, prompt, on_retry)
 
+        failure: RpcError | None = None
         try:
             async with anyio.create_task_group() as starting:
                 starting.start_soon(self.broker.prepare, spec.route)  # while the worker starts
                 final = await self.workers.run(job, request.context, run.progress.forward, on_call)
         except* RpcError as failed:  # raised inside the task group
-            raise failed.exceptions[0] from None
+            failure = first_of(failed, RpcError)
+        if failure is not None:
+            raise failure
         outcome: Json = final.get("result") or final["failure"]
         run.steps += outcome.get("trajectory") or []
         if "result" not in final:

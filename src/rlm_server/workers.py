@@ -45,7 +45,7 @@ import orjson
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from rlm_server import frames, sandbox
-from rlm_server.errors import WorkerCrashed
+from rlm_server.errors import RpcError, WorkerCrashed, first_of
 from rlm_server.transport import FdReceiveStream, write_all
 
 log = logging.getLogger(__name__)
@@ -335,11 +335,14 @@ class WorkerPool:
     ) -> Json:
         """Run one job in a fresh worker; return its final frame. The worker never outlives it;
         its model calls are answered by `on_call`, concurrently."""
+        crash: RpcError | None = None
         async with self._forked() as worker:
             try:
                 final = await _converse(worker, job, context, on_event, on_call)
             except* WorkerCrashed as crashed:  # raised inside the calls' task group
-                raise crashed.exceptions[0] from None
+                crash = first_of(crashed, WorkerCrashed)
+        if crash is not None:
+            raise crash
         if final is None:
             raise WorkerCrashed()
         return checked_final(final)
