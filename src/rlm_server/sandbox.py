@@ -12,9 +12,12 @@ worker runs it, the process it runs in is confined with every protection the ker
 - Landlock: it reads only the interpreter's and the system's files and writes only its own
   directory; and it cannot signal anything outside itself;
 - seccomp: it cannot clear the parent-death signal that ties it to its request;
-- resource limits: processes, open files, file size, CPU time, no core files (the address
-  space limit is the zygote's `--worker-memory-mb`); as root, where `RLIMIT_NPROC` does not
-  bind, a pids cgroup of its own instead.
+- resource limits: open files, file size, CPU time, no core files (the address space limit is
+  the zygote's `--worker-memory-mb`), and processes: its PID namespace's own `pid_max` (Linux
+  6.14+), which binds root too, where `RLIMIT_NPROC` does not (uid 0 is exempt from it even in
+  a user namespace); without a PID namespace, `RLIMIT_NPROC`, which a user namespace makes
+  per-worker for an ordinary user. A pids cgroup would also bind root, but joining one costs
+  ~25 ms per worker (cgroup v1 waits for an RCU grace period).
 
 Three processes make one worker: the zygote's child (the *keeper*, trusted, group leader of its
 own session) creates the namespaces and forks PID 1 of the new PID namespace (the *init*, ours
@@ -41,7 +44,7 @@ import socket
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 # Every protection, in the order they are applied; `status` reports those in force.
 USER_NAMESPACE = "user_namespace"
@@ -75,7 +78,8 @@ PROTECTIONS = (
 PORTABLE = (RESOURCE_LIMITS, PRIVATE_TMP)  # what every POSIX platform has
 
 # Resource limits of one worker (the address space is --worker-memory-mb).
-MAX_PROCESSES = 256  # threads count: the LM handler serves each connection in one
+MAX_PROCESSES = 300  # threads count: the LM handler serves each connection in one
+PID_MAX = "/proc/sys/kernel/pid_max"  # per PID namespace since Linux 6.14; at least 301
 MAX_OPEN_FILES = 1024
 MAX_FILE_BYTES = 4 << 30
 MAX_CPU_S = 3600
@@ -98,7 +102,6 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 CAPABILITY_VERSION_3 = 0x20080522
-CGROUP_PIDS = "/sys/fs/cgroup/pids"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -320,53 +323,35 @@ def limit_resources(processes: int) -> None:
         resource.setrlimit(which, (value, value))
 
 
-def pids_cgroup_available() -> bool:
-    """As root, RLIMIT_NPROC binds nobody (uid 0 is exempt, even in a user namespace); a
-    pids cgroup of our own does."""
-    return os.geteuid() == 0 and os.access(CGROUP_PIDS, os.W_OK)
-
-
-def join_pids_cgroup(name: str, limit: int) -> None:
-    """Make `CGROUP_PIDS/name` (the server's root group/this keeper) with its limit, and join
-    it; the server removes it when the worker is gone."""
-    path = os.path.join(CGROUP_PIDS, name)
-    os.makedirs(path, exist_ok=True)
-    _write(os.path.join(path, "pids.max"), str(limit))
-    _write(os.path.join(path, "cgroup.procs"), str(os.getpid()))
-
-
-def remove_pids_cgroup(name: str) -> None:
-    with contextlib.suppress(OSError):
-        os.rmdir(os.path.join(CGROUP_PIDS, name))
+def limit_pids(processes: int) -> None:
+    """As PID 1 of a new PID namespace (before its capabilities go): no pid above
+    `processes` in it, so no more than that many processes and threads at once."""
+    _write(PID_MAX, str(processes + 1))
 
 
 # -- one worker ----------------------------------------------------------------------------
 
 
 class Plan:
-    """Which protections to apply, and the names they need: what the zygote is told."""
+    """Which protections to apply: what the zygote is told."""
 
-    def __init__(self, protections: Sequence[str], cgroup_root: str) -> None:
+    def __init__(self, protections: Iterable[str]) -> None:
         self.protections = frozenset(protections)
-        self.cgroup_root = cgroup_root  # a directory under CGROUP_PIDS, or ""
 
     def has(self, protection: str) -> bool:
         return protection in self.protections
 
     def encode(self) -> str:
-        return ",".join(sorted(self.protections)) + ";" + self.cgroup_root
+        return ",".join(sorted(self.protections))
 
     @classmethod
     def decode(cls, text: str) -> Plan:
-        protections, _, cgroup_root = text.partition(";")
-        return cls([p for p in protections.split(",") if p], cgroup_root)
+        return cls(p for p in text.split(",") if p)
 
 
 def keep(plan: Plan, sock: socket.socket, serve: Callable[[], None], workdir: str) -> None:
     """In the zygote's child: confine, start the job, tell the server which pid to kill, and
     wait to be killed (never reaping, so that pid stays ours until the server has killed it)."""
-    if plan.has(PROCESS_LIMIT) and plan.cgroup_root:
-        join_pids_cgroup(f"{plan.cgroup_root}/{os.getpid()}", MAX_PROCESSES)
     _prctl(PR_SET_DUMPABLE, 1)  # not dumpable (inherited), /proc/self/uid_map is not ours
     enter_namespaces(namespace_flags(plan.protections))
     if plan.has(NOT_DUMPABLE):
@@ -391,6 +376,8 @@ def _init(plan: Plan, sock: socket.socket, serve: Callable[[], None], workdir: s
     normal process's signals: PID 1 ignores those it sends itself), reaps whatever is
     orphaned, and exits when the job does, which makes the kernel kill everything left."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if plan.has(PROCESS_LIMIT):
+        limit_pids(MAX_PROCESSES)
     job = os.fork()
     if job == 0:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -409,8 +396,8 @@ def _init(plan: Plan, sock: socket.socket, serve: Callable[[], None], workdir: s
 def confine(plan: Plan, workdir: str) -> None:
     """In the worker, before any model code: everything but the namespaces (already entered)."""
     if plan.has(RESOURCE_LIMITS):
-        uid_limits = plan.has(PROCESS_LIMIT) and not plan.cgroup_root
-        limit_resources(MAX_PROCESSES if uid_limits else 0)
+        by_uid = plan.has(PROCESS_LIMIT) and not plan.has(PID_NAMESPACE)  # else limit_pids
+        limit_resources(MAX_PROCESSES if by_uid else 0)
     if plan.has(NO_CAPABILITIES):
         drop_capabilities()
     if plan.has(NO_NEW_PRIVS) or plan.has(LANDLOCK_FILESYSTEM) or plan.has(SECCOMP):
@@ -438,18 +425,17 @@ class Probe:
         self.level = level
         self._pid = 0
         self._answer = -1
-        self._workdir = self._cgroup = ""
+        self._workdir = ""
         if level != "off" and is_linux():
             self._start()
 
     def _start(self) -> None:
         read, write = os.pipe()
         self._workdir = tempfile.mkdtemp(prefix="rlm-sandbox-probe-")
-        self._cgroup = f"rlm-server-probe-{os.getpid()}"
         self._pid = os.fork()
         if self._pid == 0:
             os.close(read)
-            _probe_child(write, self._workdir, self._cgroup)
+            _probe_child(write, self._workdir)
         os.close(write)
         self._answer = read
 
@@ -464,14 +450,13 @@ class Probe:
                     working = answer.read().decode().split(",")
                 os.waitpid(self._pid, 0)
             finally:
-                remove_pids_cgroup(self._cgroup)
                 with contextlib.suppress(OSError):
                     os.rmdir(self._workdir)
         wanted = PROTECTIONS if is_linux() else PORTABLE
         return [p for p in PROTECTIONS if p in working], [p for p in wanted if p not in working]
 
 
-def _probe_child(answer: int, workdir: str, cgroup: str) -> None:
+def _probe_child(answer: int, workdir: str) -> None:
     working: list[str] = [PRIVATE_TMP]
 
     def attempt(protection: str, step: Callable[[], object]) -> None:
@@ -488,8 +473,7 @@ def _probe_child(answer: int, workdir: str, cgroup: str) -> None:
         attempt(PID_NAMESPACE, lambda: enter_namespaces(CLONE_NEWPID))
         attempt(NETWORK_NAMESPACE, lambda: enter_namespaces(CLONE_NEWNET))
         attempt(IPC_NAMESPACE, lambda: enter_namespaces(CLONE_NEWIPC))
-        if os.geteuid() == 0 or USER_NAMESPACE in working:  # see pids_cgroup_available
-            attempt(PROCESS_LIMIT, lambda: _process_limit_probe(cgroup))
+        attempt(PROCESS_LIMIT, lambda: _process_limit_probe(working))
         attempt(RESOURCE_LIMITS, lambda: limit_resources(0))
         attempt(NO_CAPABILITIES, drop_capabilities)
         attempt(NO_NEW_PRIVS, no_new_privs)
@@ -505,14 +489,24 @@ def _probe_child(answer: int, workdir: str, cgroup: str) -> None:
         os._exit(0)
 
 
-def _process_limit_probe(cgroup: str) -> None:
-    """As root, a pids cgroup; otherwise RLIMIT_NPROC, which binds per user namespace."""
-    if os.geteuid() == 0:
-        if not pids_cgroup_available():
-            raise SandboxError("no writable pids cgroup")
-        join_pids_cgroup(cgroup, MAX_PROCESSES)
-    else:
+def _process_limit_probe(working: list[str]) -> None:
+    """In a PID namespace, its own pid_max (tried by a child, its PID 1); without one,
+    RLIMIT_NPROC, which binds per worker only in a user namespace and never binds root."""
+    if PID_NAMESPACE in working:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                limit_pids(MAX_PROCESSES)
+                code = 0
+            finally:
+                os._exit(code)
+        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+            raise SandboxError(f"{PID_MAX} is not per PID namespace here")
+    elif USER_NAMESPACE in working and os.geteuid() != 0:
         limit_resources(MAX_PROCESSES)
+    else:
+        raise SandboxError("nothing bounds this worker's processes")
 
 
 def _seccomp_probe() -> None:

@@ -233,8 +233,7 @@ class WorkerPool:
         protections: Sequence[str] = (sandbox.PRIVATE_TMP,),
     ) -> None:
         self._env = worker_environment(environ)
-        self._protections = protections
-        self._plan = sandbox.Plan(protections, "")
+        self._plan = sandbox.Plan(protections)
         self._memory_mb = memory_mb
         self._max_frame_bytes = max_frame_bytes
         self._zygote: _Zygote | None = None
@@ -245,8 +244,6 @@ class WorkerPool:
     def start(self) -> None:
         """Start the zygote now, so its import of `rlm` overlaps with the first request."""
         self._root = tempfile.mkdtemp(prefix="rlm-server-")
-        if sandbox.PROCESS_LIMIT in self._protections and sandbox.pids_cgroup_available():
-            self._plan = sandbox.Plan(self._protections, f"rlm-server-{os.getpid()}")
         self._zygote = _Zygote(self._memory_mb, self._env, self._plan)
 
     def stop(self) -> None:
@@ -256,8 +253,6 @@ class WorkerPool:
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
-        if self._plan.cgroup_root:
-            sandbox.remove_pids_cgroup(self._plan.cgroup_root)
 
     async def _ready_zygote(self) -> _Zygote:
         zygote = self._zygote
@@ -285,11 +280,6 @@ class WorkerPool:
             finally:
                 theirs.close()
             return Worker(pid, ours, self._max_frame_bytes)
-
-    def _forget(self, worker: Worker) -> None:
-        """What outlives a killed worker: its pids cgroup (empty once it is dead)."""
-        if self._plan.cgroup_root:
-            sandbox.remove_pids_cgroup(f"{self._plan.cgroup_root}/{worker.pid}")
 
     async def _handshake(self, zygote: _Zygote, workdir: str, theirs: socket.socket) -> int:
         """Ask for one fork and return its pid; answers to any earlier request are ended."""
@@ -323,12 +313,7 @@ class WorkerPool:
             if worker is not None:
                 worker.kill()
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._clean, worker, workdir)
-
-    def _clean(self, worker: Worker | None, workdir: str) -> None:
-        shutil.rmtree(workdir, True)
-        if worker is not None:
-            self._forget(worker)
+                await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
 
     async def run(
         self, job: Json, context: str | list[Any], on_event: EventHandler, on_call: CallHandler
