@@ -203,6 +203,7 @@ INLINE_METHODS: Mapping[str, Callable[..., Json]] = {
 }
 # Sent as a notification, an infer would run a paid completion nobody can receive or cancel.
 REQUEST_ONLY_METHODS = frozenset({"infer"})
+ANY_THREAD_METHODS = frozenset({"status"})  # reads counters only: the input thread answers it
 TASK_METHODS: Mapping[str, Callable[..., Awaitable[Result]]] = {
     "infer": infer,
     "shutdown": shutdown,
