@@ -18,7 +18,11 @@ HUNT = repl(
     "import gc, os",
     f"needle = {SECRET[:12]!r} + {SECRET[12:]!r}",  # the whole key never appears in this code
     "found = [k for k, v in os.environ.items() if needle in v]",
-    "for pid in os.listdir('/proc'):",
+    "try:",
+    "    pids = os.listdir('/proc')",
+    "except OSError:",  # the sandbox's Landlock rules: /proc is not for model code
+    "    pids = []",
+    "for pid in pids:",
     "    try:",
     "        if needle.encode() in open(f'/proc/{pid}/environ', 'rb').read():",
     "            found.append('environ of ' + pid)",
@@ -37,8 +41,10 @@ HUNT = repl(
 )
 
 
-def test_model_code_finds_no_key_anywhere_it_can_look(spawn: Spawn) -> None:
-    server = spawn([{"when": "root", "reply": HUNT}], env={"OPENAI_API_KEY": SECRET})
+@pytest.mark.parametrize("sandbox", ["auto", "off"])
+def test_model_code_finds_no_key_anywhere_it_can_look(spawn: Spawn, sandbox: str) -> None:
+    env = {"OPENAI_API_KEY": SECRET, "ELIZA_RLM_SANDBOX": sandbox}
+    server = spawn([{"when": "root", "reply": HUNT}], env=env)
     server.ready()
     response = server.call("infer", {"prompt": "look around"})
     found = response["result"]["text"]

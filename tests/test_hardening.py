@@ -7,6 +7,7 @@ exactly once, keeps serving, and leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -163,17 +164,29 @@ def test_cancels_during_fork_leave_no_worker_running(spawn: Spawn, llm: FixtureS
 
 
 def test_nothing_model_code_starts_outlives_its_request(spawn: Spawn) -> None:
+    mark = f"{300 + os.getpid() % 1000}.5"  # a sleep of our own, found by its command line
     code = repl(
         "import subprocess",
-        "child = subprocess.Popen(['sleep', '300'])",
-        "answer['content'] = str(child.pid)",
+        f"child = subprocess.Popen(['sleep', '{mark}'], start_new_session=True)",
+        "answer['content'] = 'started'",
         "answer['ready'] = True",
     )
     server = spawn([{"when": "root", "reply": code}])
     server.ready()
-    pid = int(server.call("infer", {"prompt": "x"})["result"]["text"])
-    assert wait_until(lambda: not alive([pid])), f"model code's child {pid} outlived its request"
+    assert server.call("infer", {"prompt": "x"})["result"]["text"] == "started"
+    assert wait_until(lambda: not _running(["sleep", mark])), "model code's child outlived it"
     assert server.close() == 0
+
+
+def _running(argv: list[str]) -> list[int]:
+    """Pids whose command line is `argv` (model code sees its own pids, not ours)."""
+    wanted = "\0".join(argv).encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == wanted:
+                found.append(int(entry.name))
+    return found
 
 
 def test_a_killed_worker_leaves_no_directory(spawn: Spawn, tmp_path: Path) -> None:
@@ -370,7 +383,7 @@ FORGE = repl(
     "def frame(obj):",
     "    body = orjson.dumps(obj)",
     "    return len(body).to_bytes(8, 'big') + body",
-    "for fd in map(int, os.listdir('/proc/self/fd')):",
+    "for fd in range(256):",  # /proc/self/fd is not for model code (Landlock)
     "    try:",
     "        if stat.S_ISSOCK(os.fstat(fd).st_mode):",
     "            os.write(fd, frame({'event': 'iteration', 'id': 'victim', 'iteration': 1}))",

@@ -428,6 +428,33 @@ class Bench:
         )
         return result
 
+    def sandbox_cost(self) -> Json:
+        """What isolating model code costs one request: ours, one `infer` at a time, instant
+        model, with `--sandbox off` and with the default (every protection this machine has),
+        in the same run."""
+        self.fixture.instant()
+        ours = self.t["ours"]
+        result: Json = {}
+        for level in ("off", "auto"):
+            with spawned(ours, ["--sandbox", level]) as channel:
+                self._warm(ours, channel)
+                status = ours.call(channel, 99, "status")["result"]
+                for i in range(2):
+                    self._infer_once(ours, channel, 100 + i)
+                times = [self._infer_once(ours, channel, 200 + i) for i in range(self.s.infer_n)]
+            result[level] = {
+                "median_s": statistics.median(times),
+                "runs": times,
+                "protections": status.get("protections", []),
+            }
+        result["cost_s"] = result["auto"]["median_s"] - result["off"]["median_s"]
+        self.log(
+            f"  sandbox cost: off {result['off']['median_s'] * 1000:.1f} ms, auto "
+            f"{result['auto']['median_s'] * 1000:.1f} ms ({len(result['auto']['protections'])} "
+            "protections)"
+        )
+        return result
+
     def _library(self, *args: str) -> Json:
         completed = subprocess.run(
             [

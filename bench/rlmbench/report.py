@@ -270,6 +270,22 @@ def build_rows(r: Json) -> list[Row]:
                 None,
             )
         )
+    if "sandbox_cost" in r:
+        sc = r["sandbox_cost"]
+        on, off = sc["auto"]["median_s"], sc["off"]["median_s"]
+        rows.append(
+            Row(
+                "one `infer`, instant model, in the sandbox (`--sandbox auto`)",
+                _ms(on),
+                "ours, `--sandbox off`",
+                _ms(off),
+                f"+{(on - off) * 1000:.1f} ms",
+                "≤ 25 ms",
+                on <= 0.025,
+                f"{len(sc['auto']['protections'])} protections in force: "
+                + ", ".join(sc["auto"]["protections"]),
+            )
+        )
     if "concurrency" in r:
         c = r["concurrency"]
         n = str(max(int(k) for k in c["ours"]))

@@ -7,6 +7,7 @@ told to stop; it exits 0. `rlm-server view FILE.jsonl` writes a trajectory's HTM
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -16,11 +17,17 @@ from typing import NoReturn
 import anyio
 
 from rlm_server.config import Config, ConfigError, load_config
+from rlm_server.sandbox import NOT_DUMPABLE, Probe, not_dumpable
+
+log = logging.getLogger("rlm_server")
 
 
-def configured(argv: Sequence[str], environ: Mapping[str, str], who: str) -> Config | None:
-    """The configuration, with logging to stderr started; None (after one line on stderr)
-    when a setting is bad. Then the keys are blanked from the environment block that
+def configured(
+    argv: Sequence[str], environ: Mapping[str, str], who: str
+) -> tuple[Config, Probe] | None:
+    """The configuration, with logging to stderr started, and the sandbox probe started (read
+    it with `sandboxed` once the server's modules are imported); None (after one line on
+    stderr) when a setting is bad. Then the keys are blanked from the environment block that
     /proc/PID/environ shows (keys.py): `environ` is the copy the server keeps."""
     try:
         config = load_config(argv, environ)
@@ -35,7 +42,26 @@ def configured(argv: Sequence[str], environ: Mapping[str, str], who: str) -> Con
     from rlm_server.keys import hide_from_proc_environ
 
     hide_from_proc_environ()
-    return config
+    return config, Probe(config.sandbox)
+
+
+def sandboxed(config: Config, probe: Probe, who: str) -> Config | None:
+    """The configuration with the protections in force; None (after one line on stderr) when
+    `--sandbox strict` finds one missing. The server itself is made undumpable, so no worker
+    of our uid could read its keys out of its memory."""
+    protections, missing = probe.result()
+    if missing and config.sandbox == "strict":
+        print(
+            f"{who}: configuration error: --sandbox strict, but this machine lacks: "
+            + ", ".join(missing),
+            file=sys.stderr,
+        )
+        return None
+    if missing:
+        log.warning("sandbox: this machine lacks %s (--sandbox auto)", ", ".join(missing))
+    if NOT_DUMPABLE in protections:
+        not_dumpable()
+    return dataclasses.replace(config, protections=tuple(protections))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,13 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return view(args[1:])
     environ = dict(os.environ)  # our keys, read once
-    config = configured(args, environ, "rlm-server")
-    if config is None:
+    started = configured(args, environ, "rlm-server")
+    if started is None:
         return 2
     from rlm_server.server import Server  # after the config check: a bad flag costs no imports
     from rlm_server.transport import claim_stdio
 
-    claim = claim_stdio()
+    config = sandboxed(*started, "rlm-server")
+    if config is None:
+        return 2
+
+    claim = claim_stdio(nonblocking_read=False)  # the server's InputThread blocks in read
     try:
         code = anyio.run(Server(config, claim, environ).run, backend="asyncio")
     finally:

@@ -36,7 +36,7 @@ import orjson
 from anyio.abc import TaskGroup
 
 from rlm_server import __version__
-from rlm_server.cli import configured
+from rlm_server.cli import configured, sandboxed
 from rlm_server.config import Config
 from rlm_server.engine import Engine
 from rlm_server.errors import InternalError, ParseError, RpcError
@@ -320,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
 
     environ = plugin_environ(os.environ)  # a copy: our keys, read once
     args = sys.argv[1:] if argv is None else argv
-    config = configured(args, environ, "rlm-server (elizaos plugin mode)")
+    who = "rlm-server (elizaos plugin mode)"
+    started = configured(args, environ, who)
+    config = None if started is None else sandboxed(*started, who)
     if config is None:
         return 2
     claim = claim_stdio()

@@ -34,6 +34,7 @@ BACKENDS = (
     "portkey",
     "vercel",
 )
+SANDBOX_LEVELS = ("strict", "auto", "off")  # see sandbox.py
 ENVIRONMENTS = ("local", "ipython", "docker", "modal", "prime", "e2b", "daytona")
 
 
@@ -370,6 +371,15 @@ SETTINGS: tuple[Setting, ...] = (
         "answer every model call from a --record directory: no network, no key",
     ),
     Setting(
+        "sandbox",
+        "ELIZA_RLM_SANDBOX",
+        "auto",
+        _choice(SANDBOX_LEVELS),
+        "one of " + ", ".join(SANDBOX_LEVELS),
+        "isolation of model code: strict (refuse to start without every protection), auto "
+        "(every protection this machine has, warning of the rest), off (for remote REPLs)",
+    ),
+    Setting(
         "worker_memory_mb",
         "ELIZA_RLM_WORKER_MEMORY_MB",
         "8192",
@@ -425,9 +435,11 @@ class Config:
     log_dir: str | None
     record: str | None
     replay: str | None
+    sandbox: str
     worker_memory_mb: int
     context_store_bytes: int
     session_idle_s: float
+    protections: tuple[str, ...] = ()  # not a setting: what the sandbox probe found in force
 
     @property
     def effective_model(self) -> str:

@@ -37,6 +37,7 @@ from rlm_server.errors import (
     RequestCancelled,
     RpcError,
     ShuttingDown,
+    first_of,
 )
 from rlm_server.metrics import Metrics, Outcome
 from rlm_server.sessions import Session, Sessions
@@ -218,7 +219,9 @@ class Engine:
         self.metrics = Metrics()
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
-        self.workers = WorkerPool(config.worker_memory_mb, config.max_message_bytes, environ)
+        self.workers = WorkerPool(
+            config.worker_memory_mb, config.max_message_bytes, environ, config.protections
+        )
         self.contexts = ContextStore(
             config.context_store_bytes, lambda: self.workers.root, self.workers.forget
         )
@@ -260,6 +263,8 @@ class Engine:
             "backend": self.config.backend,
             "model": self.config.effective_model,
             "environment": self.config.environment,
+            "sandbox": self.config.sandbox,
+            "protections": list(self.config.protections),
         }
 
     def status(self) -> Json:
@@ -269,8 +274,8 @@ class Engine:
             "queued": self._queued,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
             "metrics": {**self.metrics.snapshot(), **self.broker.ledger.totals()},
-            "contexts": {"count": len(self.contexts.sealed()), "bytes": self.contexts.bytes_total},
-            "sessions": {"count": len(self.sessions)},
+            "contexts": {"count": self.contexts.sealed_count, "bytes": self.contexts.bytes_total},
+            "sessions": {"count": len(self.sessions)},  # len of a dict: safe off the loop
         }
 
     def _status_of_configuration(self) -> Json:
@@ -454,12 +459,15 @@ class Engine:
         async def on_call(model: str, prompt: Any) -> Json:
             return await self.broker.call(spec.route, account, model, prompt, on_retry)
 
+        failure: RpcError | None = None
         try:
             async with anyio.create_task_group() as starting:
                 starting.start_soon(self.broker.prepare, spec.route)  # while the worker starts
                 final = await self._execute(run, job, on_call)
         except* RpcError as failed:  # raised inside the task group
-            raise failed.exceptions[0] from None
+            failure = first_of(failed, RpcError)
+        if failure is not None:
+            raise failure
         outcome: Json = final.get("result") or final["failure"]
         run.steps += outcome.get("trajectory") or []
         if "result" not in final:

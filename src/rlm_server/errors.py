@@ -125,3 +125,17 @@ class RequestCancelled(RpcError):
     CODE = -32800
     MESSAGE = "Request cancelled"
     TYPE = "cancelled"
+
+
+def first_of(group: BaseExceptionGroup[Any], kind: type[RpcError]) -> RpcError | None:
+    """The first `kind` in a task group's exception group, however deeply nested. Re-raising
+    a leaf inside `except*` can leave it wrapped in a group of its own (when the leaf is
+    nested), so callers raise what this returns after the `except*` block instead."""
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            found = first_of(error, kind)
+            if found is not None:
+                return found
+        elif isinstance(error, kind):
+            return error
+    return None

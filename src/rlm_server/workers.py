@@ -43,7 +43,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,8 +52,8 @@ import anyio
 import orjson
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from rlm_server import frames
-from rlm_server.errors import WorkerCrashed
+from rlm_server import frames, sandbox
+from rlm_server.errors import RpcError, WorkerCrashed, first_of
 from rlm_server.transport import FdReceiveStream, write_all
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,13 @@ Context = str | list[Any] | ContextFile | None  # None: a session turn that brin
 
 
 class Worker:
-    """One forked worker process (the leader of its own session) and our end of its socket."""
+    """One worker: its keeper (the zygote's child, leader of its own session), the process
+    that runs the job (the keeper itself, or its child in a PID namespace of its own; see
+    sandbox.py), and our end of its socket."""
 
     def __init__(self, pid: int, sock: socket.socket, max_frame_bytes: int) -> None:
         self.pid = pid
+        self.job_pid = 0  # told by the keeper before the job is sent
         self._sock = sock
         self._fd = sock.fileno()
         self._max_frame_bytes = max_frame_bytes
@@ -184,8 +187,23 @@ class Worker:
                 raise WorkerCrashed(reason="the worker sent a malformed frame")
             yield frame
 
+    async def receive_job_pid(self) -> None:
+        """The keeper's first words: the pid of the process that will run the job."""
+        stream = FdReceiveStream(self._fd)
+        told = b""
+        while len(told) < sandbox.PID_BYTES:
+            try:
+                told += await stream.receive(sandbox.PID_BYTES - len(told))
+            except (anyio.EndOfStream, OSError):
+                raise WorkerCrashed(reason="the worker failed to start") from None
+        self.job_pid = int.from_bytes(told, "big")
+
     def kill(self) -> None:
-        """End the worker and everything it started (its whole process group)."""
+        """End the worker and everything it started: the job's process first (in a PID
+        namespace of its own, everything in it dies with it), then the keeper's group."""
+        if self.job_pid and self.job_pid != self.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.job_pid, signal.SIGKILL)
         _kill_group(self.pid)
         self._sock.close()
 
@@ -193,11 +211,13 @@ class Worker:
 class _Zygote:
     """The zygote process and our end of its control socket."""
 
-    def __init__(self, memory_mb: int, env: Mapping[str, str]) -> None:
+    def __init__(self, memory_mb: int, env: Mapping[str, str], plan: sandbox.Plan) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.control = ours
+        argv = [str(theirs.fileno()), str(memory_mb), plan.encode()]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rlm_server.zygote", str(theirs.fileno()), str(memory_mb)],
+            # -P: the working directory is not on sys.path (nor readable by model code)
+            [sys.executable, "-P", "-m", "rlm_server.zygote", *argv],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             close_fds=True,
@@ -237,8 +257,15 @@ class _Zygote:
 class WorkerPool:
     """Forks workers from a zygote that is started at once and replaced if it dies."""
 
-    def __init__(self, memory_mb: int, max_frame_bytes: int, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        memory_mb: int,
+        max_frame_bytes: int,
+        environ: Mapping[str, str],
+        protections: Sequence[str] = (sandbox.PRIVATE_TMP,),
+    ) -> None:
         self._env = worker_environment(environ)
+        self._plan = sandbox.Plan(protections)
         self._memory_mb = memory_mb
         self._max_frame_bytes = max_frame_bytes
         self._zygote: _Zygote | None = None
@@ -249,7 +276,7 @@ class WorkerPool:
     def start(self) -> None:
         """Start the zygote now, so its import of `rlm` overlaps with the first request."""
         self._root = tempfile.mkdtemp(prefix="rlm-server-")
-        self._zygote = _Zygote(self._memory_mb, self._env)
+        self._zygote = _Zygote(self._memory_mb, self._env, self._plan)
 
     @property
     def root(self) -> str:
@@ -272,7 +299,7 @@ class WorkerPool:
             if zygote is not None:
                 log.warning("zygote exited with %s; starting a new one", zygote.process.returncode)
                 zygote.stop()
-            zygote = self._zygote = _Zygote(self._memory_mb, self._env)
+            zygote = self._zygote = _Zygote(self._memory_mb, self._env, self._plan)
         if not zygote.ready:
             if await zygote.receive() != b"ready":
                 raise WorkerCrashed(reason="the worker zygote failed to start")
@@ -333,13 +360,14 @@ class WorkerPool:
         """A fresh worker, killed on exit along with everything it started; its directory is
         removed afterwards, whatever happened."""
         workdir = tempfile.mkdtemp(prefix="worker-", dir=self._root)
+        worker: Worker | None = None
         try:
             worker = await self._fork(workdir, context)
-            try:
-                yield worker
-            finally:
-                worker.kill()
+            await _started(worker)
+            yield worker
         finally:
+            if worker is not None:
+                worker.kill()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
 
@@ -350,15 +378,26 @@ class WorkerPool:
         its model calls are answered by `on_call`, concurrently. A stored context is named in
         the fork, so the worker inherits it."""
         inherited = context if isinstance(context, ContextFile) else None
+        crash: RpcError | None = None
         async with self._forked(inherited) as worker:
-            return await _job(worker, job, context, on_event, on_call)
+            try:
+                final = await _converse(worker, job, context, on_event, on_call)
+            except* WorkerCrashed as crashed:  # raised inside the calls' task group
+                crash = first_of(crashed, WorkerCrashed)
+        if crash is not None:
+            raise crash
+        return _final(final)
 
     async def long_worker(self, context: ContextFile | None) -> LongWorker:
         """A worker that serves job after job until it is closed (a session's)."""
         workdir = tempfile.mkdtemp(prefix="worker-", dir=self._root)
+        worker: Worker | None = None
         try:
             worker = await self._fork(workdir, context)
+            await _started(worker)
         except BaseException:
+            if worker is not None:
+                worker.kill()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
             raise
@@ -379,7 +418,16 @@ class LongWorker:
         self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
     ) -> Json:
         """One job (a turn) on this worker; its final frame, or WorkerCrashed."""
-        return await _job(self._worker, {**job, "session": True}, context, on_event, on_call)
+        crash: RpcError | None = None
+        try:
+            final = await _converse(
+                self._worker, {**job, "session": True}, context, on_event, on_call
+            )
+        except* WorkerCrashed as crashed:  # raised inside the calls' task group
+            crash = first_of(crashed, WorkerCrashed)
+        if crash is not None:
+            raise crash
+        return _final(final)
 
     async def close(self) -> None:
         self._worker.kill()
@@ -391,14 +439,17 @@ class LongWorker:
         self._worker.kill()
 
 
-async def _job(
-    worker: Worker, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
-) -> Json:
-    """Run one job on a worker: its checked final frame, or WorkerCrashed."""
+async def _started(worker: Worker) -> None:
+    """The keeper's first words (the pid to kill), within the handshake's time."""
     try:
-        final = await _converse(worker, job, context, on_event, on_call)
-    except* WorkerCrashed as crashed:  # raised inside the calls' task group
-        raise crashed.exceptions[0] from None
+        with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
+            await worker.receive_job_pid()
+    except TimeoutError:
+        raise WorkerCrashed(reason="the worker did not start") from None
+
+
+def _final(final: Json | None) -> Json:
+    """A job's checked final frame, or WorkerCrashed (it died, or it had no context)."""
     if final is None:
         raise WorkerCrashed()
     final = checked_final(final)

@@ -1,14 +1,16 @@
 """The zygote: imports `rlm` once (never reading `.env`), then forks one worker per job.
 
-Run by the server as `python -m rlm_server.zygote CONTROL_FD MEMORY_MB`, in a session of its
+Run by the server as `python -P -m rlm_server.zygote CONTROL_FD MEMORY_MB PLAN`, in a session of its
 own (a Ctrl-C meant for the server is the server's to handle). Its stdout is already the
 server's stderr and its stdin is /dev/null. It stays single-threaded so that fork is safe.
 It dies with the server (PR_SET_PDEATHSIG, and end of stream on the control socket), and every
 worker dies with the zygote, so no worker outlives the server.
 
-Each worker leads a session of its own (the server kills its whole process group), works in the
-directory the server made for it (its cwd and TMPDIR, so the REPL's files land there), and
-exits only when the server closes its socket, so the server always kills a living group.
+Each worker leads a session of its own (the server kills its whole process group), is confined
+by the sandbox plan the server found in force (sandbox.py: namespaces, Landlock, seccomp,
+limits), works in the directory the server made for it (its cwd and TMPDIR, so the REPL's files
+land there), and exits only when the server closes its socket, so the server always kills a
+living group.
 
 Stored contexts: a fork message may name one (id, file, kind). The zygote reads the file once
 into a `str` (or, for JSON, a list) and keeps it until told to forget it; every worker forked
@@ -27,9 +29,8 @@ import resource
 import signal
 import socket
 import sys
-import tempfile
 
-from rlm_server import library
+from rlm_server import library, sandbox
 
 library.without_dotenv()  # before rlm is imported, below
 
@@ -109,13 +110,7 @@ def _forget(message: bytes) -> None:
     _contexts.pop(message[len(FORGET_TOKEN) :].decode(errors="replace"), None)
 
 
-def _enter(workdir: str) -> None:
-    """Make the server's directory for this worker its cwd and its temporary directory."""
-    os.chdir(workdir)
-    os.environ["TMPDIR"] = tempfile.tempdir = workdir
-
-
-def _child(job_fd: int, workdir: str, memory_mb: int) -> None:
+def _child(job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan) -> None:
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # model code may wait for its own children
     die_with_parent()
@@ -123,8 +118,10 @@ def _child(job_fd: int, workdir: str, memory_mb: int) -> None:
     status = 0
     sock = socket.socket(fileno=job_fd)
     try:
-        _enter(workdir)
-        serve_job(sock)
+        sandbox.keep(plan, sock, lambda: serve_job(sock), workdir)
+    except sandbox.SandboxError as error:
+        print(f"rlm-server worker: sandbox: {error}", file=sys.stderr)
+        status = 1
     except BaseException:
         status = 1
     finally:
@@ -136,6 +133,9 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     control = socket.socket(fileno=int(argv[0]))
     memory_mb = int(argv[1])
+    plan = sandbox.Plan.decode(argv[2])
+    if plan.has(sandbox.NOT_DUMPABLE):
+        sandbox.not_dumpable()
     warm_up()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     try:
@@ -155,7 +155,7 @@ def main(argv: list[str]) -> int:
             if pid == 0:
                 control.close()
                 _contexts.clear()  # the worker keeps only its own context (`inherited`)
-                _child(fds[0], workdir, memory_mb)
+                _child(fds[0], workdir, memory_mb, plan)
             completion.inherited = None
             for fd in fds:
                 os.close(fd)
