@@ -13,7 +13,15 @@ import orjson
 import pytest
 from conftest import Spawn
 from fixtures.openai_fixture import FixtureServer
-from harness import VALIDATOR, ServerProcess, alive, answer_with, descendants, wait_until
+from harness import (
+    VALIDATOR,
+    ServerProcess,
+    alive,
+    answer_with,
+    descendants,
+    repl,
+    wait_until,
+)
 
 ECHO = [{"when": "root", "reply": answer_with("context")}]
 DESCRIBE = [{"when": "root", "reply": answer_with("type(context).__name__ + str(len(context))")}]
@@ -145,8 +153,9 @@ def test_an_empty_text_is_a_context(spawn: Spawn) -> None:
         ([{"role": "user", "content": "first"}, {"role": "assistant", "content": "second"}], "2"),
         (["document one", "document two", "three"], "3"),
         ([1, 2.5, None, True, {"a": [1]}, "mixed"], "6"),
+        ([{"role": "user", "content": "a message"}, "then a document", 3], "3"),
     ],
-    ids=["messages", "documents", "any-json"],
+    ids=["messages", "documents", "any-json", "messages-then-others"],
 )
 def test_a_list_context_is_a_list_in_the_repl(spawn: Spawn, value: list[Any], answer: str) -> None:
     server = spawn([{"when": "root", "reply": answer_with("str(len(context)) + repr(context)")}])
@@ -408,3 +417,29 @@ def test_the_schema_describes_infer_params(params: dict[str, Any], valid: bool) 
 def test_the_schema_describes_the_new_methods(method: str, params: Any, valid: bool) -> None:
     message = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
     assert (not _client_message_errors(message)) is valid
+
+
+def test_a_worker_collecting_garbage_does_not_copy_a_list_context(
+    spawn: Spawn, llm: FixtureServer
+) -> None:
+    """A list context is made of objects the garbage collector tracks: a full collection in a
+    worker must not write to (and so copy) the zygote's."""
+    documents = [{"n": n, "text": f"document {n}"} for n in range(200_000)]
+    server = spawn(
+        [
+            {"when": "root", "times": 1, "reply": repl("collected = __import__('gc').collect()")},
+            {"when": "root", "hold": True, "reply": answer_with("str(len(context))")},
+        ]
+    )
+    server.ready()
+    context_id = _load(server, messages=documents)["context_id"]
+    server.request("collect", "infer", {"context_id": context_id})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 1, timeout=60)  # collected
+    family = alive(descendants(server.process.pid))
+    [zygote] = [p for p in family if _parent(p) == server.process.pid]
+    assert _memory_kib(zygote)["Rss"] > 60 << 10  # it holds the list
+    for pid in family - {zygote}:
+        assert _memory_kib(pid)["Private_Dirty"] < 16 << 10, _memory_kib(pid)
+    llm.script.released.set()
+    assert server.next_response()["result"]["text"] == "200000"
+    assert server.close() == 0

@@ -20,6 +20,7 @@ from harness import answer_with, repl
 from rlm import RLM
 from rlm.clients import get_client
 
+from rlm_server import completion
 from rlm_server.completion import EventLMHandler, ProgressLogger, SessionState, WorkerRLM
 
 ROOT = repl(
@@ -231,3 +232,30 @@ def test_the_persistence_seams_still_have_their_shape() -> None:
     completion = inspect.getsource(RLM.completion)
     assert "environment.add_history(message_history)" in completion
     assert "get_context_count()" in completion
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        [{"role": "user", "content": "first"}, {"role": "assistant", "content": "second"}],
+        ["document one", "document two"],
+        [{"n": 1, "text": "x"}, {"n": 2}],
+        [1, 2.5, None, "mixed"],
+        [{"role": "user", "content": "a message"}, "then a document"],
+        [],
+    ],
+)
+def test_a_measured_list_is_described_as_the_library_describes_it(
+    llm: FixtureServer, monkeypatch: pytest.MonkeyPatch, context: list[Any]
+) -> None:
+    """The zygote measures a list context once and a worker describes it by that length, so
+    that no worker walks (and copies) every item: the root model's prompt must not change."""
+    kwargs = _kwargs(llm)
+    handler = EventLMHandler(get_client("openai", dict(kwargs["backend_kwargs"])), _ignore)
+    logger = ProgressLogger(on_iteration=lambda n: None, keep_trajectory=False)
+    rlm = WorkerRLM(lm_handler=handler, logger=logger, **kwargs)
+    walked = rlm._setup_prompt(context, "q")
+    monkeypatch.setattr(completion, "inherited", context)
+    monkeypatch.setattr(completion, "inherited_length", completion.context_length(context))
+    assert rlm._setup_prompt(context, "q") == walked
+    assert rlm._setup_prompt(list(context), "q") == walked  # another list: walked as usual

@@ -37,7 +37,13 @@ import rlm.core.rlm
 from rlm import RLM
 from rlm.clients import BaseLM
 from rlm.core.lm_handler import LMHandler
-from rlm.core.types import ModelUsageSummary, RLMChatCompletion, RLMIteration, UsageSummary
+from rlm.core.types import (
+    ModelUsageSummary,
+    QueryMetadata,
+    RLMChatCompletion,
+    RLMIteration,
+    UsageSummary,
+)
 from rlm.environments import get_environment
 from rlm.logger import RLMLogger
 
@@ -55,6 +61,31 @@ class ContextUnavailable:
 
 
 inherited: Any = None  # the stored context of the worker about to be forked (set by the zygote)
+inherited_length: int | None = None  # a list context's length as the library counts it (ditto)
+
+
+class _Sized:
+    """Stands for a list context's items in the library's description of it (see below)."""
+
+    def __init__(self, length: int) -> None:
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+
+def context_length(context: Any) -> int:
+    """The total length the library's prompt gives a context (items without one, such as
+    numbers, by their JSON): for a list, what the zygote measures once, so that no worker walks
+    every item (and copies its page, writing its reference count) to describe it again."""
+    try:
+        return int(QueryMetadata(context).context_total_length)
+    except (TypeError, AttributeError):  # len(5); {"content": ...} then "doc": "doc".get
+        return int(QueryMetadata(_as_json(context)).context_total_length)
+
+
+def _as_json(items: Any) -> list[str]:
+    return [orjson.dumps(item, default=str).decode() for item in items]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,15 +499,17 @@ class WorkerRLM(RLM):  # type: ignore[misc]
             environment.locals["context"] = context
         environment._context_count = index + 1
 
-    def _setup_prompt(
-        self, prompt: str | dict[str, Any], root_prompt: str | None = None
-    ) -> list[dict[str, Any]]:
+    def _setup_prompt(self, prompt: Any, root_prompt: str | None = None) -> list[dict[str, Any]]:
         """The library describes a list context by the lengths of its items, and fails on items
-        without one (a list of numbers, say): those are described by their JSON instead."""
+        without one (a list of numbers, say): those are described by their JSON instead. An
+        inherited list whose length the zygote measured is described by that length alone: its
+        type and total are all the prompt says of it."""
+        if prompt is inherited and inherited_length is not None and isinstance(prompt, list):
+            prompt = [_Sized(inherited_length)]
         try:
             return cast(list[dict[str, Any]], super()._setup_prompt(prompt, root_prompt))
-        except TypeError:
-            described = [orjson.dumps(item, default=str).decode() for item in prompt]
+        except (TypeError, AttributeError):  # as in context_length
+            described = _as_json(prompt)
             return cast(list[dict[str, Any]], super()._setup_prompt(described, root_prompt))
 
     def retire_handler(self) -> None:

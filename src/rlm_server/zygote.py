@@ -14,14 +14,17 @@ living group.
 
 Stored contexts: a fork message may name one (id, file, kind). The zygote reads the file once
 into a `str` (or, for JSON, a list) and keeps it until told to forget it; every worker forked
-after that gets it as `completion.inherited`, sharing its pages copy-on-write (a `str` is not
-tracked by the garbage collector, so only its header's refcount is ever written). A zygote that
-replaces a dead one holds nothing and reads each context again when a fork asks for it.
+after that gets it as `completion.inherited`, sharing its pages copy-on-write. What the zygote
+holds is frozen (`gc.freeze`) after its warm-up and after each context it reads: a worker's
+garbage collections then never write to those objects (a list context is millions of them), so
+only what a worker itself touches is copied. A zygote that replaces a dead one holds nothing and
+reads each context again when a fork asks for it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import mmap
 import os
@@ -76,6 +79,7 @@ def _mapped_bytes() -> int:
 
 
 _contexts: dict[str, object] = {}  # the stored contexts this zygote holds, by id
+_lengths: dict[str, int] = {}  # a list context's length as the library's prompt gives it
 
 
 def _read_context(path: str, kind: str) -> object:
@@ -92,22 +96,33 @@ def _read_context(path: str, kind: str) -> object:
                 view.release()
 
 
-def _held_context(spec: bytes) -> object:
-    """The context a fork message names, read now if this zygote does not hold it yet; what
-    the worker gets when it cannot be read (the worker then fails its job, and says why)."""
+def _inherit(spec: bytes) -> None:
+    """Set what the next worker inherits: the context a fork message names, read now if this
+    zygote does not hold it yet (or, when it cannot be read, a marker: the worker then fails
+    its job, and says why)."""
+    completion.inherited = completion.inherited_length = None
+    if not spec:
+        return
     try:
         named = orjson.loads(spec)
-        held = _contexts.get(named["id"])
-        if held is None:
-            held = _contexts[named["id"]] = _read_context(named["path"], named["kind"])
-        return held
+        context_id = named["id"]
+        if context_id not in _contexts:
+            held = _read_context(named["path"], named["kind"])
+            if isinstance(held, list):
+                _lengths[context_id] = completion.context_length(held)
+            _contexts[context_id] = held
+            gc.freeze()  # the workers' collections must not write to it (see the docstring)
+        completion.inherited = _contexts[context_id]
+        completion.inherited_length = _lengths.get(context_id)
     except (OSError, ValueError, KeyError, TypeError, MemoryError) as exc:
         log.warning("could not read a stored context: %s", type(exc).__name__)
-        return completion.ContextUnavailable()
+        completion.inherited = completion.ContextUnavailable()
 
 
 def _forget(message: bytes) -> None:
-    _contexts.pop(message[len(FORGET_TOKEN) :].decode(errors="replace"), None)
+    context_id = message[len(FORGET_TOKEN) :].decode(errors="replace")
+    _contexts.pop(context_id, None)
+    _lengths.pop(context_id, None)
 
 
 def _child(job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan) -> None:
@@ -137,6 +152,7 @@ def main(argv: list[str]) -> int:
     if plan.has(sandbox.NOT_DUMPABLE):
         sandbox.not_dumpable()
     warm_up()
+    gc.freeze()  # the workers' collections must not write to what the zygote made
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     try:
         control.send(b"ready")
@@ -150,13 +166,13 @@ def main(argv: list[str]) -> int:
             token, rest = message[:8], message[8:]
             directory, _, spec = rest.partition(b"\0")
             workdir = os.fsdecode(directory)
-            completion.inherited = _held_context(spec) if spec else None
+            _inherit(spec)
             pid = os.fork()
             if pid == 0:
                 control.close()
                 _contexts.clear()  # the worker keeps only its own context (`inherited`)
                 _child(fds[0], workdir, memory_mb, plan)
-            completion.inherited = None
+            _inherit(b"")
             for fd in fds:
                 os.close(fd)
             control.send(token + pid.to_bytes(8, "big"))
