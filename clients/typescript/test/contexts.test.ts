@@ -156,6 +156,13 @@ describe("stored contexts", { timeout: 120_000 }, () => {
     assert.equal(await echoed(stored.contextId), text);
   });
 
+  test("a file that cannot be read rejects with the reading error and stores nothing", async () => {
+    const before = (await client.listContexts()).bytesTotal;
+    const path = join(tmpdir(), "rlm-no-such-dir", "context.txt");
+    await assert.rejects(client.loadContext({ path }), { code: "ENOENT" });
+    assert.equal((await client.listContexts()).bytesTotal, before);
+  });
+
   test("a dropped context is unknown: its id is refused with a typed error naming the field", async () => {
     const { contextId } = await client.loadContext("to be dropped");
     assert.equal(await client.dropContext(contextId), true);
