@@ -290,7 +290,7 @@ export class RLMClient implements AsyncDisposable {
    * over the stored context `contextId`, answering `query` (the short question). Named fields,
    * so the two cannot be swapped.
    */
-  infer(request: InferRequest): Promise<InferResult> {
+  async infer(request: InferRequest): Promise<InferResult> {
     const { context, contextId, query } = request;
     const input = {
       ...(context === undefined ? {} : { prompt: context }),
