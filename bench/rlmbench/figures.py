@@ -786,13 +786,12 @@ class Bench:
             "answers": list(answers.values()),
         }
 
-    def context_concurrent(self) -> Json:
-        """N questions at once on one loaded context: the peak memory of the server's whole
-        process tree (PSS), against the same N questions with the context as their prompt."""
+    def _stored_concurrent(self, args: list[str]) -> tuple[Json, Json, Json]:
+        """A fresh server: the context loaded and asked once, then n questions at once on it;
+        (the n questions' peak, the first question's peak, the load)."""
         size, n = self.s.context_bytes, self.s.concurrent_questions
         held = [{"when": "root", "hold": True, "reply": repl_reply(*NEEDLE_CODE)}]
         ours = self.t["ours"]
-        args = ["--max-concurrency", str(n)]
         with spawned(ours, args) as channel:
             self.fixture.instant()
             self._warm(ours, channel)
@@ -815,10 +814,22 @@ class Bench:
         stored["found"] = _found(stored.pop("answers"), secret)
         first["found"] = _found(first.pop("answers"), secret)
         self.log(
-            f"  stored: peak {stored['peak_kib'] / 1024:.0f} MiB "
+            f"  stored ({' '.join(args)}): peak {stored['peak_kib'] / 1024:.0f} MiB "
             f"({stored['peak_kib'] * 1024 / size:.2f}x), found={stored['found']}; first "
             f"question alone: {first['peak_kib'] / 1024:.0f} MiB"
         )
+        return stored, first, load
+
+    def context_concurrent(self) -> Json:
+        """N questions at once on one loaded context: the peak memory of the server's whole
+        process tree (PSS), against the same N questions with the context as their prompt; and
+        the same without the sandbox, whose keeper and init processes each worker adds."""
+        size, n = self.s.context_bytes, self.s.concurrent_questions
+        held = [{"when": "root", "hold": True, "reply": repl_reply(*NEEDLE_CODE)}]
+        ours = self.t["ours"]
+        args = ["--max-concurrency", str(n)]
+        stored, first, load = self._stored_concurrent(args)
+        unsandboxed, _, _ = self._stored_concurrent([*args, "--sandbox", "off"])
         body, secret = make_context(size)
         head = (
             b'{"jsonrpc":"2.0","id":ID,"method":"infer","params":{"query":'
@@ -849,6 +860,7 @@ class Bench:
             "load": load,
             "first": first,
             "stored": stored,
+            "stored_sandbox_off": unsandboxed,
             "prompt": prompt,
         }
 

@@ -367,6 +367,18 @@ def build_rows(r: Json) -> list[Row]:
     return rows
 
 
+def _unsandboxed(c: Json) -> str:
+    """The same figure with `--sandbox off`: each sandboxed worker is three processes."""
+    off = c.get("stored_sandbox_off")
+    if off is None:
+        return ""
+    peak = off["peak_kib"] * 1024
+    return (
+        f"; with `--sandbox off` (one process per worker instead of a keeper, an init and the "
+        f"job): {peak / MIB:,.0f} MiB ({peak / c['context_bytes']:.2f}x)"
+    )
+
+
 def _context_rows(r: Json) -> list[Row]:
     """The stored-context figures (issue 11), each beside today's path: the context as a
     `prompt`, sent with every question."""
@@ -413,7 +425,8 @@ def _context_rows(r: Json) -> list[Row]:
                 f"idle before: {stored['idle_kib'] / 1024:,.0f} MiB; peaks apart: server "
                 f"{stored['peak_server_kib'] / 1024:,.0f} MiB, zygote + workers "
                 f"{stored['peak_children_kib'] / 1024:,.0f} MiB; the first question on it, "
-                f"alone (the zygote reads it): {c['first']['peak_kib'] / 1024:,.0f} MiB",
+                f"alone (the zygote reads it): {c['first']['peak_kib'] / 1024:,.0f} MiB"
+                + _unsandboxed(c),
             )
         )
     if "context_2g" in r:
