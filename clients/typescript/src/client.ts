@@ -4,11 +4,33 @@
  * keeps the seed plugin's metrics.
  */
 import { Connection, type Logger, type ProgressEvent, type ReadyInfo, type SpawnSpec } from "./connection.js";
+import {
+  type ContextList,
+  type ContextSource,
+  DEFAULT_CHUNK_BYTES,
+  type LoadLink,
+  MIN_CHUNK_BYTES,
+  type StoredContext,
+  contextList,
+  loadRequests,
+  runLoad,
+} from "./contexts.js";
 import { RLMError, cancelledError, deadlineError } from "./errors.js";
 import { MAX_LINE_BYTES } from "./framing.js";
-import type { InferResult, Message, ShutdownResult, StatusResult } from "./generated/protocol.js";
+import type {
+  ContextDropResult,
+  ContextListResult,
+  ContextLoadResult,
+  InferResult,
+  Message,
+  SessionCloseResult,
+  SessionOpenResult,
+  ShutdownResult,
+  StatusResult,
+} from "./generated/protocol.js";
 import { type MetricsCallback, MetricsRecorder, type RLMMetrics } from "./metrics.js";
 import { type InferOptions, toWireOptions } from "./options.js";
+import { Session, type TurnInput, type TurnOptions } from "./session.js";
 
 /** The server's own default shutdown grace (its ELIZA_RLM_SHUTDOWN_GRACE), in seconds. */
 export const DEFAULT_SHUTDOWN_GRACE_S = 30;
@@ -53,15 +75,56 @@ export interface CallOptions {
   timeoutMs?: number;
 }
 
-export interface InferRequest extends CallOptions {
-  /** The long input the model explores in its REPL as `context`: text or chat messages. */
-  context: string | readonly ChatMessage[];
-  /** The short question about the context, shown to the root model. */
-  query?: string;
+/** What every infer (a session's turns too) takes besides its input and query. */
+export interface InferCallOptions extends CallOptions {
   /** Per-request overrides, sent as the contract's snake_case names. */
   options?: InferOptions;
   /** Receives this call's `$/progress` events (and asks the server to send them). */
   onProgress?: (event: ProgressEvent) => void;
+}
+
+/** One completion's input: the long context itself, or a stored one named by its id. */
+export type InferInput =
+  | {
+      /** The long input the model explores in its REPL as `context`: text or chat messages. */
+      context: string | readonly ChatMessage[];
+      contextId?: never;
+    }
+  | {
+      /** A context stored with `loadContext`: it becomes `context` without crossing the pipe again. */
+      contextId: string;
+      context?: never;
+    };
+
+export type InferRequest = InferCallOptions &
+  InferInput & {
+    /** The short question about the context, shown to the root model. */
+    query?: string;
+  };
+
+export interface LoadContextOptions extends CallOptions {
+  /**
+   * The largest piece of text sent in one line, in bytes of UTF-8 (at least 4): a longer string,
+   * and every stream or file, goes in chunks of at most this size. Default 4 MiB; keep it below
+   * the server's `--max-message-bytes` (1 GiB by default), with room for JSON's escapes.
+   */
+  chunkBytes?: number;
+}
+
+export interface SessionOptions extends CallOptions {
+  /** A stored context: the session's `context` (and `context_0`); the session holds it. */
+  contextId?: string;
+}
+
+/**
+ * How a call is sent. `connection` pins it to one server process: what a session or a load
+ * made lives there alone. `bound` says its params name something that lives in one server
+ * process (a `context_id`), which a new server would not know.
+ */
+interface Route extends CallOptions {
+  onProgress?: ((event: ProgressEvent) => void) | undefined;
+  connection?: Connection | undefined;
+  bound?: boolean;
 }
 
 const defaultLogger: Logger = {
@@ -126,6 +189,47 @@ function waitFor<T>(promise: Promise<T>, signal: AbortSignal | undefined, deadli
   });
 }
 
+/**
+ * A signal that aborts when `signal` does or `deadline` passes, with what `waitFor` rejects with
+ * as its reason; `dispose` lets go of both.
+ */
+function givingUp(
+  signal: AbortSignal | undefined,
+  deadline: Deadline | undefined,
+): { signal: AbortSignal; dispose(): void } {
+  const controller = new AbortController();
+  const onAbort = (): void => controller.abort(cancelledError());
+  signal?.addEventListener("abort", onAbort, { once: true });
+  if (signal?.aborted) onAbort();
+  const timer =
+    deadline &&
+    setTimeout(
+      () => controller.abort(deadlineError(deadline.timeoutMs)),
+      Math.min(deadline.at - Date.now(), MAX_TIMER_MS),
+    );
+  const dispose = (): void => {
+    clearTimeout(timer);
+    signal?.removeEventListener("abort", onAbort);
+  };
+  return { signal: controller.signal, dispose };
+}
+
+/**
+ * `waitFor` for a request that makes something on the server (`made`, sent without the caller's
+ * signal or deadline, so it is always answered): when the caller gives up first, what it makes
+ * is undone once it is answered.
+ */
+function keepOrUndo<T>(
+  made: Promise<T>,
+  call: CallOptions,
+  deadline: Deadline | undefined,
+  undo: (value: T) => void,
+): Promise<T> {
+  const waited = waitFor(made, call.signal, deadline);
+  waited.catch(() => made.then(undo, () => undefined));
+  return waited;
+}
+
 function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
   let timer: NodeJS.Timeout | undefined;
   const delay = new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)));
@@ -182,22 +286,104 @@ export class RLMClient implements AsyncDisposable {
   }
 
   /**
-   * Runs one RLM completion over `context` (the long input, explored in the model's REPL),
-   * answering `query` (the short question). Named fields, so the two cannot be swapped.
+   * Runs one RLM completion over `context` (the long input, explored in the model's REPL), or
+   * over the stored context `contextId`, answering `query` (the short question). Named fields,
+   * so the two cannot be swapped.
    */
   async infer(request: InferRequest): Promise<InferResult> {
+    const { context, contextId, query } = request;
+    const input = {
+      ...(context === undefined ? {} : { prompt: context }),
+      ...(contextId === undefined ? {} : { context_id: contextId }),
+    };
+    return this.runInfer(input, query, request, { bound: contextId !== undefined });
+  }
+
+  /**
+   * Stores a context on the server once, for any number of `infer({ contextId })` and sessions:
+   * a string, a list (messages, documents), a stream of text or UTF-8 bytes, or a file
+   * (`{ path }`, streamed). Text longer than `chunkBytes`, and every stream, goes in chunks, one
+   * after another. `signal` and `timeoutMs` cover the whole load; a load that fails or is given
+   * up on drops what it had stored. The context lives in the running server process: it is
+   * gone when that process ends.
+   */
+  loadContext(source: ContextSource, options: LoadContextOptions = {}): Promise<StoredContext> {
+    const chunkBytes = options.chunkBytes ?? DEFAULT_CHUNK_BYTES;
+    if (!Number.isInteger(chunkBytes) || chunkBytes < MIN_CHUNK_BYTES) {
+      return Promise.reject(new RangeError(`chunkBytes must be an integer of at least ${MIN_CHUNK_BYTES}`));
+    }
+    if (options.signal?.aborted) return Promise.reject(cancelledError());
+    const deadline = deadlineAfter(options.timeoutMs ?? this.requestTimeoutMs);
+    const connection = this.current();
+    const givenUp = givingUp(options.signal, deadline);
+    const link: LoadLink = {
+      load: (params) => this.call<ContextLoadResult>("context/load", params, { connection, timeoutMs: 0 }),
+      drop: (contextId) => this.dropInBackground(connection, contextId),
+      signal: givenUp.signal,
+    };
+    const loaded = runLoad(loadRequests(source, chunkBytes), link);
+    loaded.then(givenUp.dispose, givenUp.dispose);
+    return waitFor(loaded, options.signal, deadline);
+  }
+
+  /**
+   * Drops a stored context: resolves with whether the server had it. Requests and sessions
+   * already using it keep it until they end.
+   */
+  async dropContext(contextId: string, call: CallOptions = {}): Promise<boolean> {
+    const result = await this.call<ContextDropResult>(
+      "context/drop",
+      { context_id: contextId },
+      { ...call, bound: true },
+    );
+    return result.dropped;
+  }
+
+  /** The server's stored contexts (sealed ones), and the store's size and limit. */
+  async listContexts(call: CallOptions = {}): Promise<ContextList> {
+    return contextList(await this.call<ContextListResult>("context/list", {}, call));
+  }
+
+  /**
+   * Opens a session: one REPL that lives across turns (`session.infer(query)`), on the stored
+   * context `contextId` if given. Close it with `session.close()` (or `await using`); the
+   * server also closes it after `--session-idle-s` without a turn, and when it stops.
+   */
+  openSession(options: SessionOptions = {}): Promise<Session> {
+    if (options.signal?.aborted) return Promise.reject(cancelledError());
+    const deadline = deadlineAfter(options.timeoutMs ?? this.requestTimeoutMs);
+    const connection = this.current();
+    const params = options.contextId === undefined ? {} : { context_id: options.contextId };
+    const opened = this.call<SessionOpenResult>("session/open", params, { connection, timeoutMs: 0 }).then(
+      ({ session_id }) =>
+        new Session(session_id, {
+          turn: (input: TurnInput, query: string, turn: TurnOptions) =>
+            this.runInfer(input, query, turn, { connection }),
+          close: (id: string) => this.closeSession(connection, id),
+        }),
+    );
+    return keepOrUndo(opened, options, deadline, (session) => void session.close().catch(() => undefined));
+  }
+
+  /** Runs one infer: `input` (prompt, context_id or session_id), the query and options; metrics. */
+  private async runInfer(
+    input: object,
+    query: string | undefined,
+    request: InferCallOptions,
+    route: Route,
+  ): Promise<InferResult> {
     const options = {
       ...toWireOptions(request.options ?? {}),
       ...(request.onProgress ? { progress: true } : {}),
     };
     const params = {
-      prompt: request.context,
-      ...(request.query === undefined ? {} : { query: request.query }),
+      ...input,
+      ...(query === undefined ? {} : { query }),
       ...(Object.keys(options).length === 0 ? {} : { options }),
     };
     const started = performance.now();
     try {
-      const result = await this.call<InferResult>("infer", params, request);
+      const result = await this.call<InferResult>("infer", params, { ...request, ...route });
       this.metrics.recordResult(result.stub, performance.now() - started);
       return result;
     } catch (error) {
@@ -257,16 +443,31 @@ export class RLMClient implements AsyncDisposable {
     return () => this.metricsListeners.delete(callback);
   }
 
+  /** A session/close on the session's own server; a server that is gone has closed it already. */
+  private async closeSession(connection: Connection, sessionId: string): Promise<boolean> {
+    if (connection.closed) return false;
+    const result = await this.call<SessionCloseResult>(
+      "session/close",
+      { session_id: sessionId },
+      { connection },
+    );
+    return result.closed;
+  }
+
+  /** Drops a context a load made and will not hand over; a failure is only logged. */
+  private dropInBackground(connection: Connection, contextId: string): void {
+    if (connection.closed) return; // its contexts went with it
+    this.call("context/drop", { context_id: contextId }, { connection }).catch((error: unknown) =>
+      this.logger.warn(`could not drop ${contextId} after its load failed: ${String(error)}`),
+    );
+  }
+
   /** One call with retries: the deadline covers start-up, every attempt and the backoff between. */
-  private async call<T>(
-    method: string,
-    params: object | undefined,
-    call: CallOptions & Pick<InferRequest, "onProgress">,
-  ): Promise<T> {
+  private async call<T>(method: string, params: object | undefined, call: Route): Promise<T> {
     if (call.signal?.aborted) throw cancelledError();
     const deadline = deadlineAfter(call.timeoutMs ?? this.requestTimeoutMs);
     for (let attempt = 0; ; attempt += 1) {
-      const connection = this.current();
+      const connection = call.connection ?? this.current();
       await waitFor(connection.ready, call.signal, deadline);
       try {
         return await connection.request<T>(method, params, {
@@ -275,7 +476,7 @@ export class RLMClient implements AsyncDisposable {
           onProgress: call.onProgress,
         });
       } catch (error) {
-        if (!this.retries(error, connection, attempt)) throw error;
+        if (!this.retries(error, connection, attempt, call)) throw error;
         const delay = backoffDelay(attempt, this.retryBaseDelayMs, this.retryMaxDelayMs);
         if (deadline && Date.now() + delay >= deadline.at) throw error;
         this.metrics.recordRetry();
@@ -289,11 +490,21 @@ export class RLMClient implements AsyncDisposable {
 
   /**
    * Whether to send again: only what the server never ran to an answer (RLMError.retryable),
-   * and not when the server exited because this client stopped it.
+   * and not when the server exited because this client stopped it. Nor, after its server
+   * exited, a call whose params or session live in that server alone: a new one would only say
+   * it knows no such id.
    */
-  private retries(error: unknown, connection: Connection, attempt: number): error is RLMError {
+  private retries(error: unknown, connection: Connection, attempt: number, route: Route): error is RLMError {
+    const lostWithServer =
+      error instanceof RLMError &&
+      error.data?.type === "server_exited" &&
+      (route.bound === true || route.connection !== undefined);
     return (
-      error instanceof RLMError && error.retryable && attempt < this.maxRetries && !connection.stopRequested
+      error instanceof RLMError &&
+      error.retryable &&
+      !lostWithServer &&
+      attempt < this.maxRetries &&
+      !connection.stopRequested
     );
   }
 

@@ -103,6 +103,14 @@ export class RLMUnavailableError extends RLMError {
 export class RLMBudgetError extends RLMError {
   override name = "RLMBudgetError";
 }
+/**
+ * -32005: a `context/load` did not fit in the server's context store (`data.limit_bytes`, its
+ * `--context-store-bytes`) even after evicting every stored context nothing uses; nothing was
+ * stored or evicted. Never retried by the client: only a `dropContext` makes room.
+ */
+export class RLMContextStoreFullError extends RLMError {
+  override name = "RLMContextStoreFullError";
+}
 /** -32800: the request was cancelled (AbortSignal, or the server's shutdown grace ran out). */
 export class RLMCancelledError extends RLMError {
   override name = "RLMCancelledError";
@@ -122,6 +130,7 @@ const CLASSES: { readonly [C in ErrorCode]: ErrorClass } = {
   [-32002]: RLMRejectedError,
   [-32003]: RLMUnavailableError,
   [-32004]: RLMBudgetError,
+  [-32005]: RLMContextStoreFullError,
   [-32800]: RLMCancelledError,
 };
 

@@ -4,14 +4,27 @@ export {
   backoffDelay,
   type CallOptions,
   type ChatMessage,
+  type InferCallOptions,
+  type InferInput,
   type InferRequest,
+  type LoadContextOptions,
   type RLMClientOptions,
+  type SessionOptions,
 } from "./client.js";
+export {
+  DEFAULT_CHUNK_BYTES,
+  type ContextInfo,
+  type ContextList,
+  type ContextSource,
+  type StoredContext,
+} from "./contexts.js";
+export { Session, type TurnOptions } from "./session.js";
 export type { Logger, ProgressEvent, ReadyInfo } from "./connection.js";
 export {
   RLMBackendError,
   RLMBudgetError,
   RLMCancelledError,
+  RLMContextStoreFullError,
   RLMDeadlineError,
   RLMError,
   RLMInternalError,
@@ -34,6 +47,7 @@ export {
   type ErrorCode,
   type ErrorType,
   type InferResult,
+  type Protection,
   type ServerMetrics,
   type ShutdownResult,
   type StatusResult,

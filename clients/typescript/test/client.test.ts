@@ -286,6 +286,8 @@ describe("client hooks and lifetime", () => {
     client.onclose = () => (closed += 1);
     const info = await client.start();
     assert.equal(info.stub, true);
+    assert.ok(["strict", "auto", "off"].includes(info.sandbox), info.sandbox);
+    assert.ok(info.protections.includes("private_tmp"), info.protections.join());
     assert.equal(client.serverInfo?.pid, info.pid);
     await client.close();
     await gone(info.pid);

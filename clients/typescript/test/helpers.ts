@@ -215,5 +215,7 @@ export const READY_LINE = JSON.stringify({
     backend: "x",
     model: "x",
     environment: "x",
+    sandbox: "off",
+    protections: ["private_tmp"],
   },
 });

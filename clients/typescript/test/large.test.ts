@@ -1,6 +1,7 @@
 /**
  * Long inputs and outputs: the product's point. Nothing on either pipe has a line-length cap,
- * so a 50 MB prompt reaches the model's REPL whole, and 200 MB go there and back whole.
+ * so a 50 MB prompt reaches the model's REPL whole, and 200 MB go there and back whole; a 50 MB
+ * stored context goes in chunks and arrives whole too.
  */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
@@ -35,6 +36,14 @@ describe("long contexts", { timeout: 180_000 }, () => {
   test("a 50 MB prompt reaches the REPL whole", async () => {
     const measured = await client.infer({ context: longContext(50 * MB), query: "measure-it" });
     assert.equal(measured.text, `${50 * MB}:END-MARKER-12345`);
+  });
+
+  test("a 50 MB stored context goes in 4 MiB chunks and reaches the REPL whole", async () => {
+    const { contextId, bytes } = await client.loadContext(longContext(50 * MB));
+    assert.equal(bytes, 50 * MB);
+    const measured = await client.infer({ contextId, query: "measure-it" });
+    assert.equal(measured.text, `${50 * MB}:END-MARKER-12345`);
+    assert.equal(await client.dropContext(contextId), true);
   });
 
   test("a 200 MB prompt goes in and a 200 MB result comes back, whole", async () => {

@@ -20,7 +20,7 @@ import {
   startFixture,
   stopChild,
 } from "./helpers.js";
-import { matchesAsSet, mismatch } from "./match.js";
+import { type Bound, matchesAsSet, mismatch, substitute } from "./match.js";
 
 type Step =
   | { send: unknown }
@@ -123,19 +123,20 @@ function waitForExit(child: ChildProcess, timeoutMs: number): Promise<number | n
   });
 }
 
-async function runStep(step: Step, child: ChildProcess, output: ServerOutput): Promise<void> {
+/** Runs one step; `bound` carries the ids `$bind:` patterns matched to later `$ref:`s. */
+async function runStep(step: Step, child: ChildProcess, output: ServerOutput, bound: Bound): Promise<void> {
   if ("send" in step) {
-    child.stdin?.write(JSON.stringify(step.send) + "\n");
+    child.stdin?.write(JSON.stringify(substitute(step.send, bound)) + "\n");
   } else if ("send_raw" in step) {
     child.stdin?.write(step.send_raw + "\n");
   } else if ("expect" in step) {
     const message = await output.next(hasProgressMethod(step.expect));
-    const found = mismatch(step.expect, message);
+    const found = mismatch(step.expect, message, bound);
     assert.equal(found, undefined, `${found}\nmessage: ${JSON.stringify(message).slice(0, 2000)}`);
   } else if ("expect_set" in step) {
     const messages: unknown[] = [];
     for (const _ of step.expect_set) messages.push(await output.next(false));
-    assert.ok(matchesAsSet(step.expect_set, messages), `no pairing of ${JSON.stringify(messages)}`);
+    assert.ok(matchesAsSet(step.expect_set, messages, bound), `no pairing of ${JSON.stringify(messages)}`);
   } else {
     child.stdin?.end();
     assert.equal(await waitForExit(child, 20_000), step.expect_exit);
@@ -155,10 +156,11 @@ async function replay(transcript: Transcript): Promise<void> {
     stdio: ["pipe", "pipe", "pipe"],
   });
   const output = new ServerOutput(child);
+  const bound: Bound = {};
   try {
     for (const [index, step] of transcript.steps.entries()) {
       try {
-        await runStep(step, child, output);
+        await runStep(step, child, output, bound);
       } catch (error) {
         const stderr = output.stderr.slice(-20).join("\n");
         throw new Error(
@@ -171,6 +173,54 @@ async function replay(transcript: Transcript): Promise<void> {
     await fixture.stop();
   }
 }
+
+describe("the transcript matcher", () => {
+  test("$bind: remembers a string only when the whole message matches; $ref: stands for it", () => {
+    const bound: Bound = {};
+    assert.notEqual(mismatch({ id: "$bind:ctx", n: 2 }, { id: "ctx-1", n: 1 }, bound), undefined);
+    assert.deepEqual(bound, {}); // a failed match binds nothing
+    assert.equal(mismatch({ id: "$bind:ctx" }, { id: "ctx-1" }, bound), undefined);
+    assert.deepEqual(bound, { ctx: "ctx-1" });
+    assert.notEqual(mismatch({ id: "$bind:other" }, { id: 5 }, bound), undefined); // only strings bind
+    assert.equal(mismatch(["$ref:ctx"], ["ctx-1"], bound), undefined);
+    assert.notEqual(mismatch("$ref:ctx", "ctx-2", bound), undefined);
+    assert.notEqual(mismatch("$ref:unbound", "ctx-1", bound), undefined);
+    assert.deepEqual(substitute({ params: { context_id: "$ref:ctx", x: ["$ref:ctx", "$ctx"] } }, bound), {
+      params: { context_id: "ctx-1", x: ["ctx-1", "$ctx"] },
+    });
+    assert.throws(() => substitute("$ref:unbound", bound));
+  });
+
+  test("an unordered set binds what its pairing matched, and nothing when there is none", () => {
+    const bound: Bound = {};
+    const patterns = [
+      { id: 1, result: "$bind:a" },
+      { id: 2, result: "$bind:b" },
+    ];
+    assert.ok(
+      !matchesAsSet(
+        patterns,
+        [
+          { id: 2, result: "y" },
+          { id: 3, result: "x" },
+        ],
+        bound,
+      ),
+    );
+    assert.deepEqual(bound, {});
+    assert.ok(
+      matchesAsSet(
+        patterns,
+        [
+          { id: 2, result: "y" },
+          { id: 1, result: "x" },
+        ],
+        bound,
+      ),
+    );
+    assert.deepEqual(bound, { a: "x", b: "y" });
+  });
+});
 
 const files = readdirSync(TRANSCRIPTS)
   .filter((name) => name.endsWith(".json"))

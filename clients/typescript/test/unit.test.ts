@@ -9,6 +9,7 @@ import {
   RLMBackendError,
   RLMBudgetError,
   RLMCancelledError,
+  RLMContextStoreFullError,
   RLMDeadlineError,
   RLMError,
   RLMInternalError,
@@ -234,6 +235,7 @@ describe("errors", () => {
       [-32002, RLMRejectedError],
       [-32003, RLMUnavailableError],
       [-32004, RLMBudgetError],
+      [-32005, RLMContextStoreFullError],
       [-32800, RLMCancelledError],
     ];
     for (const [code, Class] of expected) {
@@ -254,7 +256,7 @@ describe("errors", () => {
     for (const type of ["start_failed", "protocol_error", "worker_crashed", "internal_error"] as const) {
       assert.equal(rlmError(-32603, "m", { type }).retryable, false, type);
     }
-    for (const code of [-32800, -32001, -32602, -32003, -32004]) {
+    for (const code of [-32800, -32001, -32602, -32003, -32004, -32005]) {
       assert.equal(rlmError(code, "m", { type: "queue_full", retryable: true }).retryable, false, `${code}`);
     }
   });

@@ -8,10 +8,27 @@ export type Response = SuccessResponse | ErrorResponse;
  */
 export type Id = string | number;
 /**
- * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error or worker crash; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32004 a budget was exhausted; -32800 cancelled.
+ * One protection around model code in force on this machine (README, Security): user_namespace, pid_namespace, network_namespace and ipc_namespace (one of each per worker); no_capabilities; no_new_privs; not_dumpable (server, zygote and workers); landlock_filesystem (reads only the interpreter and system files, writes only its own directory); landlock_signals (signals and abstract sockets scoped to itself); seccomp (cannot clear its parent-death signal); resource_limits (open files, file size, CPU time, core files); process_limit (RLIMIT_NPROC in its user namespace, or a pids cgroup as root); private_tmp (a directory of its own as cwd and TMPDIR, removed when it ends).
+ */
+export type Protection =
+  | "user_namespace"
+  | "pid_namespace"
+  | "network_namespace"
+  | "ipc_namespace"
+  | "no_capabilities"
+  | "no_new_privs"
+  | "not_dumpable"
+  | "landlock_filesystem"
+  | "landlock_signals"
+  | "seccomp"
+  | "resource_limits"
+  | "process_limit"
+  | "private_tmp";
+/**
+ * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error or worker crash; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32004 a budget was exhausted; -32005 the context store is full even after evicting every unused context; -32800 cancelled.
  */
 export type ErrorCode =
-  -32700 | -32600 | -32601 | -32602 | -32603 | -32000 | -32001 | -32002 | -32003 | -32004 | -32800;
+  -32700 | -32600 | -32601 | -32602 | -32603 | -32000 | -32001 | -32002 | -32003 | -32004 | -32005 | -32800;
 export type ErrorType =
   | "parse_error"
   | "invalid_request"
@@ -27,6 +44,7 @@ export type ErrorType =
   | "queue_full"
   | "backend_unavailable"
   | "budget_exceeded"
+  | "context_store_full"
   | "cancelled";
 export type ClientMessage = Request | [Request, ...Request[]];
 /**
@@ -37,11 +55,20 @@ export type Request = {
 } & {
   jsonrpc: "2.0";
   id?: Id | null;
-  method: "infer" | "status" | "shutdown" | "$/cancelRequest";
+  method:
+    | "infer"
+    | "status"
+    | "shutdown"
+    | "$/cancelRequest"
+    | "context/load"
+    | "context/drop"
+    | "context/list"
+    | "session/open"
+    | "session/close";
   params?: {} | null;
 };
 /**
- * `prompt` (or its alias `messages`) is the long input that becomes `context` in the REPL; `query` is the short question shown to the root model.
+ * The long input is exactly one of: `prompt` (or its alias `messages`), which becomes `context` in the REPL; `context_id`, a context stored with context/load; or, with `session_id`, the session's REPL, to which an optional `prompt` (or `messages`) adds the next `context_N`. `query` is the short question shown to the root model.
  */
 export type InferParams = {
   prompt?: string | [Message, ...Message[]];
@@ -49,12 +76,39 @@ export type InferParams = {
    * @minItems 1
    */
   messages?: [Message, ...Message[]];
+  /**
+   * A sealed context from context/load.
+   */
+  context_id?: string;
+  /**
+   * A turn of this session (session/open).
+   */
+  session_id?: string;
   query?: string;
   options?: InferOptions;
 } & InferParams1;
 export type Backend =
   "openai" | "anthropic" | "gemini" | "groq" | "openrouter" | "vllm" | "azure_openai" | "portkey" | "vercel";
 export type InferParams1 = {
+  [k: string]: unknown | undefined;
+};
+/**
+ * Exactly one of: `text` (a whole text), `messages` (a whole list: messages or documents, any JSON values), or `chunk` (one piece of a text: without `context_id` it starts a new context, with it it is appended to that one; `final: true` seals it, and a single chunk may be both first and final).
+ */
+export type ContextLoadParams = {
+  text?: string;
+  messages?: unknown[];
+  chunk?: string;
+  /**
+   * Only with `chunk`: the context it continues.
+   */
+  context_id?: string;
+  /**
+   * Only with `chunk`: the last chunk; the context is sealed.
+   */
+  final?: boolean;
+} & ContextLoadParams1;
+export type ContextLoadParams1 = {
   [k: string]: unknown | undefined;
 };
 
@@ -68,7 +122,16 @@ export interface WireProtocol {
 export interface SuccessResponse {
   jsonrpc: "2.0";
   id: Id | null;
-  result: InferResult | StatusResult | ShutdownResult | null;
+  result:
+    | InferResult
+    | StatusResult
+    | ShutdownResult
+    | ContextLoadResult
+    | ContextDropResult
+    | ContextListResult
+    | SessionOpenResult
+    | SessionCloseResult
+    | null;
 }
 export interface InferResult {
   text: string;
@@ -141,6 +204,14 @@ export interface StatusResult {
   backend: string;
   model: string;
   environment: string;
+  /**
+   * The --sandbox level.
+   */
+  sandbox: "strict" | "auto" | "off";
+  /**
+   * What confines model code here, in the order it is applied.
+   */
+  protections: Protection[];
   max_iterations: number;
   max_depth: number;
   max_concurrency: number;
@@ -148,6 +219,19 @@ export interface StatusResult {
   queued: number;
   uptime_s: number;
   metrics: ServerMetrics;
+  /**
+   * What context/list lists: how many sealed contexts, and its bytes_total.
+   */
+  contexts: {
+    count: number;
+    bytes: number;
+  };
+  /**
+   * Open sessions.
+   */
+  sessions: {
+    count: number;
+  };
 }
 export interface ServerMetrics {
   total_requests: number;
@@ -180,6 +264,59 @@ export interface LatencySummary {
 }
 export interface ShutdownResult {
   shutdown: true;
+}
+export interface ContextLoadResult {
+  context_id: string;
+  /**
+   * Bytes stored so far: UTF-8 of a text, JSON of a list.
+   */
+  bytes: number;
+  /**
+   * Hex SHA-256 of those bytes; null until sealed.
+   */
+  sha256: string | null;
+  sealed: boolean;
+}
+export interface ContextDropResult {
+  /**
+   * False when the id was unknown.
+   */
+  dropped: boolean;
+}
+export interface ContextListResult {
+  /**
+   * Sealed contexts, in the order they were loaded.
+   */
+  contexts: {
+    id: string;
+    bytes: number;
+    sha256: string;
+    /**
+     * Requests running or waiting on it, and sessions open on it.
+     */
+    uses: number;
+    /**
+     * When it was loaded or last used, Unix epoch milliseconds.
+     */
+    last_used_ms: number;
+  }[];
+  /**
+   * Every stored byte, contexts still being loaded and dropped ones still in use included.
+   */
+  bytes_total: number;
+  /**
+   * --context-store-bytes.
+   */
+  bytes_limit: number;
+}
+export interface SessionOpenResult {
+  session_id: string;
+}
+export interface SessionCloseResult {
+  /**
+   * False when the id was unknown, closed or expired.
+   */
+  closed: boolean;
 }
 export interface ErrorResponse {
   jsonrpc: "2.0";
@@ -217,7 +354,7 @@ export interface ErrorData {
   reason?: string;
   method?: string;
   /**
-   * -32002 queue_full: the maximum total prompt size of queued requests.
+   * -32002 queue_full: the maximum total prompt size of queued requests; -32005: --context-store-bytes.
    */
   limit_bytes?: number;
   /**
@@ -250,6 +387,14 @@ export interface ReadyNotification {
     backend: string;
     model: string;
     environment: string;
+    /**
+     * The --sandbox level.
+     */
+    sandbox: "strict" | "auto" | "off";
+    /**
+     * What confines model code here, in the order it is applied.
+     */
+    protections: Protection[];
   };
 }
 export interface ProgressNotification {
@@ -300,12 +445,25 @@ export interface ShutdownParams {
 export interface CancelParams {
   id: Id;
 }
+export interface ContextDropParams {
+  context_id: string;
+}
+export interface ContextListParams {}
+export interface SessionOpenParams {
+  /**
+   * A sealed context: the session's `context`.
+   */
+  context_id?: string;
+}
+export interface SessionCloseParams {
+  session_id: string;
+}
 
 /** The protocol version this client speaks: the `ready` notification's `protocol`. */
 export const PROTOCOL_VERSION = "1" as const;
 /** Every error code of the contract. */
-export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32004, -32800] as const;
+export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32004, -32005, -32800] as const;
 /** Every `data.type` of the contract. */
-export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "backend_error", "replay_miss", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "cancelled"] as const;
+export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "backend_error", "replay_miss", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "context_store_full", "cancelled"] as const;
 /** Every per-request option, by its wire name. */
 export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget"] as const;
