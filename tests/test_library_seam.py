@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+from typing import Any
 
 import pytest
 import rlm.core.rlm
 from fixtures.openai_fixture import FixtureServer
-from harness import repl
+from harness import answer_with, repl
 from rlm import RLM
 from rlm.clients import get_client
 
-from rlm_server.completion import EventLMHandler, ProgressLogger, WorkerRLM
+from rlm_server.completion import EventLMHandler, ProgressLogger, SessionState, WorkerRLM
 
 ROOT = repl(
     "n = len(context)",
@@ -48,7 +49,7 @@ def test_the_overridden_method_still_has_its_shape() -> None:
         assert f'env_kwargs["{key}"]' in source, key
 
 
-def _kwargs(llm: FixtureServer) -> dict[str, object]:
+def _kwargs(llm: FixtureServer) -> dict[str, Any]:
     backend_kwargs = {
         "model_name": "scripted",
         "base_url": llm.base_url,
@@ -79,7 +80,7 @@ def test_worker_rlm_sends_the_model_what_the_stock_rlm_sends(llm: FixtureServer,
 
     llm.script.replace(rules)
     kwargs = _kwargs(llm)
-    client = get_client("openai", dict(kwargs["backend_kwargs"]))  # type: ignore[call-overload]
+    client = get_client("openai", dict(kwargs["backend_kwargs"]))
     subcalls: list[str] = []
     iterations: list[int] = []
     handler = EventLMHandler(client, on_subcall=subcalls.append)
@@ -106,7 +107,7 @@ def test_the_repl_gets_the_very_context_object(llm: FixtureServer) -> None:
     )
     llm.script.replace([{"when": "root", "reply": reply}])
     kwargs = _kwargs(llm)
-    client = get_client("openai", dict(kwargs["backend_kwargs"]))  # type: ignore[call-overload]
+    client = get_client("openai", dict(kwargs["backend_kwargs"]))
     handler = EventLMHandler(client, on_subcall=lambda model: None)
     handler.start()
     logger = ProgressLogger(on_iteration=lambda n: None, keep_trajectory=False)
@@ -129,3 +130,104 @@ def test_every_client_the_library_builds_comes_from_one_name() -> None:
     module_source = inspect.getsource(rlm.core.rlm)
     assert "from rlm.clients import BaseLM, get_client" in module_source
     assert module_source.count("get_client(") == 6  # nowhere else: all of them are relayed
+
+
+TURN_1 = repl(
+    "kept = len(context_0)", "answer['content'] = 'kept ' + str(kept)", "answer['ready'] = True"
+)
+TURN_2 = repl(
+    "answer['content'] = str(kept) + ' ' + context_1 + ' ' + str(len(history))",
+    "answer['ready'] = True",
+)
+
+
+def _ignore(model: str) -> None:
+    """No sub-call happens in these tests."""
+
+
+MULTI_TURN_RULES = [
+    {"when": "root", "contains": "prior conversation history", "reply": TURN_2},
+    {"when": "root", "reply": TURN_1},
+]
+
+
+def test_a_session_sends_the_model_what_the_stock_persistent_rlm_sends(
+    llm: FixtureServer,
+) -> None:
+    """The library's multi-turn mode (`persistent=True`): turn 2 sees turn 1's variables, its
+    input as `context_1` and turn 1's history; a session in a worker must do exactly that."""
+    llm.script.replace(MULTI_TURN_RULES)
+    with RLM(persistent=True, **_kwargs(llm)) as stock:
+        stock_answers = [
+            stock.completion("first input", root_prompt="turn one").response,
+            stock.completion("second", root_prompt="turn two").response,
+        ]
+    stock_bodies = list(llm.script.bodies)
+
+    llm.script.replace(MULTI_TURN_RULES)
+    kwargs = _kwargs(llm)
+    session = SessionState(base=None)
+    ours = []
+    for prompt, query in (("first input", "turn one"), ("second", "turn two")):
+        handler = EventLMHandler(get_client("openai", dict(kwargs["backend_kwargs"])), _ignore)
+        handler.start()  # a handler per turn, as a session's worker makes them
+        logger = ProgressLogger(on_iteration=lambda n: None, keep_trajectory=False)
+        rlm = WorkerRLM(lm_handler=handler, session=session, logger=logger, **kwargs)
+        ours.append(rlm.completion(prompt, root_prompt=query).response)
+        handler.stop()
+
+    assert ours == stock_answers == ["kept 11", "11 second 3"]
+    assert list(llm.script.bodies) == stock_bodies
+
+
+def test_a_session_on_a_stored_context_keeps_it_as_context_0(llm: FixtureServer) -> None:
+    """Opened on a stored context, a session's first turn has it as `context`; a turn without
+    input adds nothing, a turn with input adds the next `context_N`."""
+    show = repl(
+        "answer['content'] = str(len(context)) + ' ' + str(len(context_0)) + ' '"
+        " + str(sorted(k for k in SHOW_VARS().split(\"'\") if k.startswith('context_')))",
+        "answer['ready'] = True",
+    )
+    llm.script.replace([{"when": "root", "reply": show}])
+    kwargs = _kwargs(llm)
+    session = SessionState(base="stored context")
+    answers = []
+    for prompt in (None, None, "new"):
+        handler = EventLMHandler(get_client("openai", dict(kwargs["backend_kwargs"])), _ignore)
+        handler.start()
+        logger = ProgressLogger(on_iteration=lambda n: None, keep_trajectory=False)
+        rlm = WorkerRLM(lm_handler=handler, session=session, logger=logger, **kwargs)
+        answers.append(rlm.completion(prompt, root_prompt="q").response)
+        handler.stop()
+    assert answers == [
+        "14 14 ['context_0']",
+        "14 14 ['context_0']",
+        "14 14 ['context_0', 'context_1']",
+    ]
+
+
+def test_a_list_of_values_without_lengths_is_described_not_refused(llm: FixtureServer) -> None:
+    """The library describes a list context by its items' lengths; numbers have none."""
+    llm.script.replace([{"when": "root", "reply": answer_with("str(sum(context))")}])
+    kwargs = _kwargs(llm)
+    handler = EventLMHandler(get_client("openai", dict(kwargs["backend_kwargs"])), _ignore)
+    handler.start()
+    logger = ProgressLogger(on_iteration=lambda n: None, keep_trajectory=False)
+    result = WorkerRLM(lm_handler=handler, logger=logger, **kwargs).completion([1, 2, 3])
+    assert result.response == "6"
+    assert "list of 3 total characters" in llm.script.bodies[0]["messages"][1]["content"]
+    handler.stop()
+
+
+def test_the_persistence_seams_still_have_their_shape() -> None:
+    """Sessions add contexts as `LocalREPL.add_context` does (without its file) and rely on
+    the library storing each turn's history when `persistent` is set."""
+    from rlm.environments.local_repl import LocalREPL
+
+    add_context = inspect.getsource(LocalREPL.add_context)
+    assert "self._context_count = max(self._context_count, context_index + 1)" in add_context
+    assert 'var_name = f"context_{context_index}"' in add_context
+    assert LocalREPL.get_context_count.__doc__
+    completion = inspect.getsource(RLM.completion)
+    assert "environment.add_history(message_history)" in completion
+    assert "get_context_count()" in completion

@@ -28,26 +28,58 @@ TYPE_MATCHERS: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def matches(pattern: Any, value: Any) -> bool:
+BIND, REF = "$bind:", "$ref:"
+
+
+def matches(pattern: Any, value: Any, bound: dict[str, str] | None = None) -> bool:
+    """Whether `value` matches `pattern`; the strings it binds (`$bind:NAME`) are added to
+    `bound` only when the whole of it matches."""
+    trial = dict(bound or {})
+    if not _matches(pattern, value, trial):
+        return False
+    if bound is not None:
+        bound.update(trial)
+    return True
+
+
+def _matches(pattern: Any, value: Any, bound: dict[str, str]) -> bool:
     if pattern == "$absent":
         return value is ABSENT
     if value is ABSENT:
         return False
     if isinstance(pattern, str) and pattern in TYPE_MATCHERS:
         return bool(TYPE_MATCHERS[pattern](value))
+    if isinstance(pattern, str) and pattern.startswith(BIND):
+        if not isinstance(value, str):
+            return False
+        bound[pattern[len(BIND) :]] = value
+        return True
+    if isinstance(pattern, str) and pattern.startswith(REF):
+        return bool(value == bound[pattern[len(REF) :]])
     if isinstance(pattern, dict):
         return isinstance(value, dict) and all(
-            matches(p, value.get(k, ABSENT)) for k, p in pattern.items()
+            _matches(p, value.get(k, ABSENT), bound) for k, p in pattern.items()
         )
     if isinstance(pattern, list):
         return (
             isinstance(value, list)
             and len(pattern) == len(value)
-            and all(matches(p, v) for p, v in zip(pattern, value, strict=True))
+            and all(_matches(p, v, bound) for p, v in zip(pattern, value, strict=True))
         )
     if isinstance(pattern, bool) or isinstance(value, bool):
         return pattern is value
     return bool(pattern == value)
+
+
+def substitute(value: Any, bound: dict[str, str]) -> Any:
+    """`value` with every `$ref:NAME` string replaced by the string bound to NAME."""
+    if isinstance(value, str) and value.startswith(REF):
+        return bound[value[len(REF) :]]
+    if isinstance(value, list):
+        return [substitute(v, bound) for v in value]
+    if isinstance(value, dict):
+        return {k: substitute(v, bound) for k, v in value.items()}
+    return value
 
 
 def _is_progress(message: Any) -> bool:
@@ -87,20 +119,21 @@ def replay(path: Path) -> None:
 
 
 def _run_steps(server: ServerProcess, steps: list[dict[str, Any]]) -> None:
+    bound: dict[str, str] = {}  # what `$bind:NAME` patterns have matched, for `$ref:NAME`
     for number, step in enumerate(steps):
         where = f"step {number}: {json.dumps(step)[:200]}"
         if "send" in step:
-            server.send(step["send"])
+            server.send(substitute(step["send"], bound))
         elif "send_raw" in step:
             server.send_raw(step["send_raw"].encode() + b"\n")
         elif "expect" in step:
             message = _next(server, step["expect"])
-            assert matches(step["expect"], message), f"{where}\ngot: {message}"
+            assert matches(step["expect"], message, bound), f"{where}\ngot: {message}"
         elif "expect_set" in step:
             patterns = list(step["expect_set"])
             while patterns:
                 message = _next(server, patterns[0])
-                hit = next((p for p in patterns if matches(p, message)), None)
+                hit = next((p for p in patterns if matches(p, message, bound)), None)
                 assert hit is not None, f"{where}\ngot: {message}"
                 patterns.remove(hit)
         elif "expect_exit" in step:

@@ -253,7 +253,7 @@ def plugin_trajectory(
     """Our per-iteration trajectory as the plugin's `RLMTrajectory`: one step per code block
     the model ran, with its REPL output and sub-calls."""
     context = infer.context
-    prompt = context if isinstance(context, str) else "\n".join(m["content"] for m in context)
+    prompt = context if isinstance(context, str) else "\n".join(m["content"] for m in context or ())
     blocks = [block for step in result.get("trajectory", []) for block in step["code_blocks"]]
     steps = [_step(number, block, started_ms) for number, block in enumerate(blocks)]
     strategies = list(dict.fromkeys(step["strategy"] for step in steps))

@@ -12,6 +12,12 @@ out socketserver's 0.5 s poll interval: ~535 ms for an instant model. `WorkerRLM
 library's seam for this, the `_spawn_completion_context` context manager, to hand each completion
 an LM handler that is never stopped, because the worker process ends with the completion.
 tests/test_library_seam.py fails loudly if an upgrade moves either seam.
+
+A stored context is not sent: the zygote sets `inherited` to it just before it forks, so the
+worker has it already, shared with the zygote copy-on-write. A session's worker serves one job
+after another; its REPL environment (`SessionState`) lives from one turn to the next, built with
+the library's `persistent=True`, so each turn's input becomes the next `context_N` and each
+turn's message history the next `history_N`, as the library's own multi-turn mode does it.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import queue
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import rlm.core.rlm
@@ -40,6 +47,14 @@ log = logging.getLogger(__name__)
 
 Json = dict[str, Any]
 Emit = Callable[..., None]
+CONTEXT_UNAVAILABLE = "ContextUnavailable"  # workers.CONTEXT_UNAVAILABLE: the server's name
+
+
+class ContextUnavailable:
+    """What a worker inherits when the zygote could not read the stored context it named."""
+
+
+inherited: Any = None  # the stored context of the worker about to be forked (set by the zygote)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,13 +81,23 @@ class Channel:
     def receive_frame(self) -> bytearray:
         return self._receive_exactly(frames.length_of(self._receive_exactly(frames.HEADER_BYTES)))
 
-    def receive_job(self) -> tuple[Json, str | list[Any]]:
-        """The job, and its context (sent after it: raw UTF-8 text, or JSON)."""
+    def receive_job(self) -> tuple[Json, Any]:
+        """The job, and its context."""
         job: Json = orjson.loads(self.receive_frame())
+        return job, self.receive_context(job)
+
+    def receive_context(self, job: Json) -> Any:
+        """A job's context: sent after it (raw UTF-8 text, or JSON), inherited from the zygote
+        (a stored context), or None (a session turn that brings no new input)."""
+        kind = job["context_type"]
+        if kind == "inherited":
+            return inherited
+        if kind == "none":
+            return None
         raw = self.receive_frame()
-        context = raw.decode() if job["context_type"] == "text" else orjson.loads(raw)
+        context = raw.decode() if kind == "text" else orjson.loads(raw)
         del raw  # halve the worker's peak: the text is all we keep
-        return job, context
+        return context
 
     def send(self, frame: Json) -> None:
         payload = orjson.dumps(frame, default=str)
@@ -93,7 +118,8 @@ class BrokerLink:
     """The worker's calls to the broker: a frame out per call, its reply in, matched by number.
 
     Many calls may wait at once (the library's LM handler serves sub-calls on threads), so one
-    reader thread hands each reply to the caller waiting for it.
+    reader thread hands each reply to the caller waiting for it. Any other frame is the next job
+    of a session's worker, with its context: it waits in `jobs`.
     """
 
     def __init__(self, channel: Channel) -> None:
@@ -102,6 +128,7 @@ class BrokerLink:
         self._waiting: dict[int, list[Json]] = {}
         self._arrived = threading.Condition()
         self._closed = False
+        self.jobs: queue.Queue[tuple[Json, Any] | None] = queue.Queue()  # None: no more
 
     def start(self) -> None:
         threading.Thread(target=self._read_replies, daemon=True, name="broker-replies").start()
@@ -109,13 +136,17 @@ class BrokerLink:
     def _read_replies(self) -> None:
         try:
             while True:
-                reply = orjson.loads(self._channel.receive_frame())
+                frame = orjson.loads(self._channel.receive_frame())
+                if "reply" not in frame:
+                    self.jobs.put((frame, self._channel.receive_context(frame)))
+                    continue
                 with self._arrived:
-                    slot = self._waiting.get(reply.get("reply"))
+                    slot = self._waiting.get(frame["reply"])
                     if slot is not None:
-                        slot.append(reply)
+                        slot.append(frame)
                         self._arrived.notify_all()
-        except (EOFError, OSError, orjson.JSONDecodeError, AttributeError):
+        except (EOFError, OSError, orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+            self.jobs.put(None)
             with self._arrived:
                 self._closed = True
                 self._arrived.notify_all()
@@ -337,39 +368,129 @@ def trajectory_step(number: int, iteration: RLMIteration) -> Json:
     }
 
 
+class SessionState:
+    """A session's REPL environment, kept from one turn to the next, and what the next turn adds.
+
+    The first turn's environment gets the session's stored context (if it was opened on one) as
+    `context_0`, then the turn's own input, if any; every later turn's input becomes the next
+    `context_N`. A session with neither has `context` = "" until a turn brings one.
+    """
+
+    def __init__(self, base: Any) -> None:
+        self.base = base  # the stored context the session was opened on, or None
+        self.environment: Any = None
+        self.first: Any = None  # context_0
+        self.pending: list[Any] = []  # the contexts this turn adds, in order
+
+    def begin_turn(self, prompt: Any) -> Any:
+        """Queue this turn's additions; return what the root model's metadata describes: the
+        turn's input, or the session's first context when the turn brings none."""
+        if self.environment is None:
+            self.pending = [c for c in (self.base, prompt) if c is not None] or [""]
+            self.first = self.pending[0]
+        else:
+            self.pending = [] if prompt is None else [prompt]
+        return self.first if prompt is None else prompt
+
+
 class WorkerRLM(RLM):  # type: ignore[misc]
     """An RLM whose completions use the worker's LM handler instead of building their own.
 
     With the local REPL it also hands the context to the REPL as the very object it is given:
     the library would write it to a temporary file and read it back, which for a 200 MB context
-    costs 200 MB of disk and twice that in memory.
+    costs 200 MB of disk and twice that in memory. With a `SessionState` (and the library's
+    `persistent=True`, so that each turn's history is stored) it keeps the environment for the
+    session's next turn instead of cleaning it up.
     """
 
-    def __init__(self, lm_handler: LMHandler, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self, lm_handler: LMHandler, session: SessionState | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(persistent=session is not None, **kwargs)
         self._worker_lm_handler = lm_handler
+        self._session = session
+
+    def completion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
+        """A session's turn may bring no input (`prompt` None): the metadata then describes
+        the session's first context."""
+        if self._session is not None:
+            prompt = self._session.begin_turn(prompt)
+        return cast(RLMChatCompletion, super().completion(prompt, root_prompt=root_prompt))
 
     @contextmanager
     def _spawn_completion_context(
         self, prompt: str | dict[str, Any]
     ) -> Iterator[tuple[LMHandler, Any]]:
+        session = self._session
+        if session is not None and session.environment is not None:
+            yield self._worker_lm_handler, self._next_turn(session)
+            return
+        contexts = session.pending if session is not None else [prompt]
         in_process = self.environment_type == "local"
         env_kwargs = dict(self.environment_kwargs)
         env_kwargs["lm_handler_address"] = self._worker_lm_handler.address
-        env_kwargs["context_payload"] = None if in_process else prompt
+        env_kwargs["context_payload"] = None if in_process else contexts[0]
         env_kwargs["depth"] = self.depth + 1
         if self.environment_type in ("local", "ipython", "docker") and self.max_depth > 1:
             env_kwargs["subcall_fn"] = self._subcall
         env_kwargs["max_concurrent_subcalls"] = self.max_concurrent_subcalls
         environment = get_environment(self.environment_type, env_kwargs)
-        if in_process:
-            # what LocalREPL.load_context leaves behind, without the round trip through a file
-            environment.locals["context_0"] = environment.locals["context"] = prompt
+        for context in contexts if in_process else contexts[1:]:
+            self._add_context(environment, context)
+        if session is not None:
+            session.environment, session.pending = environment, []
         try:
             yield self._worker_lm_handler, environment
         finally:
-            if hasattr(environment, "cleanup"):
+            if session is None and hasattr(environment, "cleanup"):
                 environment.cleanup()
+
+    def _next_turn(self, session: SessionState) -> Any:
+        """The session's environment, pointed at this turn's handler, with its new input."""
+        environment = session.environment
+        environment.update_handler_address(self._worker_lm_handler.address)
+        if hasattr(environment, "subcall_fn") and self.max_depth > 1:
+            environment.subcall_fn = self._subcall  # this turn's models and limits
+        for context in session.pending:
+            self._add_context(environment, context)
+        session.pending = []
+        return environment
+
+    def _add_context(self, environment: Any, context: Any) -> None:
+        """The next `context_N` (and `context` for the first), as `LocalREPL.add_context`
+        leaves it, without its round trip through a file; other REPLs load it their way."""
+        if self.environment_type != "local":
+            environment.add_context(context)
+            return
+        index = environment.get_context_count()
+        environment.locals[f"context_{index}"] = context
+        if index == 0:
+            environment.locals["context"] = context
+        environment._context_count = index + 1
+
+    def _setup_prompt(
+        self, prompt: str | dict[str, Any], root_prompt: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The library describes a list context by the lengths of its items, and fails on items
+        without one (a list of numbers, say): those are described by their JSON instead."""
+        try:
+            return cast(list[dict[str, Any]], super()._setup_prompt(prompt, root_prompt))
+        except TypeError:
+            described = [orjson.dumps(item, default=str).decode() for item in prompt]
+            return cast(list[dict[str, Any]], super()._setup_prompt(described, root_prompt))
+
+    def retire_handler(self) -> None:
+        """Stop this turn's LM handler, off the turn's path (stopping waits out a 0.5 s poll):
+        a session's next turn gets a handler of its own."""
+        handler = self._worker_lm_handler
+
+        def stop() -> None:
+            server = handler._server
+            handler.stop()
+            if server is not None:
+                server.server_close()
+
+        threading.Thread(target=stop, daemon=True, name="retire-lm-handler").start()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +517,13 @@ def usage_to_wire(summary: UsageSummary) -> Json:
     }
 
 
-def _build_rlm(job: Json, link: BrokerLink, emit: Emit, logger: ProgressLogger) -> WorkerRLM:
+def _build_rlm(
+    job: Json,
+    link: BrokerLink,
+    emit: Emit,
+    logger: ProgressLogger,
+    session: SessionState | None,
+) -> WorkerRLM:
     spec: Json = job["rlm"]
     root = RelayLM(spec["backend_kwargs"]["model_name"], link)
     sub_kwargs = (spec.get("other_backend_kwargs") or [None])[0]
@@ -411,13 +538,30 @@ def _build_rlm(job: Json, link: BrokerLink, emit: Emit, logger: ProgressLogger) 
     handler.start()
     return WorkerRLM(
         lm_handler=handler,
+        session=session,
         logger=logger,
         on_subcall_start=lambda depth, model, preview: emit("subcall", message=str(model)),
         **spec,
     )
 
 
-def run_job(job: Json, context: str | list[Any], link: BrokerLink, emit: Emit) -> Json:
+def _complete(
+    job: Json, context: Any, rlm: WorkerRLM, session: SessionState | None
+) -> RLMChatCompletion:
+    try:
+        return rlm.completion(context, root_prompt=job.get("query"))
+    finally:
+        if session is not None:
+            rlm.retire_handler()
+
+
+def run_job(
+    job: Json,
+    context: Any,
+    link: BrokerLink,
+    emit: Emit,
+    session: SessionState | None = None,
+) -> Json:
     """The final frame for one job: {"result": ...} or {"failure": ...} (the server knows what
     its broker saw; the worker only says what ended the completion, and what it did before)."""
     keep = bool(job.get("trajectory"))
@@ -427,10 +571,10 @@ def run_job(job: Json, context: str | list[Any], link: BrokerLink, emit: Emit) -
         ),
         keep_trajectory=keep,
     )
+    if any(isinstance(c, ContextUnavailable) for c in (context, session and session.base)):
+        return {"failure": {"kind": CONTEXT_UNAVAILABLE}}
     try:
-        completion = _build_rlm(job, link, emit, logger).completion(
-            context, root_prompt=job.get("query")
-        )
+        completion = _complete(job, context, _build_rlm(job, link, emit, logger, session), session)
     except Exception as exc:
         log.info("completion failed: %s: %s", type(exc).__name__, exc)
         failure: Json = {"kind": type(exc).__name__}
@@ -443,19 +587,29 @@ def run_job(job: Json, context: str | list[Any], link: BrokerLink, emit: Emit) -
     return {"result": result}
 
 
-def serve_job(sock: socket.socket) -> None:
-    """Read one job from the server, run it, send its events and final frame, and wait until
-    the server closes the channel: the server always kills a living process group."""
-    channel = Channel(sock)
-    job, context = channel.receive_job()
-    link = BrokerLink(channel)
-    link.start()
-    relay_clients(link)
+def _emitter(channel: Channel, job: Json) -> Emit:
     progress = bool(job.get("progress"))
 
     def emit(event: str, **fields: Any) -> None:
         if progress:
             channel.send({"event": event, **fields})
 
-    channel.send(run_job(job, context, link, emit))
+    return emit
+
+
+def serve_job(sock: socket.socket) -> None:
+    """Read one job from the server, run it, send its events and final frame, and wait until
+    the server closes the channel: the server always kills a living process group. A session's
+    worker (its job says `session`) then reads the next job, and so on, keeping its REPL."""
+    channel = Channel(sock)
+    job, context = channel.receive_job()
+    link = BrokerLink(channel)
+    link.start()
+    relay_clients(link)
+    session = SessionState(inherited) if job.get("session") else None
+    while True:
+        channel.send(run_job(job, context, link, _emitter(channel, job), session))
+        if session is None or (following := link.jobs.get()) is None:
+            break
+        job, context = following
     link.wait_closed()

@@ -173,6 +173,7 @@ class Setting:
     expect: str
     help: str
     repeatable: bool = False  # the flag may be given again; its values join with commas
+    flag: str | None = None  # when the name does not make the flag (see _flag)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -384,7 +385,26 @@ SETTINGS: tuple[Setting, ...] = (
         "8192",
         _non_negative_int,
         "a non-negative integer",
-        "address-space limit of one worker in MiB (0: none)",
+        "address space one worker may map beyond what it starts with (the zygote's, stored "
+        "contexts included), in MiB (0: no limit)",
+    ),
+    Setting(
+        "context_store_bytes",
+        "ELIZA_RLM_CONTEXT_STORE_BYTES",
+        str(8 << 30),
+        _positive_int,
+        "a positive number of bytes",
+        "total size of the contexts loaded with context/load; the least recently used one "
+        "that nothing uses is evicted to make room",
+    ),
+    Setting(
+        "session_idle_s",
+        "ELIZA_RLM_SESSION_IDLE_S",
+        "600",
+        _positive_float,
+        "a positive number of seconds",
+        "a session with no turn running or waiting for this long is closed",
+        flag="--session-idle-s",
     ),
 )
 
@@ -417,6 +437,8 @@ class Config:
     replay: str | None
     sandbox: str
     worker_memory_mb: int
+    context_store_bytes: int
+    session_idle_s: float
     protections: tuple[str, ...] = ()  # not a setting: what the sandbox probe found in force
 
     @property
@@ -425,6 +447,8 @@ class Config:
 
 
 def _flag(setting: Setting) -> str:
+    if setting.flag is not None:
+        return setting.flag
     return "--" + setting.name.removesuffix("_ms").removesuffix("_s").replace("_", "-")
 
 

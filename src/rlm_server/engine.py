@@ -3,6 +3,11 @@ and stub mode. The work itself happens in worker processes (workers.py), and eve
 worker makes is made by the broker (broker.py), which retries each call, counts it and charges
 it to the request's account.
 
+An infer's long input is its `prompt`, a context stored with `context/load` (store.py: the
+request holds it while it runs, and its worker inherits it from the zygote), or, for a turn of a
+session (sessions.py), the session's REPL with an optional new input; a turn runs on the
+session's own worker, after the session's earlier turns.
+
 Per-request options are merged into a fresh `RunSpec` for that request only; the shared `Config`
 is frozen and is what `status` reports. A RunSpec has two halves: what the worker is told (model
 names and loop settings, never a key or an endpoint) and the `Route` that only the broker sees.
@@ -10,6 +15,7 @@ names and loop settings, never a key or an endpoint) and the `Route` that only t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -34,7 +40,9 @@ from rlm_server.errors import (
     first_of,
 )
 from rlm_server.metrics import Metrics, Outcome
-from rlm_server.workers import WorkerPool
+from rlm_server.sessions import Session, Sessions
+from rlm_server.store import ContextStore
+from rlm_server.workers import CallHandler, Context, WorkerPool
 
 Json = dict[str, Any]
 RequestId = str | int | None
@@ -63,13 +71,17 @@ class InferOptions:
 
 @dataclass(frozen=True)
 class InferRequest:
-    context: str | list[dict[str, str]]
+    context: str | list[dict[str, str]] | None  # the prompt; None: a stored context or none
     query: str | None = None
     options: InferOptions = field(default_factory=InferOptions)
+    context_id: str | None = None  # a context stored with context/load
+    session_id: str | None = None  # a turn of this session
 
     @property
     def size(self) -> int:
         """What the request holds while it waits: the length of its long input."""
+        if self.context is None:
+            return 0
         if isinstance(self.context, str):
             return len(self.context)
         return sum(len(message["content"]) for message in self.context)
@@ -193,6 +205,8 @@ class _Running:
 
     spec: RunSpec
     request: InferRequest
+    source: Context  # what the worker gets as its input: the prompt, or a stored context
+    session: Session | None
     progress: _Progress
     started: float
     account: Account
@@ -208,6 +222,10 @@ class Engine:
         self.workers = WorkerPool(
             config.worker_memory_mb, config.max_message_bytes, environ, config.protections
         )
+        self.contexts = ContextStore(
+            config.context_store_bytes, lambda: self.workers.root, self.workers.forget
+        )
+        self.sessions = Sessions(config.session_idle_s, self.workers, self.contexts)
         self.broker = Broker(
             RetryPolicy(config.max_retries, config.retry_delay_ms, config.retry_max_delay_ms),
             lifetime=Budget(max_cost_usd=config.spend_limit_usd),
@@ -256,6 +274,8 @@ class Engine:
             "queued": self._queued,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
             "metrics": {**self.metrics.snapshot(), **self.broker.ledger.totals()},
+            "contexts": {"count": len(self.contexts.sealed()), "bytes": self.contexts.bytes_total},
+            "sessions": {"count": len(self.sessions)},
         }
 
     def _status_of_configuration(self) -> Json:
@@ -275,12 +295,36 @@ class Engine:
     ) -> Json:
         """Run one request; `sequence` is the number of the input line that carried it."""
         self._admit_or_refuse(sequence, request.size)
+        session = self.sessions.get(request.session_id) if request.session_id else None
         spec = RunSpec.resolve(self.config, request.options, self._environ)
         await self._check_prices(spec, request.options)
+        async with self._source(request) as source:
+            with self.sessions.active(session) if session else contextlib.nullcontext():
+                return await self._admitted(request, spec, source, session, request_id, notify)
+
+    @asynccontextmanager
+    async def _source(self, request: InferRequest) -> AsyncIterator[Context]:
+        """The request's input: a stored context is held (not evicted, its file kept) until
+        the request ends."""
+        if request.context_id is None:
+            yield request.context
+            return
+        async with self.contexts.lease(request.context_id) as held:
+            yield held
+
+    async def _admitted(
+        self,
+        request: InferRequest,
+        spec: RunSpec,
+        source: Context,
+        session: Session | None,
+        request_id: RequestId,
+        notify: Notify,
+    ) -> Json:
         started = time.monotonic()
         progress = _Progress(request_id, notify if request.options.progress else None, started)
-        run = _Running(spec, request, progress, started, self.broker.account(spec.budget))
-        account = run.account
+        account = self.broker.account(spec.budget)
+        run = _Running(spec, request, source, session, progress, started, account)
         self.metrics.started()
         outcome = Outcome.FAILURE
         ending: Json = {}
@@ -370,9 +414,18 @@ class Engine:
 
     async def _within_deadline(self, run: _Running) -> Json:
         with anyio.move_on_after(run.spec.timeout_s):
-            async with self._slot(run.request.size):
+            async with self._turn(run.session), self._slot(run.request.size):
                 return await self._run(run)
         raise DeadlineExceeded(timeout_s=run.spec.timeout_s)
+
+    @asynccontextmanager
+    async def _turn(self, session: Session | None) -> AsyncIterator[None]:
+        """A session's turn waits for the turns before it (before it takes a slot)."""
+        if session is None:
+            yield
+            return
+        async with self.sessions.turn(session):
+            yield
 
     @asynccontextmanager
     async def _slot(self, size: int) -> AsyncIterator[None]:
@@ -410,7 +463,7 @@ class Engine:
         try:
             async with anyio.create_task_group() as starting:
                 starting.start_soon(self.broker.prepare, spec.route)  # while the worker starts
-                final = await self.workers.run(job, request.context, run.progress.forward, on_call)
+                final = await self._execute(run, job, on_call)
         except* RpcError as failed:  # raised inside the task group
             failure = first_of(failed, RpcError)
         if failure is not None:
@@ -431,6 +484,14 @@ class Engine:
         if request.options.trajectory:
             response["trajectory"] = run.steps
         return response
+
+    async def _execute(self, run: _Running, job: Json, on_call: CallHandler) -> Json:
+        """The completion's final frame: from the session's worker, or from a fresh one."""
+        if run.session is not None:
+            return await self.sessions.run_turn(
+                run.session, job, run.source, run.progress.forward, on_call
+            )
+        return await self.workers.run(job, run.source, run.progress.forward, on_call)
 
     @staticmethod
     def _metadata(spec: RunSpec, iterations: int, started: float, attempts: int) -> Json:

@@ -111,6 +111,16 @@ class BudgetExceeded(RpcError):
     TYPE = "budget_exceeded"
 
 
+class ContextStoreFull(RpcError):
+    """A context would not fit in --context-store-bytes even after evicting every stored context
+    that no request or session uses. Not -32002 queue_full, which clients retry on their own:
+    this one only clears when the client drops something, or never (a context over the limit)."""
+
+    CODE = -32005
+    MESSAGE = "Context store full"
+    TYPE = "context_store_full"
+
+
 class RequestCancelled(RpcError):
     CODE = -32800
     MESSAGE = "Request cancelled"

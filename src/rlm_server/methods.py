@@ -1,9 +1,11 @@
-"""Methods: `infer`, `status`, `shutdown` and `$/cancelRequest`, as jsonrpcserver methods.
+"""Methods: `infer`, `status`, `shutdown`, `$/cancelRequest`, `context/load`, `context/drop`,
+`context/list`, `session/open` and `session/close`, as jsonrpcserver methods.
 
 Each is a plain function of (context, **params by name) that validates its params into types and
-asks the engine or the server to do the work. `status` never waits, so it is a plain function
-that returns its JSON result and that the dispatcher answers inline; the others return a
-jsonrpcserver `Success`. `infer` and `shutdown` wait, so they
+asks the engine or the server to do the work, and shapes what it gets back into its result:
+nothing below this layer knows the wire's shapes. `status` and `context/list` never wait, so they
+are plain functions that return their JSON result and that the dispatcher answers inline; the
+others return a jsonrpcserver `Success`. `infer` and `shutdown` wait, so they
 are coroutines that get a task each; so is `$/cancelRequest`, though it never waits: tasks start
 in the order their lines arrived, so a cancel that comes in the same read as its `infer` still
 finds it registered, where an inline cancel would overtake it and be lost. Invalid params raise
@@ -24,6 +26,7 @@ from rlm_server.config import BACKENDS
 from rlm_server.context import RequestContext
 from rlm_server.engine import InferOptions, InferRequest
 from rlm_server.errors import InvalidParams
+from rlm_server.store import StoredContext
 
 if TYPE_CHECKING:
     from jsonrpcserver.result import Result
@@ -138,7 +141,9 @@ def parse_context(prompt: Any, messages: Any) -> str | list[dict[str, str]]:
     if prompt is not MISSING and messages is not MISSING:
         raise InvalidParams("messages", "give prompt or messages, not both")
     if prompt is MISSING and messages is MISSING:
-        raise InvalidParams("prompt", "is required (a string, or a list of messages)")
+        raise InvalidParams(
+            "prompt", "is required (a string, or a list of messages), or give context_id"
+        )
     if prompt is not MISSING:
         if isinstance(prompt, str):
             return prompt
@@ -154,19 +159,51 @@ def parse_context(prompt: Any, messages: Any) -> str | list[dict[str, str]]:
 # Methods
 
 
+def _given(value: Any) -> bool:
+    """Whether an optional param was given: absent and `null` both mean no."""
+    return value is not MISSING and value is not None
+
+
+def _string(field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidParams(field, "must be a string")
+    return value
+
+
+def parse_infer(
+    prompt: Any, messages: Any, context_id: Any, session_id: Any, query: Any, options: Any
+) -> InferRequest:
+    """Exactly one long input: `prompt` (or `messages`) or `context_id`; a session's turn
+    takes no `context_id` (the session has its own) and its `prompt` is optional."""
+    if query is not None and not isinstance(query, str):
+        raise InvalidParams("query", "must be a string")
+    parsed = parse_options(options)
+    given_prompt = prompt is not MISSING or messages is not MISSING
+    if _given(session_id):
+        if _given(context_id):
+            raise InvalidParams("context_id", "not with session_id (a session keeps its own)")
+        context = parse_context(prompt, messages) if given_prompt else None
+        return InferRequest(context, query, parsed, session_id=_string("session_id", session_id))
+    if _given(context_id):
+        if given_prompt:
+            raise InvalidParams("context_id", "give prompt or context_id, not both")
+        return InferRequest(None, query, parsed, context_id=_string("context_id", context_id))
+    return InferRequest(parse_context(prompt, messages), query, parsed)
+
+
 async def infer(
     ctx: RequestContext,
     /,
     prompt: Any = MISSING,
     messages: Any = MISSING,
+    context_id: Any = MISSING,
+    session_id: Any = MISSING,
     query: Any = None,
     options: Any = None,
     **unknown: Any,
 ) -> Result:
     _refuse_unknown(unknown)
-    if query is not None and not isinstance(query, str):
-        raise InvalidParams("query", "must be a string")
-    request = InferRequest(parse_context(prompt, messages), query, parse_options(options))
+    request = parse_infer(prompt, messages, context_id, session_id, query, options)
     session = ctx.session
 
     def progress(params: Json) -> None:
@@ -198,13 +235,116 @@ async def cancel_request(ctx: RequestContext, /, id: Any = MISSING, **unknown: A
     return _success(None)
 
 
+# ---------------------------------------------------------------------------------------------
+# Stored contexts and sessions
+
+LOAD_KINDS = ("text", "messages", "chunk")
+
+
+def _loaded(entry: StoredContext) -> Json:
+    return {
+        "context_id": entry.id,
+        "bytes": entry.size,
+        "sha256": entry.sha256,
+        "sealed": entry.sealed,
+    }
+
+
+async def context_load(
+    ctx: RequestContext,
+    /,
+    text: Any = MISSING,
+    messages: Any = MISSING,
+    chunk: Any = MISSING,
+    context_id: Any = MISSING,
+    final: Any = MISSING,
+    **unknown: Any,
+) -> Result:
+    """One of: a whole text, a whole list (messages or documents), or one chunk of a text."""
+    _refuse_unknown(unknown)
+    values = (text, messages, chunk)
+    given = [name for name, value in zip(LOAD_KINDS, values, strict=True) if _given(value)]
+    if not given:
+        raise InvalidParams("text", "give one of text, messages or chunk")
+    if len(given) > 1:
+        raise InvalidParams(given[1], "give only one of text, messages or chunk")
+    store = ctx.session.engine.contexts
+    if given[0] == "chunk":
+        named = _string("context_id", context_id) if _given(context_id) else None
+        if _given(final) and not isinstance(final, bool):
+            raise InvalidParams("final", "must be true or false")
+        entry = await store.append(named, _string("chunk", chunk), final is True)
+        return _success(_loaded(entry))
+    for name, value in (("context_id", context_id), ("final", final)):
+        if _given(value):
+            raise InvalidParams(name, "only with chunk")
+    if given[0] == "text":
+        entry = await store.load_text(_string("text", text))
+    elif isinstance(messages, list):
+        entry = await store.load_json(messages)
+    else:
+        raise InvalidParams("messages", "must be an array")
+    return _success(_loaded(entry))
+
+
+async def context_drop(ctx: RequestContext, /, context_id: Any = MISSING, **unknown: Any) -> Result:
+    _refuse_unknown(unknown)
+    if not _given(context_id):
+        raise InvalidParams("context_id", "is required")
+    dropped = await ctx.session.engine.contexts.drop(_string("context_id", context_id))
+    return _success({"dropped": dropped})
+
+
+def context_list(ctx: RequestContext, /, **unknown: Any) -> Json:
+    _refuse_unknown(unknown)
+    store = ctx.session.engine.contexts
+    contexts = [
+        {
+            "id": entry.id,
+            "bytes": entry.size,
+            "sha256": entry.sha256,
+            "uses": entry.uses,
+            "last_used_ms": entry.last_used_ms,
+        }
+        for entry in store.sealed()
+    ]
+    return {
+        "contexts": contexts,
+        "bytes_total": store.bytes_total,
+        "bytes_limit": store.limit_bytes,
+    }
+
+
+async def session_open(ctx: RequestContext, /, context_id: Any = MISSING, **unknown: Any) -> Result:
+    _refuse_unknown(unknown)
+    named = _string("context_id", context_id) if _given(context_id) else None
+    session = ctx.session.engine.sessions.open(named)
+    return _success({"session_id": session.id})
+
+
+async def session_close(
+    ctx: RequestContext, /, session_id: Any = MISSING, **unknown: Any
+) -> Result:
+    _refuse_unknown(unknown)
+    if not _given(session_id):
+        raise InvalidParams("session_id", "is required")
+    closed = await ctx.session.engine.sessions.close(_string("session_id", session_id))
+    return _success({"closed": closed})
+
+
 INLINE_METHODS: Mapping[str, Callable[..., Json]] = {
     "status": status,
+    "context/list": context_list,
 }
-# Sent as a notification, an infer would run a paid completion nobody can receive or cancel.
-REQUEST_ONLY_METHODS = frozenset({"infer"})
+# Sent as a notification, an infer would run a paid completion nobody can receive or cancel, and
+# a load or an open would make something that only its answer names.
+REQUEST_ONLY_METHODS = frozenset({"infer", "context/load", "session/open"})
 TASK_METHODS: Mapping[str, Callable[..., Awaitable[Result]]] = {
     "infer": infer,
     "shutdown": shutdown,
     "$/cancelRequest": cancel_request,
+    "context/load": context_load,
+    "context/drop": context_drop,
+    "session/open": session_open,
+    "session/close": session_close,
 }

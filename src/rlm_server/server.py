@@ -160,12 +160,14 @@ class Server:
             async with anyio.create_task_group() as background:
                 background.start_soon(self._watch_signals)
                 background.start_soon(self._parent.wait_gone, self._parent_gone)
+                background.start_soon(self.engine.sessions.expire_idle)
                 async with anyio.create_task_group() as writing:
                     writing.start_soon(self._writer.run)
                     await self._serve(_load_dispatcher())
                     self._writer.close()
                 background.cancel_scope.cancel()
         finally:
+            self.engine.sessions.kill_all()
             self.engine.workers.stop()
         return 0
 

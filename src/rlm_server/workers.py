@@ -9,12 +9,16 @@ request's model code did can be seen by the next.
 
 The zygote is told to fork over a SOCK_SEQPACKET control socket: a message with a token and the
 worker's directory, carrying the child's end of a fresh socketpair (SCM_RIGHTS); it answers with
-the token and the child's pid. The handshake is shielded from cancellation, so a fork once asked
-for is always answered and its worker always ended; the token matches each answer to its
-request. The server then talks to the worker over its socketpair in frames (see frames.py): one
-job frame in; event frames, model-call frames (each answered by a reply frame, made by the
-broker) and one final frame out. End of stream without a final frame means the worker died. Every
-frame is checked: the worker runs model code, and nothing it sends is trusted.
+the token and the child's pid. The message may also name a stored context (its id, file and
+kind, after a NUL): the zygote reads that file once into a `str` (or list) and keeps it, so
+every worker forked after that inherits it copy-on-write as its `context`, and the server never
+sends it. A message with token 0 and no descriptor tells the zygote to forget a context. The
+handshake is shielded from cancellation, so a fork once asked for is always answered and its
+worker always ended; the token matches each answer to its request. The server then talks to
+the worker over its socketpair in frames (see frames.py): one job frame in; event frames,
+model-call frames (each answered by a reply frame, made by the broker) and one final frame out.
+End of stream without a final frame means the worker died. Every frame is checked: the worker
+runs model code, and nothing it sends is trusted.
 
 The zygote, and so every worker, starts from an environment with nothing but what Python needs:
 no provider key and no `ELIZA_RLM_*` setting reaches model code.
@@ -22,6 +26,9 @@ no provider key and no `ELIZA_RLM_*` setting reaches model code.
 Each worker leads its own session, so killing its process group ends whatever model code
 started, and works in a private directory (its cwd and TMPDIR) that the server removes when the
 worker ends, however it ends.
+
+A session's worker (`LongWorker`) is forked the same way and serves one job after another over
+the same socket, so its REPL keeps its variables from one turn to the next.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import anyio
 import orjson
@@ -53,6 +61,9 @@ log = logging.getLogger(__name__)
 Json = dict[str, Any]
 TEXT_CHUNK = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0  # a zygote that does not answer a fork in this time is replaced
+LOAD_BYTES_PER_S = 50 << 20  # the slowest the zygote may read a context before a fork
+FORGET_TOKEN = bytes(8)  # never a fork's: tokens count from 1
+CONTEXT_UNAVAILABLE = "ContextUnavailable"  # the failure kind of a worker without its context
 EventHandler = Callable[[Json], None]
 CallHandler = Callable[[str, Any], Awaitable[Json]]  # (model, prompt) -> reply
 WORKER_ENVIRONMENT = frozenset(
@@ -85,6 +96,22 @@ def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class ContextFile:
+    """A stored context as the zygote finds it: a private file of UTF-8 text or of JSON."""
+
+    id: str
+    path: str
+    kind: Literal["text", "json"]
+    size: int  # bytes
+
+    def spec(self) -> bytes:
+        return orjson.dumps({"id": self.id, "path": self.path, "kind": self.kind})
+
+
+Context = str | list[Any] | ContextFile | None  # None: a session turn that brings no new input
+
+
 class Worker:
     """One worker: its keeper (the zygote's child, leader of its own session), the process
     that runs the job (the keeper itself, or its child in a PID namespace of its own; see
@@ -97,17 +124,22 @@ class Worker:
         self._fd = sock.fileno()
         self._max_frame_bytes = max_frame_bytes
         self._writing = anyio.Lock()  # replies to concurrent calls must not interleave
+        self._stream = BufferedByteReceiveStream(FdReceiveStream(self._fd))  # across jobs
         sock.setblocking(False)
 
-    async def send_job(self, job: Json, context: str | list[Any]) -> None:
+    async def send_job(self, job: Json, context: Context) -> None:
         """The job as a JSON frame, then the context in a frame of its own.
 
         A text context goes as raw UTF-8, streamed in chunks, so a 200 MB context is never
-        copied into one JSON document on its way to the worker.
+        copied into one JSON document on its way to the worker. A stored context is not sent at
+        all: the worker inherited it from the zygote.
         """
         try:
             async with self._writing:
-                if isinstance(context, str):
+                if context is None or isinstance(context, ContextFile):
+                    kind = "none" if context is None else "inherited"
+                    await self._write_frame(orjson.dumps({**job, "context_type": kind}))
+                elif isinstance(context, str):
                     await self._write_frame(orjson.dumps({**job, "context_type": "text"}))
                     await self._write_text(context)
                 else:
@@ -138,7 +170,7 @@ class Worker:
     async def frames(self) -> AsyncIterator[Json]:
         """The worker's frames, each a JSON object. A frame longer than the limit or not a
         JSON object means the worker cannot be trusted any more: WorkerCrashed."""
-        stream = BufferedByteReceiveStream(FdReceiveStream(self._fd))
+        stream = self._stream
         while True:
             try:
                 length = frames.length_of(await stream.receive_exactly(frames.HEADER_BYTES))
@@ -246,6 +278,13 @@ class WorkerPool:
         self._root = tempfile.mkdtemp(prefix="rlm-server-")
         self._zygote = _Zygote(self._memory_mb, self._env, self._plan)
 
+    @property
+    def root(self) -> str:
+        """The server's private directory: every worker's directory, and the stored contexts."""
+        if self._root is None:
+            raise RuntimeError("the worker pool has not started")
+        return self._root
+
     def stop(self) -> None:
         if self._zygote is not None:
             self._zygote.stop()
@@ -267,13 +306,22 @@ class WorkerPool:
             zygote.ready = True
         return zygote
 
-    async def _fork(self, workdir: str) -> Worker:
+    async def forget(self, context_id: str) -> None:
+        """Tell the zygote to let go of a stored context (workers that have it keep it). A
+        zygote that is not ready yet holds none: a new one reads each again when asked."""
+        async with self._lock:
+            zygote = self._zygote
+            if zygote is not None and zygote.ready and zygote.process.poll() is None:
+                with anyio.CancelScope(shield=True):
+                    await zygote.send(FORGET_TOKEN + context_id.encode(), [])
+
+    async def _fork(self, workdir: str, context: ContextFile | None) -> Worker:
         async with self._lock:
             zygote = await self._ready_zygote()
             ours, theirs = socket.socketpair()
             try:
                 with anyio.CancelScope(shield=True):
-                    pid = await self._handshake(zygote, workdir, theirs)
+                    pid = await self._handshake(zygote, workdir, context, theirs)
             except BaseException:
                 ours.close()
                 raise
@@ -281,11 +329,23 @@ class WorkerPool:
                 theirs.close()
             return Worker(pid, ours, self._max_frame_bytes)
 
-    async def _handshake(self, zygote: _Zygote, workdir: str, theirs: socket.socket) -> int:
-        """Ask for one fork and return its pid; answers to any earlier request are ended."""
+    async def _handshake(
+        self,
+        zygote: _Zygote,
+        workdir: str,
+        context: ContextFile | None,
+        theirs: socket.socket,
+    ) -> int:
+        """Ask for one fork and return its pid; answers to any earlier request are ended. A
+        fork that names a context the zygote does not hold yet waits while it reads it."""
         token = next(self._tokens).to_bytes(8, "big")
-        await zygote.send(token + os.fsencode(workdir), [theirs.fileno()])
-        with anyio.move_on_after(HANDSHAKE_TIMEOUT_S):
+        message = token + os.fsencode(workdir)
+        timeout = HANDSHAKE_TIMEOUT_S
+        if context is not None:
+            message += b"\0" + context.spec()
+            timeout += context.size / LOAD_BYTES_PER_S
+        await zygote.send(message, [theirs.fileno()])
+        with anyio.move_on_after(timeout):
             while len(reply := await zygote.receive()) == 16:
                 pid = int.from_bytes(reply[8:], "big")
                 if reply[:8] == token:
@@ -296,18 +356,14 @@ class WorkerPool:
         raise WorkerCrashed(reason="the worker zygote did not fork")
 
     @asynccontextmanager
-    async def _forked(self) -> AsyncIterator[Worker]:
+    async def _forked(self, context: ContextFile | None = None) -> AsyncIterator[Worker]:
         """A fresh worker, killed on exit along with everything it started; its directory is
         removed afterwards, whatever happened."""
         workdir = tempfile.mkdtemp(prefix="worker-", dir=self._root)
         worker: Worker | None = None
         try:
-            worker = await self._fork(workdir)
-            try:
-                with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
-                    await worker.receive_job_pid()
-            except TimeoutError:
-                raise WorkerCrashed(reason="the worker did not start") from None
+            worker = await self._fork(workdir, context)
+            await _started(worker)
             yield worker
         finally:
             if worker is not None:
@@ -316,27 +372,89 @@ class WorkerPool:
                 await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
 
     async def run(
-        self, job: Json, context: str | list[Any], on_event: EventHandler, on_call: CallHandler
+        self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
     ) -> Json:
         """Run one job in a fresh worker; return its final frame. The worker never outlives it;
-        its model calls are answered by `on_call`, concurrently."""
-        crash: RpcError | None = None
-        async with self._forked() as worker:
-            try:
-                final = await _converse(worker, job, context, on_event, on_call)
-            except* WorkerCrashed as crashed:  # raised inside the calls' task group
-                crash = first_of(crashed, WorkerCrashed)
-        if crash is not None:
-            raise crash
-        if final is None:
-            raise WorkerCrashed()
-        return checked_final(final)
+        its model calls are answered by `on_call`, concurrently. A stored context is named in
+        the fork, so the worker inherits it."""
+        inherited = context if isinstance(context, ContextFile) else None
+        async with self._forked(inherited) as worker:
+            return await _job(worker, job, context, on_event, on_call)
+
+    async def long_worker(self, context: ContextFile | None) -> LongWorker:
+        """A worker that serves job after job until it is closed (a session's)."""
+        workdir = tempfile.mkdtemp(prefix="worker-", dir=self._root)
+        worker: Worker | None = None
+        try:
+            worker = await self._fork(workdir, context)
+            await _started(worker)
+        except BaseException:
+            if worker is not None:
+                worker.kill()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
+            raise
+        return LongWorker(worker, workdir)
+
+
+async def _started(worker: Worker) -> None:
+    """Wait for a new worker's keeper to say which process runs its jobs."""
+    try:
+        with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
+            await worker.receive_job_pid()
+    except TimeoutError:
+        raise WorkerCrashed(reason="the worker did not start") from None
+
+
+class LongWorker:
+    """A session's worker: one process that keeps its REPL from one job to the next.
+
+    Jobs go to it one at a time (the session sees to that). `close` kills it and everything it
+    started, and removes its directory.
+    """
+
+    def __init__(self, worker: Worker, workdir: str) -> None:
+        self._worker, self._workdir = worker, workdir
+
+    async def run(
+        self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
+    ) -> Json:
+        """One job (a turn) on this worker; its final frame, or WorkerCrashed."""
+        return await _job(self._worker, {**job, "session": True}, context, on_event, on_call)
+
+    async def close(self) -> None:
+        self._worker.kill()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(shutil.rmtree, self._workdir, True)
+
+    def kill(self) -> None:
+        """At exit: end it and everything it started (the pool removes every directory)."""
+        self._worker.kill()
+
+
+async def _job(
+    worker: Worker, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
+) -> Json:
+    """Run one job on a worker: its checked final frame, or WorkerCrashed."""
+    crash: RpcError | None = None
+    try:
+        final = await _converse(worker, job, context, on_event, on_call)
+    except* WorkerCrashed as crashed:  # raised inside the calls' task group
+        crash = first_of(crashed, WorkerCrashed)
+    if crash is not None:
+        raise crash
+    if final is None:
+        raise WorkerCrashed()
+    final = checked_final(final)
+    if final.get("failure", {}).get("kind") == CONTEXT_UNAVAILABLE:
+        raise WorkerCrashed(reason="the worker zygote could not read the stored context")
+    return final
 
 
 async def _converse(
     worker: Worker,
     job: Json,
-    context: str | list[Any],
+    context: Context,
     on_event: EventHandler,
     on_call: CallHandler,
 ) -> Json | None:

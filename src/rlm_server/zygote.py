@@ -16,6 +16,8 @@ living group.
 from __future__ import annotations
 
 import ctypes
+import logging
+import mmap
 import os
 import resource
 import signal
@@ -26,9 +28,15 @@ from rlm_server import library, sandbox
 
 library.without_dotenv()  # before rlm is imported, below
 
+import orjson  # noqa: E402
+
+from rlm_server import completion  # noqa: E402
 from rlm_server.completion import serve_job, warm_up  # noqa: E402
 
+log = logging.getLogger(__name__)
+
 PR_SET_PDEATHSIG = 1
+FORGET_TOKEN = bytes(8)
 
 
 def die_with_parent() -> None:
@@ -47,9 +55,53 @@ def _limit_worker(memory_mb: int) -> None:
             f.write("1000")
     except OSError:
         pass
-    if memory_mb > 0:
-        limit = memory_mb * 1024 * 1024
+    if memory_mb > 0:  # on top of what the child starts with: the zygote's stored contexts
+        limit = memory_mb * 1024 * 1024 + _mapped_bytes()
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _mapped_bytes() -> int:
+    """The address space this process maps now (VmSize), 0 where /proc does not say."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_contexts: dict[str, object] = {}  # the stored contexts this zygote holds, by id
+
+
+def _read_context(path: str, kind: str) -> object:
+    """The file as a `str` (text) or a Python value (JSON), decoded straight from a mapping of
+    it, so the bytes are never copied into our heap beside what they decode to."""
+    with open(path, "rb") as f:
+        if kind == "text" and os.fstat(f.fileno()).st_size == 0:
+            return ""  # mmap refuses an empty file
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return str(view, "utf-8") if kind == "text" else orjson.loads(view)
+            finally:
+                view.release()
+
+
+def _held_context(spec: bytes) -> object:
+    """The context a fork message names, read now if this zygote does not hold it yet; what
+    the worker gets when it cannot be read (the worker then fails its job, and says why)."""
+    try:
+        named = orjson.loads(spec)
+        held = _contexts.get(named["id"])
+        if held is None:
+            held = _contexts[named["id"]] = _read_context(named["path"], named["kind"])
+        return held
+    except (OSError, ValueError, KeyError, TypeError, MemoryError) as exc:
+        log.warning("could not read a stored context: %s", type(exc).__name__)
+        return completion.ContextUnavailable()
+
+
+def _forget(message: bytes) -> None:
+    _contexts.pop(message[len(FORGET_TOKEN) :].decode(errors="replace"), None)
 
 
 def _child(job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan) -> None:
@@ -86,11 +138,19 @@ def main(argv: list[str]) -> int:
             message, fds, _, _ = socket.recv_fds(control, 4096, 1)
             if not message:
                 return 0
-            token, workdir = message[:8], os.fsdecode(message[8:])
+            if message.startswith(FORGET_TOKEN):
+                _forget(message)
+                continue
+            token, rest = message[:8], message[8:]
+            directory, _, spec = rest.partition(b"\0")
+            workdir = os.fsdecode(directory)
+            completion.inherited = _held_context(spec) if spec else None
             pid = os.fork()
             if pid == 0:
                 control.close()
+                _contexts.clear()  # the worker keeps only its own context (`inherited`)
                 _child(fds[0], workdir, memory_mb, plan)
+            completion.inherited = None
             for fd in fds:
                 os.close(fd)
             control.send(token + pid.to_bytes(8, "big"))
