@@ -73,11 +73,13 @@
 mod client;
 mod config;
 mod connection;
+mod context;
 mod error;
 mod lines;
 mod metrics;
 pub mod protocol;
 mod request;
+mod session;
 
 #[cfg(feature = "elizaos")]
 pub mod elizaos_plugin;
@@ -89,13 +91,16 @@ pub use elizaos_plugin::{
 pub use client::RlmClient;
 pub use config::{CommandFactory, MetricsCallback, RetryConfig, RlmConfig, RlmConfigBuilder};
 pub use connection::Exit;
+pub use context::{ContextSource, LoadRequest, LoadedContext};
 pub use error::RlmError;
 pub use metrics::Metrics;
 pub use protocol::{
-    Backend, Budget, ErrorData, ErrorType, InferOptions, InferResult, Message, Progress,
-    ProgressEvent, Prompt, ReadyParams, RpcError, ShutdownResult, StatusResult,
+    Backend, Budget, ContextListResult, ErrorData, ErrorType, InferOptions, InferResult, Message,
+    Progress, ProgressEvent, Prompt, ReadyParams, RpcError, ShutdownResult, StatusResult,
+    StoredContext,
 };
 pub use request::InferRequest;
+pub use session::Session;
 
 /// The README's example, compiled by `cargo test` so that it cannot rot.
 #[cfg(doctest)]
