@@ -79,8 +79,8 @@ impl From<Vec<Value>> for ContextSource {
 impl From<Vec<Message>> for ContextSource {
     fn from(messages: Vec<Message>) -> Self {
         let values = messages
-            .into_iter()
-            .map(|message| serde_json::json!({"role": message.role, "content": message.content}))
+            .iter()
+            .map(|message| serde_json::to_value(message).expect("a message is JSON"))
             .collect();
         Self::Messages(values)
     }
