@@ -1,5 +1,5 @@
-"""python -m rlmbench [--quick] [--only a,b] [--plugin-full]: run the figures, print the table,
-write results/latest.{json,md} and results/concurrency.svg, and refresh the README's table.
+"""python -m rlmbench [--quick] [--only a,b [--merge]] [--plugin-full]: run the figures, print the
+table, write results/latest.{json,md} and results/concurrency.svg, and refresh the README's table.
 
 bench/run sets up the environments and calls this; see bench/README.md.
 """
@@ -35,6 +35,9 @@ FIGURES = (
     "sandbox_cost",
     "concurrency",
     "needle",
+    "context_reuse",
+    "context_concurrent",
+    "context_2g",
     "line_ours",
     "line_plugin",
 )
@@ -91,6 +94,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="run the plugin at 64 concurrent requests too (about 100 s) instead of extrapolating",
     )
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: put these figures into results/latest.json beside the other figures "
+        "of the last full run, and rewrite the tables with all of them (the header says which "
+        "figures were measured when)",
+    )
+    parser.add_argument(
         "--out",
         help="directory for the results (default: results/ for a full run, results/tmp/ otherwise)",
     )
@@ -116,7 +126,8 @@ def main(argv: list[str]) -> int:
     if args.plugin_full:
         settings.plugin_conc_levels = tuple(settings.conc_levels)
     full = not args.quick and not args.only
-    out = Path(args.out) if args.out else (BENCH / "results" if full else TMP)
+    merge = bool(args.merge and args.only and not args.quick)
+    out = Path(args.out) if args.out else (BENCH / "results" if full or merge else TMP)
     out.mkdir(parents=True, exist_ok=True)
 
     info = machine(args)
@@ -148,13 +159,15 @@ def main(argv: list[str]) -> int:
     info["duration_s"] = round(time.monotonic() - started, 1)
     info["settings"] = settings.__dict__ | {"conc_levels": list(settings.conc_levels)}
 
-    rows = report.build_rows(results)
+    document: dict[str, Any] = {"machine": info, "results": results, "failures": failures}
+    if merge:
+        document = merged(json.loads((out / "latest.json").read_text()), document, selected)
+    rows = report.build_rows(document["results"])
     table = report.text_table(rows)
-    header = (
-        f"rlm-server bench, {info['date']}, commit {info['commit']}: {info['cpus']} CPUs "
-        f"({info['cpu']}), load average {info['load_before'][0]:.2f} before, "
-        f"{info['load_after'][0]:.2f} after; {info['duration_s']:.0f} s"
-    )
+    header = "rlm-server bench, " + run_header(document["machine"])
+    for later in document.get("merged", []):
+        figures = ", ".join(later["figures"])
+        header += f"; {figures} from a later run: {run_header(later['machine'])}"
     print()
     print(header)
     print()
@@ -164,12 +177,8 @@ def main(argv: list[str]) -> int:
         for name, why in failures.items():
             print(f"  {name}: {why}")
 
-    document = {
-        "machine": info,
-        "rows": report.rows_json(rows),
-        "results": results,
-        "failures": failures,
-    }
+    document["rows"] = report.rows_json(rows)
+    results = document["results"]
     (out / "latest.json").write_text(json.dumps(document, indent=2) + "\n")
     markdown = f"{header}\n\n{report.markdown_table(rows)}\n"
     if failures:
@@ -182,10 +191,29 @@ def main(argv: list[str]) -> int:
         f"\nwrote {out / 'latest.json'}, {out / 'latest.md'}"
         + (f", {out / 'concurrency.svg'}" if "concurrency" in results else "")
     )
-    if full and not failures:
+    if (full or merge) and not failures:
         update_readme(markdown)
         print("updated the results in bench/README.md and README.md")
     return 1 if failures else 0
+
+
+def run_header(info: dict[str, Any]) -> str:
+    return (
+        f"{info['date']}, commit {info['commit']}: {info['cpus']} CPUs ({info['cpu']}), load "
+        f"average {info['load_before'][0]:.2f} before, {info['load_after'][0]:.2f} after; "
+        f"{info['duration_s']:.0f} s"
+    )
+
+
+def merged(previous: dict[str, Any], run: dict[str, Any], figures: tuple[str, ...]) -> Any:
+    """The last full run's document with this run's figures in place of its own (--merge)."""
+    earlier = [m for m in previous.get("merged", []) if not set(m["figures"]) <= set(figures)]
+    return {
+        "machine": previous["machine"],
+        "results": {**previous["results"], **run["results"]},
+        "failures": run["failures"],
+        "merged": [*earlier, {"figures": list(figures), "machine": run["machine"]}],
+    }
 
 
 def update_readme(markdown: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 NEEDLE_PREFIX = "The secret code is "
 SECRET_CHARS = 16
@@ -35,3 +36,36 @@ def make_context(size: int, seed: int = 5) -> tuple[bytes, str]:
     body = b"".join((filler[:at], needle, filler[at:fill]))
     assert len(body) == size
     return body, secret
+
+
+def context_chunks(size: int, chunk: int, seed: int = 5) -> tuple[list[tuple[int, int]], str, Any]:
+    """The text `make_context(size, seed)` makes, as (start, end) pieces of at most `chunk`
+    bytes and a function that makes one piece, so a 2 GiB context is never whole in the bench's
+    memory; returns (pieces, secret, piece)."""
+    rng = random.Random(seed)
+    block = " ".join(rng.choice(WORDS) for _ in range(1200)).encode()[:4096]
+    secret = f"{rng.getrandbits(64):016x}"
+    needle = f" {NEEDLE_PREFIX}{secret}. ".encode()
+    fill = size - len(needle)
+    at = rng.randrange(fill // 10, fill - fill // 10)
+    period = len(block)
+    repeated = block * (chunk // period + 2)
+
+    def filler(start: int, end: int) -> bytes:  # bytes [start, end) of the endless filler
+        offset = start % period
+        return repeated[offset : offset + end - start]
+
+    def piece(bounds: tuple[int, int]) -> bytes:
+        start, end = bounds
+        parts = []
+        if start < at:
+            parts.append(filler(start, min(end, at)))
+        if start < at + len(needle) and end > at:
+            parts.append(needle[max(0, start - at) : min(len(needle), end - at)])
+        if end > at + len(needle):
+            lo = max(start, at + len(needle)) - len(needle)
+            parts.append(filler(lo, end - len(needle)))
+        return b"".join(parts)
+
+    pieces = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
+    return pieces, secret, piece

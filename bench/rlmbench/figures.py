@@ -21,11 +21,12 @@ from typing import Any
 import orjson
 
 from rlmbench import soak
-from rlmbench.context import NEEDLE_CODE, NEEDLE_QUERY, make_context
+from rlmbench.context import NEEDLE_CODE, NEEDLE_QUERY, context_chunks, make_context
 from rlmbench.procs import (
     BENCH,
     Channel,
     Fixture,
+    PssSampler,
     RssSampler,
     Target,
     cpu_ns,
@@ -34,6 +35,7 @@ from rlmbench.procs import (
     spawned,
     status_kib,
     tree,
+    tree_pss_kib,
     tree_rss_kib,
 )
 
@@ -64,6 +66,12 @@ class Settings:
     model_delay_ms: int = 1000
     needle_bytes: int = 200 << 20
     needle_runs: int = 3
+    context_bytes: int = 200 << 20  # the stored-context figures
+    chunk_bytes: int = 32 << 20
+    reuse_runs: int = 5
+    prompt_runs: int = 3
+    concurrent_questions: int = 8
+    big_context_bytes: int = 2 << 30
 
     @classmethod
     def quick(cls) -> Settings:
@@ -85,7 +93,16 @@ class Settings:
             plugin_conc_levels=(1, 4),
             needle_bytes=20 << 20,
             needle_runs=1,
+            context_bytes=20 << 20,
+            chunk_bytes=4 << 20,
+            reuse_runs=2,
+            prompt_runs=1,
+            big_context_bytes=64 << 20,
         )
+
+
+def _found(answers: list[Json], secret: str) -> bool:
+    return all(a.get("result", {}).get("text") == secret for a in answers)
 
 
 class Bench:
@@ -606,6 +623,277 @@ class Bench:
                 "runs": runs,
             },
             "library": library,
+        }
+
+    # -- stored contexts (issue 11) -----------------------------------------------------------
+
+    def _load_chunks(
+        self, target: Target, channel: Channel, size: int, first_id: int
+    ) -> tuple[str, str, Json]:
+        """Load the needle context of `size` bytes with context/load chunks; returns its id, the
+        secret, and how the load went. The text is made chunk by chunk, never whole here."""
+        pieces, secret, piece = context_chunks(size, self.s.chunk_bytes)
+        context_id = ""
+        started = time.perf_counter()
+        peak_server_kib = 0
+        for number, bounds in enumerate(pieces):
+            params = b'"chunk":"' + piece(bounds) + b'"'
+            if context_id:
+                params += b',"context_id":' + orjson.dumps(context_id)
+            if number == len(pieces) - 1:
+                params += b',"final":true'
+            request_id = first_id + number
+            head = f'{{"jsonrpc":"2.0","id":{request_id},"method":"context/load","params":{{'
+            channel.write(head.encode() + params + b"}}\n")
+            result = target.response(channel, request_id, timeout=600).get("result")
+            if not result:
+                raise RuntimeError(f"context/load failed at chunk {number}")
+            context_id = result["context_id"]
+            peak_server_kib = max(peak_server_kib, status_kib(channel.pid, "VmRSS"))
+        if not (result["sealed"] and result["bytes"] == size):
+            raise RuntimeError(f"context/load ended unsealed or short: {result}")
+        return (
+            context_id,
+            secret,
+            {
+                "chunks": len(pieces),
+                "chunk_bytes": self.s.chunk_bytes,
+                "load_s": time.perf_counter() - started,
+                "peak_server_rss_kib_sampled": peak_server_kib,
+            },
+        )
+
+    def _ask_stored(
+        self, target: Target, channel: Channel, context_id: str, request_id: int
+    ) -> tuple[Json, float, float]:
+        """One question on a stored context: (response, seconds to the model's first call,
+        seconds to the answer), both from the moment the request is written."""
+        params = {"context_id": context_id, "query": NEEDLE_QUERY}
+        sent = time.time()
+        started = time.perf_counter()
+        channel.write(target.request(request_id, "infer", params))
+        response = target.response(channel, request_id, timeout=600)
+        answered = time.perf_counter() - started
+        arrival = self.fixture.stats()["last_arrival_unix"]
+        return response, arrival - sent, answered
+
+    def _ask_prompt(
+        self, target: Target, channel: Channel, body: bytes, request_id: int
+    ) -> tuple[Json, float, float]:
+        """The same question with the context as its prompt (today's path), timed the same."""
+        head = (
+            (f'{{"jsonrpc":"2.0","id":{request_id},"method":"infer","params":{{"query":').encode()
+            + orjson.dumps(NEEDLE_QUERY)
+            + b',"prompt":"'
+        )
+        sent = time.time()
+        started = time.perf_counter()
+        channel.write(head)
+        channel.write(body)
+        channel.write(b'"}}\n')
+        response = target.response(channel, request_id, timeout=600)
+        answered = time.perf_counter() - started
+        arrival = self.fixture.stats()["last_arrival_unix"]
+        return response, arrival - sent, answered
+
+    def context_reuse(self) -> Json:
+        """A question on a loaded context: from the request to the model's first call, against
+        the same question with the context as its prompt."""
+        size = self.s.context_bytes
+        ours = self.t["ours"]
+        stored: list[Json] = []
+        prompt: list[Json] = []
+        with spawned(ours) as channel:
+            self.fixture.instant()
+            self._warm(ours, channel)
+            self.fixture.rules([{"when": "root", "reply": repl_reply(*NEEDLE_CODE)}])
+            context_id, secret, load = self._load_chunks(ours, channel, size, 1000)
+            response, first_reach, first_answer = self._ask_stored(ours, channel, context_id, 10)
+            first = {
+                "reach_s": first_reach,
+                "answer_s": first_answer,
+                "found": response.get("result", {}).get("text") == secret,
+            }
+            self.log(
+                f"  first question (the zygote reads it): reaches the model in "
+                f"{first_reach * 1000:.1f} ms"
+            )
+            for run in range(self.s.reuse_runs):
+                response, reach, answer = self._ask_stored(ours, channel, context_id, 20 + run)
+                found = response.get("result", {}).get("text") == secret
+                stored.append({"reach_s": reach, "answer_s": answer, "found": found})
+                self.log(
+                    f"  stored question {run + 2}: reaches the model in {reach * 1000:.1f} "
+                    f"ms, answered in {answer * 1000:.1f} ms, found={found}"
+                )
+            body, secret = make_context(size)
+            for run in range(self.s.prompt_runs):
+                response, reach, answer = self._ask_prompt(ours, channel, body, 40 + run)
+                found = response.get("result", {}).get("text") == secret
+                prompt.append({"reach_s": reach, "answer_s": answer, "found": found})
+                self.log(
+                    f"  as a prompt: reaches the model in {reach * 1000:.1f} ms, "
+                    f"answered in {answer * 1000:.1f} ms, found={found}"
+                )
+            del body
+        self.fixture.instant()
+        return {
+            "context_bytes": size,
+            "load": load,
+            "first": first,
+            "stored": {
+                "reach_median_s": statistics.median(r["reach_s"] for r in stored),
+                "answer_median_s": statistics.median(r["answer_s"] for r in stored),
+                "found": all(r["found"] for r in stored),
+                "runs": stored,
+            },
+            "prompt": {
+                "reach_median_s": statistics.median(r["reach_s"] for r in prompt),
+                "answer_median_s": statistics.median(r["answer_s"] for r in prompt),
+                "found": all(r["found"] for r in prompt),
+                "runs": prompt,
+            },
+        }
+
+    def _concurrent_peak(self, channel: Channel, send: Callable[[], None], n: int) -> Json:
+        """Send n questions (the model holds every call), wait until all n are at the model,
+        let them go, read the n answers: the tree's peak PSS meanwhile."""
+        before = self.fixture.stats()["requests"]
+        idle_kib = tree_pss_kib(channel.pid)
+        with PssSampler(channel.pid, 0.01) as sampler:
+            started = time.perf_counter()
+            send()
+            deadline = time.monotonic() + 300
+            while self.fixture.stats()["requests"] - before < n:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the questions did not all reach the model")
+                time.sleep(0.02)
+            at_model = time.perf_counter() - started
+            time.sleep(0.3)  # a few more samples with all n workers alive
+            self.fixture.release()
+            answers: dict[Any, Json] = {}  # they come in any order
+            while len(answers) < n:
+                message = channel.read_message(timeout=600)
+                if isinstance(message, dict) and "id" in message:
+                    answers[message["id"]] = message
+        return {
+            "peak_kib": sampler.peak_kib,
+            "peak_server_kib": sampler.peak_root_kib,
+            "peak_children_kib": sampler.peak_children_kib,
+            "idle_kib": idle_kib,
+            "samples": sampler.samples,
+            "all_at_model_s": at_model,
+            "answers": list(answers.values()),
+        }
+
+    def _stored_concurrent(self, args: list[str]) -> tuple[Json, Json, Json]:
+        """A fresh server: the context loaded and asked once, then n questions at once on it;
+        (the n questions' peak, the first question's peak, the load)."""
+        size, n = self.s.context_bytes, self.s.concurrent_questions
+        held = [{"when": "root", "hold": True, "reply": repl_reply(*NEEDLE_CODE)}]
+        ours = self.t["ours"]
+        with spawned(ours, args) as channel:
+            self.fixture.instant()
+            self._warm(ours, channel)
+            context_id, secret, load = self._load_chunks(ours, channel, size, 1000)
+            self.fixture.rules(held)
+            first = self._concurrent_peak(
+                channel,
+                lambda: channel.write(ours.request(500, "infer", {"context_id": context_id})),
+                1,
+            )
+            self.fixture.rules(held)
+            params = {"context_id": context_id, "query": NEEDLE_QUERY}
+            stored = self._concurrent_peak(
+                channel,
+                lambda: channel.write(
+                    b"".join(ours.request(500 + i, "infer", params) for i in range(n))
+                ),
+                n,
+            )
+        stored["found"] = _found(stored.pop("answers"), secret)
+        first["found"] = _found(first.pop("answers"), secret)
+        self.log(
+            f"  stored ({' '.join(args)}): peak {stored['peak_kib'] / 1024:.0f} MiB "
+            f"({stored['peak_kib'] * 1024 / size:.2f}x), found={stored['found']}; first "
+            f"question alone: {first['peak_kib'] / 1024:.0f} MiB"
+        )
+        return stored, first, load
+
+    def context_concurrent(self) -> Json:
+        """N questions at once on one loaded context: the peak memory of the server's whole
+        process tree (PSS), against the same N questions with the context as their prompt; and
+        the same without the sandbox, whose keeper and init processes each worker adds."""
+        size, n = self.s.context_bytes, self.s.concurrent_questions
+        held = [{"when": "root", "hold": True, "reply": repl_reply(*NEEDLE_CODE)}]
+        ours = self.t["ours"]
+        args = ["--max-concurrency", str(n)]
+        stored, first, load = self._stored_concurrent(args)
+        unsandboxed, _, _ = self._stored_concurrent([*args, "--sandbox", "off"])
+        body, secret = make_context(size)
+        head = (
+            b'{"jsonrpc":"2.0","id":ID,"method":"infer","params":{"query":'
+            + orjson.dumps(NEEDLE_QUERY)
+            + b',"prompt":"'
+        )
+
+        def send_prompts() -> None:
+            for i in range(n):
+                channel.write(head.replace(b"ID", str(500 + i).encode()))
+                channel.write(body)
+                channel.write(b'"}}\n')
+
+        with spawned(ours, args) as channel:
+            self.fixture.instant()
+            self._warm(ours, channel)
+            self.fixture.rules(held)
+            prompt = self._concurrent_peak(channel, send_prompts, n)
+        prompt["found"] = _found(prompt.pop("answers"), secret)
+        self.log(
+            f"  as prompts: peak {prompt['peak_kib'] / 1024:.0f} MiB "
+            f"({prompt['peak_kib'] * 1024 / size:.2f}x), found={prompt['found']}"
+        )
+        self.fixture.instant()
+        return {
+            "context_bytes": size,
+            "questions": n,
+            "load": load,
+            "first": first,
+            "stored": stored,
+            "stored_sandbox_off": unsandboxed,
+            "prompt": prompt,
+        }
+
+    def context_2g(self) -> Json:
+        """A context bigger than a line may be (2 GiB), loaded in chunks and asked about: the
+        needle found, and the server's own peak RSS."""
+        size = self.s.big_context_bytes
+        ours = self.t["ours"]
+        with spawned(ours) as channel:
+            self.fixture.instant()
+            self._warm(ours, channel)
+            self.fixture.rules([{"when": "root", "reply": repl_reply(*NEEDLE_CODE)}])
+            with PssSampler(channel.pid, 0.05) as loading:
+                context_id, secret, load = self._load_chunks(ours, channel, size, 1000)
+            with PssSampler(channel.pid, 0.05) as asking:
+                response, reach, answer = self._ask_stored(ours, channel, context_id, 10)
+            found = response.get("result", {}).get("text") == secret
+            server_hwm_kib = status_kib(channel.pid, "VmHWM")
+        self.log(
+            f"  {size >> 20} MiB loaded in {load['load_s']:.1f} s; question answered in "
+            f"{answer:.2f} s, found={found}; server VmHWM {server_hwm_kib / 1024:.0f} MiB"
+        )
+        self.fixture.instant()
+        return {
+            "context_bytes": size,
+            "load": load,
+            "found": found,
+            "answer_s": answer,
+            "reach_s": reach,
+            "server_hwm_kib": server_hwm_kib,
+            "loading_peak_tree_pss_kib": loading.peak_kib,
+            "asking_peak_tree_pss_kib": asking.peak_kib,
+            "max_message_bytes": 1 << 30,
         }
 
     # -- line limits ------------------------------------------------------------------------

@@ -78,6 +78,10 @@ class Fixture:
         ) as response:
             return json.loads(response.read())  # type: ignore[no-any-return]
 
+    def release(self) -> None:
+        """Let every held call go."""
+        self._post("/_fixture/release", {})
+
     def instant(self) -> None:
         self.rules([{"when": "root", "reply": INSTANT_OK}, {"when": "sub", "reply": "ok"}])
 
@@ -411,6 +415,36 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size (/proc/<pid>/smaps_rollup): each page shared with other processes
+    counts its share, so copy-on-write pages shared by a tree count once in its sum."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_pss_kib(pid: int) -> int:
+    return sum(pss_kib(p) for p in tree(pid))
+
+
+class PssSampler(RssSampler):
+    """The same, with PSS: what the tree really occupies when its processes share pages (the
+    zygote and the workers it forks share a stored context)."""
+
+    def sample(self) -> None:
+        root = pss_kib(self._pid)
+        below = sum(pss_kib(p) for p in tree(self._pid)[1:])
+        self.peak_kib = max(self.peak_kib, root + below)
+        self.peak_root_kib = max(self.peak_root_kib, root)
+        self.peak_children_kib = max(self.peak_children_kib, below)
+        self.samples += 1
 
 
 @contextlib.contextmanager

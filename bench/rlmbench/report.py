@@ -344,6 +344,7 @@ def build_rows(r: Json) -> list[Row]:
                 f"{ours['peak_zygote_and_worker_kib'] / 1024:,.0f} MiB); library: its VmHWM",
             )
         )
+    rows.extend(_context_rows(r))
     if "line_ours" in r and "line_plugin" in r:
         ours = r["line_ours"]["largest_accepted_bytes"]
         plugin = r["line_plugin"]["largest_accepted_bytes"]
@@ -361,6 +362,91 @@ def build_rows(r: Json) -> list[Row]:
                 "ours: 1 GiB + 1 B refused with -32600, server kept running"
                 if refused
                 else "ours: the line over 1 GiB was NOT refused cleanly",
+            )
+        )
+    return rows
+
+
+def _unsandboxed(c: Json) -> str:
+    """The same figure with `--sandbox off`: each sandboxed worker is three processes."""
+    off = c.get("stored_sandbox_off")
+    if off is None:
+        return ""
+    peak = off["peak_kib"] * 1024
+    return (
+        f"; with `--sandbox off` (one process per worker instead of a keeper, an init and the "
+        f"job): {peak / MIB:,.0f} MiB ({peak / c['context_bytes']:.2f}x)"
+    )
+
+
+def _context_rows(r: Json) -> list[Row]:
+    """The stored-context figures (issue 11), each beside today's path: the context as a
+    `prompt`, sent with every question."""
+    rows: list[Row] = []
+    if "context_reuse" in r:
+        c = r["context_reuse"]
+        size, load, stored, prompt = c["context_bytes"], c["load"], c["stored"], c["prompt"]
+        ours, today = stored["reach_median_s"], prompt["reach_median_s"]
+        rows.append(
+            Row(
+                f"a question on a loaded {_bytes(size)} context: from the request to the model",
+                _ms(ours) + ("" if stored["found"] else " (NOT FOUND)"),
+                "the context as its `prompt`",
+                _ms(today) + ("" if prompt["found"] else " (NOT FOUND)"),
+                _faster_or_slower(ours, today),
+                "≤ 50 ms",
+                ours <= 0.050 and stored["found"],
+                f"median of questions 2 to {len(stored['runs']) + 1} on it (the first, which has "
+                f"the zygote read it: {_ms(c['first']['reach_s'])}) against "
+                f"{len(prompt['runs'])} with it as the prompt; answered (the needle found by "
+                f"model code): {_ms(stored['answer_median_s'])} against "
+                f"{_ms(prompt['answer_median_s'])}; loaded in {load['chunks']} chunks of "
+                f"{_bytes(load['chunk_bytes'])} in {_s(load['load_s'])}",
+            )
+        )
+    if "context_concurrent" in r:
+        c = r["context_concurrent"]
+        size, n, stored, prompt = c["context_bytes"], c["questions"], c["stored"], c["prompt"]
+        ours, today = stored["peak_kib"] * 1024, prompt["peak_kib"] * 1024
+        rows.append(
+            Row(
+                f"{n} questions at once on one loaded {_bytes(size)} context: peak memory of "
+                "the whole server tree",
+                f"{ours / MIB:,.0f} MiB ({ours / size:.2f}x context)"
+                + ("" if stored["found"] else " (NOT FOUND)"),
+                "the context as their `prompt`",
+                f"{today / MIB:,.0f} MiB ({today / size:.2f}x context)",
+                _times(today / ours, "less") if ours <= today else _times(ours / today, "more"),
+                "≤ 1.5x the context",
+                ours <= 1.5 * size and stored["found"],
+                "PSS summed over server, zygote and workers (/proc/PID/smaps_rollup: a page they "
+                "share copy-on-write counts once), sampled every 10 ms from the first request "
+                f"to the last answer, every call held at the model until all {n} are there; "
+                f"idle before: {stored['idle_kib'] / 1024:,.0f} MiB; peaks apart: server "
+                f"{stored['peak_server_kib'] / 1024:,.0f} MiB, zygote + workers "
+                f"{stored['peak_children_kib'] / 1024:,.0f} MiB; the first question on it, "
+                f"alone (the zygote reads it): {c['first']['peak_kib'] / 1024:,.0f} MiB"
+                + _unsandboxed(c),
+            )
+        )
+    if "context_2g" in r:
+        c = r["context_2g"]
+        size, load, hwm = c["context_bytes"], c["load"], c["server_hwm_kib"] * 1024
+        rate = size / MIB / load["load_s"]
+        rows.append(
+            Row(
+                f"{_bytes(size)} context loaded in {_bytes(load['chunk_bytes'])} chunks, needle "
+                "found through the REPL: the server's own peak RSS",
+                f"{hwm / MIB:,.0f} MiB ({'found' if c['found'] else 'NOT FOUND'})",
+                "the context as a `prompt`",
+                f"cannot: one line, over {_bytes(c['max_message_bytes'])}",
+                "",
+                "found, ≤ 300 MB",
+                c["found"] and hwm <= 300e6,
+                f"the server's VmHWM; loaded in {_s(load['load_s'])} ({rate:,.0f} MiB/s), the "
+                f"question answered in {_s(c['answer_s'])}; peak PSS of the whole tree: "
+                f"{c['loading_peak_tree_pss_kib'] / 1024:,.0f} MiB loading, "
+                f"{c['asking_peak_tree_pss_kib'] / 1024:,.0f} MiB asking",
             )
         )
     return rows

@@ -22,8 +22,6 @@ usage synchronously right after its awaited SDK call, so `get_last_usage()` read
 
 from __future__ import annotations
 
-import email.utils
-import hashlib
 import importlib
 import logging
 import math
@@ -281,6 +279,8 @@ class Tape:
 
     @staticmethod
     def key(request: Json) -> str:
+        import hashlib  # only for --record and --replay: not before `ready`
+
         return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
     async def play(self, key: str) -> Json | None:
@@ -375,6 +375,8 @@ def retry_after_s(exc: BaseException) -> float | None:
     try:
         return max(0.0, float(raw))
     except ValueError:
+        import email.utils  # only for a Retry-After date: not before `ready`
+
         when = email.utils.parsedate_to_datetime(raw)
         return max(0.0, when.timestamp() - time.time()) if when else None
 

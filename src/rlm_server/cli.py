@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config is None:
         return 2
 
-    claim = claim_stdio()
+    claim = claim_stdio(nonblocking_read=False)  # the server's InputThread blocks in read
     try:
         code = anyio.run(Server(config, claim, environ).run, backend="asyncio")
     finally:

@@ -195,10 +195,23 @@ class Dispatcher:
         inline: Mapping[str, InlineMethod],
         tasks: Mapping[str, TaskMethod],
         no_notifications: Collection[str] = (),
+        any_thread: Collection[str] = (),
     ) -> None:
         self._inline = {name: _Inline(name, m) for name, m in inline.items()}
         self._tasks = {name: _guard_task(name, m) for name, m in tasks.items()}
         self._no_notifications = frozenset(no_notifications)
+        self._any_thread = frozenset(any_thread) & self._inline.keys()
+
+    def answer_here(self, message: Any, make_context: ContextFactory) -> tuple[bool, Json | None]:
+        """For a thread other than the loop's: (True, the answer or None) when `message` is one
+        request (not a batch) for an inline method that may run in any thread; (False, None)
+        when it is anything else, for `dispatch` in the loop."""
+        if not isinstance(message, dict) or message.get("method") not in self._any_thread:
+            return False, None
+        prepared = self._prepare(message)
+        if not isinstance(prepared, _Prepared):
+            return True, prepared
+        return True, self._call_inline(prepared, make_context)
 
     def dispatch(
         self, message: Any, make_context: ContextFactory, spawn: Spawn, send: Send

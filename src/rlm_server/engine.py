@@ -274,8 +274,8 @@ class Engine:
             "queued": self._queued,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
             "metrics": {**self.metrics.snapshot(), **self.broker.ledger.totals()},
-            "contexts": {"count": len(self.contexts.sealed()), "bytes": self.contexts.bytes_total},
-            "sessions": {"count": len(self.sessions)},
+            "contexts": {"count": self.contexts.sealed_count, "bytes": self.contexts.bytes_total},
+            "sessions": {"count": len(self.sessions)},  # len of a dict: safe off the loop
         }
 
     def _status_of_configuration(self) -> Json:

@@ -10,7 +10,6 @@ The steps come from a worker, which runs model code: every field is read defensi
 from __future__ import annotations
 
 import datetime
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +139,8 @@ def lines(entry: Entry, ending: Json, usage: Json) -> bytes:
 
 async def write(directory: str, entry: Entry, ending: Json, usage: Json) -> Path:
     """Write one request's log (in a thread: the event loop never waits on the disk)."""
+    import uuid  # only with --log-dir: not before `ready`
+
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     path = Path(directory) / f"rlm_{stamp}_{uuid.uuid4().hex[:8]}.jsonl"
     await anyio.to_thread.run_sync(path.write_bytes, lines(entry, ending, usage))

@@ -339,6 +339,8 @@ INLINE_METHODS: Mapping[str, Callable[..., Json]] = {
 # Sent as a notification, an infer would run a paid completion nobody can receive or cancel, and
 # a load or an open would make something that only its answer names.
 REQUEST_ONLY_METHODS = frozenset({"infer", "context/load", "session/open"})
+# Read counters only: the input thread answers them (context/list walks the store: the loop's).
+ANY_THREAD_METHODS = frozenset({"status"})
 TASK_METHODS: Mapping[str, Callable[..., Awaitable[Result]]] = {
     "infer": infer,
     "shutdown": shutdown,

@@ -1,7 +1,8 @@
 """Server-side request metrics, as `status` reports them.
 
 Every infer ends in exactly one outcome, recorded in one place (`Metrics.record`), so the counts
-always add up: total = successful + failed + cancelled + timed_out + stub.
+always add up: total = successful + failed + cancelled + timed_out + stub. `status` is answered
+in the server's input thread while the loop records, so both hold one lock.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import bisect
 import enum
 import math
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,7 @@ class Metrics:
     window: deque[float] = field(default_factory=deque)  # the last latencies, oldest first
     ordered: list[float] = field(default_factory=list)  # the same, sorted: status never sorts
     window_sum: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def started(self) -> None:
         self.total_requests += 1
@@ -49,6 +52,10 @@ class Metrics:
         self.total_retries += calls
 
     def record(self, outcome: Outcome, elapsed_ms: float) -> None:
+        with self.lock:
+            self._record(outcome, elapsed_ms)
+
+    def _record(self, outcome: Outcome, elapsed_ms: float) -> None:
         self.outcomes[outcome.value] += 1
         if len(self.window) == LATENCY_WINDOW:
             oldest = self.window.popleft()
@@ -59,6 +66,10 @@ class Metrics:
         self.window_sum += elapsed_ms
 
     def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
         ordered = self.ordered
         average = self.window_sum / len(ordered) if ordered else 0.0
         return {

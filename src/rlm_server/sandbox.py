@@ -37,7 +37,6 @@ import contextlib
 import ctypes
 import fcntl
 import os
-import platform
 import resource
 import signal
 import socket
@@ -278,15 +277,15 @@ SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
 EPERM = 1
 
 
-def seccomp_available() -> bool:
-    return is_linux() and platform.machine() in AUDIT_ARCH
+def _machine() -> str:
+    return os.uname().machine
 
 
 def seccomp_keep_death_signal() -> None:
     """Refuse `prctl(PR_SET_PDEATHSIG)`: the worker dies with its keeper, and model code may
     not undo that to outlive its request and the server. Other architectures' calls (i386 on
     x86_64) are refused whole."""
-    arch, prctl_nr = AUDIT_ARCH[platform.machine()]
+    arch, prctl_nr = AUDIT_ARCH[_machine()]
     refuse = SECCOMP_RET_ERRNO | EPERM
     program = [
         (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
@@ -482,7 +481,7 @@ def _probe_child(answer: int, workdir: str) -> None:
             attempt(LANDLOCK_FILESYSTEM, lambda: landlock(workdir, scope_signals=False))
             if landlock_abi() >= 6:
                 attempt(LANDLOCK_SIGNALS, lambda: landlock(workdir, scope_signals=True))
-            if seccomp_available():
+            if _machine() in AUDIT_ARCH:
                 attempt(SECCOMP, _seccomp_probe)
         os.write(answer, ",".join(working).encode())
     finally:

@@ -22,12 +22,14 @@ second SIGTERM, SIGINT, or the death of the process that started us, cancels eve
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import functools
 import logging
 import math
 import os
 import signal
+import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -41,11 +43,13 @@ from rlm_server.errors import LineTooLong, ParseError, RpcError
 from rlm_server.lifeline import ParentWatch
 from rlm_server.transport import (
     HEAD_BYTES,
-    FdReceiveStream,
-    LineReader,
+    InputThread,
+    Lines,
+    LoopDoor,
     OversizedLine,
     ProtocolWriter,
     StdioClaim,
+    StopReading,
 )
 from rlm_server.wire import Json, RequestId, decode, encode, error_response, leading_id
 
@@ -58,7 +62,7 @@ Line = bytes | bytearray | OversizedLine
 
 OUTPUT_HIGH_WATER = 64 << 20  # unsent answer bytes above which we stop reading input
 DECODE_IN_THREAD_BYTES = 1 << 20
-YIELD_EVERY_LINES = 64  # a flood of input must not starve request tasks and the writer
+BATCHES_AHEAD = 4  # reads the input thread may hand the loop before it waits for it
 
 
 class InFlight:
@@ -179,58 +183,76 @@ class Server:
 
     async def _serve(self, dispatcher: Dispatcher) -> None:
         async with anyio.create_task_group() as requests:
-            reading = anyio.CancelScope()
-            requests.start_soon(self._read, dispatcher, requests, reading)
+            self._start_input(dispatcher, self._in_flight.spawner(requests))
             await self._stopping.wait()
             with self._grace:
                 await self._in_flight.idle()
             self.engine.cancel_all()
             await self._in_flight.idle()  # each cancelled infer is answered -32800
-            reading.cancel()
             self._drained.set()  # `shutdown` calls answer last; the task group waits for them
 
-    async def _read(
-        self, dispatcher: Dispatcher, requests: TaskGroup, reading: anyio.CancelScope
-    ) -> None:
-        stream = FdReceiveStream(self._claim.read_fd, persistent=True)
-        reader = LineReader(stream, self._config.max_message_bytes)
-        try:
-            with reading:
-                await self._read_lines(reader, dispatcher, requests)
-                log.info("end of input; stopping")
-                self.stop(self._config.shutdown_grace_s)
-        finally:
-            await stream.aclose()
+    def _start_input(self, dispatcher: Dispatcher, spawn: Spawn) -> None:
+        """Read in the input thread: it answers `status` itself, and hands every other line to
+        the loop, at most BATCHES_AHEAD reads ahead of it (the loop bounds what is read)."""
+        door = LoopDoor()
+        ahead = threading.BoundedSemaphore(BATCHES_AHEAD)
 
-    async def _read_lines(
-        self, reader: LineReader, dispatcher: Dispatcher, requests: TaskGroup
-    ) -> None:
-        spawn = self._in_flight.spawner(requests)
-        while True:
-            await self._writer.below_high_water()
-            line = await reader.next_line()
-            if line is None:
-                return
-            handled = self._handle_burst(line, reader, dispatcher, spawn)
-            del line  # a long context must not stay alive here while its request runs
-            if handled == YIELD_EVERY_LINES:
-                await anyio.lowlevel.checkpoint()
+        def on_lines(lines: Lines) -> None:
+            rest = self._answer_here(lines, dispatcher)
+            if rest:
+                ahead.acquire()
+                door.call(self._handle_lines, rest, dispatcher, spawn, ahead)
 
-    def _handle_burst(
-        self, first: Line, reader: LineReader, dispatcher: Dispatcher, spawn: Spawn
-    ) -> int:
-        """Handle `first` and the complete lines read with it, up to YIELD_EVERY_LINES; the
-        answers to them go out together, in one write. Return how many were handled."""
-        handled = 0
-        line: Line | None = first
+        def on_end() -> None:
+            with contextlib.suppress(StopReading):
+                door.call(self._input_ended)
+
+        InputThread(
+            self._claim.read_fd,
+            self._config.max_message_bytes,
+            on_lines,
+            on_end,
+            self._writer.wait_below_high_water,
+        ).start()
+
+    def _answer_here(self, lines: Lines, dispatcher: Dispatcher) -> Lines:
+        """In the input thread: answer the lines that are `status` requests (in one write);
+        return the others."""
+        answers: list[bytes] = []
+        rest: Lines = []
+        context = self._context_factory(self._lines_read)
+        for line in lines:
+            message = _maybe_status(line)
+            handled, response = (
+                (False, None) if message is None else dispatcher.answer_here(message, context)
+            )
+            if not handled:
+                rest.append(line)
+            elif response is not None:
+                answers.append(encode(response))
+        if answers:
+            self._writer.send_from_thread(answers)
+        return rest
+
+    def _handle_lines(
+        self,
+        lines: Lines,
+        dispatcher: Dispatcher,
+        spawn: Spawn,
+        ahead: threading.BoundedSemaphore,
+    ) -> None:
+        """In the loop: the lines of one read, answered together (one write for what is
+        answered at once)."""
+        ahead.release()
+        if self._drained.is_set():
+            return  # stopped: what arrives now is not read, as after a close of our stdin
         with self._writer.held():
-            while line is not None:
+            for line in lines:
                 self._handle_line(line, dispatcher, spawn)
-                handled += 1
-                if handled == YIELD_EVERY_LINES:
-                    break
-                line = reader.buffered_line()
-        return handled
+
+    def _input_ended(self) -> None:
+        log.info("end of input; stopping")
+        self.stop(self._config.shutdown_grace_s)
 
     def _handle_line(self, line: Line, dispatcher: Dispatcher, spawn: Spawn) -> None:
         if isinstance(line, OversizedLine):
@@ -299,9 +321,28 @@ class Server:
         self.stop(0)
 
 
+STATUS_LINE_BYTES = 1024  # a longer line is not a bare `status` request
+
+
+def _maybe_status(line: Line) -> Any:
+    """The decoded message, when `line` may be a `status` request; else None (the loop reads
+    it, and answers it whatever it is)."""
+    if isinstance(line, OversizedLine) or len(line) > STATUS_LINE_BYTES or b"status" not in line:
+        return None
+    try:
+        return decode(line)
+    except ParseError:
+        return None
+
+
 def _load_dispatcher() -> Dispatcher:
     """Import the JSON-RPC layer (after `ready` is out; see the module docstring)."""
     from rlm_server.dispatch import Dispatcher
-    from rlm_server.methods import INLINE_METHODS, REQUEST_ONLY_METHODS, TASK_METHODS
+    from rlm_server.methods import (
+        ANY_THREAD_METHODS,
+        INLINE_METHODS,
+        REQUEST_ONLY_METHODS,
+        TASK_METHODS,
+    )
 
-    return Dispatcher(INLINE_METHODS, TASK_METHODS, REQUEST_ONLY_METHODS)
+    return Dispatcher(INLINE_METHODS, TASK_METHODS, REQUEST_ONLY_METHODS, ANY_THREAD_METHODS)

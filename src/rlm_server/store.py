@@ -81,12 +81,14 @@ class ContextStore:
         self._forget = forget  # tell the zygote to let go of a context
         self._contexts: dict[str, StoredContext] = {}  # by id: sealed ones, and chunked loads
         self._bytes = 0  # every file, dropped ones still in use included
+        self.sealed_count = 0  # len(sealed()), kept as a number: `status` reads it off the loop
         self._recency = itertools.count(1)
 
     # -- what is stored ---------------------------------------------------------------------
 
     @property
     def bytes_total(self) -> int:
+        """Read by `status` from the input thread too: a plain int, always whole."""
         return self._bytes
 
     def sealed(self) -> list[StoredContext]:
@@ -193,8 +195,7 @@ class ContextStore:
             raise ContextStoreFull(limit_bytes=self.limit_bytes)
         for victim in victims:
             log.info("evicting context %s (%d bytes) to make room", victim.id, victim.size)
-            del self._contexts[victim.id]
-            victim.dropped = True
+            self._unlist(victim)
             self._remove_file(victim)
         self._bytes += needed
         return victims
@@ -203,8 +204,15 @@ class ContextStore:
         entry.sealed = True
         entry.sha256 = entry.digest.hexdigest()
         self._contexts[entry.id] = entry
+        self.sealed_count += 1
         self._touch(entry)
         return entry
+
+    def _unlist(self, entry: StoredContext) -> None:
+        """Gone for new requests (its file may stay while something holds it)."""
+        entry.dropped = True
+        if self._contexts.pop(entry.id, None) is not None and entry.sealed:
+            self.sealed_count -= 1
 
     # -- using and dropping -----------------------------------------------------------------
 
@@ -244,8 +252,7 @@ class ContextStore:
         async with entry.writing:  # a chunk being written finishes first
             if entry.dropped:
                 return False
-            del self._contexts[entry.id]
-            entry.dropped = True
+            self._unlist(entry)
             if entry.uses == 0:
                 await self._let_go(entry)
         return True
@@ -256,8 +263,7 @@ class ContextStore:
 
     async def _drop_now(self, entry: StoredContext) -> None:
         """A load that failed: its entry and file go at once (nothing can hold it yet)."""
-        self._contexts.pop(entry.id, None)
-        entry.dropped = True
+        self._unlist(entry)
         await self._let_go(entry)
 
     async def _let_go(self, entry: StoredContext) -> None:

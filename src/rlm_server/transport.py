@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import logging
 import math
 import os
+import select
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -66,7 +69,9 @@ class StdioClaim:
                 pass
 
 
-def claim_stdio() -> StdioClaim:
+def claim_stdio(nonblocking_read: bool = True) -> StdioClaim:
+    """Take fds 0 and 1 for the protocol. The input is read without blocking by an event
+    loop, or blocking by InputThread (`nonblocking_read=False`)."""
     read_fd, write_fd = os.dup(0), os.dup(1)  # os.dup: not inherited by children
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -74,7 +79,12 @@ def claim_stdio() -> StdioClaim:
     os.dup2(2, 1)
     _grow_pipe(read_fd)
     _grow_pipe(write_fd)
-    return StdioClaim(read_fd, write_fd, set_nonblocking(read_fd), set_nonblocking(write_fd))
+    read_flags = fcntl.fcntl(read_fd, fcntl.F_GETFL)
+    if nonblocking_read:
+        set_nonblocking(read_fd)
+    else:
+        fcntl.fcntl(read_fd, fcntl.F_SETFL, read_flags & ~os.O_NONBLOCK)
+    return StdioClaim(read_fd, write_fd, read_flags, set_nonblocking(write_fd))
 
 
 class FdReceiveStream(ByteReceiveStream):
@@ -151,42 +161,52 @@ def _blank(line: bytes | bytearray) -> bool:
     return not line or line.isspace()  # never line.strip(): that copies a 200 MB line
 
 
-class LineReader:
-    """Newline-delimited lines from a byte stream, with a size limit.
+class LineFramer:
+    """Newline-delimited lines out of bytes fed in, with a size limit; no I/O of its own, so
+    that the input thread and the async reader frame alike.
 
     anyio's `BufferedByteReceiveStream.receive_until` returns `bytes(buffer[:index])`: for a
     200 MB line that is the buffer, a slice and a copy alive at once. Here a line that fills
     most of the buffer is handed over as the buffer itself (orjson parses a bytearray), so a
-    long context is never copied on its way in; short lines are sliced off the front.
-    A method rather than an async generator, so that no suspended frame keeps a long line alive.
+    long context is never copied on its way in; short lines are sliced off the front. A line
+    over the limit is reported once as `OversizedLine`, and the rest of it is dropped as it
+    arrives, so no more than the limit is ever held.
     """
 
-    def __init__(self, stream: ByteReceiveStream, max_bytes: int) -> None:
-        self._stream = stream
+    def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
         self._buffer = bytearray()
         self._scanned = 0  # bytes of the buffer already known to hold no newline
-        self._ended = False
+        self._skipping = False  # inside a line over the limit, already reported
 
-    async def next_line(self) -> bytes | bytearray | OversizedLine | None:
-        """The next non-blank line without its newline, an OversizedLine, or None at the end.
+    def feed(self, data: bytes) -> None:
+        if self._skipping:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return
+            data = data[newline + 1 :]
+            self._skipping = False
+        self._buffer += data
 
-        A final line without a newline counts as a line.
-        """
-        while True:
-            line = self.buffered_line()
-            if line is not None:
-                return line
-            if len(self._buffer) > self._max_bytes:
-                head = bytes(self._buffer[:HEAD_BYTES])
-                await self._skip_rest_of_line()
-                return OversizedLine(self._max_bytes, head)
-            if self._ended:
-                return None if _blank(self._buffer) else self._take(len(self._buffer))
-            await self._fill()
+    def next_line(self) -> bytes | bytearray | OversizedLine | None:
+        """The next complete non-blank line, an OversizedLine, or None until more is fed."""
+        line = self.buffered_line()
+        if line is None and len(self._buffer) > self._max_bytes:
+            head = bytes(self._buffer[:HEAD_BYTES])
+            self._buffer = bytearray()
+            self._scanned = 0
+            self._skipping = True
+            return OversizedLine(self._max_bytes, head)
+        return line
+
+    def last_line(self) -> bytes | bytearray | None:
+        """At the end of input: what is left, a final line without its newline, if any."""
+        if self._skipping or _blank(self._buffer):
+            return None
+        return self._take(len(self._buffer))
 
     def buffered_line(self) -> bytes | bytearray | OversizedLine | None:
-        """The next complete non-blank line already read, without waiting; None if none is."""
+        """The next complete non-blank line already fed; None if none is."""
         while (newline := self._buffer.find(b"\n", self._scanned)) >= 0:
             line = self._take(newline)
             if len(line) > self._max_bytes:
@@ -208,34 +228,131 @@ class LineReader:
         del taken[newline:]
         return taken
 
-    async def _fill(self) -> None:
-        try:
-            self._buffer += await self._stream.receive()
-        except anyio.EndOfStream:
-            self._ended = True
 
-    async def _skip_rest_of_line(self) -> None:
-        """Drop bytes up to the next newline, keeping what follows it."""
-        self._buffer = bytearray()
-        while not self._ended:
-            await self._fill()
-            newline = self._buffer.find(b"\n")
-            if newline >= 0:
-                del self._buffer[: newline + 1]
-                break
-            self._buffer = bytearray()
-        self._scanned = 0
+class LineReader:
+    """Lines from an async byte stream (the elizaOS plugin mode reads so; see InputThread).
+    A method rather than an async generator, so that no suspended frame keeps a long line
+    alive."""
+
+    def __init__(self, stream: ByteReceiveStream, max_bytes: int) -> None:
+        self._stream = stream
+        self._framer = LineFramer(max_bytes)
+        self._ended = False
+
+    async def next_line(self) -> bytes | bytearray | OversizedLine | None:
+        """The next non-blank line without its newline, an OversizedLine, or None at the end.
+
+        A final line without a newline counts as a line.
+        """
+        while True:
+            line = self._framer.next_line()
+            if line is not None:
+                return line
+            if self._ended:
+                return self._framer.last_line()
+            try:
+                self._framer.feed(await self._stream.receive())
+            except anyio.EndOfStream:
+                self._ended = True
+
+    def buffered_line(self) -> bytes | bytearray | OversizedLine | None:
+        """The next complete non-blank line already read, without waiting; None if none is."""
+        return self._framer.buffered_line()
+
+
+Lines = list[bytes | bytearray | OversizedLine]
+
+
+class InputThread:
+    """Blocking reads of the protocol descriptor in a thread of its own.
+
+    A client that waits for each answer pays, per request, for whatever wakes the reader: an
+    event loop's turn (epoll, a callback, a task step) costs more than the rest of a `status`
+    together. A thread blocked in `read` wakes straight into framing, and hands each read's
+    complete lines to `on_lines` in this thread: the server answers what may be answered from
+    any thread (`status`) here and passes the rest to its event loop. Before each read it waits
+    in `may_read` (the writer's high-water mark). At the end of input, `on_end`. The thread is
+    a daemon: the process exits without waiting for a read that never returns.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        max_bytes: int,
+        on_lines: Callable[[Lines], None],
+        on_end: Callable[[], None],
+        may_read: Callable[[], None],
+    ) -> None:
+        self._fd = fd
+        self._framer = LineFramer(max_bytes)
+        self._on_lines, self._on_end, self._may_read = on_lines, on_end, may_read
+        self._thread = threading.Thread(target=self._run, name="rlm-server-input", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while data := self._read():
+                self._framer.feed(data)
+                del data
+                lines: Lines = []
+                while (line := self._framer.next_line()) is not None:
+                    lines.append(line)
+                if lines:
+                    self._on_lines(lines)
+                del lines, line  # a long context must not stay alive here while it runs
+            last = self._framer.last_line()
+            if last is not None:
+                self._on_lines([last])
+        except StopReading:
+            return
+        self._on_end()
+
+    def _read(self) -> bytes:
+        self._may_read()
+        while True:
+            try:
+                return os.read(self._fd, READ_CHUNK)
+            except BlockingIOError:  # a descriptor someone else made non-blocking
+                select.select([self._fd], [], [])
+            except OSError:
+                return b""
+
+
+class StopReading(Exception):
+    """Raised by a callback of InputThread: read no more (the server is gone)."""
+
+
+class LoopDoor:
+    """Calls into an event loop from another thread, in the context captured where it was made
+    (so anyio, which finds its backend through a context variable, works in the callbacks);
+    StopReading once the loop is closed (the server has stopped)."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._context = contextvars.copy_context()
+
+    def call(self, callback: Callable[..., None], *args: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args, context=self._context)
+        except RuntimeError:
+            raise StopReading from None
 
 
 class ProtocolWriter:
-    """The single owner of the protocol descriptor; every message goes through `send`.
+    """The single owner of the protocol descriptor; every message goes through `send` (in the
+    event loop) or `send_from_thread` (the input thread's answers).
 
     `send` never blocks: messages sent during one turn of the event loop are written together
     at the end of that turn (one `writev` for a burst of pipelined answers, wherever they came
     from); inside `held`, at the end of the block instead, which saves that turn. What the
     pipe does not take is queued, and the writer task (`run`) writes the queue out; nothing is
-    written directly while anything is queued, so messages keep their order.
-    `below_high_water` lets the reader stop reading while too much is unsent.
+    written directly while anything is queued, so lines are never cut into each other. One lock
+    keeps the two threads' direct writes and the queue's accounting apart; what the input
+    thread cannot write at once is carried into the queue ahead of anything sent after it.
+    `below_high_water` (async) and `wait_below_high_water` (blocking) let a reader stop
+    reading while too much is unsent.
     """
 
     def __init__(self, fd: int, on_closed: Callable[[], None], high_water: int) -> None:
@@ -249,6 +366,11 @@ class ProtocolWriter:
         self._outbox: list[Buffer] = []  # sent this turn, not yet written or queued
         self._held = False
         self._send, self._receive = anyio.create_memory_object_stream[Buffer](math.inf)
+        self._lock = threading.Lock()
+        self._carry: list[Buffer] = []  # from the input thread, to queue before anything else
+        self._below = threading.Event()  # set while no more than high water is unsent
+        self._below.set()
+        self._door: LoopDoor | None = None  # into run()'s loop: where the carry goes
 
     def send(self, line: bytes) -> None:
         """Write one encoded message (the newline is added here) at the end of this turn."""
@@ -273,19 +395,73 @@ class ProtocolWriter:
         buffers, self._outbox = self._outbox, []
         if not buffers or not self._open:
             return
-        if self._pending == 0:
-            try:
-                buffers = _advance(buffers, os.writev(self._fd, buffers[:IOV_MAX]))
-            except BlockingIOError:
-                pass
-            except OSError as error:
-                self._close(error)
+        with self._lock:
+            self._queue_carry_locked()
+            buffers, error = self._write_now_locked(buffers)
+            if error is None:
+                self._queue_locked(_compact(buffers))
+        if error is not None:
+            self._close(error)
+
+    def send_from_thread(self, lines: list[bytes]) -> None:
+        """Write encoded messages from the input thread: at once when nothing is queued (the
+        usual case), else carried into the queue, in order, by the event loop."""
+        buffers: list[Buffer] = [part for line in lines for part in (line, b"\n")]
+        with self._lock:
+            if not self._open:
                 return
-        buffers = _compact(buffers)
+            if not self._carry:
+                buffers, error = self._write_now_locked(buffers)
+                if error is not None:
+                    self._in_loop(self._close, error)
+                    return
+            if not buffers:
+                return
+            carried = _compact(buffers)
+            self._carry += carried
+            self._count_locked(carried)
+        self._in_loop(self._queue_carry)
+
+    def _in_loop(self, callback: Callable[..., None], *args: object) -> None:
+        if self._door is None:
+            raise StopReading  # the writer never ran: the server is stopping
+        self._door.call(callback, *args)
+
+    def _write_now_locked(self, buffers: list[Buffer]) -> tuple[list[Buffer], OSError | None]:
+        """Write what the pipe takes now, if nothing is queued; what is left to queue."""
+        if self._pending:
+            return buffers, None
+        try:
+            return _advance(buffers, os.writev(self._fd, buffers[:IOV_MAX])), None
+        except BlockingIOError:
+            return buffers, None
+        except OSError as error:
+            return [], error
+
+    def _count_locked(self, buffers: list[Buffer]) -> None:
         self._pending += len(buffers)
+        self._unsent_bytes += sum(len(buffer) for buffer in buffers)
+        if self._unsent_bytes > self._high_water:
+            self._below.clear()
+
+    def _queue_locked(self, buffers: list[Buffer]) -> None:
+        self._count_locked(buffers)
         for buffer in buffers:
-            self._unsent_bytes += len(buffer)
             self._send.send_nowait(buffer)
+
+    def _queue_carry(self) -> None:
+        with self._lock:
+            self._queue_carry_locked()
+
+    def _queue_carry_locked(self) -> None:
+        """Move what the input thread could not write into the queue (already counted)."""
+        carried, self._carry = self._carry, []
+        for buffer in carried:
+            self._send.send_nowait(buffer)
+
+    def wait_below_high_water(self) -> None:
+        """Block (in the input thread) while more than the high-water mark is unsent."""
+        self._below.wait()
 
     async def below_high_water(self) -> None:
         """Return once no more than the high-water mark of bytes is waiting to be written."""
@@ -299,6 +475,7 @@ class ProtocolWriter:
         self._send.close()
 
     async def run(self) -> None:
+        self._door = LoopDoor()
         async with self._receive:
             async for first in self._receive:
                 burst = [first]
@@ -312,16 +489,21 @@ class ProtocolWriter:
                         await _writev_all(self._fd, burst)
                     except OSError as error:
                         self._close(error)
-                self._pending -= len(burst)
-                self._unsent_bytes -= sum(len(buffer) for buffer in burst)
-                if self._unsent_bytes <= self._high_water:
-                    self._drained.set()
+                with self._lock:
+                    self._pending -= len(burst)
+                    self._unsent_bytes -= sum(len(buffer) for buffer in burst)
+                    if self._unsent_bytes <= self._high_water:
+                        self._drained.set()
+                        self._below.set()
 
     def _close(self, error: OSError) -> None:
         """The reader of our stdout has gone: nobody can be answered any more."""
+        if not self._open:
+            return
         log.warning("protocol output closed (%s); stopping", error.strerror)
         self._open = False
         self._drained.set()
+        self._below.set()
         self._on_closed()
 
 

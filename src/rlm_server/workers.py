@@ -378,8 +378,15 @@ class WorkerPool:
         its model calls are answered by `on_call`, concurrently. A stored context is named in
         the fork, so the worker inherits it."""
         inherited = context if isinstance(context, ContextFile) else None
+        crash: RpcError | None = None
         async with self._forked(inherited) as worker:
-            return await _job(worker, job, context, on_event, on_call)
+            try:
+                final = await _converse(worker, job, context, on_event, on_call)
+            except* WorkerCrashed as crashed:  # raised inside the calls' task group
+                crash = first_of(crashed, WorkerCrashed)
+        if crash is not None:
+            raise crash
+        return _final(final)
 
     async def long_worker(self, context: ContextFile | None) -> LongWorker:
         """A worker that serves job after job until it is closed (a session's)."""
@@ -397,15 +404,6 @@ class WorkerPool:
         return LongWorker(worker, workdir)
 
 
-async def _started(worker: Worker) -> None:
-    """Wait for a new worker's keeper to say which process runs its jobs."""
-    try:
-        with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
-            await worker.receive_job_pid()
-    except TimeoutError:
-        raise WorkerCrashed(reason="the worker did not start") from None
-
-
 class LongWorker:
     """A session's worker: one process that keeps its REPL from one job to the next.
 
@@ -420,7 +418,16 @@ class LongWorker:
         self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
     ) -> Json:
         """One job (a turn) on this worker; its final frame, or WorkerCrashed."""
-        return await _job(self._worker, {**job, "session": True}, context, on_event, on_call)
+        crash: RpcError | None = None
+        try:
+            final = await _converse(
+                self._worker, {**job, "session": True}, context, on_event, on_call
+            )
+        except* WorkerCrashed as crashed:  # raised inside the calls' task group
+            crash = first_of(crashed, WorkerCrashed)
+        if crash is not None:
+            raise crash
+        return _final(final)
 
     async def close(self) -> None:
         self._worker.kill()
@@ -432,17 +439,17 @@ class LongWorker:
         self._worker.kill()
 
 
-async def _job(
-    worker: Worker, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
-) -> Json:
-    """Run one job on a worker: its checked final frame, or WorkerCrashed."""
-    crash: RpcError | None = None
+async def _started(worker: Worker) -> None:
+    """The keeper's first words (the pid to kill), within the handshake's time."""
     try:
-        final = await _converse(worker, job, context, on_event, on_call)
-    except* WorkerCrashed as crashed:  # raised inside the calls' task group
-        crash = first_of(crashed, WorkerCrashed)
-    if crash is not None:
-        raise crash
+        with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
+            await worker.receive_job_pid()
+    except TimeoutError:
+        raise WorkerCrashed(reason="the worker did not start") from None
+
+
+def _final(final: Json | None) -> Json:
+    """A job's checked final frame, or WorkerCrashed (it died, or it had no context)."""
     if final is None:
         raise WorkerCrashed()
     final = checked_final(final)

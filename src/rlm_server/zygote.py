@@ -11,6 +11,12 @@ by the sandbox plan the server found in force (sandbox.py: namespaces, Landlock,
 limits), works in the directory the server made for it (its cwd and TMPDIR, so the REPL's files
 land there), and exits only when the server closes its socket, so the server always kills a
 living group.
+
+Stored contexts: a fork message may name one (id, file, kind). The zygote reads the file once
+into a `str` (or, for JSON, a list) and keeps it until told to forget it; every worker forked
+after that gets it as `completion.inherited`, sharing its pages copy-on-write (a `str` is not
+tracked by the garbage collector, so only its header's refcount is ever written). A zygote that
+replaces a dead one holds nothing and reads each context again when a fork asks for it.
 """
 
 from __future__ import annotations
