@@ -286,7 +286,7 @@ impl RlmClient {
     /// # async fn run() -> Result<(), rlm_client::RlmError> {
     /// let client = rlm_client::RlmClient::from_env();
     /// let logs = client.load_context(std::fs::read_to_string("app.log").unwrap()).await?;
-    /// let session = client.open_session(Some(&logs.context_id)).await?;
+    /// let session = client.open_session(Some(logs.context_id.as_str())).await?;
     /// session.infer("Find every error and keep them in a variable.").await?;
     /// let answer = session.infer("Which of them came first?").await?;
     /// println!("{}", answer.text);
