@@ -324,6 +324,7 @@ def _bad(method: str, params: Any) -> dict[str, Any]:
         ("infer", {"context_id": 5}, "context_id"),
         ("infer", {"context_id": ["ctx"]}, "context_id"),
         ("infer", {"context_id": "ctx-none"}, "context_id"),
+        ("infer", {"context_id": ""}, "context_id"),
         ("infer", {"context_id": "ctx-none", "prompt": "x"}, "context_id"),
         ("infer", {"context_id": "ctx-none", "messages": []}, "context_id"),
         ("infer", {"query": "q"}, "prompt"),

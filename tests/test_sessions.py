@@ -258,6 +258,8 @@ def test_a_turn_in_stub_mode_is_a_stub_answer(spawn: Spawn) -> None:
         ("session/close", {"session_id": ["ses"]}, "session_id"),
         ("session/close", {"session_id": "ses-x", "now": True}, "now"),
         ("infer", {"session_id": "ses-unknown"}, "session_id"),
+        ("infer", {"session_id": ""}, "session_id"),
+        ("infer", {"session_id": "", "prompt": "x"}, "session_id"),
         ("infer", {"session_id": 1}, "session_id"),
         ("infer", {"session_id": {}}, "session_id"),
         ("infer", {"session_id": "ses-x", "context_id": "ctx-x"}, "context_id"),

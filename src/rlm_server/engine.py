@@ -295,11 +295,11 @@ class Engine:
     ) -> Json:
         """Run one request; `sequence` is the number of the input line that carried it."""
         self._admit_or_refuse(sequence, request.size)
-        session = self.sessions.get(request.session_id) if request.session_id else None
+        session = None if request.session_id is None else self.sessions.get(request.session_id)
         spec = RunSpec.resolve(self.config, request.options, self._environ)
         await self._check_prices(spec, request.options)
         async with self._source(request) as source:
-            with self.sessions.active(session) if session else contextlib.nullcontext():
+            with contextlib.nullcontext() if session is None else self.sessions.active(session):
                 return await self._admitted(request, spec, source, session, request_id, notify)
 
     @asynccontextmanager

@@ -43,17 +43,23 @@ class Metrics:
     ordered: list[float] = field(default_factory=list)  # the same, sorted: status never sorts
     window_sum: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    cached: dict[str, Any] | None = field(default=None, repr=False)  # snapshot until a change
 
     def started(self) -> None:
-        self.total_requests += 1
+        with self.lock:
+            self.total_requests += 1
+            self.cached = None
 
     def retried(self, calls: int) -> None:
         """Model calls that were tried again (the broker retries each call on its own)."""
-        self.total_retries += calls
+        with self.lock:
+            self.total_retries += calls
+            self.cached = None
 
     def record(self, outcome: Outcome, elapsed_ms: float) -> None:
         with self.lock:
             self._record(outcome, elapsed_ms)
+            self.cached = None
 
     def _record(self, outcome: Outcome, elapsed_ms: float) -> None:
         self.outcomes[outcome.value] += 1
@@ -66,8 +72,11 @@ class Metrics:
         self.window_sum += elapsed_ms
 
     def snapshot(self) -> dict[str, Any]:
+        """The counts now (computed again only after a change; not to be modified)."""
         with self.lock:
-            return self._snapshot()
+            if self.cached is None:
+                self.cached = self._snapshot()
+            return self.cached
 
     def _snapshot(self) -> dict[str, Any]:
         ordered = self.ordered

@@ -218,7 +218,7 @@ class Server:
     def _answer_here(self, lines: Lines, dispatcher: Dispatcher) -> Lines:
         """In the input thread: answer the lines that are `status` requests (in one write);
         return the others."""
-        answers: list[bytes] = []
+        answers = bytearray()  # not a list: each orjson result keeps 8 KiB of capacity
         rest: Lines = []
         context = self._context_factory(self._lines_read)
         for line in lines:
@@ -229,7 +229,8 @@ class Server:
             if not handled:
                 rest.append(line)
             elif response is not None:
-                answers.append(encode(response))
+                answers += encode(response)
+                answers += b"\n"
         if answers:
             self._writer.send_from_thread(answers)
         return rest
