@@ -243,8 +243,10 @@ impl RlmClient {
     /// and chunk size.
     ///
     /// A text longer than the chunk size goes in `context/load` chunks cut at character
-    /// boundaries, each sent after the answer to the one before; a reader's or a file's bytes
-    /// are decoded as UTF-8 as they arrive ([`RlmError::InvalidUtf8`], [`RlmError::Read`]).
+    /// boundaries, each sent after the answer to the one before (cut again to fit, when the
+    /// server refuses a line as longer than its `--max-message-bytes`); a list goes in one
+    /// line. A reader's or a file's bytes are decoded as UTF-8 as they arrive
+    /// ([`RlmError::InvalidUtf8`], [`RlmError::Read`]).
     /// A full store is [`RlmError::ContextStoreFull`]. Nothing is retried. A load that does
     /// not finish (its source fails, the server refuses a chunk, its timeout passes, its
     /// future is dropped) drops what it stored, at once or, for a chunk in flight, when the

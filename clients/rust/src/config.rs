@@ -144,8 +144,9 @@ pub struct RlmConfig {
     pub retry: RetryConfig,
     /// The most bytes of text one `context/load` line carries, as a JSON string (escapes
     /// counted): [`crate::RlmClient::load_context`] sends a longer text in chunks of at most
-    /// this. Keep it well below the server's `--max-message-bytes` (1 GiB by default); the
-    /// line adds about 150 bytes to it. At least 6 (one escaped character) is used.
+    /// this. The line adds about 150 bytes; a server whose `--max-message-bytes` (1 GiB by
+    /// default) is lower refuses it, and the load cuts that text again to fit the limit the
+    /// refusal names. At least 6 (one escaped character) is used.
     pub context_chunk_bytes: usize,
     /// Called after every settled `infer` (the TypeScript client's `onMetrics`).
     pub on_metrics: Option<MetricsCallback>,

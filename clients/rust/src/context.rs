@@ -16,11 +16,16 @@ use tokio::sync::oneshot;
 use crate::client::{Deadline, RlmClient, decode};
 use crate::connection::Connection;
 use crate::error::RlmError;
-use crate::protocol::{ContextDropParams, ContextLoadParams, ContextLoadResult, Message};
+use crate::protocol::{
+    ContextDropParams, ContextLoadParams, ContextLoadResult, ErrorType, Message,
+};
 use crate::request::encode_params;
 
 /// The smallest chunk: one character written as a JSON string takes at most 6 bytes.
 const MIN_CHUNK_BYTES: usize = 6;
+/// What a `context/load` line holds besides its chunk (the envelope, the largest id, the
+/// context's id and `final`), with room to spare.
+const LINE_OVERHEAD: usize = 256;
 /// How much is read from a reader at once.
 const READ_BLOCK: usize = 64 * 1024;
 
@@ -277,7 +282,7 @@ impl Load {
         let text = match source {
             ContextSource::Messages(messages) => {
                 return self
-                    .step(ContextLoadParams {
+                    .step(&ContextLoadParams {
                         messages: Some(messages),
                         ..ContextLoadParams::default()
                     })
@@ -292,25 +297,28 @@ impl Load {
 
     /// A text that fits in one line goes as `text`; a longer one as chunks, each sent after
     /// the answer to the one before (the server appends them in the order it handles them).
+    /// A line the server refuses as too long (its `--max-message-bytes` is below the chunk
+    /// size) is cut again to fit and sent again.
     async fn store_text(&self, mut chunks: Chunks) -> Result<ContextLoadResult, RlmError> {
-        let first = chunks.next().await?;
-        if first.last {
-            return self
-                .step(ContextLoadParams {
-                    text: Some(first.text),
-                    ..ContextLoadParams::default()
-                })
-                .await;
-        }
-        let mut stored = self.step(chunk_params(first, None)).await?;
+        let mut stored: Option<ContextLoadResult> = None;
         loop {
             let chunk = chunks.next().await?;
             let last = chunk.last;
-            stored = self
-                .step(chunk_params(chunk, Some(stored.context_id)))
-                .await?;
-            if last {
-                return Ok(stored);
+            let context_id = stored.as_ref().map(|s| s.context_id.clone());
+            let params = match context_id {
+                None if last => ContextLoadParams {
+                    text: Some(chunk.text),
+                    ..ContextLoadParams::default()
+                },
+                context_id => chunk_params(chunk, context_id),
+            };
+            match self.step(&params).await {
+                Ok(answer) if last => return Ok(answer),
+                Ok(answer) => stored = Some(answer),
+                Err(error) => {
+                    let limit = shorter_limit(&error, chunks.limit).ok_or(error)?;
+                    chunks.put_back(params.chunk.or(params.text).unwrap_or_default(), limit);
+                }
             }
         }
     }
@@ -318,8 +326,8 @@ impl Load {
     /// One `context/load`, sent and awaited in a task of its own, so that its answer is read
     /// even if the load is abandoned meanwhile. Bounded there by the request timeout; the
     /// load's own deadline bounds the wait here.
-    async fn step(&self, params: ContextLoadParams) -> Result<ContextLoadResult, RlmError> {
-        let params = encode_params("context/load", &params)?;
+    async fn step(&self, params: &ContextLoadParams) -> Result<ContextLoadResult, RlmError> {
+        let params = encode_params("context/load", params)?;
         let (client, partial) = (self.client.clone(), self.partial.clone());
         let (answer, answered) = oneshot::channel();
         tokio::spawn(async move {
@@ -347,6 +355,22 @@ impl Drop for Load {
     fn drop(&mut self) {
         self.partial.abandon();
     }
+}
+
+/// For a line the server refused as too long (-32600 `line_too_long`, `data.limit` its
+/// `--max-message-bytes`), the chunk size that fits it, when that is smaller than `limit`, the
+/// one the line was cut with; `None` for any other error.
+fn shorter_limit(error: &RlmError, limit: usize) -> Option<usize> {
+    let RlmError::InvalidRequest(refused) = error else {
+        return None;
+    };
+    let data = refused.data.as_ref()?;
+    let line_limit = data.limit.as_ref()?.count()?;
+    let fits = usize::try_from(line_limit)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(LINE_OVERHEAD)
+        .max(MIN_CHUNK_BYTES);
+    (data.kind == ErrorType::LineTooLong && fits < limit).then_some(fits)
 }
 
 fn chunk_params(chunk: Chunk, context_id: Option<String>) -> ContextLoadParams {
@@ -502,6 +526,14 @@ impl Chunks {
         Ok(Chunk { text, last })
     }
 
+    /// Takes back a piece the server refused, to cut it again within `limit`.
+    fn put_back(&mut self, piece: String, limit: usize) {
+        self.size += json_size(&piece);
+        self.buffer.replace_range(..self.start, &piece);
+        self.start = 0;
+        self.limit = limit;
+    }
+
     fn push(&mut self, text: String) {
         self.size += json_size(&text);
         if self.start == self.buffer.len() {
@@ -650,6 +682,45 @@ mod tests {
             matches!(cut_short, Err(RlmError::InvalidUtf8 { offset: 2 })),
             "the end inside a character"
         );
+    }
+
+    #[tokio::test]
+    async fn a_piece_put_back_is_cut_again_within_the_new_limit() {
+        let mut chunks = Chunks::new(TextSource::Whole(Some("abcdef€gh".into())), 100);
+        let whole = chunks.next().await.unwrap();
+        assert!(whole.last);
+        chunks.put_back(whole.text, 4);
+        let mut pieces = Vec::new();
+        loop {
+            let chunk = chunks.next().await.unwrap();
+            pieces.push(chunk.text);
+            if chunk.last {
+                break;
+            }
+        }
+        assert_eq!(pieces, ["abcd", "ef", "€g", "h"]);
+    }
+
+    #[test]
+    fn only_a_line_too_long_with_a_smaller_limit_shrinks_the_chunks() {
+        let refused = |kind: &str, limit: u64| {
+            RlmError::from_rpc(
+                serde_json::from_value(serde_json::json!({
+                    "code": -32600, "message": "Message too large",
+                    "data": {"type": kind, "limit": limit}
+                }))
+                .unwrap(),
+            )
+        };
+        let too_long = refused("line_too_long", 1256);
+        assert_eq!(shorter_limit(&too_long, 4 << 20), Some(1000));
+        assert_eq!(shorter_limit(&too_long, 1000), None, "no smaller: give up");
+        assert_eq!(shorter_limit(&refused("line_too_long", 10), 100), Some(6));
+        assert_eq!(
+            shorter_limit(&refused("invalid_request", 1256), 4 << 20),
+            None
+        );
+        assert_eq!(shorter_limit(&RlmError::Closed, 4 << 20), None);
     }
 
     #[tokio::test]

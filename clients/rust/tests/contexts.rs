@@ -171,6 +171,23 @@ async fn a_long_string_goes_in_chunks_cut_at_characters_each_line_bounded() {
 }
 
 #[tokio::test]
+async fn a_server_with_a_small_line_limit_gets_smaller_chunks() {
+    repo_or_skip!();
+    let fixture = Fixture::start(json!([{"when": "root", "reply": answer("str(len(context))")}]));
+    let client = client(&fixture, &["--max-message-bytes", "20000"]);
+    let text = MIXED.repeat(2000); // far above the line limit, far below the chunk size
+    let loaded = client.load_context(text.as_str()).await.unwrap();
+    assert_eq!(loaded.bytes, text.len() as u64);
+    let length = ask(&client, &loaded).await.unwrap();
+    assert_eq!(length, text.chars().count().to_string());
+    let list = vec![json!("x".repeat(30_000))];
+    let error = client.load_context(list).await.unwrap_err();
+    assert!(matches!(error, RlmError::InvalidRequest(_)), "{error}");
+    let refused = error.rpc().unwrap().data.as_ref().unwrap();
+    assert_eq!(refused.kind, ErrorType::LineTooLong, "a list is one line");
+}
+
+#[tokio::test]
 async fn a_file_and_a_reader_stream_with_characters_split_across_reads() {
     repo_or_skip!();
     let fixture = Fixture::start(echo());
