@@ -427,9 +427,7 @@ impl RlmClient {
         }
         reply
     }
-}
 
-impl RlmClient {
     /// One call of `method` on `connection` within `timeout` (default
     /// [`RlmConfig::request_timeout`]), not retried, its result decoded.
     pub(crate) async fn ask<T: DeserializeOwned>(
