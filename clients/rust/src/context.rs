@@ -199,8 +199,9 @@ pub(crate) async fn load(
     let stored = tokio::time::timeout_at(deadline.at, load.store(request.source, limit))
         .await
         .unwrap_or(Err(RlmError::Timeout(deadline.budget)))?;
+    let loaded = LoadedContext::try_from(stored)?;
     load.keep();
-    LoadedContext::try_from(stored)
+    Ok(loaded)
 }
 
 /// A load in progress on one server. Unless [`Load::keep`] is called, dropping it drops the
