@@ -11,10 +11,15 @@ use tracing::Instrument;
 
 use crate::config::RlmConfig;
 use crate::connection::{Connection, Exit, Reply};
+use crate::context::{self, ContextSource, LoadRequest, LoadedContext};
 use crate::error::RlmError;
 use crate::metrics::{Metrics, Recorder};
-use crate::protocol::{InferResult, ReadyParams, ShutdownParams, ShutdownResult, StatusResult};
-use crate::request::{InferRequest, ProgressSink, Wire};
+use crate::protocol::{
+    ContextDropParams, ContextDropResult, ContextListResult, InferResult, ReadyParams,
+    SessionOpenParams, SessionOpenResult, ShutdownParams, ShutdownResult, StatusResult,
+};
+use crate::request::{InferRequest, ProgressSink, Wire, encode_params};
+use crate::session::Session;
 
 /// A client of one rlm-server child process, shared by any number of tasks.
 ///
@@ -54,13 +59,13 @@ struct Inner {
 
 /// When a call must be over, and the budget to report if it is not.
 #[derive(Clone, Copy)]
-struct Deadline {
-    at: Instant,
-    budget: Duration,
+pub(crate) struct Deadline {
+    pub(crate) at: Instant,
+    pub(crate) budget: Duration,
 }
 
 impl Deadline {
-    fn after(budget: Duration) -> Self {
+    pub(crate) fn after(budget: Duration) -> Self {
         Self {
             at: Instant::now() + budget,
             budget,
@@ -124,24 +129,52 @@ impl RlmClient {
     /// that exited) is retried with backoff and jitter within the request's timeout; nothing
     /// else is. When the timeout passes, or when the returned future is dropped, the server is
     /// sent `$/cancelRequest` for the request in flight.
+    ///
+    /// A request on a stored context ([`InferRequest::context`]) goes to the server that was
+    /// running when it was made, and is not sent again to a new one if that server exits: the
+    /// context died with it.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResult, RlmError> {
+        self.infer_on(request, None).await
+    }
+
+    /// [`RlmClient::infer`], or a turn of `session` on the server that holds it, counted in
+    /// the metrics.
+    pub(crate) async fn infer_on(
+        &self,
+        request: InferRequest,
+        session: Option<(&str, &Arc<Connection>)>,
+    ) -> Result<InferResult, RlmError> {
         let tracked = self.inner.metrics.begin();
-        let outcome = self.infer_with_retries(request).await;
+        let outcome = self.infer_with_retries(request, session).await;
         tracked.finish(&outcome);
         outcome
     }
 
-    async fn infer_with_retries(&self, request: InferRequest) -> Result<InferResult, RlmError> {
+    async fn infer_with_retries(
+        &self,
+        request: InferRequest,
+        session: Option<(&str, &Arc<Connection>)>,
+    ) -> Result<InferResult, RlmError> {
         let Wire {
             params,
             timeout,
             progress,
-        } = request.into_wire()?;
+            stored,
+        } = request.into_wire(session.map(|(id, _)| id))?;
         let deadline = Deadline::after(timeout.unwrap_or(self.inner.config.request_timeout));
+        // What names a stored context or a session goes to the server that holds it, only.
+        let pinned = match session {
+            Some((_, connection)) => Some(connection.clone()),
+            None if stored => Some(self.connection()?),
+            None => None,
+        };
         let retry = &self.inner.config.retry;
         let mut retries = 0;
         loop {
-            let connection = self.connection()?;
+            let connection = match &pinned {
+                Some(connection) => connection.clone(),
+                None => self.connection()?,
+            };
             let reply = self
                 .call(
                     &connection,
@@ -152,7 +185,13 @@ impl RlmClient {
                 )
                 .await;
             let error = match reply.and_then(|raw| decode(&raw)) {
-                Err(error) if error.is_retryable() && retries < retry.max_retries => error,
+                Err(error)
+                    if error.is_retryable()
+                        && !(pinned.is_some() && matches!(error, RlmError::Exited(_)))
+                        && retries < retry.max_retries =>
+                {
+                    error
+                }
                 outcome => return outcome,
             };
             let delay = retry.delay(retries);
@@ -170,11 +209,102 @@ impl RlmClient {
     /// [`RlmConfig::request_timeout`]), start-up included. Not retried.
     pub async fn status(&self, timeout: Option<Duration>) -> Result<StatusResult, RlmError> {
         let connection = self.connection()?;
-        let deadline = Deadline::after(timeout.unwrap_or(self.inner.config.request_timeout));
-        let raw = self
-            .call(&connection, "status", None, None, deadline)
+        self.ask(&connection, "status", None, timeout).await
+    }
+
+    /// Stores a context on the server, to ask about it with [`InferRequest::context`] or in
+    /// a session ([`RlmClient::open_session`]) without sending it again: a text (`&str`,
+    /// `String`), a list (`Vec<serde_json::Value>`, `Vec<Message>`), or a text streamed from
+    /// a reader or a file ([`ContextSource::reader`], [`ContextSource::file`]), never read
+    /// whole into memory. Within [`RlmConfig::request_timeout`] and
+    /// [`RlmConfig::context_chunk_bytes`]; [`RlmClient::load_context_with`] sets both per
+    /// load.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), rlm_client::RlmError> {
+    /// use rlm_client::{ContextSource, InferRequest, RlmClient};
+    /// let client = RlmClient::from_env();
+    /// let book = client.load_context(ContextSource::file("book.txt")).await?;
+    /// for question in ["Who is the murderer?", "Where was the knife?"] {
+    ///     let request = InferRequest::context(&book.context_id).query(question);
+    ///     println!("{}", client.infer(request).await?.text);
+    /// }
+    /// client.drop_context(&book.context_id).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn load_context(
+        &self,
+        source: impl Into<ContextSource>,
+    ) -> Result<LoadedContext, RlmError> {
+        self.load_context_with(LoadRequest::new(source)).await
+    }
+
+    /// Stores a context as [`RlmClient::load_context`] does, with the request's own timeout
+    /// and chunk size.
+    ///
+    /// A text longer than the chunk size goes in `context/load` chunks cut at character
+    /// boundaries, each sent after the answer to the one before (cut again to fit, when the
+    /// server refuses a line as longer than its `--max-message-bytes`); a list goes in one
+    /// line. A reader's or a file's bytes are decoded as UTF-8 as they arrive
+    /// ([`RlmError::InvalidUtf8`], [`RlmError::Read`]).
+    /// A full store is [`RlmError::ContextStoreFull`]. Nothing is retried. A load that does
+    /// not finish (its source fails, the server refuses a chunk, its timeout passes, its
+    /// future is dropped) drops what it stored, at once or, for a chunk in flight, when the
+    /// server answers it.
+    pub async fn load_context_with(&self, request: LoadRequest) -> Result<LoadedContext, RlmError> {
+        context::load(self, request).await
+    }
+
+    /// Drops a stored context: from now on its id is unknown. Requests and sessions already
+    /// using it finish normally. Returns false when the server had no such context. Within
+    /// [`RlmConfig::request_timeout`]; not retried.
+    pub async fn drop_context(&self, context_id: &str) -> Result<bool, RlmError> {
+        let params = ContextDropParams {
+            context_id: context_id.to_owned(),
+        };
+        let params = encode_params("context/drop", &params)?;
+        let connection = self.connection()?;
+        let dropped: ContextDropResult = self
+            .ask(&connection, "context/drop", Some(params), None)
             .await?;
-        decode(&raw)
+        Ok(dropped.dropped)
+    }
+
+    /// The contexts the server stores (sealed ones, in the order they were loaded) and the
+    /// store's size and limit. Within [`RlmConfig::request_timeout`]; not retried.
+    pub async fn list_contexts(&self) -> Result<ContextListResult, RlmError> {
+        let connection = self.connection()?;
+        self.ask(&connection, "context/list", None, None).await
+    }
+
+    /// Opens a session: one REPL that lives across [`Session::infer`] turns, so that a turn
+    /// can use the variables an earlier one set. With `context_id` the session's `context`
+    /// is that stored context (held while the session is open); without, each turn may
+    /// bring an input of its own. The session lives on the server that is running now;
+    /// [`Session::close`] (or dropping it) closes it. Within [`RlmConfig::request_timeout`];
+    /// not retried.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), rlm_client::RlmError> {
+    /// let client = rlm_client::RlmClient::from_env();
+    /// let logs = client.load_context(std::fs::read_to_string("app.log").unwrap()).await?;
+    /// let session = client.open_session(Some(logs.context_id.as_str())).await?;
+    /// session.infer("Find every error and keep them in a variable.").await?;
+    /// let answer = session.infer("Which of them came first?").await?;
+    /// println!("{}", answer.text);
+    /// session.close().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn open_session(&self, context_id: Option<&str>) -> Result<Session, RlmError> {
+        let params = SessionOpenParams {
+            context_id: context_id.map(str::to_owned),
+        };
+        let params = encode_params("session/open", &params)?;
+        let connection = self.connection()?;
+        let opened: SessionOpenResult = self
+            .ask(&connection, "session/open", Some(params), None)
+            .await?;
+        Ok(Session::new(self.clone(), connection, opened.session_id))
     }
 
     /// Asks the running server to finish and waits until it has: it stops admitting work,
@@ -198,14 +328,13 @@ impl RlmClient {
         let params = ShutdownParams {
             grace_s: Some(grace.as_secs_f64()),
         };
-        let params = serde_json::value::to_raw_value(&params)
-            .map_err(|e| RlmError::Protocol(format!("cannot encode shutdown params: {e}")))?;
+        let params = encode_params("shutdown", &params)?;
         let budget = grace + timeout.unwrap_or(config.request_timeout);
         let reply = self
             .call(
                 &connection,
                 "shutdown",
-                Some(Arc::from(params)),
+                Some(params),
                 None,
                 Deadline::after(budget),
             )
@@ -251,7 +380,7 @@ impl RlmClient {
     }
 
     /// The running server, started if there is none or the last one died.
-    fn connection(&self) -> Result<Arc<Connection>, RlmError> {
+    pub(crate) fn connection(&self) -> Result<Arc<Connection>, RlmError> {
         let mut current = self.current();
         if let Some(connection) = current.as_ref().filter(|c| !c.is_down()) {
             return Ok(connection.clone());
@@ -272,7 +401,7 @@ impl RlmClient {
     /// `deadline`, inside a `tracing` span `rlm_request` with the method and the wire id.
     /// Whatever interrupts the wait (the deadline, or the caller dropping this future) drops
     /// the in-flight guard, which cancels the request on the server.
-    async fn call(
+    pub(crate) async fn call(
         &self,
         connection: &Connection,
         method: &str,
@@ -298,9 +427,26 @@ impl RlmClient {
         }
         reply
     }
+
+    /// One call of `method` on `connection` within `timeout` (default
+    /// [`RlmConfig::request_timeout`]), not retried, its result decoded.
+    pub(crate) async fn ask<T: DeserializeOwned>(
+        &self,
+        connection: &Connection,
+        method: &str,
+        params: Option<Arc<RawValue>>,
+        timeout: Option<Duration>,
+    ) -> Result<T, RlmError> {
+        let deadline = Deadline::after(timeout.unwrap_or(self.inner.config.request_timeout));
+        decode(
+            &self
+                .call(connection, method, params, None, deadline)
+                .await?,
+        )
+    }
 }
 
-fn decode<T: DeserializeOwned>(raw: &RawValue) -> Result<T, RlmError> {
+pub(crate) fn decode<T: DeserializeOwned>(raw: &RawValue) -> Result<T, RlmError> {
     serde_json::from_str(raw.get())
         .map_err(|e| RlmError::Protocol(format!("result does not match the schema: {e}")))
 }
@@ -318,6 +464,10 @@ mod tests {
         let client = RlmClient::new(RlmConfig::default());
         sendable(&client.infer(InferRequest::new("x")));
         sendable(&client.status(None));
+        sendable(&client.load_context("x"));
+        sendable(&client.drop_context("ctx"));
+        sendable(&client.list_contexts());
+        sendable(&client.open_session(None));
         sendable(&client.shutdown(Duration::ZERO, None));
         sendable(&client.close());
     }

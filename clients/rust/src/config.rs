@@ -142,6 +142,12 @@ pub struct RlmConfig {
     pub max_stderr_line: usize,
     /// Retry of what the server could not start (see [`crate::RlmError::is_retryable`]).
     pub retry: RetryConfig,
+    /// The most bytes of text one `context/load` line carries, as a JSON string (escapes
+    /// counted): [`crate::RlmClient::load_context`] sends a longer text in chunks of at most
+    /// this. The line adds about 150 bytes; a server whose `--max-message-bytes` (1 GiB by
+    /// default) is lower refuses it, and the load cuts that text again to fit the limit the
+    /// refusal names. At least 6 (one escaped character) is used.
+    pub context_chunk_bytes: usize,
     /// Called after every settled `infer` (the TypeScript client's `onMetrics`).
     pub on_metrics: Option<MetricsCallback>,
 }
@@ -149,7 +155,7 @@ pub struct RlmConfig {
 impl Default for RlmConfig {
     /// `rlm-server` on the `PATH`; 30 s to start; 10 min per call; on close, the server's
     /// 30 s of grace plus 5 s, then 5 s after SIGTERM; lines up to 1 GiB (the server's own
-    /// input limit); stderr in pieces of 64 KiB.
+    /// input limit); stderr in pieces of 64 KiB; contexts loaded in chunks of 4 MiB.
     fn default() -> Self {
         Self {
             program: "rlm-server".to_owned(),
@@ -166,6 +172,7 @@ impl Default for RlmConfig {
             max_line_bytes: 1 << 30,
             max_stderr_line: 64 * 1024,
             retry: RetryConfig::default(),
+            context_chunk_bytes: 4 << 20,
             on_metrics: None,
         }
     }
@@ -189,6 +196,7 @@ impl fmt::Debug for RlmConfig {
             .field("max_line_bytes", &self.max_line_bytes)
             .field("max_stderr_line", &self.max_stderr_line)
             .field("retry", &self.retry)
+            .field("context_chunk_bytes", &self.context_chunk_bytes)
             .field("on_metrics", &self.on_metrics.is_some())
             .finish()
     }
@@ -365,6 +373,12 @@ impl RlmConfigBuilder {
         self
     }
 
+    /// Sets [`RlmConfig::context_chunk_bytes`].
+    pub fn context_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.config.context_chunk_bytes = bytes;
+        self
+    }
+
     /// Sets [`RlmConfig::on_metrics`].
     pub fn on_metrics(mut self, callback: impl Fn(&Metrics) + Send + Sync + 'static) -> Self {
         self.config.on_metrics = Some(Arc::new(callback));
@@ -431,6 +445,7 @@ mod tests {
             .max_line_bytes(6)
             .max_stderr_line(7)
             .retry(RetryConfig::disabled())
+            .context_chunk_bytes(8)
             .on_metrics(|_| {})
             .build();
         assert_eq!(config.args, ["-m", "rlm_server", "--max-concurrency", "2"]);
@@ -447,6 +462,7 @@ mod tests {
         assert_eq!(timeouts, [1, 2, 3, 4, 5].map(Duration::from_secs));
         assert_eq!((config.max_line_bytes, config.max_stderr_line), (6, 7));
         assert_eq!(config.retry.max_retries, 0);
+        assert_eq!(config.context_chunk_bytes, 8);
         assert!(config.on_metrics.is_some() && config.command.is_none());
         let command = config.server_command();
         let std = command.as_std();

@@ -597,6 +597,12 @@ impl Connection {
         Ok(in_flight)
     }
 
+    /// Queues a notification (a request the server does not answer) without waiting, so it
+    /// can be sent from `Drop`.
+    pub(crate) fn notify(&self, method: &str, params: &impl serde::Serialize) {
+        self.send(Frame::notification(method, params));
+    }
+
     /// Queues a line without waiting, so it can be called from `Drop`. If the writer is gone
     /// the child is going down and the supervisor fails whatever was pending.
     fn send(&self, frame: Frame) {

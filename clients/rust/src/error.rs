@@ -53,6 +53,18 @@ pub enum RlmError {
         /// The limit that was exceeded, in bytes.
         limit: usize,
     },
+    /// The source of [`crate::RlmClient::load_context`] could not be read (a file that
+    /// cannot be opened, a reader that failed). What was loaded of it is dropped.
+    #[error("could not read the context to load: {0}")]
+    Read(#[source] std::io::Error),
+    /// The bytes of [`crate::RlmClient::load_context`]'s reader or file are not UTF-8 (or
+    /// end inside a character). What was loaded of it is dropped.
+    #[error("the context to load is not UTF-8: bad byte sequence at byte {offset}")]
+    InvalidUtf8 {
+        /// Where the first byte that is not part of a character is, counted from the start
+        /// of the source.
+        offset: u64,
+    },
     /// -32700: the server could not parse a line as JSON.
     #[error("parse error: {0}")]
     ParseError(Box<RpcError>),
@@ -62,7 +74,9 @@ pub enum RlmError {
     /// -32601: unknown method.
     #[error("method not found: {0}")]
     MethodNotFound(Box<RpcError>),
-    /// -32602: invalid params; `data.field` names the offending field.
+    /// -32602: invalid params; `data.field` names the offending field ([`RlmError::field`]):
+    /// `context_id` or `session_id` for an id the server does not know (never loaded or
+    /// opened, dropped, evicted, closed, expired, or made by a server that has since exited).
     #[error("invalid params: {0}")]
     InvalidParams(Box<RpcError>),
     /// -32603: internal error, or the worker running the request crashed
@@ -89,6 +103,12 @@ pub enum RlmError {
     /// request would meet the same limit.
     #[error("budget exceeded: {0}")]
     BudgetExceeded(Box<RpcError>),
+    /// -32005: a `context/load` would not fit in the server's context store even after it
+    /// evicted every stored context that nothing uses; nothing was stored or evicted.
+    /// `data.limit_bytes` is the store's size. Never retried: only dropping a context
+    /// ([`crate::RlmClient::drop_context`]) makes room.
+    #[error("context store full: {0}")]
+    ContextStoreFull(Box<RpcError>),
     /// -32800: the request was cancelled (by `$/cancelRequest` or by a server shutdown).
     #[error("cancelled: {0}")]
     Cancelled(Box<RpcError>),
@@ -112,6 +132,7 @@ impl RlmError {
             -32002 => RlmError::Rejected(error),
             -32003 => RlmError::BackendUnavailable(error),
             -32004 => RlmError::BudgetExceeded(error),
+            -32005 => RlmError::ContextStoreFull(error),
             -32800 => RlmError::Cancelled(error),
             _ => RlmError::Rpc(error),
         }
@@ -130,6 +151,7 @@ impl RlmError {
             | RlmError::Rejected(e)
             | RlmError::BackendUnavailable(e)
             | RlmError::BudgetExceeded(e)
+            | RlmError::ContextStoreFull(e)
             | RlmError::Cancelled(e)
             | RlmError::Rpc(e) => Some(e),
             _ => None,
@@ -139,6 +161,12 @@ impl RlmError {
     /// The JSON-RPC error code, when the server answered with one.
     pub fn code(&self) -> Option<i64> {
         self.rpc().map(|e| e.code)
+    }
+
+    /// The param the server refused (`data.field` of -32602), dotted: `options.max_depth`,
+    /// or `context_id` / `session_id` for an id that names nothing usable.
+    pub fn field(&self) -> Option<&str> {
+        self.rpc()?.data.as_ref()?.field.as_deref()
     }
 
     /// What the request spent before the server ended it with this error (`data.usage`):
@@ -156,7 +184,9 @@ impl RlmError {
     /// ([`RlmError::Exited`]). Nothing else: not a backend error (-32000, whatever its
     /// `data.retryable` says: the server retries the backend itself, with
     /// `ELIZA_RLM_MAX_RETRIES`), a cancellation, a deadline, invalid params, a worker crash, a
-    /// shutdown or a server that could not start.
+    /// shutdown, a full context store or a server that could not start. (A request that names
+    /// a stored context or a session is not retried after the server exited either: what it
+    /// names died with that server.)
     pub fn is_retryable(&self) -> bool {
         match self {
             RlmError::Rejected(e) => e.kind() == Some(&ErrorType::QueueFull),
@@ -185,6 +215,8 @@ mod tests {
         assert_eq!(error.code(), Some(-32602));
         let data = error.rpc().unwrap().data.as_ref().unwrap();
         assert_eq!(data.field.as_deref(), Some("options.max_depth"));
+        assert_eq!(error.field(), Some("options.max_depth"));
+        assert_eq!(RlmError::Closed.field(), None);
         assert!(matches!(
             RlmError::from_rpc(rpc(json!({"code": -31999, "message": "new"}))),
             RlmError::Rpc(_)
@@ -221,6 +253,9 @@ mod tests {
         ));
         assert!(!retryable(
             json!({"code": -32603, "message": "m", "data": {"type": "worker_crashed"}})
+        ));
+        assert!(!retryable(
+            json!({"code": -32005, "message": "m", "data": {"type": "context_store_full", "limit_bytes": 8}})
         ));
         assert!(!RlmError::Timeout(Duration::from_secs(1)).is_retryable());
         assert!(RlmError::Exited("signal: 9".into()).is_retryable());

@@ -33,6 +33,29 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Stored contexts and sessions
+//!
+//! A document asked about more than once is stored once: [`RlmClient::load_context`] takes a
+//! text, a list, or a reader or file streamed in chunks ([`ContextSource`]) and returns a
+//! [`LoadedContext`], whose id [`InferRequest::context`] names instead of sending the text
+//! again; [`RlmClient::list_contexts`] and [`RlmClient::drop_context`] manage the store. A
+//! [`Session`] ([`RlmClient::open_session`]) keeps one REPL across turns, so a turn can read
+//! what an earlier one computed. Both live in the server process that made them.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), rlm_client::RlmError> {
+//! use rlm_client::{ContextSource, InferRequest, RlmClient};
+//! let client = RlmClient::from_env();
+//! let book = client.load_context(ContextSource::file("book.txt")).await?;
+//! let request = InferRequest::context(&book.context_id).query("Who is the murderer?");
+//! println!("{}", client.infer(request).await?.text);
+//! let session = client.open_session(Some(book.context_id.as_str())).await?;
+//! session.infer("Keep every alibi in a variable.").await?;
+//! println!("{}", session.infer("Which alibi is false?").await?.text);
+//! session.close().await?;
+//! # Ok(()) }
+//! ```
+//!
 //! # No line can lose a call
 //!
 //! An answer that does not decode (an error without `data.type`, a count written as `2.0`, a
@@ -73,11 +96,13 @@
 mod client;
 mod config;
 mod connection;
+mod context;
 mod error;
 mod lines;
 mod metrics;
 pub mod protocol;
 mod request;
+mod session;
 
 #[cfg(feature = "elizaos")]
 pub mod elizaos_plugin;
@@ -89,13 +114,16 @@ pub use elizaos_plugin::{
 pub use client::RlmClient;
 pub use config::{CommandFactory, MetricsCallback, RetryConfig, RlmConfig, RlmConfigBuilder};
 pub use connection::Exit;
+pub use context::{ContextSource, LoadRequest, LoadedContext};
 pub use error::RlmError;
 pub use metrics::Metrics;
 pub use protocol::{
-    Backend, Budget, ErrorData, ErrorType, InferOptions, InferResult, Message, Progress,
-    ProgressEvent, Prompt, ReadyParams, RpcError, ShutdownResult, StatusResult,
+    Backend, Budget, ContextListResult, ErrorData, ErrorType, InferOptions, InferResult, Message,
+    Progress, ProgressEvent, Prompt, ReadyParams, RpcError, ShutdownResult, StatusResult,
+    StoredContext,
 };
 pub use request::InferRequest;
+pub use session::Session;
 
 /// The README's example, compiled by `cargo test` so that it cannot rot.
 #[cfg(doctest)]

@@ -326,8 +326,10 @@ option_setters! {
     budget: Budget;
 }
 
-/// Params of `infer` (`InferParams`). The client always sends `prompt`; `messages` is the
-/// server's accepted alias and is here so that every valid request decodes.
+/// Params of `infer` (`InferParams`). The long input is one of `prompt`, `context_id` (a
+/// context stored with `context/load`), or, with `session_id`, the session's REPL, to which an
+/// optional `prompt` adds the turn's new input. The client never sends `messages`, the
+/// server's alias of `prompt`; it is here so that every valid request decodes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct InferParams {
@@ -337,12 +339,139 @@ pub struct InferParams {
     /// Alias of `prompt` for a message list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<Message>>,
+    /// A sealed context stored with `context/load`, instead of `prompt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_id: Option<String>,
+    /// A turn of this session (`session/open`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
     /// The short question shown to the root model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
     /// Per-request options.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<InferOptions>,
+}
+
+/// Params of `context/load` (`ContextLoadParams`): exactly one of `text` (a whole text),
+/// `messages` (a whole list of any JSON values) and `chunk` (one piece of a text, which
+/// starts a new context without `context_id` and continues that one with it; `final: true`
+/// seals it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ContextLoadParams {
+    /// A whole text; in the REPL `context` is that string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// A whole list: messages, documents or any JSON values; in the REPL `context` is that
+    /// list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<Value>>,
+    /// One piece of a text too long for one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<String>,
+    /// Only with `chunk`: the context it continues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_id: Option<String>,
+    /// Only with `chunk`: the last chunk; the context is sealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r#final: Option<bool>,
+}
+
+/// The result of `context/load` (`ContextLoadResult`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ContextLoadResult {
+    /// The context's id: opaque, random, never reused.
+    pub context_id: String,
+    /// Bytes stored so far: the text in UTF-8, or the list as compact JSON.
+    pub bytes: u64,
+    /// Hex SHA-256 of those bytes once sealed; `None` while a chunked load is open.
+    pub sha256: Option<String>,
+    /// Whether the context is complete and can be used.
+    pub sealed: bool,
+}
+
+/// Params of `context/drop` (`ContextDropParams`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ContextDropParams {
+    /// The context to drop.
+    pub context_id: String,
+}
+
+/// The result of `context/drop` (`ContextDropResult`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ContextDropResult {
+    /// False when no such context was stored.
+    pub dropped: bool,
+}
+
+/// Params of `context/list` (`ContextListParams`): none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ContextListParams {}
+
+/// The result of `context/list` (`ContextListResult`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ContextListResult {
+    /// The sealed contexts, in the order they were loaded.
+    pub contexts: Vec<StoredContext>,
+    /// Every byte stored: contexts still being loaded and dropped ones still in use included.
+    pub bytes_total: u64,
+    /// The server's `--context-store-bytes`.
+    pub bytes_limit: u64,
+}
+
+/// One sealed context of `context/list` (`ContextListResult.contexts` items).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct StoredContext {
+    /// Its id.
+    pub id: String,
+    /// Its size: the text in UTF-8, or the list as compact JSON.
+    pub bytes: u64,
+    /// Hex SHA-256 of those bytes.
+    pub sha256: String,
+    /// Requests running or waiting on it, and sessions open on it.
+    pub uses: u64,
+    /// When it was loaded or last used, Unix epoch milliseconds.
+    pub last_used_ms: i64,
+}
+
+/// Params of `session/open` (`SessionOpenParams`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SessionOpenParams {
+    /// A sealed context: the session's `context`, held while the session is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_id: Option<String>,
+}
+
+/// The result of `session/open` (`SessionOpenResult`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SessionOpenResult {
+    /// The session's id: opaque, random.
+    pub session_id: String,
+}
+
+/// Params of `session/close` (`SessionCloseParams`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SessionCloseParams {
+    /// The session to close.
+    pub session_id: String,
+}
+
+/// The result of `session/close` (`SessionCloseResult`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SessionCloseResult {
+    /// False when the session was unknown, closed already or expired.
+    pub closed: bool,
 }
 
 /// Params of `shutdown` (`ShutdownParams`).
@@ -549,6 +678,10 @@ pub struct StatusResult {
     pub model: String,
     /// REPL environment (`local`, `docker`, ...).
     pub environment: String,
+    /// The `--sandbox` level.
+    pub sandbox: SandboxLevel,
+    /// What confines model code on this machine, in the order it is applied.
+    pub protections: Vec<Protection>,
     /// Default iteration limit.
     pub max_iterations: u64,
     /// Default depth limit.
@@ -563,6 +696,73 @@ pub struct StatusResult {
     pub uptime_s: f64,
     /// Counters.
     pub metrics: ServerMetrics,
+    /// The stored contexts.
+    pub contexts: ContextStoreStatus,
+    /// The open sessions.
+    pub sessions: SessionsStatus,
+}
+
+/// `StatusResult.contexts`: what `context/list` lists, in short.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ContextStoreStatus {
+    /// Sealed stored contexts.
+    pub count: u64,
+    /// `bytes_total` of `context/list`.
+    pub bytes: u64,
+}
+
+/// `StatusResult.sessions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SessionsStatus {
+    /// Open sessions.
+    pub count: u64,
+}
+
+wire_enum! {
+    /// The server's `--sandbox` level (`sandbox` of `ready` and `status`).
+    SandboxLevel {
+        /// Every protection, or the server refuses to start.
+        Strict = "strict",
+        /// What the machine offers; the server warns of the rest.
+        Auto = "auto",
+        /// None (for REPL environments that sandbox model code themselves).
+        Off = "off",
+    }
+}
+
+wire_enum! {
+    /// One protection around model code in force on the server's machine (`Protection`; the
+    /// repository README's Security section says what each one guarantees).
+    Protection {
+        /// A user namespace per worker.
+        UserNamespace = "user_namespace",
+        /// A PID namespace per worker.
+        PidNamespace = "pid_namespace",
+        /// A network namespace per worker: no network.
+        NetworkNamespace = "network_namespace",
+        /// An IPC namespace per worker.
+        IpcNamespace = "ipc_namespace",
+        /// No capability in any set.
+        NoCapabilities = "no_capabilities",
+        /// No way to gain privileges.
+        NoNewPrivs = "no_new_privs",
+        /// Server, zygote and workers refuse ptrace and `/proc/PID/mem`.
+        NotDumpable = "not_dumpable",
+        /// Landlock: reads only the interpreter and system files, writes only its directory.
+        LandlockFilesystem = "landlock_filesystem",
+        /// Landlock: signals and abstract sockets scoped to itself.
+        LandlockSignals = "landlock_signals",
+        /// seccomp: cannot clear its parent-death signal.
+        Seccomp = "seccomp",
+        /// Limits on open files, file size, CPU time and core files.
+        ResourceLimits = "resource_limits",
+        /// A bound on its processes and threads.
+        ProcessLimit = "process_limit",
+        /// A directory of its own as working directory and `TMPDIR`.
+        PrivateTmp = "private_tmp",
+    }
 }
 
 /// The result of `shutdown` (`ShutdownResult`).
@@ -595,6 +795,10 @@ pub struct ReadyParams {
     pub model: String,
     /// REPL environment.
     pub environment: String,
+    /// The `--sandbox` level.
+    pub sandbox: SandboxLevel,
+    /// What confines model code on this machine, in the order it is applied.
+    pub protections: Vec<Protection>,
 }
 
 wire_enum! {
@@ -663,6 +867,8 @@ wire_enum! {
         BackendUnavailable = "backend_unavailable",
         /// -32004: a budget was exhausted.
         BudgetExceeded = "budget_exceeded",
+        /// -32005: the context store is full even after evicting every unused context.
+        ContextStoreFull = "context_store_full",
         /// -32800: cancelled.
         Cancelled = "cancelled",
     }
@@ -731,7 +937,8 @@ pub struct ErrorData {
     /// The stable error type.
     #[serde(rename = "type")]
     pub kind: ErrorType,
-    /// -32602: the offending field, dotted (`options.max_depth`).
+    /// -32602: the offending field, dotted (`options.max_depth`); `context_id` or
+    /// `session_id` for an id that names nothing usable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     /// -32000: whether the request may be retried.
@@ -747,7 +954,8 @@ pub struct ErrorData {
     /// that may wait; -32004: the budget limit that was reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<Limit>,
-    /// `queue_full`: the most prompt bytes that may wait.
+    /// `queue_full`: the most prompt bytes that may wait; -32005: the server's
+    /// `--context-store-bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_bytes: Option<u64>,
     /// `replay_miss`: the SHA-256 of the model call nothing was recorded for.

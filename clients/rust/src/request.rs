@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 use crate::error::RlmError;
 use crate::protocol::{InferOptions, InferParams, Message, Progress, Prompt};
 
-/// One `infer` call: the wire params (`prompt`, `query`, `options`) plus the client-side
-/// `timeout` and an optional progress sink.
+/// One `infer` call: the wire params (`prompt` or `context_id`, `query`, `options`) plus the
+/// client-side `timeout` and an optional progress sink.
 ///
 /// ```
 /// use rlm_client::{InferOptions, InferRequest};
@@ -20,12 +20,19 @@ use crate::protocol::{InferOptions, InferParams, Message, Progress, Prompt};
 ///     .options(InferOptions::new().max_iterations(6))
 ///     .timeout(std::time::Duration::from_secs(120))
 ///     .on_progress(|p| println!("{}", p.event));
-/// # let _ = request;
+/// // The same question about a context stored once with `RlmClient::load_context`:
+/// let stored = InferRequest::context("ctx-...").query("What is the secret code?");
+/// # let _ = (request, stored);
 /// ```
 #[non_exhaustive]
 pub struct InferRequest {
-    /// The long input; it becomes `context` in the model's REPL.
-    pub prompt: Prompt,
+    /// The long input; it becomes `context` in the model's REPL. `None` for a request on a
+    /// stored context ([`InferRequest::context`]) and for a session turn with no new input
+    /// ([`InferRequest::turn`]).
+    pub prompt: Option<Prompt>,
+    /// A context stored with [`crate::RlmClient::load_context`], which becomes `context` in
+    /// the model's REPL instead of a prompt.
+    pub context_id: Option<String>,
     /// The short question shown to the root model.
     pub query: Option<String>,
     /// Per-request options, sent as they are.
@@ -40,8 +47,35 @@ pub struct InferRequest {
 impl InferRequest {
     /// A request for a string or message-list prompt.
     pub fn new(prompt: impl Into<Prompt>) -> Self {
+        Self::bare().prompt(prompt)
+    }
+
+    /// A request whose prompt is a list of chat messages.
+    pub fn messages(messages: Vec<Message>) -> Self {
+        Self::new(messages)
+    }
+
+    /// A request on a context stored with [`crate::RlmClient::load_context`] (its
+    /// [`crate::LoadedContext::context_id`]): the context does not cross the pipe again. An
+    /// id the server does not know fails with [`RlmError::InvalidParams`] whose
+    /// [`RlmError::field`] is `context_id`.
+    pub fn context(context_id: impl Into<String>) -> Self {
         Self {
-            prompt: prompt.into(),
+            context_id: Some(context_id.into()),
+            ..Self::bare()
+        }
+    }
+
+    /// A turn of a session ([`crate::Session::infer_with`]): `query` about what the session
+    /// holds, with no new input; [`InferRequest::prompt`] adds one.
+    pub fn turn(query: impl Into<String>) -> Self {
+        Self::bare().query(query)
+    }
+
+    fn bare() -> Self {
+        Self {
+            prompt: None,
+            context_id: None,
             query: None,
             options: InferOptions::default(),
             timeout: None,
@@ -49,9 +83,11 @@ impl InferRequest {
         }
     }
 
-    /// A request whose prompt is a list of chat messages.
-    pub fn messages(messages: Vec<Message>) -> Self {
-        Self::new(messages)
+    /// Sets the long input (for a session turn: the turn's new input, the session's next
+    /// `context_N`).
+    pub fn prompt(mut self, prompt: impl Into<Prompt>) -> Self {
+        self.prompt = Some(prompt.into());
+        self
     }
 
     /// Sets the question shown to the root model.
@@ -89,26 +125,39 @@ impl InferRequest {
     }
 
     /// The wire params, encoded once so that retries resend them without re-encoding a
-    /// prompt that may be hundreds of megabytes; the timeout; the progress sink.
-    pub(crate) fn into_wire(self) -> Result<Wire, RlmError> {
+    /// prompt that may be hundreds of megabytes (as a turn of `session_id`, when given); the
+    /// timeout; the progress sink.
+    pub(crate) fn into_wire(self, session_id: Option<&str>) -> Result<Wire, RlmError> {
         let mut options = self.options;
         if self.progress.is_some() {
             options.progress = Some(true);
         }
+        let stored = self.context_id.is_some() || session_id.is_some();
         let params = InferParams {
-            prompt: Some(self.prompt),
+            prompt: self.prompt,
             messages: None,
+            context_id: self.context_id,
+            session_id: session_id.map(str::to_owned),
             query: self.query,
             options: (options != InferOptions::default()).then_some(options),
         };
-        let encoded = serde_json::value::to_raw_value(&params)
-            .map_err(|e| RlmError::Protocol(format!("cannot encode infer params: {e}")))?;
         Ok(Wire {
-            params: Arc::from(encoded),
+            params: encode_params("infer", &params)?,
             timeout: self.timeout,
             progress: self.progress,
+            stored,
         })
     }
+}
+
+/// Params encoded once, to be sent (and resent) as they are.
+pub(crate) fn encode_params(
+    method: &str,
+    params: &impl serde::Serialize,
+) -> Result<Arc<RawValue>, RlmError> {
+    serde_json::value::to_raw_value(params)
+        .map(Arc::from)
+        .map_err(|e| RlmError::Protocol(format!("cannot encode {method} params: {e}")))
 }
 
 /// An [`InferRequest`] taken apart for sending.
@@ -116,17 +165,22 @@ pub(crate) struct Wire {
     pub(crate) params: Arc<RawValue>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) progress: Option<ProgressSink>,
+    /// Whether it names what only the server it is sent to holds (a stored context or a
+    /// session), so that it must not be sent again to a new server.
+    pub(crate) stored: bool,
 }
 
 impl fmt::Debug for InferRequest {
     /// Shows the prompt's size, not the prompt: it may be hundreds of megabytes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let prompt = match &self.prompt {
-            Prompt::Text(text) => format!("{} bytes of text", text.len()),
-            Prompt::Messages(messages) => format!("{} messages", messages.len()),
+            Some(Prompt::Text(text)) => format!("{} bytes of text", text.len()),
+            Some(Prompt::Messages(messages)) => format!("{} messages", messages.len()),
+            None => "none".to_owned(),
         };
         f.debug_struct("InferRequest")
             .field("prompt", &prompt)
+            .field("context_id", &self.context_id)
             .field("query", &self.query)
             .field("options", &self.options)
             .field("timeout", &self.timeout)
@@ -165,7 +219,7 @@ mod tests {
     use serde_json::json;
 
     fn wire(request: InferRequest) -> serde_json::Value {
-        let wire = request.into_wire().unwrap();
+        let wire = request.into_wire(None).unwrap();
         serde_json::from_str(wire.params.get()).unwrap()
     }
 
@@ -210,6 +264,30 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_context_or_a_session_replaces_the_prompt() {
+        assert_eq!(
+            wire(InferRequest::context("ctx-1").query("q")),
+            json!({"context_id": "ctx-1", "query": "q"})
+        );
+        let turn = InferRequest::turn("q")
+            .prompt("more")
+            .into_wire(Some("ses-1"));
+        let turn = turn.unwrap();
+        assert!(turn.stored, "a session turn names what one server holds");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(turn.params.get()).unwrap(),
+            json!({"session_id": "ses-1", "query": "q", "prompt": "more"})
+        );
+        assert!(
+            InferRequest::context("ctx-1")
+                .into_wire(None)
+                .unwrap()
+                .stored
+        );
+        assert!(!InferRequest::new("p").into_wire(None).unwrap().stored);
+    }
+
+    #[test]
     fn a_progress_sink_asks_for_progress() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let request = InferRequest::new("ctx").progress_channel(tx);
@@ -228,7 +306,7 @@ mod tests {
             counted.fetch_add(1, Ordering::SeqCst);
             panic!("a bug in the callback");
         });
-        let sink = request.into_wire().unwrap().progress.unwrap();
+        let sink = request.into_wire(None).unwrap().progress.unwrap();
         let progress: Progress =
             serde_json::from_value(json!({"id": 1, "event": "started", "elapsed_ms": 0.5}))
                 .unwrap();

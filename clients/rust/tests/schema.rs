@@ -5,9 +5,10 @@
 //! - every object definition is filled with every property it names, decoded into the
 //!   crate's type for it and encoded back, which must give the same JSON (a property the
 //!   type lacks is dropped, one it spells differently is missing);
-//! - every value of the `Backend`, progress `event`, `ErrorType` and error `scope` enums must
-//!   be one the crate knows (and the crate must know no other), every `ErrorCode` must map to its own
-//!   `RlmError` variant, and every method must be one the client implements;
+//! - every value of the `Backend`, progress `event`, `ErrorType`, error `scope`, `sandbox`
+//!   and `Protection` enums must be one the crate knows (and the crate must know no other),
+//!   every `ErrorCode` must map to its own `RlmError` variant, and every method must be one
+//!   the client implements;
 //! - a definition this test has never seen fails it, so a new one cannot slip by.
 //!
 //! The schema lives in the repository, not in the packaged crate: built from the package,
@@ -21,16 +22,29 @@ use json::{decode, round_trip};
 use std::collections::BTreeSet;
 
 use rlm_client::protocol::{
-    Budget, BudgetScope, CancelParams, ErrorData, InferOptions, InferParams, InferResult,
-    LatencySummary, Message, Progress, ReadyParams, RpcError, ServerMetrics, ShutdownParams,
-    ShutdownResult, StatusResult, TrajectoryCodeBlock, TrajectoryStep, TrajectorySubCall, Usage,
+    Budget, BudgetScope, CancelParams, ContextDropParams, ContextDropResult, ContextListParams,
+    ContextListResult, ContextLoadParams, ContextLoadResult, ErrorData, InferOptions, InferParams,
+    InferResult, LatencySummary, Message, Progress, Protection, ReadyParams, RpcError,
+    SandboxLevel, ServerMetrics, SessionCloseParams, SessionCloseResult, SessionOpenParams,
+    SessionOpenResult, ShutdownParams, ShutdownResult, StatusResult, TrajectoryCodeBlock,
+    TrajectoryStep, TrajectorySubCall, Usage,
 };
 use rlm_client::{Backend, ErrorType, ProgressEvent, RlmError};
 use serde_json::{Map, Value, json};
 
-/// The methods the client implements (`infer`, `status`, `shutdown` as calls,
-/// `$/cancelRequest` as the cancellation of one).
-const METHODS: [&str; 4] = ["infer", "status", "shutdown", "$/cancelRequest"];
+/// The methods the client implements (`infer`, `status`, `shutdown`, the stored contexts' and
+/// the sessions' as calls, `$/cancelRequest` as the cancellation of one).
+const METHODS: [&str; 9] = [
+    "infer",
+    "status",
+    "shutdown",
+    "$/cancelRequest",
+    "context/load",
+    "context/drop",
+    "context/list",
+    "session/open",
+    "session/close",
+];
 
 /// Definitions that only combine others, checked through the ones they combine.
 const UNIONS: [&str; 4] = ["ClientMessage", "ServerMessage", "Response", "Id"];
@@ -92,10 +106,23 @@ fn check(name: &str, def: &Value, defs: &Map<String, Value>) -> Result<(), Strin
         "ServerMetrics" => round_trip::<ServerMetrics>(&sample()),
         "StatusResult" => round_trip::<StatusResult>(&sample()),
         "ShutdownResult" => round_trip::<ShutdownResult>(&sample()),
+        "ContextLoadParams" => round_trip::<ContextLoadParams>(&sample()),
+        "ContextLoadResult" => round_trip::<ContextLoadResult>(&sample()),
+        "ContextDropParams" => round_trip::<ContextDropParams>(&sample()),
+        "ContextDropResult" => round_trip::<ContextDropResult>(&sample()),
+        "ContextListParams" => round_trip::<ContextListParams>(&sample()),
+        "ContextListResult" => round_trip::<ContextListResult>(&sample()),
+        "SessionOpenParams" => round_trip::<SessionOpenParams>(&sample()),
+        "SessionOpenResult" => round_trip::<SessionOpenResult>(&sample()),
+        "SessionCloseParams" => round_trip::<SessionCloseParams>(&sample()),
+        "SessionCloseResult" => round_trip::<SessionCloseResult>(&sample()),
         "ReadyNotification" => {
             same_names(&members(def), &["jsonrpc", "method", "params"])?;
+            let params = &def["properties"]["params"]["properties"];
+            same_names(&strings(&params["sandbox"]["enum"]), SandboxLevel::KNOWN)?;
             round_trip::<ReadyParams>(&sample()["params"])
         }
+        "Protection" => same_names(&strings(&def["enum"]), Protection::KNOWN),
         "ProgressNotification" => {
             same_names(&members(def), &["jsonrpc", "method", "params"])?;
             round_trip::<Progress>(&sample()["params"])?;
@@ -158,7 +185,11 @@ fn sample(node: &Value, defs: &Map<String, Value>) -> Value {
             }
             Value::Object(object)
         }
-        Some("array") => json!([sample(&node["items"], defs)]),
+        // An array without `items` holds any JSON values (ContextLoadParams.messages).
+        Some("array") => match node.get("items") {
+            Some(items) => json!([sample(items, defs)]),
+            None => json!([{"role": "user", "content": "text"}, "a document", 1]),
+        },
         Some("string") => json!("text"),
         Some("integer") => json!(
             node.get("minimum")

@@ -3,8 +3,9 @@
 //! each server message must decode into its type (chosen by its method, or by the method of
 //! the request it answers) and encode back to the same JSON, so a missing, extra or misnamed
 //! field fails here. Every client message the server accepted goes through the params types
-//! the same way. The transcripts live in the repository, not in the packaged crate: built
-//! from the package, these tests say so and skip.
+//! the same way. `$bind:NAME` and `$ref:NAME` carry a value the server made (a context or
+//! session id) from one step into later ones. The transcripts live in the repository, not in
+//! the packaged crate: built from the package, these tests say so and skip.
 
 mod common;
 mod json;
@@ -14,9 +15,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use rlm_client::protocol::{
-    CancelParams, InferParams, InferResult, Progress, ReadyParams, RpcError, ShutdownParams,
-    ShutdownResult, StatusResult,
+    CancelParams, ContextDropParams, ContextDropResult, ContextListParams, ContextListResult,
+    ContextLoadParams, ContextLoadResult, InferParams, InferResult, Progress, ReadyParams,
+    RpcError, SessionCloseParams, SessionCloseResult, SessionOpenParams, SessionOpenResult,
+    ShutdownParams, ShutdownResult, StatusResult,
 };
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -44,11 +49,13 @@ transcripts!(
     backend_error,
     basic,
     cancel,
+    context,
     deadline,
     jsonrpc_errors,
     progress,
     queue_full,
     retry,
+    session,
     shutdown,
     shutdown_cancel,
     strict,
@@ -98,11 +105,14 @@ struct Run {
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
-    /// Method of every request sent, by id (as compact JSON), to pick the result type.
-    methods: HashMap<String, String>,
-    /// Params of every `infer` sent, by id, checked when the answer shows they were valid.
-    infer_params: HashMap<String, Value>,
+    /// Method and params of every request sent, by id (as compact JSON), to pick the types of
+    /// its params and result, checked when its answer comes.
+    sent: HashMap<String, (String, Value)>,
+    /// The values `$bind:NAME` remembered, by name.
+    bound: Bindings,
 }
+
+type Bindings = HashMap<String, String>;
 
 impl Run {
     fn start(transcript: &Value, base_url: &str) -> Self {
@@ -151,8 +161,8 @@ impl Run {
             stdout: BufReader::new(child.stdout.take().unwrap()),
             child,
             stderr,
-            methods: HashMap::new(),
-            infer_params: HashMap::new(),
+            sent: HashMap::new(),
+            bound: Bindings::new(),
         }
     }
 
@@ -162,13 +172,16 @@ impl Run {
 
     async fn step(&mut self, step: &Value) -> Result<(), String> {
         if let Some(message) = step.get("send") {
-            self.note_sent(message)?;
+            let message = resolve(message, &self.bound)?;
+            self.note_sent(&message)?;
             self.write(&message.to_string()).await
         } else if let Some(raw) = step.get("send_raw") {
             self.write(raw.as_str().unwrap()).await
         } else if let Some(pattern) = step.get("expect") {
-            let message = self.next_message(is_progress(pattern)).await?;
-            check(pattern, &message)
+            let pattern = resolve(pattern, &self.bound)?;
+            let message = self.next_message(is_progress(&pattern)).await?;
+            self.bound.extend(check(&pattern, &message)?);
+            Ok(())
         } else if let Some(patterns) = step.get("expect_set") {
             self.expect_set(patterns.as_array().unwrap()).await
         } else if let Some(code) = step.get("expect_exit") {
@@ -208,13 +221,18 @@ impl Run {
     }
 
     async fn expect_set(&mut self, patterns: &[Value]) -> Result<(), String> {
-        let mut left: Vec<&Value> = patterns.iter().collect();
+        let mut left = patterns
+            .iter()
+            .map(|pattern| resolve(pattern, &self.bound))
+            .collect::<Result<Vec<_>, _>>()?;
         while !left.is_empty() {
             let message = self.next_message(false).await?;
-            let position = left
+            let (position, bound) = left
                 .iter()
-                .position(|pattern| check(pattern, &message).is_ok())
+                .enumerate()
+                .find_map(|(n, pattern)| check(pattern, &message).ok().map(|bound| (n, bound)))
                 .ok_or_else(|| format!("{message} matches none of {left:?}"))?;
+            self.bound.extend(bound);
             left.remove(position);
         }
         Ok(())
@@ -232,8 +250,8 @@ impl Run {
         }
     }
 
-    /// Remembers what a request was, to type its answer, and checks the params types on the
-    /// notifications (which get no answer to wait for).
+    /// Remembers what a request was, to type its params and its answer when that comes, and
+    /// checks the params of the notifications (which get no answer to wait for).
     fn note_sent(&mut self, message: &Value) -> Result<(), String> {
         if let Some(batch) = message.as_array() {
             return batch.iter().try_for_each(|m| self.note_sent(m));
@@ -244,12 +262,8 @@ impl Run {
         let params = message.get("params").cloned().unwrap_or(Value::Null);
         match message.get("id") {
             Some(id) => {
-                self.methods.insert(id.to_string(), method.to_owned());
-                if method == "infer" {
-                    self.infer_params.insert(id.to_string(), params);
-                } else if method == "shutdown" && !params.is_null() {
-                    round_trip::<ShutdownParams>(&params)?;
-                }
+                self.sent
+                    .insert(id.to_string(), (method.to_owned(), params));
                 Ok(())
             }
             None if method == "$/cancelRequest" => round_trip::<CancelParams>(&params),
@@ -269,40 +283,98 @@ impl Run {
             None => {}
         }
         let id = message.get("id").map(Value::to_string).unwrap_or_default();
+        let sent = self.sent.remove(&id);
         if let Some(error) = message.get("error") {
             round_trip::<RpcError>(error)?;
-            let invalid = error["code"] == -32602;
-            if let Some(params) = self.infer_params.remove(&id).filter(|_| !invalid) {
-                round_trip::<InferParams>(&params)?;
-            }
-            return Ok(());
+            // A request refused as malformed may have been malformed on purpose.
+            let code = error["code"].as_i64().unwrap_or_default();
+            let malformed = [-32700, -32600, -32601, -32602].contains(&code);
+            return match sent.filter(|_| !malformed) {
+                Some((method, params)) => check_call(&method, &params, None),
+                None => Ok(()),
+            };
         }
         let result = message
             .get("result")
             .ok_or(format!("neither result nor error: {message}"))?;
-        match self.methods.get(&id).map(String::as_str) {
-            Some("infer") => {
-                round_trip::<InferParams>(&self.infer_params.remove(&id).unwrap_or_default())?;
-                round_trip::<InferResult>(result)
-            }
-            Some("status") => round_trip::<StatusResult>(result),
-            Some("shutdown") => round_trip::<ShutdownResult>(result),
-            _ => Err(format!("a result for a request never sent: {message}")),
+        match sent {
+            Some((method, params)) => check_call(&method, &params, Some(result)),
+            None => Err(format!("a result for a request never sent: {message}")),
         }
     }
+}
+
+/// Checks the params of a request the server accepted, and its result when it succeeded,
+/// against this crate's types for `method`.
+fn check_call(method: &str, params: &Value, result: Option<&Value>) -> Result<(), String> {
+    match method {
+        "infer" => call_types::<InferParams, InferResult>(params, result),
+        "status" => call_types::<Value, StatusResult>(params, result),
+        "shutdown" => call_types::<ShutdownParams, ShutdownResult>(params, result),
+        "context/load" => call_types::<ContextLoadParams, ContextLoadResult>(params, result),
+        "context/drop" => call_types::<ContextDropParams, ContextDropResult>(params, result),
+        "context/list" => call_types::<ContextListParams, ContextListResult>(params, result),
+        "session/open" => call_types::<SessionOpenParams, SessionOpenResult>(params, result),
+        "session/close" => call_types::<SessionCloseParams, SessionCloseResult>(params, result),
+        _ => Err(format!(
+            "an answer to `{method}`, which this crate does not send"
+        )),
+    }
+}
+
+/// `params` (when sent) round-trips through `P`, `result` (when given) through `R`.
+fn call_types<P, R>(params: &Value, result: Option<&Value>) -> Result<(), String>
+where
+    P: DeserializeOwned + Serialize,
+    R: DeserializeOwned + Serialize,
+{
+    if !params.is_null() {
+        round_trip::<P>(params)?;
+    }
+    result.map_or(Ok(()), round_trip::<R>)
 }
 
 fn is_progress(message: &Value) -> bool {
     message.get("method").and_then(Value::as_str) == Some("$/progress")
 }
 
-/// The matcher of `protocol/README.md`.
-fn check(pattern: &Value, value: &Value) -> Result<(), String> {
-    if matches(pattern, Some(value)) {
-        Ok(())
+/// The matcher of `protocol/README.md`: what the pattern's `$bind:NAME`s remembered when the
+/// whole message matches.
+fn check(pattern: &Value, value: &Value) -> Result<Bindings, String> {
+    let mut bound = Bindings::new();
+    if matches(pattern, Some(value), &mut bound) {
+        Ok(bound)
     } else {
         Err(format!("{value} does not match {pattern}"))
     }
+}
+
+/// `value` with every `"$ref:NAME"` string replaced by the string bound to `NAME`.
+fn resolve(value: &Value, bound: &Bindings) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(text) => match text.strip_prefix("$ref:") {
+            Some(name) => Value::String(
+                bound
+                    .get(name)
+                    .ok_or(format!("`{text}` before any `$bind:{name}`"))?
+                    .clone(),
+            ),
+            None => value.clone(),
+        },
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|item| resolve(item, bound))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(members) => Value::Object(
+            members
+                .iter()
+                .map(|(key, item)| Ok((key.clone(), resolve(item, bound)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        _ => value.clone(),
+    })
 }
 
 /// The README's type matchers. Any other string is literal, `"$/progress"` included.
@@ -310,7 +382,16 @@ const MATCHERS: [&str; 9] = [
     "$any", "$string", "$number", "$integer", "$boolean", "$object", "$array", "$null", "$absent",
 ];
 
-fn matches(pattern: &Value, value: Option<&Value>) -> bool {
+fn matches(pattern: &Value, value: Option<&Value>, bound: &mut Bindings) -> bool {
+    if let Some(name) = pattern.as_str().and_then(|s| s.strip_prefix("$bind:")) {
+        return match value.and_then(Value::as_str) {
+            Some(text) => {
+                bound.insert(name.to_owned(), text.to_owned());
+                true
+            }
+            None => false,
+        };
+    }
     if let Some(matcher) = pattern.as_str().filter(|s| MATCHERS.contains(s)) {
         return match (matcher, value) {
             ("$absent", value) => value.is_none(),
@@ -329,9 +410,9 @@ fn matches(pattern: &Value, value: Option<&Value>) -> bool {
     match (pattern, value) {
         (Value::Object(p), Value::Object(v)) => p
             .iter()
-            .all(|(key, expected)| matches(expected, v.get(key))),
+            .all(|(key, expected)| matches(expected, v.get(key), bound)),
         (Value::Array(p), Value::Array(v)) => {
-            p.len() == v.len() && p.iter().zip(v).all(|(p, v)| matches(p, Some(v)))
+            p.len() == v.len() && p.iter().zip(v).all(|(p, v)| matches(p, Some(v), bound))
         }
         (Value::Number(p), Value::Number(v)) => p.as_f64() == v.as_f64(),
         _ => pattern == value,
@@ -341,31 +422,49 @@ fn matches(pattern: &Value, value: Option<&Value>) -> bool {
 #[test]
 fn the_matcher_follows_the_readme() {
     use serde_json::json;
+    let fits = |pattern: Value, value: &Value| matches(&pattern, Some(value), &mut Bindings::new());
     let value = json!({"id": 1, "result": {"text": "x", "n": 2.0, "list": [1, "a"]}});
-    assert!(matches(&json!({"id": 1}), Some(&value)));
-    assert!(matches(
-        &json!({"result": {"n": 2, "list": ["$integer", "$string"]}}),
-        Some(&value)
+    assert!(fits(json!({"id": 1}), &value));
+    assert!(fits(
+        json!({"result": {"n": 2, "list": ["$integer", "$string"]}}),
+        &value
     ));
-    assert!(matches(
-        &json!({"error": "$absent", "result": "$object"}),
-        Some(&value)
+    assert!(fits(
+        json!({"error": "$absent", "result": "$object"}),
+        &value
     ));
-    assert!(!matches(&json!({"result": {"list": [1]}}), Some(&value)));
-    assert!(!matches(
-        &json!({"result": {"text": "$absent"}}),
-        Some(&value)
+    assert!(!fits(json!({"result": {"list": [1]}}), &value));
+    assert!(!fits(json!({"result": {"text": "$absent"}}), &value));
+    assert!(!fits(json!({"id": "$string"}), &value));
+    assert!(!fits(json!({"missing": "$any"}), &value));
+    assert!(fits(
+        json!({"m": "$/progress"}),
+        &json!({"m": "$/progress"})
     ));
-    assert!(!matches(&json!({"id": "$string"}), Some(&value)));
-    assert!(!matches(&json!({"missing": "$any"}), Some(&value)));
-    assert!(matches(
-        &json!({"m": "$/progress"}),
-        Some(&json!({"m": "$/progress"}))
-    ));
-    assert!(!matches(
-        &json!({"m": "$/progress"}),
-        Some(&json!({"m": "ready"}))
-    ));
+    assert!(!fits(json!({"m": "$/progress"}), &json!({"m": "ready"})));
     assert!(same(&json!({"a": [1.0]}), &json!({"a": [1]})));
     assert!(!same(&json!({"a": 1}), &json!({"a": 1, "b": null})));
+}
+
+#[test]
+fn bind_remembers_a_string_of_a_whole_match_and_ref_stands_for_it() {
+    use serde_json::json;
+    let answer = json!({"id": 1, "result": {"context_id": "ctx-1", "bytes": 3}});
+    let bound = check(&json!({"result": {"context_id": "$bind:ctx"}}), &answer).unwrap();
+    assert_eq!(bound["ctx"], "ctx-1");
+    assert!(
+        check(
+            &json!({"result": {"context_id": "$bind:ctx", "bytes": 4}}),
+            &answer
+        )
+        .is_err(),
+        "no match, nothing bound"
+    );
+    assert!(check(&json!({"result": {"bytes": "$bind:n"}}), &answer).is_err());
+    let sent = json!({"params": {"context_id": "$ref:ctx", "list": ["$ref:ctx"], "q": "$refx"}});
+    assert_eq!(
+        resolve(&sent, &bound).unwrap(),
+        json!({"params": {"context_id": "ctx-1", "list": ["ctx-1"], "q": "$refx"}})
+    );
+    assert!(resolve(&json!("$ref:unknown"), &bound).is_err());
 }

@@ -95,10 +95,10 @@ fn stop_sequences_cut_at_the_first_one() {
 fn the_request_carries_the_prompt_as_query_and_the_context_as_prompt() {
     let request = infer_request(&json!({"prompt": "Q?", "context": "long"})).unwrap();
     assert_eq!(request.query.as_deref(), Some("Q?"));
-    assert_eq!(request.prompt, Prompt::from("long"));
+    assert_eq!(request.prompt, Some(Prompt::from("long")));
     let alone =
         infer_request(&json!({"prompt": "Q?", "temperature": 0.5, "maxTokens": 9})).unwrap();
-    assert_eq!(alone.prompt, Prompt::from("Q?"));
+    assert_eq!(alone.prompt, Some(Prompt::from("Q?")));
     assert_eq!(
         (alone.options.temperature, alone.options.max_tokens),
         (Some(0.5), Some(9))
@@ -106,7 +106,7 @@ fn the_request_carries_the_prompt_as_query_and_the_context_as_prompt() {
     let messages = json!({"prompt": "Q?", "messages": [{"role": "user", "content": "m"}]});
     assert!(matches!(
         infer_request(&messages).unwrap().prompt,
-        Prompt::Messages(_)
+        Some(Prompt::Messages(_))
     ));
     assert!(infer_request(&json!({"context": "no prompt"})).is_err());
 }

@@ -39,6 +39,8 @@ READY = {
         "backend": "fake",
         "model": "fake",
         "environment": "local",
+        "sandbox": "off",
+        "protections": ["private_tmp"],
     },
 }
 
