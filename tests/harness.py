@@ -221,6 +221,31 @@ def alive(pids: Iterable[int]) -> set[int]:
     return living
 
 
+def parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def cmdline_of(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def zygote_of(server_pid: int) -> int:
+    """The server's zygote: its child (holders, keepers and workers share its command line)."""
+    found = [
+        pid
+        for pid in alive(descendants(server_pid))
+        if b"zygote" in cmdline_of(pid) and parent_of(pid) == server_pid
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def repl(*lines: str) -> str:
     """A root-model reply that runs these lines in the REPL."""
     return "```repl\n" + "\n".join(lines) + "\n```"

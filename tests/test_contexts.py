@@ -19,8 +19,10 @@ from harness import (
     alive,
     answer_with,
     descendants,
+    parent_of,
     repl,
     wait_until,
+    zygote_of,
 )
 
 ECHO = [{"when": "root", "reply": answer_with("context")}]
@@ -222,8 +224,14 @@ def _memory_kib(pid: int) -> dict[str, int]:
     return fields
 
 
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+def _holder(server_pid: int) -> int:
+    """The zygote's child that holds a stored context: unlike a worker's keeper, it leads no
+    process group of its own."""
+    zygote = zygote_of(server_pid)
+    [holder] = [
+        p for p in alive(descendants(zygote)) if parent_of(p) == zygote and os.getpgid(p) != p
+    ]
+    return holder
 
 
 def test_concurrent_questions_share_one_copy_of_the_context(
@@ -239,11 +247,10 @@ def test_concurrent_questions_share_one_copy_of_the_context(
     for n in range(8):
         server.request(n, "infer", {"context_id": context_id})
     assert wait_until(lambda: llm.script.stats()["in_flight"] == 8, timeout=60)
-    # every process below the zygote: a worker's keeper, and its init and job when the sandbox
-    # gives it a PID namespace; all forked from the zygote, and none may have copied the context
-    workers = [
-        p for p in alive(descendants(server.process.pid)) if _parent(p) != server.process.pid
-    ]
+    # every process below the context's holder: a worker's keeper, and its init and job when
+    # the sandbox gives it a PID namespace; all forked from the holder, and none may have copied
+    # the context
+    workers = list(alive(descendants(_holder(server.process.pid))))
     assert len(workers) >= 8
     for pid in workers:
         memory = _memory_kib(pid)
@@ -260,11 +267,7 @@ def test_a_replaced_zygote_reads_the_context_again(spawn: Spawn) -> None:
     server.ready()
     context_id = _load(server, text="survives the zygote")["context_id"]
     assert _ask(server, context_id)["result"]["text"] == "survives the zygote"
-    [zygote] = [
-        pid
-        for pid in alive(descendants(server.process.pid))
-        if b"zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
+    zygote = zygote_of(server.process.pid)
     os.kill(zygote, 9)
     assert wait_until(lambda: not alive([zygote]))
     assert _ask(server, context_id)["result"]["text"] == "survives the zygote"
@@ -435,11 +438,57 @@ def test_a_worker_collecting_garbage_does_not_copy_a_list_context(
     context_id = _load(server, messages=documents)["context_id"]
     server.request("collect", "infer", {"context_id": context_id})
     assert wait_until(lambda: llm.script.stats()["in_flight"] == 1, timeout=60)  # collected
-    family = alive(descendants(server.process.pid))
-    [zygote] = [p for p in family if _parent(p) == server.process.pid]
-    assert _memory_kib(zygote)["Rss"] > 60 << 10  # it holds the list
-    for pid in family - {zygote}:
+    holder = _holder(server.process.pid)
+    assert _memory_kib(holder)["Rss"] > 60 << 10  # it holds the list
+    for pid in alive(descendants(holder)):
         assert _memory_kib(pid)["Private_Dirty"] < 16 << 10, _memory_kib(pid)
     llm.script.released.set()
     assert server.next_response()["result"]["text"] == "200000"
+    assert server.close() == 0
+
+
+def _memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether any readable mapping of the process holds `needle` (read from outside: root
+    may read any process's memory)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or line.rstrip().endswith(("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(part, 16) for part in span.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading a worker's memory from outside needs root")
+def test_a_worker_holds_its_own_context_and_no_other(spawn: Spawn, llm: FixtureServer) -> None:
+    """Model code steered by one context must not find another in its own memory: a worker on
+    context A is forked from A's holder, which never held B."""
+    mine, other = b"alpha-marker-" + os.urandom(6).hex().encode(), b"bravo-marker-9c1f07d3e5"
+    server = spawn(HELD_ECHO)
+    server.ready()
+    context_b = _load(server, text=("b" * 4096 + other.decode()) * 4)["context_id"]
+    llm.script.replace([{"when": "root", "reply": answer_with("context[-23:]")}])
+    assert _ask(server, context_b)["result"]["text"] == other.decode()  # B's holder has it
+    llm.script.replace(HELD_ECHO)
+    context_a = _load(server, text=("a" * 4096 + mine.decode()) * 4)["context_id"]
+    server.request("a", "infer", {"context_id": context_a})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 1, timeout=60)
+    zygote = zygote_of(server.process.pid)
+    holders = [  # the zygote's children that lead no group: not workers' keepers
+        p for p in alive(descendants(zygote)) if parent_of(p) == zygote and os.getpgid(p) != p
+    ]
+    assert len(holders) == 2
+    assert any(_memory_holds(holder, other) for holder in holders)  # B's holder
+    workers = [p for holder in holders for p in alive(descendants(holder))]
+    assert workers, "no worker under a holder"
+    assert all(not _memory_holds(pid, other) for pid in workers)
+    assert any(_memory_holds(pid, mine) for pid in workers)  # the scan does find what is there
+    llm.script.released.set()
+    assert server.next_response()["id"] == "a"
     assert server.close() == 0

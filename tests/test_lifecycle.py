@@ -18,6 +18,7 @@ from harness import (
     fixture_env,
     server_command,
     wait_until,
+    zygote_of,
 )
 
 HELD = [{"when": "root", "hold": True, "reply": answer_with("'done'")}]
@@ -148,24 +149,11 @@ def test_a_dead_zygote_is_replaced(spawn: Spawn) -> None:
     server = spawn([{"when": "root", "reply": answer_with("'alive'")}])
     server.ready()
     assert server.call("infer", {"prompt": "ctx"})["result"]["text"] == "alive"
-    zygotes = [  # the server's child: its workers share its command line
-        pid
-        for pid in descendants(server.process.pid)
-        if b"zygote" in _cmdline(pid) and _parent(pid) == server.process.pid
-    ]
-    assert len(zygotes) == 1
+    zygotes = [zygote_of(server.process.pid)]
     os.kill(zygotes[0], signal.SIGKILL)
     assert wait_until(lambda: not alive(zygotes))
     assert server.call("infer", {"prompt": "ctx"})["result"]["text"] == "alive"
     assert server.close() == 0
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def _cmdline(pid: int) -> bytes:

@@ -25,10 +25,12 @@ from harness import (
     ServerProcess,
     alive,
     answer_with,
+    cmdline_of,
     descendants,
     fixture_env,
     repl,
     wait_until,
+    zygote_of,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -172,34 +174,13 @@ def _run_attack(server: ServerProcess, llm: FixtureServer, secret: Path, mark: s
 
 
 def _zygote(server: ServerProcess) -> int:
-    """The server's child running the zygote (its workers share its command line)."""
-    found = [
-        p
-        for p in descendants(server.process.pid)
-        if b"zygote" in _cmdline(p) and _parent(p) == server.process.pid
-    ]
-    assert len(found) == 1, found
-    return found[0]
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
+    return zygote_of(server.process.pid)
 
 
 def _running(argv: list[str]) -> list[int]:
     wanted = "\0".join(argv).encode() + b"\0"
     pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-    return [pid for pid in pids if _cmdline(pid) == wanted]
+    return [pid for pid in pids if cmdline_of(pid) == wanted]
 
 
 # -- what the attack found -------------------------------------------------------------------

@@ -10,9 +10,10 @@ request's model code did can be seen by the next.
 The zygote is told to fork over a SOCK_SEQPACKET control socket: a message with a token and the
 worker's directory, carrying the child's end of a fresh socketpair (SCM_RIGHTS); it answers with
 the token and the child's pid. The message may also name a stored context (its id, file and
-kind, after a NUL): the zygote reads that file once into a `str` (or list) and keeps it, so
-every worker forked after that inherits it copy-on-write as its `context`, and the server never
-sends it. A message with token 0 and no descriptor tells the zygote to forget a context. The
+kind, after a NUL): the zygote hands it to that context's holder (zygote.py), which read the
+file once into a `str` (or list), forks the worker and answers; the worker inherits the context
+copy-on-write as its `context`, and the server never sends it. A message with token 0 and no
+descriptor tells the zygote to forget a context (its holder exits after its workers). The
 handshake is shielded from cancellation, so a fork once asked for is always answered and its
 worker always ended; the token matches each answer to its request. The server then talks to
 the worker over its socketpair in frames (see frames.py): one job frame in; event frames,

@@ -12,13 +12,18 @@ limits), works in the directory the server made for it (its cwd and TMPDIR, so t
 land there), and exits only when the server closes its socket, so the server always kills a
 living group.
 
-Stored contexts: a fork message may name one (id, file, kind). The zygote reads the file once
-into a `str` (or, for JSON, a list) and keeps it until told to forget it; every worker forked
-after that gets it as `completion.inherited`, sharing its pages copy-on-write. What the zygote
-holds is frozen (`gc.freeze`) after its warm-up and after each context it reads: a worker's
-garbage collections then never write to those objects (a list context is millions of them), so
-only what a worker itself touches is copied. A zygote that replaces a dead one holds nothing and
-reads each context again when a fork asks for it.
+Stored contexts: a fork message may name one (id, file, kind). The zygote itself holds none:
+for each context it forks a *holder*, a zygote of that context alone, which reads the file once
+into a `str` (or, for JSON, a list) and forks the workers that ask for it, each getting it as
+`completion.inherited` and sharing its pages copy-on-write. So a worker's memory holds its own
+context and no other: model code steered by one context cannot read another out of its heap.
+The zygote relays such fork messages (and their descriptor) to the holder, which answers the
+server on the control socket itself, so a context being read never delays other forks. Told to
+forget a context, the zygote closes the holder's socket; the holder lets its running workers
+finish, then exits. What a zygote or holder holds is frozen (`gc.freeze`) after its warm-up and
+after its context is read: a worker's garbage collections then never write to those objects (a
+list context is millions of them), so only what a worker itself touches is copied. A zygote
+that replaces a dead one has no holders and starts each again when a fork asks for it.
 """
 
 from __future__ import annotations
@@ -78,10 +83,6 @@ def _mapped_bytes() -> int:
         return 0
 
 
-_contexts: dict[str, object] = {}  # the stored contexts this zygote holds, by id
-_lengths: dict[str, int] = {}  # a list context's length as the library's prompt gives it
-
-
 def _read_context(path: str, kind: str) -> object:
     """The file as a `str` (text) or a Python value (JSON), decoded straight from a mapping of
     it, so the bytes are never copied into our heap beside what they decode to."""
@@ -96,33 +97,27 @@ def _read_context(path: str, kind: str) -> object:
                 view.release()
 
 
-def _inherit(spec: bytes) -> None:
-    """Set what the next worker inherits: the context a fork message names, read now if this
-    zygote does not hold it yet (or, when it cannot be read, a marker: the worker then fails
-    its job, and says why)."""
-    completion.inherited = completion.inherited_length = None
-    if not spec:
-        return
+def _hold(spec: bytes) -> None:
+    """In a holder: read the context a fork message names; every worker it forks inherits it
+    (or, when it cannot be read, a marker: the worker then fails its job, and says why)."""
     try:
         named = orjson.loads(spec)
-        context_id = named["id"]
-        if context_id not in _contexts:
-            held = _read_context(named["path"], named["kind"])
-            if isinstance(held, list):
-                _lengths[context_id] = completion.context_length(held)
-            _contexts[context_id] = held
-            gc.freeze()  # the workers' collections must not write to it (see the docstring)
-        completion.inherited = _contexts[context_id]
-        completion.inherited_length = _lengths.get(context_id)
+        held = _read_context(named["path"], named["kind"])
+        completion.inherited = held
+        if isinstance(held, list):
+            completion.inherited_length = completion.context_length(held)
+        gc.freeze()  # the workers' collections must not write to it (see the docstring)
     except (OSError, ValueError, KeyError, TypeError, MemoryError) as exc:
         log.warning("could not read a stored context: %s", type(exc).__name__)
         completion.inherited = completion.ContextUnavailable()
 
 
-def _forget(message: bytes) -> None:
-    context_id = message[len(FORGET_TOKEN) :].decode(errors="replace")
-    _contexts.pop(context_id, None)
-    _lengths.pop(context_id, None)
+def _context_id(spec: bytes) -> str:
+    try:
+        named = orjson.loads(spec)
+        return str(named["id"]) if isinstance(named, dict) else ""
+    except (ValueError, KeyError):
+        return ""
 
 
 def _child(job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan) -> None:
@@ -144,6 +139,77 @@ def _child(job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan) -> Non
         os._exit(status)
 
 
+def _serve_forks(
+    control: socket.socket, inbox: socket.socket, memory_mb: int, plan: sandbox.Plan
+) -> None:
+    """Fork a worker for each message on `inbox` (a token and a directory, with the worker's
+    socket) and answer the server on `control`, until `inbox` ends."""
+    while True:
+        message, fds, _, _ = socket.recv_fds(inbox, 4096, 1)
+        if not message:
+            return
+        _fork_worker(control, message, fds, memory_mb, plan, inbox)
+
+
+class _Holders:
+    """The zygote's holders, one per stored context, each a child with a socket of ours."""
+
+    def __init__(self, control: socket.socket, memory_mb: int, plan: sandbox.Plan) -> None:
+        self._control, self._memory_mb, self._plan = control, memory_mb, plan
+        self._sockets: dict[str, socket.socket] = {}
+
+    def relay(self, context_id: str, spec: bytes, message: bytes, fds: list[int]) -> None:
+        """Hand a fork message to the context's holder, starting one if it has none (or its
+        holder has died)."""
+        for _ in range(2):
+            sock = self._sockets.get(context_id) or self._start(context_id, spec)
+            try:
+                socket.send_fds(sock, [message], fds)
+                return
+            except OSError:  # it died: start another
+                self.forget(context_id)
+        log.warning("no holder could be started for a stored context")
+
+    def forget(self, context_id: str) -> None:
+        """End of input for its holder: it exits once its running workers have."""
+        sock = self._sockets.pop(context_id, None)
+        if sock is not None:
+            sock.close()
+
+    def _start(self, context_id: str, spec: bytes) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if os.fork() == 0:
+            ours.close()
+            for other in self._sockets.values():
+                other.close()
+            self._run_holder(theirs, spec)
+        theirs.close()
+        self._sockets[context_id] = ours
+        return ours
+
+    def _run_holder(self, inbox: socket.socket, spec: bytes) -> None:
+        status = 0
+        try:
+            die_with_parent()
+            _hold(spec)
+            _serve_forks(self._control, inbox, self._memory_mb, self._plan)
+            completion.inherited = None  # its running workers keep their copy-on-write pages
+            _wait_for_children()
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+
+
+def _wait_for_children() -> None:
+    """Return once every child has exited (they are reaped by the kernel: SIGCHLD ignored)."""
+    try:
+        while True:
+            os.wait()
+    except ChildProcessError:
+        return
+
+
 def main(argv: list[str]) -> int:
     die_with_parent()
     control = socket.socket(fileno=int(argv[0]))
@@ -154,6 +220,7 @@ def main(argv: list[str]) -> int:
     warm_up()
     gc.freeze()  # the workers' collections must not write to what the zygote made
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    holders = _Holders(control, memory_mb, plan)
     try:
         control.send(b"ready")
         while True:
@@ -161,23 +228,39 @@ def main(argv: list[str]) -> int:
             if not message:
                 return 0
             if message.startswith(FORGET_TOKEN):
-                _forget(message)
+                holders.forget(message[len(FORGET_TOKEN) :].decode(errors="replace"))
                 continue
-            token, rest = message[:8], message[8:]
-            directory, _, spec = rest.partition(b"\0")
-            workdir = os.fsdecode(directory)
-            _inherit(spec)
-            pid = os.fork()
-            if pid == 0:
-                control.close()
-                _contexts.clear()  # the worker keeps only its own context (`inherited`)
-                _child(fds[0], workdir, memory_mb, plan)
-            _inherit(b"")
-            for fd in fds:
-                os.close(fd)
-            control.send(token + pid.to_bytes(8, "big"))
+            spec = message[8:].partition(b"\0")[2]
+            if spec:
+                holders.relay(_context_id(spec), spec, message, fds)
+                for fd in fds:
+                    os.close(fd)
+                continue
+            _fork_worker(control, message, fds, memory_mb, plan)
     except (BrokenPipeError, ConnectionResetError):
         return 0  # the server has gone
+
+
+def _fork_worker(
+    control: socket.socket,
+    message: bytes,
+    fds: list[int],
+    memory_mb: int,
+    plan: sandbox.Plan,
+    inbox: socket.socket | None = None,
+) -> None:
+    """Fork the worker a message asks for (a token, its directory, the context's spec after a
+    NUL) and tell the server its pid; the worker keeps none of our sockets."""
+    token, directory = message[:8], message[8:].partition(b"\0")[0]
+    pid = os.fork()
+    if pid == 0:
+        control.close()
+        if inbox is not None:
+            inbox.close()
+        _child(fds[0], os.fsdecode(directory), memory_mb, plan)
+    for fd in fds:
+        os.close(fd)
+    control.send(token + pid.to_bytes(8, "big"))
 
 
 if __name__ == "__main__":
