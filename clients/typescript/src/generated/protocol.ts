@@ -8,7 +8,7 @@ export type Response = SuccessResponse | ErrorResponse;
  */
 export type Id = string | number;
 /**
- * One protection around model code in force on this machine (README, Security): user_namespace, pid_namespace, network_namespace and ipc_namespace (one of each per worker); no_capabilities; no_new_privs; not_dumpable (server, zygote and workers); landlock_filesystem (reads only the interpreter and system files, writes only its own directory); landlock_signals (signals and abstract sockets scoped to itself); seccomp (cannot clear its parent-death signal); resource_limits (open files, file size, CPU time, core files); process_limit (RLIMIT_NPROC in its user namespace, or a pids cgroup as root); private_tmp (a directory of its own as cwd and TMPDIR, removed when it ends).
+ * One protection around model code in force on this machine (README, Security): user_namespace, pid_namespace, network_namespace and ipc_namespace (one of each per worker); no_capabilities; no_new_privs; not_dumpable (server, zygote and workers); landlock_filesystem (reads only the interpreter and system files, writes only its own directory); landlock_signals (signals and abstract sockets scoped to itself); seccomp (cannot clear its parent-death signal); resource_limits (open files, file size, CPU time, core files); process_limit (its PID namespace's own pid_max, or RLIMIT_NPROC in its user namespace); private_tmp (a directory of its own as cwd and TMPDIR, removed when it ends).
  */
 export type Protection =
   | "user_namespace"
