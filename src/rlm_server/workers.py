@@ -190,13 +190,10 @@ class Worker:
 
     async def receive_job_pid(self) -> None:
         """The keeper's first words: the pid of the process that will run the job."""
-        stream = FdReceiveStream(self._fd)
-        told = b""
-        while len(told) < sandbox.PID_BYTES:
-            try:
-                told += await stream.receive(sandbox.PID_BYTES - len(told))
-            except (anyio.EndOfStream, OSError):
-                raise WorkerCrashed(reason="the worker failed to start") from None
+        try:
+            told = await self._stream.receive_exactly(sandbox.PID_BYTES)
+        except (anyio.IncompleteRead, OSError):
+            raise WorkerCrashed(reason="the worker failed to start") from None
         self.job_pid = int.from_bytes(told, "big")
 
     def kill(self) -> None:
