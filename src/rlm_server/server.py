@@ -1,10 +1,13 @@
 """The server: wires transport, dispatch, methods, engine and workers into one task group.
 
-One task reads and parses lines. A message whose method never waits (`status`, and every
-malformed message) is answered on the spot; any other request, batch elements included, gets a
-task of its own in the one request task group, so reading never waits for a handler and a slow
-`infer` never delays `status`. One task writes. While more than `OUTPUT_HIGH_WATER` bytes of
-answers are unsent (a client that stopped reading), no more input is read.
+One thread reads (transport.InputThread: a blocking read wakes faster than an event loop's
+turn) and answers `status` itself, through the dispatcher; it hands every other line of a read
+to the event loop, at most BATCHES_AHEAD reads ahead. There a message whose method never waits
+(every malformed message, `$/cancelRequest`) is answered on the spot; any other request, batch
+elements included, gets a task of its own in the one request task group, so reading never
+waits for a handler and a slow `infer` never delays `status`. One task writes. While more than
+`OUTPUT_HIGH_WATER` bytes of answers are unsent (a client that stopped reading), no more input
+is read.
 
 `ready` is written before the zygote starts and before the dispatch layer is imported, and
 jsonrpcserver (whose import pulls in jsonschema and costs as much as everything before `ready`)

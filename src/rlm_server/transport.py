@@ -4,10 +4,12 @@ At start `claim_stdio` moves the protocol onto private descriptors and points fd
 fd 0 at /dev/null, so nothing any library, child process or model code prints can reach the
 protocol stream, and no child inherits our stdin (O_NONBLOCK is shared by every holder of a pipe).
 
-Reading is `os.read` on a non-blocking descriptor after `anyio.wait_readable`: no thread hop per
-line, no fixed line cap, and it can be cancelled. `LineReader` frames it without copying long
-lines. A line over the limit is reported as `OversizedLine` and skipped without holding more than
-the limit in memory. Writing is owned by one task (`ProtocolWriter.run`).
+The server reads in a thread of its own (`InputThread`, blocking reads into one reused buffer);
+the elizaOS plugin mode reads with `os.read` on a non-blocking descriptor after the event loop
+says it is readable (`LineReader`). Both frame with `LineFramer`: no fixed line cap, long lines
+never copied. A line over the limit is reported as `OversizedLine` and skipped without holding
+more than the limit in memory. Writing is owned by one task (`ProtocolWriter.run`); the input
+thread writes directly only when nothing is queued.
 """
 
 from __future__ import annotations
