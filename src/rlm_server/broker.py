@@ -29,7 +29,6 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -270,6 +269,8 @@ class Tape:
     """
 
     def __init__(self, directory: str) -> None:
+        from pathlib import Path  # only for --record and --replay: not before `ready`
+
         self._directory = Path(directory)
 
     @staticmethod

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 Json = dict[str, Any]
 
@@ -140,6 +142,7 @@ def lines(entry: Entry, ending: Json, usage: Json) -> bytes:
 async def write(directory: str, entry: Entry, ending: Json, usage: Json) -> Path:
     """Write one request's log (in a thread: the event loop never waits on the disk)."""
     import uuid  # only with --log-dir: not before `ready`
+    from pathlib import Path
 
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     path = Path(directory) / f"rlm_{stamp}_{uuid.uuid4().hex[:8]}.jsonl"

@@ -42,7 +42,6 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 
 # Every protection, in the order they are applied; `status` reports those in force.
@@ -83,6 +82,7 @@ MAX_OPEN_FILES = 1024
 MAX_FILE_BYTES = 4 << 30
 MAX_CPU_S = 3600
 PID_BYTES = 8  # the keeper's first words on the worker's socket: the worker's pid
+PROBE_DIRECTORY = "/"  # what the probe's Landlock rules name: it writes nothing, and exits
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -408,6 +408,8 @@ def confine(plan: Plan, workdir: str) -> None:
     if plan.has(SECCOMP):
         seccomp_keep_death_signal()
     os.chdir(workdir)
+    import tempfile  # the zygote's, already imported: not the server's before `ready`
+
     os.environ["TMPDIR"] = tempfile.tempdir = workdir
 
 
@@ -424,17 +426,15 @@ class Probe:
         self.level = level
         self._pid = 0
         self._answer = -1
-        self._workdir = ""
         if level != "off" and is_linux():
             self._start()
 
     def _start(self) -> None:
         read, write = os.pipe()
-        self._workdir = tempfile.mkdtemp(prefix="rlm-sandbox-probe-")
         self._pid = os.fork()
         if self._pid == 0:
             os.close(read)
-            _probe_child(write, self._workdir)
+            _probe_child(write, PROBE_DIRECTORY)
         os.close(write)
         self._answer = read
 
@@ -444,13 +444,9 @@ class Probe:
             return [PRIVATE_TMP], []
         working = list(PORTABLE)
         if self._pid:
-            try:
-                with os.fdopen(self._answer, "rb") as answer:
-                    working = answer.read().decode().split(",")
-                os.waitpid(self._pid, 0)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.rmdir(self._workdir)
+            with os.fdopen(self._answer, "rb") as answer:
+                working = answer.read().decode().split(",")
+            os.waitpid(self._pid, 0)
         wanted = PROTECTIONS if is_linux() else PORTABLE
         return [p for p in PROTECTIONS if p in working], [p for p in wanted if p not in working]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
@@ -57,7 +57,7 @@ class Sessions:
 
     def open(self, context_id: str | None) -> Session:
         context = self._contexts.acquire(context_id) if context_id is not None else None
-        session = Session("ses-" + secrets.token_hex(16), context)
+        session = Session("ses-" + os.urandom(16).hex(), context)  # as secrets.token_hex
         self._sessions[session.id] = session
         self._changed.set()
         return session

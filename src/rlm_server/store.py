@@ -17,11 +17,9 @@ forget it (its bytes count until then).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -40,6 +38,12 @@ SLICE_CHARS = 1 << 20  # a text is encoded this much at a time, on the loop; wri
 Forget = Callable[[str], Awaitable[None]]
 
 
+def _sha256() -> Any:
+    import hashlib  # a context's first chunk is the first use: not before `ready`
+
+    return hashlib.sha256()
+
+
 @dataclass(eq=False)
 class StoredContext:
     """One context: its file, what it holds, and who uses it."""
@@ -54,7 +58,7 @@ class StoredContext:
     last_used_ms: int = 0  # epoch milliseconds
     recency: int = 0  # the order of last use: what eviction goes by
     dropped: bool = False  # gone for new requests; its file goes with its last use
-    digest: Any = field(default_factory=hashlib.sha256)
+    digest: Any = field(default_factory=_sha256)
     writing: anyio.Lock = field(default_factory=anyio.Lock)  # one chunk at a time
 
     @property
@@ -147,7 +151,7 @@ class ContextStore:
     def _create(self, kind: Literal["text", "json"]) -> StoredContext:
         directory = os.path.join(self._directory(), "contexts")
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        context_id = "ctx-" + secrets.token_hex(16)
+        context_id = "ctx-" + os.urandom(16).hex()  # what secrets.token_hex does
         path = os.path.join(directory, context_id)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         return StoredContext(context_id, path, kind)
