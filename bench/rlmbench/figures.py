@@ -715,7 +715,7 @@ class Bench:
                 "found": response.get("result", {}).get("text") == secret,
             }
             self.log(
-                f"  first question (the zygote reads it): reaches the model in "
+                f"  first question (its holder reads it): reaches the model in "
                 f"{first_reach * 1000:.1f} ms"
             )
             for run in range(self.s.reuse_runs):

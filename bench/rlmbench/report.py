@@ -397,7 +397,7 @@ def _context_rows(r: Json) -> list[Row]:
                 "≤ 50 ms",
                 ours <= 0.050 and stored["found"],
                 f"median of questions 2 to {len(stored['runs']) + 1} on it (the first, which has "
-                f"the zygote read it: {_ms(c['first']['reach_s'])}) against "
+                f"its holder read it: {_ms(c['first']['reach_s'])}) against "
                 f"{len(prompt['runs'])} with it as the prompt; answered (the needle found by "
                 f"model code): {_ms(stored['answer_median_s'])} against "
                 f"{_ms(prompt['answer_median_s'])}; loaded in {load['chunks']} chunks of "
@@ -425,7 +425,7 @@ def _context_rows(r: Json) -> list[Row]:
                 f"idle before: {stored['idle_kib'] / 1024:,.0f} MiB; peaks apart: server "
                 f"{stored['peak_server_kib'] / 1024:,.0f} MiB, zygote + workers "
                 f"{stored['peak_children_kib'] / 1024:,.0f} MiB; the first question on it, "
-                f"alone (the zygote reads it): {c['first']['peak_kib'] / 1024:,.0f} MiB"
+                f"alone (its holder reads it): {c['first']['peak_kib'] / 1024:,.0f} MiB"
                 + _unsandboxed(c),
             )
         )
