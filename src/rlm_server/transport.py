@@ -311,6 +311,8 @@ class InputThread:
                 self._on_lines([last])
         except StopReading:
             return
+        except Exception:  # a bug of ours: stop as at the end of input, never hang unread
+            log.exception("the input thread failed; stopping as at the end of input")
         self._on_end()
 
     def _read(self) -> bytes | memoryview:
