@@ -243,9 +243,9 @@ def landlock(workdir: str, scope_signals: bool) -> None:
     )
     try:
         for path in readable_paths():
-            _allow(ruleset, path, FS_READ)
+            _allow(ruleset, path, FS_READ & handled)
         for path in DEVICES:
-            _allow(ruleset, path, FS_READ_FILE | FS_WRITE_FILE)
+            _allow(ruleset, path, (FS_READ_FILE | FS_WRITE_FILE) & handled)
         _allow(ruleset, workdir, handled)
         _check(_libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
     finally:
@@ -260,7 +260,7 @@ def _allow(ruleset: int, path: str, rights: int) -> None:
     try:
         if not os.path.isdir(path):
             rights &= FILE_RIGHTS
-        rule = struct.pack("=Qi", rights & _fs_rights(landlock_abi()), fd)
+        rule = struct.pack("=Qi", rights, fd)  # rights within what the ruleset handles
         _check(
             _libc.syscall(LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, rule, 0),
             f"landlock rule for {path}",
