@@ -23,15 +23,21 @@ NEEDLE_CODE = (
 NEEDLE_QUERY = "What is the secret code?"
 
 
-def make_context(size: int, seed: int = 5) -> tuple[bytes, str]:
-    """`size` bytes of ASCII text (no quotes, backslashes or newlines: it embeds in JSON as it
-    is) with the needle somewhere in the middle 80%; returns (text, secret)."""
+def _layout(size: int, seed: int) -> tuple[bytes, str, bytes, int]:
+    """What both makers share: the filler block, the secret, the needle and where it goes."""
     rng = random.Random(seed)
     block = " ".join(rng.choice(WORDS) for _ in range(1200)).encode()[:4096]
     secret = f"{rng.getrandbits(64):016x}"
     needle = f" {NEEDLE_PREFIX}{secret}. ".encode()
     fill = size - len(needle)
-    at = rng.randrange(fill // 10, fill - fill // 10)
+    return block, secret, needle, rng.randrange(fill // 10, fill - fill // 10)
+
+
+def make_context(size: int, seed: int = 5) -> tuple[bytes, str]:
+    """`size` bytes of ASCII text (no quotes, backslashes or newlines: it embeds in JSON as it
+    is) with the needle somewhere in the middle 80%; returns (text, secret)."""
+    block, secret, needle, at = _layout(size, seed)
+    fill = size - len(needle)
     filler = block * (fill // len(block) + 1)
     body = b"".join((filler[:at], needle, filler[at:fill]))
     assert len(body) == size
@@ -42,12 +48,7 @@ def context_chunks(size: int, chunk: int, seed: int = 5) -> tuple[list[tuple[int
     """The text `make_context(size, seed)` makes, as (start, end) pieces of at most `chunk`
     bytes and a function that makes one piece, so a 2 GiB context is never whole in the bench's
     memory; returns (pieces, secret, piece)."""
-    rng = random.Random(seed)
-    block = " ".join(rng.choice(WORDS) for _ in range(1200)).encode()[:4096]
-    secret = f"{rng.getrandbits(64):016x}"
-    needle = f" {NEEDLE_PREFIX}{secret}. ".encode()
-    fill = size - len(needle)
-    at = rng.randrange(fill // 10, fill - fill // 10)
+    block, secret, needle, at = _layout(size, seed)
     period = len(block)
     repeated = block * (chunk // period + 2)
 
