@@ -492,3 +492,30 @@ def test_a_worker_holds_its_own_context_and_no_other(spawn: Spawn, llm: FixtureS
     llm.script.released.set()
     assert server.next_response()["id"] == "a"
     assert server.close() == 0
+
+
+def test_a_worker_holds_no_socket_but_its_own(spawn: Spawn, llm: FixtureServer) -> None:
+    """The zygote's sockets to its holders ask for forks: a worker that kept one could have a
+    worker on another context forked for it. Every worker has one socket, its own."""
+    count_sockets = repl(
+        "import os, socket",
+        "found = []",
+        "for fd in range(1024):",
+        "    try:",
+        "        s = socket.socket(fileno=os.dup(fd))",
+        "    except OSError:",
+        "        continue",
+        "    found.append(s.type.name)",
+        "    s.close()",
+        "answer['content'] = ','.join(sorted(found))",
+        "answer['ready'] = True",
+    )
+    server = spawn(ECHO)
+    server.ready()
+    context_id = _load(server, text="held by a holder")["context_id"]
+    assert _ask(server, context_id)["result"]["text"] == "held by a holder"  # a holder exists
+    llm.script.replace([{"when": "root", "reply": count_sockets}])
+    for params in ({"prompt": "plain"}, {"context_id": context_id}):
+        sockets = server.call("infer", params)["result"]["text"].split(",")
+        assert "SOCK_SEQPACKET" not in sockets, (params, sockets)
+    assert server.close() == 0

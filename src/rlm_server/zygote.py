@@ -148,7 +148,7 @@ def _serve_forks(
         message, fds, _, _ = socket.recv_fds(inbox, 4096, 1)
         if not message:
             return
-        _fork_worker(control, message, fds, memory_mb, plan, inbox)
+        _fork_worker(control, message, fds, memory_mb, plan, [inbox])
 
 
 class _Holders:
@@ -169,6 +169,9 @@ class _Holders:
             except OSError:  # it died: start another
                 self.forget(context_id)
         log.warning("no holder could be started for a stored context")
+
+    def sockets(self) -> list[socket.socket]:
+        return list(self._sockets.values())
 
     def forget(self, context_id: str) -> None:
         """End of input for its holder: it exits once its running workers have."""
@@ -236,7 +239,7 @@ def main(argv: list[str]) -> int:
                 for fd in fds:
                     os.close(fd)
                 continue
-            _fork_worker(control, message, fds, memory_mb, plan)
+            _fork_worker(control, message, fds, memory_mb, plan, holders.sockets())
     except (BrokenPipeError, ConnectionResetError):
         return 0  # the server has gone
 
@@ -247,16 +250,17 @@ def _fork_worker(
     fds: list[int],
     memory_mb: int,
     plan: sandbox.Plan,
-    inbox: socket.socket | None = None,
+    ours: list[socket.socket],
 ) -> None:
     """Fork the worker a message asks for (a token, its directory, the context's spec after a
-    NUL) and tell the server its pid; the worker keeps none of our sockets."""
+    NUL) and tell the server its pid. The worker keeps none of our sockets (`control` and
+    `ours`): with one to a holder, model code could have a worker on another context forked
+    for it, talking to a socket of its own."""
     token, directory = message[:8], message[8:].partition(b"\0")[0]
     pid = os.fork()
     if pid == 0:
-        control.close()
-        if inbox is not None:
-            inbox.close()
+        for sock in (control, *ours):
+            sock.close()
         _child(fds[0], os.fsdecode(directory), memory_mb, plan)
     for fd in fds:
         os.close(fd)
