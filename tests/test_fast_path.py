@@ -8,6 +8,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,29 @@ def test_end_of_input_with_nothing_in_flight_leaves_no_process(spawn: Spawn, whe
     assert family  # the zygote
     assert server.close() == 0
     assert wait_until(lambda: not alive(family), timeout=10), alive(family)
+
+
+def _cpu_s(pid: int) -> float:
+    """User and system time of every thread of `pid` so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc/PID/stat")
+def test_between_requests_the_input_thread_sleeps(spawn: Spawn) -> None:
+    """After an answer the input thread polls for the next line for a moment (transport.py);
+    that moment must end: an idle server spends no CPU."""
+    server = spawn()
+    server.ready()
+    server.call("infer", {"prompt": "x"})  # everything warm: nothing left to do after this
+    for i in range(100):
+        assert "result" in server.call("status", request_id=i)
+    time.sleep(0.2)
+    before = _cpu_s(server.process.pid)
+    time.sleep(1.0)
+    assert _cpu_s(server.process.pid) - before < 0.2  # polling without end would be ~1 s
+    assert server.close() == 0
 
 
 def test_input_from_a_regular_file_is_read_to_its_end(tmp_path: Path) -> None:

@@ -200,11 +200,12 @@ class Server:
         door = LoopDoor()
         ahead = threading.BoundedSemaphore(BATCHES_AHEAD)
 
-        def on_lines(lines: Lines) -> None:
+        def on_lines(lines: Lines) -> bool:
             rest = self._answer_here(lines, dispatcher)
             if rest:
                 ahead.acquire()
                 door.call(self._handle_lines, rest, dispatcher, spawn, ahead)
+            return bool(rest)
 
         def on_end() -> None:
             with contextlib.suppress(StopReading):
