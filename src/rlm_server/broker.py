@@ -25,11 +25,10 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import orjson
@@ -90,8 +89,7 @@ def warm_openai_sdk() -> None:
 # What a request may call, and what it may spend
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     """The clients one request may use: by the model name a worker asks for."""
 
     backend: str  # the library's backend name
@@ -384,6 +382,8 @@ def retry_after_s(exc: BaseException) -> float | None:
 
 def backoff_s(attempt: int, base_ms: float, cap_ms: float) -> float:
     """Exponential backoff with jitter: base * 2^(attempt-1), capped, scaled by [0.5, 1)."""
+    import random  # a retry is the first use: not before `ready`
+
     ceiling = min(cap_ms, base_ms * 2 ** (attempt - 1))
     return float(ceiling * (0.5 + random.random() / 2) / 1000)
 
@@ -392,8 +392,7 @@ def backoff_s(attempt: int, base_ms: float, cap_ms: float) -> float:
 # The broker
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(NamedTuple):
     max_retries: int
     delay_ms: float
     max_delay_ms: float

@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__, logdir
+from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
 from rlm_server.broker import Account, Broker, Budget, RetryPolicy, Route
 from rlm_server.config import BACKEND_INFO, Config, api_key, backend_unavailable_reason
 from rlm_server.errors import (
@@ -352,6 +352,8 @@ class Engine:
         """--log-dir: the request's trajectory file, written however it ended."""
         if self.config.log_dir is None or run.spec.unavailable_reason is not None:
             return
+        from rlm_server import logdir  # only with --log-dir
+
         entry = logdir.Entry(request_id, run.request.query, run.spec.rlm_kwargs, run.steps)
         with anyio.CancelScope(shield=True):  # a cancelled request is logged too
             await logdir.write(self.config.log_dir, entry, ending, run.account.usage())

@@ -38,12 +38,10 @@ import contextlib
 import itertools
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -58,6 +56,19 @@ from rlm_server.errors import RpcError, WorkerCrashed, first_of
 from rlm_server.transport import FdReceiveStream, write_all
 
 log = logging.getLogger(__name__)
+
+
+def _make_dir(prefix: str, parent: str) -> str:
+    import tempfile  # imported by WorkerPool.start: not before `ready`
+
+    return tempfile.mkdtemp(prefix=prefix, dir=parent)
+
+
+def _remove_tree(path: str) -> None:
+    import shutil  # imported by WorkerPool.start (through tempfile): not before `ready`
+
+    shutil.rmtree(path, ignore_errors=True)
+
 
 Json = dict[str, Any]
 TEXT_CHUNK = 1 << 20
@@ -273,6 +284,8 @@ class WorkerPool:
 
     def start(self) -> None:
         """Start the zygote now, so its import of `rlm` overlaps with the first request."""
+        import tempfile  # here, after `ready`: it imports random, shutil, bz2 and lzma
+
         self._root = tempfile.mkdtemp(prefix="rlm-server-")
         self._zygote = _Zygote(self._memory_mb, self._env, self._plan)
 
@@ -288,7 +301,7 @@ class WorkerPool:
             self._zygote.stop()
             self._zygote = None
         if self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)
+            _remove_tree(self._root)
             self._root = None
 
     async def _ready_zygote(self) -> _Zygote:
@@ -357,7 +370,7 @@ class WorkerPool:
     async def _forked(self, context: ContextFile | None = None) -> AsyncIterator[Worker]:
         """A fresh worker, killed on exit along with everything it started; its directory is
         removed afterwards, whatever happened."""
-        workdir = tempfile.mkdtemp(prefix="worker-", dir=self._root)
+        workdir = _make_dir("worker-", self.root)
         worker: Worker | None = None
         try:
             worker = await self._fork(workdir, context)
@@ -367,7 +380,7 @@ class WorkerPool:
             if worker is not None:
                 worker.kill()
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
+                await anyio.to_thread.run_sync(_remove_tree, workdir)
 
     async def run(
         self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
@@ -388,7 +401,7 @@ class WorkerPool:
 
     async def long_worker(self, context: ContextFile | None) -> LongWorker:
         """A worker that serves job after job until it is closed (a session's)."""
-        workdir = tempfile.mkdtemp(prefix="worker-", dir=self._root)
+        workdir = _make_dir("worker-", self.root)
         worker: Worker | None = None
         try:
             worker = await self._fork(workdir, context)
@@ -397,7 +410,7 @@ class WorkerPool:
             if worker is not None:
                 worker.kill()
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
+                await anyio.to_thread.run_sync(_remove_tree, workdir)
             raise
         return LongWorker(worker, workdir)
 
@@ -430,7 +443,7 @@ class LongWorker:
     async def close(self) -> None:
         self._worker.kill()
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(shutil.rmtree, self._workdir, True)
+            await anyio.to_thread.run_sync(_remove_tree, self._workdir)
 
     def kill(self) -> None:
         """At exit: end it and everything it started (the pool removes every directory)."""
