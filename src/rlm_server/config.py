@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from rlm_server import __version__
 
@@ -38,8 +38,7 @@ SANDBOX_LEVELS = ("strict", "auto", "off")  # see sandbox.py
 ENVIRONMENTS = ("local", "ipython", "docker", "modal", "prime", "e2b", "daytona")
 
 
-@dataclass(frozen=True)
-class BackendInfo:
+class BackendInfo(NamedTuple):
     """How one user-facing backend name maps onto the `rlm` library's clients."""
 
     library_backend: str
@@ -164,8 +163,7 @@ def _urls(raw: str) -> tuple[str, ...]:
     return urls
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     name: str
     env: str
     default: str
@@ -453,10 +451,27 @@ def _flag(setting: Setting) -> str:
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage plus a message on a bad flag; we promise one readable line."""
+    """argparse prints usage plus a message on a bad flag; we promise one readable line.
+
+    argparse also makes a help formatter for every flag it is given, only to check its
+    metavar, and the default one asks shutil for the terminal's width each time (importing
+    shutil, bz2 and lzma: a few ms of every start). Only help is printed at a width, so only
+    `format_help` asks."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(formatter_class=_FixedWidthFormatter, **kwargs)
+
+    def format_help(self) -> str:
+        self.formatter_class = argparse.HelpFormatter
+        return super().format_help()
 
     def error(self, message: str) -> Any:
         raise ConfigError(message)
+
+
+class _FixedWidthFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=80)
 
 
 def build_parser() -> argparse.ArgumentParser:
