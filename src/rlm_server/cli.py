@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     claim = claim_stdio(nonblocking_read=False)  # the server's InputThread blocks in read
     try:
         server = Server(config, claim, environ)
+        server.start_reading()
         _started()
         code = anyio.run(server.run, backend="asyncio")
     finally:

@@ -9,11 +9,13 @@ waits for a handler and a slow `infer` never delays `status`. One task writes. W
 `OUTPUT_HIGH_WATER` bytes of answers are unsent (a client that stopped reading), no more input
 is read.
 
-`ready` is written before the zygote starts and before the dispatch layer is imported, and
-jsonrpcserver (whose import pulls in jsonschema and costs as much as everything before `ready`)
-is imported only by the first request that needs it (`infer`, `shutdown`, `$/cancelRequest`;
-never `status`). The zygote's import of `rlm` runs meanwhile in its own process. Lines that
-arrive early wait in the pipe.
+`ready` is written, and the input thread started, before the event loop exists
+(`start_reading`): `status` is answered from then on, while the loop starts (anyio's backend
+alone costs ~10 ms to import); other lines wait at the door until the loop opens it. The zygote
+starts after `ready`, and jsonrpcserver (whose import pulls in jsonschema and costs as much as
+everything before `ready`) is imported only by the first request that needs it (`infer`,
+`shutdown`, `$/cancelRequest`; never `status`). The zygote's import of `rlm` runs meanwhile in
+its own process. Lines written before `ready` wait in the pipe.
 
 Stopping, whichever way it starts (`shutdown`, end of stdin, SIGTERM), is one sequence: refuse
 infers that arrive after the stop, let in-flight infers finish until the stop's deadline, cancel
@@ -134,6 +136,9 @@ class Server:
         self._stopping = anyio.Event()
         self._grace: anyio.CancelScope  # made in run(), in the event loop; lowered by every stop
         self._drained = anyio.Event()
+        self._door = LoopDoor()  # where the input thread hands the loop what it cannot answer
+        self._dispatcher: Dispatcher  # loaded by start_reading
+        self._spawn: Spawn  # made by _serve, before it opens the door
 
     # -- Session, as methods see it ---------------------------------------------------------
 
@@ -159,9 +164,17 @@ class Server:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    async def run(self) -> int:
-        self._grace = anyio.CancelScope(deadline=math.inf)
+    def start_reading(self) -> None:
+        """Before the event loop: write `ready` and start the input thread. From here `status`
+        is answered (in that thread, which needs no loop); every other line waits at the door
+        until `run` has the loop going (importing anyio's backend alone takes ~10 ms)."""
         self._send_ready()
+        self._dispatcher = _load_dispatcher()
+        self._start_input()
+
+    async def run(self) -> int:
+        """After `start_reading`."""
+        self._grace = anyio.CancelScope(deadline=math.inf)
         self.engine.workers.start()
         try:
             async with anyio.create_task_group() as background:
@@ -170,7 +183,7 @@ class Server:
                 background.start_soon(self.engine.sessions.expire_idle)
                 async with anyio.create_task_group() as writing:
                     writing.start_soon(self._writer.run)
-                    await self._serve(_load_dispatcher())
+                    await self._serve()
                     self._writer.close()
                 background.cancel_scope.cancel()
         finally:
@@ -179,14 +192,14 @@ class Server:
         return 0
 
     def _send_ready(self) -> None:
-        """Written now, not at the end of this turn: the zygote's start and the dispatcher's
-        import come after it, and a client should not wait for them."""
+        """Written at once (there is no loop yet to end a turn)."""
         with self._writer.held():
             self.notify("ready", {**self.engine.describe(), "pid": os.getpid()})
 
-    async def _serve(self, dispatcher: Dispatcher) -> None:
+    async def _serve(self) -> None:
         async with anyio.create_task_group() as requests:
-            self._start_input(dispatcher, self._in_flight.spawner(requests))
+            self._spawn = self._in_flight.spawner(requests)
+            self._door.open()
             await self._stopping.wait()
             with self._grace:
                 await self._in_flight.idle()
@@ -194,22 +207,21 @@ class Server:
             await self._in_flight.idle()  # each cancelled infer is answered -32800
             self._drained.set()  # `shutdown` calls answer last; the task group waits for them
 
-    def _start_input(self, dispatcher: Dispatcher, spawn: Spawn) -> None:
+    def _start_input(self) -> None:
         """Read in the input thread: it answers `status` itself, and hands every other line to
         the loop, at most BATCHES_AHEAD reads ahead of it (the loop bounds what is read)."""
-        door = LoopDoor()
         ahead = threading.BoundedSemaphore(BATCHES_AHEAD)
 
         def on_lines(lines: Lines) -> bool:
-            rest = self._answer_here(lines, dispatcher)
+            rest = self._answer_here(lines, self._dispatcher)
             if rest:
                 ahead.acquire()
-                door.call(self._handle_lines, rest, dispatcher, spawn, ahead)
+                self._door.call(self._handle_lines, rest, ahead)
             return bool(rest)
 
         def on_end() -> None:
             with contextlib.suppress(StopReading):
-                door.call(self._input_ended)
+                self._door.call(self._input_ended)
 
         InputThread(
             self._claim.read_fd,
@@ -239,13 +251,7 @@ class Server:
             self._writer.send_from_thread(answers)
         return rest
 
-    def _handle_lines(
-        self,
-        lines: Lines,
-        dispatcher: Dispatcher,
-        spawn: Spawn,
-        ahead: threading.BoundedSemaphore,
-    ) -> None:
+    def _handle_lines(self, lines: Lines, ahead: threading.BoundedSemaphore) -> None:
         """In the loop: the lines of one read, answered together (one write for what is
         answered at once)."""
         ahead.release()
@@ -253,7 +259,7 @@ class Server:
             return  # stopped: what arrives now is not read, as after a close of our stdin
         with self._writer.held():
             for line in lines:
-                self._handle_line(line, dispatcher, spawn)
+                self._handle_line(line, self._dispatcher, self._spawn)
 
     def _input_ended(self) -> None:
         log.info("end of input; stopping")

@@ -26,7 +26,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import anyio
 from anyio.abc import ByteReceiveStream
@@ -55,8 +55,7 @@ def _grow_pipe(fd: int) -> None:
         fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
 
 
-@dataclass
-class StdioClaim:
+class StdioClaim(NamedTuple):
     """The private protocol descriptors, and what to put back on exit."""
 
     read_fd: int
@@ -153,8 +152,7 @@ async def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[written:]
 
 
-@dataclass(frozen=True)
-class OversizedLine:
+class OversizedLine(NamedTuple):
     """A line longer than the limit was read and thrown away; `head` is its first bytes."""
 
     limit: int
@@ -355,15 +353,25 @@ class StopReading(Exception):
 
 
 class LoopDoor:
-    """Calls into an event loop from another thread, in the context captured where it was made
-    (so anyio, which finds its backend through a context variable, works in the callbacks);
-    StopReading once the loop is closed (the server has stopped)."""
+    """Calls into an event loop from another thread, in the context captured when the loop
+    opened the door (so anyio, which finds its backend through a context variable, works in
+    the callbacks). Made before the loop exists, so that reading can start first: a call
+    waits until `open`. StopReading once the loop is closed (the server has stopped)."""
 
     def __init__(self) -> None:
+        self._opened = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._context: contextvars.Context | None = None
+
+    def open(self) -> None:
+        """In the event loop: let the calls in."""
         self._loop = asyncio.get_running_loop()
         self._context = contextvars.copy_context()
+        self._opened.set()
 
     def call(self, callback: Callable[..., None], *args: object) -> None:
+        self._opened.wait()
+        assert self._loop is not None
         try:
             self._loop.call_soon_threadsafe(callback, *args, context=self._context)
         except RuntimeError:
@@ -400,7 +408,7 @@ class ProtocolWriter:
         self._carry: list[Buffer] = []  # from the input thread, to queue before anything else
         self._below = threading.Event()  # set while no more than high water is unsent
         self._below.set()
-        self._door: LoopDoor | None = None  # into run()'s loop: where the carry goes
+        self._door = LoopDoor()  # into run()'s loop: where the carry goes
 
     def send(self, line: bytes) -> None:
         """Write one encoded message (the newline is added here) at the end of this turn."""
@@ -454,8 +462,6 @@ class ProtocolWriter:
         self._in_loop(self._queue_carry)
 
     def _in_loop(self, callback: Callable[..., None], *args: object) -> None:
-        if self._door is None:
-            raise StopReading  # the writer never ran: the server is stopping
         self._door.call(callback, *args)
 
     def _write_now_locked(self, buffers: list[Buffer]) -> tuple[list[Buffer], OSError | None]:
@@ -506,7 +512,7 @@ class ProtocolWriter:
         self._send.close()
 
     async def run(self) -> None:
-        self._door = LoopDoor()
+        self._door.open()
         async with self._receive:
             async for first in self._receive:
                 burst = [first]
