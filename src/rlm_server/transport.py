@@ -4,7 +4,8 @@ At start `claim_stdio` moves the protocol onto private descriptors and points fd
 fd 0 at /dev/null, so nothing any library, child process or model code prints can reach the
 protocol stream, and no child inherits our stdin (O_NONBLOCK is shared by every holder of a pipe).
 
-The server reads in a thread of its own (`InputThread`, blocking reads into one reused buffer);
+The server reads in a thread of its own (`InputThread`, blocking reads into one reused buffer,
+after a short wait awake for the next line where that is cheaper than sleeping: `AwakeWait`);
 the elizaOS plugin mode reads with `os.read` on a non-blocking descriptor after the event loop
 says it is readable (`LineReader`). Both frame with `LineFramer`: no fixed line cap, long lines
 never copied. A line over the limit is reported as `OversizedLine` and skipped without holding
@@ -21,6 +22,7 @@ import fcntl
 import logging
 import math
 import os
+import resource
 import select
 import stat
 import threading
@@ -34,7 +36,9 @@ from anyio.abc import ByteReceiveStream
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
-POLL_AFTER_ANSWER_NS = 100_000  # InputThread: how long to wait awake for the next line
+POLL_AFTER_ANSWER_NS = 100_000  # AwakeWait: how long to wait awake for the next line
+SHARED_IN_A_ROW = 3  # AwakeWait: inputs written from its own CPU before it stops polling
+NO_POLLS_AFTER_SHARING_NS = 50_000_000  # and for how long
 IOV_MAX = 1024  # buffers per writev
 HEAD_BYTES = 4096  # what is kept of a line over the limit, to find its id
 Buffer = bytes | memoryview
@@ -278,14 +282,9 @@ class InputThread:
     input, `on_end`. The thread is a daemon: the process exits without waiting for a read that
     never returns.
 
-    After a read whose lines were all answered here, the thread polls for the next one for up
-    to `POLL_AFTER_ANSWER_NS` before it sleeps in `read`. A client that waits for each answer
-    sends its next request within microseconds, and waking a sleeping thread costs more than
-    that when it sleeps on a CPU of its own (the CPU halts; on a virtual machine its wake-up
-    goes through the hypervisor: about 25 µs here, more than a whole `status`). Each poll
-    yields the CPU (`sched_yield`), so a client on the same CPU runs at once; the event loop is
-    never kept waiting, since nothing was handed to it; an idle server spends at most that
-    window once per line.
+    After a read whose lines were all answered here, the next one is waited for awake
+    (`AwakeWait`) before the thread sleeps in `read`; never after handing lines to the loop,
+    which then needs the GIL.
     """
 
     def __init__(
@@ -300,8 +299,7 @@ class InputThread:
         self._framer = LineFramer(max_bytes)
         self._chunk = memoryview(bytearray(READ_CHUNK))
         self._on_lines, self._on_end, self._may_read = on_lines, on_end, may_read
-        self._next = select.poll()
-        self._next.register(fd, select.POLLIN)
+        self._awake = AwakeWait(fd) if hasattr(resource, "RUSAGE_THREAD") else None  # Linux
         self._thread = threading.Thread(target=self._run, name="rlm-server-input", daemon=True)
 
     def start(self) -> None:
@@ -331,8 +329,8 @@ class InputThread:
         """The next bytes, read into one reused buffer: `os.read(fd, 1 MiB)` allocates a
         megabyte (an mmap and munmap) per call, 25 µs of a 45-byte `status`."""
         self._may_read()
-        if poll_first:
-            self._poll_briefly()
+        if poll_first and self._awake is not None:
+            self._awake.wait()
         while True:
             try:
                 return self._chunk[: os.readv(self._fd, [self._chunk])]
@@ -341,11 +339,47 @@ class InputThread:
             except OSError:
                 return b""
 
-    def _poll_briefly(self) -> None:
-        """Until input is there or POLL_AFTER_ANSWER_NS have passed (see the class docstring)."""
+
+class AwakeWait:
+    """Waits for input on a descriptor without sleeping in the kernel, where that pays.
+
+    A client that waits for each answer sends its next request within microseconds, and waking
+    a thread that sleeps on a CPU of its own costs more than that (the idle CPU halts; on a
+    virtual machine its wake-up goes through the hypervisor: about 25 µs here, more than a
+    whole `status`). So `wait` polls for up to `POLL_AFTER_ANSWER_NS`, yielding the CPU
+    (`sched_yield`) between polls, so that a task on the same CPU runs at once; an idle server
+    spends at most that window once per line. It pays only when the client runs on another
+    CPU: when the input came from a task that ran during our first yield (the client, on our
+    CPU), a blocking read would have cost no more, and after `SHARED_IN_A_ROW` such waits in a
+    row it does not poll for `NO_POLLS_AFTER_SHARING_NS`.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._input = select.poll()
+        self._input.register(fd, select.POLLIN)
+        self._shared_in_a_row = 0
+        self._no_polls_until = 0  # perf_counter_ns
+
+    def wait(self) -> None:
+        """Return when input is there, or the window has passed, or polling does not pay."""
+        if time.perf_counter_ns() < self._no_polls_until or self._input.poll(0):
+            return
+        switches = _switches_away()
+        os.sched_yield()
+        if self._input.poll(0):
+            shared = _switches_away() != switches  # what ran meanwhile on this CPU wrote it
+            self._shared_in_a_row = self._shared_in_a_row + 1 if shared else 0
+            if self._shared_in_a_row >= SHARED_IN_A_ROW:
+                self._no_polls_until = time.perf_counter_ns() + NO_POLLS_AFTER_SHARING_NS
+            return
         deadline = time.perf_counter_ns() + POLL_AFTER_ANSWER_NS
-        while not self._next.poll(0) and time.perf_counter_ns() < deadline:
+        while not self._input.poll(0) and time.perf_counter_ns() < deadline:
             os.sched_yield()
+
+
+def _switches_away() -> int:
+    """How often the scheduler has taken the CPU from this thread for another task."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
 
 
 class StopReading(Exception):
