@@ -432,8 +432,9 @@ def _context_rows(r: Json) -> list[Row]:
                 "PSS summed over server, zygote and workers (/proc/PID/smaps_rollup: a page they "
                 "share copy-on-write counts once), sampled every 10 ms from the first request "
                 f"to the last answer, every call held at the model until all {n} are there; "
-                f"idle before: {stored['idle_kib'] / 1024:,.0f} MiB; peaks apart: server "
-                f"{stored['peak_server_kib'] / 1024:,.0f} MiB, zygote + workers "
+                f"idle before: {stored['idle_kib'] / 1024:,.0f} MiB, so each question added "
+                f"{(stored['peak_kib'] - stored['idle_kib']) / n / 1024:,.1f} MiB; peaks apart: "
+                f"server {stored['peak_server_kib'] / 1024:,.0f} MiB, zygote + workers "
                 f"{stored['peak_children_kib'] / 1024:,.0f} MiB; the first question on it, "
                 f"alone (its holder reads it): {c['first']['peak_kib'] / 1024:,.0f} MiB"
                 + _unsandboxed(c),
