@@ -91,7 +91,8 @@ def _rtt_rows(rtt: Json, where: str) -> list[Row]:
             f"floor {_us(echo['p50_us'])}"
             + (
                 "; ours is below it: the echo sleeps in `read` between requests and pays a "
-                "wake-up for each, ours polls for the next line for up to 100 µs after an answer"
+                "wake-up for each; ours, with the client on another CPU, waits awake for the "
+                "next line (up to 100 µs) after each answer"
                 if ours["overhead_us"] <= 0
                 else ""
             ),
