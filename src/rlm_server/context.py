@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from rlm_server.engine import Engine
 from rlm_server.wire import RequestId
@@ -23,8 +22,7 @@ class Session(Protocol):
     def cancel(self, request_id: RequestId) -> None: ...
 
 
-@dataclass(frozen=True)
-class RequestContext:
+class RequestContext(NamedTuple):
     """jsonrpcserver's `context` argument: which request this is, and the session."""
 
     request_id: RequestId

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 
@@ -51,8 +51,7 @@ Notify = Callable[[Json], None]
 STUB_TEXT = "[RLM STUB] RLM backend not available"
 
 
-@dataclass(frozen=True)
-class InferOptions:
+class InferOptions(NamedTuple):
     """`infer` params.options, validated (methods.py). None means: use the configuration."""
 
     backend: str | None = None
@@ -66,14 +65,13 @@ class InferOptions:
     max_tokens: int | None = None
     progress: bool = False
     trajectory: bool = False
-    budget: Budget = field(default_factory=Budget)
+    budget: Budget = Budget()  # frozen: one default serves all
 
 
-@dataclass(frozen=True)
-class InferRequest:
+class InferRequest(NamedTuple):
     context: str | list[dict[str, str]] | None  # the prompt; None: a stored context or none
     query: str | None = None
-    options: InferOptions = field(default_factory=InferOptions)
+    options: InferOptions = InferOptions()
     context_id: str | None = None  # a context stored with context/load
     session_id: str | None = None  # a turn of this session
 
@@ -102,8 +100,7 @@ def _endpoint(config: Config, options: InferOptions, same_backend: bool) -> str:
     )
 
 
-@dataclass(frozen=True)
-class RunSpec:
+class RunSpec(NamedTuple):
     """Everything one request runs with: the configuration with its options applied."""
 
     backend: str
