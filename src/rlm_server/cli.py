@@ -7,7 +7,6 @@ told to stop; it exits 0. `rlm-server view FILE.jsonl` writes a trajectory's HTM
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -62,7 +61,7 @@ def sandboxed(config: Config, probe: Probe, who: str) -> Config | None:
         log.warning("sandbox: this machine lacks %s (--sandbox auto)", ", ".join(missing))
     if NOT_DUMPABLE in protections:
         not_dumpable()
-    return dataclasses.replace(config, protections=tuple(protections))
+    return config._replace(protections=tuple(protections))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,6 @@ import importlib.util
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from rlm_server import __version__
@@ -407,8 +406,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     backend: str
     model: str
     sub_model: str
