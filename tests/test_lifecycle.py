@@ -96,6 +96,19 @@ def test_sigterm_drains_and_a_second_signal_cancels(spawn: Spawn, llm: FixtureSe
     llm.script.released.set()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_right_after_ready_is_a_graceful_stop(spawn: Spawn, signum: int) -> None:
+    """`ready` comes before the event loop that handles signals (server.py): one sent at once
+    must still stop the server as it would later, answering what it read, and exit 0."""
+    for _ in range(5):
+        server = spawn()
+        server.request(1, "status")
+        server.ready()
+        server.process.send_signal(signum)
+        assert server.process.wait(timeout=30) == 0
+        assert server.responses_by_id(1)[1]["result"]["in_flight"] == 0
+
+
 @pytest.mark.parametrize("how", ["shutdown", "sigkill"])
 def test_no_worker_outlives_the_server(spawn: Spawn, llm: FixtureServer, how: str) -> None:
     server = spawn([*HELD, {"when": "root", "reply": answer_with("'x'")}])

@@ -68,6 +68,7 @@ Line = bytes | bytearray | OversizedLine
 OUTPUT_HIGH_WATER = 64 << 20  # unsent answer bytes above which we stop reading input
 DECODE_IN_THREAD_BYTES = 1 << 20
 BATCHES_AHEAD = 4  # reads the input thread may hand the loop before it waits for it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class InFlight:
@@ -139,6 +140,7 @@ class Server:
         self._door = LoopDoor()  # where the input thread hands the loop what it cannot answer
         self._dispatcher: Dispatcher  # loaded by start_reading
         self._spawn: Spawn  # made by _serve, before it opens the door
+        self._early_signals: list[int] = []  # received before the loop watched for them
 
     # -- Session, as methods see it ---------------------------------------------------------
 
@@ -166,8 +168,10 @@ class Server:
 
     def start_reading(self) -> None:
         """Before the event loop: write `ready` and start the input thread. From here `status`
-        is answered (in that thread, which needs no loop); every other line waits at the door
-        until `run` has the loop going (importing anyio's backend alone takes ~10 ms)."""
+        is answered (in that thread, which needs no loop); every other line waits at the door,
+        and a stop signal is noted, until `run` has the loop going (importing anyio's backend
+        alone takes ~10 ms)."""
+        self._note_signals()
         self._send_ready()
         self._dispatcher = _load_dispatcher()
         self._start_input()
@@ -320,12 +324,23 @@ class Server:
     def _send_error(self, error: RpcError, request_id: RequestId = None) -> None:
         self._send(error_response(error, request_id))
 
+    def _note_signals(self) -> None:
+        """Until the loop takes them over, SIGTERM and SIGINT are noted, not acted on: a client
+        may send one as soon as it sees `ready`, which comes before the loop exists."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, lambda signum, _: self._early_signals.append(signum))
+
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            for signum in self._early_signals:
+                self._on_signal(signum)
             async for signum in signals:
-                first_term = signum == signal.SIGTERM and not self._stopping.is_set()
-                log.info("received %s", signal.Signals(signum).name)
-                self.stop(self._config.shutdown_grace_s if first_term else 0)
+                self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        first_term = signum == signal.SIGTERM and not self._stopping.is_set()
+        log.info("received %s", signal.Signals(signum).name)
+        self.stop(self._config.shutdown_grace_s if first_term else 0)
 
     def _parent_gone(self) -> None:
         log.warning("the process that started us has gone; cancelling everything")
