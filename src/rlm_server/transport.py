@@ -329,15 +329,20 @@ class InputThread:
         """The next bytes, read into one reused buffer: `os.read(fd, 1 MiB)` allocates a
         megabyte (an mmap and munmap) per call, 25 µs of a 45-byte `status`."""
         self._may_read()
-        if poll_first and self._awake is not None:
-            self._awake.wait()
+        awake = self._awake if poll_first else None
+        if awake is not None:
+            awake.wait()
         while True:
             try:
-                return self._chunk[: os.readv(self._fd, [self._chunk])]
+                read = os.readv(self._fd, [self._chunk])
+                break
             except BlockingIOError:  # a descriptor someone else made non-blocking
                 select.select([self._fd], [], [])
             except OSError:
                 return b""
+        if awake is not None:
+            awake.arrived()
+        return self._chunk[:read]
 
 
 class AwakeWait:
@@ -348,10 +353,14 @@ class AwakeWait:
     virtual machine its wake-up goes through the hypervisor: about 25 µs here, more than a
     whole `status`). So `wait` polls for up to `POLL_AFTER_ANSWER_NS`, yielding the CPU
     (`sched_yield`) between polls, so that a task on the same CPU runs at once; an idle server
-    spends at most that window once per line. It pays only when the client runs on another
-    CPU: when the input came from a task that ran during our first yield (the client, on our
-    CPU), a blocking read would have cost no more, and after `SHARED_IN_A_ROW` such waits in a
-    row it does not poll for `NO_POLLS_AFTER_SHARING_NS`.
+    spends at most that window once per line. It pays only for a client that answers within
+    the window, and only when that client runs on another CPU:
+    - after input that came later than the window (a client that waits between requests, or
+      thinks), it does not poll until input comes within it again (`arrived` measures), so a
+      paced client costs no CPU, and a busy neighbour on our CPU is not made to wait;
+    - when the input came from a task that ran during our first yield (the client, on our CPU),
+      a blocking read would have cost no more, and after `SHARED_IN_A_ROW` such waits in a row
+      it does not poll for `NO_POLLS_AFTER_SHARING_NS`.
     """
 
     def __init__(self, fd: int) -> None:
@@ -359,10 +368,17 @@ class AwakeWait:
         self._input.register(fd, select.POLLIN)
         self._shared_in_a_row = 0
         self._no_polls_until = 0  # perf_counter_ns
+        self._since = 0  # perf_counter_ns: when the last wait began
+        self._quick = True  # the last input came within the window
+
+    def arrived(self) -> None:
+        """The input waited for has been read."""
+        self._quick = time.perf_counter_ns() - self._since <= POLL_AFTER_ANSWER_NS
 
     def wait(self) -> None:
         """Return when input is there, or the window has passed, or polling does not pay."""
-        if time.perf_counter_ns() < self._no_polls_until or self._input.poll(0):
+        self._since = now = time.perf_counter_ns()
+        if not self._quick or now < self._no_polls_until or self._input.poll(0):
             return
         switches = _switches_away()
         os.sched_yield()
@@ -372,7 +388,7 @@ class AwakeWait:
             if self._shared_in_a_row >= SHARED_IN_A_ROW:
                 self._no_polls_until = time.perf_counter_ns() + NO_POLLS_AFTER_SHARING_NS
             return
-        deadline = time.perf_counter_ns() + POLL_AFTER_ANSWER_NS
+        deadline = now + POLL_AFTER_ANSWER_NS
         while not self._input.poll(0) and time.perf_counter_ns() < deadline:
             os.sched_yield()
 
