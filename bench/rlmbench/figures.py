@@ -47,7 +47,7 @@ GIB = 1 << 30
 class Settings:
     """Repetition counts; `quick` shrinks them for a smoke run."""
 
-    rtt_runs: int = 5
+    rtt_runs: int = 9  # processes per server and placement: each lands in a fast or a slow mode
     rtt_n: int = 2000
     rtt_warmup: int = 200
     pipe_runs: int = 5
