@@ -8,6 +8,7 @@ are done) before anything on it is timed, except in the spawn figures, which tim
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import subprocess
@@ -650,7 +651,7 @@ class Bench:
                 raise RuntimeError(f"context/load failed at chunk {number}")
             context_id = result["context_id"]
             peak_server_kib = max(peak_server_kib, status_kib(channel.pid, "VmRSS"))
-        if not (result["sealed"] and result["bytes"] == size):
+        if not result or not (result["sealed"] and result["bytes"] == size):
             raise RuntimeError(f"context/load ended unsealed or short: {result}")
         return (
             context_id,
@@ -696,13 +697,32 @@ class Bench:
         arrival = self.fixture.stats()["last_arrival_unix"]
         return response, arrival - sent, answered
 
+    def _questions(
+        self,
+        label: str,
+        runs: int,
+        secret: str,
+        ask: Callable[[int], tuple[Json, float, float]],
+        first_id: int,
+    ) -> list[Json]:
+        """`runs` questions asked one at a time (`ask` takes the request id): when each reached
+        the model, when it was answered, and whether the answer was the secret."""
+        timed: list[Json] = []
+        for run in range(runs):
+            response, reach, answer = ask(first_id + run)
+            found = response.get("result", {}).get("text") == secret
+            timed.append({"reach_s": reach, "answer_s": answer, "found": found})
+            self.log(
+                f"  {label} {run + 1}: reaches the model in {reach * 1000:.1f} ms, "
+                f"answered in {answer * 1000:.1f} ms, found={found}"
+            )
+        return timed
+
     def context_reuse(self) -> Json:
         """A question on a loaded context: from the request to the model's first call, against
         the same question with the context as its prompt."""
         size = self.s.context_bytes
         ours = self.t["ours"]
-        stored: list[Json] = []
-        prompt: list[Json] = []
         with spawned(ours) as channel:
             self.fixture.instant()
             self._warm(ours, channel)
@@ -718,24 +738,12 @@ class Bench:
                 f"  first question (its holder reads it): reaches the model in "
                 f"{first_reach * 1000:.1f} ms"
             )
-            for run in range(self.s.reuse_runs):
-                response, reach, answer = self._ask_stored(ours, channel, context_id, 20 + run)
-                found = response.get("result", {}).get("text") == secret
-                stored.append({"reach_s": reach, "answer_s": answer, "found": found})
-                self.log(
-                    f"  stored question {run + 2}: reaches the model in {reach * 1000:.1f} "
-                    f"ms, answered in {answer * 1000:.1f} ms, found={found}"
-                )
+            ask_stored = functools.partial(self._ask_stored, ours, channel, context_id)
+            stored = self._questions("stored question", self.s.reuse_runs, secret, ask_stored, 20)
             body, secret = make_context(size)
-            for run in range(self.s.prompt_runs):
-                response, reach, answer = self._ask_prompt(ours, channel, body, 40 + run)
-                found = response.get("result", {}).get("text") == secret
-                prompt.append({"reach_s": reach, "answer_s": answer, "found": found})
-                self.log(
-                    f"  as a prompt: reaches the model in {reach * 1000:.1f} ms, "
-                    f"answered in {answer * 1000:.1f} ms, found={found}"
-                )
-            del body
+            ask_prompt = functools.partial(self._ask_prompt, ours, channel, body)
+            prompt = self._questions("as a prompt", self.s.prompt_runs, secret, ask_prompt, 40)
+            del body, ask_prompt
         self.fixture.instant()
         return {
             "context_bytes": size,

@@ -59,7 +59,6 @@ def _bytes(n: int) -> str:
 
 def _rtt_rows(rtt: Json, where: str) -> list[Row]:
     ours, plugin, echo = rtt["ours"], rtt["plugin"], rtt["echo"]
-    faster = ours["p50_us"] <= plugin["p50_us"]
     ratio = plugin["overhead_us"] / ours["overhead_us"] if ours["overhead_us"] > 0 else 0.0
     return [
         Row(
@@ -67,9 +66,7 @@ def _rtt_rows(rtt: Json, where: str) -> list[Row]:
             f"{_us(ours['p50_us'])} ({_us(ours['p99_us'])})",
             "plugin server",
             f"{_us(plugin['p50_us'])} ({_us(plugin['p99_us'])})",
-            _times(plugin["p50_us"] / ours["p50_us"], "faster")
-            if faster
-            else _times(ours["p50_us"] / plugin["p50_us"], "slower"),
+            _faster_or_slower(ours["p50_us"], plugin["p50_us"]),
             "",
             None,
             f"C echo floor {_us(echo['p50_us'])} ({_us(echo['p99_us'])}); server CPU time per "
@@ -261,7 +258,7 @@ def build_rows(r: Json) -> list[Row]:
                 _ms(ours),
                 "`rlm` library directly",
                 _ms(lib),
-                _times(lib / ours, "faster") if ours <= lib else _times(ours / lib, "slower"),
+                _faster_or_slower(ours, lib),
                 "≥ 10x faster than the library",
                 lib / ours >= 10,
                 f"ours as timed by the server itself (metadata.elapsed_ms): "
@@ -328,9 +325,7 @@ def build_rows(r: Json) -> list[Row]:
                 f"{_s(ours['median_s'])} ({found})",
                 "`rlm` library directly",
                 f"{_s(lib['time_s'])} ({'found' if lib['found'] else 'NOT FOUND'})",
-                _times(lib["time_s"] / ours["median_s"], "faster")
-                if ours["median_s"] <= lib["time_s"]
-                else _times(ours["median_s"] / lib["time_s"], "slower"),
+                _faster_or_slower(ours["median_s"], lib["time_s"]),
                 "≤ 10 s",
                 ours["median_s"] <= 10 and ours["found"],
                 "plugin server: cannot receive it (64 KiB line limit)",
