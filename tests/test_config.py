@@ -5,11 +5,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from rlm_server.broker import backoff_s
 from rlm_server.config import ConfigError, backend_unavailable_reason, load_config
-from rlm_server.engine import InferOptions, RunSpec
+from rlm_server.engine.broker import backoff_s
+from rlm_server.engine.engine import InferOptions, RunSpec
+from rlm_server.engine.metrics import Metrics, Outcome
 from rlm_server.errors import InvalidParams
-from rlm_server.metrics import Metrics, Outcome
 
 
 def test_defaults_are_the_plugins() -> None:

@@ -20,8 +20,8 @@ from conftest import Spawn
 from harness import alive, clean_env, descendants, server_command, wait_until
 from test_jsonrpc import dispatch_all
 
-from rlm_server.dispatch import Dispatcher
-from rlm_server.transport import (
+from rlm_server.frontends.jsonrpc.dispatch import Dispatcher
+from rlm_server.frontends.transport import (
     FdReceiveStream,
     LineReader,
     LoopDoor,
@@ -87,8 +87,10 @@ def test_status_names_an_unknown_param_and_ignores_being_a_notification(spawn: S
 def test_status_and_the_start_need_no_jsonrpcserver() -> None:
     """Its import costs as much as everything before `ready`; only task methods load it."""
     code = (
-        "import sys, rlm_server.server, rlm_server.dispatch, rlm_server.methods\n"
-        "from rlm_server.server import _load_dispatcher\n"
+        "import sys\n"
+        "import rlm_server.frontends.jsonrpc.server, rlm_server.frontends.jsonrpc.dispatch\n"
+        "import rlm_server.frontends.jsonrpc.methods\n"
+        "from rlm_server.frontends.jsonrpc.server import _load_dispatcher\n"
         "_load_dispatcher()\n"
         "sys.exit('jsonrpcserver' in sys.modules)\n"
     )
@@ -186,8 +188,8 @@ def test_between_requests_the_input_thread_sleeps(spawn: Spawn) -> None:
 BEFORE_THE_LOOP = """
 import os, sys, orjson
 from rlm_server.config import load_config
-from rlm_server.server import Server
-from rlm_server.transport import StdioClaim
+from rlm_server.frontends.jsonrpc.server import Server
+from rlm_server.frontends.transport import StdioClaim
 
 requests_read, requests_write = os.pipe()
 answers_read, answers_write = os.pipe()

@@ -11,7 +11,7 @@ import pytest
 from conftest import Spawn
 from harness import answer_with
 
-from rlm_server.dispatch import Dispatcher
+from rlm_server.frontends.jsonrpc.dispatch import Dispatcher
 
 
 async def dispatch_all(dispatcher: Dispatcher, message: Any) -> list[Any]:
@@ -138,7 +138,7 @@ def test_batch_elements_run_concurrently() -> None:
 
 @pytest.mark.parametrize("text", ["lone \ud800 surrogate", "fine"])
 def test_encode_never_fails_on_strings(text: str) -> None:
-    from rlm_server.wire import encode
+    from rlm_server.frontends.jsonrpc.wire import encode
 
     assert orjson.loads(encode({"text": text}))["text"].startswith(text[:4])
 

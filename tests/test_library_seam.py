@@ -20,8 +20,8 @@ from harness import answer_with, repl
 from rlm import RLM
 from rlm.clients import get_client
 
-from rlm_server import completion
-from rlm_server.completion import EventLMHandler, ProgressLogger, SessionState, WorkerRLM
+from rlm_server.worker import completion
+from rlm_server.worker.completion import EventLMHandler, ProgressLogger, SessionState, WorkerRLM
 
 ROOT = repl(
     "n = len(context)",

@@ -21,7 +21,8 @@ import pytest
 from fixtures.openai_fixture import FixtureServer
 from harness import repl
 
-from rlm_server import cli, viewer
+from rlm_server import cli
+from rlm_server.tools import viewer
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page

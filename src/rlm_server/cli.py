@@ -17,7 +17,7 @@ from typing import NoReturn
 import anyio
 
 from rlm_server.config import Config, ConfigError, load_config
-from rlm_server.sandbox import NOT_DUMPABLE, Probe, not_dumpable
+from rlm_server.worker.sandbox import NOT_DUMPABLE, Probe, not_dumpable
 
 log = logging.getLogger("rlm_server")
 
@@ -39,7 +39,7 @@ def configured(
         level=logging.INFO if config.verbose else logging.WARNING,
         format="rlm-server[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
-    from rlm_server.keys import hide_from_proc_environ
+    from rlm_server.engine.keys import hide_from_proc_environ
 
     hide_from_proc_environ()
     return config, Probe(config.sandbox)
@@ -67,7 +67,7 @@ def sandboxed(config: Config, probe: Probe, who: str) -> Config | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["view"]:  # `rlm-server view FILE.jsonl`: a report, not a server
-        from rlm_server.viewer import main as view
+        from rlm_server.tools.viewer import main as view
 
         return view(args[1:])
     gc.disable()  # start-up makes ~300,000 objects that all stay: see `_started`
@@ -75,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = configured(args, environ, "rlm-server")
     if started is None:
         return 2
-    from rlm_server.server import Server  # after the config check: a bad flag costs no imports
-    from rlm_server.transport import claim_stdio
+    from rlm_server.frontends.jsonrpc.server import (
+        Server,  # after the config check: a bad flag costs no imports
+    )
+    from rlm_server.frontends.transport import claim_stdio
 
     config = sandboxed(*started, "rlm-server")
     if config is None:

@@ -133,7 +133,7 @@ function shimOnPythonPath(): void {
   const target = mkdtempSync(join(tmpdir(), "rlm-shim-"));
   execFileSync(PYTHON, [
     "-c",
-    "import sys; from rlm_server.plugin_shim import main; sys.exit(main(sys.argv[1:]))",
+    "import sys; from rlm_server.frontends.plugin.shim import main; sys.exit(main(sys.argv[1:]))",
     "--target",
     target,
   ]);

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlm_server.config import Config
-from rlm_server.engine import InferRequest
+from rlm_server.engine.engine import InferRequest
 from rlm_server.errors import InvalidParams, RpcError
 
 Json = dict[str, Any]
@@ -130,7 +130,11 @@ def parse_infer(params: Json, defaults: PluginDefaults) -> PluginRequest:
     Like it, `messages` wins over `prompt`, and a string is one user message. Options our
     engine applies are validated by the same rules as our own protocol's `options`.
     """
-    from rlm_server.methods import MISSING, parse_context, parse_options  # after `ready`
+    from rlm_server.frontends.jsonrpc.methods import (  # after `ready`
+        MISSING,
+        parse_context,
+        parse_options,
+    )
 
     raw = params["messages"] if "messages" in params else params.get("prompt", "")
     if isinstance(raw, str):

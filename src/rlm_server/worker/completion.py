@@ -47,7 +47,7 @@ from rlm.core.types import (
 from rlm.environments import get_environment
 from rlm.logger import RLMLogger
 
-from rlm_server import frames
+from rlm_server.worker import frames
 
 log = logging.getLogger(__name__)
 

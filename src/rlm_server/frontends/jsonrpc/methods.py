@@ -21,12 +21,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rlm_server.broker import budget_from
 from rlm_server.config import BACKENDS
-from rlm_server.context import RequestContext
-from rlm_server.engine import InferOptions, InferRequest
+from rlm_server.engine.broker import budget_from
+from rlm_server.engine.engine import InferOptions, InferRequest
+from rlm_server.engine.store import StoredContext
 from rlm_server.errors import InvalidParams
-from rlm_server.store import StoredContext
+from rlm_server.frontends.jsonrpc.request import RequestContext
 
 if TYPE_CHECKING:
     from jsonrpcserver.result import Result

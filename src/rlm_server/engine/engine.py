@@ -26,8 +26,11 @@ from typing import Any, NamedTuple
 import anyio
 
 from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
-from rlm_server.broker import Account, Broker, Budget, RetryPolicy, Route
 from rlm_server.config import BACKEND_INFO, Config, api_key, backend_unavailable_reason
+from rlm_server.engine.broker import Account, Broker, Budget, RetryPolicy, Route
+from rlm_server.engine.metrics import Metrics, Outcome
+from rlm_server.engine.sessions import Session, Sessions
+from rlm_server.engine.store import ContextStore
 from rlm_server.errors import (
     BackendError,
     BackendUnavailable,
@@ -39,10 +42,7 @@ from rlm_server.errors import (
     ShuttingDown,
     first_of,
 )
-from rlm_server.metrics import Metrics, Outcome
-from rlm_server.sessions import Session, Sessions
-from rlm_server.store import ContextStore
-from rlm_server.workers import CallHandler, Context, WorkerPool
+from rlm_server.executors.local.pool import CallHandler, Context, WorkerPool
 
 Json = dict[str, Any]
 RequestId = str | int | None
@@ -349,7 +349,7 @@ class Engine:
         """--log-dir: the request's trajectory file, written however it ended."""
         if self.config.log_dir is None or run.spec.unavailable_reason is not None:
             return
-        from rlm_server import logdir  # only with --log-dir
+        from rlm_server.tools import logdir  # only with --log-dir
 
         entry = logdir.Entry(request_id, run.request.query, run.spec.rlm_kwargs, run.steps)
         with anyio.CancelScope(shield=True):  # a cancelled request is logged too

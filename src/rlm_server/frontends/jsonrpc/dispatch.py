@@ -38,7 +38,7 @@ from rlm_server.errors import (
     MethodNotFound,
     RpcError,
 )
-from rlm_server.wire import Json, RequestId, error_response, result_response
+from rlm_server.frontends.jsonrpc.wire import Json, RequestId, error_response, result_response
 
 if TYPE_CHECKING:
     from jsonrpcserver.result import Result

@@ -25,9 +25,16 @@ from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 
+from rlm_server.engine.store import ContextStore, StoredContext
 from rlm_server.errors import InvalidParams
-from rlm_server.store import ContextStore, StoredContext
-from rlm_server.workers import CallHandler, Context, EventHandler, Json, LongWorker, WorkerPool
+from rlm_server.executors.local.pool import (
+    CallHandler,
+    Context,
+    EventHandler,
+    Json,
+    LongWorker,
+    WorkerPool,
+)
 
 log = logging.getLogger(__name__)
 

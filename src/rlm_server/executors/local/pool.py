@@ -3,9 +3,9 @@
 The `rlm` library's local REPL execs model code in-process, swaps the process-wide stdout and
 calls `os.chdir` around every cell, and an infinite loop in model code cannot be stopped in a
 thread. So each completion runs in its own process that we can kill. Starting Python and
-importing `rlm` costs hundreds of milliseconds, so a zygote (`rlm_server.zygote`) imports it once
-and builds the default model clients; forking from it takes a few milliseconds, and nothing one
-request's model code did can be seen by the next.
+importing `rlm` costs hundreds of milliseconds, so a zygote (`executors.local.zygote`) imports
+it once and builds the default model clients; forking from it takes a few milliseconds, and
+nothing one request's model code did can be seen by the next.
 
 The zygote is told to fork over a SOCK_SEQPACKET control socket: a message with a token and the
 worker's directory, carrying the child's end of a fresh socketpair (SCM_RIGHTS); it answers with
@@ -50,9 +50,9 @@ import anyio
 import orjson
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from rlm_server import frames, sandbox
 from rlm_server.errors import RpcError, WorkerCrashed, first_of
-from rlm_server.transport import FdReceiveStream, write_all
+from rlm_server.frontends.transport import FdReceiveStream, write_all
+from rlm_server.worker import frames, sandbox
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class _Zygote:
         argv = [str(theirs.fileno()), str(memory_mb), plan.encode()]
         self.process = subprocess.Popen(
             # -P: the working directory is not on sys.path (nor readable by model code)
-            [sys.executable, "-P", "-m", "rlm_server.zygote", *argv],
+            [sys.executable, "-P", "-m", "rlm_server.executors.local.zygote", *argv],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             close_fds=True,

@@ -33,8 +33,8 @@ from typing import Any, NamedTuple
 import anyio
 import orjson
 
-from rlm_server import library
 from rlm_server.errors import BackendError, BudgetExceeded, ReplayMiss
+from rlm_server.worker import library
 
 log = logging.getLogger(__name__)
 

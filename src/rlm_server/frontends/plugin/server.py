@@ -38,10 +38,11 @@ from anyio.abc import TaskGroup
 from rlm_server import __version__
 from rlm_server.cli import configured, sandboxed
 from rlm_server.config import Config
-from rlm_server.engine import Engine
+from rlm_server.engine.engine import Engine
 from rlm_server.errors import InternalError, ParseError, RpcError
-from rlm_server.lifeline import ParentWatch
-from rlm_server.transport import (
+from rlm_server.frontends.jsonrpc.wire import decode, leading_id
+from rlm_server.frontends.lifeline import ParentWatch
+from rlm_server.frontends.transport import (
     FdReceiveStream,
     LineReader,
     OversizedLine,
@@ -49,7 +50,6 @@ from rlm_server.transport import (
     StdioClaim,
     claim_stdio,
 )
-from rlm_server.wire import decode, leading_id
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def request_key(params: Json) -> bytes:
 
 class CompatServer:
     def __init__(self, config: Config, claim: StdioClaim, environ: Mapping[str, str]) -> None:
-        from rlm_server.compat_wire import PluginDefaults
+        from rlm_server.frontends.plugin.wire import PluginDefaults
 
         self._config = config
         self._claim = claim
@@ -223,7 +223,7 @@ class CompatServer:
             self._answer(request_id, error=f"Unknown method: {method}")
 
     def _status(self) -> Json:
-        from rlm_server.compat_wire import status_result
+        from rlm_server.frontends.plugin.wire import status_result
 
         return status_result(self.engine.status(), self._config)
 
@@ -236,7 +236,7 @@ class CompatServer:
 
     async def _run_infer(self, params: Json, sequence: int) -> Json:
         """Run one infer and return its answer: {"result": ...} or {"error": "..."}."""
-        from rlm_server.compat_wire import error_text, infer_result, parse_infer
+        from rlm_server.frontends.plugin.wire import error_text, infer_result, parse_infer
 
         started_ms = int(time.time() * 1000)
         try:
@@ -316,7 +316,7 @@ def _leading_id(head: bytes) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m elizaos_plugin_rlm.server`: our engine, the plugin's protocol."""
-    from rlm_server.compat_wire import plugin_environ
+    from rlm_server.frontends.plugin.wire import plugin_environ
 
     environ = plugin_environ(os.environ)  # a copy: our keys, read once
     args = sys.argv[1:] if argv is None else argv

@@ -42,11 +42,19 @@ import anyio
 from anyio.abc import TaskGroup
 
 from rlm_server.config import Config
-from rlm_server.context import RequestContext
-from rlm_server.engine import Engine
+from rlm_server.engine.engine import Engine
 from rlm_server.errors import LineTooLong, ParseError, RpcError
-from rlm_server.lifeline import ParentWatch
-from rlm_server.transport import (
+from rlm_server.frontends.jsonrpc.request import RequestContext
+from rlm_server.frontends.jsonrpc.wire import (
+    Json,
+    RequestId,
+    decode,
+    encode,
+    error_response,
+    leading_id,
+)
+from rlm_server.frontends.lifeline import ParentWatch
+from rlm_server.frontends.transport import (
     HEAD_BYTES,
     InputThread,
     Lines,
@@ -56,10 +64,9 @@ from rlm_server.transport import (
     StdioClaim,
     StopReading,
 )
-from rlm_server.wire import Json, RequestId, decode, encode, error_response, leading_id
 
 if TYPE_CHECKING:
-    from rlm_server.dispatch import ContextFactory, Dispatcher, Response, Spawn
+    from rlm_server.frontends.jsonrpc.dispatch import ContextFactory, Dispatcher, Response, Spawn
 
 log = logging.getLogger(__name__)
 
@@ -363,8 +370,8 @@ def _maybe_status(line: Line) -> Any:
 
 def _load_dispatcher() -> Dispatcher:
     """Import the JSON-RPC layer (after `ready` is out; see the module docstring)."""
-    from rlm_server.dispatch import Dispatcher
-    from rlm_server.methods import (
+    from rlm_server.frontends.jsonrpc.dispatch import Dispatcher
+    from rlm_server.frontends.jsonrpc.methods import (
         ANY_THREAD_METHODS,
         INLINE_METHODS,
         REQUEST_ONLY_METHODS,

@@ -30,7 +30,7 @@ import anyio
 import orjson
 
 from rlm_server.errors import ContextStoreFull, InternalError, InvalidParams
-from rlm_server.workers import ContextFile
+from rlm_server.executors.local.pool import ContextFile
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
-from rlm_server.engine import Engine
-from rlm_server.wire import RequestId
+from rlm_server.engine.engine import Engine
+from rlm_server.frontends.jsonrpc.wire import RequestId
 
 Json = dict[str, Any]
 

@@ -1,9 +1,9 @@
 """The zygote: imports `rlm` once (never reading `.env`), then forks one worker per job.
 
-Run by the server as `python -P -m rlm_server.zygote CONTROL_FD MEMORY_MB PLAN`, in a session of its
-own (a Ctrl-C meant for the server is the server's to handle). Its stdout is already the
-server's stderr and its stdin is /dev/null. It stays single-threaded so that fork is safe.
-It dies with the server (PR_SET_PDEATHSIG, and end of stream on the control socket), and every
+Run by the server as `python -P -m rlm_server.executors.local.zygote CONTROL_FD MEMORY_MB PLAN`,
+in a session of its own (a Ctrl-C meant for the server is the server's to handle). Its stdout is
+already the server's stderr and its stdin is /dev/null. It stays single-threaded so that fork is
+safe. It dies with the server (PR_SET_PDEATHSIG, and end of stream on the control socket), and every
 worker dies with the zygote, so no worker outlives the server.
 
 Each worker leads a session of its own (the server kills its whole process group), is confined
@@ -38,14 +38,14 @@ import signal
 import socket
 import sys
 
-from rlm_server import library, sandbox
+from rlm_server.worker import library, sandbox
 
 library.without_dotenv()  # before rlm is imported, below
 
 import orjson  # noqa: E402
 
-from rlm_server import completion  # noqa: E402
-from rlm_server.completion import serve_job, warm_up  # noqa: E402
+from rlm_server.worker import completion  # noqa: E402
+from rlm_server.worker.completion import serve_job, warm_up  # noqa: E402
 
 log = logging.getLogger(__name__)
 
