@@ -33,12 +33,12 @@ from typing import Any, NamedTuple
 import anyio
 import orjson
 
+from rlm_server import Json
 from rlm_server.errors import BackendError, BudgetExceeded, ReplayMiss
 from rlm_server.worker import library
 
 log = logging.getLogger(__name__)
 
-Json = dict[str, Any]
 OnRetry = Callable[[str], None]
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 OUTPUT_ESTIMATE_TOKENS = 4096  # reserved for a call's answer when max_tokens does not bound it

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import anyio
 
-from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
+from rlm_server import PROTOCOL_VERSION, SERVER_NAME, Json, __version__
 from rlm_server.config import BACKEND_INFO, Config, api_key, backend_unavailable_reason
 from rlm_server.engine.broker import Account, Broker, Budget, RetryPolicy, Route
 from rlm_server.engine.metrics import Metrics, Outcome
@@ -44,7 +44,6 @@ from rlm_server.errors import (
 )
 from rlm_server.executors.local.pool import CallHandler, Context, WorkerPool
 
-Json = dict[str, Any]
 RequestId = str | int | None
 Notify = Callable[[Json], None]
 

@@ -13,6 +13,8 @@ import ctypes
 import re
 import sys
 
+from rlm_server.libc import LIBC
+
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
@@ -21,7 +23,7 @@ def hide_from_proc_environ() -> int:
     block the kernel shows; return how many were blanked (Linux; elsewhere nothing to do)."""
     if not sys.platform.startswith("linux"):
         return 0
-    environ = ctypes.POINTER(ctypes.c_void_p).in_dll(ctypes.CDLL(None), "environ")
+    environ = ctypes.POINTER(ctypes.c_void_p).in_dll(LIBC, "environ")
     hidden = 0
     index = 0
     while address := environ[index]:

@@ -25,13 +25,13 @@ from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 
+from rlm_server import Json
 from rlm_server.engine.store import ContextStore, StoredContext
 from rlm_server.errors import InvalidParams
 from rlm_server.executors.local.pool import (
     CallHandler,
     Context,
     EventHandler,
-    Json,
     LongWorker,
     WorkerPool,
 )

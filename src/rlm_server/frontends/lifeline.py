@@ -9,22 +9,16 @@ exits (PR_SET_PDEATHSIG); elsewhere, and when the signal is a false alarm (it fi
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 from collections.abc import Callable
 
 import anyio
 
-PR_SET_PDEATHSIG = 1
+from rlm_server.libc import die_with_parent
+
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
 POLL_S = 1.0
-
-
-def _ask_for_parent_death_signal() -> None:
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
 
 
 class ParentWatch:
@@ -42,7 +36,7 @@ class ParentWatch:
         if self._parent <= 1:
             return
         with anyio.open_signal_receiver(PARENT_DEATH_SIGNAL) as signals:
-            _ask_for_parent_death_signal()  # after the handler exists, so it cannot kill us
+            die_with_parent(PARENT_DEATH_SIGNAL)  # after the handler exists, so it cannot kill us
             while not self.gone():
                 with anyio.move_on_after(POLL_S):
                     async for _ in signals:

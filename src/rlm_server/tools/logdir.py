@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import orjson
 
+from rlm_server import Json
+
 if TYPE_CHECKING:
     from pathlib import Path
-
-Json = dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,12 @@ from rlm.core.types import (
 from rlm.environments import get_environment
 from rlm.logger import RLMLogger
 
+from rlm_server import Json
 from rlm_server.worker import frames
 
 log = logging.getLogger(__name__)
 
-Json = dict[str, Any]
 Emit = Callable[..., None]
-CONTEXT_UNAVAILABLE = "ContextUnavailable"  # workers.CONTEXT_UNAVAILABLE: the server's name
 
 
 class ContextUnavailable:
@@ -605,7 +604,7 @@ def run_job(
         keep_trajectory=keep,
     )
     if any(isinstance(c, ContextUnavailable) for c in (context, session and session.base)):
-        return {"failure": {"kind": CONTEXT_UNAVAILABLE}}
+        return {"failure": {"kind": frames.CONTEXT_UNAVAILABLE}}
     try:
         completion = _complete(job, context, _build_rlm(job, link, emit, logger, session), session)
     except Exception as exc:

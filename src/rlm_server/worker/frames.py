@@ -15,3 +15,9 @@ def header(length: int) -> bytes:
 
 def length_of(head: bytes | bytearray) -> int:
     return int.from_bytes(head, "big")
+
+
+FORGET_TOKEN = bytes(
+    8
+)  # a zygote message that forgets a context; never a fork's: tokens count from 1
+CONTEXT_UNAVAILABLE = "ContextUnavailable"  # the failure kind of a worker without its context

@@ -44,6 +44,8 @@ import struct
 import sys
 from collections.abc import Callable, Iterable
 
+from rlm_server.libc import LIBC, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, is_linux, prctl
+
 # Every protection, in the order they are applied; `status` reports those in force.
 USER_NAMESPACE = "user_namespace"
 PID_NAMESPACE = "pid_namespace"
@@ -89,8 +91,6 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_SECCOMP = 22
 PR_SET_NO_NEW_PRIVS = 38
@@ -102,7 +102,7 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 CAPABILITY_VERSION_3 = 0x20080522
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = LIBC
 
 
 class SandboxError(Exception):
@@ -117,12 +117,7 @@ def _check(result: int, what: str) -> int:
 
 
 def _prctl(option: int, *args: int) -> None:
-    padded = [ctypes.c_ulong(a) for a in (*args, 0, 0, 0, 0)[:4]]
-    _check(_libc.prctl(option, *padded), f"prctl({option})")
-
-
-def is_linux() -> bool:
-    return sys.platform.startswith("linux")
+    _check(prctl(option, *args), f"prctl({option})")
 
 
 # -- namespaces ----------------------------------------------------------------------------

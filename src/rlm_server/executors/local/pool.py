@@ -50,8 +50,9 @@ import anyio
 import orjson
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from rlm_server import Json
 from rlm_server.errors import RpcError, WorkerCrashed, first_of
-from rlm_server.frontends.transport import FdReceiveStream, write_all
+from rlm_server.fdio import FdReceiveStream, write_all
 from rlm_server.worker import frames, sandbox
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,9 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-Json = dict[str, Any]
 TEXT_CHUNK = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0  # a zygote that does not answer a fork in this time is replaced
 LOAD_BYTES_PER_S = 50 << 20  # the slowest the zygote may read a context before a fork
-FORGET_TOKEN = bytes(8)  # never a fork's: tokens count from 1
-CONTEXT_UNAVAILABLE = "ContextUnavailable"  # the failure kind of a worker without its context
 EventHandler = Callable[[Json], None]
 CallHandler = Callable[[str, Any], Awaitable[Json]]  # (model, prompt) -> reply
 WORKER_ENVIRONMENT = frozenset(
@@ -322,7 +320,7 @@ class WorkerPool:
             zygote = self._zygote
             if zygote is not None and zygote.ready and zygote.process.poll() is None:
                 with anyio.CancelScope(shield=True):
-                    await zygote.send(FORGET_TOKEN + context_id.encode(), [])
+                    await zygote.send(frames.FORGET_TOKEN + context_id.encode(), [])
 
     async def _fork(self, workdir: str, context: ContextFile | None) -> Worker:
         async with self._lock:
@@ -462,7 +460,7 @@ def _final(final: Json | None) -> Json:
     if final is None:
         raise WorkerCrashed()
     final = checked_final(final)
-    if final.get("failure", {}).get("kind") == CONTEXT_UNAVAILABLE:
+    if final.get("failure", {}).get("kind") == frames.CONTEXT_UNAVAILABLE:
         raise WorkerCrashed(reason="the worker zygote could not read the stored context")
     return final
 

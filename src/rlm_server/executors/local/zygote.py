@@ -28,7 +28,6 @@ that replaces a dead one has no holders and starts each again when a fork asks f
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import mmap
@@ -38,7 +37,8 @@ import signal
 import socket
 import sys
 
-from rlm_server.worker import library, sandbox
+from rlm_server import libc
+from rlm_server.worker import frames, library, sandbox
 
 library.without_dotenv()  # before rlm is imported, below
 
@@ -49,15 +49,11 @@ from rlm_server.worker.completion import serve_job, warm_up  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
-FORGET_TOKEN = bytes(8)
-
 
 def die_with_parent() -> None:
     """Ask the kernel to SIGKILL us when our parent exits (Linux); check it has not already."""
     parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.die_with_parent(signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)
 
@@ -230,8 +226,8 @@ def main(argv: list[str]) -> int:
             message, fds, _, _ = socket.recv_fds(control, 4096, 1)
             if not message:
                 return 0
-            if message.startswith(FORGET_TOKEN):
-                holders.forget(message[len(FORGET_TOKEN) :].decode(errors="replace"))
+            if message.startswith(frames.FORGET_TOKEN):
+                holders.forget(message[len(frames.FORGET_TOKEN) :].decode(errors="replace"))
                 continue
             spec = message[8:].partition(b"\0")[2]
             if spec:

@@ -31,6 +31,7 @@ import logging
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
+from rlm_server import Json
 from rlm_server.errors import (
     InternalError,
     InvalidParams,
@@ -38,7 +39,7 @@ from rlm_server.errors import (
     MethodNotFound,
     RpcError,
 )
-from rlm_server.frontends.jsonrpc.wire import Json, RequestId, error_response, result_response
+from rlm_server.frontends.jsonrpc.wire import RequestId, error_response, result_response
 
 if TYPE_CHECKING:
     from jsonrpcserver.result import Result

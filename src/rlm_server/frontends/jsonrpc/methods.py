@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from rlm_server import Json
 from rlm_server.config import BACKENDS
 from rlm_server.engine.broker import budget_from
 from rlm_server.engine.engine import InferOptions, InferRequest
@@ -31,7 +32,6 @@ from rlm_server.frontends.jsonrpc.request import RequestContext
 if TYPE_CHECKING:
     from jsonrpcserver.result import Result
 
-Json = dict[str, Any]
 MISSING: Any = object()
 
 

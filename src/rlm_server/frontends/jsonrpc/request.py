@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
+from rlm_server import Json
 from rlm_server.engine.engine import Engine
 from rlm_server.frontends.jsonrpc.wire import RequestId
-
-Json = dict[str, Any]
 
 
 class Session(Protocol):

@@ -41,12 +41,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
+from rlm_server import Json
 from rlm_server.config import Config
 from rlm_server.engine.engine import Engine
 from rlm_server.errors import LineTooLong, ParseError, RpcError
 from rlm_server.frontends.jsonrpc.request import RequestContext
 from rlm_server.frontends.jsonrpc.wire import (
-    Json,
     RequestId,
     decode,
     encode,

@@ -12,10 +12,10 @@ from typing import Any
 
 import orjson
 
+from rlm_server import Json
 from rlm_server.errors import ParseError, RpcError
 
 RequestId = str | int | None
-Json = dict[str, Any]
 
 # `"id"` as the first member of the top-level object, or the second after `"jsonrpc": "2.0"`,
 # as clients write it: only there can it not be a key inside `params`.

@@ -35,7 +35,7 @@ import anyio
 import orjson
 from anyio.abc import TaskGroup
 
-from rlm_server import __version__
+from rlm_server import Json, __version__
 from rlm_server.cli import configured, sandboxed
 from rlm_server.config import Config
 from rlm_server.engine.engine import Engine
@@ -53,7 +53,6 @@ from rlm_server.frontends.transport import (
 
 log = logging.getLogger(__name__)
 
-Json = dict[str, Any]
 OUTPUT_HIGH_WATER = 64 << 20
 DECODE_IN_THREAD_BYTES = 1 << 20
 YIELD_EVERY_LINES = 64

@@ -15,13 +15,11 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
+from rlm_server import Json
 from rlm_server.config import Config
 from rlm_server.engine.engine import InferRequest
 from rlm_server.errors import InvalidParams, RpcError
-
-Json = dict[str, Any]
 
 # The plugin's deadline: both clients give up on a request after 60 s and send it again.
 CLIENT_TIMEOUT_S = 60.0
