@@ -6,8 +6,9 @@ import orjson
 import pytest
 
 from rlm_server.config import ConfigError, backend_unavailable_reason, load_config
+from rlm_server.engine.api import InferOptions
 from rlm_server.engine.broker import backoff_s
-from rlm_server.engine.engine import InferOptions, RunSpec
+from rlm_server.engine.engine import RunSpec
 from rlm_server.engine.metrics import Metrics, Outcome
 from rlm_server.errors import InvalidParams
 

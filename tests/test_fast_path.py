@@ -8,7 +8,6 @@ import os
 import select
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,9 @@ from conftest import Spawn
 from harness import alive, clean_env, descendants, server_command, wait_until
 from test_jsonrpc import dispatch_all
 
+from rlm_server.fdio import FdReceiveStream
 from rlm_server.frontends.jsonrpc.dispatch import Dispatcher
-from rlm_server.frontends.transport import (
-    FdReceiveStream,
-    LineReader,
-    LoopDoor,
-    OversizedLine,
-    ProtocolWriter,
-    StopReading,
-)
+from rlm_server.frontends.transport import LineReader, OversizedLine, ProtocolWriter
 
 # -- dispatch: inline methods without jsonrpcserver ---------------------------------------------
 
@@ -88,10 +81,8 @@ def test_status_and_the_start_need_no_jsonrpcserver() -> None:
     """Its import costs as much as everything before `ready`; only task methods load it."""
     code = (
         "import sys\n"
-        "import rlm_server.frontends.jsonrpc.server, rlm_server.frontends.jsonrpc.dispatch\n"
-        "import rlm_server.frontends.jsonrpc.methods\n"
-        "from rlm_server.frontends.jsonrpc.server import _load_dispatcher\n"
-        "_load_dispatcher()\n"
+        "import rlm_server.frontends.jsonrpc.frontend, rlm_server.frontends.jsonrpc.dispatch\n"
+        "import rlm_server.frontends.jsonrpc.methods, rlm_server.frontends.lifecycle\n"
         "sys.exit('jsonrpcserver' in sys.modules)\n"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
@@ -170,9 +161,8 @@ def _cpu_s(pid: int) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc/PID/stat")
-def test_between_requests_the_input_thread_sleeps(spawn: Spawn) -> None:
-    """After an answer the input thread polls for the next line for a moment (transport.py);
-    that moment must end: an idle server spends no CPU."""
+def test_between_requests_an_idle_server_sleeps(spawn: Spawn) -> None:
+    """After a burst of requests, nothing keeps running: an idle server spends no CPU."""
     server = spawn()
     server.ready()
     server.call("infer", {"prompt": "x"})  # everything warm: nothing left to do after this
@@ -183,67 +173,6 @@ def test_between_requests_the_input_thread_sleeps(spawn: Spawn) -> None:
     time.sleep(1.0)
     assert _cpu_s(server.process.pid) - before < 0.2  # polling without end would be ~1 s
     assert server.close() == 0
-
-
-BEFORE_THE_LOOP = """
-import os, sys, orjson
-from rlm_server.config import load_config
-from rlm_server.frontends.jsonrpc.server import Server
-from rlm_server.frontends.transport import StdioClaim
-
-requests_read, requests_write = os.pipe()
-answers_read, answers_write = os.pipe()
-claim = StdioClaim(requests_read, answers_write, 0, 0)
-Server(load_config(["--sandbox", "off"], {}), claim, {}).start_reading()  # no event loop, ever
-os.write(requests_write, b'{"jsonrpc":"2.0","id":7,"method":"status"}\\n')
-lines = []
-while len(lines) < 2:
-    lines += [orjson.loads(line) for line in os.read(answers_read, 1 << 20).splitlines()]
-ready, answer = lines
-print(orjson.dumps([ready["method"], answer["id"], "uptime_s" in answer["result"]]).decode())
-sys.stdout.flush()
-os._exit(0)
-"""
-
-
-def test_status_is_answered_from_ready_on_before_the_event_loop_exists() -> None:
-    """ready is written, and the input thread started, before anyio.run (server.py): status
-    needs no loop, so it is answered while the loop and what it imports start."""
-    done = subprocess.run(
-        [sys.executable, "-c", BEFORE_THE_LOOP],
-        capture_output=True,
-        env=clean_env(),
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert orjson.loads(done.stdout) == ["ready", 7, True]
-
-
-def test_a_loop_door_holds_calls_until_the_loop_opens_it_then_keeps_their_order() -> None:
-    door = LoopDoor()
-    called: list[int] = []
-    all_in = threading.Event()
-
-    def caller() -> None:  # as the input thread does: one call after another
-        for i in range(3):
-            door.call(called.append, i)
-        door.call(all_in.set)
-
-    thread = threading.Thread(target=caller)
-    thread.start()
-    time.sleep(0.1)
-    assert called == []  # no loop yet: the first call waits at the door
-
-    async def main() -> None:
-        door.open()
-        await asyncio.to_thread(all_in.wait, 10)
-
-    asyncio.run(main())
-    thread.join(timeout=10)
-    assert called == [0, 1, 2]
-    with pytest.raises(StopReading):  # that loop is closed now
-        door.call(called.append, 3)
 
 
 def test_input_from_a_regular_file_is_read_to_its_end(tmp_path: Path) -> None:

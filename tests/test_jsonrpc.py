@@ -138,7 +138,7 @@ def test_batch_elements_run_concurrently() -> None:
 
 @pytest.mark.parametrize("text", ["lone \ud800 surrogate", "fine"])
 def test_encode_never_fails_on_strings(text: str) -> None:
-    from rlm_server.frontends.jsonrpc.wire import encode
+    from rlm_server.frontends.wire import encode
 
     assert orjson.loads(encode({"text": text}))["text"].startswith(text[:4])
 

@@ -316,7 +316,7 @@ def test_shim_installs_updates_and_removes_only_itself(tmp_path: Path) -> None:
     assert plugin_shim.main(["--target", str(tmp_path)]) == 0
     assert plugin_shim.main(["--target", str(tmp_path)]) == 0  # again: updates our own
     server = (tmp_path / "elizaos_plugin_rlm" / "server.py").read_text()
-    assert "from rlm_server.frontends.plugin.server import main" in server
+    assert "from rlm_server.frontends.plugin.frontend import main" in server
     assert plugin_shim.main(["--target", str(tmp_path), "--remove"]) == 0
     assert not (tmp_path / "elizaos_plugin_rlm").exists()
     assert os.listdir(tmp_path) == []

@@ -14,8 +14,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-import anyio
-
 from rlm_server.config import Config, ConfigError, load_config
 from rlm_server.worker.sandbox import NOT_DUMPABLE, Probe, not_dumpable
 
@@ -70,37 +68,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rlm_server.tools.viewer import main as view
 
         return view(args[1:])
-    gc.disable()  # start-up makes ~300,000 objects that all stay: see `_started`
+    gc.disable()  # start-up makes ~300,000 objects that all stay: see lifecycle._started
     environ = dict(os.environ)  # our keys, read once
     started = configured(args, environ, "rlm-server")
     if started is None:
         return 2
-    from rlm_server.frontends.jsonrpc.server import (
-        Server,  # after the config check: a bad flag costs no imports
-    )
-    from rlm_server.frontends.transport import claim_stdio
-
     config = sandboxed(*started, "rlm-server")
     if config is None:
         return 2
+    from rlm_server.frontends.jsonrpc.frontend import JsonRpcFrontend  # after the config check
+    from rlm_server.frontends.lifecycle import serve_stdio
 
-    claim = claim_stdio(nonblocking_read=False)  # the server's InputThread blocks in read
-    try:
-        server = Server(config, claim, environ)
-        server.start_reading()
-        _started()
-        code = anyio.run(server.run, backend="asyncio")
-    finally:
-        claim.release()
-    exit_now(code)
-
-
-def _started() -> None:
-    """Collection resumes once start-up has made what it keeps (modules, classes, tables):
-    collecting during it would only walk those objects again and again (about a tenth of the
-    time to `ready`), and frozen they are never walked again."""
-    gc.freeze()
-    gc.enable()
+    exit_now(serve_stdio(config, environ, JsonRpcFrontend))
 
 
 def exit_now(code: int) -> NoReturn:

@@ -1,7 +1,7 @@
 """The one shared RLM engine: admission, per-request options, deadlines, cancellation, metrics
-and stub mode. The work itself happens in worker processes (workers.py), and every model call a
-worker makes is made by the broker (broker.py), which retries each call, counts it and charges
-it to the request's account.
+and stub mode, behind the API of api.py that every front end calls. The work itself happens in
+worker processes (executors/local/pool.py), and every model call a worker makes is made by the
+broker (broker.py), which retries each call, counts it and charges it to the request's account.
 
 An infer's long input is its `prompt`, a context stored with `context/load` (store.py: the
 request holds it while it runs, and its worker inherits it from the zygote), or, for a turn of a
@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -27,10 +27,22 @@ import anyio
 
 from rlm_server import PROTOCOL_VERSION, SERVER_NAME, Json, __version__
 from rlm_server.config import BACKEND_INFO, Config, api_key, backend_unavailable_reason
+from rlm_server.engine.api import (
+    Event,
+    EventKind,
+    InferOptions,
+    InferRequest,
+    InferResult,
+    Metadata,
+    Observer,
+    StoredContextInfo,
+    StoreReport,
+    Ticket,
+)
 from rlm_server.engine.broker import Account, Broker, Budget, RetryPolicy, Route
 from rlm_server.engine.metrics import Metrics, Outcome
 from rlm_server.engine.sessions import Session, Sessions
-from rlm_server.engine.store import ContextStore
+from rlm_server.engine.store import ContextStore, StoredContext
 from rlm_server.errors import (
     BackendError,
     BackendUnavailable,
@@ -44,44 +56,7 @@ from rlm_server.errors import (
 )
 from rlm_server.executors.local.pool import CallHandler, Context, WorkerPool
 
-RequestId = str | int | None
-Notify = Callable[[Json], None]
-
 STUB_TEXT = "[RLM STUB] RLM backend not available"
-
-
-class InferOptions(NamedTuple):
-    """`infer` params.options, validated (methods.py). None means: use the configuration."""
-
-    backend: str | None = None
-    model: str | None = None
-    sub_model: str | None = None
-    base_url: str | None = None
-    max_iterations: int | None = None
-    max_depth: int | None = None
-    timeout_s: float | None = None
-    temperature: float | None = None
-    max_tokens: int | None = None
-    progress: bool = False
-    trajectory: bool = False
-    budget: Budget = Budget()  # frozen: one default serves all
-
-
-class InferRequest(NamedTuple):
-    context: str | list[dict[str, str]] | None  # the prompt; None: a stored context or none
-    query: str | None = None
-    options: InferOptions = InferOptions()
-    context_id: str | None = None  # a context stored with context/load
-    session_id: str | None = None  # a turn of this session
-
-    @property
-    def size(self) -> int:
-        """What the request holds while it waits: the length of its long input."""
-        if self.context is None:
-            return 0
-        if isinstance(self.context, str):
-            return len(self.context)
-        return sum(len(message["content"]) for message in self.context)
 
 
 def _endpoint(config: Config, options: InferOptions, same_backend: bool) -> str:
@@ -164,20 +139,25 @@ class RunSpec(NamedTuple):
 
 
 class _Progress:
-    """Sends `$/progress` for one request, when it asked for them."""
+    """Reports a request's events to its observer, if it has one."""
 
-    def __init__(self, request_id: RequestId, notify: Notify | None, started: float) -> None:
-        self._request_id, self._notify, self._started = request_id, notify, started
+    def __init__(self, observer: Observer | None, started: float) -> None:
+        self._observer, self._started = observer, started
 
-    def __call__(self, event: str, **fields: Any) -> None:
-        if self._notify is None:
+    @property
+    def wanted(self) -> bool:
+        return self._observer is not None
+
+    def __call__(self, kind: EventKind, **fields: Any) -> None:
+        if self._observer is None:
             return
         elapsed_ms = round((time.monotonic() - self._started) * 1000, 3)
-        self._notify({"id": self._request_id, "event": event, "elapsed_ms": elapsed_ms, **fields})
+        self._observer(Event(kind, elapsed_ms, **fields))
 
     def forward(self, frame: Json) -> None:
-        """An event frame from the worker."""
-        self(**frame)
+        """An event frame from the worker (checked: only known fields)."""
+        fields = {k: v for k, v in frame.items() if k != "event"}
+        self(frame["event"], **fields)
 
 
 _OUTCOMES = {
@@ -210,19 +190,22 @@ class _Running:
 
 
 class Engine:
+    """What every front end calls: `infer`, stored contexts, sessions, `status`, and the
+    admission and cancellation that stopping needs. Everything else stays inside."""
+
     def __init__(self, config: Config, environ: Mapping[str, str]) -> None:
         self.config = config
-        self.metrics = Metrics()
+        self._metrics = Metrics()
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
-        self.workers = WorkerPool(
+        self._workers = WorkerPool(
             config.worker_memory_mb, config.max_message_bytes, environ, config.protections
         )
-        self.contexts = ContextStore(
-            config.context_store_bytes, lambda: self.workers.root, self.workers.forget
+        self._contexts = ContextStore(
+            config.context_store_bytes, lambda: self._workers.root, self._workers.forget
         )
-        self.sessions = Sessions(config.session_idle_s, self.workers, self.contexts)
-        self.broker = Broker(
+        self._sessions = Sessions(config.session_idle_s, self._workers, self._contexts)
+        self._broker = Broker(
             RetryPolicy(config.max_retries, config.retry_delay_ms, config.retry_max_delay_ms),
             lifetime=Budget(max_cost_usd=config.spend_limit_usd),
             record=config.record,
@@ -231,12 +214,27 @@ class Engine:
         self._slots = anyio.CapacityLimiter(config.max_concurrency)
         self._queued = 0
         self._queued_bytes = 0
-        self._admit_through = math.inf  # the last input line whose infer is admitted
+        self._tickets = 0  # tickets taken so far: the last one's serial
+        self._admit_through = math.inf  # the last ticket admitted
         self._cancelling_all = False
-        self._cancel_on_arrival: set[RequestId] = set()  # cancelled while still being read
-        self._scopes: dict[RequestId, set[anyio.CancelScope]] = {}
+        self._running: set[Ticket] = set()
         self._started_at = time.monotonic()
         self._static_status = self._status_of_configuration()
+
+    # -- start and stop -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the zygote now, so its import of `rlm` overlaps with the first request."""
+        self._workers.start()
+
+    async def run_background(self) -> None:
+        """What the engine does on its own (idle sessions expire); runs until cancelled."""
+        await self._sessions.expire_idle()
+
+    def close(self) -> None:
+        """At exit: every session's worker, the zygote and the private directory go now."""
+        self._sessions.kill_all()
+        self._workers.stop()
 
     # -- what status and ready report ------------------------------------------------------
 
@@ -269,9 +267,9 @@ class Engine:
             "in_flight": self._slots.borrowed_tokens,
             "queued": self._queued,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
-            "metrics": {**self.metrics.snapshot(), **self.broker.ledger.totals()},
-            "contexts": {"count": self.contexts.sealed_count, "bytes": self.contexts.bytes_total},
-            "sessions": {"count": len(self.sessions)},  # len of a dict: safe off the loop
+            "metrics": {**self._metrics.snapshot(), **self._broker.ledger.totals()},
+            "contexts": {"count": self._contexts.sealed_count, "bytes": self._contexts.bytes_total},
+            "sessions": {"count": len(self._sessions)},
         }
 
     def _status_of_configuration(self) -> Json:
@@ -284,19 +282,51 @@ class Engine:
         status["max_concurrency"] = self.config.max_concurrency
         return status
 
+    # -- stored contexts and sessions ---------------------------------------------------------
+
+    async def load_text(self, text: str) -> StoredContextInfo:
+        return _info(await self._contexts.load_text(text))
+
+    async def load_list(self, value: list[object]) -> StoredContextInfo:
+        return _info(await self._contexts.load_json(value))
+
+    async def load_chunk(
+        self, context_id: str | None, chunk: str, final: bool
+    ) -> StoredContextInfo:
+        """A new chunked load without `context_id`, else the next chunk of that one."""
+        return _info(await self._contexts.append(context_id, chunk, final))
+
+    async def drop_context(self, context_id: str) -> bool:
+        return await self._contexts.drop(context_id)
+
+    def stored_contexts(self) -> StoreReport:
+        contexts = [_info(entry) for entry in self._contexts.sealed()]
+        return StoreReport(contexts, self._contexts.bytes_total, self._contexts.limit_bytes)
+
+    def open_session(self, context_id: str | None) -> str:
+        return self._sessions.open(context_id).id
+
+    async def close_session(self, session_id: str) -> bool:
+        return await self._sessions.close(session_id)
+
     # -- infer ------------------------------------------------------------------------------
 
+    def ticket(self) -> Ticket:
+        """A request's ticket, taken when it is read (see api.Ticket)."""
+        self._tickets += 1
+        return Ticket(self._tickets)
+
     async def infer(
-        self, request: InferRequest, request_id: RequestId, notify: Notify, sequence: int
-    ) -> Json:
-        """Run one request; `sequence` is the number of the input line that carried it."""
-        self._admit_or_refuse(sequence, request.size)
-        session = None if request.session_id is None else self.sessions.get(request.session_id)
+        self, request: InferRequest, ticket: Ticket, observer: Observer | None = None
+    ) -> InferResult:
+        """Run one request; its events go to `observer` (None: nobody wants them)."""
+        self._admit_or_refuse(ticket, request.size)
+        session = None if request.session_id is None else self._sessions.get(request.session_id)
         spec = RunSpec.resolve(self.config, request.options, self._environ)
         await self._check_prices(spec, request.options)
         async with self._source(request) as source:
-            with contextlib.nullcontext() if session is None else self.sessions.active(session):
-                return await self._admitted(request, spec, source, session, request_id, notify)
+            with contextlib.nullcontext() if session is None else self._sessions.active(session):
+                return await self._admitted(request, spec, source, session, ticket, observer)
 
     @asynccontextmanager
     async def _source(self, request: InferRequest) -> AsyncIterator[Context]:
@@ -305,7 +335,7 @@ class Engine:
         if request.context_id is None:
             yield request.context
             return
-        async with self.contexts.lease(request.context_id) as held:
+        async with self._contexts.lease(request.context_id) as held:
             yield held
 
     async def _admitted(
@@ -314,22 +344,24 @@ class Engine:
         spec: RunSpec,
         source: Context,
         session: Session | None,
-        request_id: RequestId,
-        notify: Notify,
-    ) -> Json:
+        ticket: Ticket,
+        observer: Observer | None,
+    ) -> InferResult:
         started = time.monotonic()
-        progress = _Progress(request_id, notify if request.options.progress else None, started)
-        account = self.broker.account(spec.budget)
-        run = _Running(spec, request, source, session, progress, started, account)
-        self.metrics.started()
+        account = self._broker.account(spec.budget)
+        run = _Running(
+            spec, request, source, session, _Progress(observer, started), started, account
+        )
+        self._metrics.started()
         outcome = Outcome.FAILURE
         ending: Json = {}
         try:
             if spec.unavailable_reason is not None:
                 outcome, result = self._stub(spec, started)
                 return result
-            with self._cancellable(request_id):
-                ending = result = await self._within_deadline(run)
+            with self._cancellable(ticket):
+                result = await self._within_deadline(run)
+                ending = _ending(result)
                 outcome = Outcome.SUCCESS
                 return result
             raise RequestCancelled()  # only a cancelled scope gets here
@@ -340,17 +372,18 @@ class Engine:
             ending = {"error": error.to_wire()}
             raise
         finally:
-            self.metrics.retried(account.retries)
-            self.metrics.record(outcome, (time.monotonic() - started) * 1000)
-            await self._log(run, request_id, ending)
+            self._metrics.retried(account.retries)
+            self._metrics.record(outcome, (time.monotonic() - started) * 1000)
+            await self._log(run, ending)
 
-    async def _log(self, run: _Running, request_id: RequestId, ending: Json) -> None:
+    async def _log(self, run: _Running, ending: Json) -> None:
         """--log-dir: the request's trajectory file, written however it ended."""
         if self.config.log_dir is None or run.spec.unavailable_reason is not None:
             return
         from rlm_server.tools import logdir  # only with --log-dir
 
-        entry = logdir.Entry(request_id, run.request.query, run.spec.rlm_kwargs, run.steps)
+        request = run.request
+        entry = logdir.Entry(request.label, request.query, run.spec.rlm_kwargs, run.steps)
         with anyio.CancelScope(shield=True):  # a cancelled request is logged too
             await logdir.write(self.config.log_dir, entry, ending, run.account.usage())
 
@@ -359,9 +392,9 @@ class Engine:
         kept, and ignoring it silently would be worse."""
         if not spec.cost_limited or spec.unavailable_reason is not None:
             return
-        await self.broker.prices.load()
+        await self._broker.prices.load()
         for model in spec.route.models:
-            if not self.broker.prices.known(spec.route.price_provider, model):
+            if not self._broker.prices.known(spec.route.price_provider, model):
                 field = (
                     "options.budget.max_cost_usd"
                     if options.budget.max_cost_usd is not None
@@ -371,8 +404,8 @@ class Engine:
                     field, f"no price is known for model {model!r}, and a cost limit applies"
                 )
 
-    def _admit_or_refuse(self, sequence: int, size: int) -> None:
-        if sequence > self._admit_through:
+    def _admit_or_refuse(self, ticket: Ticket, size: int) -> None:
+        if ticket.serial > self._admit_through:
             raise ShuttingDown()
         if self._slots.available_tokens > 0:
             return
@@ -381,36 +414,29 @@ class Engine:
         if self._queued_bytes + size > self.config.max_queue_bytes:
             raise QueueFull(limit_bytes=self.config.max_queue_bytes)
 
-    def _stub(self, spec: RunSpec, started: float) -> tuple[Outcome, Json]:
+    def _stub(self, spec: RunSpec, started: float) -> tuple[Outcome, InferResult]:
         if self.config.strict:
             raise BackendUnavailable(reason=spec.unavailable_reason)
         usage: Json = {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": None}
         usage["models"] = {}
-        return Outcome.STUB, {
-            "text": STUB_TEXT,
-            "stub": True,
-            "usage": usage,
-            "metadata": self._metadata(spec, 0, started, attempts=0),
-        }
+        metadata = _metadata(spec, 0, started, attempts=0)
+        return Outcome.STUB, InferResult(STUB_TEXT, True, usage, metadata, None)
 
     @contextmanager
-    def _cancellable(self, request_id: RequestId) -> Iterator[None]:
-        """Register the request so `cancel` and `drain` can reach it."""
-        scope = anyio.CancelScope()
-        if self._cancelling_all or request_id in self._cancel_on_arrival:
-            self._cancel_on_arrival.discard(request_id)
-            scope.cancel()
-        self._scopes.setdefault(request_id, set()).add(scope)
+    def _cancellable(self, ticket: Ticket) -> Iterator[None]:
+        """While the request runs, its ticket (and `cancel_all`) can cancel it."""
+        if self._cancelling_all:
+            ticket.cancel()
+        scope = ticket.scope()
+        self._running.add(ticket)
         try:
             with scope:
                 yield
         finally:
-            scopes = self._scopes[request_id]
-            scopes.discard(scope)
-            if not scopes:
-                del self._scopes[request_id]
+            self._running.discard(ticket)
+            ticket.release(scope)
 
-    async def _within_deadline(self, run: _Running) -> Json:
+    async def _within_deadline(self, run: _Running) -> InferResult:
         with anyio.move_on_after(run.spec.timeout_s):
             async with self._turn(run.session), self._slot(run.request.size):
                 return await self._run(run)
@@ -422,7 +448,7 @@ class Engine:
         if session is None:
             yield
             return
-        async with self.sessions.turn(session):
+        async with self._sessions.turn(session):
             yield
 
     @asynccontextmanager
@@ -439,7 +465,7 @@ class Engine:
         finally:
             self._slots.release()
 
-    async def _run(self, run: _Running) -> Json:
+    async def _run(self, run: _Running) -> InferResult:
         """One completion in one worker; its model calls go through the broker, which retries
         each on its own (so a flaky call costs one call more, not a whole completion)."""
         spec, request, account = run.spec, run.request, run.account
@@ -447,7 +473,7 @@ class Engine:
         job = {
             "query": request.query,
             "rlm": spec.rlm_kwargs,
-            "progress": request.options.progress,
+            "progress": run.progress.wanted,
             "trajectory": request.options.trajectory or self.config.log_dir is not None,
         }
 
@@ -455,12 +481,12 @@ class Engine:
             run.progress("retry", message=message)
 
         async def on_call(model: str, prompt: Any) -> Json:
-            return await self.broker.call(spec.route, account, model, prompt, on_retry)
+            return await self._broker.call(spec.route, account, model, prompt, on_retry)
 
         failure: RpcError | None = None
         try:
             async with anyio.create_task_group() as starting:
-                starting.start_soon(self.broker.prepare, spec.route)  # while the worker starts
+                starting.start_soon(self._broker.prepare, spec.route)  # while the worker starts
                 final = await self._execute(run, job, on_call)
         except* RpcError as failed:  # raised inside the task group
             failure = first_of(failed, RpcError)
@@ -471,58 +497,48 @@ class Engine:
         if "result" not in final:
             raise _failure(account)
         result: Json = final["result"]
-        response = {
-            "text": result["text"],
-            "stub": False,
-            "usage": account.usage(),  # the broker's count: the whole call tree, every depth
-            "metadata": self._metadata(
-                spec, result["iterations"], run.started, 1 + account.retries
-            ),
-        }
-        if request.options.trajectory:
-            response["trajectory"] = run.steps
-        return response
+        return InferResult(
+            text=result["text"],
+            stub=False,
+            usage=account.usage(),  # the broker's count: the whole call tree, every depth
+            metadata=_metadata(spec, result["iterations"], run.started, 1 + account.retries),
+            trajectory=run.steps if request.options.trajectory else None,
+        )
 
     async def _execute(self, run: _Running, job: Json, on_call: CallHandler) -> Json:
         """The completion's final frame: from the session's worker, or from a fresh one."""
         if run.session is not None:
-            return await self.sessions.run_turn(
+            return await self._sessions.run_turn(
                 run.session, job, run.source, run.progress.forward, on_call
             )
-        return await self.workers.run(job, run.source, run.progress.forward, on_call)
+        return await self._workers.run(job, run.source, run.progress.forward, on_call)
 
-    @staticmethod
-    def _metadata(spec: RunSpec, iterations: int, started: float, attempts: int) -> Json:
-        return {
-            "backend": spec.backend,
-            "model": spec.model,
-            "iterations": iterations,
-            "depth": spec.max_depth,
-            "elapsed_ms": round((time.monotonic() - started) * 1000, 3),
-            "attempts": attempts,
-        }
+    # -- stopping -----------------------------------------------------------------------------
 
-    # -- cancellation and shutdown ----------------------------------------------------------
-
-    def cancel(self, request_id: RequestId, arriving: bool = False) -> None:
-        """Cancel the request(s) with this id; `arriving`: one is read but not yet here, and
-        is cancelled as it arrives."""
-        for scope in self._scopes.get(request_id, ()):
-            scope.cancel()
-        if arriving:
-            self._cancel_on_arrival.add(request_id)
-
-    def forget_arrival(self, request_id: RequestId) -> None:
-        """The request expected under this id will not arrive after all."""
-        self._cancel_on_arrival.discard(request_id)
+    def close_admission(self, last: Ticket | None = None) -> None:
+        """Refuse (ShuttingDown) every request whose ticket was taken after `last` (None: after
+        the last one taken so far)."""
+        serial = self._tickets if last is None else last.serial
+        self._admit_through = min(self._admit_through, serial)
 
     def cancel_all(self) -> None:
         """Cancel every request, including any that has not reached the engine yet."""
         self._cancelling_all = True
-        for scopes in self._scopes.values():
-            for scope in scopes:
-                scope.cancel()
+        for ticket in list(self._running):
+            ticket.cancel()
 
-    def admit_through(self, sequence: int) -> None:
-        """Refuse (-32002) every infer that arrives on an input line after `sequence`."""
-        self._admit_through = min(self._admit_through, sequence)
+
+def _metadata(spec: RunSpec, iterations: int, started: float, attempts: int) -> Metadata:
+    elapsed_ms = round((time.monotonic() - started) * 1000, 3)
+    return Metadata(spec.backend, spec.model, iterations, spec.max_depth, elapsed_ms, attempts)
+
+
+def _ending(result: InferResult) -> Json:
+    """How --log-dir's result line reads a result."""
+    return {"text": result.text, "usage": result.usage, "metadata": result.metadata._asdict()}
+
+
+def _info(entry: StoredContext) -> StoredContextInfo:
+    return StoredContextInfo(
+        entry.id, entry.size, entry.sha256, entry.sealed, entry.uses, entry.last_used_ms
+    )

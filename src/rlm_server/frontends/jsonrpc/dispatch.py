@@ -12,7 +12,7 @@ made into the response here, without a task or jsonrpcserver (whose compose chai
 binding and validation cost 20 µs of a 25 µs `status`, more than the method itself).
 *Task* ones (`infer`, `shutdown`, `$/cancelRequest`), the methods that do work or must keep their
 place in line, go through jsonrpcserver in a task of their own per request, started through the
-server's `spawn` in the server's one task group, in the order their lines arrived. A batch is no
+lifecycle's `spawn` (counted in flight), in the order their lines arrived. A batch is no
 exception: each of its elements is its own task, started as the batch is read, so a cancel read
 after a batch always finds the batch's requests; the batch's answer goes out when its last
 element is done.
@@ -39,7 +39,7 @@ from rlm_server.errors import (
     MethodNotFound,
     RpcError,
 )
-from rlm_server.frontends.jsonrpc.wire import RequestId, error_response, result_response
+from rlm_server.frontends.wire import RequestId
 
 if TYPE_CHECKING:
     from jsonrpcserver.result import Result
@@ -51,7 +51,15 @@ TaskMethod = Callable[..., Awaitable["Result"]]
 ContextFactory = Callable[[RequestId], object]
 Response = Json | list[Json]
 Send = Callable[[Response | None], None]  # None: nothing is owed (a notification)
-Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], object]  # a task group's start_soon
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], object]  # starts a request's task
+
+
+def result_response(result: Any, request_id: RequestId) -> Json:
+    return {"jsonrpc": "2.0", "result": result, "id": request_id}
+
+
+def error_response(error: RpcError, request_id: RequestId) -> Json:
+    return {"jsonrpc": "2.0", "id": request_id, "error": error.to_wire()}
 
 
 def _as_rpc_error(name: str, error: Exception) -> RpcError:
@@ -196,23 +204,10 @@ class Dispatcher:
         inline: Mapping[str, InlineMethod],
         tasks: Mapping[str, TaskMethod],
         no_notifications: Collection[str] = (),
-        any_thread: Collection[str] = (),
     ) -> None:
         self._inline = {name: _Inline(name, m) for name, m in inline.items()}
         self._tasks = {name: _guard_task(name, m) for name, m in tasks.items()}
         self._no_notifications = frozenset(no_notifications)
-        self._any_thread = frozenset(any_thread) & self._inline.keys()
-
-    def answer_here(self, message: Any, make_context: ContextFactory) -> tuple[bool, Json | None]:
-        """For a thread other than the loop's: (True, the answer or None) when `message` is one
-        request (not a batch) for an inline method that may run in any thread; (False, None)
-        when it is anything else, for `dispatch` in the loop."""
-        if not isinstance(message, dict) or message.get("method") not in self._any_thread:
-            return False, None
-        prepared = self._prepare(message)
-        if not isinstance(prepared, _Prepared):
-            return True, prepared
-        return True, self._call_inline(prepared, make_context)
 
     def dispatch(
         self, message: Any, make_context: ContextFactory, spawn: Spawn, send: Send

@@ -1,38 +1,46 @@
 """Methods: `infer`, `status`, `shutdown`, `$/cancelRequest`, `context/load`, `context/drop`,
 `context/list`, `session/open` and `session/close`, as jsonrpcserver methods.
 
-Each is a plain function of (context, **params by name) that validates its params into types and
-asks the engine or the server to do the work, and shapes what it gets back into its result:
-nothing below this layer knows the wire's shapes. `status` and `context/list` never wait, so they
-are plain functions that return their JSON result and that the dispatcher answers inline; the
-others return a jsonrpcserver `Success`. `infer` and `shutdown` wait, so they
-are coroutines that get a task each; so is `$/cancelRequest`, though it never waits: tasks start
-in the order their lines arrived, so a cancel that comes in the same read as its `infer` still
-finds it registered, where an inline cancel would overtake it and be lost. Invalid params raise
-`InvalidParams` naming the field; unknown params are refused rather than ignored, so a client
-that sends `maxDepth` learns at once that nothing read it. The context argument is
-positional-only, so no param name on the wire can reach it: `{"ctx": 1}` is an unknown param.
+Each is a plain function of (call, **params by name) that validates its params into the engine's
+types (params.py), asks the engine or the front end to do the work, and shapes what it gets
+back into its result: nothing below the front ends knows the wire's shapes. `status` and
+`context/list` never wait, so they are plain functions that return their JSON result and that
+the dispatcher answers inline; the others return a jsonrpcserver `Success`. `infer` and
+`shutdown` wait, so they are coroutines that get a task each; so is `$/cancelRequest`, though
+it never waits: tasks start in the order their lines arrived, so a cancel that comes in the
+same read as its `infer` still finds it registered, where an inline cancel would overtake it.
+Invalid params raise `InvalidParams` naming the field; unknown params are refused rather than
+ignored, so a client that sends `maxDepth` learns at once that nothing read it. The call
+argument is positional-only, so no param name on the wire can reach it: `{"ctx": 1}` is an
+unknown param.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rlm_server import Json
-from rlm_server.config import BACKENDS
-from rlm_server.engine.broker import budget_from
-from rlm_server.engine.engine import InferOptions, InferRequest
-from rlm_server.engine.store import StoredContext
+from rlm_server.engine.api import InferOptions, InferRequest, InferResult, StoredContextInfo
 from rlm_server.errors import InvalidParams
-from rlm_server.frontends.jsonrpc.request import RequestContext
+from rlm_server.frontends.params import (
+    BOOL,
+    MISSING,
+    OPTION_RULES,
+    checked,
+    given,
+    infer_options,
+    is_int,
+    is_number,
+    prompt,
+    refuse_unknown,
+    string,
+)
 
 if TYPE_CHECKING:
     from jsonrpcserver.result import Result
 
-MISSING: Any = object()
+    from rlm_server.frontends.jsonrpc.frontend import Call
 
 
 def _success(result: Any) -> Result:
@@ -44,155 +52,45 @@ def _success(result: Any) -> Result:
 
 
 # ---------------------------------------------------------------------------------------------
-# Params
+# infer
+
+RULES = {**OPTION_RULES, "progress": BOOL}  # progress is this protocol's, not the engine's
 
 
-def _refuse_unknown(unknown: Mapping[str, Any], prefix: str = "") -> None:
-    for name in unknown:
-        raise InvalidParams(prefix + name, "unknown parameter")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class _OptionRule:
-    check: Callable[[Any], bool]
-    expect: str
-
-
-def _int_between(low: int, high: int | None) -> _OptionRule:
-    bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
-    return _OptionRule(
-        lambda v: _is_int(v) and v >= low and (high is None or v <= high), f"an integer {bound}"
-    )
-
-
-_NON_EMPTY = _OptionRule(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
-_BOOL = _OptionRule(lambda v: isinstance(v, bool), "true or false")
-
-OPTION_RULES: Mapping[str, _OptionRule] = {
-    "backend": _OptionRule(lambda v: v in BACKENDS, "one of " + ", ".join(BACKENDS)),
-    "model": _NON_EMPTY,
-    "sub_model": _NON_EMPTY,
-    "base_url": _NON_EMPTY,
-    "max_iterations": _int_between(1, 1000),
-    "max_depth": _int_between(1, 10),
-    "timeout_s": _OptionRule(lambda v: _is_number(v) and v > 0, "a number of seconds above 0"),
-    "temperature": _OptionRule(lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
-    "max_tokens": _int_between(1, None),
-    "progress": _BOOL,
-    "trajectory": _BOOL,
-    "budget": _OptionRule(lambda v: isinstance(v, dict), "an object"),
-}
-
-
-BUDGET_RULES: Mapping[str, _OptionRule] = {
-    "max_calls": _int_between(1, None),
-    "max_input_tokens": _int_between(1, None),
-    "max_output_tokens": _int_between(1, None),
-    "max_cost_usd": _OptionRule(
-        lambda v: _is_number(v) and v > 0, "a number of US dollars above 0"
-    ),
-}
-
-
-def _checked(raw: Any, rules: Mapping[str, _OptionRule], prefix: str) -> Json:
-    """The members of an options object that are set, each checked against its rule."""
-    if not isinstance(raw, dict):
-        raise InvalidParams(prefix.rstrip("."), "must be an object")
-    _refuse_unknown({k: v for k, v in raw.items() if k not in rules}, prefix)
-    for name, value in raw.items():
-        if value is not None and not rules[name].check(value):
-            raise InvalidParams(prefix + name, f"must be {rules[name].expect}")
-    return {k: v for k, v in raw.items() if v is not None}
-
-
-def parse_options(raw: Any) -> InferOptions:
+def parse_options(raw: Any) -> tuple[InferOptions, bool]:
+    """`options`: what the engine takes, and whether to send `$/progress`."""
     if raw is None:
-        return InferOptions()
-    options = _checked(raw, OPTION_RULES, "options.")
-    if "budget" in options:
-        options["budget"] = budget_from(
-            _checked(options["budget"], BUDGET_RULES, "options.budget.")
-        )
-    return InferOptions(**options)
-
-
-def _parse_messages(field: str, raw: list[Any]) -> list[dict[str, str]]:
-    if not raw:
-        raise InvalidParams(field, "must not be empty")
-    for index, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise InvalidParams(f"{field}.{index}", "must be an object with role and content")
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                raise InvalidParams(f"{field}.{index}.{key}", "must be a string")
-    return raw
-
-
-def parse_context(prompt: Any, messages: Any) -> str | list[dict[str, str]]:
-    """`prompt` (string or messages) or its alias `messages`: the long input."""
-    if prompt is not MISSING and messages is not MISSING:
-        raise InvalidParams("messages", "give prompt or messages, not both")
-    if prompt is MISSING and messages is MISSING:
-        raise InvalidParams(
-            "prompt", "is required (a string, or a list of messages), or give context_id"
-        )
-    if prompt is not MISSING:
-        if isinstance(prompt, str):
-            return prompt
-        if isinstance(prompt, list):
-            return _parse_messages("prompt", prompt)
-        raise InvalidParams("prompt", "must be a string or a list of messages")
-    if not isinstance(messages, list):
-        raise InvalidParams("messages", "must be a list of messages")
-    return _parse_messages("messages", messages)
-
-
-# ---------------------------------------------------------------------------------------------
-# Methods
-
-
-def _given(value: Any) -> bool:
-    """Whether an optional param was given: absent and `null` both mean no."""
-    return value is not MISSING and value is not None
-
-
-def _string(field: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise InvalidParams(field, "must be a string")
-    return value
+        return InferOptions(), False
+    options = checked(raw, RULES, "options.")
+    progress = options.pop("progress", False)
+    return infer_options(options, "options."), progress
 
 
 def parse_infer(
-    prompt: Any, messages: Any, context_id: Any, session_id: Any, query: Any, options: Any
-) -> InferRequest:
+    prompt_: Any, messages: Any, context_id: Any, session_id: Any, query: Any, options: Any
+) -> tuple[InferRequest, bool]:
     """Exactly one long input: `prompt` (or `messages`) or `context_id`; a session's turn
     takes no `context_id` (the session has its own) and its `prompt` is optional."""
     if query is not None and not isinstance(query, str):
         raise InvalidParams("query", "must be a string")
-    parsed = parse_options(options)
-    given_prompt = prompt is not MISSING or messages is not MISSING
-    if _given(session_id):
-        if _given(context_id):
+    parsed, progress = parse_options(options)
+    given_prompt = prompt_ is not MISSING or messages is not MISSING
+    if given(session_id):
+        if given(context_id):
             raise InvalidParams("context_id", "not with session_id (a session keeps its own)")
-        context = parse_context(prompt, messages) if given_prompt else None
-        return InferRequest(context, query, parsed, session_id=_string("session_id", session_id))
-    if _given(context_id):
+        context = prompt(prompt_, messages) if given_prompt else None
+        session = string("session_id", session_id)
+        return InferRequest(context, query, parsed, session_id=session), progress
+    if given(context_id):
         if given_prompt:
             raise InvalidParams("context_id", "give prompt or context_id, not both")
-        return InferRequest(None, query, parsed, context_id=_string("context_id", context_id))
-    return InferRequest(parse_context(prompt, messages), query, parsed)
+        stored = string("context_id", context_id)
+        return InferRequest(None, query, parsed, context_id=stored), progress
+    return InferRequest(prompt(prompt_, messages), query, parsed), progress
 
 
 async def infer(
-    ctx: RequestContext,
+    call: Call,
     /,
     prompt: Any = MISSING,
     messages: Any = MISSING,
@@ -202,36 +100,43 @@ async def infer(
     options: Any = None,
     **unknown: Any,
 ) -> Result:
-    _refuse_unknown(unknown)
-    request = parse_infer(prompt, messages, context_id, session_id, query, options)
-    session = ctx.session
-
-    def progress(params: Json) -> None:
-        if ctx.request_id is not None:  # progress names its request; a null id names none
-            session.notify("$/progress", params)
-
-    return _success(await session.engine.infer(request, ctx.request_id, progress, ctx.sequence))
+    refuse_unknown(unknown)
+    request, progress = parse_infer(prompt, messages, context_id, session_id, query, options)
+    request = request._replace(label=None if call.id is None else str(call.id))
+    return _success(_result(await call.frontend.infer(call, request, progress)))
 
 
-def status(ctx: RequestContext, /, **unknown: Any) -> Json:
-    _refuse_unknown(unknown)
-    return ctx.session.engine.status()
+def _result(outcome: InferResult) -> Json:
+    encoded: Json = {
+        "text": outcome.text,
+        "stub": outcome.stub,
+        "usage": outcome.usage,
+        "metadata": outcome.metadata._asdict(),
+    }
+    if outcome.trajectory is not None:
+        encoded["trajectory"] = outcome.trajectory
+    return encoded
 
 
-async def shutdown(ctx: RequestContext, /, grace_s: Any = None, **unknown: Any) -> Result:
-    _refuse_unknown(unknown)
-    if grace_s is not None and not (_is_number(grace_s) and grace_s >= 0):
+def status(call: Call, /, **unknown: Any) -> Json:
+    refuse_unknown(unknown)
+    return call.engine.status()
+
+
+async def shutdown(call: Call, /, grace_s: Any = None, **unknown: Any) -> Result:
+    refuse_unknown(unknown)
+    if grace_s is not None and not (is_number(grace_s) and grace_s >= 0):
         raise InvalidParams("grace_s", "must be a number of seconds, 0 or more")
-    await ctx.session.shutdown(grace_s, ctx.sequence)
+    await call.frontend.lifecycle.shutdown(grace_s, call.ticket)
     return _success({"shutdown": True})
 
 
-async def cancel_request(ctx: RequestContext, /, id: Any = MISSING, **unknown: Any) -> Result:
+async def cancel_request(call: Call, /, id: Any = MISSING, **unknown: Any) -> Result:
     """A notification: answers nothing itself; the cancelled request answers -32800."""
-    _refuse_unknown(unknown)
-    if id is MISSING or not (isinstance(id, str) or _is_int(id)):
+    refuse_unknown(unknown)
+    if id is MISSING or not (isinstance(id, str) or is_int(id)):
         raise InvalidParams("id", "must be the id of a request")
-    ctx.session.cancel(id)
+    call.frontend.cancel(id)
     return _success(None)
 
 
@@ -241,17 +146,17 @@ async def cancel_request(ctx: RequestContext, /, id: Any = MISSING, **unknown: A
 LOAD_KINDS = ("text", "messages", "chunk")
 
 
-def _loaded(entry: StoredContext) -> Json:
+def _loaded(entry: StoredContextInfo) -> Json:
     return {
         "context_id": entry.id,
-        "bytes": entry.size,
+        "bytes": entry.bytes,
         "sha256": entry.sha256,
         "sealed": entry.sealed,
     }
 
 
 async def context_load(
-    ctx: RequestContext,
+    call: Call,
     /,
     text: Any = MISSING,
     messages: Any = MISSING,
@@ -261,74 +166,71 @@ async def context_load(
     **unknown: Any,
 ) -> Result:
     """One of: a whole text, a whole list (messages or documents), or one chunk of a text."""
-    _refuse_unknown(unknown)
+    refuse_unknown(unknown)
     values = (text, messages, chunk)
-    given = [name for name, value in zip(LOAD_KINDS, values, strict=True) if _given(value)]
-    if not given:
+    kinds = [name for name, value in zip(LOAD_KINDS, values, strict=True) if given(value)]
+    if not kinds:
         raise InvalidParams("text", "give one of text, messages or chunk")
-    if len(given) > 1:
-        raise InvalidParams(given[1], "give only one of text, messages or chunk")
-    store = ctx.session.engine.contexts
-    if given[0] == "chunk":
-        named = _string("context_id", context_id) if _given(context_id) else None
-        if _given(final) and not isinstance(final, bool):
+    if len(kinds) > 1:
+        raise InvalidParams(kinds[1], "give only one of text, messages or chunk")
+    engine = call.engine
+    if kinds[0] == "chunk":
+        named = string("context_id", context_id) if given(context_id) else None
+        if given(final) and not isinstance(final, bool):
             raise InvalidParams("final", "must be true or false")
-        entry = await store.append(named, _string("chunk", chunk), final is True)
+        entry = await engine.load_chunk(named, string("chunk", chunk), final is True)
         return _success(_loaded(entry))
     for name, value in (("context_id", context_id), ("final", final)):
-        if _given(value):
+        if given(value):
             raise InvalidParams(name, "only with chunk")
-    if given[0] == "text":
-        entry = await store.load_text(_string("text", text))
+    if kinds[0] == "text":
+        entry = await engine.load_text(string("text", text))
     elif isinstance(messages, list):
-        entry = await store.load_json(messages)
+        entry = await engine.load_list(messages)
     else:
         raise InvalidParams("messages", "must be an array")
     return _success(_loaded(entry))
 
 
-async def context_drop(ctx: RequestContext, /, context_id: Any = MISSING, **unknown: Any) -> Result:
-    _refuse_unknown(unknown)
-    if not _given(context_id):
+async def context_drop(call: Call, /, context_id: Any = MISSING, **unknown: Any) -> Result:
+    refuse_unknown(unknown)
+    if not given(context_id):
         raise InvalidParams("context_id", "is required")
-    dropped = await ctx.session.engine.contexts.drop(_string("context_id", context_id))
+    dropped = await call.engine.drop_context(string("context_id", context_id))
     return _success({"dropped": dropped})
 
 
-def context_list(ctx: RequestContext, /, **unknown: Any) -> Json:
-    _refuse_unknown(unknown)
-    store = ctx.session.engine.contexts
+def context_list(call: Call, /, **unknown: Any) -> Json:
+    refuse_unknown(unknown)
+    report = call.engine.stored_contexts()
     contexts = [
         {
             "id": entry.id,
-            "bytes": entry.size,
+            "bytes": entry.bytes,
             "sha256": entry.sha256,
             "uses": entry.uses,
             "last_used_ms": entry.last_used_ms,
         }
-        for entry in store.sealed()
+        for entry in report.contexts
     ]
     return {
         "contexts": contexts,
-        "bytes_total": store.bytes_total,
-        "bytes_limit": store.limit_bytes,
+        "bytes_total": report.bytes_total,
+        "bytes_limit": report.bytes_limit,
     }
 
 
-async def session_open(ctx: RequestContext, /, context_id: Any = MISSING, **unknown: Any) -> Result:
-    _refuse_unknown(unknown)
-    named = _string("context_id", context_id) if _given(context_id) else None
-    session = ctx.session.engine.sessions.open(named)
-    return _success({"session_id": session.id})
+async def session_open(call: Call, /, context_id: Any = MISSING, **unknown: Any) -> Result:
+    refuse_unknown(unknown)
+    named = string("context_id", context_id) if given(context_id) else None
+    return _success({"session_id": call.engine.open_session(named)})
 
 
-async def session_close(
-    ctx: RequestContext, /, session_id: Any = MISSING, **unknown: Any
-) -> Result:
-    _refuse_unknown(unknown)
-    if not _given(session_id):
+async def session_close(call: Call, /, session_id: Any = MISSING, **unknown: Any) -> Result:
+    refuse_unknown(unknown)
+    if not given(session_id):
         raise InvalidParams("session_id", "is required")
-    closed = await ctx.session.engine.sessions.close(_string("session_id", session_id))
+    closed = await call.engine.close_session(string("session_id", session_id))
     return _success({"closed": closed})
 
 
@@ -339,8 +241,6 @@ INLINE_METHODS: Mapping[str, Callable[..., Json]] = {
 # Sent as a notification, an infer would run a paid completion nobody can receive or cancel, and
 # a load or an open would make something that only its answer names.
 REQUEST_ONLY_METHODS = frozenset({"infer", "context/load", "session/open"})
-# Read counters only: the input thread answers them (context/list walks the store: the loop's).
-ANY_THREAD_METHODS = frozenset({"status"})
 TASK_METHODS: Mapping[str, Callable[..., Awaitable[Result]]] = {
     "infer": infer,
     "shutdown": shutdown,

@@ -32,7 +32,7 @@ Remove with `rlm-server-plugin-shim --remove`.
 
 SERVER = f'''"""`python -m elizaos_plugin_rlm.server` runs rlm-server ({MARKER})."""
 
-from rlm_server.frontends.plugin.server import main
+from rlm_server.frontends.plugin.frontend import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,7 +6,7 @@ The published clients of `elizaos-plugin-rlm` (its TypeScript `client.ts` and it
 `{"id", "error": "<string>"}`, and an infer's params `{"messages", "opts"}`, where the
 TypeScript client writes `opts` in camelCase and the Rust crate in snake_case. Everything here
 maps those shapes onto `InferRequest`/`InferOptions` and our results back onto the plugin's
-`RLMResult.to_dict()`, so that compat.py is only the loop around them.
+`RLMResult.to_dict()`, so that frontend.py is only the adapter around them.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from rlm_server import Json
-from rlm_server.config import Config
-from rlm_server.engine.engine import InferRequest
+from rlm_server.engine.api import InferRequest, InferResult
 from rlm_server.errors import InvalidParams, RpcError
+from rlm_server.frontends.params import MISSING, OPTION_RULES, infer_options, prompt
 
 # The plugin's deadline: both clients give up on a request after 60 s and send it again.
 CLIENT_TIMEOUT_S = 60.0
@@ -50,7 +50,7 @@ FLAG_OPTS: Mapping[str, str] = {
 # Every other key (`stream`, `topP`, `stopSequences`, `user`, which the clients' option types
 # carry) means nothing for an RLM answer, the final value of a REPL variable: the published
 # server ignores them, and so must a drop-in (a refusal would become a stub answer in both
-# clients). compat.py says once on stderr that one was set; `false`, `[]` and `""` are not set
+# clients). frontend.py says once on stderr that one was set; `false`, `[]` and `""` are not set
 # (the Rust crate always sends `"stream": false`).
 
 
@@ -126,18 +126,13 @@ def parse_infer(params: Json, defaults: PluginDefaults) -> PluginRequest:
     """`{"messages" | "prompt", "opts"}` as the published server reads them.
 
     Like it, `messages` wins over `prompt`, and a string is one user message. Options our
-    engine applies are validated by the same rules as our own protocol's `options`.
+    engine applies are validated by the same rules as our own protocol's `options`, and named
+    as the client spelled them (`opts.maxIterations`).
     """
-    from rlm_server.frontends.jsonrpc.methods import (  # after `ready`
-        MISSING,
-        parse_context,
-        parse_options,
-    )
-
     raw = params["messages"] if "messages" in params else params.get("prompt", "")
     if isinstance(raw, str):
         raw = [{"role": "user", "content": raw}]
-    context = parse_context(MISSING, raw)
+    context = prompt(MISSING, raw)
     opts = params.get("opts")
     opts = opts if isinstance(opts, dict) else {}
     options: Json = {}
@@ -146,17 +141,15 @@ def parse_infer(params: Json, defaults: PluginDefaults) -> PluginRequest:
         if value is None:
             continue
         if key in APPLIED_OPTS:
-            options[APPLIED_OPTS[key]] = value
+            ours = APPLIED_OPTS[key]
+            options[ours] = OPTION_RULES[ours].apply(f"opts.{key}", value)
         elif key in FLAG_OPTS:
             if not isinstance(value, bool):
                 raise InvalidParams(f"opts.{key}", "must be true or false")
             flags[FLAG_OPTS[key]] = value
-    try:
-        parsed = parse_options({**options, "trajectory": flags["trajectory"]})
-    except InvalidParams as error:
-        raise _renamed(error, opts) from None
+    options["trajectory"] = flags["trajectory"]
     return PluginRequest(
-        infer=InferRequest(context, None, parsed),
+        infer=InferRequest(context, None, infer_options(options, "opts.")),
         trajectory=flags["trajectory"],
         cost=flags["cost"],
         not_applied=frozenset(
@@ -167,19 +160,22 @@ def parse_infer(params: Json, defaults: PluginDefaults) -> PluginRequest:
     )
 
 
-def _renamed(error: InvalidParams, opts: Json) -> InvalidParams:
-    """Name the option as the client spelled it (`opts.maxIterations`), not as we do."""
-    ours = str(error.data["field"]).removeprefix("options.")
+def _field(path: str, opts: Json) -> str:
+    """An engine's field path (`options.model`) as the client spelled it (`opts.rootModel`)."""
+    if not path.startswith("options."):
+        return path
+    ours = path.removeprefix("options.")
     spelled = next((k for k, v in APPLIED_OPTS.items() if v == ours and k in opts), ours)
-    return InvalidParams(f"opts.{spelled}", str(error.data["reason"]))
+    return f"opts.{spelled}"
 
 
-def error_text(error: RpcError) -> str:
+def error_text(error: RpcError, opts: Json) -> str:
     """The plugin's error is a string. Ours names the error's type and, for bad params, the
     field; it never contains the words both clients retry on ("timeout", "connection", "503",
     ...), since once we answer, our own retries are spent."""
     if isinstance(error, InvalidParams):
-        return f"{error.message}: {error.data['field']} {error.data['reason']}"
+        field = _field(str(error.data["field"]), opts)
+        return f"{error.message}: {field} {error.data['reason']}"
     return f"{error.message} ({error.data['type']})"
 
 
@@ -187,17 +183,17 @@ def error_text(error: RpcError) -> str:
 # Answers
 
 
-def status_result(engine_status: Json, config: Config) -> Json:
+def status_result(engine_status: Json) -> Json:
     """The published server's five fields (snake_case, which the Rust crate requires), the two
     the TypeScript client's type declares in camelCase, and our own counters beside them."""
     return {
         "available": engine_status["available"],
-        "backend": config.backend,
-        "environment": config.environment,
-        "max_iterations": config.max_iterations,
-        "max_depth": config.max_depth,
-        "maxIterations": config.max_iterations,
-        "maxDepth": config.max_depth,
+        "backend": engine_status["backend"],
+        "environment": engine_status["environment"],
+        "max_iterations": engine_status["max_iterations"],
+        "max_depth": engine_status["max_depth"],
+        "maxIterations": engine_status["max_iterations"],
+        "maxDepth": engine_status["max_depth"],
         "server": engine_status["server"],
         "version": engine_status["version"],
         "stub": engine_status["stub"],
@@ -206,20 +202,20 @@ def status_result(engine_status: Json, config: Config) -> Json:
     }
 
 
-def infer_result(result: Json, request: PluginRequest, started_ms: int) -> Json:
+def infer_result(result: InferResult, request: PluginRequest, started_ms: int) -> Json:
     """Our `infer` result as the plugin's `RLMResult.to_dict()`."""
-    metadata = result["metadata"]
-    stub = bool(result["stub"])
-    cost = None if stub or not request.cost else plugin_cost(result["usage"], metadata["model"])
+    metadata = result.metadata
+    stub = result.stub
+    cost = None if stub or not request.cost else plugin_cost(result.usage, metadata.model)
     trajectory = None
     if not stub and request.trajectory:
         trajectory = plugin_trajectory(result, request.infer, started_ms, cost)
     return {
-        "text": str(result["text"]).strip(),
+        "text": result.text.strip(),
         "metadata": {
             "stub": stub,
-            "iterations": None if stub else metadata["iterations"],
-            "depth": None if stub else metadata["depth"],
+            "iterations": None if stub else metadata.iterations,
+            "depth": None if stub else metadata.depth,
             "error": None,
         },
         "cost": cost,
@@ -250,13 +246,13 @@ def plugin_cost(usage: Json, root_model: str) -> Json:
 
 
 def plugin_trajectory(
-    result: Json, infer: InferRequest, started_ms: int, cost: Json | None
+    result: InferResult, infer: InferRequest, started_ms: int, cost: Json | None
 ) -> Json:
     """Our per-iteration trajectory as the plugin's `RLMTrajectory`: one step per code block
     the model ran, with its REPL output and sub-calls."""
     context = infer.context
     prompt = context if isinstance(context, str) else "\n".join(m["content"] for m in context or ())
-    blocks = [block for step in result.get("trajectory", []) for block in step["code_blocks"]]
+    blocks = [block for step in result.trajectory or () for block in step["code_blocks"]]
     steps = [_step(number, block, started_ms) for number, block in enumerate(blocks)]
     strategies = list(dict.fromkeys(step["strategy"] for step in steps))
     ended_ms = int(time.time() * 1000)
@@ -268,9 +264,9 @@ def plugin_trajectory(
         "prompt_length": len(prompt),
         "prompt_preview": prompt[:200],
         "steps": steps,
-        "final_response": str(result["text"])[:500],
-        "total_iterations": result["metadata"]["iterations"],
-        "max_depth_reached": result["metadata"]["depth"],
+        "final_response": result.text[:500],
+        "total_iterations": result.metadata.iterations,
+        "max_depth_reached": result.metadata.depth,
         "subcall_count": sum(1 for step in steps if step["is_subcall"]),
         "strategies_used": strategies,
         "cost": cost,

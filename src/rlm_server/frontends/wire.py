@@ -1,8 +1,5 @@
-"""JSON lines on the wire: decoding, encoding and error responses.
-
-Kept apart from dispatch.py (which needs jsonrpcserver) so the server can answer its first
-messages, `ready` and framing errors, before the JSON-RPC layer is imported.
-"""
+"""JSON lines, for every line front end: decoding, encoding, and the id of a line too long to
+parse. Kept apart from the JSON-RPC layer, which imports jsonrpcserver when first needed."""
 
 from __future__ import annotations
 
@@ -12,10 +9,9 @@ from typing import Any
 
 import orjson
 
-from rlm_server import Json
-from rlm_server.errors import ParseError, RpcError
+from rlm_server.errors import ParseError
 
-RequestId = str | int | None
+RequestId = str | int | None  # an id as JSON-RPC and the plugin's protocol both write it
 
 # `"id"` as the first member of the top-level object, or the second after `"jsonrpc": "2.0"`,
 # as clients write it: only there can it not be a key inside `params`.
@@ -55,15 +51,7 @@ def _has_surrogate_escape(line: bytes | bytearray) -> bool:
     return False
 
 
-def result_response(result: Any, request_id: RequestId) -> Json:
-    return {"jsonrpc": "2.0", "result": result, "id": request_id}
-
-
-def error_response(error: RpcError, request_id: RequestId) -> Json:
-    return {"jsonrpc": "2.0", "id": request_id, "error": error.to_wire()}
-
-
-def encode(message: Json | list[Json]) -> bytes:
+def encode(message: Any) -> bytes:
     """One compact JSON line; lone surrogates (which orjson refuses) become U+FFFD."""
     try:
         return orjson.dumps(message)
