@@ -246,16 +246,15 @@ def test_the_persistence_seams_still_have_their_shape() -> None:
     ],
 )
 def test_a_measured_list_is_described_as_the_library_describes_it(
-    llm: FixtureServer, monkeypatch: pytest.MonkeyPatch, context: list[Any]
+    llm: FixtureServer, context: list[Any]
 ) -> None:
     """The zygote measures a list context once and a worker describes it by that length, so
     that no worker walks (and copies) every item: the root model's prompt must not change."""
     kwargs = _kwargs(llm)
     handler = EventLMHandler(get_client("openai", dict(kwargs["backend_kwargs"])), _ignore)
     logger = ProgressLogger(on_iteration=lambda n: None, keep_trajectory=False)
-    rlm = WorkerRLM(lm_handler=handler, logger=logger, **kwargs)
-    walked = rlm._setup_prompt(context, "q")
-    monkeypatch.setattr(completion, "inherited", context)
-    monkeypatch.setattr(completion, "inherited_length", completion.context_length(context))
+    walked = WorkerRLM(lm_handler=handler, logger=logger, **kwargs)._setup_prompt(context, "q")
+    inherited = completion.Inherited(context, completion.context_length(context))
+    rlm = WorkerRLM(lm_handler=handler, logger=logger, inherited=inherited, **kwargs)
     assert rlm._setup_prompt(context, "q") == walked
     assert rlm._setup_prompt(list(context), "q") == walked  # another list: walked as usual

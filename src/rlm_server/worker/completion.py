@@ -13,8 +13,9 @@ library's seam for this, the `_spawn_completion_context` context manager, to han
 an LM handler that is never stopped, because the worker process ends with the completion.
 tests/test_library_seam.py fails loudly if an upgrade moves either seam.
 
-A stored context is not sent: the zygote sets `inherited` to it just before it forks, so the
-worker has it already, shared with the zygote copy-on-write. A session's worker serves one job
+A stored context is not sent: its holder (zygote.py) read it before it forked the worker, and
+hands it down as an argument (`Inherited`), so the worker has it already, shared with the holder
+copy-on-write. A session's worker serves one job
 after another; its REPL environment (`SessionState`) lives from one turn to the next, built with
 the library's `persistent=True`, so each turn's input becomes the next `context_N` and each
 turn's message history the next `history_N`, as the library's own multi-turn mode does it.
@@ -30,7 +31,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import orjson
 import rlm.core.rlm
@@ -59,8 +60,11 @@ class ContextUnavailable:
     """What a worker inherits when the zygote could not read the stored context it named."""
 
 
-inherited: Any = None  # the stored context of the worker about to be forked (set by the zygote)
-inherited_length: int | None = None  # a list context's length as the library counts it (ditto)
+class Inherited(NamedTuple):
+    """A stored context as a worker inherits it from its holder."""
+
+    value: Any  # a str, a list, or ContextUnavailable
+    length: int | None  # a list's length as the library counts it, measured once by the holder
 
 
 class _Sized:
@@ -94,8 +98,9 @@ def _as_json(items: Any) -> list[str]:
 class Channel:
     """Our end of the socket: one job frame in, event frames and one final frame out."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, inherited: Inherited | None) -> None:
         self._sock = sock
+        self._inherited = inherited
         self._lock = threading.Lock()  # events come from the LM handler's threads too
 
     def _receive_exactly(self, size: int) -> bytearray:
@@ -121,7 +126,7 @@ class Channel:
         (a stored context), or None (a session turn that brings no new input)."""
         kind = job["context_type"]
         if kind == "inherited":
-            return inherited
+            return None if self._inherited is None else self._inherited.value
         if kind == "none":
             return None
         raw = self.receive_frame()
@@ -130,10 +135,9 @@ class Channel:
         return context
 
     def send(self, frame: Json) -> None:
-        payload = orjson.dumps(frame, default=str)
+        packed = frames.pack(frame)
         with self._lock:
-            self._sock.sendall(frames.header(len(payload)))
-            self._sock.sendall(payload)
+            self._sock.sendall(packed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,11 +438,16 @@ class WorkerRLM(RLM):  # type: ignore[misc]
     """
 
     def __init__(
-        self, lm_handler: LMHandler, session: SessionState | None = None, **kwargs: Any
+        self,
+        lm_handler: LMHandler,
+        session: SessionState | None = None,
+        inherited: Inherited | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(persistent=session is not None, **kwargs)
         self._worker_lm_handler = lm_handler
         self._session = session
+        self._inherited = inherited
 
     def completion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
         """A session's turn may bring no input (`prompt` None): the metadata then describes
@@ -503,8 +512,9 @@ class WorkerRLM(RLM):  # type: ignore[misc]
         without one (a list of numbers, say): those are described by their JSON instead. An
         inherited list whose length the zygote measured is described by that length alone: its
         type and total are all the prompt says of it."""
-        if prompt is inherited and inherited_length is not None and isinstance(prompt, list):
-            prompt = [_Sized(inherited_length)]
+        measured = self._inherited
+        if measured is not None and prompt is measured.value and measured.length is not None:
+            prompt = [_Sized(measured.length)]
         try:
             return cast(list[dict[str, Any]], super()._setup_prompt(prompt, root_prompt))
         except (TypeError, AttributeError):  # as in context_length
@@ -555,6 +565,7 @@ def _build_rlm(
     emit: Emit,
     logger: ProgressLogger,
     session: SessionState | None,
+    inherited: Inherited | None,
 ) -> WorkerRLM:
     spec: Json = job["rlm"]
     root = RelayLM(spec["backend_kwargs"]["model_name"], link)
@@ -571,6 +582,7 @@ def _build_rlm(
     return WorkerRLM(
         lm_handler=handler,
         session=session,
+        inherited=inherited,
         logger=logger,
         on_subcall_start=lambda depth, model, preview: emit("subcall", message=str(model)),
         **spec,
@@ -593,6 +605,7 @@ def run_job(
     link: BrokerLink,
     emit: Emit,
     session: SessionState | None = None,
+    inherited: Inherited | None = None,
 ) -> Json:
     """The final frame for one job: {"result": ...} or {"failure": ...} (the server knows what
     its broker saw; the worker only says what ended the completion, and what it did before)."""
@@ -606,7 +619,8 @@ def run_job(
     if any(isinstance(c, ContextUnavailable) for c in (context, session and session.base)):
         return {"failure": {"kind": frames.CONTEXT_UNAVAILABLE}}
     try:
-        completion = _complete(job, context, _build_rlm(job, link, emit, logger, session), session)
+        rlm = _build_rlm(job, link, emit, logger, session, inherited)
+        completion = _complete(job, context, rlm, session)
     except Exception as exc:
         log.info("completion failed: %s: %s", type(exc).__name__, exc)
         failure: Json = {"kind": type(exc).__name__}
@@ -629,18 +643,21 @@ def _emitter(channel: Channel, job: Json) -> Emit:
     return emit
 
 
-def serve_job(sock: socket.socket) -> None:
+def serve_job(sock: socket.socket, inherited: Inherited | None) -> None:
     """Read one job from the server, run it, send its events and final frame, and wait until
     the server closes the channel: the server always kills a living process group. A session's
-    worker (its job says `session`) then reads the next job, and so on, keeping its REPL."""
-    channel = Channel(sock)
+    worker (its job says `session`) then reads the next job, and so on, keeping its REPL.
+    `inherited` is the stored context its holder forked it with."""
+    channel = Channel(sock, inherited)
     job, context = channel.receive_job()
     link = BrokerLink(channel)
     link.start()
     relay_clients(link)
-    session = SessionState(inherited) if job.get("session") else None
+    base = None if inherited is None else inherited.value
+    session = SessionState(base) if job.get("session") else None
     while True:
-        channel.send(run_job(job, context, link, _emitter(channel, job), session))
+        emit = _emitter(channel, job)
+        channel.send(run_job(job, context, link, emit, session, inherited))
         if session is None or (following := link.jobs.get()) is None:
             break
         job, context = following

@@ -1,12 +1,34 @@
-"""Frames on a worker's socket: an 8-byte big-endian length, then that many bytes of orjson.
+"""The one framing of the worker boundary: an 8-byte big-endian length, then that many bytes of
+one JSON object (orjson). Shared by the server side (executors/local/pool.py), the zygote
+(zygote.py) and the worker (completion.py), and deliberately free of heavy imports: the server
+must start without importing `rlm`.
 
-Shared by the server side (workers.py) and the worker side (completion.py), and deliberately
-free of heavy imports: the server must start without importing `rlm`.
+On the zygote's control socket (SOCK_SEQPACKET) each frame is one datagram:
+- server -> zygote: `{"fork": token, "workdir": path, "context": {"id", "path", "kind"}}`
+  (context optional) with the new worker's socket attached; `{"forget": context_id}`.
+- zygote (or a context's holder) -> server: `{"ready": true}` once warm, then
+  `{"forked": token, "pid": pid}` for each fork.
+
+On a worker's socket (a stream) frames follow one another:
+- worker -> server: first `{"pid": pid}` (the process to kill), then `{"event": ...}`,
+  `{"call": n, "model", "prompt"}` and one final `{"result": ...}` or `{"failure": ...}` per job.
+- server -> worker: a job (`{"query", "rlm", "progress", "trajectory", "context_type", ...}`),
+  then, for `context_type` `text` or `json`, one frame whose payload is the context itself
+  (raw UTF-8, or JSON), so a long text is never copied into a JSON document; `{"reply": n,
+  ...}` for each call.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
+from rlm_server import Json
+
 HEADER_BYTES = 8
+DATAGRAM_BYTES = 1 << 16  # the largest control frame read (a fork names two paths)
+CONTEXT_UNAVAILABLE = "ContextUnavailable"  # the failure kind of a worker without its context
 
 
 def header(length: int) -> bytes:
@@ -17,7 +39,26 @@ def length_of(head: bytes | bytearray) -> int:
     return int.from_bytes(head, "big")
 
 
-FORGET_TOKEN = bytes(
-    8
-)  # a zygote message that forgets a context; never a fork's: tokens count from 1
-CONTEXT_UNAVAILABLE = "ContextUnavailable"  # the failure kind of a worker without its context
+def pack(message: Json) -> bytes:
+    """One frame: header and payload together."""
+    payload = orjson.dumps(message, default=str)
+    return header(len(payload)) + payload
+
+
+def unpack(datagram: bytes | bytearray) -> Json | None:
+    """The object one datagram holds, or None when it is not one whole frame of an object."""
+    if (
+        len(datagram) < HEADER_BYTES
+        or length_of(datagram[:HEADER_BYTES]) != len(datagram) - HEADER_BYTES
+    ):
+        return None
+    return loads(datagram[HEADER_BYTES:])
+
+
+def loads(payload: bytes | bytearray) -> Json | None:
+    """A frame's payload as a JSON object, or None when it is not one."""
+    try:
+        message: Any = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return message if isinstance(message, dict) else None

@@ -45,6 +45,7 @@ import sys
 from collections.abc import Callable, Iterable
 
 from rlm_server.libc import LIBC, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, is_linux, prctl
+from rlm_server.worker import frames
 
 # Every protection, in the order they are applied; `status` reports those in force.
 USER_NAMESPACE = "user_namespace"
@@ -83,7 +84,6 @@ PID_MAX = "/proc/sys/kernel/pid_max"  # per PID namespace since Linux 6.14; at l
 MAX_OPEN_FILES = 1024
 MAX_FILE_BYTES = 4 << 30
 MAX_CPU_S = 3600
-PID_BYTES = 8  # the keeper's first words on the worker's socket: the worker's pid
 PROBE_DIRECTORY = "/"  # what the probe's Landlock rules name: it writes nothing, and exits
 
 CLONE_NEWNS = 0x00020000
@@ -351,7 +351,7 @@ def keep(plan: Plan, sock: socket.socket, serve: Callable[[], None], workdir: st
     if plan.has(NOT_DUMPABLE):
         not_dumpable()
     if not plan.has(PID_NAMESPACE):
-        sock.sendall(os.getpid().to_bytes(PID_BYTES, "big"))
+        sock.sendall(frames.pack({"pid": os.getpid()}))
         confine(plan, workdir)
         serve()
         return
@@ -359,7 +359,7 @@ def keep(plan: Plan, sock: socket.socket, serve: Callable[[], None], workdir: st
     if init == 0:
         _init(plan, sock, serve, workdir)
         return
-    sock.sendall(init.to_bytes(PID_BYTES, "big"))
+    sock.sendall(frames.pack({"pid": init}))
     sock.close()
     while True:
         signal.pause()

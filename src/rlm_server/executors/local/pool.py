@@ -7,17 +7,18 @@ importing `rlm` costs hundreds of milliseconds, so a zygote (`executors.local.zy
 it once and builds the default model clients; forking from it takes a few milliseconds, and
 nothing one request's model code did can be seen by the next.
 
-The zygote is told to fork over a SOCK_SEQPACKET control socket: a message with a token and the
-worker's directory, carrying the child's end of a fresh socketpair (SCM_RIGHTS); it answers with
-the token and the child's pid. The message may also name a stored context (its id, file and
-kind, after a NUL): the zygote hands it to that context's holder (zygote.py), which read the
-file once into a `str` (or list), forks the worker and answers; the worker inherits the context
-copy-on-write as its `context`, and the server never sends it. A message with token 0 and no
-descriptor tells the zygote to forget a context (its holder exits after its workers). The
-handshake is shielded from cancellation, so a fork once asked for is always answered and its
-worker always ended; the token matches each answer to its request. The server then talks to
-the worker over its socketpair in frames (see frames.py): one job frame in; event frames,
-model-call frames (each answered by a reply frame, made by the broker) and one final frame out.
+Everything crosses the boundary in one framing (worker/frames.py, which lists the messages).
+The zygote is told to fork over a SOCK_SEQPACKET control socket: a fork message with a token
+and the worker's directory, carrying the child's end of a fresh socketpair (SCM_RIGHTS); it
+answers with the token and the child's pid. The message may also name a stored context (its id,
+file and kind): the zygote hands it to that context's holder (zygote.py), which read the file
+once into a `str` (or list), forks the worker and answers; the worker inherits the context
+copy-on-write as its `context`, and the server never sends it. A forget message tells the
+zygote to let go of a context (its holder exits after its workers). The handshake is shielded
+from cancellation, so a fork once asked for is always answered and its worker always ended; the
+token matches each answer to its request. The server then talks to the worker over its
+socketpair: the pid to kill, then one job frame in; event frames, model-call frames (each
+answered by a reply frame, made by the broker) and one final frame out.
 End of stream without a final frame means the worker died. Every frame is checked: the worker
 runs model code, and nothing it sends is trusted.
 
@@ -113,8 +114,9 @@ class ContextFile(NamedTuple):
     kind: Literal["text", "json"]
     size: int  # bytes
 
-    def spec(self) -> bytes:
-        return orjson.dumps({"id": self.id, "path": self.path, "kind": self.kind})
+    def named(self) -> Json:
+        """How a fork message names it."""
+        return {"id": self.id, "path": self.path, "kind": self.kind}
 
 
 Context = str | list[Any] | ContextFile | None  # None: a session turn that brings no new input
@@ -164,8 +166,7 @@ class Worker:
             pass
 
     async def _write_frame(self, payload: bytes) -> None:
-        await write_all(self._fd, frames.header(len(payload)))
-        await write_all(self._fd, payload)
+        await write_all(self._fd, frames.header(len(payload)) + payload)
 
     async def _write_text(self, text: str) -> None:
         if not text.isascii():  # isascii is O(1) on str; only then are characters bytes
@@ -176,32 +177,31 @@ class Worker:
             await write_all(self._fd, text[start : start + TEXT_CHUNK].encode("ascii"))
 
     async def frames(self) -> AsyncIterator[Json]:
-        """The worker's frames, each a JSON object. A frame longer than the limit or not a
-        JSON object means the worker cannot be trusted any more: WorkerCrashed."""
-        stream = self._stream
-        while True:
-            try:
-                length = frames.length_of(await stream.receive_exactly(frames.HEADER_BYTES))
-                if length > self._max_frame_bytes:
-                    raise WorkerCrashed(reason="the worker sent a frame over the size limit")
-                payload = await stream.receive_exactly(length)
-            except (anyio.IncompleteRead, OSError):
-                return
-            try:
-                frame = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                frame = None
-            if not isinstance(frame, dict):
-                raise WorkerCrashed(reason="the worker sent a malformed frame")
+        """The worker's frames until it ends its stream."""
+        while (frame := await self._receive_frame()) is not None:
             yield frame
+
+    async def _receive_frame(self) -> Json | None:
+        """The next frame, or None at the end of the stream. A frame longer than the limit or
+        not a JSON object means the worker cannot be trusted any more: WorkerCrashed."""
+        try:
+            head = await self._stream.receive_exactly(frames.HEADER_BYTES)
+            length = frames.length_of(head)
+            if length > self._max_frame_bytes:
+                raise WorkerCrashed(reason="the worker sent a frame over the size limit")
+            frame = frames.loads(await self._stream.receive_exactly(length))
+        except (anyio.IncompleteRead, OSError):
+            return None
+        if frame is None:
+            raise WorkerCrashed(reason="the worker sent a malformed frame")
+        return frame
 
     async def receive_job_pid(self) -> None:
         """The keeper's first words: the pid of the process that will run the job."""
-        try:
-            told = await self._stream.receive_exactly(sandbox.PID_BYTES)
-        except (anyio.IncompleteRead, OSError):
-            raise WorkerCrashed(reason="the worker failed to start") from None
-        self.job_pid = int.from_bytes(told, "big")
+        told = await self._receive_frame()
+        if told is None or not _is_count(told.get("pid")):
+            raise WorkerCrashed(reason="the worker failed to start")
+        self.job_pid = int(told["pid"])
 
     def kill(self) -> None:
         """End the worker and everything it started: the job's process first (in a PID
@@ -233,22 +233,26 @@ class _Zygote:
         ours.setblocking(False)
         self.ready = False
 
-    async def send(self, message: bytes, fds: list[int]) -> None:
+    async def send(self, message: Json, fds: list[int]) -> None:
+        datagram = frames.pack(message)
         while True:
             try:
-                socket.send_fds(self.control, [message], fds)
+                socket.send_fds(self.control, [datagram], fds)
                 return
             except BlockingIOError:
                 await anyio.wait_writable(self.control)
 
-    async def receive(self) -> bytes:
+    async def receive(self) -> Json | None:
+        """The zygote's next message; None once it has gone."""
         while True:
             try:
-                return self.control.recv(64)
+                datagram = self.control.recv(frames.DATAGRAM_BYTES)
             except BlockingIOError:
                 await anyio.wait_readable(self.control)
+                continue
             except OSError:
-                return b""
+                return None
+            return frames.unpack(datagram) if datagram else None
 
     def stop(self) -> None:
         """Kill it: it holds nothing worth a clean exit, and a clean one waits out its import
@@ -308,7 +312,7 @@ class WorkerPool:
                 zygote.stop()
             zygote = self._zygote = _Zygote(self._memory_mb, self._env, self._plan)
         if not zygote.ready:
-            if await zygote.receive() != b"ready":
+            if await zygote.receive() != {"ready": True}:
                 raise WorkerCrashed(reason="the worker zygote failed to start")
             zygote.ready = True
         return zygote
@@ -320,7 +324,7 @@ class WorkerPool:
             zygote = self._zygote
             if zygote is not None and zygote.ready and zygote.process.poll() is None:
                 with anyio.CancelScope(shield=True):
-                    await zygote.send(frames.FORGET_TOKEN + context_id.encode(), [])
+                    await zygote.send({"forget": context_id}, [])
 
     async def _fork(self, workdir: str, context: ContextFile | None) -> Worker:
         async with self._lock:
@@ -345,19 +349,18 @@ class WorkerPool:
     ) -> int:
         """Ask for one fork and return its pid; answers to any earlier request are ended. A
         fork that names a context the zygote does not hold yet waits while it reads it."""
-        token = next(self._tokens).to_bytes(8, "big")
-        message = token + os.fsencode(workdir)
+        token = next(self._tokens)
+        message: Json = {"fork": token, "workdir": workdir}
         timeout = HANDSHAKE_TIMEOUT_S
         if context is not None:
-            message += b"\0" + context.spec()
+            message["context"] = context.named()
             timeout += context.size / LOAD_BYTES_PER_S
         await zygote.send(message, [theirs.fileno()])
         with anyio.move_on_after(timeout):
-            while len(reply := await zygote.receive()) == 16:
-                pid = int.from_bytes(reply[8:], "big")
-                if reply[:8] == token:
-                    return pid
-                _kill_group(pid)  # an answer nobody waits for: its worker must not run
+            while (reply := await zygote.receive()) is not None and _is_count(reply.get("pid")):
+                if reply.get("forked") == token:
+                    return int(reply["pid"])
+                _kill_group(reply["pid"])  # an answer nobody waits for: its worker must not run
         log.warning("the worker zygote did not fork; replacing it")
         zygote.process.kill()
         raise WorkerCrashed(reason="the worker zygote did not fork")

@@ -12,18 +12,18 @@ limits), works in the directory the server made for it (its cwd and TMPDIR, so t
 land there), and exits only when the server closes its socket, so the server always kills a
 living group.
 
-Stored contexts: a fork message may name one (id, file, kind). The zygote itself holds none:
-for each context it forks a *holder*, a zygote of that context alone, which reads the file once
-into a `str` (or, for JSON, a list) and forks the workers that ask for it, each getting it as
-`completion.inherited` and sharing its pages copy-on-write. So a worker's memory holds its own
-context and no other: model code steered by one context cannot read another out of its heap.
-The zygote relays such fork messages (and their descriptor) to the holder, which answers the
+Stored contexts: a fork message may name one (id, file, kind). The zygote itself holds none: for
+each context it forks a *holder*, a zygote of that context alone, which reads the file once into a
+`str` (or, for JSON, a list) and forks the workers that ask for it, each getting it as an argument
+(`completion.Inherited`, never a global) and sharing its pages copy-on-write. So a worker's memory
+holds its own context and no other: model code steered by one context cannot read another out of its
+heap. The zygote relays such fork messages (and their descriptor) to the holder, which answers the
 server on the control socket itself, so a context being read never delays other forks. Told to
-forget a context, the zygote closes the holder's socket; the holder lets its running workers
-finish, then exits. What a zygote or holder holds is frozen (`gc.freeze`) after its warm-up and
-after its context is read: a worker's garbage collections then never write to those objects (a
-list context is millions of them), so only what a worker itself touches is copied. A zygote
-that replaces a dead one has no holders and starts each again when a fork asks for it.
+forget a context, the zygote closes the holder's socket; the holder lets its running workers finish,
+then exits. What a zygote or holder holds is frozen (`gc.freeze`) after its warm-up and after its
+context is read: a worker's garbage collections then never write to those objects (a list context is
+millions of them), so only what a worker itself touches is copied. A zygote that replaces a dead one
+has no holders and starts each again when a fork asks for it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import resource
 import signal
 import socket
 import sys
+from typing import NamedTuple
 
 from rlm_server import libc
 from rlm_server.worker import frames, library, sandbox
@@ -44,8 +45,9 @@ library.without_dotenv()  # before rlm is imported, below
 
 import orjson  # noqa: E402
 
+from rlm_server import Json  # noqa: E402
 from rlm_server.worker import completion  # noqa: E402
-from rlm_server.worker.completion import serve_job, warm_up  # noqa: E402
+from rlm_server.worker.completion import Inherited, serve_job, warm_up  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -93,30 +95,22 @@ def _read_context(path: str, kind: str) -> object:
                 view.release()
 
 
-def _hold(spec: bytes) -> None:
+def _hold(context: Json) -> Inherited:
     """In a holder: read the context a fork message names; every worker it forks inherits it
     (or, when it cannot be read, a marker: the worker then fails its job, and says why)."""
     try:
-        named = orjson.loads(spec)
-        held = _read_context(named["path"], named["kind"])
-        completion.inherited = held
-        if isinstance(held, list):
-            completion.inherited_length = completion.context_length(held)
+        held = _read_context(str(context["path"]), str(context["kind"]))
+        length = completion.context_length(held) if isinstance(held, list) else None
         gc.freeze()  # the workers' collections must not write to it (see the docstring)
+        return Inherited(held, length)
     except (OSError, ValueError, KeyError, TypeError, MemoryError) as exc:
         log.warning("could not read a stored context: %s", type(exc).__name__)
-        completion.inherited = completion.ContextUnavailable()
+        return Inherited(completion.ContextUnavailable(), None)
 
 
-def _context_id(spec: bytes) -> str:
-    try:
-        named = orjson.loads(spec)
-        return str(named["id"]) if isinstance(named, dict) else ""
-    except (ValueError, KeyError):
-        return ""
-
-
-def _child(job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan) -> None:
+def _child(
+    job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan, held: Inherited | None
+) -> None:
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # model code may wait for its own children
     die_with_parent()
@@ -124,7 +118,7 @@ def _child(job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan) -> Non
     status = 0
     sock = socket.socket(fileno=job_fd)
     try:
-        sandbox.keep(plan, sock, lambda: serve_job(sock), workdir)
+        sandbox.keep(plan, sock, lambda: serve_job(sock, held), workdir)
     except sandbox.SandboxError as error:
         print(f"rlm-server worker: sandbox: {error}", file=sys.stderr)
         status = 1
@@ -136,15 +130,20 @@ def _child(job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan) -> Non
 
 
 def _serve_forks(
-    control: socket.socket, inbox: socket.socket, memory_mb: int, plan: sandbox.Plan
+    control: socket.socket,
+    inbox: socket.socket,
+    memory_mb: int,
+    plan: sandbox.Plan,
+    held: Inherited,
 ) -> None:
-    """Fork a worker for each message on `inbox` (a token and a directory, with the worker's
-    socket) and answer the server on `control`, until `inbox` ends."""
+    """Fork a worker on `held` for each fork message on `inbox` and answer the server on
+    `control`, until `inbox` ends."""
     while True:
-        message, fds, _, _ = socket.recv_fds(inbox, 4096, 1)
-        if not message:
+        datagram, fds, _, _ = socket.recv_fds(inbox, frames.DATAGRAM_BYTES, 1)
+        if not datagram:
             return
-        _fork_worker(control, message, fds, memory_mb, plan, [inbox])
+        fork = frames.unpack(datagram) or {}
+        _fork_worker(control, fork, fds, Spawning(memory_mb, plan, held), [inbox])
 
 
 class _Holders:
@@ -154,13 +153,14 @@ class _Holders:
         self._control, self._memory_mb, self._plan = control, memory_mb, plan
         self._sockets: dict[str, socket.socket] = {}
 
-    def relay(self, context_id: str, spec: bytes, message: bytes, fds: list[int]) -> None:
+    def relay(self, context: Json, datagram: bytes, fds: list[int]) -> None:
         """Hand a fork message to the context's holder, starting one if it has none (or its
         holder has died)."""
+        context_id = str(context.get("id"))
         for _ in range(2):
-            sock = self._sockets.get(context_id) or self._start(context_id, spec)
+            sock = self._sockets.get(context_id) or self._start(context_id, context)
             try:
-                socket.send_fds(sock, [message], fds)
+                socket.send_fds(sock, [datagram], fds)
                 return
             except OSError:  # it died: start another
                 self.forget(context_id)
@@ -175,24 +175,24 @@ class _Holders:
         if sock is not None:
             sock.close()
 
-    def _start(self, context_id: str, spec: bytes) -> socket.socket:
+    def _start(self, context_id: str, context: Json) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if os.fork() == 0:
             ours.close()
             for other in self._sockets.values():
                 other.close()
-            self._run_holder(theirs, spec)
+            self._run_holder(theirs, context)
         theirs.close()
         self._sockets[context_id] = ours
         return ours
 
-    def _run_holder(self, inbox: socket.socket, spec: bytes) -> None:
+    def _run_holder(self, inbox: socket.socket, context: Json) -> None:
         status = 0
         try:
             die_with_parent()
-            _hold(spec)
-            _serve_forks(self._control, inbox, self._memory_mb, self._plan)
-            completion.inherited = None  # its running workers keep their copy-on-write pages
+            held = _hold(context)
+            _serve_forks(self._control, inbox, self._memory_mb, self._plan, held)
+            del held  # its running workers keep their copy-on-write pages
             _wait_for_children()
         except BaseException:
             status = 1
@@ -220,47 +220,55 @@ def main(argv: list[str]) -> int:
     gc.freeze()  # the workers' collections must not write to what the zygote made
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     holders = _Holders(control, memory_mb, plan)
+    spawning = Spawning(memory_mb, plan, None)
     try:
-        control.send(b"ready")
+        control.send(frames.pack({"ready": True}))
         while True:
-            message, fds, _, _ = socket.recv_fds(control, 4096, 1)
-            if not message:
+            datagram, fds, _, _ = socket.recv_fds(control, frames.DATAGRAM_BYTES, 1)
+            if not datagram:
                 return 0
-            if message.startswith(frames.FORGET_TOKEN):
-                holders.forget(message[len(frames.FORGET_TOKEN) :].decode(errors="replace"))
+            message = frames.unpack(datagram) or {}
+            if "forget" in message:
+                holders.forget(str(message["forget"]))
                 continue
-            spec = message[8:].partition(b"\0")[2]
-            if spec:
-                holders.relay(_context_id(spec), spec, message, fds)
+            context = message.get("context")
+            if isinstance(context, dict):
+                holders.relay(context, datagram, fds)
                 for fd in fds:
                     os.close(fd)
                 continue
-            _fork_worker(control, message, fds, memory_mb, plan, holders.sockets())
+            _fork_worker(control, message, fds, spawning, holders.sockets())
     except (BrokenPipeError, ConnectionResetError):
         return 0  # the server has gone
 
 
+class Spawning(NamedTuple):
+    """What every worker a zygote or holder forks starts with."""
+
+    memory_mb: int
+    plan: sandbox.Plan
+    held: Inherited | None  # a holder's stored context
+
+
 def _fork_worker(
     control: socket.socket,
-    message: bytes,
+    fork: Json,
     fds: list[int],
-    memory_mb: int,
-    plan: sandbox.Plan,
+    spawning: Spawning,
     ours: list[socket.socket],
 ) -> None:
-    """Fork the worker a message asks for (a token, its directory, the context's spec after a
-    NUL) and tell the server its pid. The worker keeps none of our sockets (`control` and
-    `ours`): with one to a holder, model code could have a worker on another context forked
-    for it, talking to a socket of its own."""
-    token, directory = message[:8], message[8:].partition(b"\0")[0]
+    """Fork the worker a fork message asks for and tell the server its pid. The worker keeps
+    none of our sockets (`control` and `ours`): with one to a holder, model code could have a
+    worker on another context forked for it, talking to a socket of its own."""
     pid = os.fork()
     if pid == 0:
         for sock in (control, *ours):
             sock.close()
-        _child(fds[0], os.fsdecode(directory), memory_mb, plan)
+        workdir = str(fork.get("workdir"))
+        _child(fds[0], workdir, spawning.memory_mb, spawning.plan, spawning.held)
     for fd in fds:
         os.close(fd)
-    control.send(token + pid.to_bytes(8, "big"))
+    control.send(frames.pack({"forked": fork.get("fork"), "pid": pid}))
 
 
 if __name__ == "__main__":
