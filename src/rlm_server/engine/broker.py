@@ -581,5 +581,5 @@ def _build_client(module: Any, backend: str, kwargs: Json) -> Any:
 
 
 def budget_from(raw: Mapping[str, Any] | None) -> Budget:
-    """A Budget from validated `options.budget` (methods.py checks the values)."""
+    """A Budget from validated `options.budget` (frontends/params.py checks the values)."""
     return replace(Budget(), **(raw or {}))

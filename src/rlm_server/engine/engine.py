@@ -54,7 +54,7 @@ from rlm_server.errors import (
     ShuttingDown,
     first_of,
 )
-from rlm_server.executors.local.pool import CallHandler, Context, WorkerPool
+from rlm_server.executors.local.pool import CallHandler, JobInput, WorkerPool
 
 STUB_TEXT = "[RLM STUB] RLM backend not available"
 
@@ -181,7 +181,7 @@ class _Running:
 
     spec: RunSpec
     request: InferRequest
-    source: Context  # what the worker gets as its input: the prompt, or a stored context
+    job_input: JobInput  # the prompt, or a stored context's file
     session: Session | None
     progress: _Progress
     started: float
@@ -324,12 +324,12 @@ class Engine:
         session = None if request.session_id is None else self._sessions.get(request.session_id)
         spec = RunSpec.resolve(self.config, request.options, self._environ)
         await self._check_prices(spec, request.options)
-        async with self._source(request) as source:
+        async with self._job_input(request) as job_input:
             with contextlib.nullcontext() if session is None else self._sessions.active(session):
-                return await self._admitted(request, spec, source, session, ticket, observer)
+                return await self._admitted(request, spec, job_input, session, ticket, observer)
 
     @asynccontextmanager
-    async def _source(self, request: InferRequest) -> AsyncIterator[Context]:
+    async def _job_input(self, request: InferRequest) -> AsyncIterator[JobInput]:
         """The request's input: a stored context is held (not evicted, its file kept) until
         the request ends."""
         if request.context_id is None:
@@ -342,16 +342,15 @@ class Engine:
         self,
         request: InferRequest,
         spec: RunSpec,
-        source: Context,
+        job_input: JobInput,
         session: Session | None,
         ticket: Ticket,
         observer: Observer | None,
     ) -> InferResult:
         started = time.monotonic()
         account = self._broker.account(spec.budget)
-        run = _Running(
-            spec, request, source, session, _Progress(observer, started), started, account
-        )
+        progress = _Progress(observer, started)
+        run = _Running(spec, request, job_input, session, progress, started, account)
         self._metrics.started()
         outcome = Outcome.FAILURE
         ending: Json = {}
@@ -509,9 +508,9 @@ class Engine:
         """The completion's final frame: from the session's worker, or from a fresh one."""
         if run.session is not None:
             return await self._sessions.run_turn(
-                run.session, job, run.source, run.progress.forward, on_call
+                run.session, job, run.job_input, run.progress.forward, on_call
             )
-        return await self._workers.run(job, run.source, run.progress.forward, on_call)
+        return await self._workers.run(job, run.job_input, run.progress.forward, on_call)
 
     # -- stopping -----------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@
 `os.environ`, and a process of the same user can read it: model code could find a provider key
 there. The server reads its keys once (Python's `os.environ` is a copy made at start) and then
 overwrites their values in that block. A worker's own environment never held a key
-(workers.worker_environment); reading the server's memory itself is what the sandbox prevents.
+(pool.worker_environment); reading the server's memory itself is what the sandbox prevents.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Server-side request metrics, as `status` reports them.
 
 Every infer ends in exactly one outcome, recorded in one place (`Metrics.record`), so the counts
-always add up: total = successful + failed + cancelled + timed_out + stub. `status` is answered
-in the server's input thread while the loop records, so both hold one lock.
+always add up: total = successful + failed + cancelled + timed_out + stub. Everything runs in
+the event loop: nothing here needs a lock.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import enum
 import math
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,26 +41,19 @@ class Metrics:
     window: deque[float] = field(default_factory=deque)  # the last latencies, oldest first
     ordered: list[float] = field(default_factory=list)  # the same, sorted: status never sorts
     window_sum: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     cached: dict[str, Any] | None = field(default=None, repr=False)  # snapshot until a change
 
     def started(self) -> None:
-        with self.lock:
-            self.total_requests += 1
-            self.cached = None
+        self.total_requests += 1
+        self.cached = None
 
     def retried(self, calls: int) -> None:
         """Model calls that were tried again (the broker retries each call on its own)."""
-        with self.lock:
-            self.total_retries += calls
-            self.cached = None
+        self.total_retries += calls
+        self.cached = None
 
     def record(self, outcome: Outcome, elapsed_ms: float) -> None:
-        with self.lock:
-            self._record(outcome, elapsed_ms)
-            self.cached = None
-
-    def _record(self, outcome: Outcome, elapsed_ms: float) -> None:
+        self.cached = None
         self.outcomes[outcome.value] += 1
         if len(self.window) == LATENCY_WINDOW:
             oldest = self.window.popleft()
@@ -73,10 +65,9 @@ class Metrics:
 
     def snapshot(self) -> dict[str, Any]:
         """The counts now (computed again only after a change; not to be modified)."""
-        with self.lock:
-            if self.cached is None:
-                self.cached = self._snapshot()
-            return self.cached
+        if self.cached is None:
+            self.cached = self._snapshot()
+        return self.cached
 
     def _snapshot(self) -> dict[str, Any]:
         ordered = self.ordered

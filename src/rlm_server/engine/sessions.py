@@ -1,6 +1,6 @@
 """Sessions: one REPL that lives across `infer` turns, so a turn can use what an earlier one left.
 
-A session owns one long-lived worker (workers.LongWorker), forked like any other worker (so
+A session owns one long-lived worker (pool.LongWorker), forked like any other worker (so
 whatever confines a worker confines it) when its first turn runs, and killed when it closes.
 Each turn is an ordinary request to the engine: admission, its deadline, cancellation, its
 budget and a slot apply to it alone. Turns run one at a time, in the order they reach the
@@ -30,8 +30,8 @@ from rlm_server.engine.store import ContextStore, StoredContext
 from rlm_server.errors import InvalidParams
 from rlm_server.executors.local.pool import (
     CallHandler,
-    Context,
     EventHandler,
+    JobInput,
     LongWorker,
     WorkerPool,
 )
@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 
 
 class Session:
-    def __init__(self, session_id: str, context: StoredContext | None) -> None:
+    def __init__(self, session_id: str, stored: StoredContext | None) -> None:
         self.id = session_id
-        self.context = context  # held for the session's lifetime
+        self.stored = stored  # the stored context it was opened on, held for its lifetime
         self.worker: LongWorker | None = None  # forked when the first turn runs
         self.turns = anyio.Lock()  # one turn at a time, first come first served
         self.active = 0  # turns running or waiting: the session is idle at 0
@@ -107,7 +107,7 @@ class Sessions:
         self,
         session: Session,
         job: Json,
-        context: Context,
+        context: JobInput,
         on_event: EventHandler,
         on_call: CallHandler,
     ) -> Json:
@@ -117,7 +117,7 @@ class Sessions:
         finished = False
         try:
             if session.worker is None:
-                held = session.context.file if session.context is not None else None
+                held = session.stored.file if session.stored is not None else None
                 session.worker = await self._workers.long_worker(held)
             final = await session.worker.run(job, context, on_event, on_call)
             finished = True
@@ -147,9 +147,9 @@ class Sessions:
         worker, session.worker = session.worker, None
         if worker is not None:
             await worker.close()
-        context, session.context = session.context, None
-        if context is not None:
-            await self._contexts.release(context)
+        stored, session.stored = session.stored, None
+        if stored is not None:
+            await self._contexts.release(stored)
 
     async def expire_idle(self) -> None:
         """Close every session that has had no turn for --session-idle-s; runs until cancelled."""

@@ -4,7 +4,7 @@ Each context is streamed to a private file (mode 0600, in a directory of its own
 worker pool's per-server directory, not in any worker's) and never held whole in the server's
 heap: a text is encoded a slice at a time and each slice is hashed and appended in a thread,
 and a chunked load writes each chunk as it arrives. Workers do not read the files: the zygote
-does, once per context, and every worker it forks shares what it read (workers.py). So the
+does, once per context, and every worker it forks shares what it read (executors/local). So the
 server stays small however much is stored, and a question on a stored context costs a fork.
 
 The store is bounded by --context-store-bytes (UTF-8 bytes of a text, bytes of the JSON of a
@@ -85,14 +85,14 @@ class ContextStore:
         self._forget = forget  # tell the zygote to let go of a context
         self._contexts: dict[str, StoredContext] = {}  # by id: sealed ones, and chunked loads
         self._bytes = 0  # every file, dropped ones still in use included
-        self.sealed_count = 0  # len(sealed()), kept as a number: `status` reads it off the loop
+        self.sealed_count = 0  # len(sealed()), kept as a number: `status` reads it often
         self._recency = itertools.count(1)
 
     # -- what is stored ---------------------------------------------------------------------
 
     @property
     def bytes_total(self) -> int:
-        """Read by `status` from the input thread too: a plain int, always whole."""
+        """Every byte stored, dropped contexts still in use included."""
         return self._bytes
 
     def sealed(self) -> list[StoredContext]:

@@ -84,7 +84,7 @@ def _blank(line: bytes | bytearray) -> bool:
 
 class LineFramer:
     """Newline-delimited lines out of bytes fed in, with a size limit; no I/O of its own, so
-    that the input thread and the async reader frame alike.
+    that it can be tested, and fed by any reader.
 
     anyio's `BufferedByteReceiveStream.receive_until` returns `bytes(buffer[:index])`: for a
     200 MB line that is the buffer, a slice and a copy alive at once. Here a line that fills

@@ -119,7 +119,8 @@ class ContextFile(NamedTuple):
         return {"id": self.id, "path": self.path, "kind": self.kind}
 
 
-Context = str | list[Any] | ContextFile | None  # None: a session turn that brings no new input
+# A job's long input: a prompt, a stored context's file, or None (a session turn without one).
+JobInput = str | list[Any] | ContextFile | None
 
 
 class Worker:
@@ -137,7 +138,7 @@ class Worker:
         self._stream = BufferedByteReceiveStream(FdReceiveStream(self._fd))  # across jobs
         sock.setblocking(False)
 
-    async def send_job(self, job: Json, context: Context) -> None:
+    async def send_job(self, job: Json, context: JobInput) -> None:
         """The job as a JSON frame, then the context in a frame of its own.
 
         A text context goes as raw UTF-8, streamed in chunks, so a 200 MB context is never
@@ -382,7 +383,7 @@ class WorkerPool:
                 await anyio.to_thread.run_sync(_remove_tree, workdir)
 
     async def run(
-        self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
+        self, job: Json, context: JobInput, on_event: EventHandler, on_call: CallHandler
     ) -> Json:
         """Run one job in a fresh worker; return its final frame. The worker never outlives it;
         its model calls are answered by `on_call`, concurrently. A stored context is named in
@@ -425,7 +426,7 @@ class LongWorker:
         self._worker, self._workdir = worker, workdir
 
     async def run(
-        self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
+        self, job: Json, context: JobInput, on_event: EventHandler, on_call: CallHandler
     ) -> Json:
         """One job (a turn) on this worker; its final frame, or WorkerCrashed."""
         crash: RpcError | None = None
@@ -471,7 +472,7 @@ def _final(final: Json | None) -> Json:
 async def _converse(
     worker: Worker,
     job: Json,
-    context: Context,
+    context: JobInput,
     on_event: EventHandler,
     on_call: CallHandler,
 ) -> Json | None:

@@ -2,7 +2,7 @@
 
 What is JSON-RPC's own lives here and in the modules beside it: decoding each line (dispatch.py
 checks every message against the JSON-RPC 2.0 rules and routes it), validating params into the
-engine's types (methods.py), request ids and the map of requests in flight that
+engine's types (methods.py, with params.py), request ids and the map of requests in flight that
 `$/cancelRequest` reaches, `$/progress`, and encoding results and errors. Starting, stopping,
 signals and reading are the lifecycle's (lifecycle.py), the same for every front end.
 
@@ -84,6 +84,9 @@ class JsonRpcFrontend:
             return await self.engine.infer(request, call.ticket, observer)
         finally:
             untrack()
+
+    async def shutdown(self, grace_s: float | None, ticket: Ticket) -> None:
+        await self.lifecycle.shutdown(grace_s, ticket)
 
     def cancel(self, request_id: RequestId) -> None:
         for ticket in self._running.get(request_id, ()):

@@ -127,7 +127,7 @@ async def shutdown(call: Call, /, grace_s: Any = None, **unknown: Any) -> Result
     refuse_unknown(unknown)
     if grace_s is not None and not (is_number(grace_s) and grace_s >= 0):
         raise InvalidParams("grace_s", "must be a number of seconds, 0 or more")
-    await call.frontend.lifecycle.shutdown(grace_s, call.ticket)
+    await call.frontend.shutdown(grace_s, call.ticket)
     return _success({"shutdown": True})
 
 
