@@ -206,3 +206,24 @@ def test_the_client_closing_our_stdout_stops_the_server_cleanly(
     logged = stderr_path.read_text()
     assert "protocol output closed" in logged
     assert "Traceback" not in logged
+
+
+def test_an_output_that_cannot_take_ready_stops_the_server_cleanly(tmp_path: Path) -> None:
+    """Our stdout unwritable from the start: the stop is asked for before the event loop runs,
+    and still ends in exit 0, without a traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read: writing `ready` fails at once
+    try:
+        done = subprocess.run(
+            server_command(),
+            input=b'{"jsonrpc":"2.0","id":1,"method":"status"}\n',
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    assert b"protocol output closed" in done.stderr
+    assert b"Traceback" not in done.stderr

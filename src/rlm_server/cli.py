@@ -87,6 +87,7 @@ def exit_now(code: int) -> NoReturn:
     gone by now; what is left, garbage-collecting every module we imported, costs ~40 ms
     between the last answer and the exit a client waits for, and buys nothing."""
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None when the descriptor was closed at start
+            stream.flush()
     os._exit(code)

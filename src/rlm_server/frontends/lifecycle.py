@@ -116,7 +116,8 @@ class Lifecycle:
         self._parent = ParentWatch()
         self._stopping = anyio.Event()
         self._drained = anyio.Event()
-        self._grace: anyio.CancelScope  # made in run(), in the event loop
+        self._grace: anyio.CancelScope | None = None  # made in run(), in the event loop
+        self._early_stops: list[tuple[float, Ticket | None]] = []  # asked for before that
         self._requests: TaskGroup  # made in run(), before reading starts
         self.early_signals: list[int] = []  # received before the loop watched for them
 
@@ -129,6 +130,9 @@ class Lifecycle:
     def stop(self, grace_s: float, last: Ticket | None = None) -> None:
         """Refuse requests read after `last` (None: after the last one read so far), and bring
         the deadline for requests in flight to at most `grace_s` from now."""
+        if self._grace is None:  # before the loop (our stdout closed before `ready` went out)
+            self._early_stops.append((grace_s, last))
+            return
         self.engine.close_admission(last)
         self._grace.deadline = min(self._grace.deadline, anyio.current_time() + grace_s)
         self._stopping.set()
@@ -153,6 +157,8 @@ class Lifecycle:
         """Serve until stopped: `read` is the front end's reading, cancelled once everything
         is answered (lines still unread are never answered). The exit code."""
         self._grace = anyio.CancelScope(deadline=math.inf)
+        for grace_s, last in self._early_stops:
+            self.stop(grace_s, last)
         self.engine.start()
         try:
             async with anyio.create_task_group() as background:
@@ -179,6 +185,7 @@ class Lifecycle:
             reading = anyio.CancelScope()
             requests.start_soon(self._read, read, reading)
             await self._stopping.wait()
+            assert self._grace is not None  # made by run()
             with self._grace:
                 await self._in_flight.idle()
             self.engine.cancel_all()

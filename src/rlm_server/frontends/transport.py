@@ -173,7 +173,7 @@ class LineReader:
                 return self._framer.last_line()
             try:
                 self._framer.feed(await self._stream.receive())
-            except anyio.EndOfStream:
+            except (anyio.EndOfStream, OSError):  # an input we cannot read has ended too
                 self._ended = True
 
     def buffered_line(self) -> bytes | bytearray | OversizedLine | None:
