@@ -7,6 +7,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import anyio
 import pytest
 from conftest import Spawn
 from fixtures.openai_fixture import FixtureServer
@@ -20,6 +21,10 @@ from harness import (
     wait_until,
     zygote_of,
 )
+
+from rlm_server.config import load_config
+from rlm_server.engine.engine import Engine
+from rlm_server.frontends.lifecycle import Lifecycle
 
 HELD = [{"when": "root", "hold": True, "reply": answer_with("'done'")}]
 
@@ -227,3 +232,36 @@ def test_an_output_that_cannot_take_ready_stops_the_server_cleanly(tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert b"protocol output closed" in done.stderr
     assert b"Traceback" not in done.stderr
+
+
+def test_a_front_end_that_reads_by_itself_runs_inside_the_lifecycle() -> None:
+    """What a front end whose SDK owns stdio (MCP) gets: Lifecycle.run around its own reading.
+    A request it counts in flight holds a stop until it is answered; then its reading is
+    cancelled and run returns the exit code."""
+    config = load_config(["--sandbox", "off"], {})
+    events: list[str] = []
+
+    async def main() -> int:
+        lifecycle = Lifecycle(Engine(config, {}), config)
+        finish = anyio.Event()
+
+        async def request() -> None:
+            with lifecycle.in_flight():
+                await finish.wait()
+                events.append("answered")
+
+        async def read() -> None:
+            async with anyio.create_task_group() as sdk:
+                sdk.start_soon(request)
+                await anyio.sleep(0.05)
+                lifecycle.stop(30)
+                events.append("stopping")
+                await anyio.sleep(0.05)
+                events.append("still reading")
+                finish.set()
+                await anyio.sleep_forever()  # the SDK's loop: ended by the lifecycle
+
+        return await lifecycle.run(read)
+
+    assert anyio.run(main) == 0
+    assert events == ["stopping", "still reading", "answered"]

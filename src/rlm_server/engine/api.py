@@ -95,6 +95,19 @@ class InferResult(NamedTuple):
     trajectory: list[Json] | None  # when options.trajectory asked for it and the request ran
 
 
+class Status(NamedTuple):
+    """What the engine is and what it is doing now."""
+
+    configuration: Json  # describe(), with the reason the backend is unavailable and the limits
+    in_flight: int  # requests holding a slot
+    queued: int  # requests waiting for one
+    uptime_s: float
+    metrics: Json  # outcome counters, latencies, and the broker's totals (calls, tokens, cost)
+    stored_contexts: int
+    stored_bytes: int
+    sessions: int
+
+
 class StoreReport(NamedTuple):
     """The stored contexts that questions may be asked about, and the store's bytes."""
 

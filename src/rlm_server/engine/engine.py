@@ -35,6 +35,7 @@ from rlm_server.engine.api import (
     InferResult,
     Metadata,
     Observer,
+    Status,
     StoredContextInfo,
     StoreReport,
     Ticket,
@@ -261,16 +262,17 @@ class Engine:
             "protections": list(self.config.protections),
         }
 
-    def status(self) -> Json:
-        return {
-            **self._static_status,
-            "in_flight": self._slots.borrowed_tokens,
-            "queued": self._queued,
-            "uptime_s": round(time.monotonic() - self._started_at, 3),
-            "metrics": {**self._metrics.snapshot(), **self._broker.ledger.totals()},
-            "contexts": {"count": self._contexts.sealed_count, "bytes": self._contexts.bytes_total},
-            "sessions": {"count": len(self._sessions)},
-        }
+    def status(self) -> Status:
+        return Status(
+            configuration=self._static_status,
+            in_flight=self._slots.borrowed_tokens,
+            queued=self._queued,
+            uptime_s=round(time.monotonic() - self._started_at, 3),
+            metrics={**self._metrics.snapshot(), **self._broker.ledger.totals()},
+            stored_contexts=self._contexts.sealed_count,
+            stored_bytes=self._contexts.bytes_total,
+            sessions=len(self._sessions),
+        )
 
     def _status_of_configuration(self) -> Json:
         """The part of `status` that never changes: computed once."""

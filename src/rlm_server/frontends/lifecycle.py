@@ -18,13 +18,14 @@ wait in the pipe.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import gc
 import logging
 import math
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import Any, Protocol
 
 import anyio
@@ -70,19 +71,30 @@ class InFlight:
         self._current: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("request")
 
     def spawn(self, group: TaskGroup, task: Task) -> None:
-        if self._count == 0:
-            self._idle = anyio.Event()
-        self._count += 1
+        self._enter()
         group.start_soon(self._run, task)
 
     async def _run(self, task: Task) -> None:
+        with self.counted(entered=True):
+            await task()
+
+    @contextlib.contextmanager
+    def counted(self, entered: bool = False) -> Iterator[None]:
+        """The enclosed work is a request in flight (`entered`: already counted)."""
+        if not entered:
+            self._enter()
         counted = [True]  # cleared when this request steps out
         self._current.set(counted)  # this task's own context: seen by the tasks it starts
         try:
-            await task()
+            yield
         finally:
             if counted[0]:
                 self._leave()
+
+    def _enter(self) -> None:
+        if self._count == 0:
+            self._idle = anyio.Event()
+        self._count += 1
 
     def step_out(self) -> None:
         """The calling request no longer counts (it waits for the others)."""
@@ -126,6 +138,11 @@ class Lifecycle:
     def spawn(self, task: Task) -> None:
         """Run a request's work in a task of its own, counted in flight until it ends."""
         self._in_flight.spawn(self._requests, task)
+
+    def in_flight(self) -> contextlib.AbstractContextManager[None]:
+        """Count the enclosed work as a request in flight, for a front end whose reading (an
+        SDK's own loop) runs each request in a task of its own."""
+        return self._in_flight.counted()
 
     def stop(self, grace_s: float, last: Ticket | None = None) -> None:
         """Refuse requests read after `last` (None: after the last one read so far), and bring

@@ -120,7 +120,16 @@ def _result(outcome: InferResult) -> Json:
 
 def status(call: Call, /, **unknown: Any) -> Json:
     refuse_unknown(unknown)
-    return call.engine.status()
+    now = call.engine.status()
+    return {
+        **now.configuration,
+        "in_flight": now.in_flight,
+        "queued": now.queued,
+        "uptime_s": now.uptime_s,
+        "metrics": now.metrics,
+        "contexts": {"count": now.stored_contexts, "bytes": now.stored_bytes},
+        "sessions": {"count": now.sessions},
+    }
 
 
 async def shutdown(call: Call, /, grace_s: Any = None, **unknown: Any) -> Result:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from rlm_server import Json
-from rlm_server.engine.api import InferRequest, InferResult
+from rlm_server.engine.api import InferRequest, InferResult, Status
 from rlm_server.errors import InvalidParams, RpcError
 from rlm_server.frontends.params import MISSING, OPTION_RULES, infer_options, prompt
 
@@ -183,22 +183,23 @@ def error_text(error: RpcError, opts: Json) -> str:
 # Answers
 
 
-def status_result(engine_status: Json) -> Json:
+def status_result(status: Status) -> Json:
     """The published server's five fields (snake_case, which the Rust crate requires), the two
     the TypeScript client's type declares in camelCase, and our own counters beside them."""
+    configuration = status.configuration
     return {
-        "available": engine_status["available"],
-        "backend": engine_status["backend"],
-        "environment": engine_status["environment"],
-        "max_iterations": engine_status["max_iterations"],
-        "max_depth": engine_status["max_depth"],
-        "maxIterations": engine_status["max_iterations"],
-        "maxDepth": engine_status["max_depth"],
-        "server": engine_status["server"],
-        "version": engine_status["version"],
-        "stub": engine_status["stub"],
-        "in_flight": engine_status["in_flight"],
-        "queued": engine_status["queued"],
+        "available": configuration["available"],
+        "backend": configuration["backend"],
+        "environment": configuration["environment"],
+        "max_iterations": configuration["max_iterations"],
+        "max_depth": configuration["max_depth"],
+        "maxIterations": configuration["max_iterations"],
+        "maxDepth": configuration["max_depth"],
+        "server": configuration["server"],
+        "version": configuration["version"],
+        "stub": configuration["stub"],
+        "in_flight": status.in_flight,
+        "queued": status.queued,
     }
 
 
