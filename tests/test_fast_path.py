@@ -4,6 +4,7 @@ these pin the behaviour that the shortcuts could break."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import select
 import subprocess
@@ -19,9 +20,8 @@ from conftest import Spawn
 from harness import alive, clean_env, descendants, server_command, wait_until
 from test_jsonrpc import dispatch_all
 
-from rlm_server.fdio import FdReceiveStream
 from rlm_server.frontends.jsonrpc.dispatch import Dispatcher
-from rlm_server.frontends.transport import LineReader, OversizedLine, ProtocolWriter
+from rlm_server.frontends.transport import Line, LineInput, OversizedLine, ProtocolWriter
 
 # -- dispatch: inline methods without jsonrpcserver ---------------------------------------------
 
@@ -114,27 +114,31 @@ def _readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
-def test_buffered_lines_come_without_waiting_and_reads_after_a_short_one_still_arrive() -> None:
+def test_the_lines_of_a_read_come_together_and_a_later_read_still_arrives() -> None:
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
+    answers_read, answers_write = os.pipe()
+    os.set_blocking(answers_write, False)
 
     async def main() -> list[Any]:
-        reader = LineReader(FdReceiveStream(read_fd, persistent=True), max_bytes=8)
+        writer = ProtocolWriter(answers_write, on_closed=lambda: None, high_water=1 << 20)
+        send, receive = anyio.create_memory_object_stream[Line](math.inf)
         os.write(write_fd, b"a\n\n  \nbb\n0123456789\ncc")
-        got: list[Any] = [await reader.next_line()]  # a short read: the pipe is empty after it
-        got += [reader.buffered_line(), reader.buffered_line(), reader.buffered_line()]
-        os.write(write_fd, b"c\n")  # arrives after the short read: waited for, then read
-        got.append(await reader.next_line())
-        os.close(write_fd)
-        got.append(await reader.next_line())
+        async with anyio.create_task_group() as group:
+            group.start_soon(LineInput(read_fd, 8, send.send_nowait, writer).run)
+            got: list[Any] = [await receive.receive()]
+            got += [receive.receive_nowait(), receive.receive_nowait()]  # with it: no waiting
+            os.write(write_fd, b"c\n")  # arrives after that read: waited for, then read
+            got.append(await receive.receive())
+            os.close(write_fd)  # the end: run returns
         return got
 
     try:
         got = anyio.run(main)
     finally:
-        os.close(read_fd)
-    assert got[:3] == [b"a", b"bb", OversizedLine(8, b"0123456789")]
-    assert got[3:] == [None, b"ccc", None]
+        for fd in (read_fd, answers_read, answers_write):
+            os.close(fd)
+    assert got == [b"a", b"bb", OversizedLine(8, b"0123456789"), b"ccc"]
 
 
 # -- end of input --------------------------------------------------------------------------------

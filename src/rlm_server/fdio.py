@@ -4,10 +4,8 @@ socket), so neither imports the other."""
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
-import stat
 
 import anyio
 from anyio.abc import ByteReceiveStream
@@ -23,20 +21,10 @@ def set_nonblocking(fd: int) -> int:
 
 
 class FdReceiveStream(ByteReceiveStream):
-    """A byte stream over a non-blocking descriptor (pipe or socket), read without threads.
+    """A byte stream over a non-blocking descriptor (a worker's socket), read without threads."""
 
-    `anyio.wait_readable` registers the descriptor with the event loop and unregisters it on
-    every wait: two `epoll_ctl` calls per request on an idle connection. With `persistent`, the
-    descriptor stays registered (asyncio's `add_reader`) until `aclose`, as asyncio's own pipe
-    transports do; the server's stdin uses that, workers' sockets (read once) do not.
-    """
-
-    def __init__(self, fd: int, persistent: bool = False) -> None:
+    def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._persistent = persistent
-        self._readable: asyncio.Event | None = None
-        # A regular file (`rlm-server < requests.jsonl`) never blocks, and epoll refuses it.
-        self._pollable = not stat.S_ISREG(os.fstat(fd).st_mode)
         self._drained = False  # the last read emptied the descriptor
 
     async def receive(self, max_bytes: int = READ_CHUNK) -> bytes:
@@ -53,23 +41,14 @@ class FdReceiveStream(ByteReceiveStream):
                 continue
             if not data:
                 raise anyio.EndOfStream
-            self._drained = self._pollable and len(data) < max_bytes
+            self._drained = len(data) < max_bytes
             return data
 
     async def _wait(self) -> None:
-        if not self._persistent:
-            await anyio.wait_readable(self._fd)
-            return
-        if self._readable is None:
-            self._readable = asyncio.Event()
-            asyncio.get_running_loop().add_reader(self._fd, self._readable.set)
-        self._readable.clear()
-        await self._readable.wait()
+        await anyio.wait_readable(self._fd)
 
     async def aclose(self) -> None:
-        if self._readable is not None:
-            asyncio.get_running_loop().remove_reader(self._fd)
-            self._readable = None
+        pass
 
 
 async def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

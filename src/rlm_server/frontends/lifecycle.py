@@ -35,11 +35,11 @@ from rlm_server.config import Config
 from rlm_server.engine.api import Ticket
 from rlm_server.engine.engine import Engine
 from rlm_server.errors import ParseError
-from rlm_server.fdio import FdReceiveStream
 from rlm_server.frontends.lifeline import ParentWatch
 from rlm_server.frontends.transport import (
     HEAD_BYTES,
-    LineReader,
+    Line,
+    LineInput,
     OversizedLine,
     ProtocolWriter,
     claim_stdio,
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 OUTPUT_HIGH_WATER = 64 << 20  # unsent answer bytes above which we stop reading input
 DECODE_ASIDE_BYTES = 1 << 20  # a line this long is parsed in a thread, while reading goes on
-LINES_PER_TURN = 64  # a flood of pipelined lines must not starve the rest of the loop
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 Task = Callable[[], Coroutine[Any, Any, None]]
@@ -296,33 +295,14 @@ async def read_lines(
     fd: int, config: Config, lifecycle: Lifecycle, writer: ProtocolWriter, frontend: LineFrontend
 ) -> None:
     """Read lines and hand each, decoded, to the front end, with the ticket taken as it is
-    read; a long line is decoded in a thread while reading goes on. What the lines of one read
-    answer at once goes out in one write. While too much of our output is unsent (a client that
-    stopped reading), no more is read. At the end of input, stop."""
-    stream = FdReceiveStream(fd, persistent=True)
-    reader = LineReader(stream, config.max_message_bytes)
-    try:
-        while True:
-            await writer.below_high_water()
-            line = await reader.next_line()
-            if line is None:
-                break
-            taken = 0
-            with writer.held():
-                while line is not None:
-                    _take(line, lifecycle, frontend)
-                    taken += 1
-                    line = reader.buffered_line() if taken < LINES_PER_TURN else None
-            if taken == LINES_PER_TURN:
-                await anyio.lowlevel.checkpoint()
-        lifecycle.input_ended()
-    finally:
-        await stream.aclose()
+    read (transport.LineInput); a long line is decoded in a thread while reading goes on. At
+    the end of input, stop."""
+    take = functools.partial(_take, lifecycle=lifecycle, frontend=frontend)
+    await LineInput(fd, config.max_message_bytes, take, writer).run()
+    lifecycle.input_ended()
 
 
-def _take(
-    line: bytes | bytearray | OversizedLine, lifecycle: Lifecycle, frontend: LineFrontend
-) -> None:
+def _take(line: Line, lifecycle: Lifecycle, frontend: LineFrontend) -> None:
     if isinstance(line, OversizedLine):
         frontend.oversized(line)
         return

@@ -4,9 +4,9 @@ At start `claim_stdio` moves the protocol onto private descriptors and points fd
 fd 0 at /dev/null, so nothing any library, child process or model code prints can reach the
 protocol stream, and no child inherits our stdin (O_NONBLOCK is shared by every holder of a pipe).
 
-Every front end reads in the event loop, with `os.read` on the non-blocking descriptor once the
-loop says it is readable (`LineReader`), and frames with `LineFramer`: no fixed line cap, long
-lines never copied. A line over the limit is reported as `OversizedLine` and skipped without
+Every line front end reads in the event loop, with `os.read` on the non-blocking descriptor in
+the loop's readiness callback (`LineInput`), and frames with `LineFramer`: no fixed line cap,
+long lines never copied. A line over the limit is reported as `OversizedLine` and skipped without
 holding more than the limit in memory. One writer owns the protocol descriptor
 (`ProtocolWriter`): every message, from wherever it comes, goes through its `send`.
 """
@@ -19,13 +19,13 @@ import fcntl
 import logging
 import math
 import os
+import stat
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import anyio
-from anyio.abc import ByteReceiveStream
 
-from rlm_server.fdio import set_nonblocking
+from rlm_server.fdio import READ_CHUNK, set_nonblocking
 
 log = logging.getLogger(__name__)
 
@@ -151,34 +151,100 @@ class LineFramer:
         return taken
 
 
-class LineReader:
-    """Lines from an async byte stream. A method rather than an async generator, so that no
-    suspended frame keeps a long line alive."""
+Line = bytes | bytearray | OversizedLine
+LINES_PER_TURN = 64  # a flood of pipelined lines must not starve the rest of the loop
 
-    def __init__(self, stream: ByteReceiveStream, max_bytes: int) -> None:
-        self._stream = stream
+
+class LineInput:
+    """Lines from the non-blocking protocol descriptor, handed to `on_line` straight from the
+    event loop's readiness callback, as asyncio's own transports hand data to a protocol: no
+    task wakes per read, which is most of what a `status` costs a client that waits for each
+    answer. What the lines of one read answer at once goes out in one write (`held`).
+
+    At most LINES_PER_TURN lines are handed over per turn of the loop; nothing more is read
+    until every line read is handed over, so no more than one read is ever buffered. While more
+    of our output is unsent than the writer's high-water mark (a client that stopped reading),
+    nothing is read. A regular file (`rlm-server < requests.jsonl`), which epoll refuses and
+    which is always readable, is read a chunk per turn instead.
+    """
+
+    def __init__(
+        self, fd: int, max_bytes: int, on_line: Callable[[Line], None], writer: ProtocolWriter
+    ) -> None:
+        self._fd = fd
         self._framer = LineFramer(max_bytes)
+        self._on_line = on_line
+        self._writer = writer
+        self._pollable = not stat.S_ISREG(os.fstat(fd).st_mode)
+        self._watching = False
+        self._next: asyncio.Handle | None = None  # a read or a take due on the next turn
         self._ended = False
+        self._paused = asyncio.Event()  # reading stopped: the end, or too much output unsent
 
-    async def next_line(self) -> bytes | bytearray | OversizedLine | None:
-        """The next non-blank line without its newline, an OversizedLine, or None at the end.
+    async def run(self) -> None:
+        """Hand over lines until the end of input (a final line without a newline counts)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._ended:
+                await self._writer.below_high_water()
+                self._paused.clear()
+                self._watch(loop)
+                await self._paused.wait()
+        finally:
+            self._unwatch(loop)
 
-        A final line without a newline counts as a line.
-        """
-        while True:
-            line = self._framer.next_line()
-            if line is not None:
-                return line
-            if self._ended:
-                return self._framer.last_line()
-            try:
-                self._framer.feed(await self._stream.receive())
-            except (anyio.EndOfStream, OSError):  # an input we cannot read has ended too
-                self._ended = True
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._pollable:
+            self._next = loop.call_soon(self._read, loop)
+        elif not self._watching:
+            loop.add_reader(self._fd, self._read, loop)
+            self._watching = True
 
-    def buffered_line(self) -> bytes | bytearray | OversizedLine | None:
-        """The next complete non-blank line already read, without waiting; None if none is."""
-        return self._framer.buffered_line()
+    def _unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._watching:
+            loop.remove_reader(self._fd)
+            self._watching = False
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+
+    def _pause(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._unwatch(loop)
+        self._paused.set()
+
+    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            data = os.read(self._fd, READ_CHUNK)
+        except BlockingIOError:  # woken for nothing
+            return
+        except OSError:  # an input we cannot read has ended too
+            data = b""
+        if not data:
+            self._ended = True
+            last = self._framer.last_line()
+            if last is not None:
+                with self._writer.held():
+                    self._on_line(last)
+            self._pause(loop)
+            return
+        self._framer.feed(data)
+        del data
+        self._take(loop)
+
+    def _take(self, loop: asyncio.AbstractEventLoop) -> None:
+        taken = 0
+        with self._writer.held():
+            while taken < LINES_PER_TURN and (line := self._framer.next_line()) is not None:
+                self._on_line(line)
+                taken += 1
+            line = None  # a long context must not stay alive here while it runs
+        if taken == LINES_PER_TURN:  # more may be buffered: the rest on the next turn
+            self._unwatch(loop)
+            self._next = loop.call_soon(self._take, loop)
+        elif self._writer.over_high_water:
+            self._pause(loop)
+        else:
+            self._watch(loop)
 
 
 class ProtocolWriter:
@@ -243,6 +309,10 @@ class ProtocolWriter:
         self._unsent_bytes += sum(len(buffer) for buffer in buffers)
         for buffer in buffers:
             self._send.send_nowait(buffer)
+
+    @property
+    def over_high_water(self) -> bool:
+        return self._open and self._unsent_bytes > self._high_water
 
     async def below_high_water(self) -> None:
         """Return once no more than the high-water mark of bytes is waiting to be written."""
