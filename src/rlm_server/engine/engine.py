@@ -35,6 +35,7 @@ from rlm_server.errors import (
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
+    InvalidAnswer,
     InvalidParams,
     QueueFull,
     RequestCancelled,
@@ -43,12 +44,14 @@ from rlm_server.errors import (
     first_of,
 )
 from rlm_server.executors.local.pool import CallHandler, Context, WorkerPool
+from rlm_server.worker import frames
 
 Json = dict[str, Any]
 RequestId = str | int | None
 Notify = Callable[[Json], None]
 
 STUB_TEXT = "[RLM STUB] RLM backend not available"
+ANSWER_REPAIRS = 2  # the default of options.answer_repairs
 
 
 class InferOptions(NamedTuple):
@@ -66,6 +69,8 @@ class InferOptions(NamedTuple):
     progress: bool = False
     trajectory: bool = False
     budget: Budget = Budget()  # frozen: one default serves all
+    answer_schema: Json | None = None  # a checked JSON Schema: the answer must match it
+    answer_repairs: int = ANSWER_REPAIRS  # invalid answers the model may still fix
 
 
 class InferRequest(NamedTuple):
@@ -187,8 +192,12 @@ _OUTCOMES = {
 }
 
 
-def _failure(account: Account) -> RpcError:
-    """The error for a completion that ended without an answer: what the broker saw."""
+def _failure(account: Account, failure: Json) -> RpcError:
+    """The error for a completion that ended without an answer: an answer the schema refused
+    to the end, else what the broker saw."""
+    reason = failure.get("validation_error")
+    if failure["kind"] == frames.INVALID_ANSWER and isinstance(reason, str):
+        return InvalidAnswer(reason[: frames.VALIDATION_ERROR_CHARS])
     if account.exceeded is not None:
         return account.exceeded
     if account.failure is None:  # the completion itself failed (no model call did)
@@ -451,6 +460,11 @@ class Engine:
             "progress": request.options.progress,
             "trajectory": request.options.trajectory or self.config.log_dir is not None,
         }
+        if request.options.answer_schema is not None:
+            job["answer"] = {
+                "schema": request.options.answer_schema,
+                "repairs": request.options.answer_repairs,
+            }
 
         def on_retry(message: str) -> None:
             run.progress("retry", message=message)
@@ -470,10 +484,11 @@ class Engine:
         outcome: Json = final.get("result") or final["failure"]
         run.steps += outcome.get("trajectory") or []
         if "result" not in final:
-            raise _failure(account)
+            raise _failure(account, final["failure"])
         result: Json = final["result"]
         response = {
             "text": result["text"],
+            **({"value": result["value"]} if "value" in result else {}),
             "stub": False,
             "usage": account.usage(),  # the broker's count: the whole call tree, every depth
             "metadata": self._metadata(
