@@ -154,3 +154,20 @@ def test_the_check_takes_values_json_texts_and_says_why_not() -> None:
     assert text.accept("42") is None and text.value == "42"
     long_value = AnswerCheck({"type": "integer"}, repairs=0).accept("x" * 5000)
     assert long_value is not None and len(long_value) == 1000
+
+
+def test_a_schema_the_server_cannot_write_back_is_refused(spawn: Spawn) -> None:
+    """A lone surrogate sends the line through the standard library's parser, which keeps an
+    integer beyond 64 bits that the worker's frames could not carry."""
+    server = spawn([{"when": "root", "reply": VALID}])
+    server.ready()
+    schema = '{"description": "\\ud800", "maximum": 123456789012345678901234567890}'
+    line = '{"jsonrpc":"2.0","id":1,"method":"infer","params":{"prompt":"ctx","options":'
+    server.send_raw(f'{line}{{"answer_schema":{schema}}}}}}}\n'.encode())
+    error = server.next_response()["error"]
+    assert error["data"] == {
+        "type": "invalid_params",
+        "field": "options.answer_schema",
+        "reason": "holds a number out of range",
+    }
+    assert server.close() == 0

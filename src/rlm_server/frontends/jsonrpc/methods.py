@@ -125,7 +125,11 @@ def check_answer_schema(schema: Json) -> None:
     """`options.answer_schema` must be a draft 2020-12 JSON Schema of at most 64 KiB: refused
     here, before any model call, rather than failing in the worker. jsonschema is imported on
     the first schema: the server's start never needs it."""
-    if len(orjson.dumps(schema)) > ANSWER_SCHEMA_BYTES:
+    try:
+        size = len(orjson.dumps(schema))
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits, read by the surrogate path
+        raise InvalidParams("options.answer_schema", "holds a number out of range") from None
+    if size > ANSWER_SCHEMA_BYTES:
         raise InvalidParams("options.answer_schema", "must be at most 65536 bytes as JSON")
     from jsonschema import Draft202012Validator, SchemaError
 
