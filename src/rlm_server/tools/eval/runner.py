@@ -1,0 +1,153 @@
+"""Runs every task two ways through the server's own engine, one run at a time:
+
+- `rlm`: the task's input as the context, its question as the query (the engine's `infer`);
+- `base`: the input and the question in one prompt to the same model (the engine's
+  `ask_model`, through the same broker), the input cut to the window when it is longer.
+
+Each finished run is one row, handed to `on_row` at once, so an interrupted or budget-stopped
+evaluation keeps what it did. The engine is only ever called in `ask_rlm` and `ask_base`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, TextIO
+
+from rlm_server.engine.engine import Engine, InferRequest
+from rlm_server.errors import BudgetExceeded, RpcError
+from rlm_server.tools.eval.scoring import score
+from rlm_server.tools.eval.tasks import Task, generate
+
+Json = dict[str, Any]
+METHODS = ("rlm", "base")
+ANSWER_KEPT = 2000  # characters of an answer a row keeps
+BASE_PROMPT = (
+    "Read the text below, then answer the question after it.\n\n{text}\n\nQuestion: {question}"
+)
+
+
+class Plan(NamedTuple):
+    tasks: tuple[str, ...]
+    sizes: tuple[int, ...]  # characters
+    seeds: int
+    window: int  # characters of input the base model is given at most
+
+    def runs(self) -> Iterator[tuple[str, int, int]]:
+        for name in self.tasks:
+            for size in self.sizes:
+                for seed in range(self.seeds):
+                    yield name, size, seed
+
+    @property
+    def total(self) -> int:
+        return len(self.tasks) * len(self.sizes) * self.seeds * len(METHODS)
+
+
+# -- the engine (its call signatures change here only) --------------------------------------
+
+
+async def ask_rlm(engine: Engine, context: str, question: str, number: int) -> Json:
+    """The RLM: the engine's `infer`, as the server calls it for request `number`."""
+    request = InferRequest(context=context, query=question)
+    return await engine.infer(request, f"eval-{number}", _no_notifications, number)
+
+
+async def ask_base(engine: Engine, prompt: str) -> Json:
+    """The base model: one prompt, through the engine's broker."""
+    return await engine.ask_model(prompt)
+
+
+def _no_notifications(_notification: Json) -> None:
+    """infer's progress notifications: not asked for."""
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+
+def base_prompt(task: Task, window: int) -> tuple[str, bool]:
+    """The base model's prompt, and whether the input had to be cut to fit `window`
+    characters (the start is kept)."""
+    cut = len(task.context) > window
+    text = task.context[:window] if cut else task.context
+    return BASE_PROMPT.format(text=text, question=task.question), cut
+
+
+async def run_once(engine: Engine, task: Task, method: str, window: int, number: int) -> Json:
+    """One run's row. A failed run scores 0 and names its error; a run the budget stopped
+    has no score."""
+    started = time.monotonic()
+    cut = False
+    error: str | None = None
+    try:
+        if method == "rlm":
+            result = await ask_rlm(engine, task.context, task.question, number)
+        else:
+            prompt, cut = base_prompt(task, window)
+            result = await ask_base(engine, prompt)
+        answer, usage = str(result["text"]), result["usage"]
+    except RpcError as failed:
+        answer, usage, error = "", failed.data.get("usage") or {}, str(failed.data["type"])
+        stopped = isinstance(failed, BudgetExceeded) and failed.data.get("scope") == "server"
+    else:
+        stopped = False
+    return {
+        "task": task.name,
+        "size": task.size,
+        "seed": task.seed,
+        "method": method,
+        "score": None if stopped else score(task, answer) if error is None else 0.0,
+        "calls": usage.get("calls", 0),
+        "input_tokens": usage.get("input_tokens", 0),
+        "output_tokens": usage.get("output_tokens", 0),
+        "cost_usd": usage.get("cost_usd"),
+        "seconds": round(time.monotonic() - started, 3),
+        "input_chars": len(task.context),
+        "cut": cut,
+        "error": error,
+        "answer": answer[:ANSWER_KEPT],
+        "expected": task.expected,
+    }
+
+
+async def evaluate(
+    engine: Engine, plan: Plan, on_row: Callable[[Json], None], progress: Progress
+) -> bool:
+    """Every run of the plan, in order; False when the budget stopped it early."""
+    number = 0
+    for name, size, seed in plan.runs():
+        task = generate(name, size, seed)
+        for method in METHODS:
+            number += 1
+            progress.show(number - 1, f"{name} {size:,} chars seed {seed} {method}")
+            row = await run_once(engine, task, method, plan.window, number)
+            on_row(row)
+            if row["score"] is None:
+                progress.done(number, "stopped: the budget is spent")
+                return False
+    progress.done(number, "done")
+    return True
+
+
+class Progress:
+    """A progress bar on stderr, redrawn in place on a terminal and one line per run
+    elsewhere (stdout stays for the report)."""
+
+    WIDTH = 24
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+        self._total, self._stream = max(total, 1), stream
+        self._in_place = stream.isatty()
+
+    def show(self, finished: int, label: str) -> None:
+        filled = self.WIDTH * finished // self._total
+        line = f"[{'#' * filled}{'-' * (self.WIDTH - filled)}] {finished}/{self._total} {label}"
+        self._stream.write(f"\r{line:<100}" if self._in_place else f"{line}\n")
+        self._stream.flush()
+
+    def done(self, finished: int, label: str) -> None:
+        self.show(finished, label)
+        if self._in_place:
+            self._stream.write("\n")
+            self._stream.flush()
