@@ -60,7 +60,7 @@ def _cell(rows: list[Json]) -> Cell:
         tokens=sum(row["input_tokens"] + row["output_tokens"] for row in rows) / count,
         calls=sum(row["calls"] for row in rows) / count,
         seconds=sum(row["seconds"] for row in rows) / count,
-        cut=sum(bool(row["cut"]) for row in rows),
+        cut=sum(bool(row["cut"]) for row in scored),
         failed=sum(row["error"] is not None for row in scored),
     )
 
@@ -73,14 +73,14 @@ def _score(cell: Cell | None) -> str:
 
 
 def _cost(cell: Cell | None) -> str:
-    if cell is None:
+    if cell is None or cell.runs == 0:
         return "-"
     cost = "n/a" if cell.cost_usd is None else f"${cell.cost_usd:.4f}"
     return f"{cost}, {cell.tokens / 1000:.1f}k tok, {cell.calls:.1f} calls, {cell.seconds:.1f} s"
 
 
 def _base_input(cell: Cell | None, window: int) -> str:
-    if cell is None:
+    if cell is None or cell.runs == 0:
         return "-"
     return f"cut to {size_label(window)} in {cell.cut}/{cell.runs}" if cell.cut else "whole"
 
@@ -147,7 +147,7 @@ def plot(rows: Sequence[Json], header: Json) -> str:
 def _panel(
     left: int, task: str, sizes: list[int], found: dict[tuple[str, int, str], Cell]
 ) -> list[str]:
-    top, bottom = 30, PANEL_HEIGHT
+    top, bottom = 48, PANEL_HEIGHT
     x0, x1 = left + MARGIN, left + PANEL_WIDTH - 16
     low, high = math.log10(sizes[0]), math.log10(sizes[-1])
 

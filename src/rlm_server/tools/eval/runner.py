@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TextIO
 
 from rlm_server.engine.engine import Engine, InferRequest
-from rlm_server.errors import BudgetExceeded, RpcError
+from rlm_server.errors import BudgetExceeded, InvalidParams, RpcError
 from rlm_server.tools.eval.scoring import score
 from rlm_server.tools.eval.tasks import Task, generate
 
@@ -76,7 +76,7 @@ def base_prompt(task: Task, window: int) -> tuple[str, bool]:
 
 async def run_once(engine: Engine, task: Task, method: str, window: int, number: int) -> Json:
     """One run's row. A failed run scores 0 and names its error; a run the budget stopped
-    has no score."""
+    has no score. A request the configuration makes impossible stops the evaluation."""
     started = time.monotonic()
     cut = False
     error: str | None = None
@@ -87,6 +87,8 @@ async def run_once(engine: Engine, task: Task, method: str, window: int, number:
             prompt, cut = base_prompt(task, window)
             result = await ask_base(engine, prompt)
         answer, usage = str(result["text"]), result["usage"]
+    except InvalidParams:  # the configuration's fault (a cost limit without a price): stop
+        raise
     except RpcError as failed:
         answer, usage, error = "", failed.data.get("usage") or {}, str(failed.data["type"])
         stopped = isinstance(failed, BudgetExceeded) and failed.data.get("scope") == "server"
