@@ -125,7 +125,11 @@ def main(argv: Sequence[str]) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     plan = Plan(tuple(args.tasks), tuple(sorted(set(args.sizes))), args.seeds, args.window)
-    return anyio.run(_evaluate, config, environ, plan, args.out, backend="asyncio")
+    try:
+        return anyio.run(_evaluate, config, environ, plan, args.out, backend="asyncio")
+    except KeyboardInterrupt:
+        print(f"\nrlm-server eval: interrupted; the runs so far are in {args.out}", file=sys.stderr)
+        return 130
 
 
 def _has_hard_needle() -> bool:

@@ -5,7 +5,8 @@
   `ask_model`, through the same broker), the input cut to the window when it is longer.
 
 Each finished run is one row, handed to `on_row` at once, so an interrupted or budget-stopped
-evaluation keeps what it did. The engine is only ever called in `ask_rlm` and `ask_base`.
+evaluation keeps what it did. The engine is only ever called in `ask_rlm` and `ask_base`, which
+answer an `Answer` whatever the engine's own result type is.
 """
 
 from __future__ import annotations
@@ -48,15 +49,22 @@ class Plan(NamedTuple):
 # -- the engine (its call signatures change here only) --------------------------------------
 
 
-async def ask_rlm(engine: Engine, context: str, question: str, number: int) -> Json:
+class Answer(NamedTuple):
+    text: str
+    usage: Json  # the wire's `usage`: calls, input_tokens, output_tokens, cost_usd
+
+
+async def ask_rlm(engine: Engine, context: str, question: str, number: int) -> Answer:
     """The RLM: the engine's `infer`, as the server calls it for request `number`."""
     request = InferRequest(context=context, query=question)
-    return await engine.infer(request, f"eval-{number}", _no_notifications, number)
+    result = await engine.infer(request, f"eval-{number}", _no_notifications, number)
+    return Answer(str(result["text"]), result["usage"])
 
 
-async def ask_base(engine: Engine, prompt: str) -> Json:
+async def ask_base(engine: Engine, prompt: str) -> Answer:
     """The base model: one prompt, through the engine's broker."""
-    return await engine.ask_model(prompt)
+    result = await engine.ask_model(prompt)
+    return Answer(str(result["text"]), result["usage"])
 
 
 def _no_notifications(_notification: Json) -> None:
@@ -82,11 +90,10 @@ async def run_once(engine: Engine, task: Task, method: str, window: int, number:
     error: str | None = None
     try:
         if method == "rlm":
-            result = await ask_rlm(engine, task.context, task.question, number)
+            answer, usage = await ask_rlm(engine, task.context, task.question, number)
         else:
             prompt, cut = base_prompt(task, window)
-            result = await ask_base(engine, prompt)
-        answer, usage = str(result["text"]), result["usage"]
+            answer, usage = await ask_base(engine, prompt)
     except InvalidParams:  # the configuration's fault (a cost limit without a price): stop
         raise
     except RpcError as failed:
