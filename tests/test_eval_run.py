@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import clean_env, server_command
+import anyio
+from fixtures.openai_fixture import FixtureServer
+from harness import clean_env, fixture_env, server_command
+
+from rlm_server.config import load_config
+from rlm_server.engine.engine import Engine
+from rlm_server.errors import BackendError, RpcError
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--sizes", "8k,40k", "--seeds", "2", "--window", "20k"]
@@ -98,3 +104,34 @@ def test_a_cost_limit_on_a_model_without_a_price_is_refused(tmp_path: Path) -> N
     done = against_fixture(*SMALL, "--out", str(tmp_path), "--budget-usd", "1")
     assert done.returncode == 2
     assert "no price is known for model 'scripted'" in done.stderr
+
+
+def _ask_model(llm: FixtureServer, rules: list[dict[str, Any]], *flags: str) -> Any:
+    """engine.ask_model against the fixture, from an engine built as `rlm-server eval` builds
+    it; its answer, or the error it raised."""
+    llm.script.replace(rules)
+    environ = fixture_env(llm.base_url)
+    engine = Engine(load_config(list(flags), environ), environ)
+
+    async def ask() -> Any:
+        try:
+            return await engine.ask_model("Question: what is the code?")
+        except RpcError as error:
+            return error
+
+    return anyio.run(ask)
+
+
+def test_ask_model_is_one_plain_call_through_the_broker(llm: FixtureServer) -> None:
+    result = _ask_model(llm, [{"when": "sub", "contains": "what is the code", "reply": "42"}])
+    assert result["text"] == "42"
+    assert result["usage"]["calls"] == 1 and result["usage"]["input_tokens"] > 0
+    assert result["metadata"]["model"] == "scripted"
+    assert llm.script.stats()["by_kind"] == {"root": 0, "sub": 1}  # no system prompt, no REPL
+
+
+def test_ask_model_retries_then_fails_with_the_usage_spent(llm: FixtureServer) -> None:
+    error = _ask_model(llm, [{"status": 503}], "--max-retries", "1")
+    assert isinstance(error, BackendError) and error.data["attempts"] == 2
+    assert error.data["usage"]["calls"] == 0
+    assert llm.script.stats()["requests"] == 2
