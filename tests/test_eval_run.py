@@ -1,6 +1,7 @@
 """`rlm-server eval` end to end: against the scripted model (examples/eval_fixture.py, the
 README's one command) it finishes and writes its rows, table and plot; what it recorded replays
-offline, with no model at all, to identical scores; --budget-usd stops it before it spends more.
+offline, with no model at all, to identical scores (recorded three tasks at a time, replayed one
+at a time); --budget-usd stops it before it spends more.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def scores(out: Path) -> dict[tuple[Any, ...], tuple[Any, ...]]:
 
 def test_a_fixture_run_writes_its_table_and_plot_and_replays_offline(tmp_path: Path) -> None:
     out, tape = tmp_path / "out", tmp_path / "tape"
-    done = against_fixture(*SMALL, "--out", str(out), "--record", str(tape))
+    done = against_fixture(*SMALL, "--out", str(out), "--record", str(tape), "--jobs", "3")
     assert done.returncode == 0, done.stderr[-3000:]
     found = rows(out)
     assert len(found) == RUNS and all(r["error"] is None for r in found)

@@ -1,5 +1,5 @@
-"""`rlm-server eval [--tasks ...] [--sizes ...] [--seeds N] [--window N] [--budget-usd X]
-[--out DIR] [server flags]`.
+"""`rlm-server eval [--tasks ...] [--sizes ...] [--seeds N] [--window N] [--jobs N]
+[--budget-usd X] [--out DIR] [server flags]`.
 
 Every other flag is the server's own (`--backend`, `--model`, `--base-url`, `--record`,
 `--replay`, ...), read with the same environment variables, and the engine is built from that
@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_WINDOW,
         help="the base model's input limit: characters (400k) or tokens (100kt)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        help="tasks run at once (an RLM run is a worker process; --max-concurrency bounds it)",
+    )
     parser.add_argument("--budget-usd", type=_usd, help="stop before spending more than this")
     parser.add_argument("--out", type=Path, default=Path("rlm-eval"), help="output directory")
     return parser
@@ -124,7 +130,8 @@ def main(argv: Sequence[str]) -> int:
     from rlm_server.tools.eval.runner import Plan
 
     args.out.mkdir(parents=True, exist_ok=True)
-    plan = Plan(tuple(args.tasks), tuple(sorted(set(args.sizes))), args.seeds, args.window)
+    sizes = tuple(sorted(set(args.sizes)))
+    plan = Plan(tuple(args.tasks), sizes, args.seeds, args.window, args.jobs)
     try:
         return anyio.run(_evaluate, config, environ, plan, args.out, backend="asyncio")
     except KeyboardInterrupt:

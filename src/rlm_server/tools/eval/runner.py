@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TextIO
 
+import anyio
+
 from rlm_server.engine.engine import Engine, InferRequest
-from rlm_server.errors import BudgetExceeded, InvalidParams, RpcError
+from rlm_server.errors import BudgetExceeded, InvalidParams, RpcError, first_of
 from rlm_server.tools.eval.scoring import score
 from rlm_server.tools.eval.tasks import Task, generate
 
@@ -34,6 +36,7 @@ class Plan(NamedTuple):
     sizes: tuple[int, ...]  # characters
     seeds: int
     window: int  # characters of input the base model is given at most
+    jobs: int = 1  # tasks run at once
 
     def runs(self) -> Iterator[tuple[str, int, int]]:
         for name in self.tasks:
@@ -123,20 +126,48 @@ async def run_once(engine: Engine, task: Task, method: str, window: int, number:
 async def evaluate(
     engine: Engine, plan: Plan, on_row: Callable[[Json], None], progress: Progress
 ) -> bool:
-    """Every run of the plan, in order; False when the budget stopped it early."""
-    number = 0
-    for name, size, seed in plan.runs():
-        task = generate(name, size, seed)
-        for method in METHODS:
-            number += 1
-            progress.show(number - 1, f"{name} {size:,} chars seed {seed} {method}")
-            row = await run_once(engine, task, method, plan.window, number)
-            on_row(row)
-            if row["score"] is None:
-                progress.done(number, "stopped: the budget is spent")
-                return False
-    progress.done(number, "done")
-    return True
+    """Every run of the plan, `plan.jobs` tasks at once; False when the budget stopped it."""
+    evaluation = _Evaluation(engine, plan, on_row, progress)
+    refused: RpcError | None = None
+    try:
+        async with anyio.create_task_group() as group:
+            for index, (name, size, seed) in enumerate(plan.runs()):
+                group.start_soon(evaluation.task, name, size, seed, index * len(METHODS))
+    except* InvalidParams as failed:
+        refused = first_of(failed, InvalidParams)
+    if refused is not None:
+        raise refused
+    ending = "stopped: the budget is spent" if evaluation.stopped else "done"
+    progress.done(evaluation.finished, ending)
+    return not evaluation.stopped
+
+
+class _Evaluation:
+    """The runs of one plan: a task's input is made when a slot is free (a 4M-character input
+    is not held longer than its runs), and its two runs go one after the other."""
+
+    def __init__(
+        self, engine: Engine, plan: Plan, on_row: Callable[[Json], None], progress: Progress
+    ) -> None:
+        self._engine, self._plan, self._on_row, self._progress = engine, plan, on_row, progress
+        self._slots = anyio.CapacityLimiter(plan.jobs)
+        self.finished = 0
+        self.stopped = False
+
+    async def task(self, name: str, size: int, seed: int, numbered: int) -> None:
+        async with self._slots:
+            if self.stopped:
+                return
+            task = generate(name, size, seed)
+            for offset, method in enumerate(METHODS):
+                if self.stopped:
+                    return
+                number = numbered + offset + 1
+                row = await run_once(self._engine, task, method, self._plan.window, number)
+                self._on_row(row)
+                self.finished += 1
+                self.stopped = self.stopped or row["score"] is None
+                self._progress.show(self.finished, f"{name} {size:,} chars seed {seed} {method}")
 
 
 class Progress:
