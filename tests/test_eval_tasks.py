@@ -147,8 +147,9 @@ def test_the_base_prompt_is_cut_to_the_window_and_says_so() -> None:
     whole, cut = base_prompt(task, 50_000)
     assert not cut and task.context in whole and whole.endswith(task.question)
     short, cut = base_prompt(task, 5_000)
-    assert cut and task.context[:5_000] in short and task.context[:5_001] not in short
-    assert short.endswith(task.question)
+    assert cut and len(short) == 5_000 and short.endswith(task.question)
+    kept = short[short.index(task.context[:100]) : short.rindex("\n\nQuestion: ")]
+    assert task.context.startswith(kept) and 4_000 < len(kept) < 5_000  # the input's start
 
 
 def test_the_report_averages_seeds_and_notes_cuts_and_failures() -> None:

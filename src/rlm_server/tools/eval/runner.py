@@ -1,4 +1,4 @@
-"""Runs every task two ways through the server's own engine, one run at a time:
+"""Runs every task two ways through the server's own engine (`--jobs` tasks at a time):
 
 - `rlm`: the task's input as the context, its question as the query (the engine's `infer`);
 - `base`: the input and the question in one prompt to the same model (the engine's
@@ -78,11 +78,11 @@ def _no_notifications(_notification: Json) -> None:
 
 
 def base_prompt(task: Task, window: int) -> tuple[str, bool]:
-    """The base model's prompt, and whether the input had to be cut to fit `window`
-    characters (the start is kept)."""
-    cut = len(task.context) > window
-    text = task.context[:window] if cut else task.context
-    return BASE_PROMPT.format(text=text, question=task.question), cut
+    """The base model's prompt, at most `window` characters with its instructions and the
+    question, and whether the input had to be cut for that (its start is kept)."""
+    room = max(0, window - len(BASE_PROMPT.format(text="", question=task.question)))
+    cut = len(task.context) > room
+    return BASE_PROMPT.format(text=task.context[:room], question=task.question), cut
 
 
 async def run_once(engine: Engine, task: Task, method: str, window: int, number: int) -> Json:
