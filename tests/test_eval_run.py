@@ -136,3 +136,17 @@ def test_ask_model_retries_then_fails_with_the_usage_spent(llm: FixtureServer) -
     assert isinstance(error, BackendError) and error.data["attempts"] == 2
     assert error.data["usage"]["calls"] == 0
     assert llm.script.stats()["requests"] == 2
+
+
+def test_without_a_usable_backend_it_says_why_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [*server_command(), "eval", "--out", str(out)],
+        env=clean_env(),  # the default backend, with no key
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert "rlm-server eval: no usable backend: no credentials for backend gemini" in done.stderr
+    assert not out.exists()

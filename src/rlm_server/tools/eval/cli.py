@@ -129,7 +129,6 @@ def main(argv: Sequence[str]) -> int:
         config = config._replace(spend_limit_usd=min(limits))
     from rlm_server.tools.eval.runner import Plan
 
-    args.out.mkdir(parents=True, exist_ok=True)
     sizes = tuple(sorted(set(args.sizes)))
     plan = Plan(tuple(args.tasks), sizes, args.seeds, args.window, args.jobs)
     try:
@@ -155,6 +154,7 @@ async def _evaluate(config: Any, environ: dict[str, str], plan: Any, out: Path) 
     if engine.unavailable_reason is not None:
         print(f"rlm-server eval: no usable backend: {engine.unavailable_reason}", file=sys.stderr)
         return 2
+    await anyio.Path(out).mkdir(parents=True, exist_ok=True)
     rows: list[Json] = []
     header = {
         "backend": config.backend,
