@@ -155,7 +155,7 @@ def test_the_base_prompt_is_cut_to_the_window_and_says_so() -> None:
 def test_the_report_averages_seeds_and_notes_cuts_and_failures() -> None:
     def row(method: str, seed: int, value: float | None, **extra: object) -> dict[str, object]:
         base = {"task": "niah", "size": 8000, "seed": seed, "method": method, "score": value}
-        usage = {"calls": 1, "input_tokens": 100, "output_tokens": 10, "cost_usd": 0.01}
+        usage = {"calls": 1, "tokens": 110, "cost_usd": 0.01}
         return {**base, **usage, "seconds": 1.0, "cut": False, "error": None, **extra}
 
     rows = [

@@ -57,7 +57,7 @@ def _cell(rows: list[Json]) -> Cell:
         runs=len(scored),
         score=100 * sum(row["score"] for row in scored) / len(scored) if scored else None,
         cost_usd=None if None in costs else sum(costs) / count,
-        tokens=sum(row["input_tokens"] + row["output_tokens"] for row in rows) / count,
+        tokens=sum(row["tokens"] for row in rows) / count,
         calls=sum(row["calls"] for row in rows) / count,
         seconds=sum(row["seconds"] for row in rows) / count,
         cut=sum(bool(row["cut"]) for row in scored),

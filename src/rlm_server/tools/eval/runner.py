@@ -111,6 +111,7 @@ async def run_once(engine: Engine, task: Task, method: str, window: int, number:
         "method": method,
         "score": None if stopped else score(task, answer) if error is None else 0.0,
         "calls": usage.get("calls", 0),
+        "tokens": usage.get("input_tokens", 0) + usage.get("output_tokens", 0),
         "input_tokens": usage.get("input_tokens", 0),
         "output_tokens": usage.get("output_tokens", 0),
         "cost_usd": usage.get("cost_usd"),
