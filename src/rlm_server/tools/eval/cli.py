@@ -17,12 +17,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
 
+from rlm_server.config import Config
 from rlm_server.tools.eval.tasks import TASKS
+
+if TYPE_CHECKING:
+    from rlm_server.tools.eval.runner import Plan
 
 Json = dict[str, Any]
 DEFAULT_SIZES = "8k,32k,128k,512k"
@@ -144,7 +148,7 @@ def _has_hard_needle() -> bool:
     return importlib.util.find_spec("hard_needle") is not None
 
 
-async def _evaluate(config: Any, environ: dict[str, str], plan: Any, out: Path) -> int:
+async def _evaluate(config: Config, environ: dict[str, str], plan: Plan, out: Path) -> int:
     from rlm_server.engine.engine import Engine
     from rlm_server.errors import RpcError
     from rlm_server.tools.eval.report import plot, table
