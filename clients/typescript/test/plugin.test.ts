@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import type { IAgentRuntime, Plugin, TextStreamResult } from "@elizaos/core";
+import { RLMUnavailableError } from "../src/errors.js";
 import {
   DEFAULT_PRIORITY,
   RLMUnsupportedError,
@@ -188,6 +189,7 @@ describe("rlmPlugin", { concurrency: true }, () => {
       await refused.models.TEXT_LARGE(runtime, { prompt: "p", responseFormat: { type: "text" } }),
       "[RLM STUB] RLM backend not available",
     );
+    await assert.rejects(refused.models.OBJECT_SMALL(runtime, { prompt: "p" }), RLMUnavailableError);
     await stub.close();
   });
 
