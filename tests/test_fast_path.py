@@ -78,12 +78,13 @@ def test_status_names_an_unknown_param_and_ignores_being_a_notification(spawn: S
 
 
 def test_status_and_the_start_need_no_jsonrpcserver() -> None:
-    """Its import costs as much as everything before `ready`; only task methods load it."""
+    """Its import costs as much as everything before `ready`; only task methods load it (and
+    jsonschema, which it imports and `options.answer_schema` needs)."""
     code = (
         "import sys\n"
         "import rlm_server.frontends.jsonrpc.frontend, rlm_server.frontends.jsonrpc.dispatch\n"
         "import rlm_server.frontends.jsonrpc.methods, rlm_server.frontends.lifecycle\n"
-        "sys.exit('jsonrpcserver' in sys.modules)\n"
+        "sys.exit('jsonrpcserver' in sys.modules or 'jsonschema' in sys.modules)\n"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

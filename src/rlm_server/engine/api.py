@@ -13,7 +13,7 @@ each front end maps onto its own names.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import anyio
 
@@ -21,6 +21,7 @@ from rlm_server import Json
 from rlm_server.engine.broker import Budget
 
 Prompt = str | list[dict[str, str]]  # the long input: a text, or messages
+ANSWER_REPAIRS = 2  # the default of InferOptions.answer_repairs
 
 
 class InferOptions(NamedTuple):
@@ -37,6 +38,8 @@ class InferOptions(NamedTuple):
     max_tokens: int | None = None
     trajectory: bool = False  # the result carries the trajectory
     budget: Budget = Budget()  # frozen: one default serves all
+    answer_schema: Json | None = None  # a checked JSON Schema: the answer must match it
+    answer_repairs: int = ANSWER_REPAIRS  # invalid answers the model may still fix
 
 
 class InferRequest(NamedTuple):
@@ -87,12 +90,19 @@ class Metadata(NamedTuple):
     attempts: int  # 1 plus the model calls retried (0 for a stub answer)
 
 
+class StructuredAnswer(NamedTuple):
+    """An answer checked against `options.answer_schema`."""
+
+    value: Any  # the JSON value (null included)
+
+
 class InferResult(NamedTuple):
-    text: str
+    text: str  # with an answer schema, the compact JSON of the answer's value
     stub: bool
     usage: Json  # the broker's count over the whole call tree: calls, tokens, cost, per model
     metadata: Metadata
     trajectory: list[Json] | None  # when options.trajectory asked for it and the request ran
+    answer: StructuredAnswer | None = None  # with options.answer_schema, when the request ran
 
 
 class Status(NamedTuple):

@@ -38,6 +38,7 @@ from rlm_server.engine.api import (
     Status,
     StoredContextInfo,
     StoreReport,
+    StructuredAnswer,
     Ticket,
 )
 from rlm_server.engine.broker import Account, Broker, Budget, RetryPolicy, Route
@@ -48,6 +49,7 @@ from rlm_server.errors import (
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
+    InvalidAnswer,
     InvalidParams,
     QueueFull,
     RequestCancelled,
@@ -56,6 +58,7 @@ from rlm_server.errors import (
     first_of,
 )
 from rlm_server.executors.local.pool import CallHandler, JobInput, WorkerPool
+from rlm_server.worker import frames
 
 STUB_TEXT = "[RLM STUB] RLM backend not available"
 
@@ -167,8 +170,15 @@ _OUTCOMES = {
 }
 
 
-def _failure(account: Account) -> RpcError:
-    """The error for a completion that ended without an answer: what the broker saw."""
+def _unreported(message: str) -> None:
+    """A retry note nobody asked to hear."""
+
+
+def _failure(account: Account, failure: Json | None = None) -> RpcError:
+    """The error for a call or a completion that ended without an answer: an answer the schema
+    refused to the end (the worker's `failure` frame says so), else what the broker saw."""
+    if failure is not None and failure["kind"] == frames.INVALID_ANSWER:
+        return InvalidAnswer(str(failure.get("validation_error"))[: frames.VALIDATION_ERROR_CHARS])
     if account.exceeded is not None:
         return account.exceeded
     if account.failure is None:  # the completion itself failed (no model call did)
@@ -330,6 +340,38 @@ class Engine:
             with contextlib.nullcontext() if session is None else self._sessions.active(session):
                 return await self._admitted(request, spec, job_input, session, ticket, observer)
 
+    async def ask_model(self, prompt: str, options: InferOptions | None = None) -> InferResult:
+        """One plain call to the request's root model, with no REPL: `prompt` is the whole
+        input. It goes through the broker like every model call (keys, retries, usage, budgets,
+        record and replay), so `rlm-server eval` compares the RLM with the bare model on equal
+        terms. Answers as `infer` does (no trajectory); raises as `infer` does (with the usage
+        spent, when there was some)."""
+        options = options or InferOptions()
+        spec = RunSpec.resolve(self.config, options, self._environ)
+        if spec.unavailable_reason is not None:
+            raise BackendUnavailable(reason=spec.unavailable_reason)
+        await self._check_prices(spec, options)
+        account = self._broker.account(spec.budget)
+        started = time.monotonic()
+        reply: Json | None = None
+        with anyio.move_on_after(spec.timeout_s):
+            reply = await self._broker.call(spec.route, account, spec.model, prompt, _unreported)
+        error: RpcError
+        if reply is None:
+            error = DeadlineExceeded(timeout_s=spec.timeout_s)
+        elif "error" in reply:
+            error = _failure(account)
+        else:
+            metadata = _metadata(spec, 0, started, 1 + account.retries)
+            return InferResult(reply["text"], False, account.usage(), metadata, None)
+        if account.made_calls:
+            error.data["usage"] = account.usage()
+        raise error
+
+    async def load_prices(self) -> None:
+        """Read the price table now (it is otherwise read when a cost limit first needs it)."""
+        await self._broker.prices.load()
+
     @asynccontextmanager
     async def _job_input(self, request: InferRequest) -> AsyncIterator[JobInput]:
         """The request's input: a stored context is held (not evicted, its file kept) until
@@ -477,6 +519,11 @@ class Engine:
             "progress": run.progress.wanted,
             "trajectory": request.options.trajectory or self.config.log_dir is not None,
         }
+        if request.options.answer_schema is not None:
+            job["answer"] = {
+                "schema": request.options.answer_schema,
+                "repairs": request.options.answer_repairs,
+            }
 
         def on_retry(message: str) -> None:
             run.progress("retry", message=message)
@@ -496,14 +543,16 @@ class Engine:
         outcome: Json = final.get("result") or final["failure"]
         run.steps += outcome.get("trajectory") or []
         if "result" not in final:
-            raise _failure(account)
+            raise _failure(account, final["failure"])
         result: Json = final["result"]
+        answer = StructuredAnswer(result["value"]) if "value" in result else None
         return InferResult(
             text=result["text"],
             stub=False,
             usage=account.usage(),  # the broker's count: the whole call tree, every depth
             metadata=_metadata(spec, result["iterations"], run.started, 1 + account.retries),
             trajectory=run.steps if request.options.trajectory else None,
+            answer=answer,
         )
 
     async def _execute(self, run: _Running, job: Json, on_call: CallHandler) -> Json:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from rlm_server import Json
 from rlm_server.config import BACKENDS
 from rlm_server.engine.api import InferOptions, Prompt
@@ -81,6 +83,8 @@ OPTION_RULES: Mapping[str, Rule] = {
     "max_tokens": _int_between(1, None),
     "trajectory": BOOL,
     "budget": Rule(lambda v: isinstance(v, dict), "an object"),
+    "answer_schema": Rule(lambda v: isinstance(v, dict), "a JSON Schema object"),
+    "answer_repairs": _int_between(0, 100),
 }
 
 BUDGET_RULES: Mapping[str, Rule] = {
@@ -101,11 +105,40 @@ def checked(raw: Any, rules: Mapping[str, Rule], prefix: str) -> Json:
 
 def infer_options(options: Json, prefix: str) -> InferOptions:
     """InferOptions from checked options (`checked` with OPTION_RULES); the budget's members
-    are checked here, named under `prefix`."""
+    and the answer's schema are checked here, named under `prefix`."""
     if "budget" in options:
         budget = checked(options["budget"], BUDGET_RULES, prefix + "budget.")
         options = {**options, "budget": budget_from(budget)}
+    if "answer_schema" in options:
+        check_answer_schema(options["answer_schema"], prefix + "answer_schema")
+    elif "answer_repairs" in options:
+        raise InvalidParams(prefix + "answer_repairs", f"only with {prefix}answer_schema")
     return InferOptions(**options)
+
+
+ANSWER_SCHEMA_BYTES = 64 * 1024  # the largest answer schema, as compact JSON
+SCHEMA_ERROR_CHARS = 300  # of the validator's words on a schema that is not one
+
+
+def check_answer_schema(schema: Json, field: str) -> None:
+    """An answer schema must be a draft 2020-12 JSON Schema of at most 64 KiB: refused here,
+    before any model call, rather than failing in the worker. jsonschema is imported on the
+    first schema: the server's start never needs it."""
+    try:
+        size = len(orjson.dumps(schema))
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits, read by the surrogate path
+        raise InvalidParams(field, "holds a number out of range") from None
+    if size > ANSWER_SCHEMA_BYTES:
+        raise InvalidParams(field, "must be at most 65536 bytes as JSON")
+    from jsonschema import Draft202012Validator, SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as error:
+        reason = f"not a valid JSON Schema (draft 2020-12): {error.message}"
+        raise InvalidParams(field, reason[:SCHEMA_ERROR_CHARS]) from None
+    except RecursionError:
+        raise InvalidParams(field, "nested too deeply to check") from None
 
 
 def _messages(field: str, raw: list[Any]) -> list[dict[str, str]]:

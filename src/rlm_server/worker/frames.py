@@ -62,3 +62,9 @@ def loads(payload: bytes | bytearray) -> Json | None:
     except orjson.JSONDecodeError:
         return None
     return message if isinstance(message, dict) else None
+
+
+# A failure frame's kind when the answer never matched `options.answer_schema`; the frame also
+# carries `validation_error`, the last failure in words, at most VALIDATION_ERROR_CHARS long.
+INVALID_ANSWER = "InvalidAnswer"
+VALIDATION_ERROR_CHARS = 1000

@@ -107,8 +107,10 @@ async def infer(
 
 
 def _result(outcome: InferResult) -> Json:
-    encoded: Json = {
-        "text": outcome.text,
+    encoded: Json = {"text": outcome.text}
+    if outcome.answer is not None:
+        encoded["value"] = outcome.answer.value
+    encoded |= {
         "stub": outcome.stub,
         "usage": outcome.usage,
         "metadata": outcome.metadata._asdict(),
