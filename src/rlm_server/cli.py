@@ -78,12 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = configured(args, environ, "rlm-server")
     if started is None:
         return 2
+    # Imported after the config check (a bad flag costs no imports), while the sandbox probe runs.
+    from rlm_server.frontends.jsonrpc.frontend import JsonRpcFrontend
+    from rlm_server.frontends.lifecycle import serve_stdio
+
     config = sandboxed(*started, "rlm-server")
     if config is None:
         return 2
-    from rlm_server.frontends.jsonrpc.frontend import JsonRpcFrontend  # after the config check
-    from rlm_server.frontends.lifecycle import serve_stdio
-
     exit_now(serve_stdio(config, environ, JsonRpcFrontend))
 
 
