@@ -501,5 +501,5 @@ def _process_limit_probe(working: list[str]) -> None:
 
 def _seccomp_probe() -> None:
     seccomp_keep_death_signal()
-    if _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(0), 0, 0, 0) != -1:
+    if prctl(PR_SET_PDEATHSIG, 0) != -1:
         raise SandboxError("the seccomp filter let prctl(PR_SET_PDEATHSIG) through")

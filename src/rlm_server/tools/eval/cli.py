@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import orjson
 
+from rlm_server import Json
 from rlm_server.config import Config
 from rlm_server.tools.eval.tasks import TASKS
 
 if TYPE_CHECKING:
     from rlm_server.tools.eval.runner import Plan
 
-Json = dict[str, Any]
 DEFAULT_SIZES = "8k,32k,128k,512k"
 DEFAULT_WINDOW = "400k"
 CHARS_PER_TOKEN = 4  # a window given in tokens ("100kt") is counted at this many characters

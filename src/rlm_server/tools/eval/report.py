@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from html import escape
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from rlm_server import Json
 from rlm_server.tools.eval.runner import METHODS
 from rlm_server.tools.eval.tasks import TASKS
 
-Json = dict[str, Any]
 COLOURS = {"rlm": "#1f6fb4", "base": "#e07b18"}
 DASHES = {"rlm": "", "base": ' stroke-dasharray="6 4"'}
 PANEL_WIDTH, PANEL_HEIGHT, MARGIN = 280, 220, 44

@@ -14,17 +14,17 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, TextIO
+from typing import NamedTuple, TextIO
 
 import anyio
 
+from rlm_server import Json
 from rlm_server.engine.api import InferRequest
 from rlm_server.engine.engine import Engine
 from rlm_server.errors import BudgetExceeded, InvalidParams, RpcError, first_of
 from rlm_server.tools.eval.scoring import score
 from rlm_server.tools.eval.tasks import Task, generate
 
-Json = dict[str, Any]
 METHODS = ("rlm", "base")
 ANSWER_KEPT = 2000  # characters of an answer a row keeps
 BASE_PROMPT = (
