@@ -77,6 +77,7 @@ FORGET_TOKEN = bytes(8)  # never a fork's: tokens count from 1
 CONTEXT_UNAVAILABLE = "ContextUnavailable"  # the failure kind of a worker without its context
 EventHandler = Callable[[Json], None]
 CallHandler = Callable[[str, Any], Awaitable[Json]]  # (model, prompt) -> reply
+ToolHandler = Callable[[str, Json], Awaitable[Json]]  # (tool name, arguments) -> reply
 WORKER_ENVIRONMENT = frozenset(
     {
         "PATH",
@@ -381,16 +382,21 @@ class WorkerPool:
                 await anyio.to_thread.run_sync(_remove_tree, workdir)
 
     async def run(
-        self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
+        self,
+        job: Json,
+        context: Context,
+        on_event: EventHandler,
+        on_call: CallHandler,
+        on_tool: ToolHandler,
     ) -> Json:
         """Run one job in a fresh worker; return its final frame. The worker never outlives it;
-        its model calls are answered by `on_call`, concurrently. A stored context is named in
-        the fork, so the worker inherits it."""
+        its model calls are answered by `on_call` and its host tool calls by `on_tool`,
+        concurrently. A stored context is named in the fork, so the worker inherits it."""
         inherited = context if isinstance(context, ContextFile) else None
         crash: RpcError | None = None
         async with self._forked(inherited) as worker:
             try:
-                final = await _converse(worker, job, context, on_event, on_call)
+                final = await _converse(worker, job, context, on_event, on_call, on_tool)
             except* WorkerCrashed as crashed:  # raised inside the calls' task group
                 crash = first_of(crashed, WorkerCrashed)
         if crash is not None:
@@ -424,13 +430,18 @@ class LongWorker:
         self._worker, self._workdir = worker, workdir
 
     async def run(
-        self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
+        self,
+        job: Json,
+        context: Context,
+        on_event: EventHandler,
+        on_call: CallHandler,
+        on_tool: ToolHandler,
     ) -> Json:
         """One job (a turn) on this worker; its final frame, or WorkerCrashed."""
         crash: RpcError | None = None
         try:
             final = await _converse(
-                self._worker, {**job, "session": True}, context, on_event, on_call
+                self._worker, {**job, "session": True}, context, on_event, on_call, on_tool
             )
         except* WorkerCrashed as crashed:  # raised inside the calls' task group
             crash = first_of(crashed, WorkerCrashed)
@@ -473,6 +484,7 @@ async def _converse(
     context: Context,
     on_event: EventHandler,
     on_call: CallHandler,
+    on_tool: ToolHandler,
 ) -> Json | None:
     """Send the job, then serve the worker's frames until its final one (None: it died)."""
     async with anyio.create_task_group() as calls:
@@ -480,6 +492,8 @@ async def _converse(
         async for frame in worker.frames():
             if "call" in frame:
                 calls.start_soon(_answer, worker, checked_call(frame), on_call)
+            elif "tool" in frame:
+                calls.start_soon(_answer_tool, worker, checked_tool(frame), on_tool)
             elif "event" in frame:
                 event = checked_event(frame)
                 if event is not None:
@@ -494,6 +508,11 @@ async def _converse(
 async def _answer(worker: Worker, call: Json, on_call: CallHandler) -> None:
     reply = await on_call(call["model"], call["prompt"])
     await worker.send_frame({"reply": call["call"], **reply})
+
+
+async def _answer_tool(worker: Worker, call: Json, on_tool: ToolHandler) -> None:
+    reply = await on_tool(call["name"], call["arguments"])
+    await worker.send_frame({"reply": call["tool"], **reply})
 
 
 # -- what a worker may say ------------------------------------------------------------------
@@ -563,6 +582,20 @@ def checked_call(frame: Json) -> Json:
     ):
         return frame
     raise WorkerCrashed(reason="the worker sent a malformed model call")
+
+
+def checked_tool(frame: Json) -> Json:
+    """A host tool call of the shape the engine checks further (a name and an object of
+    arguments), or WorkerCrashed."""
+    name = frame.get("name")
+    if (
+        _is_count(frame.get("tool"))
+        and isinstance(name, str)
+        and 0 < len(name) <= MODEL_NAME_CHARS
+        and isinstance(frame.get("arguments"), dict)
+    ):
+        return frame
+    raise WorkerCrashed(reason="the worker sent a malformed tool call")
 
 
 def checked_final(frame: Json) -> Json:
