@@ -289,6 +289,8 @@ mod tests {
             trajectory: Some(true),
             budget: Some(Budget::new().max_calls(5).max_cost_usd(0.25)),
             tool_timeout_s: Some(2.0),
+            answer_schema: Some(json!({"type": "object"})),
+            answer_repairs: Some(1),
         };
         let request = InferRequest::messages(vec![Message::new("user", "hi")])
             .query("q")
@@ -304,7 +306,8 @@ mod tests {
                     "timeout_s": 1.5, "temperature": 0.2, "max_tokens": 100,
                     "progress": false, "trajectory": true,
                     "budget": {"max_calls": 5, "max_cost_usd": 0.25},
-                    "tool_timeout_s": 2.0
+                    "tool_timeout_s": 2.0,
+                    "answer_schema": {"type": "object"}, "answer_repairs": 1
                 }
             })
         );
