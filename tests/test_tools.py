@@ -313,3 +313,41 @@ def test_responses_that_answer_nothing_are_dropped_and_garbage_is_refused(spawn:
     assert server.next_response()["error"]["code"] == -32600
     assert server.call("status", request_id="last")["id"] == "last"
     assert server.close() == 0
+
+
+def test_log_dir_and_the_viewer_show_tool_calls_and_their_sizes(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    from rlm_server.tools import viewer
+
+    code = repl(
+        "try:",
+        "    lookup(key='x')",
+        "except ToolError:",
+        "    pass",
+        "answer['content'] = lookup(key='abcd')",
+        "answer['ready'] = True",
+    )
+    server = spawn([{"when": "root", "reply": code}], args=["--log-dir", str(tmp_path)])
+    server.ready()
+    server.request(1, "infer", {"prompt": "ctx", "tools": [LOOKUP]})
+
+    def answer(params: Json) -> Json:
+        if params["arguments"]["key"] == "x":
+            return {"error": {"code": 1, "message": "<b>no such key</b>"}}
+        return {"result": "value"}
+
+    response, _ = run(server, 1, answer)
+    assert response["result"]["text"] == "value"
+    assert server.close() == 0
+    (log,) = tmp_path.glob("*.jsonl")
+    entries = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+    (iteration,) = [entry for entry in entries if entry["type"] == "iteration"]
+    failed, answered = iteration["tool_calls"]
+    assert failed["name"] == "lookup" and failed["error"] == "<b>no such key</b>"
+    assert answered["arguments_bytes"] == len(b'{"key":"abcd"}')
+    assert answered["result_bytes"] == len(b'"value"') and answered["error"] is None
+    page = viewer.render(viewer.load(log))
+    assert "2 tool call(s)" in page
+    assert "&lt;b&gt;no such key&lt;/b&gt;" in page and "<b>no such key</b>" not in page
+    assert page.count('<tr class="toolcall">') == 2
