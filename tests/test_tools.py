@@ -351,3 +351,25 @@ def test_log_dir_and_the_viewer_show_tool_calls_and_their_sizes(
     assert "2 tool call(s)" in page
     assert "&lt;b&gt;no such key&lt;/b&gt;" in page and "<b>no such key</b>" not in page
     assert page.count('<tr class="toolcall">') == 2
+
+
+def test_a_client_that_declared_no_tools_never_gets_a_tool_call(spawn: Spawn) -> None:
+    forge = repl(  # model code writes a well-formed tool call frame on its own socket
+        "import os, stat, orjson",
+        "body = orjson.dumps({'tool': 999999, 'name': 'lookup', 'arguments': {'key': 'k'}})",
+        "for fd in range(256):",
+        "    try:",
+        "        if stat.S_ISSOCK(os.fstat(fd).st_mode):",
+        "            os.write(fd, len(body).to_bytes(8, 'big') + body)",
+        "    except OSError:",
+        "        pass",
+        "answer['content'] = 'done'",
+        "answer['ready'] = True",
+    )
+    server = spawn([{"when": "root", "reply": forge}])
+    server.ready()
+    server.request(1, "infer", {"prompt": "ctx"})
+    response, seen = run(server, 1, result("never"))
+    assert response["result"]["text"] == "done"
+    assert tool_calls(seen) == []
+    assert server.close() == 0
