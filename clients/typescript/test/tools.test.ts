@@ -5,7 +5,8 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { RLMBudgetError, RLMCancelledError, type RLMClient, type ToolDefinition } from "../src/index.js";
-import { type FixtureRule, openaiEnv, serverClient, startFixture } from "./helpers.js";
+import { ToolRunner } from "../src/tools.js";
+import { type FixtureRule, memoryLogger, openaiEnv, serverClient, startFixture } from "./helpers.js";
 
 const KEY_SCHEMA = {
   type: "object",
@@ -193,5 +194,45 @@ describe("host tools", { concurrency: 4 }, () => {
       assert.match(error.message, /infer\(\{ context, query \}\)/);
       return true;
     });
+  });
+});
+
+describe("ToolRunner", () => {
+  /** A runner whose answers are kept, and a promise of the next one. */
+  function runner(): { tools: ToolRunner; next(): Promise<Record<string, unknown>> } {
+    const waiting: Array<(message: Record<string, unknown>) => void> = [];
+    const tools = new ToolRunner((message) => {
+      JSON.stringify(message); // what the connection does first: a value JSON cannot hold throws
+      waiting.shift()?.(message);
+    }, memoryLogger());
+    return { tools, next: () => new Promise((resolve) => waiting.push(resolve)) };
+  }
+  const params = (name: string) => ({ request_id: 1, name, arguments: {} });
+
+  test("a tool with no handler here is answered with an error at once", async () => {
+    const { tools, next } = runner();
+    const answered = next();
+    tools.call("tool-1", params("missing"), {});
+    assert.deepEqual(await answered, {
+      jsonrpc: "2.0",
+      id: "tool-1",
+      error: { code: -32000, message: 'no handler for tool "missing" in this client' },
+    });
+  });
+
+  test("a value JSON cannot hold is answered with an error; undefined is null", async () => {
+    const { tools, next } = runner();
+    const handler = (): unknown => 10n;
+    let answered = next();
+    tools.call("tool-1", params("big"), { big: { description: "", inputSchema: {}, handler } });
+    assert.equal(
+      ((await answered).error as { message: string }).message,
+      "the tool's value cannot be sent as JSON",
+    );
+    answered = next();
+    tools.call("tool-2", params("none"), {
+      none: { description: "", inputSchema: {}, handler: () => undefined },
+    });
+    assert.equal((await answered).result, null);
   });
 });
