@@ -13,6 +13,10 @@ library's seam for this, the `_spawn_completion_context` context manager, to han
 an LM handler that is never stopped, because the worker process ends with the completion.
 tests/test_library_seam.py fails loudly if an upgrade moves either seam.
 
+The host tools a job declares are Python functions in the REPL (`HostTool`, given to the
+library as `custom_tools`, so the root prompt lists them): a call is a frame to the server and
+waits for its reply, as a model call does; a refused or failed one raises `ToolError`.
+
 A stored context is not sent: the zygote sets `inherited` to it just before it forks, so the
 worker has it already, shared with the zygote copy-on-write. A session's worker serves one job
 after another; its REPL environment (`SessionState`) lives from one turn to the next, built with

@@ -17,7 +17,9 @@ descriptor tells the zygote to forget a context (its holder exits after its work
 handshake is shielded from cancellation, so a fork once asked for is always answered and its
 worker always ended; the token matches each answer to its request. The server then talks to
 the worker over its socketpair in frames (see frames.py): one job frame in; event frames,
-model-call frames (each answered by a reply frame, made by the broker) and one final frame out.
+model-call frames (each answered by a reply frame, made by the broker), host tool call frames
+(each answered by a reply frame, made by the engine's ToolGate: engine/tools.py) and one final
+frame out.
 End of stream without a final frame means the worker died. Every frame is checked: the worker
 runs model code, and nothing it sends is trusted.
 
