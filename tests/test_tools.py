@@ -373,3 +373,30 @@ def test_a_client_that_declared_no_tools_never_gets_a_tool_call(spawn: Spawn) ->
     assert response["result"]["text"] == "done"
     assert tool_calls(seen) == []
     assert server.close() == 0
+
+
+def test_an_answer_over_the_line_limit_is_a_tool_error(spawn: Spawn) -> None:
+    server = spawn(
+        [{"when": "root", "reply": caught_answer("lookup(key='big')")}],
+        args=["--max-message-bytes", "100000"],
+    )
+    server.ready()
+    server.request(1, "infer", {"prompt": "ctx", "tools": [LOOKUP]})
+    response, _ = run(server, 1, result("x" * 200_000))
+    assert response["result"]["text"] == (
+        "the tool's answer is longer than the server's --max-message-bytes"
+    )
+    assert server.call("status", request_id="s")["result"]["in_flight"] == 0
+    assert server.close() == 0
+
+
+def caught_answer(call: str) -> str:
+    """Model code that answers the ToolError `call` raises, or 'no error'."""
+    return repl(
+        "try:",
+        f"    {call}",
+        "    answer['content'] = 'no error'",
+        "except ToolError as error:",
+        "    answer['content'] = str(error)",
+        "answer['ready'] = True",
+    )
