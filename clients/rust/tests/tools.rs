@@ -49,6 +49,7 @@ fn caught(call: &str) -> String {
 
 #[tokio::test]
 async fn model_code_calls_two_tools_at_once_and_uses_their_values() {
+    repo_or_skip!();
     let code = repl(&[
         "from concurrent.futures import ThreadPoolExecutor",
         "with ThreadPoolExecutor(2) as pool:",
@@ -96,6 +97,7 @@ async fn model_code_calls_two_tools_at_once_and_uses_their_values() {
 
 #[tokio::test]
 async fn a_handlers_error_reaches_model_code_as_tool_error() {
+    repo_or_skip!();
     let (_fixture, client) = setup(&caught("lookup(key='missing')"));
     let request = InferRequest::new("ctx").tool("lookup", "Look up.", key_schema(), |_| async {
         Err::<Value, _>("no record for missing")
@@ -109,6 +111,7 @@ async fn a_handlers_error_reaches_model_code_as_tool_error() {
 
 #[tokio::test]
 async fn a_hanging_handler_hits_tool_timeout_and_is_dropped() {
+    repo_or_skip!();
     let (_fixture, client) = setup(&caught("lookup(key='slow')"));
     let (dropped_tx, dropped) = oneshot::channel::<()>();
     let guard = Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
@@ -134,6 +137,7 @@ async fn a_hanging_handler_hits_tool_timeout_and_is_dropped() {
 
 #[tokio::test]
 async fn cancelling_the_infer_drops_its_pending_tool_call() {
+    repo_or_skip!();
     let (_fixture, client) = setup(&answer("lookup(key='x')"));
     let (started_tx, started) = oneshot::channel::<()>();
     let (dropped_tx, dropped) = oneshot::channel::<()>();
@@ -168,6 +172,7 @@ async fn cancelling_the_infer_drops_its_pending_tool_call() {
 
 #[tokio::test]
 async fn invalid_arguments_never_reach_the_handler() {
+    repo_or_skip!();
     let (_fixture, client) = setup(&caught("lookup(key=5)"));
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
@@ -186,6 +191,7 @@ async fn invalid_arguments_never_reach_the_handler() {
 
 #[tokio::test]
 async fn max_tool_calls_ends_the_request_with_budget_exceeded() {
+    repo_or_skip!();
     let code = repl(&[
         "for key in 'abc':",
         "    lookup(key=key)",
@@ -208,6 +214,7 @@ async fn max_tool_calls_ends_the_request_with_budget_exceeded() {
 
 #[tokio::test]
 async fn a_sessions_tools_serve_each_turn() {
+    repo_or_skip!();
     let (_fixture, client) = setup(&answer("lookup(key='t')"));
     let request = SessionRequest::new().tool(
         "lookup",
