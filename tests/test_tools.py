@@ -289,6 +289,7 @@ def test_tool_declarations_are_checked(spawn: Spawn) -> None:
         ([{**LOOKUP, "name": "class"}], "tools.0.name"),
         ([{**LOOKUP, "input_schema": {"type": "no-such-type"}}], "tools.0.input_schema"),
         ([{**LOOKUP, "inputSchema": {}}], "tools.0.inputSchema"),
+        ([{**LOOKUP, "input_schema": {"description": "x" * 70_000}}], "tools.0.input_schema"),
         ([LOOKUP, LOOKUP], "tools.1.name"),
         ({"lookup": LOOKUP}, "tools"),
     ]

@@ -119,7 +119,10 @@ class ToolGate:
 
             validator = jsonschema.Draft202012Validator(tool.input_schema)
             self._validators[tool.name] = validator
-        error = next(iter(validator.iter_errors(arguments)), None)
+        try:
+            error = next(iter(validator.iter_errors(arguments)), None)
+        except RecursionError:
+            return "(the arguments): nested too deeply to check"
         if error is None:
             return None
         where = "/".join(str(part) for part in error.absolute_path) or "(the arguments)"

@@ -550,7 +550,7 @@ export interface ToolDeclaration {
   name: string;
   description: string;
   /**
-   * A JSON Schema (2020-12) for the keyword arguments, as one object: every call's arguments are checked against it before the client sees them.
+   * A JSON Schema (2020-12, at most 65536 bytes as JSON) for the keyword arguments, as one object: every call's arguments are checked against it before the client sees them.
    */
   input_schema: {};
 }

@@ -120,29 +120,30 @@ def _checked(raw: Any, rules: Mapping[str, _OptionRule], prefix: str) -> Json:
     return {k: v for k, v in raw.items() if v is not None}
 
 
-ANSWER_SCHEMA_BYTES = 64 * 1024  # the largest options.answer_schema, as compact JSON
+SCHEMA_BYTES = 64 * 1024  # the largest answer or tool input schema, as compact JSON
 SCHEMA_ERROR_CHARS = 300  # of the validator's words on a schema that is not one
 
 
-def check_answer_schema(schema: Json) -> None:
-    """`options.answer_schema` must be a draft 2020-12 JSON Schema of at most 64 KiB: refused
-    here, before any model call, rather than failing in the worker. jsonschema is imported on
-    the first schema: the server's start never needs it."""
+def check_schema(field: str, schema: Json) -> None:
+    """A schema of a request (`options.answer_schema`, a tool's `input_schema`) must be a draft
+    2020-12 JSON Schema of at most 64 KiB: refused here, before any model call, rather than
+    failing in the worker. jsonschema is imported on the first schema: the server's start never
+    needs it."""
     try:
         size = len(orjson.dumps(schema))
     except orjson.JSONEncodeError:  # an integer beyond 64 bits, read by the surrogate path
-        raise InvalidParams("options.answer_schema", "holds a number out of range") from None
-    if size > ANSWER_SCHEMA_BYTES:
-        raise InvalidParams("options.answer_schema", "must be at most 65536 bytes as JSON")
+        raise InvalidParams(field, "holds a number out of range") from None
+    if size > SCHEMA_BYTES:
+        raise InvalidParams(field, "must be at most 65536 bytes as JSON")
     from jsonschema import Draft202012Validator, SchemaError
 
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as error:
         reason = f"not a valid JSON Schema (draft 2020-12): {error.message}"
-        raise InvalidParams("options.answer_schema", reason[:SCHEMA_ERROR_CHARS]) from None
+        raise InvalidParams(field, reason[:SCHEMA_ERROR_CHARS]) from None
     except RecursionError:
-        raise InvalidParams("options.answer_schema", "nested too deeply to check") from None
+        raise InvalidParams(field, "nested too deeply to check") from None
 
 
 def parse_options(raw: Any) -> InferOptions:
@@ -154,7 +155,7 @@ def parse_options(raw: Any) -> InferOptions:
             _checked(options["budget"], BUDGET_RULES, "options.budget.")
         )
     if "answer_schema" in options:
-        check_answer_schema(options["answer_schema"])
+        check_schema("options.answer_schema", options["answer_schema"])
     elif "answer_repairs" in options:
         raise InvalidParams("options.answer_repairs", "only with options.answer_schema")
     return InferOptions(**options)
@@ -233,12 +234,7 @@ def _tool(field: str, raw: Any) -> ToolSpec:
     schema = raw.get("input_schema")
     if not isinstance(schema, dict):
         raise InvalidParams(f"{field}.input_schema", "must be a JSON Schema object")
-    import jsonschema  # only for a request that declares tools
-
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError:
-        raise InvalidParams(f"{field}.input_schema", "is not a valid JSON Schema") from None
+    check_schema(f"{field}.input_schema", schema)
     return ToolSpec(_tool_name(f"{field}.name", raw.get("name")), description, schema)
 
 
