@@ -78,6 +78,7 @@ def _int_between(low: int, high: int | None) -> _OptionRule:
 
 _NON_EMPTY = _OptionRule(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
 _BOOL = _OptionRule(lambda v: isinstance(v, bool), "true or false")
+_SECONDS = _OptionRule(lambda v: _is_number(v) and v > 0, "a number of seconds above 0")
 
 OPTION_RULES: Mapping[str, _OptionRule] = {
     "backend": _OptionRule(lambda v: v in BACKENDS, "one of " + ", ".join(BACKENDS)),
@@ -86,13 +87,13 @@ OPTION_RULES: Mapping[str, _OptionRule] = {
     "base_url": _NON_EMPTY,
     "max_iterations": _int_between(1, 1000),
     "max_depth": _int_between(1, 10),
-    "timeout_s": _OptionRule(lambda v: _is_number(v) and v > 0, "a number of seconds above 0"),
+    "timeout_s": _SECONDS,
     "temperature": _OptionRule(lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
     "max_tokens": _int_between(1, None),
     "progress": _BOOL,
     "trajectory": _BOOL,
     "budget": _OptionRule(lambda v: isinstance(v, dict), "an object"),
-    "tool_timeout_s": _OptionRule(lambda v: _is_number(v) and v > 0, "a number of seconds above 0"),
+    "tool_timeout_s": _SECONDS,
     "answer_schema": _OptionRule(lambda v: isinstance(v, dict), "a JSON Schema object"),
     "answer_repairs": _int_between(0, 100),
 }
@@ -228,6 +229,7 @@ def _tool(field: str, raw: Any) -> ToolSpec:
     if not isinstance(raw, dict):
         raise InvalidParams(field, "must be an object with name, description and input_schema")
     _refuse_unknown({k: v for k, v in raw.items() if k not in TOOL_FIELDS}, field + ".")
+    name = _tool_name(f"{field}.name", raw.get("name"))
     description = raw.get("description")
     if not isinstance(description, str) or len(description) > TOOL_DESCRIPTION_CHARS:
         raise InvalidParams(f"{field}.description", "must be a string of at most 4096 characters")
@@ -235,7 +237,7 @@ def _tool(field: str, raw: Any) -> ToolSpec:
     if not isinstance(schema, dict):
         raise InvalidParams(f"{field}.input_schema", "must be a JSON Schema object")
     check_schema(f"{field}.input_schema", schema)
-    return ToolSpec(_tool_name(f"{field}.name", raw.get("name")), description, schema)
+    return ToolSpec(name, description, schema)
 
 
 def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
