@@ -401,3 +401,12 @@ def caught_answer(call: str) -> str:
         "    answer['content'] = str(error)",
         "answer['ready'] = True",
     )
+
+
+def test_tools_need_the_local_repl(spawn: Spawn) -> None:
+    server = spawn(env={"ELIZA_RLM_ENV": "docker"})
+    server.ready()
+    for method, params in (("infer", {"prompt": "ctx"}), ("session/open", {})):
+        response = server.call(method, {**params, "tools": [LOOKUP]})
+        assert response["error"]["data"]["field"] == "tools", response
+    assert server.close() == 0

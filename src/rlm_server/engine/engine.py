@@ -319,6 +319,7 @@ class Engine:
         """Run one request; `sequence` is the number of the input line that carried it, `host`
         the front end that runs its host tools (None: it declares none)."""
         self._admit_or_refuse(sequence, request.size)
+        self.check_tools(request.tools)
         session = None if request.session_id is None else self.sessions.get(request.session_id)
         spec = RunSpec.resolve(self.config, request.options, self._environ)
         await self._check_prices(spec, request.options)
@@ -327,6 +328,12 @@ class Engine:
                 return await self._admitted(
                     request, spec, source, session, request_id, notify, host
                 )
+
+    def check_tools(self, tools: tuple[ToolSpec, ...]) -> None:
+        """Host tools are functions in the worker's own REPL: a remote REPL (docker, modal...)
+        could not call back through the worker's channel, so they are refused there."""
+        if tools and self.config.environment != "local":
+            raise InvalidParams("tools", "host tools need the local REPL (--environment local)")
 
     async def ask_model(self, prompt: str, options: InferOptions | None = None) -> Json:
         """One plain call to the request's root model, with no REPL: `prompt` is the whole

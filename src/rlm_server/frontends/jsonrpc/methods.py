@@ -432,7 +432,9 @@ async def session_open(
 ) -> Result:
     _refuse_unknown(unknown)
     named = _string("context_id", context_id) if _given(context_id) else None
-    session = ctx.session.engine.sessions.open(named, parse_tools(tools))
+    declared = parse_tools(tools)
+    ctx.session.engine.check_tools(declared)
+    session = ctx.session.engine.sessions.open(named, declared)
     return _success({"session_id": session.id})
 
 
