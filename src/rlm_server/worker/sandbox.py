@@ -43,37 +43,49 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 # Every protection, in the order they are applied; `status` reports those in force.
+UNPRIVILEGED_UID = "unprivileged_uid"
 USER_NAMESPACE = "user_namespace"
 PID_NAMESPACE = "pid_namespace"
 NETWORK_NAMESPACE = "network_namespace"
 IPC_NAMESPACE = "ipc_namespace"
+DISK_LIMIT = "disk_limit"
 NO_CAPABILITIES = "no_capabilities"
 NO_NEW_PRIVS = "no_new_privs"
 NOT_DUMPABLE = "not_dumpable"
 LANDLOCK_FILESYSTEM = "landlock_filesystem"
 LANDLOCK_SIGNALS = "landlock_signals"
 SECCOMP = "seccomp"
+NO_UNIX_SOCKETS = "no_unix_sockets"
+NO_SHARED_MEMORY = "no_shared_memory"
 RESOURCE_LIMITS = "resource_limits"
 PROCESS_LIMIT = "process_limit"
 PRIVATE_TMP = "private_tmp"
+PRIVATE_OUTPUT = "private_output"
 PROTECTIONS = (
+    UNPRIVILEGED_UID,
     USER_NAMESPACE,
     PID_NAMESPACE,
     NETWORK_NAMESPACE,
     IPC_NAMESPACE,
+    DISK_LIMIT,
     NO_CAPABILITIES,
     NO_NEW_PRIVS,
     NOT_DUMPABLE,
     LANDLOCK_FILESYSTEM,
     LANDLOCK_SIGNALS,
     SECCOMP,
+    NO_UNIX_SOCKETS,
+    NO_SHARED_MEMORY,
     RESOURCE_LIMITS,
     PROCESS_LIMIT,
     PRIVATE_TMP,
+    PRIVATE_OUTPUT,
 )
-PORTABLE = (RESOURCE_LIMITS, PRIVATE_TMP)  # what every POSIX platform has
+PORTABLE = (RESOURCE_LIMITS, PRIVATE_TMP, PRIVATE_OUTPUT)  # what every POSIX platform has
+ALWAYS = (PRIVATE_TMP, PRIVATE_OUTPUT)  # the server's side: applied even with --sandbox off
 
 # Resource limits of one worker (the address space is --worker-memory-mb).
 MAX_PROCESSES = 300  # threads count: the LM handler serves each connection in one
@@ -83,6 +95,12 @@ MAX_FILE_BYTES = 4 << 30
 MAX_CPU_S = 3600
 PID_BYTES = 8  # the keeper's first words on the worker's socket: the worker's pid
 PROBE_DIRECTORY = "/"  # what the probe's Landlock rules name: it writes nothing, and exits
+NOBODY = 65534  # the overflow uid and gid: what a worker of a root server runs as
+PRIVATE_TMP_PATH = "/tmp"  # where a worker with a disk limit sees its own tmpfs
+INODES_PER_MB = 64  # files on that tmpfs: their inodes are kernel memory beside its size
+MIN_INODES = 1024
+PROBE_DISK_MB = 1
+MS_NOSUID, MS_NODEV = 2, 4
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -134,7 +152,53 @@ def namespace_flags(protections: Iterable[str]) -> int:
     flags |= CLONE_NEWPID if PID_NAMESPACE in chosen else 0
     flags |= CLONE_NEWNET if NETWORK_NAMESPACE in chosen else 0
     flags |= CLONE_NEWIPC if IPC_NAMESPACE in chosen else 0
+    flags |= CLONE_NEWNS if DISK_LIMIT in chosen else 0
     return flags
+
+
+def become_unprivileged() -> None:
+    """As root, before the user namespace: become `nobody`, so that whatever model code
+    reaches sees that uid, never the server's (root's files, sockets and processes are not
+    its own any more). The credential change clears the parent-death signal: set it again."""
+    parent = os.getppid()
+    _set_nobody()
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _set_nobody() -> None:
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)
+
+
+def _readable_by_nobody() -> None:
+    """Model code imports from the interpreter's files: `nobody` must be able to read them
+    (a virtual environment under /root is not). Tried in a child, which exits."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _set_nobody()
+            wanted = os.R_OK | os.X_OK
+            code = 0 if all(os.access(p, wanted) for p in readable_paths()) else 1
+        finally:
+            os._exit(code)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        raise SandboxError("nobody cannot read the interpreter's files")
+
+
+def mount_private_tmp(megabytes: int) -> None:
+    """In the worker's own mount namespace (owned by its user namespace, so nothing mounted
+    here reaches the host): a tmpfs of `megabytes` (0: no size) over /tmp, its directory.
+    Its files count together against the size and vanish with the namespace, whatever
+    modes model code gave them; the host's /tmp is hidden."""
+    inodes = max(megabytes, MIN_INODES // INODES_PER_MB) * INODES_PER_MB
+    options = f"size={megabytes}m,nr_inodes={inodes},mode=0700" if megabytes else "mode=0700"
+    flags = ctypes.c_ulong(MS_NOSUID | MS_NODEV)
+    target = PRIVATE_TMP_PATH.encode()
+    _check(_libc.mount(b"tmpfs", target, b"tmpfs", flags, options.encode()), "mount tmpfs")
 
 
 def _write(path: str, text: str) -> None:
@@ -202,6 +266,7 @@ LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
 FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 FS_TRUNCATE = 1 << 14
+FS_RESOLVE_UNIX = 1 << 16  # connect to a socket file (Linux 7.1+)
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 FS_RIGHTS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}
 FS_READ = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
@@ -231,16 +296,18 @@ def readable_paths() -> list[str]:
 
 def landlock(workdir: str, scope_signals: bool) -> None:
     """Read the interpreter and the system, write only `workdir`; with `scope_signals` (ABI 6),
-    signal nothing outside our own domain and reach no abstract socket outside it."""
+    signal nothing outside our own domain and reach no abstract socket outside it. Where the
+    kernel knows it (Linux 7.1+), a socket file outside `workdir` cannot be connected to
+    either (the seccomp rule of `no_unix_sockets` stops that everywhere)."""
     abi = landlock_abi()
     if abi < 1:
         raise SandboxError("Landlock is not available")
-    handled = _fs_rights(abi)
+    handled = _fs_rights(abi) | FS_RESOLVE_UNIX
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if scope_signals and abi >= 6 else 0
-    attr = struct.pack("QQQ", handled, 0, scoped) if scoped else struct.pack("Q", handled)
-    ruleset = _check(
-        _libc.syscall(LANDLOCK_CREATE_RULESET, ctypes.c_char_p(attr), len(attr), 0), "landlock"
-    )
+    ruleset = _ruleset(handled, scoped)
+    if ruleset == -1:  # EINVAL: a kernel without that right
+        handled &= ~FS_RESOLVE_UNIX
+        ruleset = _check(_ruleset(handled, scoped), "landlock")
     try:
         for path in readable_paths():
             _allow(ruleset, path, FS_READ & handled)
@@ -250,6 +317,11 @@ def landlock(workdir: str, scope_signals: bool) -> None:
         _check(_libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
     finally:
         os.close(ruleset)
+
+
+def _ruleset(handled: int, scoped: int) -> int:
+    attr = struct.pack("QQQ", handled, 0, scoped) if scoped else struct.pack("Q", handled)
+    return int(_libc.syscall(LANDLOCK_CREATE_RULESET, ctypes.c_char_p(attr), len(attr), 0))
 
 
 def _allow(ruleset: int, path: str, rights: int) -> None:
@@ -271,33 +343,91 @@ def _allow(ruleset: int, path: str, rights: int) -> None:
 
 # -- seccomp -------------------------------------------------------------------------------
 
-AUDIT_ARCH = {"x86_64": (0xC000003E, 157), "aarch64": (0xC00000B7, 167)}  # arch, __NR_prctl
-BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
+BPF_LD_W_ABS, BPF_ALU_AND_K, BPF_JEQ_K, BPF_JGE_K, BPF_RET_K = 0x20, 0x54, 0x15, 0x35, 0x06
 SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
 EPERM = 1
+X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 calls: the same arch, other numbers
+AF_UNIX, SOCK_DGRAM, SOCK_TYPE_MASK = 1, 2, 0xF
+ANY = 0xFFFFFFFF
+
+
+class Rule(NamedTuple):
+    """Refuse (EPERM) a system call, or only when the low word of one argument, masked,
+    equals a value."""
+
+    call: str
+    argument: int | None = None
+    mask: int = ANY
+    value: int = 0
+
+
+# arch, and the numbers of the calls the rules name
+AUDIT_ARCH = {
+    "x86_64": (
+        0xC000003E,
+        {"prctl": 157, "socket": 41, "socketpair": 53, "shmget": 29, "memfd_create": 319},
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {"prctl": 167, "socket": 198, "socketpair": 199, "shmget": 194, "memfd_create": 279},
+    ),
+}
+SAME_EVERYWHERE = {"io_uring_setup": 425, "memfd_secret": 447}
+RULES = {
+    # it cannot clear the parent-death signal that ties it to its request
+    SECCOMP: (Rule("prctl", 0, ANY, PR_SET_PDEATHSIG),),
+    # no socket by path: no AF_UNIX socket but its own socketpairs (connected, and not
+    # datagrams, which could connect again), and no io_uring, whose operations make and
+    # connect sockets without a system call this filter sees
+    NO_UNIX_SOCKETS: (
+        Rule("socket", 0, ANY, AF_UNIX),
+        Rule("socketpair", 1, SOCK_TYPE_MASK, SOCK_DGRAM),
+        Rule("io_uring_setup"),
+    ),
+    # no memory that its address space limit does not count: memfds, System V segments
+    # (/dev/shm is outside what Landlock lets it write)
+    NO_SHARED_MEMORY: (Rule("memfd_create"), Rule("memfd_secret"), Rule("shmget")),
+}
 
 
 def _machine() -> str:
     return os.uname().machine
 
 
-def seccomp_keep_death_signal() -> None:
-    """Refuse `prctl(PR_SET_PDEATHSIG)`: the worker dies with its keeper, and model code may
-    not undo that to outlive its request and the server. Other architectures' calls (i386 on
-    x86_64) are refused whole."""
-    arch, prctl_nr = AUDIT_ARCH[_machine()]
-    refuse = SECCOMP_RET_ERRNO | EPERM
+def seccomp_program(protections: Iterable[str]) -> list[tuple[int, int, int, int]]:
+    """The filter for these protections: other architectures' calls (i386 and x32 on
+    x86_64) are refused whole, then each rule is a block that returns EPERM when it
+    matches and falls through to the next when it does not."""
+    arch, numbers = AUDIT_ARCH[_machine()]
+    numbers = {**numbers, **SAME_EVERYWHERE}
+    refuse = (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | EPERM)
     program = [
         (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         (BPF_JEQ_K, 1, 0, arch),
-        (BPF_RET_K, 0, 0, refuse),
+        refuse,
         (BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
-        (BPF_JEQ_K, 0, 3, prctl_nr),
-        (BPF_LD_W_ABS, 0, 0, 16),  # low word of args[0]
-        (BPF_JEQ_K, 0, 1, PR_SET_PDEATHSIG),
-        (BPF_RET_K, 0, 0, refuse),
-        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        (BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
+        refuse,
     ]
+    chosen = set(protections)
+    for rule in (rule for name, rules in RULES.items() if name in chosen for rule in rules):
+        test = []
+        if rule.argument is not None:
+            test.append((BPF_LD_W_ABS, 0, 0, 16 + 8 * rule.argument))  # low word of args[i]
+            if rule.mask != ANY:
+                test.append((BPF_ALU_AND_K, 0, 0, rule.mask))
+            test.append((BPF_JEQ_K, 0, 1, rule.value))
+        program += [
+            (BPF_LD_W_ABS, 0, 0, 0),
+            (BPF_JEQ_K, 0, len(test) + 1, numbers[rule.call]),
+            *test,
+            refuse,
+        ]
+    return [*program, (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW)]
+
+
+def install_seccomp(protections: Iterable[str]) -> None:
+    program = seccomp_program(protections)
     filters = b"".join(struct.pack("HBBI", *instruction) for instruction in program)
     buffer = ctypes.create_string_buffer(filters, len(filters))
     fprog = ctypes.create_string_buffer(struct.pack("@HP", len(program), ctypes.addressof(buffer)))
@@ -332,27 +462,35 @@ def limit_pids(processes: int) -> None:
 
 
 class Plan:
-    """Which protections to apply: what the zygote is told."""
+    """Which protections to apply, and the disk limit: what the zygote is told."""
 
-    def __init__(self, protections: Iterable[str]) -> None:
+    def __init__(self, protections: Iterable[str], disk_mb: int = 0) -> None:
         self.protections = frozenset(protections)
+        self.disk_mb = disk_mb
 
     def has(self, protection: str) -> bool:
         return protection in self.protections
 
     def encode(self) -> str:
-        return ",".join(sorted(self.protections))
+        return f"{self.disk_mb}:" + ",".join(sorted(self.protections))
 
     @classmethod
     def decode(cls, text: str) -> Plan:
-        return cls(p for p in text.split(",") if p)
+        disk_mb, _, protections = text.partition(":")
+        return cls((p for p in protections.split(",") if p), int(disk_mb))
 
 
 def keep(plan: Plan, sock: socket.socket, serve: Callable[[], None], workdir: str) -> None:
     """In the zygote's child: confine, start the job, tell the server which pid to kill, and
-    wait to be killed (never reaping, so that pid stays ours until the server has killed it)."""
+    wait to be killed (never reaping, so that pid stays ours until the server has killed it).
+    With a disk limit the worker's directory is its own tmpfs at /tmp, not `workdir`."""
+    if plan.has(UNPRIVILEGED_UID):
+        become_unprivileged()
     _prctl(PR_SET_DUMPABLE, 1)  # not dumpable (inherited), /proc/self/uid_map is not ours
     enter_namespaces(namespace_flags(plan.protections))
+    if plan.has(DISK_LIMIT):
+        mount_private_tmp(plan.disk_mb)
+        workdir = PRIVATE_TMP_PATH
     if plan.has(NOT_DUMPABLE):
         not_dumpable()
     if not plan.has(PID_NAMESPACE):
@@ -406,7 +544,7 @@ def confine(plan: Plan, workdir: str) -> None:
     if plan.has(LANDLOCK_FILESYSTEM):
         landlock(workdir, plan.has(LANDLOCK_SIGNALS))
     if plan.has(SECCOMP):
-        seccomp_keep_death_signal()
+        install_seccomp(plan.protections)
     os.chdir(workdir)
     import tempfile  # the zygote's, already imported: not the server's before `ready`
 
@@ -417,10 +555,12 @@ def confine(plan: Plan, workdir: str) -> None:
 
 
 class Probe:
-    """The protections that work on this machine, tried one after another in one throwaway
+    """The protections that work on this machine, tried one after another in a throwaway
     child (a fork of us, made before any thread starts) as a worker applies them; a step that
-    fails is left out and the rest still tried. Started early, read when needed, so that the
-    server's imports overlap it."""
+    fails is left out and the rest still tried. A root server tries it twice, as root and as
+    `nobody`, and takes `nobody` when that loses nothing (a kernel may refuse `nobody` a user
+    namespace that it gives root). Started early, read when needed, so that the server's
+    imports overlap it."""
 
     def __init__(self, level: str) -> None:
         self.level = level
@@ -434,25 +574,59 @@ class Probe:
         self._pid = os.fork()
         if self._pid == 0:
             os.close(read)
-            _probe_child(write, PROBE_DIRECTORY)
+            _probe_child(write)
         os.close(write)
         self._answer = read
 
     def result(self) -> tuple[list[str], list[str]]:
         """(the protections to apply, the ones this level wants that are missing)."""
         if self.level == "off":
-            return [PRIVATE_TMP], []
+            return list(ALWAYS), []
         working = list(PORTABLE)
         if self._pid:
-            with os.fdopen(self._answer, "rb") as answer:
-                working = answer.read().decode().split(",")
-            os.waitpid(self._pid, 0)
+            working = _answer_of(self._pid, self._answer)
         wanted = PROTECTIONS if is_linux() else PORTABLE
         return [p for p in PROTECTIONS if p in working], [p for p in wanted if p not in working]
 
 
-def _probe_child(answer: int, workdir: str) -> None:
-    working: list[str] = [PRIVATE_TMP]
+def _answer_of(pid: int, answer: int) -> list[str]:
+    with os.fdopen(answer, "rb") as f:
+        working = f.read().decode().split(",")
+    os.waitpid(pid, 0)
+    return [p for p in working if p]
+
+
+def _probe_child(answer: int) -> None:
+    working: list[str] = []
+    try:
+        os.setsid()
+        working = _probe_in_child(unprivileged=False)
+        if os.geteuid() == 0:
+            as_nobody = _probe_in_child(unprivileged=True)
+            if UNPRIVILEGED_UID in as_nobody and set(working) <= set(as_nobody):
+                working = as_nobody
+        os.write(answer, ",".join(working).encode())
+    finally:
+        os._exit(0)
+
+
+def _probe_in_child(unprivileged: bool) -> list[str]:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.write(write, ",".join(_probe_steps(unprivileged)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    return _answer_of(pid, read)
+
+
+def _probe_steps(unprivileged: bool) -> list[str]:
+    """Each protection in turn, as a worker applies them; what worked. As `nobody`, only
+    with a private /tmp (its directory under the server's may not be reachable for it)."""
+    working: list[str] = list(ALWAYS)
 
     def attempt(protection: str, step: Callable[[], object]) -> None:
         try:
@@ -461,27 +635,43 @@ def _probe_child(answer: int, workdir: str) -> None:
         except (OSError, SandboxError, ValueError, KeyError):
             pass
 
-    try:
-        os.setsid()
-        _prctl(PR_SET_DUMPABLE, 1)
-        attempt(USER_NAMESPACE, lambda: enter_namespaces(CLONE_NEWUSER))
-        attempt(PID_NAMESPACE, lambda: enter_namespaces(CLONE_NEWPID))
-        attempt(NETWORK_NAMESPACE, lambda: enter_namespaces(CLONE_NEWNET))
-        attempt(IPC_NAMESPACE, lambda: enter_namespaces(CLONE_NEWIPC))
-        attempt(PROCESS_LIMIT, lambda: _process_limit_probe(working))
-        attempt(RESOURCE_LIMITS, lambda: limit_resources(0))
-        attempt(NO_CAPABILITIES, drop_capabilities)
-        attempt(NO_NEW_PRIVS, no_new_privs)
-        attempt(NOT_DUMPABLE, not_dumpable)
-        if NO_NEW_PRIVS in working:
-            attempt(LANDLOCK_FILESYSTEM, lambda: landlock(workdir, scope_signals=False))
-            if landlock_abi() >= 6:
-                attempt(LANDLOCK_SIGNALS, lambda: landlock(workdir, scope_signals=True))
-            if _machine() in AUDIT_ARCH:
-                attempt(SECCOMP, _seccomp_probe)
-        os.write(answer, ",".join(working).encode())
-    finally:
-        os._exit(0)
+    if unprivileged:
+        attempt(UNPRIVILEGED_UID, _readable_by_nobody)
+        if UNPRIVILEGED_UID not in working:
+            return []
+        become_unprivileged()
+    _prctl(PR_SET_DUMPABLE, 1)
+    attempt(USER_NAMESPACE, lambda: enter_namespaces(CLONE_NEWUSER))
+    attempt(PID_NAMESPACE, lambda: enter_namespaces(CLONE_NEWPID))
+    attempt(NETWORK_NAMESPACE, lambda: enter_namespaces(CLONE_NEWNET))
+    attempt(IPC_NAMESPACE, lambda: enter_namespaces(CLONE_NEWIPC))
+    if USER_NAMESPACE in working:
+        attempt(DISK_LIMIT, _disk_limit_probe)
+    if unprivileged and DISK_LIMIT not in working:
+        return []
+    attempt(PROCESS_LIMIT, lambda: _process_limit_probe(working))
+    attempt(RESOURCE_LIMITS, lambda: limit_resources(0))
+    attempt(NO_CAPABILITIES, drop_capabilities)
+    attempt(NO_NEW_PRIVS, no_new_privs)
+    attempt(NOT_DUMPABLE, not_dumpable)
+    if NO_NEW_PRIVS in working:
+        attempt(LANDLOCK_FILESYSTEM, lambda: landlock(PROBE_DIRECTORY, scope_signals=False))
+        if landlock_abi() >= 6:
+            attempt(LANDLOCK_SIGNALS, lambda: landlock(PROBE_DIRECTORY, scope_signals=True))
+        if _machine() in AUDIT_ARCH:
+            with contextlib.suppress(OSError, SandboxError):
+                working += _seccomp_probe()
+    return working
+
+
+def _disk_limit_probe() -> None:
+    """A tmpfs over /tmp in a mount namespace of our own; not when the interpreter lives
+    under /tmp (the worker would no longer see it)."""
+    below = PRIVATE_TMP_PATH + os.sep
+    if any(os.path.realpath(p).startswith(below) for p in readable_paths()):
+        raise SandboxError("the interpreter lives under /tmp")
+    enter_namespaces(CLONE_NEWNS)
+    mount_private_tmp(PROBE_DISK_MB)
 
 
 def _process_limit_probe(working: list[str]) -> None:
@@ -504,7 +694,24 @@ def _process_limit_probe(working: list[str]) -> None:
         raise SandboxError("nothing bounds this worker's processes")
 
 
-def _seccomp_probe() -> None:
-    seccomp_keep_death_signal()
-    if _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(0), 0, 0, 0) != -1:
-        raise SandboxError("the seccomp filter let prctl(PR_SET_PDEATHSIG) through")
+def _seccomp_probe() -> list[str]:
+    """The filter with every rule, then what each rule must stop, tried."""
+    install_seccomp(RULES)
+    working = []
+    if _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(0), 0, 0, 0) == -1:
+        working.append(SECCOMP)
+        if _refused(lambda: socket.socket(socket.AF_UNIX).close()):
+            for end in socket.socketpair():  # what the library needs still works
+                end.close()
+            working.append(NO_UNIX_SOCKETS)
+        if _refused(lambda: os.close(os.memfd_create("probe"))):
+            working.append(NO_SHARED_MEMORY)
+    return working
+
+
+def _refused(step: Callable[[], object]) -> bool:
+    try:
+        step()
+    except PermissionError:
+        return True
+    return False
