@@ -40,6 +40,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 import struct
 import sys
 from collections.abc import Callable, Iterable
@@ -100,7 +101,10 @@ PRIVATE_TMP_PATH = "/tmp"  # where a worker with a disk limit sees its own tmpfs
 INODES_PER_MB = 64  # files on that tmpfs: their inodes are kernel memory beside its size
 MIN_INODES = 1024
 PROBE_DISK_MB = 1
-MS_NOSUID, MS_NODEV = 2, 4
+MS_NOSUID, MS_NODEV, MS_REC, MS_SLAVE = 2, 4, 1 << 14, 1 << 19
+OPEN_TREE, MOVE_MOUNT = 428, 429  # the same numbers on every architecture
+OPEN_TREE_CLONE, AT_RECURSIVE, MOVE_EMPTY_PATH, AT_FDCWD = 1, 0x8000, 0x4, -100
+EXPOSED_MB = 1  # the tmpfs that hides a closed directory holds only mount points
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -173,6 +177,9 @@ def _set_nobody() -> None:
     os.setresuid(NOBODY, NOBODY, NOBODY)
 
 
+_READ_MODE = {True: os.R_OK | os.X_OK, False: os.R_OK}  # by: is it a directory
+
+
 def _readable_by_nobody() -> None:
     """Model code imports from the interpreter's files: `nobody` must be able to read them
     (a virtual environment under /root is not). Tried in a child, which exits."""
@@ -181,12 +188,59 @@ def _readable_by_nobody() -> None:
         code = 1
         try:
             _set_nobody()
-            wanted = os.R_OK | os.X_OK
-            code = 0 if all(os.access(p, wanted) for p in readable_paths()) else 1
+            readable = all(os.access(p, _READ_MODE[os.path.isdir(p)]) for p in readable_paths())
+            code = 0 if readable else 1
         finally:
             os._exit(code)
     if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
         raise SandboxError("nobody cannot read the interpreter's files")
+
+
+def expose_to_nobody() -> None:
+    """As root, before becoming `nobody`: where a directory above the interpreter's files is
+    closed to others (a pyenv under /root, mode 0700), hide that directory under a tmpfs in
+    a mount namespace of our own (nothing propagates to the host) and put bind mounts of
+    the interpreter's files back in it at the same paths. Nothing else under it is seen."""
+    hidden = _hidden_from_nobody()
+    if not hidden:
+        return
+    _check(_libc.unshare(ctypes.c_int(CLONE_NEWNS)), "unshare")
+    slave = ctypes.c_ulong(MS_REC | MS_SLAVE)
+    _check(_libc.mount(b"none", b"/", None, slave, None), "mount --make-rslave /")
+    for top, paths in hidden.items():
+        clones = [(path, _open_tree(path)) for path in paths]
+        flags = ctypes.c_ulong(MS_NOSUID | MS_NODEV)
+        options = f"mode=0755,size={EXPOSED_MB}m".encode()
+        _check(_libc.mount(b"tmpfs", top.encode(), b"tmpfs", flags, options), "mount tmpfs")
+        for path, tree in clones:
+            if os.path.isdir(f"/proc/self/fd/{tree}"):
+                os.makedirs(path, mode=0o755, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+            moved = _libc.syscall(MOVE_MOUNT, tree, b"", AT_FDCWD, path.encode(), MOVE_EMPTY_PATH)
+            os.close(tree)
+            _check(moved, f"move_mount {path}")
+
+
+def _open_tree(path: str) -> int:
+    flags = OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC
+    return _check(_libc.syscall(OPEN_TREE, AT_FDCWD, path.encode(), flags), f"open_tree {path}")
+
+
+def _hidden_from_nobody() -> dict[str, list[str]]:
+    """{a directory closed to others: the interpreter's paths below it}."""
+    paths = sorted({os.path.realpath(p) for p in readable_paths()})
+    tops = [p for p in paths if not any(p.startswith(q + os.sep) for q in paths)]
+    hidden: dict[str, list[str]] = {}
+    for path in tops:
+        parts = path.split(os.sep)[1:-1]
+        for depth in range(1, len(parts) + 1):
+            ancestor = os.sep + os.sep.join(parts[:depth])
+            if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                hidden.setdefault(ancestor, []).append(path)
+                break
+    return hidden
 
 
 def mount_private_tmp(megabytes: int) -> None:
@@ -485,6 +539,7 @@ def keep(plan: Plan, sock: socket.socket, serve: Callable[[], None], workdir: st
     wait to be killed (never reaping, so that pid stays ours until the server has killed it).
     With a disk limit the worker's directory is its own tmpfs at /tmp, not `workdir`."""
     if plan.has(UNPRIVILEGED_UID):
+        expose_to_nobody()
         become_unprivileged()
     _prctl(PR_SET_DUMPABLE, 1)  # not dumpable (inherited), /proc/self/uid_map is not ours
     enter_namespaces(namespace_flags(plan.protections))
@@ -636,7 +691,7 @@ def _probe_steps(unprivileged: bool) -> list[str]:
             pass
 
     if unprivileged:
-        attempt(UNPRIVILEGED_UID, _readable_by_nobody)
+        attempt(UNPRIVILEGED_UID, lambda: (expose_to_nobody(), _readable_by_nobody()))
         if UNPRIVILEGED_UID not in working:
             return []
         become_unprivileged()
