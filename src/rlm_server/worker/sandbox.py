@@ -3,15 +3,23 @@
 Model code is an attacker's (a sentence in the context can steer the model), so before a
 worker runs it, the process it runs in is confined with every protection the kernel offers:
 
+- a root server's worker becomes `nobody` first, so that whatever it reaches (a socket's peer,
+  a file's owner check) sees that uid, never root's; where the interpreter lives under a
+  directory closed to others, a mount namespace of its own binds the interpreter's files back
+  under a tmpfs that hides that directory;
 - a user namespace of its own (an identity map: root outside keeps no capability over the host),
   and in it a PID namespace (it cannot see or signal the server, the zygote or a sibling, and
   everything it starts dies with it), a network namespace (no network; only its own loopback,
-  where the library's LM handler listens) and an IPC namespace;
+  where the library's LM handler listens), an IPC namespace, and a mount namespace whose /tmp
+  is a tmpfs of `--worker-disk-mb`: its directory, all its files bounded together, gone with it;
 - no capabilities left, `PR_SET_NO_NEW_PRIVS`, and not dumpable (no process can read its memory
   through /proc, and it cannot read theirs);
 - Landlock: it reads only the interpreter's and the system's files and writes only its own
   directory; and it cannot signal anything outside itself;
-- seccomp: it cannot clear the parent-death signal that ties it to its request;
+- seccomp: it cannot clear the parent-death signal that ties it to its request, make an AF_UNIX
+  socket other than a connected socketpair (Landlock up to ABI 7 does not govern connecting to
+  a socket file), use io_uring, or make memory its address space limit does not count (memfds,
+  System V segments);
 - resource limits: open files, file size, CPU time, no core files (the address space limit is
   the zygote's `--worker-memory-mb`), and processes: its PID namespace's own `pid_max` (Linux
   6.14+), which binds root too, where `RLIMIT_NPROC` does not (uid 0 is exempt from it even in

@@ -8,11 +8,13 @@ it once and builds the default model clients; forking from it takes a few millis
 nothing one request's model code did can be seen by the next.
 
 The zygote is told to fork over a SOCK_SEQPACKET control socket: a message with a token and the
-worker's directory, carrying the child's end of a fresh socketpair (SCM_RIGHTS); it answers with
-the token and the child's pid. The message may also name a stored context (its id, file and
-kind, after a NUL): the zygote hands it to that context's holder (zygote.py), which read the
-file once into a `str` (or list), forks the worker and answers; the worker inherits the context
-copy-on-write as its `context`, and the server never sends it. A message with token 0 and no
+worker's directory, carrying the child's end of a fresh socketpair and the write end of a pipe
+that becomes the worker's fds 1 and 2 (SCM_RIGHTS); it answers with the token and the child's
+pid. We drain that pipe into our log while the worker runs a job (WorkerOutput). The message
+may also name a stored context (its id, file and kind, after a NUL): the zygote hands it to
+that context's holder (zygote.py), which read the file once into a `str` (or list), forks the
+worker and answers; the worker inherits the context copy-on-write as its `context`, and the
+server never sends it. A message with token 0 and no
 descriptor tells the zygote to forget a context (its holder exits after its workers). The
 handshake is shielded from cancellation, so a fork once asked for is always answered and its
 worker always ended; the token matches each answer to its request. The server then talks to
@@ -26,7 +28,8 @@ no provider key and no `ELIZA_RLM_*` setting reaches model code.
 
 Each worker leads its own session, so killing its process group ends whatever model code
 started, and works in a private directory (its cwd and TMPDIR) that the server removes when the
-worker ends, however it ends.
+worker ends, however it ends, and whatever modes model code left in it (with a disk limit, the
+worker sees its own tmpfs instead, and the directory here stays empty).
 
 A session's worker (`LongWorker`) is forked the same way and serves one job after another over
 the same socket, so its REPL keeps its variables from one turn to the next.
