@@ -699,7 +699,7 @@ def _probe_steps(unprivileged: bool) -> list[str]:
             pass
 
     if unprivileged:
-        attempt(UNPRIVILEGED_UID, lambda: (expose_to_nobody(), _readable_by_nobody()))
+        attempt(UNPRIVILEGED_UID, _unprivileged_probe)
         if UNPRIVILEGED_UID not in working:
             return []
         become_unprivileged()
@@ -725,6 +725,13 @@ def _probe_steps(unprivileged: bool) -> list[str]:
             with contextlib.suppress(OSError, SandboxError):
                 working += _seccomp_probe()
     return working
+
+
+def _unprivileged_probe() -> None:
+    """As a worker does it: the interpreter exposed (in our own mount namespace), then read
+    by `nobody` (in a child)."""
+    expose_to_nobody()
+    _readable_by_nobody()
 
 
 def _disk_limit_probe() -> None:
