@@ -724,6 +724,8 @@ def _probe_steps(unprivileged: bool) -> list[str]:
         if _machine() in AUDIT_ARCH:
             with contextlib.suppress(OSError, SandboxError):
                 working += _seccomp_probe()
+    if LANDLOCK_FILESYSTEM not in working and NO_SHARED_MEMORY in working:
+        working.remove(NO_SHARED_MEMORY)  # /dev/shm would be writable: memory by another name
     return working
 
 
