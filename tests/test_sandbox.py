@@ -90,6 +90,12 @@ def _attack(targets: dict[str, int], port: int, secret: Path, mark: str, unix: P
         "def shared_segment():",
         "    if ctypes.CDLL(None, use_errno=True).shmget(0, 1 << 20, 0o1600) == -1:",
         "        raise PermissionError('shmget refused')",
+        "def io_uring():",  # its operations connect sockets out of seccomp's sight
+        "    params = ctypes.create_string_buffer(120)",
+        "    fd = ctypes.CDLL(None, use_errno=True).syscall(425, 8, params)",
+        "    if fd == -1:",
+        "        raise PermissionError('io_uring_setup refused')",
+        "    return fd",
         "def fill(megabytes):",
         "    written = 0",
         "    try:",
@@ -131,6 +137,7 @@ def _attack(targets: dict[str, int], port: int, secret: Path, mark: str, unix: P
         f"attempt('unix_socket', lambda: unix_connect({str(unix)!r}))",
         "attempt('unix_datagram_pair', datagram_pair)",
         "attempt('unix_stream_pair', stream_pair)",
+        "attempt('io_uring', io_uring)",
         "attempt('uid', os.getuid)",
         "attempt('memfd', lambda: os.memfd_create('hoard'))",
         "attempt('shm_segment', shared_segment)",
@@ -318,6 +325,7 @@ def test_it_reaches_no_socket_file_of_the_host(attacked: Attacked) -> None:
     attacked.need("no_unix_sockets")
     attacked.refused("unix_socket")
     attacked.refused("unix_datagram_pair")  # a datagram socket could connect again by path
+    attacked.refused("io_uring")
     assert attacked.report["unix_stream_pair"] == ["done", "'made'"]  # the library needs them
 
 
