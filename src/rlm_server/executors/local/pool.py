@@ -268,10 +268,19 @@ class WorkerOutput:
             while self._read():
                 await anyio.wait_readable(self._fd)
         finally:
-            self._read()
-            self._line(self._pending)
-            if self._dropped:
-                log.info("%s: %d more bytes of output not logged", label, self._dropped)
+            self._finish()
+
+    def log_now(self, label: str) -> None:
+        """Log what the pipe holds now: a worker that failed to start says why there."""
+        self._label, self._left, self._dropped, self._pending = label, OUTPUT_BYTES, 0, b""
+        self._finish()
+
+    def _finish(self) -> None:
+        self._read()
+        self._line(self._pending)
+        self._pending = b""
+        if self._dropped:
+            log.info("%s: %d more bytes of output not logged", self._label, self._dropped)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -562,7 +571,11 @@ async def _started(worker: Worker) -> None:
         with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
             await worker.receive_job_pid()
     except TimeoutError:
+        worker.output.log_now("a worker that did not start")
         raise WorkerCrashed(reason="the worker did not start") from None
+    except WorkerCrashed:
+        worker.output.log_now("a worker that failed to start")
+        raise
 
 
 def _final(final: Json | None) -> Json:
