@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import os
 import resource
 import signal
@@ -188,20 +189,10 @@ def _set_nobody() -> None:
 _READ_MODE = {True: os.R_OK | os.X_OK, False: os.R_OK}  # by: is it a directory
 
 
-def _readable_by_nobody() -> None:
-    """Model code imports from the interpreter's files: `nobody` must be able to read them
-    (a virtual environment under /root is not). Tried in a child, which exits."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            _set_nobody()
-            readable = all(os.access(p, _READ_MODE[os.path.isdir(p)]) for p in readable_paths())
-            code = 0 if readable else 1
-        finally:
-            os._exit(code)
-    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
-        raise SandboxError("nobody cannot read the interpreter's files")
+def _readable() -> bool:
+    """Can we (`nobody`, in the probe) read the interpreter's files, which model code imports
+    from? A virtual environment under /root, exposed or not, may say no."""
+    return all(os.access(p, _READ_MODE[os.path.isdir(p)]) for p in readable_paths())
 
 
 def expose_to_nobody() -> None:
@@ -236,8 +227,10 @@ def _open_tree(path: str) -> int:
     return _check(_libc.syscall(OPEN_TREE, AT_FDCWD, path.encode(), flags), f"open_tree {path}")
 
 
+@functools.cache
 def _hidden_from_nobody() -> dict[str, list[str]]:
-    """{a directory closed to others: the interpreter's paths below it}."""
+    """{a directory closed to others: the interpreter's paths below it}. Found once, by the
+    zygote (`prepare`), before it forks."""
     paths = sorted({os.path.realpath(p) for p in readable_paths()})
     tops = [p for p in paths if not any(p.startswith(q + os.sep) for q in paths)]
     hidden: dict[str, list[str]] = {}
@@ -542,6 +535,12 @@ class Plan:
         return cls((p for p in protections.split(",") if p), int(disk_mb))
 
 
+def prepare(plan: Plan) -> None:
+    """In the zygote, once: what every worker would otherwise work out again."""
+    if plan.has(UNPRIVILEGED_UID):
+        _hidden_from_nobody()
+
+
 def keep(plan: Plan, sock: socket.socket, serve: Callable[[], None], workdir: str) -> None:
     """In the zygote's child: confine, start the job, tell the server which pid to kill, and
     wait to be killed (never reaping, so that pid stays ours until the server has killed it).
@@ -620,10 +619,9 @@ def confine(plan: Plan, workdir: str) -> None:
 class Probe:
     """The protections that work on this machine, tried one after another in a throwaway
     child (a fork of us, made before any thread starts) as a worker applies them; a step that
-    fails is left out and the rest still tried. A root server tries it twice, as root and as
-    `nobody`, and takes `nobody` when that loses nothing (a kernel may refuse `nobody` a user
-    namespace that it gives root). Started early, read when needed, so that the server's
-    imports overlap it."""
+    fails is left out and the rest still tried. A root server tries, at the same time in
+    another child, what `nobody` needs (a kernel may refuse `nobody` a user namespace that it
+    gives root). Started early, read when needed, so that the server's imports overlap it."""
 
     def __init__(self, level: str) -> None:
         self.level = level
@@ -660,35 +658,34 @@ def _answer_of(pid: int, answer: int) -> list[str]:
 
 
 def _probe_child(answer: int) -> None:
-    working: list[str] = []
+    """The steps here; for a root server, at the same time, what `nobody` needs in a child."""
     try:
         os.setsid()
-        working = _probe_in_child(unprivileged=False)
-        if os.geteuid() == 0:
-            as_nobody = _probe_in_child(unprivileged=True)
-            if UNPRIVILEGED_UID in as_nobody and set(working) <= set(as_nobody):
-                working = as_nobody
+        as_nobody = _start_try(_nobody_steps) if os.geteuid() == 0 else None
+        working = _probe_steps()
+        if as_nobody is not None and _answer_of(*as_nobody) and DISK_LIMIT in working:
+            working.append(UNPRIVILEGED_UID)
         os.write(answer, ",".join(working).encode())
     finally:
         os._exit(0)
 
 
-def _probe_in_child(unprivileged: bool) -> list[str]:
+def _start_try(steps: Callable[[], list[str]]) -> tuple[int, int]:
+    """(the child's pid, the pipe it answers on with what worked)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read)
-            os.write(write, ",".join(_probe_steps(unprivileged)).encode())
+            os.write(write, ",".join(steps()).encode())
         finally:
             os._exit(0)
     os.close(write)
-    return _answer_of(pid, read)
+    return pid, read
 
 
-def _probe_steps(unprivileged: bool) -> list[str]:
-    """Each protection in turn, as a worker applies them; what worked. As `nobody`, only
-    with a private /tmp (its directory under the server's may not be reachable for it)."""
+def _probe_steps() -> list[str]:
+    """Each protection in turn, as a worker applies them; what worked."""
     working: list[str] = list(ALWAYS)
 
     def attempt(protection: str, step: Callable[[], object]) -> None:
@@ -698,11 +695,6 @@ def _probe_steps(unprivileged: bool) -> list[str]:
         except (OSError, SandboxError, ValueError, KeyError):
             pass
 
-    if unprivileged:
-        attempt(UNPRIVILEGED_UID, _unprivileged_probe)
-        if UNPRIVILEGED_UID not in working:
-            return []
-        become_unprivileged()
     _prctl(PR_SET_DUMPABLE, 1)
     attempt(USER_NAMESPACE, lambda: enter_namespaces(CLONE_NEWUSER))
     attempt(PID_NAMESPACE, lambda: enter_namespaces(CLONE_NEWPID))
@@ -710,8 +702,6 @@ def _probe_steps(unprivileged: bool) -> list[str]:
     attempt(IPC_NAMESPACE, lambda: enter_namespaces(CLONE_NEWIPC))
     if USER_NAMESPACE in working:
         attempt(DISK_LIMIT, _disk_limit_probe)
-    if unprivileged and DISK_LIMIT not in working:
-        return []
     attempt(PROCESS_LIMIT, lambda: _process_limit_probe(working))
     attempt(RESOURCE_LIMITS, lambda: limit_resources(0))
     attempt(NO_CAPABILITIES, drop_capabilities)
@@ -729,11 +719,21 @@ def _probe_steps(unprivileged: bool) -> list[str]:
     return working
 
 
-def _unprivileged_probe() -> None:
-    """As a worker does it: the interpreter exposed (in our own mount namespace), then read
-    by `nobody` (in a child)."""
-    expose_to_nobody()
-    _readable_by_nobody()
+def _nobody_steps() -> list[str]:
+    """What a root server's worker does first to run as `nobody`, then what differs for
+    `nobody` from root's try: its user namespace and, in it, its private /tmp (it may not
+    reach its directory under the server's). The rest is the same for any uid."""
+    try:
+        expose_to_nobody()
+        become_unprivileged()
+        if not _readable():
+            return []
+        _prctl(PR_SET_DUMPABLE, 1)
+        enter_namespaces(CLONE_NEWUSER)
+        _disk_limit_probe()
+    except (OSError, SandboxError):
+        return []
+    return [UNPRIVILEGED_UID]
 
 
 def _disk_limit_probe() -> None:

@@ -232,6 +232,7 @@ def main(argv: list[str]) -> int:
     if plan.has(sandbox.NOT_DUMPABLE):
         sandbox.not_dumpable()
     warm_up()
+    sandbox.prepare(plan)
     gc.freeze()  # the workers' collections must not write to what the zygote made
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     holders = _Holders(control, memory_mb, plan)
