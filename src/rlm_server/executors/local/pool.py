@@ -14,10 +14,10 @@ pid. We drain that pipe into our log while the worker runs a job (WorkerOutput).
 may also name a stored context (its id, file and kind, after a NUL): the zygote hands it to
 that context's holder (zygote.py), which read the file once into a `str` (or list), forks the
 worker and answers; the worker inherits the context copy-on-write as its `context`, and the
-server never sends it. A message with token 0 and no
-descriptor tells the zygote to forget a context (its holder exits after its workers). The
-handshake is shielded from cancellation, so a fork once asked for is always answered and its
-worker always ended; the token matches each answer to its request. The server then talks to
+server never sends it. A message with token 0 and no descriptor tells the zygote to forget a
+context (its holder exits after its workers). The handshake is shielded from cancellation, so a
+fork once asked for is always answered and its worker always ended; the token matches each
+answer to its request. The server then talks to
 the worker over its socketpair in frames (see frames.py): one job frame in; event frames,
 model-call frames (each answered by a reply frame, made by the broker) and one final frame out.
 End of stream without a final frame means the worker died. Every frame is checked: the worker
