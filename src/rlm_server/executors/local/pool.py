@@ -17,11 +17,11 @@ worker and answers; the worker inherits the context copy-on-write as its `contex
 server never sends it. A message with token 0 and no descriptor tells the zygote to forget a
 context (its holder exits after its workers). The handshake is shielded from cancellation, so a
 fork once asked for is always answered and its worker always ended; the token matches each
-answer to its request. The server then talks to
-the worker over its socketpair in frames (see frames.py): one job frame in; event frames,
-model-call frames (each answered by a reply frame, made by the broker) and one final frame out.
-End of stream without a final frame means the worker died. Every frame is checked: the worker
-runs model code, and nothing it sends is trusted.
+answer to its request. The server then talks to the worker over its socketpair in frames (see
+frames.py): one job frame in; event frames, model-call frames (each answered by a reply frame,
+made by the broker) and one final frame out. End of stream without a final frame means the
+worker died. Every frame is checked: the worker runs model code, and nothing it sends is
+trusted.
 
 The zygote, and so every worker, starts from an environment with nothing but what Python needs:
 no provider key and no `ELIZA_RLM_*` setting reaches model code.
