@@ -22,7 +22,7 @@ from mcp.server.context import ServerRequestContext
 from mcp.shared.exceptions import MCPError
 
 from rlm_server.config import Config
-from rlm_server.errors import InternalError, InvalidParams, RpcError
+from rlm_server.errors import InternalError, InvalidParams, RpcError, first_of
 from rlm_server.frontends.mcp import paths
 from rlm_server.frontends.mcp.bridge import Bridge, Json
 
@@ -254,18 +254,26 @@ class Tools:
 
     async def _ask(self, ctx: Context, arguments: Json) -> Json:
         text, context_id, sources = await self._source(arguments, allow_context=True)
-        progress = _Progress(ctx) if _progress_token(ctx) is not None else None
-        async with anyio.create_task_group() as forwarding:
-            if progress is not None:
+        if _progress_token(ctx) is None:
+            result = await self._bridge.ask(
+                arguments["question"], text, context_id, arguments, None
+            )
+            return _answer(result, sources)
+        progress = _Progress(ctx)
+        failure: RpcError | None = None
+        try:
+            async with anyio.create_task_group() as forwarding:
                 forwarding.start_soon(progress.forward)
-            try:
-                on_event = None if progress is None else progress.event
-                result = await self._bridge.ask(
-                    arguments["question"], text, context_id, arguments, on_event
-                )
-            finally:
-                if progress is not None:
+                try:
+                    result = await self._bridge.ask(
+                        arguments["question"], text, context_id, arguments, progress.event
+                    )
+                finally:
                     progress.close()
+        except* RpcError as failed:  # raised inside the task group
+            failure = first_of(failed, RpcError)
+        if failure is not None:
+            raise failure
         return _answer(result, sources)
 
     async def _load(self, ctx: Context, arguments: Json) -> Json:
