@@ -5,6 +5,7 @@ the real `rlm` library over real HTTP to the scripted model."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import secrets
 import subprocess
@@ -63,24 +64,20 @@ class Connected:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self.pid = _server_pid()
 
     async def ask(self, **arguments: Any) -> CallToolResult:
         return await self.client.call_tool("rlm_ask", arguments)
 
     def workers(self) -> set[int]:
         """Every process below the zygote: workers and what they started."""
-        return alive(descendants(zygote_of(self.pid)))
+        return alive(descendants(zygote_of(_server_pid())))
 
 
 def _server_pid() -> int:
-    """The `rlm-server mcp` process the client spawned (our child)."""
-    found = [
-        pid
-        for pid in alive(descendants(os.getpid()))
-        if parent_of(pid) == os.getpid() and b"\0mcp" in cmdline_of(pid)
-    ]
-    assert len(found) == 1, found
+    """The `rlm-server mcp` process the client spawned (our child, the only one)."""
+    children = [pid for pid in alive(descendants(os.getpid())) if parent_of(pid) == os.getpid()]
+    found = [pid for pid in children if b"\0mcp" in cmdline_of(pid)]
+    assert len(found) == 1, [cmdline_of(pid) for pid in children]
     return found[0]
 
 
@@ -124,6 +121,13 @@ def _text(result: CallToolResult) -> str:
     [block] = result.content
     assert block.type == "text"
     return block.text
+
+
+def _error(result: CallToolResult) -> dict[str, Any]:
+    """A tool error's `data`: the JSON on the line after the one for people."""
+    assert result.is_error and result.structured_content is None, result
+    data: dict[str, Any] = json.loads(_text(result).splitlines()[1])
+    return data
 
 
 def _needle() -> tuple[str, str]:
@@ -204,17 +208,19 @@ async def test_a_path_outside_allow_path_is_refused_naming_it(
         (through_link, str(allowed / "out" / "hostname")),
         (up_and_out, f"{allowed}/../*"),
     ):
-        assert result.is_error
-        assert f"{named} is outside every --allow-path directory" in _text(result)
-        assert result.structured_content["error"]["type"] == "invalid_params"
+        assert _error(result) == {
+            "type": "invalid_params",
+            "field": "paths",
+            "reason": f"{named} is outside every --allow-path directory",
+        }
+        assert _text(result).startswith("Invalid params (invalid_params): paths: ")
     assert llm.script.stats()["requests"] == 0
 
 
 async def test_paths_are_refused_without_allow_path(llm: FixtureServer, mode: str) -> None:
     async with connect(llm, mode) as server:
         result = await server.ask(question="q", paths=[str(Path.cwd())])
-    assert result.is_error
-    assert "started without --allow-path" in _text(result)
+    assert "started without --allow-path" in _error(result)["reason"]
 
 
 async def test_the_size_limit_skips_files_and_says_so(
@@ -251,8 +257,7 @@ async def test_a_stored_context_is_asked_listed_read_and_dropped(
     assert resource.name == context_id and resource.size == stored["bytes"]
     assert context_id in read.contents[0].text  # type: ignore[union-attr]
     assert dropped.structured_content == {"dropped": True}
-    assert gone.is_error, gone
-    assert gone.structured_content["error"].get("field") == "context_id", gone
+    assert _error(gone)["field"] == "context_id"
     assert listed_after == []
 
 
@@ -324,10 +329,14 @@ async def test_failures_are_tool_errors_with_the_contract_types(
         with pytest.raises(MCPError) as no_such_tool:
             await server.client.call_tool("rlm_nothing", {})
         llm.script.released.set()
-    assert late.is_error and late.structured_content["error"]["type"] == "deadline_exceeded"
-    assert _text(late) == "Deadline exceeded (deadline_exceeded)"
-    assert both.is_error and "give exactly one of" in _text(both)
-    assert unknown.is_error and unknown.structured_content["error"]["field"] == "verbose"
+    assert _error(late) == {"type": "deadline_exceeded", "timeout_s": 0.5}
+    assert _text(late).splitlines()[0] == "Deadline exceeded (deadline_exceeded)"
+    assert _error(both)["field"] == "context_id" and "exactly one of" in _error(both)["reason"]
+    assert _error(unknown) == {
+        "type": "invalid_params",
+        "field": "verbose",
+        "reason": "unknown argument",
+    }
     assert no_such_tool.value.code == -32602
 
 

@@ -1,10 +1,10 @@
 """The tools an MCP host sees (`rlm_ask`, `rlm_load`, `rlm_drop`), the stored contexts as
 resources, and what a call does with the engine.
 
-A tool that fails answers a tool error (`isError`), its text and `structuredContent.error`
-carrying the same stable `type` names as the JSON-RPC contract (`invalid_params`,
-`deadline_exceeded`, ...), so a model can read what went wrong and try again; a fixed message,
-never exception text. An unknown tool or resource is a protocol error, as MCP says.
+A tool that fails answers a tool error (`isError`) whose text carries the same stable `type`
+names and `data` as the JSON-RPC contract (`invalid_params`, `deadline_exceeded`, ...), so a
+model can read what went wrong and try again; a fixed message, never exception text. An
+unknown tool or resource is a protocol error, as MCP says.
 """
 
 from __future__ import annotations
@@ -448,15 +448,16 @@ def _cut(value: Any) -> Any:
 
 
 def _tool_error(error: RpcError) -> types.CallToolResult:
-    """A failed call as MCP says: a result with isError, for the model to read."""
+    """A failed call as MCP says: a result with isError, for the model to read. One line says
+    what failed and its stable type; the next is the JSON-RPC contract's `data` (the type, the
+    field, the usage spent so far, ...). No structured content: it would have to match the
+    output schema, which describes answers."""
     data = error.data
-    text = f"{error.message} ({data['type']})"
+    line = f"{error.message} ({data['type']})"
     if "field" in data:
-        text += f": {data['field']}: {data['reason']}"
+        line += f": {data['field']}: {data['reason']}"
     return types.CallToolResult(
-        content=[types.TextContent(text=text)],
-        structured_content={"error": {"message": error.message, **data}},
-        is_error=True,
+        content=[types.TextContent(text=line + "\n" + _json(data))], is_error=True
     )
 
 
