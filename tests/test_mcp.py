@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -353,6 +354,36 @@ async def test_model_code_printing_never_reaches_the_host(llm: FixtureServer, mo
         result = await server.ask(question="q", text="x")
         again = await server.ask(question="q", text="x")
     assert _text(result) == _text(again) == "quiet answer"
+
+
+@pytest.mark.parametrize("grace", ["30", "0.5"])
+async def test_sigterm_drains_running_calls_within_the_grace(
+    llm: FixtureServer, mode: str, grace: str
+) -> None:
+    """A running call finishes (30 s of grace), or is cancelled when the grace ends first;
+    then the server exits."""
+    held = [{"when": "root", "hold": True, "reply": answer_with("context")}]
+    results: list[CallToolResult] = []
+    async with connect(llm, mode, held, ["--shutdown-grace", grace]) as server:
+        await server.client.list_tools()  # the client checks results against the schemas
+
+        async def ask() -> None:
+            results.append(await server.ask(question="q", text="finished"))
+
+        async with anyio.create_task_group() as calls:
+            calls.start_soon(ask)
+            assert await until(lambda: llm.script.stats()["in_flight"] == 1)
+            pid = _server_pid()
+            os.kill(pid, signal.SIGTERM)
+            if grace == "30":
+                llm.script.released.set()
+        assert await until(lambda: not alive([pid])), "the server exited"
+    llm.script.released.set()
+    [result] = results
+    if grace == "30":
+        assert _text(result) == "finished"
+    else:
+        assert _error(result) == {"type": "cancelled"}
 
 
 def test_without_the_sdk_mcp_mode_exits_2_with_one_line() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from rlm_server.config import Config
 from rlm_server.engine.engine import Engine, InferOptions, InferRequest
 from rlm_server.engine.store import StoredContext
+from rlm_server.errors import ShuttingDown
 
 Json = dict[str, Any]
 OnEvent = Callable[[Json], None]
@@ -23,6 +24,7 @@ class Bridge:
         self.engine = Engine(config, environ)
         self._numbers = itertools.count(1)
         self._last = 0
+        self._accepting = True
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -31,6 +33,7 @@ class Bridge:
 
     def refuse_new(self) -> None:
         """Every call from now on is refused (shutting_down); those running go on."""
+        self._accepting = False
         self.engine.admit_through(self._last)
 
     def cancel_all(self) -> None:
@@ -72,6 +75,8 @@ class Bridge:
         return await self.engine.infer(request, f"mcp-{number}", notify, number)
 
     async def load(self, text: str) -> StoredContext:
+        if not self._accepting:
+            raise ShuttingDown()
         return await self.engine.contexts.load_text(text)
 
     async def drop(self, context_id: str) -> bool:

@@ -5,9 +5,10 @@ and points fd 1 at stderr before anything runs, and the SDK's stdio transport is
 descriptors (it would otherwise claim fds 0 and 1 itself), so nothing that a library, model
 code or a child process prints reaches the host.
 
-Stopping: end of input or SIGTERM refuses new calls and lets running ones finish for
---shutdown-grace, then cancels them; a second SIGTERM, SIGINT or the death of the host cancels
-them at once. Then the workers are stopped and the process exits 0.
+Stopping: end of input or SIGTERM refuses new calls (a tool error `shutting_down`), lets the
+running ones finish for --shutdown-grace, then cancels the rest (a tool error `cancelled`
+each); a second SIGTERM, SIGINT or the death of the host cancels them at once. Only then does
+the SDK see the end of its input; the workers are stopped and the process exits 0.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import anyio
+from anyio.abc import TaskGroup
 
 from rlm_server import SERVER_NAME, __version__
 from rlm_server.cli import configured, sandboxed
@@ -48,27 +50,41 @@ INSTRUCTIONS = (
 
 class _Input:
     """The host's lines, for the SDK's stdio transport: read from the private descriptor on the
-    event loop (no thread to outlive a stop), any length up to --max-message-bytes."""
+    event loop (no thread to outlive a stop), any length up to --max-message-bytes. The SDK
+    sees the end of its input only once the server has drained (`at_end`): it answers every
+    call still running "Connection closed" as soon as it does."""
 
-    def __init__(self, fd: int, max_bytes: int, on_end: Callable[[], None]) -> None:
+    def __init__(self, fd: int, max_bytes: int, at_end: Callable[[], Awaitable[None]]) -> None:
         self._stream = FdReceiveStream(fd, persistent=True)
         self._reader = LineReader(self._stream, max_bytes)
-        self._on_end = on_end
+        self._at_end = at_end
+        self._stopped = False
+        self._reading: anyio.CancelScope | None = None  # the read under way
 
     def __aiter__(self) -> _Input:
         return self
 
     async def __anext__(self) -> str:
         while True:
-            line = await self._reader.next_line()
-            if line is None:
+            line = None
+            if not self._stopped:
+                with anyio.CancelScope() as self._reading:
+                    line = await self._reader.next_line()
+                self._reading = None
+            if line is None:  # the end of the input, or a stop
                 await self._stream.aclose()
-                self._on_end()
+                await self._at_end()
                 raise StopAsyncIteration
             if isinstance(line, OversizedLine):
                 log.warning("a message over --max-message-bytes (%d) was discarded", line.limit)
                 continue
             return bytes(line).decode("utf-8", "replace")
+
+    def stop(self) -> None:
+        """Read no more: the SDK is told the input ended (once the server has drained)."""
+        self._stopped = True
+        if self._reading is not None:
+            self._reading.cancel()
 
 
 class _Output:
@@ -94,28 +110,30 @@ class McpServer:
         self._config = config
         self._claim = claim
         self._bridge = Bridge(config, environ)
-        tools = Tools(self._bridge, config)
+        self._tools = Tools(self._bridge, config)
         self._app: Server[Any] = Server(
             SERVER_NAME,
             version=__version__,
             instructions=INSTRUCTIONS,
-            on_list_tools=tools.list_tools,
-            on_call_tool=tools.call_tool,
-            on_list_resources=tools.list_resources,
-            on_read_resource=tools.read_resource,
+            on_list_tools=self._tools.list_tools,
+            on_call_tool=self._tools.call_tool,
+            on_list_resources=self._tools.list_resources,
+            on_read_resource=self._tools.read_resource,
         )
-        self._serving: anyio.CancelScope  # made in `run`: ends when the grace does
+        self._input = _Input(claim.read_fd, config.max_message_bytes, self._at_end_of_input)
+        self._grace = anyio.CancelScope(deadline=math.inf)  # its deadline ends the grace
+        self._watching: TaskGroup  # signals, the host's death, the drain
+        self._drained = anyio.Event()
         self._stopping = False
 
     async def run(self) -> int:
-        self._serving = anyio.CancelScope(deadline=math.inf)
         self._bridge.start()
         try:
-            async with anyio.create_task_group() as watching:
+            async with anyio.create_task_group() as self._watching:
+                watching = self._watching
                 watching.start_soon(self._watch_signals)
                 watching.start_soon(ParentWatch().wait_gone, lambda: self.stop(0))
-                with self._serving:
-                    await self._serve()
+                await self._serve()
                 watching.cancel_scope.cancel()
         finally:
             self._bridge.stop()
@@ -124,30 +142,44 @@ class McpServer:
     async def _serve(self) -> None:
         from mcp.server.stdio import stdio_server
 
-        lines = _Input(
-            self._claim.read_fd,
-            self._config.max_message_bytes,
-            lambda: self.stop(self._config.shutdown_grace_s),
-        )
-        async with stdio_server(cast(Any, lines), cast(Any, _Output(self._claim.write_fd))) as (
-            read_stream,
-            write_stream,
-        ):
-            await self._app.run(
-                read_stream, write_stream, self._app.create_initialization_options()
-            )
+        output = _Output(self._claim.write_fd)
+        async with stdio_server(cast(Any, self._input), cast(Any, output)) as (reads, writes):
+            await self._app.run(reads, writes, self._app.create_initialization_options())
 
     def stop(self, grace_s: float) -> None:
-        """Refuse new calls; cancel the running ones `grace_s` from now at the latest."""
+        """Refuse new calls; the running ones have `grace_s` from now at most, then they are
+        cancelled, and the input ends. Until then the host's other requests (a tools/list
+        to check a result, say) are still answered."""
+        if not self._stopping:
+            self._watching.start_soon(self._drain)
         self._stopping = True
         self._bridge.refuse_new()
-        self._serving.deadline = min(self._serving.deadline, anyio.current_time() + grace_s)
+        self._grace.deadline = min(self._grace.deadline, anyio.current_time() + grace_s)
+
+    async def _drain(self) -> None:
+        """Let the running calls finish within the grace, then cancel the rest (each answered
+        as cancelled) and wait for their answers; then end the input."""
+        with self._grace:
+            await self._tools.running.idle()
+        self._bridge.cancel_all()
+        await self._tools.running.idle()
+        self._drained.set()
+        self._input.stop()
+
+    async def _at_end_of_input(self) -> None:
+        self.stop(self._config.shutdown_grace_s)
+        await self._drained.wait()
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 first_term = signum == signal.SIGTERM and not self._stopping
                 self.stop(self._config.shutdown_grace_s if first_term else 0)
+
+
+async def _serve(config: Config, claim: StdioClaim, environ: Mapping[str, str]) -> int:
+    """The server is made on the event loop: its cancel scopes and events need one."""
+    return await McpServer(config, claim, environ).run()
 
 
 def main(argv: Sequence[str]) -> int:
@@ -164,7 +196,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
     claim = claim_stdio()
     try:
-        return anyio.run(McpServer(config, claim, environ).run, backend="asyncio")
+        return anyio.run(_serve, config, claim, environ, backend="asyncio")
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # decided to exit; a late SIGTERM agrees
         claim.release()

@@ -212,10 +212,33 @@ TOOLS = [
 _VALIDATORS = {tool.name: jsonschema.Draft202012Validator(tool.input_schema) for tool in TOOLS}
 
 
+class Running:
+    """How many tool calls are running; `idle` waits until none is."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> None:
+        if self._count == 0:
+            self._idle = anyio.Event()
+        self._count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+
 class Tools:
     """The handlers the SDK's server calls."""
 
     def __init__(self, bridge: Bridge, config: Config) -> None:
+        self.running = Running()
         self._bridge = bridge
         self._config = config
         self._labels: dict[str, str] = {}  # context id: what it was loaded from
@@ -240,8 +263,9 @@ class Tools:
             raise MCPError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
         arguments = params.arguments or {}
         try:
-            _validate(params.name, arguments)
-            structured = await handler(ctx, arguments)
+            with self.running:
+                _validate(params.name, arguments)
+                structured = await handler(ctx, arguments)
         except RpcError as error:
             return _tool_error(error)
         except Exception:
