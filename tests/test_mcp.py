@@ -388,7 +388,7 @@ async def test_sigterm_drains_running_calls_within_the_grace(
 
 def test_without_the_sdk_mcp_mode_exits_2_with_one_line() -> None:
     code = (
-        "import sys; sys.modules['mcp'] = None; sys.modules['mcp.server.lowlevel'] = None;"
+        "import sys; sys.modules['mcp'] = None;"
         "from rlm_server.cli import main; sys.exit(main(['mcp']))"
     )
     done = subprocess.run(

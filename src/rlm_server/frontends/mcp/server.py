@@ -13,13 +13,14 @@ the SDK see the end of its input; the workers are stopped and the process exits 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from anyio.abc import TaskGroup
@@ -36,6 +37,9 @@ from rlm_server.frontends.transport import (
     claim_stdio,
     write_all,
 )
+
+if TYPE_CHECKING:
+    from rlm_server.frontends.mcp.bridge import Bridge
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +105,14 @@ class _Output:
 
 
 class McpServer:
-    def __init__(self, config: Config, claim: StdioClaim, environ: Mapping[str, str]) -> None:
+    def __init__(self, config: Config, claim: StdioClaim, bridge: Bridge) -> None:
         from mcp.server.lowlevel import Server
 
-        from rlm_server.frontends.mcp.bridge import Bridge
         from rlm_server.frontends.mcp.tools import Tools
 
         self._config = config
         self._claim = claim
-        self._bridge = Bridge(config, environ)
+        self._bridge = bridge
         self._tools = Tools(self._bridge, config)
         self._app: Server[Any] = Server(
             SERVER_NAME,
@@ -127,16 +130,11 @@ class McpServer:
         self._stopping = False
 
     async def run(self) -> int:
-        self._bridge.start()
-        try:
-            async with anyio.create_task_group() as self._watching:
-                watching = self._watching
-                watching.start_soon(self._watch_signals)
-                watching.start_soon(ParentWatch().wait_gone, lambda: self.stop(0))
-                await self._serve()
-                watching.cancel_scope.cancel()
-        finally:
-            self._bridge.stop()
+        async with anyio.create_task_group() as self._watching:
+            self._watching.start_soon(self._watch_signals)
+            self._watching.start_soon(ParentWatch().wait_gone, lambda: self.stop(0))
+            await self._serve()
+            self._watching.cancel_scope.cancel()
         return 0
 
     async def _serve(self) -> None:
@@ -178,15 +176,29 @@ class McpServer:
 
 
 async def _serve(config: Config, claim: StdioClaim, environ: Mapping[str, str]) -> int:
-    """The server is made on the event loop: its cancel scopes and events need one."""
-    return await McpServer(config, claim, environ).run()
+    """The workers start first, so the zygote imports `rlm` while this process imports the
+    SDK (about a second); the server is made on the event loop, which its scopes need."""
+    from rlm_server.frontends.mcp.bridge import Bridge
+
+    bridge = Bridge(config, environ)
+    bridge.start()
+    try:
+        return await McpServer(config, claim, bridge).run()
+    finally:
+        bridge.stop()
+
+
+def _sdk_installed() -> bool:
+    """Whether the optional `mcp` extra is there, without importing it yet (slow)."""
+    try:
+        return importlib.util.find_spec("mcp") is not None
+    except ImportError:  # `mcp` itself is missing, or unimportable
+        return False
 
 
 def main(argv: Sequence[str]) -> int:
     """`rlm-server mcp [flags]`: the same flags and environment as the JSON-RPC mode."""
-    try:
-        import mcp.server.lowlevel  # noqa: F401  (an optional extra)
-    except ImportError:
+    if not _sdk_installed():
         print(MISSING_SDK, file=sys.stderr)
         return 2
     environ = dict(os.environ)  # our keys, read once
