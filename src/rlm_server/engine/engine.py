@@ -35,6 +35,7 @@ from rlm_server.errors import (
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
+    InvalidAnswer,
     InvalidParams,
     QueueFull,
     RequestCancelled,
@@ -43,12 +44,14 @@ from rlm_server.errors import (
     first_of,
 )
 from rlm_server.executors.local.pool import CallHandler, Context, WorkerPool
+from rlm_server.worker import frames
 
 Json = dict[str, Any]
 RequestId = str | int | None
 Notify = Callable[[Json], None]
 
 STUB_TEXT = "[RLM STUB] RLM backend not available"
+ANSWER_REPAIRS = 2  # the default of options.answer_repairs
 
 
 class InferOptions(NamedTuple):
@@ -66,6 +69,8 @@ class InferOptions(NamedTuple):
     progress: bool = False
     trajectory: bool = False
     budget: Budget = Budget()  # frozen: one default serves all
+    answer_schema: Json | None = None  # a checked JSON Schema: the answer must match it
+    answer_repairs: int = ANSWER_REPAIRS  # invalid answers the model may still fix
 
 
 class InferRequest(NamedTuple):
@@ -187,8 +192,15 @@ _OUTCOMES = {
 }
 
 
-def _failure(account: Account) -> RpcError:
-    """The error for a completion that ended without an answer: what the broker saw."""
+def _unreported(message: str) -> None:
+    """A retry note nobody asked to hear."""
+
+
+def _failure(account: Account, failure: Json | None = None) -> RpcError:
+    """The error for a call or a completion that ended without an answer: an answer the schema
+    refused to the end (the worker's `failure` frame says so), else what the broker saw."""
+    if failure is not None and failure["kind"] == frames.INVALID_ANSWER:
+        return InvalidAnswer(str(failure.get("validation_error"))[: frames.VALIDATION_ERROR_CHARS])
     if account.exceeded is not None:
         return account.exceeded
     if account.failure is None:  # the completion itself failed (no model call did)
@@ -298,6 +310,34 @@ class Engine:
         async with self._source(request) as source:
             with contextlib.nullcontext() if session is None else self.sessions.active(session):
                 return await self._admitted(request, spec, source, session, request_id, notify)
+
+    async def ask_model(self, prompt: str, options: InferOptions | None = None) -> Json:
+        """One plain call to the request's root model, with no REPL: `prompt` is the whole
+        input. It goes through the broker like every model call (keys, retries, usage, budgets,
+        record and replay), so `rlm-server eval` compares the RLM with the bare model on equal
+        terms. Answers `text`, `usage` and `metadata` as `infer` does; raises as `infer` does
+        (with the usage spent, when there was some)."""
+        options = options or InferOptions()
+        spec = RunSpec.resolve(self.config, options, self._environ)
+        if spec.unavailable_reason is not None:
+            raise BackendUnavailable(reason=spec.unavailable_reason)
+        await self._check_prices(spec, options)
+        account = self.broker.account(spec.budget)
+        started = time.monotonic()
+        reply: Json | None = None
+        with anyio.move_on_after(spec.timeout_s):
+            reply = await self.broker.call(spec.route, account, spec.model, prompt, _unreported)
+        error: RpcError
+        if reply is None:
+            error = DeadlineExceeded(timeout_s=spec.timeout_s)
+        elif "error" in reply:
+            error = _failure(account)
+        else:
+            metadata = self._metadata(spec, 0, started, 1 + account.retries)
+            return {"text": reply["text"], "usage": account.usage(), "metadata": metadata}
+        if account.made_calls:
+            error.data["usage"] = account.usage()
+        raise error
 
     @asynccontextmanager
     async def _source(self, request: InferRequest) -> AsyncIterator[Context]:
@@ -451,6 +491,11 @@ class Engine:
             "progress": request.options.progress,
             "trajectory": request.options.trajectory or self.config.log_dir is not None,
         }
+        if request.options.answer_schema is not None:
+            job["answer"] = {
+                "schema": request.options.answer_schema,
+                "repairs": request.options.answer_repairs,
+            }
 
         def on_retry(message: str) -> None:
             run.progress("retry", message=message)
@@ -470,10 +515,11 @@ class Engine:
         outcome: Json = final.get("result") or final["failure"]
         run.steps += outcome.get("trajectory") or []
         if "result" not in final:
-            raise _failure(account)
+            raise _failure(account, final["failure"])
         result: Json = final["result"]
         response = {
             "text": result["text"],
+            **({"value": result["value"]} if "value" in result else {}),
             "stub": False,
             "usage": account.usage(),  # the broker's count: the whole call tree, every depth
             "metadata": self._metadata(
