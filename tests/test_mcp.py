@@ -386,6 +386,19 @@ async def test_sigterm_drains_running_calls_within_the_grace(
         assert _error(result) == {"type": "cancelled"}
 
 
+async def test_a_trajectory_is_returned_bounded_when_asked(llm: FixtureServer, mode: str) -> None:
+    loud = repl("print('x' * 5000)", 'answer["content"] = "done"', 'answer["ready"] = True')
+    async with connect(llm, mode, [{"when": "root", "reply": loud}]) as server:
+        plain = await server.ask(question="q", text="x")
+        traced = await server.ask(question="q", text="x", trajectory=True)
+    assert "trajectory" not in plain.structured_content
+    [step] = traced.structured_content["trajectory"]  # the client checked the output schema
+    [block] = step["code_blocks"]
+    head, _, tail = block["stdout"].partition("… [")
+    assert head == "x" * 2000 and tail.endswith(" more]")  # cut at 2,000 characters
+    assert step["final_answer"] == "done"
+
+
 def test_without_the_sdk_mcp_mode_exits_2_with_one_line() -> None:
     code = (
         "import sys; sys.modules['mcp'] = None;"
