@@ -229,14 +229,19 @@ async def test_the_size_limit_skips_files_and_says_so(
 ) -> None:
     (tmp_path / "a.txt").write_text("The vault code is SMALL.\n")
     (tmp_path / "b.txt").write_text("x" * 5000)
+    for i in range(120):
+        (tmp_path / f"c{i:03}.bin").write_bytes(b"\0")
     rules = [{"when": "root", "reply": FIND_NEEDLE}]
     args = ["--allow-path", str(tmp_path), "--max-read-bytes", "1000"]
     async with connect(llm, mode, rules, args) as server:
         result = await server.ask(question="code?", paths=[str(tmp_path)])
     assert _text(result) == "SMALL"
-    [skipped] = result.structured_content["sources"]["skipped"]
-    assert skipped["path"].endswith("b.txt")
-    assert skipped["reason"].startswith("over --max-read-bytes (5000 bytes")
+    sources = result.structured_content["sources"]
+    first, *rest = sources["skipped"]
+    assert first["path"].endswith("b.txt")
+    assert first["reason"].startswith("over --max-read-bytes (5000 bytes")
+    assert len(rest) == 99 and {s["reason"] for s in rest} == {"binary"}
+    assert sources["skipped_total"] == 121 and sources["files"] == 1
 
 
 async def test_a_stored_context_is_asked_listed_read_and_dropped(

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from rlm_server.errors import InvalidParams
 
 SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB makes a file binary, as git judges it
+SKIPPED_LISTED = 100  # the report names this many skipped files, and counts them all
 GLOB_MAGIC = ("*", "?", "[")
 FIELD = "paths"
 
@@ -31,7 +32,13 @@ class Gathered(NamedTuple):
     skipped: list[dict[str, str]]
 
     def report(self) -> dict[str, Any]:
-        return {"files": self.files, "bytes": self.bytes, "skipped": self.skipped}
+        """What the caller is told: a long list of skipped files would flood a model's
+        context, so the first SKIPPED_LISTED are named and the rest counted."""
+        report: dict[str, Any] = {"files": self.files, "bytes": self.bytes}
+        report["skipped"] = self.skipped[:SKIPPED_LISTED]
+        if len(self.skipped) > SKIPPED_LISTED:
+            report["skipped_total"] = len(self.skipped)
+        return report
 
 
 def gather(patterns: Sequence[str], allowed: Sequence[str], limit: int) -> Gathered:
@@ -139,13 +146,14 @@ def _read_text(path: str, room: int) -> tuple[str | None, str]:
         if size > room:
             return None, f"over --max-read-bytes ({size} bytes; {max(room, 0)} left of the limit)"
         with open(path, "rb") as file:
-            data = file.read(room + 1)
+            data = file.read(min(SNIFF_BYTES, room + 1))
+            if b"\0" in data:
+                return None, "binary"
+            data += file.read(room + 1 - len(data))
     except OSError as error:
         return None, f"unreadable ({error.strerror or 'error'})"
     if len(data) > room:
         return None, "over --max-read-bytes (it grew while read)"
-    if b"\0" in data[:SNIFF_BYTES]:
-        return None, "binary"
     try:
         return data.decode("utf-8"), ""
     except UnicodeDecodeError:

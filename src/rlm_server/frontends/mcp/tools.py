@@ -79,6 +79,10 @@ _SOURCES = {
     "properties": {
         "files": {"type": "integer"},
         "bytes": {"type": "integer"},
+        "skipped_total": {
+            "type": "integer",
+            "description": "How many were skipped, when more than the list names.",
+        },
         "skipped": {
             "type": "array",
             "items": {
