@@ -53,8 +53,9 @@ def host_config(directory: Path, base_url: str) -> Path:
     return path
 
 
-def inspect(config: Path, *args: str) -> tuple[int, Any]:
-    """One inspector call: its exit code and the JSON it printed (None if it printed none)."""
+def inspect(config: Path, *args: str) -> tuple[int, Any, str]:
+    """One inspector call: its exit code, the JSON it printed (None if it printed none) and
+    what it said on stderr."""
     done = subprocess.run(
         [str(INSPECTOR), "--cli", "--config", str(config), "--server", "rlm", *args],
         capture_output=True,
@@ -65,9 +66,9 @@ def inspect(config: Path, *args: str) -> tuple[int, Any]:
     print(f"$ mcp-inspector --cli --config mcp.json --server rlm {' '.join(args)}")
     print(done.stdout.strip() or done.stderr.strip())
     try:
-        return done.returncode, json.loads(done.stdout)
+        return done.returncode, json.loads(done.stdout), done.stderr
     except json.JSONDecodeError:
-        return done.returncode, None
+        return done.returncode, None, done.stderr
 
 
 def main() -> int:
@@ -92,18 +93,21 @@ def main() -> int:
             (project / "notes.txt").write_text("lines\n" * 1000 + f"The vault code is {CODE}.\n")
             config = host_config(project, model.base_url)
 
-            code, listed = inspect(config, "--method", "tools/list")
+            code, listed, said = inspect(config, "--method", "tools/list", "--strict")
             names = sorted(tool["name"] for tool in (listed or {}).get("tools", []))
             check(code == 0 and names == ["rlm_ask", "rlm_drop", "rlm_load"], "tools/list")
+            problems = [line for line in said.splitlines() if line.startswith(("Warning", "Error"))]
+            print("\n".join(problems))
+            check(not problems, "portable tool schemas (--strict: no warning, no error)")
 
             ask = ["--method", "tools/call", "--tool-name", "rlm_ask"]
             question = "--tool-arg", "question=What is the vault code?"
-            code, answer = inspect(config, *ask, *question, "--tool-arg", f'paths=["{project}"]')
+            code, answer, _ = inspect(config, *ask, *question, "--tool-arg", f'paths=["{project}"]')
             structured = (answer or {}).get("structuredContent", {})
             check(code == 0 and structured.get("answer") == CODE, "rlm_ask over paths")
             check(structured.get("stub") is False, "answered by the model, not a stub")
 
-            code, refused = inspect(config, *ask, *question, "--tool-arg", 'paths=["/etc"]')
+            code, refused, _ = inspect(config, *ask, *question, "--tool-arg", 'paths=["/etc"]')
             text = ((refused or {}).get("content") or [{}])[0].get("text", "")
             named = "paths: /etc is outside every --allow-path directory" in text
             check((refused or {}).get("isError") is True and named, "a path outside is refused")

@@ -101,7 +101,7 @@ _USAGE = {
         "calls": {"type": "integer"},
         "input_tokens": {"type": "integer"},
         "output_tokens": {"type": "integer"},
-        "cost_usd": {"type": ["number", "null"]},
+        "cost_usd": {"anyOf": [{"type": "number"}, {"type": "null"}]},
         "models": {"type": "object"},
     },
     "required": ["calls", "input_tokens", "output_tokens", "cost_usd"],
