@@ -1,8 +1,9 @@
 """The MCP inspector's command-line mode (`mcp-inspector --cli`, from npm) against the real
 `rlm-server mcp`, configured the way a host is: an `mcp.json` with an `mcpServers` entry.
 
-It lists the tools, asks `rlm_ask` about a file under `--allow-path` (the scripted model's
-code finds the answer in it through the REPL) and checks that a path outside is refused.
+It lists the tools (with --strict: their schemas must be portable), asks `rlm_ask` about a
+file under `--allow-path` under both protocol eras (the scripted model's code finds the answer
+in it through the REPL) and checks that a path outside is refused.
 Run by .ci/run after `npm ci` in this folder; prints what the inspector printed, and a
 closing `N passed, N failed` line; exits 1 on any failure.
 
@@ -102,10 +103,12 @@ def main() -> int:
 
             ask = ["--method", "tools/call", "--tool-name", "rlm_ask"]
             question = "--tool-arg", "question=What is the vault code?"
-            code, answer, _ = inspect(config, *ask, *question, "--tool-arg", f'paths=["{project}"]')
-            structured = (answer or {}).get("structuredContent", {})
-            check(code == 0 and structured.get("answer") == CODE, "rlm_ask over paths")
-            check(structured.get("stub") is False, "answered by the model, not a stub")
+            for era in ("legacy", "modern"):  # the initialize handshake, and 2026-07-28
+                paths = "--tool-arg", f'paths=["{project}"]'
+                code, answer, _ = inspect(config, "--protocol-era", era, *ask, *question, *paths)
+                structured = (answer or {}).get("structuredContent", {})
+                found = code == 0 and structured.get("answer") == CODE
+                check(found and structured.get("stub") is False, f"rlm_ask over paths ({era})")
 
             code, refused, _ = inspect(config, *ask, *question, "--tool-arg", 'paths=["/etc"]')
             text = ((refused or {}).get("content") or [{}])[0].get("text", "")
