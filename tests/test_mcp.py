@@ -404,6 +404,35 @@ async def test_a_trajectory_is_returned_bounded_when_asked(llm: FixtureServer, m
     assert step["final_answer"] == "done"
 
 
+def test_the_host_dying_cancels_everything(llm: FixtureServer) -> None:
+    """A host killed mid-call (the SDK's client in a process of its own): nobody is left to
+    answer, so the server cancels at once, whatever the grace, and everything below it ends."""
+    llm.script.replace([{"when": "root", "hold": True, "reply": answer_with("context")}])
+    command = server_command()
+    env = clean_env({**fixture_env(llm.base_url), "ELIZA_RLM_SHUTDOWN_GRACE": "600"})
+    host = (
+        "import anyio\n"
+        "from mcp import Client, StdioServerParameters\n"
+        f"server = StdioServerParameters(command={command[0]!r}, args={[*command[1:], 'mcp']!r},"
+        f" env={env!r})\n"
+        "async def main():\n"
+        "    async with Client(server, mode='legacy') as client:\n"
+        "        await client.call_tool('rlm_ask', {'question': 'q', 'text': 'x'})\n"
+        "anyio.run(main)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", host], env=clean_env())
+    try:
+        assert wait_until(lambda: llm.script.stats()["in_flight"] == 1, timeout=60)
+        [server_pid] = [p for p in descendants(process.pid) if b"\0mcp" in cmdline_of(p)]
+        tree = {server_pid, *descendants(server_pid)}
+        process.kill()
+        process.wait()
+        assert wait_until(lambda: not alive(tree), timeout=20), alive(tree)
+    finally:
+        process.kill()
+        llm.script.released.set()
+
+
 def test_without_the_sdk_mcp_mode_exits_2_with_one_line() -> None:
     code = (
         "import sys; sys.modules['mcp'] = None;"
