@@ -68,7 +68,7 @@ class _Input:
     def __aiter__(self) -> _Input:
         return self
 
-    async def __anext__(self) -> str:
+    async def __anext__(self) -> bytes | bytearray:
         while True:
             line = None
             if not self._stopped:
@@ -82,7 +82,7 @@ class _Input:
             if isinstance(line, OversizedLine):
                 log.warning("a message over --max-message-bytes (%d) was discarded", line.limit)
                 continue
-            return bytes(line).decode("utf-8", "replace")
+            return line  # the SDK parses bytes as they are: a long context is not copied
 
     def stop(self) -> None:
         """Read no more: the SDK is told the input ended (once the server has drained)."""
