@@ -92,13 +92,22 @@ class _Input:
 
 
 class _Output:
-    """The SDK's writes, onto the private descriptor (one writer task: never interleaved)."""
+    """The SDK's writes, onto the private descriptor (one writer task: never interleaved). A
+    host that closed its end reads nothing more: the server stops at once."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, on_closed: Callable[[], None]) -> None:
         self._fd = fd
+        self._on_closed = on_closed
+        self._closed = False
 
     async def write(self, text: str) -> None:
-        await write_all(self._fd, text.encode("utf-8", "replace"))
+        if self._closed:
+            return
+        try:
+            await write_all(self._fd, text.encode("utf-8", "replace"))
+        except OSError:  # EPIPE and the like: nobody is reading
+            self._closed = True
+            self._on_closed()
 
     async def flush(self) -> None:
         """Every write is already on the descriptor."""
@@ -140,7 +149,7 @@ class McpServer:
     async def _serve(self) -> None:
         from mcp.server.stdio import stdio_server
 
-        output = _Output(self._claim.write_fd)
+        output = _Output(self._claim.write_fd, lambda: self.stop(0))
         async with stdio_server(cast(Any, self._input), cast(Any, output)) as (reads, writes):
             await self._app.run(reads, writes, self._app.create_initialization_options())
 
