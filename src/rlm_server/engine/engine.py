@@ -219,6 +219,7 @@ class _Running:
     progress: _Progress
     started: float
     account: Account
+    label: str  # names the request in our log (its worker's output)
     steps: list[Json] = field(default_factory=list)  # the trajectory, as far as it got
 
 
@@ -229,7 +230,11 @@ class Engine:
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
         self.workers = WorkerPool(
-            config.worker_memory_mb, config.max_message_bytes, environ, config.protections
+            config.worker_memory_mb,
+            config.max_message_bytes,
+            environ,
+            config.protections,
+            config.worker_disk_mb,
         )
         self.contexts = ContextStore(
             config.context_store_bytes, lambda: self.workers.root, self.workers.forget
@@ -361,7 +366,8 @@ class Engine:
         started = time.monotonic()
         progress = _Progress(request_id, notify if request.options.progress else None, started)
         account = self.broker.account(spec.budget)
-        run = _Running(spec, request, source, session, progress, started, account)
+        label = f"worker of request {request_id!r}"
+        run = _Running(spec, request, source, session, progress, started, account, label)
         self.metrics.started()
         outcome = Outcome.FAILURE
         ending: Json = {}
@@ -534,9 +540,9 @@ class Engine:
         """The completion's final frame: from the session's worker, or from a fresh one."""
         if run.session is not None:
             return await self.sessions.run_turn(
-                run.session, job, run.source, run.progress.forward, on_call
+                run.session, job, run.source, run.progress.forward, on_call, run.label
             )
-        return await self.workers.run(job, run.source, run.progress.forward, on_call)
+        return await self.workers.run(job, run.source, run.progress.forward, on_call, run.label)
 
     @staticmethod
     def _metadata(spec: RunSpec, iterations: int, started: float, attempts: int) -> Json:
