@@ -19,6 +19,7 @@ import anyio
 
 from rlm_server import Json
 from rlm_server.engine.broker import Budget
+from rlm_server.engine.tools import ToolSpec
 
 Prompt = str | list[dict[str, str]]  # the long input: a text, or messages
 ANSWER_REPAIRS = 2  # the default of InferOptions.answer_repairs
@@ -38,6 +39,7 @@ class InferOptions(NamedTuple):
     max_tokens: int | None = None
     trajectory: bool = False  # the result carries the trajectory
     budget: Budget = Budget()  # frozen: one default serves all
+    tool_timeout_s: float | None = None  # None: DEFAULT_TOOL_TIMEOUT_S
     answer_schema: Json | None = None  # a checked JSON Schema: the answer must match it
     answer_repairs: int = ANSWER_REPAIRS  # invalid answers the model may still fix
 
@@ -51,6 +53,7 @@ class InferRequest(NamedTuple):
     options: InferOptions = InferOptions()
     context_id: str | None = None
     session_id: str | None = None
+    tools: tuple[ToolSpec, ...] = ()  # host tools model code may call (a session has its own)
     label: str | None = None  # how --log-dir names the request (the front end's id, as text)
 
     @property

@@ -45,6 +45,7 @@ from rlm_server.engine.broker import Account, Broker, Budget, RetryPolicy, Route
 from rlm_server.engine.metrics import Metrics, Outcome
 from rlm_server.engine.sessions import Session, Sessions
 from rlm_server.engine.store import ContextStore, StoredContext
+from rlm_server.engine.tools import DEFAULT_TOOL_TIMEOUT_S, ToolGate, ToolHost, ToolSpec
 from rlm_server.errors import (
     BackendError,
     BackendUnavailable,
@@ -57,7 +58,7 @@ from rlm_server.errors import (
     ShuttingDown,
     first_of,
 )
-from rlm_server.executors.local.pool import CallHandler, JobInput, WorkerPool
+from rlm_server.executors.local.pool import CallHandler, JobInput, ToolHandler, WorkerPool
 from rlm_server.worker import frames
 
 STUB_TEXT = "[RLM STUB] RLM backend not available"
@@ -197,7 +198,14 @@ class _Running:
     progress: _Progress
     started: float
     account: Account
+    host: ToolHost | None  # the front end that runs this request's host tools
+    label: str  # names the request in our log (its worker's output)
     steps: list[Json] = field(default_factory=list)  # the trajectory, as far as it got
+
+    @property
+    def tools(self) -> tuple[ToolSpec, ...]:
+        """The request's host tools: its own, or its session's."""
+        return self.request.tools if self.session is None else self.session.tools
 
 
 class Engine:
@@ -210,7 +218,11 @@ class Engine:
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
         self._workers = WorkerPool(
-            config.worker_memory_mb, config.max_message_bytes, environ, config.protections
+            config.worker_memory_mb,
+            config.max_message_bytes,
+            environ,
+            config.protections,
+            config.worker_disk_mb,
         )
         self._contexts = ContextStore(
             config.context_store_bytes, lambda: self._workers.root, self._workers.forget
@@ -315,8 +327,10 @@ class Engine:
         contexts = [_info(entry) for entry in self._contexts.sealed()]
         return StoreReport(contexts, self._contexts.bytes_total, self._contexts.limit_bytes)
 
-    def open_session(self, context_id: str | None) -> str:
-        return self._sessions.open(context_id).id
+    def open_session(self, context_id: str | None, tools: tuple[ToolSpec, ...] = ()) -> str:
+        """A new session (on a stored context, with host tools every turn may call)."""
+        self.check_tools(tools)
+        return self._sessions.open(context_id, tools).id
 
     async def close_session(self, session_id: str) -> bool:
         return await self._sessions.close(session_id)
@@ -329,16 +343,30 @@ class Engine:
         return Ticket(self._tickets)
 
     async def infer(
-        self, request: InferRequest, ticket: Ticket, observer: Observer | None = None
+        self,
+        request: InferRequest,
+        ticket: Ticket,
+        observer: Observer | None = None,
+        host: ToolHost | None = None,
     ) -> InferResult:
-        """Run one request; its events go to `observer` (None: nobody wants them)."""
+        """Run one request; its events go to `observer` (None: nobody wants them), its host
+        tools to `host`, the front end that runs them (None: it declares none)."""
         self._admit_or_refuse(ticket, request.size)
+        self.check_tools(request.tools)
         session = None if request.session_id is None else self._sessions.get(request.session_id)
         spec = RunSpec.resolve(self.config, request.options, self._environ)
         await self._check_prices(spec, request.options)
         async with self._job_input(request) as job_input:
             with contextlib.nullcontext() if session is None else self._sessions.active(session):
-                return await self._admitted(request, spec, job_input, session, ticket, observer)
+                return await self._admitted(
+                    request, spec, job_input, session, ticket, observer, host
+                )
+
+    def check_tools(self, tools: tuple[ToolSpec, ...]) -> None:
+        """Host tools are functions in the worker's own REPL: a remote REPL (docker, modal...)
+        could not call back through the worker's channel, so they are refused there."""
+        if tools and self.config.environment != "local":
+            raise InvalidParams("tools", "host tools need the local REPL (--environment local)")
 
     async def ask_model(self, prompt: str, options: InferOptions | None = None) -> InferResult:
         """One plain call to the request's root model, with no REPL: `prompt` is the whole
@@ -390,11 +418,13 @@ class Engine:
         session: Session | None,
         ticket: Ticket,
         observer: Observer | None,
+        host: ToolHost | None,
     ) -> InferResult:
         started = time.monotonic()
         account = self._broker.account(spec.budget)
         progress = _Progress(observer, started)
-        run = _Running(spec, request, job_input, session, progress, started, account)
+        label = f"worker of request {request.label!r}"
+        run = _Running(spec, request, job_input, session, progress, started, account, host, label)
         self._metrics.started()
         outcome = Outcome.FAILURE
         ending: Json = {}
@@ -518,6 +548,7 @@ class Engine:
             "rlm": spec.rlm_kwargs,
             "progress": run.progress.wanted,
             "trajectory": request.options.trajectory or self.config.log_dir is not None,
+            "tools": [tool.to_job() for tool in run.tools],
         }
         if request.options.answer_schema is not None:
             job["answer"] = {
@@ -535,7 +566,7 @@ class Engine:
         try:
             async with anyio.create_task_group() as starting:
                 starting.start_soon(self._broker.prepare, spec.route)  # while the worker starts
-                final = await self._execute(run, job, on_call)
+                final = await self._execute(run, job, on_call, self._tool_gate(run).call)
         except* RpcError as failed:  # raised inside the task group
             failure = first_of(failed, RpcError)
         if failure is not None:
@@ -555,13 +586,34 @@ class Engine:
             answer=answer,
         )
 
-    async def _execute(self, run: _Running, job: Json, on_call: CallHandler) -> Json:
+    def _tool_gate(self, run: _Running) -> ToolGate:
+        options = run.request.options
+        return ToolGate(
+            run.tools,
+            run.host,
+            options.tool_timeout_s or DEFAULT_TOOL_TIMEOUT_S,
+            run.spec.budget.max_tool_calls,
+            record=self._broker.recording,
+            replay=self._broker.replaying,
+        )
+
+    async def _execute(
+        self, run: _Running, job: Json, on_call: CallHandler, on_tool: ToolHandler
+    ) -> Json:
         """The completion's final frame: from the session's worker, or from a fresh one."""
         if run.session is not None:
             return await self._sessions.run_turn(
-                run.session, job, run.job_input, run.progress.forward, on_call
+                run.session,
+                job,
+                run.job_input,
+                run.progress.forward,
+                on_call,
+                on_tool,
+                run.label,
             )
-        return await self._workers.run(job, run.job_input, run.progress.forward, on_call)
+        return await self._workers.run(
+            job, run.job_input, run.progress.forward, on_call, on_tool, run.label
+        )
 
     # -- stopping -----------------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ def _int_between(low: int, high: int | None) -> Rule:
 
 
 _NON_EMPTY = Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
+_SECONDS = Rule(lambda v: is_number(v) and v > 0, "a number of seconds above 0")
 BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
 
 # InferOptions' fields, as the engine takes them.
@@ -78,11 +79,12 @@ OPTION_RULES: Mapping[str, Rule] = {
     "base_url": _NON_EMPTY,
     "max_iterations": _int_between(1, 1000),
     "max_depth": _int_between(1, 10),
-    "timeout_s": Rule(lambda v: is_number(v) and v > 0, "a number of seconds above 0"),
+    "timeout_s": _SECONDS,
     "temperature": Rule(lambda v: is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
     "max_tokens": _int_between(1, None),
     "trajectory": BOOL,
     "budget": Rule(lambda v: isinstance(v, dict), "an object"),
+    "tool_timeout_s": _SECONDS,
     "answer_schema": Rule(lambda v: isinstance(v, dict), "a JSON Schema object"),
     "answer_repairs": _int_between(0, 100),
 }
@@ -92,6 +94,7 @@ BUDGET_RULES: Mapping[str, Rule] = {
     "max_input_tokens": _int_between(1, None),
     "max_output_tokens": _int_between(1, None),
     "max_cost_usd": Rule(lambda v: is_number(v) and v > 0, "a number of US dollars above 0"),
+    "max_tool_calls": _int_between(1, None),
 }
 
 
@@ -110,25 +113,25 @@ def infer_options(options: Json, prefix: str) -> InferOptions:
         budget = checked(options["budget"], BUDGET_RULES, prefix + "budget.")
         options = {**options, "budget": budget_from(budget)}
     if "answer_schema" in options:
-        check_answer_schema(options["answer_schema"], prefix + "answer_schema")
+        check_schema(prefix + "answer_schema", options["answer_schema"])
     elif "answer_repairs" in options:
         raise InvalidParams(prefix + "answer_repairs", f"only with {prefix}answer_schema")
     return InferOptions(**options)
 
 
-ANSWER_SCHEMA_BYTES = 64 * 1024  # the largest answer schema, as compact JSON
+SCHEMA_BYTES = 64 * 1024  # the largest answer or tool input schema, as compact JSON
 SCHEMA_ERROR_CHARS = 300  # of the validator's words on a schema that is not one
 
 
-def check_answer_schema(schema: Json, field: str) -> None:
-    """An answer schema must be a draft 2020-12 JSON Schema of at most 64 KiB: refused here,
-    before any model call, rather than failing in the worker. jsonschema is imported on the
-    first schema: the server's start never needs it."""
+def check_schema(field: str, schema: Json) -> None:
+    """A schema of a request (an answer schema, a tool's input schema) must be a draft 2020-12
+    JSON Schema of at most 64 KiB: refused here, before any model call, rather than failing in
+    the worker. jsonschema is imported on the first schema: the server's start never needs it."""
     try:
         size = len(orjson.dumps(schema))
     except orjson.JSONEncodeError:  # an integer beyond 64 bits, read by the surrogate path
         raise InvalidParams(field, "holds a number out of range") from None
-    if size > ANSWER_SCHEMA_BYTES:
+    if size > SCHEMA_BYTES:
         raise InvalidParams(field, "must be at most 65536 bytes as JSON")
     from jsonschema import Draft202012Validator, SchemaError
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import anyio
+from anyio.abc import ByteReceiveStream
 
 from rlm_server.fdio import READ_CHUNK, set_nonblocking
 
@@ -149,6 +150,33 @@ class LineFramer:
         taken, self._buffer = self._buffer, rest
         del taken[newline:]
         return taken
+
+
+class LineReader:
+    """Lines pulled from an async byte stream, for a front end whose SDK pulls its input (MCP);
+    line front ends are pushed theirs by `LineInput`. A method rather than an async generator,
+    so that no suspended frame keeps a long line alive."""
+
+    def __init__(self, stream: ByteReceiveStream, max_bytes: int) -> None:
+        self._stream = stream
+        self._framer = LineFramer(max_bytes)
+        self._ended = False
+
+    async def next_line(self) -> bytes | bytearray | OversizedLine | None:
+        """The next non-blank line without its newline, an OversizedLine, or None at the end.
+
+        A final line without a newline counts as a line.
+        """
+        while True:
+            line = self._framer.next_line()
+            if line is not None:
+                return line
+            if self._ended:
+                return self._framer.last_line()
+            try:
+                self._framer.feed(await self._stream.receive())
+            except (anyio.EndOfStream, OSError):  # an input we cannot read has ended too
+                self._ended = True
 
 
 Line = bytes | bytearray | OversizedLine

@@ -2,7 +2,8 @@
 
 Run by the server as `python -P -m rlm_server.executors.local.zygote CONTROL_FD MEMORY_MB PLAN`,
 in a session of its own (a Ctrl-C meant for the server is the server's to handle). Its stdout is
-already the server's stderr and its stdin is /dev/null. It stays single-threaded so that fork is
+already the server's stderr and its stdin is /dev/null; each worker's fds 1 and 2 are a pipe of
+its own, which the server drains into its log. It stays single-threaded so that fork is
 safe. It dies with the server (PR_SET_PDEATHSIG, and end of stream on the control socket), and every
 worker dies with the zygote, so no worker outlives the server.
 
@@ -50,6 +51,8 @@ from rlm_server.worker import completion  # noqa: E402
 from rlm_server.worker.completion import Inherited, serve_job, warm_up  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+FORK_FDS = 2  # the worker's socket and the write end of its output pipe
 
 
 def die_with_parent() -> None:
@@ -109,8 +112,14 @@ def _hold(context: Json) -> Inherited:
 
 
 def _child(
-    job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan, held: Inherited | None
+    job_fd: int,
+    output_fd: int,
+    workdir: str,
+    memory_mb: int,
+    plan: sandbox.Plan,
+    held: Inherited | None,
 ) -> None:
+    _own_output(output_fd)
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # model code may wait for its own children
     die_with_parent()
@@ -129,6 +138,14 @@ def _child(
         os._exit(status)
 
 
+def _own_output(output_fd: int) -> None:
+    """fds 1 and 2 become the pipe the server drains: the server's own stderr (ours until
+    now) is never model code's to write, truncate or forge lines in."""
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
+    os.close(output_fd)
+
+
 def _serve_forks(
     control: socket.socket,
     inbox: socket.socket,
@@ -139,7 +156,7 @@ def _serve_forks(
     """Fork a worker on `held` for each fork message on `inbox` and answer the server on
     `control`, until `inbox` ends."""
     while True:
-        datagram, fds, _, _ = socket.recv_fds(inbox, frames.DATAGRAM_BYTES, 1)
+        datagram, fds, _, _ = socket.recv_fds(inbox, frames.DATAGRAM_BYTES, FORK_FDS)
         if not datagram:
             return
         fork = frames.unpack(datagram) or {}
@@ -217,6 +234,7 @@ def main(argv: list[str]) -> int:
     if plan.has(sandbox.NOT_DUMPABLE):
         sandbox.not_dumpable()
     warm_up()
+    sandbox.prepare(plan)
     gc.freeze()  # the workers' collections must not write to what the zygote made
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     holders = _Holders(control, memory_mb, plan)
@@ -224,7 +242,7 @@ def main(argv: list[str]) -> int:
     try:
         control.send(frames.pack({"ready": True}))
         while True:
-            datagram, fds, _, _ = socket.recv_fds(control, frames.DATAGRAM_BYTES, 1)
+            datagram, fds, _, _ = socket.recv_fds(control, frames.DATAGRAM_BYTES, FORK_FDS)
             if not datagram:
                 return 0
             message = frames.unpack(datagram) or {}
@@ -257,15 +275,16 @@ def _fork_worker(
     spawning: Spawning,
     ours: list[socket.socket],
 ) -> None:
-    """Fork the worker a fork message asks for and tell the server its pid. The worker keeps
-    none of our sockets (`control` and `ours`): with one to a holder, model code could have a
-    worker on another context forked for it, talking to a socket of its own."""
+    """Fork the worker a fork message asks for (its socket and its output pipe attached) and
+    tell the server its pid. The worker keeps none of our sockets (`control` and `ours`): with
+    one to a holder, model code could have a worker on another context forked for it, talking
+    to a socket of its own."""
     pid = os.fork()
     if pid == 0:
         for sock in (control, *ours):
             sock.close()
         workdir = str(fork.get("workdir"))
-        _child(fds[0], workdir, spawning.memory_mb, spawning.plan, spawning.held)
+        _child(fds[0], fds[1], workdir, spawning.memory_mb, spawning.plan, spawning.held)
     for fd in fds:
         os.close(fd)
     control.send(frames.pack({"forked": fork.get("fork"), "pid": pid}))

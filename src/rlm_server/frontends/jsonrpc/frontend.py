@@ -3,7 +3,8 @@
 What is JSON-RPC's own lives here and in the modules beside it: decoding each line (dispatch.py
 checks every message against the JSON-RPC 2.0 rules and routes it), validating params into the
 engine's types (methods.py, with params.py), request ids and the map of requests in flight that
-`$/cancelRequest` reaches, `$/progress`, and encoding results and errors. Starting, stopping,
+`$/cancelRequest` reaches, `$/progress`, our own `tool/call` requests to the client (tools.py),
+and encoding results and errors. Starting, stopping,
 signals and reading are the lifecycle's (lifecycle.py), the same for every front end.
 
 A message whose method never waits (every malformed message, `status`, `context/list`) is
@@ -26,11 +27,14 @@ from rlm_server.engine.engine import Engine
 from rlm_server.errors import LineTooLong, ParseError, RpcError
 from rlm_server.frontends.jsonrpc.dispatch import Dispatcher, Response, error_response
 from rlm_server.frontends.jsonrpc.methods import INLINE_METHODS, REQUEST_ONLY_METHODS, TASK_METHODS
+from rlm_server.frontends.jsonrpc.tools import ToolCalls, is_response
 from rlm_server.frontends.lifecycle import Lifecycle
 from rlm_server.frontends.transport import OversizedLine, ProtocolWriter
 from rlm_server.frontends.wire import RequestId, encode, leading_id
 
 log = logging.getLogger(__name__)
+
+TOO_LARGE_ANSWER = "the tool's answer is longer than the server's --max-message-bytes"
 
 
 class Call(NamedTuple):
@@ -52,6 +56,7 @@ class JsonRpcFrontend:
         self._writer = writer
         self._dispatcher = Dispatcher(INLINE_METHODS, TASK_METHODS, REQUEST_ONLY_METHODS)
         self._running: dict[RequestId, list[Ticket]] = {}  # what $/cancelRequest can reach
+        self._tool_calls = ToolCalls(self._send)  # our own requests to the client
 
     # -- LineFrontend -------------------------------------------------------------------------
 
@@ -60,11 +65,17 @@ class JsonRpcFrontend:
         return encode({"jsonrpc": "2.0", "method": "ready", "params": params})
 
     def oversized(self, line: OversizedLine) -> None:
-        self._send_error(LineTooLong(limit=line.limit), leading_id(line.head))
+        request_id = leading_id(line.head)
+        if not self._tool_calls.fail(request_id, TOO_LARGE_ANSWER):  # not an answer to a call
+            self._send_error(LineTooLong(limit=line.limit), request_id)
 
     def message(self, message: Any, ticket: Ticket) -> None:
+        """A response answers one of our `tool/call` requests; anything else is dispatched."""
         if isinstance(message, ParseError):
             self._send_error(message)
+            return
+        if is_response(message):
+            self._tool_calls.answer(message)
             return
         self._dispatcher.dispatch(message, self._calls(ticket), self.lifecycle.spawn, self._send)
 
@@ -77,11 +88,13 @@ class JsonRpcFrontend:
 
     async def infer(self, call: Call, request: InferRequest, progress: bool) -> InferResult:
         """Run an infer where `$/cancelRequest` can reach it, with its `$/progress` if asked
-        for (a null id names no request, so it gets none)."""
+        for (a null id names no request, so it gets none), its host tools called through
+        `tool/call` requests that name it."""
         untrack = self._track(call.id, call.ticket)
         observer = None if call.id is None or not progress else self._progress(call.id)
+        host = self._tool_calls.host(call.id)
         try:
-            return await self.engine.infer(request, call.ticket, observer)
+            return await self.engine.infer(request, call.ticket, observer, host)
         finally:
             untrack()
 

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from rlm_server import Json
 from rlm_server.engine.api import InferOptions, InferRequest, InferResult, StoredContextInfo
+from rlm_server.engine.tools import ToolSpec
 from rlm_server.errors import InvalidParams
 from rlm_server.frontends.params import (
     BOOL,
     MISSING,
     OPTION_RULES,
+    check_schema,
     checked,
     given,
     infer_options,
@@ -66,11 +68,78 @@ def parse_options(raw: Any) -> tuple[InferOptions, bool]:
     return infer_options(options, "options."), progress
 
 
+# Names model code already has in the REPL (the library's, and ToolError), and Python's keywords.
+RESERVED_TOOL_NAMES = frozenset(
+    {
+        "llm_query",
+        "llm_query_batched",
+        "rlm_query",
+        "rlm_query_batched",
+        "SHOW_VARS",
+        "FINAL",
+        "FINAL_VAR",
+        "answer",
+        "context",
+        "history",
+        "ToolError",
+    }
+)
+MAX_TOOLS = 64
+TOOL_FIELDS = ("name", "description", "input_schema")
+TOOL_NAME_CHARS = 64
+TOOL_DESCRIPTION_CHARS = 4096
+
+
+def _tool_name(field: str, name: Any) -> str:
+    import keyword
+
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise InvalidParams(field, "must be a Python identifier")
+    if len(name) > TOOL_NAME_CHARS or name in RESERVED_TOOL_NAMES or name.startswith("_"):
+        raise InvalidParams(field, "is reserved or too long (a name the REPL has already)")
+    return name
+
+
+def _tool(field: str, raw: Any) -> ToolSpec:
+    if not isinstance(raw, dict):
+        raise InvalidParams(field, "must be an object with name, description and input_schema")
+    refuse_unknown({k: v for k, v in raw.items() if k not in TOOL_FIELDS}, field + ".")
+    name = _tool_name(f"{field}.name", raw.get("name"))
+    description = raw.get("description")
+    if not isinstance(description, str) or len(description) > TOOL_DESCRIPTION_CHARS:
+        raise InvalidParams(f"{field}.description", "must be a string of at most 4096 characters")
+    schema = raw.get("input_schema")
+    if not isinstance(schema, dict):
+        raise InvalidParams(f"{field}.input_schema", "must be a JSON Schema object")
+    check_schema(f"{field}.input_schema", schema)
+    return ToolSpec(name, description, schema)
+
+
+def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
+    """`tools`: host tools model code may call, each a Python function of keyword arguments."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_TOOLS:
+        raise InvalidParams("tools", f"must be an array of at most {MAX_TOOLS} tools")
+    tools = tuple(_tool(f"tools.{index}", tool) for index, tool in enumerate(raw))
+    names = [tool.name for tool in tools]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise InvalidParams(f"tools.{index}.name", "is declared twice")
+    return tools
+
+
 def parse_infer(
-    prompt_: Any, messages: Any, context_id: Any, session_id: Any, query: Any, options: Any
+    prompt_: Any,
+    messages: Any,
+    context_id: Any,
+    session_id: Any,
+    query: Any,
+    options: Any,
+    tools: Any = None,
 ) -> tuple[InferRequest, bool]:
     """Exactly one long input: `prompt` (or `messages`) or `context_id`; a session's turn
-    takes no `context_id` (the session has its own) and its `prompt` is optional."""
+    takes no `context_id` nor `tools` (the session has its own) and its `prompt` is optional."""
     if query is not None and not isinstance(query, str):
         raise InvalidParams("query", "must be a string")
     parsed, progress = parse_options(options)
@@ -78,15 +147,18 @@ def parse_infer(
     if given(session_id):
         if given(context_id):
             raise InvalidParams("context_id", "not with session_id (a session keeps its own)")
+        if tools is not None:
+            raise InvalidParams("tools", "not with session_id (declare them on session/open)")
         context = prompt(prompt_, messages) if given_prompt else None
         session = string("session_id", session_id)
         return InferRequest(context, query, parsed, session_id=session), progress
+    declared = parse_tools(tools)
     if given(context_id):
         if given_prompt:
             raise InvalidParams("context_id", "give prompt or context_id, not both")
         stored = string("context_id", context_id)
-        return InferRequest(None, query, parsed, context_id=stored), progress
-    return InferRequest(prompt(prompt_, messages), query, parsed), progress
+        return InferRequest(None, query, parsed, context_id=stored, tools=declared), progress
+    return InferRequest(prompt(prompt_, messages), query, parsed, tools=declared), progress
 
 
 async def infer(
@@ -98,10 +170,11 @@ async def infer(
     session_id: Any = MISSING,
     query: Any = None,
     options: Any = None,
+    tools: Any = None,
     **unknown: Any,
 ) -> Result:
     refuse_unknown(unknown)
-    request, progress = parse_infer(prompt, messages, context_id, session_id, query, options)
+    request, progress = parse_infer(prompt, messages, context_id, session_id, query, options, tools)
     request = request._replace(label=None if call.id is None else str(call.id))
     return _success(_result(await call.frontend.infer(call, request, progress)))
 
@@ -231,10 +304,12 @@ def context_list(call: Call, /, **unknown: Any) -> Json:
     }
 
 
-async def session_open(call: Call, /, context_id: Any = MISSING, **unknown: Any) -> Result:
+async def session_open(
+    call: Call, /, context_id: Any = MISSING, tools: Any = None, **unknown: Any
+) -> Result:
     refuse_unknown(unknown)
     named = string("context_id", context_id) if given(context_id) else None
-    return _success({"session_id": call.engine.open_session(named)})
+    return _success({"session_id": call.engine.open_session(named, parse_tools(tools))})
 
 
 async def session_close(call: Call, /, session_id: Any = MISSING, **unknown: Any) -> Result:
