@@ -159,6 +159,14 @@ class Lifecycle:
         self._in_flight.step_out()
         await self._drained.wait()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def drained(self) -> None:
+        """Return once every request in flight has been answered (or cancelled) after a stop."""
+        await self._drained.wait()
+
     def input_ended(self) -> None:
         log.info("end of input; stopping")
         self.stop(self._config.shutdown_grace_s)
@@ -169,9 +177,13 @@ class Lifecycle:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    async def run(self, read: Callable[[], Awaitable[None]]) -> int:
+    async def run(
+        self, read: Callable[[], Awaitable[None]], end_reading: Callable[[], None] | None = None
+    ) -> int:
         """Serve until stopped: `read` is the front end's reading, cancelled once everything
-        is answered (lines still unread are never answered). The exit code."""
+        is answered (lines still unread are never answered), or, with `end_reading`, told to
+        end then (an SDK that must see the end of its input to send its last answers). The
+        exit code."""
         self._grace = anyio.CancelScope(deadline=math.inf)
         for grace_s, last in self._early_stops:
             self.stop(grace_s, last)
@@ -184,7 +196,7 @@ class Lifecycle:
                 async with anyio.create_task_group() as writing:
                     if self.writer is not None:
                         writing.start_soon(self.writer.run)
-                    await self._serve(read)
+                    await self._serve(read, end_reading)
                     if self.writer is not None:
                         self.writer.close()
                 # Still watching signals while the engine stops: a client may send SIGTERM
@@ -195,7 +207,9 @@ class Lifecycle:
             self.engine.close()
         return 0
 
-    async def _serve(self, read: Callable[[], Awaitable[None]]) -> None:
+    async def _serve(
+        self, read: Callable[[], Awaitable[None]], end_reading: Callable[[], None] | None
+    ) -> None:
         async with anyio.create_task_group() as requests:
             self._requests = requests
             reading = anyio.CancelScope()
@@ -206,8 +220,11 @@ class Lifecycle:
                 await self._in_flight.idle()
             self.engine.cancel_all()
             await self._in_flight.idle()  # each cancelled request is answered
-            reading.cancel()
+            if end_reading is None:
+                reading.cancel()
             self._drained.set()  # `shutdown` requests answer last; the task group waits for them
+            if end_reading is not None:
+                end_reading()
 
     async def _read(self, read: Callable[[], Awaitable[None]], scope: anyio.CancelScope) -> None:
         with scope:

@@ -387,7 +387,10 @@ class WorkerPool:
         self._root: str | None = None  # the parent of every worker's directory
 
     def start(self) -> None:
-        """Start the zygote now, so its import of `rlm` overlaps with the first request."""
+        """Start the zygote now, so its import of `rlm` overlaps with the first request (once:
+        a second call does nothing)."""
+        if self._zygote is not None:
+            return
         import tempfile  # here, after `ready`: it imports random, shutil, bz2 and lzma
 
         self._root = tempfile.mkdtemp(prefix="rlm-server-")

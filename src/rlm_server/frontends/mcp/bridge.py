@@ -3,10 +3,7 @@ change of the engine's API is a change here and nowhere else in this package."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from rlm_server import Json
-from rlm_server.config import Config
 from rlm_server.engine.api import (
     InferOptions,
     InferRequest,
@@ -14,33 +11,18 @@ from rlm_server.engine.api import (
     Observer,
     StoredContextInfo,
 )
-from rlm_server.engine.engine import Engine
 from rlm_server.errors import ShuttingDown
+from rlm_server.frontends.lifecycle import Lifecycle
 
 
 class Bridge:
-    """The engine, and the admission of the calls it sees (a call after a stop is refused)."""
+    """The engine, as the lifecycle runs it: a call after a stop is refused (the engine refuses
+    its infers; a load is refused here)."""
 
-    def __init__(self, config: Config, environ: Mapping[str, str]) -> None:
-        self.engine = Engine(config, environ)
-        self._accepting = True
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
+        self.engine = lifecycle.engine
         self._calls = 0
-
-    # -- lifecycle --------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.engine.start()
-
-    def refuse_new(self) -> None:
-        """Every call from now on is refused (shutting_down); those running go on."""
-        self._accepting = False
-        self.engine.close_admission()
-
-    def cancel_all(self) -> None:
-        self.engine.cancel_all()
-
-    def stop(self) -> None:
-        self.engine.close()
 
     @property
     def stub(self) -> bool:
@@ -73,7 +55,7 @@ class Bridge:
         return await self.engine.infer(request, self.engine.ticket(), observer)
 
     async def load(self, text: str) -> StoredContextInfo:
-        if not self._accepting:
+        if self._lifecycle.stopping:
             raise ShuttingDown()
         return await self.engine.load_text(text)
 

@@ -5,35 +5,33 @@ and points fd 1 at stderr before anything runs, and the SDK's stdio transport is
 descriptors (it would otherwise claim fds 0 and 1 itself), so nothing that a library, model
 code or a child process prints reaches the host.
 
-Stopping: end of input or SIGTERM refuses new calls (a tool error `shutting_down`), lets the
-running ones finish for --shutdown-grace, then cancels the rest (a tool error `cancelled`
-each); a second SIGTERM, SIGINT or the death of the host cancels them at once. Only then does
-the SDK see the end of its input; the workers are stopped and the process exits 0.
+Starting and stopping are the lifecycle's (frontends/lifecycle.py), as for every front end:
+end of input or SIGTERM refuses new calls (a tool error `shutting_down`), lets the running ones
+finish for --shutdown-grace, then cancels the rest (a tool error `cancelled` each); a second
+SIGTERM, SIGINT or the death of the host cancels them at once. Only then does the SDK see the
+end of its input (it must, to send its last answers); the workers are stopped and the process
+exits 0.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import anyio
-from anyio.abc import TaskGroup
 
 from rlm_server import SERVER_NAME, __version__
 from rlm_server.cli import configured, sandboxed
 from rlm_server.config import Config
+from rlm_server.engine.engine import Engine
 from rlm_server.fdio import FdReceiveStream, write_all
-from rlm_server.frontends.lifeline import ParentWatch
+from rlm_server.frontends.lifecycle import Lifecycle
 from rlm_server.frontends.transport import LineReader, OversizedLine, StdioClaim, claim_stdio
-
-if TYPE_CHECKING:
-    from rlm_server.frontends.mcp.bridge import Bridge
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +106,15 @@ class _Output:
 
 
 class McpServer:
-    def __init__(self, config: Config, claim: StdioClaim, bridge: Bridge) -> None:
+    def __init__(self, config: Config, claim: StdioClaim, lifecycle: Lifecycle) -> None:
         from mcp.server.lowlevel import Server
 
+        from rlm_server.frontends.mcp.bridge import Bridge
         from rlm_server.frontends.mcp.tools import Tools
 
-        self._config = config
         self._claim = claim
-        self._bridge = bridge
-        self._tools = Tools(self._bridge, config)
+        self._lifecycle = lifecycle
+        self._tools = Tools(Bridge(lifecycle), config, lifecycle.in_flight)
         self._app: Server[Any] = Server(
             SERVER_NAME,
             version=__version__,
@@ -127,68 +125,32 @@ class McpServer:
             on_read_resource=self._tools.read_resource,
         )
         self._input = _Input(claim.read_fd, config.max_message_bytes, self._at_end_of_input)
-        self._grace = anyio.CancelScope(deadline=math.inf)  # its deadline ends the grace
-        self._watching: TaskGroup  # signals, the host's death, the drain
-        self._drained = anyio.Event()
-        self._stopping = False
 
     async def run(self) -> int:
-        async with anyio.create_task_group() as self._watching:
-            self._watching.start_soon(self._watch_signals)
-            self._watching.start_soon(ParentWatch().wait_gone, lambda: self.stop(0))
-            await self._serve()
-            self._watching.cancel_scope.cancel()
-        return 0
+        return await self._lifecycle.run(self._serve, end_reading=self._input.stop)
 
     async def _serve(self) -> None:
         from mcp.server.stdio import stdio_server
 
-        output = _Output(self._claim.write_fd, lambda: self.stop(0))
+        output = _Output(self._claim.write_fd, self._lifecycle.output_closed)
         async with stdio_server(cast(Any, self._input), cast(Any, output)) as (reads, writes):
             await self._app.run(reads, writes, self._app.create_initialization_options())
 
-    def stop(self, grace_s: float) -> None:
-        """Refuse new calls; the running ones have `grace_s` from now at most, then they are
-        cancelled, and the input ends. Until then the host's other requests (a tools/list
-        to check a result, say) are still answered."""
-        if not self._stopping:
-            self._watching.start_soon(self._drain)
-        self._stopping = True
-        self._bridge.refuse_new()
-        self._grace.deadline = min(self._grace.deadline, anyio.current_time() + grace_s)
-
-    async def _drain(self) -> None:
-        """Let the running calls finish within the grace, then cancel the rest (each answered
-        as cancelled) and wait for their answers; then end the input."""
-        with self._grace:
-            await self._tools.running.idle()
-        self._bridge.cancel_all()
-        await self._tools.running.idle()
-        self._drained.set()
-        self._input.stop()
-
     async def _at_end_of_input(self) -> None:
-        self.stop(self._config.shutdown_grace_s)
-        await self._drained.wait()
-
-    async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                first_term = signum == signal.SIGTERM and not self._stopping
-                self.stop(self._config.shutdown_grace_s if first_term else 0)
+        """The host's input ended: stop, and let the SDK see it once everything is answered."""
+        self._lifecycle.input_ended()
+        await self._lifecycle.drained()
 
 
-async def _serve(config: Config, claim: StdioClaim, environ: Mapping[str, str]) -> int:
+async def _run(config: Config, claim: StdioClaim, environ: Mapping[str, str]) -> int:
     """The workers start first, so the zygote imports `rlm` while this process imports the
     SDK (about a second); the server is made on the event loop, which its scopes need."""
-    from rlm_server.frontends.mcp.bridge import Bridge
-
-    bridge = Bridge(config, environ)
-    bridge.start()
+    lifecycle = Lifecycle(Engine(config, environ), config)
+    lifecycle.engine.start()
     try:
-        return await McpServer(config, claim, bridge).run()
+        return await McpServer(config, claim, lifecycle).run()
     finally:
-        bridge.stop()
+        lifecycle.engine.close()
 
 
 def _sdk_installed() -> bool:
@@ -211,7 +173,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
     claim = claim_stdio()
     try:
-        return anyio.run(_serve, config, claim, environ, backend="asyncio")
+        return anyio.run(_run, config, claim, environ, backend="asyncio")
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # decided to exit; a late SIGTERM agrees
         claim.release()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Coroutine
+from contextlib import AbstractContextManager
 from typing import Any
 
 import anyio
@@ -218,33 +219,13 @@ TOOLS = [
 _VALIDATORS = {tool.name: jsonschema.Draft202012Validator(tool.input_schema) for tool in TOOLS}
 
 
-class Running:
-    """How many tool calls are running; `idle` waits until none is."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._idle = anyio.Event()
-        self._idle.set()
-
-    def __enter__(self) -> None:
-        if self._count == 0:
-            self._idle = anyio.Event()
-        self._count += 1
-
-    def __exit__(self, *exc: object) -> None:
-        self._count -= 1
-        if self._count == 0:
-            self._idle.set()
-
-    async def idle(self) -> None:
-        await self._idle.wait()
-
-
 class Tools:
     """The handlers the SDK's server calls."""
 
-    def __init__(self, bridge: Bridge, config: Config) -> None:
-        self.running = Running()
+    def __init__(
+        self, bridge: Bridge, config: Config, in_flight: Callable[[], AbstractContextManager[None]]
+    ) -> None:
+        self._in_flight = in_flight  # the lifecycle's count of calls a stop waits for
         self._bridge = bridge
         self._config = config
         self._labels: dict[str, str] = {}  # context id: what it was loaded from
@@ -269,7 +250,7 @@ class Tools:
             raise MCPError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
         arguments = params.arguments or {}
         try:
-            with self.running:
+            with self._in_flight():
                 _validate(params.name, arguments)
                 structured = await handler(ctx, arguments)
         except RpcError as error:
