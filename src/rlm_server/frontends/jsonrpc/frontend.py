@@ -19,18 +19,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rlm_server import Json
 from rlm_server.engine.api import Event, InferRequest, InferResult, Ticket
 from rlm_server.engine.engine import Engine
 from rlm_server.errors import LineTooLong, ParseError, RpcError
-from rlm_server.frontends.jsonrpc.dispatch import Dispatcher, Response, error_response
-from rlm_server.frontends.jsonrpc.methods import INLINE_METHODS, REQUEST_ONLY_METHODS, TASK_METHODS
 from rlm_server.frontends.jsonrpc.tools import ToolCalls, is_response
 from rlm_server.frontends.lifecycle import Lifecycle
 from rlm_server.frontends.transport import OversizedLine, ProtocolWriter
 from rlm_server.frontends.wire import RequestId, encode, leading_id
+
+if TYPE_CHECKING:
+    from rlm_server.frontends.jsonrpc.dispatch import Dispatcher, Response
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class JsonRpcFrontend:
         self.engine = lifecycle.engine
         self.lifecycle = lifecycle
         self._writer = writer
-        self._dispatcher = Dispatcher(INLINE_METHODS, TASK_METHODS, REQUEST_ONLY_METHODS)
+        self._dispatcher: Dispatcher | None = None  # loaded by the first message, after `ready`
         self._running: dict[RequestId, list[Ticket]] = {}  # what $/cancelRequest can reach
         self._tool_calls = ToolCalls(self._send)  # our own requests to the client
 
@@ -77,7 +78,7 @@ class JsonRpcFrontend:
         if is_response(message):
             self._tool_calls.answer(message)
             return
-        self._dispatcher.dispatch(message, self._calls(ticket), self.lifecycle.spawn, self._send)
+        self._load().dispatch(message, self._calls(ticket), self.lifecycle.spawn, self._send)
 
     def decoding(self, head: bytes, ticket: Ticket) -> Callable[[], None]:
         """A cancel for the id its line begins with reaches the request while it is parsed."""
@@ -106,6 +107,20 @@ class JsonRpcFrontend:
             ticket.cancel()
 
     # -- inside -------------------------------------------------------------------------------
+
+    def _load(self) -> Dispatcher:
+        """The methods and their dispatcher, imported after `ready` is out (they cost a few
+        milliseconds of spawn to `ready` otherwise)."""
+        if self._dispatcher is None:
+            from rlm_server.frontends.jsonrpc.dispatch import Dispatcher
+            from rlm_server.frontends.jsonrpc.methods import (
+                INLINE_METHODS,
+                REQUEST_ONLY_METHODS,
+                TASK_METHODS,
+            )
+
+            self._dispatcher = Dispatcher(INLINE_METHODS, TASK_METHODS, REQUEST_ONLY_METHODS)
+        return self._dispatcher
 
     def _calls(self, ticket: Ticket) -> Callable[[RequestId], Call]:
         """Each request of a line gets a Call: the first the line's ticket, the others (a
@@ -146,6 +161,8 @@ class JsonRpcFrontend:
             self._writer.send(encode(response))
 
     def _send_error(self, error: RpcError, request_id: RequestId = None) -> None:
+        from rlm_server.frontends.jsonrpc.dispatch import error_response
+
         self._send(error_response(error, request_id))
 
 
