@@ -34,6 +34,11 @@ BACKENDS = (
     "vercel",
 )
 SANDBOX_LEVELS = ("strict", "auto", "off")  # see sandbox.py
+EXECUTORS = (
+    "local",
+    "ray",
+    "ray,local",
+)  # see executors/; `ray,local`: local if Ray is unreachable
 ENVIRONMENTS = ("local", "ipython", "docker", "modal", "prime", "e2b", "daytona")
 
 
@@ -403,6 +408,33 @@ SETTINGS: tuple[Setting, ...] = (
         "a session with no turn running or waiting for this long is closed",
         flag="--session-idle-s",
     ),
+    Setting(
+        "executor",
+        "ELIZA_RLM_EXECUTOR",
+        "local",
+        _choice(EXECUTORS),
+        "one of " + ", ".join(EXECUTORS),
+        "where completions run: local (workers on this machine) or ray (workers on the nodes "
+        "of a Ray cluster, pip install 'rlm-server[ray]'); ray,local runs them here when the "
+        "cluster cannot be reached",
+    ),
+    Setting(
+        "ray_address",
+        "RAY_ADDRESS",
+        "",
+        _text,
+        "a Ray cluster address",
+        "the Ray cluster --executor ray connects to (the address `ray start --head` prints, "
+        "or auto for the cluster this machine is a node of)",
+    ),
+    Setting(
+        "ray_node_slots",
+        "ELIZA_RLM_RAY_NODE_SLOTS",
+        "0",
+        _non_negative_int,
+        "a non-negative integer",
+        "completions one Ray node runs at once (0: as many as it has CPUs)",
+    ),
 )
 
 
@@ -435,6 +467,9 @@ class Config(NamedTuple):
     worker_memory_mb: int
     context_store_bytes: int
     session_idle_s: float
+    executor: str
+    ray_address: str
+    ray_node_slots: int
     protections: tuple[str, ...] = ()  # not a setting: what the sandbox probe found in force
 
     @property
@@ -517,7 +552,17 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         raise ConfigError("ELIZA_RLM_RETRY_MAX_DELAY must not be below ELIZA_RLM_RETRY_DELAY")
     if config.record and config.replay:
         raise ConfigError("--record and --replay cannot be used together")
+    if config.executor != "local":
+        _check_ray(config)
     return config
+
+
+def _check_ray(config: Config) -> None:
+    """--executor ray needs Ray installed and a cluster to connect to (we never start one)."""
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("--executor ray needs Ray: pip install 'rlm-server[ray]'")
+    if not config.ray_address:
+        raise ConfigError("--executor ray needs --ray-address or RAY_ADDRESS")
 
 
 def backend_unavailable_reason(

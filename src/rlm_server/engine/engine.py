@@ -42,7 +42,8 @@ from rlm_server.errors import (
     ShuttingDown,
     first_of,
 )
-from rlm_server.executors.local.pool import CallHandler, Context, WorkerPool
+from rlm_server.executors.base import Executor, make_executor
+from rlm_server.executors.local.pool import CallHandler, Context
 
 Json = dict[str, Any]
 RequestId = str | int | None
@@ -220,9 +221,7 @@ class Engine:
         self.metrics = Metrics()
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
-        self.workers = WorkerPool(
-            config.worker_memory_mb, config.max_message_bytes, environ, config.protections
-        )
+        self.workers: Executor = make_executor(config, environ)
         self.contexts = ContextStore(
             config.context_store_bytes, lambda: self.workers.root, self.workers.forget
         )
@@ -269,7 +268,9 @@ class Engine:
         }
 
     def status(self) -> Json:
+        executor = self.workers.status()
         return {
+            **({} if executor is None else {"executor": executor}),
             **self._static_status,
             "in_flight": self._slots.borrowed_tokens,
             "queued": self._queued,

@@ -27,13 +27,13 @@ import anyio
 
 from rlm_server.engine.store import ContextStore, StoredContext
 from rlm_server.errors import InvalidParams
+from rlm_server.executors.base import Executor
 from rlm_server.executors.local.pool import (
     CallHandler,
     Context,
     EventHandler,
     Json,
     LongWorker,
-    WorkerPool,
 )
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class Session:
 
 
 class Sessions:
-    def __init__(self, idle_s: float, workers: WorkerPool, contexts: ContextStore) -> None:
+    def __init__(self, idle_s: float, workers: Executor, contexts: ContextStore) -> None:
         self._idle_s = idle_s
         self._workers = workers
         self._contexts = contexts

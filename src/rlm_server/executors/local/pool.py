@@ -294,6 +294,10 @@ class WorkerPool:
             raise RuntimeError("the worker pool has not started")
         return self._root
 
+    def status(self) -> Json | None:
+        """Nothing beyond what `status` says of this machine already."""
+        return None
+
     def stop(self) -> None:
         if self._zygote is not None:
             self._zygote.stop()

@@ -1,0 +1,327 @@
+"""The Ray executor (--executor ray) on Ray's own multi-node test cluster: a head with no CPUs
+and worker nodes on this machine, over loopback. The server is a real subprocess, connected to
+the cluster as its driver; the model is the scripted fixture; every model call comes back to the
+server's broker. One cluster serves the whole module (Ray's head processes are heavy).
+
+.ci/run installs Ray (`rlm-server[ray]`) so these always run there; elsewhere, without Ray, the
+module is skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Spawn
+from fixtures.openai_fixture import FixtureServer
+from harness import (
+    ServerProcess,
+    alive,
+    answer_with,
+    cmdline_of,
+    descendants,
+    fixture_env,
+    repl,
+    wait_until,
+)
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'rlm-server[ray]'")
+cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+NODE_CPUS = 8  # a label for Ray's scheduler; the workers share this machine's cores
+Json = dict[str, Any]
+
+
+class RayCluster:
+    """The module's cluster and the node objects of its worker nodes."""
+
+    def __init__(self) -> None:
+        self.cluster = cluster_utils.Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 0, "object_store_memory": 80 << 20},
+        )
+        self.nodes = [self.add() for _ in range(2)]
+
+    def add(self) -> Any:
+        node = self.cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=80 << 20)
+        self.cluster.wait_for_nodes()
+        return node
+
+    @property
+    def address(self) -> str:
+        return str(self.cluster.address)
+
+    def remove(self, node_id: str) -> None:
+        node = next(n for n in self.nodes if n.node_id == node_id)
+        self.nodes.remove(node)
+        self.cluster.remove_node(node, allow_graceful=False)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayCluster]:
+    made = RayCluster()
+    yield made
+    made.cluster.shutdown()
+
+
+def _ray_server(
+    spawn: Spawn, cluster: RayCluster, rules: list[Json], *args: str, **env: str
+) -> ServerProcess:
+    server = spawn(
+        rules,
+        env=env,
+        args=["--executor", "ray", "--ray-address", cluster.address, *args],
+    )
+    assert server.ready(timeout=60)["available"]
+    return server
+
+
+def _nodes(server: ServerProcess) -> list[Json]:
+    nodes: list[Json] = server.call("status")["result"]["executor"]["nodes"]
+    return nodes
+
+
+def _remote_zygotes(server: ServerProcess) -> set[int]:
+    """Zygotes that are not the server's: the node agents' (on this one machine)."""
+    ours = descendants(server.process.pid)
+    return {
+        pid
+        for pid in alive(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+        if b"rlm_server.executors.local.zygote" in cmdline_of(pid) and pid not in ours
+    }
+
+
+def _remote_workers(server: ServerProcess) -> set[int]:
+    return {pid for zygote in _remote_zygotes(server) for pid in alive(descendants(zygote))}
+
+
+HELD = {"when": "root", "hold": True, "reply": answer_with("'held'")}
+
+
+def test_requests_spread_over_both_nodes_and_the_needle_is_found(
+    spawn: Spawn, llm: FixtureServer, cluster: RayCluster
+) -> None:
+    server = _ray_server(spawn, cluster, [HELD])
+    for i in range(2):
+        server.request(i, "infer", {"prompt": f"request {i}"})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 2, timeout=120)
+    nodes = _nodes(server)
+    assert sorted(n["in_flight"] for n in nodes) == [1, 1], nodes
+    assert all(n["slots"] == NODE_CPUS and n["protections"] for n in nodes), nodes
+    llm.script.released.set()
+    assert {i: r["result"]["text"] for i, r in server.responses_by_id(2).items()} == {
+        0: "held",
+        1: "held",
+    }
+
+    llm.script.replace(
+        [{"when": "root", "reply": answer_with("context[context.index('NEEDLE'):][:11]")}]
+    )
+    haystack = "hay " * 200_000 + "NEEDLE=4711 " + "hay " * 200_000
+    response = server.call("infer", {"prompt": haystack, "query": "find the needle"})
+    assert response["result"]["text"] == "NEEDLE=4711", response
+    assert response["result"]["usage"]["calls"] == 1
+    assert server.close() == 0
+
+
+def test_cancel_and_deadline_kill_the_remote_worker(
+    spawn: Spawn, llm: FixtureServer, cluster: RayCluster
+) -> None:
+    server = _ray_server(spawn, cluster, [HELD])
+    server.request("cancelled", "infer", {"prompt": "x"})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 1, timeout=120)
+    assert _remote_workers(server), "no worker under a node agent's zygote"
+    server.send({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": "cancelled"}})
+    response = server.next_response()
+    assert response["error"]["data"]["type"] == "cancelled", response
+    assert wait_until(lambda: not _remote_workers(server), timeout=30), "the worker outlived it"
+
+    server.request("late", "infer", {"prompt": "x", "options": {"timeout_s": 3}})
+    assert wait_until(lambda: _remote_workers(server), timeout=60)
+    response = server.next_response(timeout=60)
+    assert response["error"]["data"]["type"] == "deadline_exceeded", response
+    assert wait_until(lambda: not _remote_workers(server), timeout=30), "the worker outlived it"
+    assert all(n["in_flight"] == 0 for n in _nodes(server))
+    llm.script.released.set()
+    assert server.close() == 0
+
+
+def test_sixteen_concurrent_requests_are_all_answered(
+    spawn: Spawn, llm: FixtureServer, cluster: RayCluster
+) -> None:
+    server = _ray_server(spawn, cluster, [HELD], "--max-concurrency", "16")
+    for i in range(16):
+        server.request(i, "infer", {"prompt": f"request {i}"})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 16, timeout=180)
+    assert sorted(n["in_flight"] for n in _nodes(server)) == [8, 8]
+    llm.script.released.set()
+    assert len(server.responses_by_id(16, timeout=120)) == 16
+    assert server.close() == 0
+
+
+def test_a_stored_context_is_read_once_per_node(
+    spawn: Spawn, llm: FixtureServer, cluster: RayCluster
+) -> None:
+    server = _ray_server(
+        spawn,
+        cluster,
+        [{"when": "root", "reply": answer_with("context[context.index('KEY'):][:8]")}],
+        "--ray-node-slots",
+        "1",
+    )
+    text = "x" * 1_000_000 + "KEY=0042" + "y" * 1_000_000
+    context_id = server.call("context/load", {"text": text})["result"]["context_id"]
+    for i in range(3):  # one after another: the node that holds it is preferred
+        response = server.call("infer", {"context_id": context_id, "query": "key?"}, i)
+        assert response["result"]["text"] == "KEY=0042", response
+    assert sorted(n["contexts_read"] for n in _nodes(server)) == [0, 1]
+
+    llm.script.replace([HELD])  # two at once: one slot each, so the other node reads it too
+    for i in range(2):
+        server.request(i, "infer", {"context_id": context_id, "query": "key?"})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 2, timeout=120)
+    llm.script.released.set()
+    assert len(server.responses_by_id(2)) == 2
+    assert sorted(n["contexts_read"] for n in _nodes(server)) == [1, 1]
+    assert server.close() == 0
+
+
+def _hunt(needles: list[str], control: str) -> str:
+    """Model code that looks for each needle (given reversed, so the code that travels through
+    Ray does not hold them) everywhere a process on the node can look, and reports where it
+    found each."""
+    return repl(
+        "import glob, json, os, re",
+        f"needles = [n[::-1] for n in {[n[::-1] for n in needles]!r}]",
+        f"needles.append({control[::-1]!r}[::-1])",
+        "found = {n: [] for n in needles}",
+        "def look(place, data):",
+        "    if isinstance(data, str):",
+        "        data = data.encode(errors='replace')",
+        "    for n in needles:",
+        "        if n.encode() in data:",
+        "            found[n].append(place)",
+        "def read(path, limit=1 << 28):",
+        "    try:",
+        "        with open(path, 'rb') as f:",
+        "            return f.read(limit)",
+        "    except (OSError, ValueError):",
+        "        return b''",
+        "look('environment', repr(dict(os.environ)))",
+        "pids = [p for p in os.listdir('/proc') if p.isdigit()]",
+        "seen = set()",
+        "for pid in pids:",
+        "    look(f'/proc/{pid}/environ', read(f'/proc/{pid}/environ'))",
+        "    look(f'/proc/{pid}/cmdline', read(f'/proc/{pid}/cmdline'))",
+        "    for fd in glob.glob(f'/proc/{pid}/fd/*'):",
+        "        try:",
+        "            st = os.stat(fd)",
+        "        except OSError:",
+        "            continue",
+        "        if (st.st_dev, st.st_ino) in seen or not (st.st_mode & 0o100000):",
+        "            continue",
+        "        seen.add((st.st_dev, st.st_ino))",
+        "        look(f'open file of {pid}', read(fd))",  # the object store's shared memory too
+        "    if b'NodeAgent' in read(f'/proc/{pid}/cmdline'):",
+        "        try:",
+        "            mem = open(f'/proc/{pid}/mem', 'rb')",
+        "            for line in open(f'/proc/{pid}/maps'):",
+        "                span, perms = line.split()[:2]",
+        "                if not perms.startswith('r') or '[v' in line:",
+        "                    continue",
+        "                start, end = (int(x, 16) for x in span.split('-'))",
+        "                if end - start > 1 << 30:",
+        "                    continue",
+        "                try:",
+        "                    mem.seek(start)",
+        "                    look(f'memory of the node agent {pid}', mem.read(end - start))",
+        "                except (OSError, ValueError, OverflowError):",
+        "                    pass",
+        "        except OSError:",
+        "            pass",
+        "for path in glob.glob('/tmp/ray/session_latest/**', recursive=True):",
+        "    if os.path.isfile(path):",
+        "        look(path, read(path))",
+        "try:",
+        "    import ray",
+        "    from ray.experimental import internal_kv",
+        "    ray.init(address='auto', log_to_driver=False)",
+        "    for space in (None, 'session', 'fun', 'job', 'cluster', 'runtime_env'):",
+        "        for key in internal_kv._internal_kv_list('', namespace=space):",
+        "            value = internal_kv._internal_kv_get(key, namespace=space)",
+        "            look(f'GCS {space}', value or b'')",
+        "    look('Ray jobs', repr(ray._private.state.state.job_table()))",
+        "    look('Ray nodes', repr(ray.nodes()))",
+        "    ray.shutdown()",
+        "    found['ray_api'] = ['reached']",
+        "except Exception as error:",
+        "    found['ray_api'] = ['unreachable: ' + type(error).__name__]",
+        "answer['content'] = json.dumps(found)",
+        "answer['ready'] = True",
+    )
+
+
+def test_model_code_on_a_node_finds_no_key(
+    spawn: Spawn, llm: FixtureServer, cluster: RayCluster
+) -> None:
+    key = "sk-ray-hunt-" + secrets.token_hex(8)
+    control = "CONTROL-" + secrets.token_hex(8)  # the prompt: the hunt must find this one
+    env = fixture_env(llm.base_url, OPENAI_API_KEY=key, ELIZA_RLM_MAX_RETRIES="0")
+    needles = [key, llm.base_url, "ELIZA_RLM_"]
+    llm.script.replace([{"when": "root", "reply": _hunt(needles, control)}])
+    server = ServerProcess(
+        env, ["--executor", "ray", "--ray-address", cluster.address, "--sandbox", "off"]
+    )
+    try:
+        server.ready(timeout=60)
+        response = server.call("infer", {"prompt": control, "query": "hunt"})
+        found = json.loads(response["result"]["text"])
+        assert found[control], f"the hunt cannot even find the prompt: {found}"
+        assert found["ray_api"] == ["reached"], found
+        assert {n: found[n] for n in needles} == {n: [] for n in needles}
+        assert server.close() == 0
+    finally:
+        server.kill()
+
+
+def test_a_node_lost_mid_request_fails_only_that_request(
+    spawn: Spawn, llm: FixtureServer, cluster: RayCluster
+) -> None:
+    """Last in the module: it removes a node (and adds one back)."""
+    asks_sub = repl("answer['content'] = llm_query('SUB-HELD')", "answer['ready'] = True")
+    server = _ray_server(
+        spawn,
+        cluster,
+        [
+            {"when": "root", "reply": asks_sub},
+            {"when": "sub", "hold": True, "reply": "never"},
+        ],
+    )
+    server.request("lost", "infer", {"prompt": "x"})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 1, timeout=120)
+    busy = [n for n in _nodes(server) if n["in_flight"] == 1]
+    assert len(busy) == 1
+    before = _remote_zygotes(server)
+    cluster.remove(busy[0]["node_id"])
+    response = server.next_response(timeout=60)
+    assert response["error"]["data"]["type"] == "worker_crashed", response
+    assert response["error"]["data"]["usage"]["calls"] == 1, response  # the root call
+
+    llm.script.replace([{"when": "root", "reply": answer_with("'still here'")}])
+    for i in range(3):
+        assert server.call("infer", {"prompt": "x"}, i)["result"]["text"] == "still here"
+    assert [n["node_id"] for n in _nodes(server)] != [busy[0]["node_id"]]
+    assert len(_nodes(server)) == 1
+    assert wait_until(lambda: len(before - _remote_zygotes(server)) == 1, timeout=30), (
+        "the lost node's zygote was left behind"
+    )
+
+    cluster.nodes.append(cluster.add())  # a node comes (back): it gets an agent
+    assert wait_until(lambda: len(_nodes(server)) == 2, timeout=60)  # seen at the next look
+    assert server.call("infer", {"prompt": "x"})["result"]["text"] == "still here"
+    llm.script.released.set()
+    assert server.close() == 0
