@@ -10,9 +10,9 @@ module is skipped with that reason.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +25,7 @@ from harness import (
     cmdline_of,
     descendants,
     fixture_env,
+    parent_of,
     repl,
     wait_until,
 )
@@ -86,13 +87,14 @@ def _nodes(server: ServerProcess) -> list[Json]:
 
 
 def _remote_zygotes(server: ServerProcess) -> set[int]:
-    """Zygotes that are not the server's: the node agents' (on this one machine)."""
-    ours = descendants(server.process.pid)
-    return {
-        pid
-        for pid in alive(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
-        if b"rlm_server.executors.local.zygote" in cmdline_of(pid) and pid not in ours
+    """The node agents' zygotes: below the cluster's processes (children of this test process),
+    not below the server. Their holders, keepers and workers share their command line, so:
+    those whose parent is not one."""
+    cluster = descendants(os.getpid()) - descendants(server.process.pid)
+    found = {
+        pid for pid in alive(cluster) if b"rlm_server.executors.local.zygote" in cmdline_of(pid)
     }
+    return {pid for pid in found if parent_of(pid) not in found}
 
 
 def _remote_workers(server: ServerProcess) -> set[int]:
@@ -192,8 +194,12 @@ def test_a_stored_context_is_read_once_per_node(
 
 def _hunt(needles: list[str], control: str) -> str:
     """Model code that looks for each needle (given reversed, so the code that travels through
-    Ray does not hold them) everywhere a process on the node can look, and reports where it
-    found each."""
+    Ray does not hold them) everywhere a process on a node can look: its environment, the
+    environment, command line, open files (the object store's shared memory among them) of
+    every process of the cluster and what they started, the node agents' memory, Ray's session
+    files, and the cluster's own key-value store and job table through the Ray API. Processes
+    that are not the cluster's (the server, pytest, anything else on this shared machine) are
+    the server's machine on a real cluster, and are left out."""
     return repl(
         "import glob, json, os, re",
         f"needles = [n[::-1] for n in {[n[::-1] for n in needles]!r}]",
@@ -212,7 +218,21 @@ def _hunt(needles: list[str], control: str) -> str:
         "    except (OSError, ValueError):",
         "        return b''",
         "look('environment', repr(dict(os.environ)))",
-        "pids = [p for p in os.listdir('/proc') if p.isdigit()]",
+        "RAY = (b'raylet', b'gcs_server', b'ray::', b'ray/_private', b'ray/dashboard')",
+        "children = {}",
+        "for pid in (p for p in os.listdir('/proc') if p.isdigit()):",
+        "    stat = read(f'/proc/{pid}/stat').rsplit(b')', 1)[-1].split()",
+        "    if len(stat) > 1:",
+        "        children.setdefault(stat[1].decode(), []).append(pid)",
+        "pending = [p for ps in children.values() for p in ps",
+        "           if any(r in read(f'/proc/{p}/cmdline') for r in RAY)]",
+        "pids = set()",  # the cluster's processes and all they started: this 'node'
+        "while pending:",
+        "    pid = pending.pop()",
+        "    if pid not in pids:",
+        "        pids.add(pid)",
+        "        pending += children.get(pid, [])",
+        "found['processes'] = [len(pids)]",
         "seen = set()",
         "for pid in pids:",
         "    look(f'/proc/{pid}/environ', read(f'/proc/{pid}/environ'))",
@@ -271,7 +291,7 @@ def test_model_code_on_a_node_finds_no_key(
     key = "sk-ray-hunt-" + secrets.token_hex(8)
     control = "CONTROL-" + secrets.token_hex(8)  # the prompt: the hunt must find this one
     env = fixture_env(llm.base_url, OPENAI_API_KEY=key, ELIZA_RLM_MAX_RETRIES="0")
-    needles = [key, llm.base_url, "ELIZA_RLM_"]
+    needles = [key, llm.base_url, "ELIZA_RLM_BACKEND="]
     llm.script.replace([{"when": "root", "reply": _hunt(needles, control)}])
     server = ServerProcess(
         env, ["--executor", "ray", "--ray-address", cluster.address, "--sandbox", "off"]
@@ -282,6 +302,7 @@ def test_model_code_on_a_node_finds_no_key(
         found = json.loads(response["result"]["text"])
         assert found[control], f"the hunt cannot even find the prompt: {found}"
         assert found["ray_api"] == ["reached"], found
+        assert found["processes"][0] >= 10, found  # raylets, GCS, agents, zygotes, workers
         assert {n: found[n] for n in needles} == {n: [] for n in needles}
         assert server.close() == 0
     finally:
@@ -305,7 +326,9 @@ def test_a_node_lost_mid_request_fails_only_that_request(
     assert wait_until(lambda: llm.script.stats()["in_flight"] == 1, timeout=120)
     busy = [n for n in _nodes(server) if n["in_flight"] == 1]
     assert len(busy) == 1
-    before = _remote_zygotes(server)
+    working = [z for z in _remote_zygotes(server) if alive(descendants(z))]
+    assert len(working) == 1, working  # the busy node's: the other has no worker
+    lost = {working[0], *descendants(working[0])}
     cluster.remove(busy[0]["node_id"])
     response = server.next_response(timeout=60)
     assert response["error"]["data"]["type"] == "worker_crashed", response
@@ -316,12 +339,14 @@ def test_a_node_lost_mid_request_fails_only_that_request(
         assert server.call("infer", {"prompt": "x"}, i)["result"]["text"] == "still here"
     assert [n["node_id"] for n in _nodes(server)] != [busy[0]["node_id"]]
     assert len(_nodes(server)) == 1
-    assert wait_until(lambda: len(before - _remote_zygotes(server)) == 1, timeout=30), (
-        "the lost node's zygote was left behind"
-    )
+    assert wait_until(lambda: not alive(lost), timeout=30), "the lost node left processes"
 
     cluster.nodes.append(cluster.add())  # a node comes (back): it gets an agent
-    assert wait_until(lambda: len(_nodes(server)) == 2, timeout=60)  # seen at the next look
-    assert server.call("infer", {"prompt": "x"})["result"]["text"] == "still here"
+
+    def back() -> bool:  # a job looks at the cluster (at most once a second)
+        assert server.call("infer", {"prompt": "x"})["result"]["text"] == "still here"
+        return len(_nodes(server)) == 2
+
+    assert wait_until(back, timeout=60, interval=0.5)
     llm.script.released.set()
     assert server.close() == 0
