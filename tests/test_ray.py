@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,11 +23,13 @@ from harness import (
     ServerProcess,
     alive,
     answer_with,
+    clean_env,
     cmdline_of,
     descendants,
     fixture_env,
     parent_of,
     repl,
+    server_command,
     wait_until,
 )
 
@@ -99,6 +102,33 @@ def _remote_zygotes(server: ServerProcess) -> set[int]:
 
 def _remote_workers(server: ServerProcess) -> set[int]:
     return {pid for zygote in _remote_zygotes(server) for pid in alive(descendants(zygote))}
+
+
+def test_executor_ray_without_an_address_is_one_line_and_exit_2() -> None:
+    done = subprocess.run(
+        [*server_command(), "--executor", "ray"],
+        env=clean_env(),
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines() == [
+        "rlm-server: configuration error: --executor ray needs --ray-address or RAY_ADDRESS"
+    ]
+
+
+def test_ray_local_runs_here_when_the_cluster_cannot_be_reached(
+    spawn: Spawn, llm: FixtureServer
+) -> None:
+    server = spawn(
+        [{"when": "root", "reply": answer_with("'ran here'")}],
+        args=["--executor", "ray,local", "--ray-address", "127.0.0.1:1"],  # nothing listens
+    )
+    server.ready()
+    response = server.call("infer", {"prompt": "x"})
+    assert response["result"]["text"] == "ran here", response
+    assert server.call("status")["result"]["executor"] == {"kind": "local", "nodes": []}
+    assert server.close() == 0
 
 
 HELD = {"when": "root", "hold": True, "reply": answer_with("'held'")}

@@ -700,6 +700,48 @@ pub struct StatusResult {
     pub contexts: ContextStoreStatus,
     /// The open sessions.
     pub sessions: SessionsStatus,
+    /// Where completions run, with `--executor ray`: the cluster's nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<ExecutorStatus>,
+}
+
+/// `StatusResult.executor`: present with `--executor ray`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ExecutorStatus {
+    /// `ray`, or `local` when the cluster could not be reached and `--executor ray,local`
+    /// let the server run completions itself.
+    pub kind: ExecutorKind,
+    /// The nodes that have a node agent.
+    pub nodes: Vec<ExecutorNode>,
+}
+
+wire_enum! {
+    /// `ExecutorStatus.kind`.
+    ExecutorKind {
+        /// On the nodes of a Ray cluster.
+        Ray = "ray",
+        /// On the server's own machine.
+        Local = "local",
+    }
+}
+
+/// One node of `ExecutorStatus.nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ExecutorNode {
+    /// Ray's node id.
+    pub node_id: String,
+    /// The node's address.
+    pub address: String,
+    /// Completions this node runs at once.
+    pub slots: u64,
+    /// Completions running on it now.
+    pub in_flight: u64,
+    /// What confines model code on this node.
+    pub protections: Vec<Protection>,
+    /// Stored contexts it fetched from the object store (once each).
+    pub contexts_read: u64,
 }
 
 /// `StatusResult.contexts`: what `context/list` lists, in short.

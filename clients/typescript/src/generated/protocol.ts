@@ -232,6 +232,7 @@ export interface StatusResult {
   sessions: {
     count: number;
   };
+  executor?: ExecutorStatus;
 }
 export interface ServerMetrics {
   total_requests: number;
@@ -261,6 +262,33 @@ export interface LatencySummary {
   p50: number;
   p95: number;
   p99: number;
+}
+/**
+ * Present with --executor ray: where completions run. kind is local when the cluster could not be reached and --executor ray,local let the server run them here.
+ */
+export interface ExecutorStatus {
+  kind: "ray" | "local";
+  /**
+   * The cluster's nodes that have a node agent (none before the first infer connects).
+   */
+  nodes: ExecutorNode[];
+}
+export interface ExecutorNode {
+  node_id: string;
+  address: string;
+  /**
+   * Completions this node runs at once (--ray-node-slots, at most its CPUs).
+   */
+  slots: number;
+  in_flight: number;
+  /**
+   * What confines model code on this node.
+   */
+  protections: Protection[];
+  /**
+   * Stored contexts this node fetched from the object store (once each).
+   */
+  contexts_read: number;
 }
 export interface ShutdownResult {
   shutdown: true;

@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,9 +58,11 @@ Json = dict[str, Any]
 LOOK_EVERY_S = 1.0  # how often, at most, the cluster's node list is read again
 AGENT_START_TIMEOUT_S = 120.0  # a node whose agent has not started by then is left out
 CANCEL_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 20.0
 REASON_CHARS = 200
 LOST = "the Ray node running the request was lost"
 NO_NODE = "no Ray node is available"
+UNREACHABLE = "the Ray cluster cannot be reached"
 
 RemoteAgent = ray.remote(max_restarts=0)(NodeAgent)  # an async actor: 1000 calls at once
 
@@ -98,6 +102,7 @@ class RayExecutor:
         self._fallback = config.executor.endswith(",local")
         self._connected: bool | None = None  # None: not tried yet; False: fell back to local
         self._connecting = anyio.Lock()
+        self._attempt: Future[None] | None = None
         self._nodes: dict[str, _Node] = {}
         self._looking = anyio.Lock()
         self._looked_at = -LOOK_EVERY_S
@@ -151,26 +156,43 @@ class RayExecutor:
     # -- connecting and looking at the cluster ------------------------------------------------
 
     async def _connect(self) -> bool:
-        """Connect once, on the first job (so `ready` never waits for the cluster)."""
+        """Connect on the first job (so `ready` never waits for the cluster). Ray waits minutes
+        for an unreachable cluster, so one attempt at a time runs in a thread of its own and a
+        job waits for it at most CONNECT_TIMEOUT_S; a failed attempt is tried again by the next
+        job, unless `ray,local` fell back for good."""
         async with self._connecting:
             if self._connected is None:
+                attempt = self._attempt
+                if attempt is None or (attempt.done() and attempt.exception() is not None):
+                    attempt = self._attempt = self._start_attempt()
                 try:
-                    await anyio.to_thread.run_sync(self._init)
+                    await anyio.to_thread.run_sync(attempt.result, CONNECT_TIMEOUT_S)
                     self._connected = True
-                except Exception as error:
+                except Exception as error:  # Ray raises many kinds; each means: not reached
+                    log.warning("cannot reach the Ray cluster: %s", type(error).__name__)
                     if not self._fallback:
-                        raise
-                    log.warning("cannot reach the Ray cluster (%s): running locally", error)
+                        raise WorkerCrashed(reason=UNREACHABLE) from None
+                    log.warning("running completions locally (--executor ray,local)")
                     self._connected = False
             return self._connected
 
-    def _init(self) -> None:
-        ray.init(
-            address=self._address,
-            namespace="rlm-server",
-            log_to_driver=False,  # the nodes' logs are theirs: model code writes to them
-            configure_logging=False,
-        )
+    def _start_attempt(self) -> Future[None]:
+        attempt: Future[None] = Future()
+
+        def connect() -> None:
+            try:
+                ray.init(
+                    address=self._address,
+                    namespace="rlm-server",
+                    log_to_driver=False,  # the nodes' logs are theirs: model code writes there
+                    configure_logging=False,
+                )
+                attempt.set_result(None)
+            except Exception as error:
+                attempt.set_exception(error)
+
+        threading.Thread(target=connect, name="ray-connect", daemon=True).start()
+        return attempt
 
     async def _look(self) -> None:
         """Place an agent on every alive node with CPUs that has none; forget dead nodes.
