@@ -37,6 +37,15 @@ def test_bad_integers_name_the_variable(value: str) -> None:
         load_config([], {"ELIZA_RLM_MAX_CONCURRENCY": value})
 
 
+def test_the_worker_disk_limit_is_a_non_negative_number_of_mib() -> None:
+    assert load_config([], {}).worker_disk_mb == 1024
+    assert load_config(["--worker-disk-mb", "0"], {}).worker_disk_mb == 0  # no limit
+    assert load_config([], {"ELIZA_RLM_WORKER_DISK_MB": "64"}).worker_disk_mb == 64
+    for value in ("-1", "1.5", "lots"):
+        with pytest.raises(ConfigError, match="--worker-disk-mb"):
+            load_config(["--worker-disk-mb", value], {})
+
+
 def test_retry_cap_below_the_first_delay_is_refused() -> None:
     with pytest.raises(ConfigError, match="RETRY_MAX_DELAY"):
         load_config([], {"ELIZA_RLM_RETRY_DELAY": "500", "ELIZA_RLM_RETRY_MAX_DELAY": "100"})

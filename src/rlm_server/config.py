@@ -391,6 +391,15 @@ SETTINGS: tuple[Setting, ...] = (
         "contexts included), in MiB (0: no limit)",
     ),
     Setting(
+        "worker_disk_mb",
+        "ELIZA_RLM_WORKER_DISK_MB",
+        "1024",
+        _non_negative_int,
+        "a non-negative integer",
+        "size of one worker's private directory, all its files together (a tmpfs: memory), "
+        "in MiB (0: no limit)",
+    ),
+    Setting(
         "context_store_bytes",
         "ELIZA_RLM_CONTEXT_STORE_BYTES",
         str(8 << 30),
@@ -465,6 +474,7 @@ class Config(NamedTuple):
     replay: str | None
     sandbox: str
     worker_memory_mb: int
+    worker_disk_mb: int
     context_store_bytes: int
     session_idle_s: float
     executor: str

@@ -35,6 +35,7 @@ from rlm_server.errors import (
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
+    InvalidAnswer,
     InvalidParams,
     QueueFull,
     RequestCancelled,
@@ -44,12 +45,14 @@ from rlm_server.errors import (
 )
 from rlm_server.executors.base import Executor, make_executor
 from rlm_server.executors.local.pool import CallHandler, Context
+from rlm_server.worker import frames
 
 Json = dict[str, Any]
 RequestId = str | int | None
 Notify = Callable[[Json], None]
 
 STUB_TEXT = "[RLM STUB] RLM backend not available"
+ANSWER_REPAIRS = 2  # the default of options.answer_repairs
 
 
 class InferOptions(NamedTuple):
@@ -67,6 +70,8 @@ class InferOptions(NamedTuple):
     progress: bool = False
     trajectory: bool = False
     budget: Budget = Budget()  # frozen: one default serves all
+    answer_schema: Json | None = None  # a checked JSON Schema: the answer must match it
+    answer_repairs: int = ANSWER_REPAIRS  # invalid answers the model may still fix
 
 
 class InferRequest(NamedTuple):
@@ -192,8 +197,11 @@ def _unreported(message: str) -> None:
     """A retry note nobody asked to hear."""
 
 
-def _failure(account: Account) -> RpcError:
-    """The error for a completion that ended without an answer: what the broker saw."""
+def _failure(account: Account, failure: Json | None = None) -> RpcError:
+    """The error for a call or a completion that ended without an answer: an answer the schema
+    refused to the end (the worker's `failure` frame says so), else what the broker saw."""
+    if failure is not None and failure["kind"] == frames.INVALID_ANSWER:
+        return InvalidAnswer(str(failure.get("validation_error"))[: frames.VALIDATION_ERROR_CHARS])
     if account.exceeded is not None:
         return account.exceeded
     if account.failure is None:  # the completion itself failed (no model call did)
@@ -212,6 +220,7 @@ class _Running:
     progress: _Progress
     started: float
     account: Account
+    label: str  # names the request in our log (its worker's output)
     steps: list[Json] = field(default_factory=list)  # the trajectory, as far as it got
 
 
@@ -354,7 +363,8 @@ class Engine:
         started = time.monotonic()
         progress = _Progress(request_id, notify if request.options.progress else None, started)
         account = self.broker.account(spec.budget)
-        run = _Running(spec, request, source, session, progress, started, account)
+        label = f"worker of request {request_id!r}"
+        run = _Running(spec, request, source, session, progress, started, account, label)
         self.metrics.started()
         outcome = Outcome.FAILURE
         ending: Json = {}
@@ -484,6 +494,11 @@ class Engine:
             "progress": request.options.progress,
             "trajectory": request.options.trajectory or self.config.log_dir is not None,
         }
+        if request.options.answer_schema is not None:
+            job["answer"] = {
+                "schema": request.options.answer_schema,
+                "repairs": request.options.answer_repairs,
+            }
 
         def on_retry(message: str) -> None:
             run.progress("retry", message=message)
@@ -503,10 +518,11 @@ class Engine:
         outcome: Json = final.get("result") or final["failure"]
         run.steps += outcome.get("trajectory") or []
         if "result" not in final:
-            raise _failure(account)
+            raise _failure(account, final["failure"])
         result: Json = final["result"]
         response = {
             "text": result["text"],
+            **({"value": result["value"]} if "value" in result else {}),
             "stub": False,
             "usage": account.usage(),  # the broker's count: the whole call tree, every depth
             "metadata": self._metadata(
@@ -521,9 +537,9 @@ class Engine:
         """The completion's final frame: from the session's worker, or from a fresh one."""
         if run.session is not None:
             return await self.sessions.run_turn(
-                run.session, job, run.source, run.progress.forward, on_call
+                run.session, job, run.source, run.progress.forward, on_call, run.label
             )
-        return await self.workers.run(job, run.source, run.progress.forward, on_call)
+        return await self.workers.run(job, run.source, run.progress.forward, on_call, run.label)
 
     @staticmethod
     def _metadata(spec: RunSpec, iterations: int, started: float, attempts: int) -> Json:

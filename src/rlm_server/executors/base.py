@@ -39,10 +39,15 @@ class Executor(Protocol):
         """At exit: end every worker and remove every private directory."""
 
     async def run(
-        self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
+        self,
+        job: Json,
+        context: Context,
+        on_event: EventHandler,
+        on_call: CallHandler,
+        label: str = "a worker",
     ) -> Json:
         """One job in a fresh worker; its final frame, or WorkerCrashed. Cancelling the caller
-        kills the worker and everything it started."""
+        kills the worker and everything it started. `label` names the request in logs."""
         ...
 
     async def long_worker(self, context: ContextFile | None) -> LongWorker:
@@ -60,7 +65,11 @@ class Executor(Protocol):
 def make_executor(config: Config, environ: Mapping[str, str]) -> Executor:
     """The executor that --executor names. Ray is imported only when it is asked for."""
     local = WorkerPool(
-        config.worker_memory_mb, config.max_message_bytes, environ, config.protections
+        config.worker_memory_mb,
+        config.max_message_bytes,
+        environ,
+        config.protections,
+        config.worker_disk_mb,
     )
     if config.executor == LOCAL:
         return local

@@ -59,8 +59,11 @@ class NodeAgent:
     """Made a Ray actor by executor.py (`ray.remote(...)(NodeAgent)`), so this module imports
     without Ray."""
 
-    def __init__(self, memory_mb: int, max_frame_bytes: int, sandbox_level: str) -> None:
-        self._memory_mb, self._max_frame_bytes = memory_mb, max_frame_bytes
+    def __init__(
+        self, memory_mb: int, disk_mb: int, max_frame_bytes: int, sandbox_level: str
+    ) -> None:
+        self._memory_mb, self._disk_mb = memory_mb, disk_mb
+        self._max_frame_bytes = max_frame_bytes
         self._level = sandbox_level
         self._pool: WorkerPool | None = None
         self._jobs: dict[int, _Job] = {}
@@ -78,12 +81,16 @@ class NodeAgent:
                 "--sandbox strict, but this node lacks: " + ", ".join(found["missing"])
             )
         self._pool = WorkerPool(
-            self._memory_mb, self._max_frame_bytes, os.environ, tuple(found["protections"])
+            self._memory_mb,
+            self._max_frame_bytes,
+            os.environ,
+            tuple(found["protections"]),
+            self._disk_mb,
         )
         self._pool.start()
         return {"protections": found["protections"], "host": os.uname().nodename}
 
-    async def run(self, job_id: int, job: Json, source: Any) -> AsyncIterator[Frame]:
+    async def run(self, job_id: int, job: Json, source: Any, label: str) -> AsyncIterator[Frame]:
         """One job in a fresh worker on this node: its frames, as they come."""
         frames: asyncio.Queue[Frame | None] = asyncio.Queue()
         entry = self._jobs[job_id] = _Job()
@@ -104,7 +111,7 @@ class NodeAgent:
         async def work() -> None:
             try:
                 context = await self._context(source, frames)
-                final = await self._started().run(job, context, on_event, on_call)
+                final = await self._started().run(job, context, on_event, on_call, label)
                 frames.put_nowait(("final", final))
             except WorkerCrashed as crashed:
                 frames.put_nowait(("crash", crashed.data.get("reason")))

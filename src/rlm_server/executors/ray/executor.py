@@ -144,14 +144,19 @@ class RayExecutor:
         return {"kind": "ray" if self._connected is not False else "local", "nodes": nodes}
 
     async def run(
-        self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
+        self,
+        job: Json,
+        context: Context,
+        on_event: EventHandler,
+        on_call: CallHandler,
+        label: str = "a worker",
     ) -> Json:
         if not await self._connect():
-            return await self._local.run(job, context, on_event, on_call)
+            return await self._local.run(job, context, on_event, on_call, label)
         stored = context.id if isinstance(context, ContextFile) else None
         source = await self._source(context)
         with self._slot(await self._node_for(stored)) as node:
-            return await self._run_on(node, job, source, on_event, on_call)
+            return await self._run_on(node, job, source, label, on_event, on_call)
 
     # -- connecting and looking at the cluster ------------------------------------------------
 
@@ -223,7 +228,9 @@ class RayExecutor:
         agent: Any = RemoteAgent.options(
             num_cpus=0,  # its workers are processes of its own, outside Ray's accounting
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(config.worker_memory_mb, config.max_message_bytes, config.sandbox)
+        ).remote(
+            config.worker_memory_mb, config.worker_disk_mb, config.max_message_bytes, config.sandbox
+        )
         node = _Node(node_id, info.get("NodeManagerAddress", ""), slots, agent)
         try:
             with anyio.fail_after(AGENT_START_TIMEOUT_S):
@@ -276,12 +283,19 @@ class RayExecutor:
     # -- one job --------------------------------------------------------------------------------
 
     async def _run_on(
-        self, node: _Node, job: Json, source: Any, on_event: EventHandler, on_call: CallHandler
+        self,
+        node: _Node,
+        job: Json,
+        source: Any,
+        label: str,
+        on_event: EventHandler,
+        on_call: CallHandler,
     ) -> Json:
         """Relay the job's frames; the broker answers its calls. Killed on the node however
         this ends early."""
         job_id = next(self._job_ids)
-        stream = node.agent.run.options(num_returns="streaming").remote(job_id, job, source)
+        run = node.agent.run.options(num_returns="streaming")
+        stream = run.remote(job_id, job, source, label)
         final: Json | None = None
         crash: RpcError | None = None
         try:
