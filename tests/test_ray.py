@@ -9,11 +9,15 @@ module is skipped with that reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,23 +45,49 @@ Json = dict[str, Any]
 
 
 class RayCluster:
-    """The module's cluster and the node objects of its worker nodes."""
+    """The module's cluster and the node objects of its worker nodes. Its processes get a
+    TMPDIR of their own (Ray's session directory and the node agents' directories go there),
+    so that what they leave behind can be seen."""
 
     def __init__(self) -> None:
-        self.cluster = cluster_utils.Cluster(
-            initialize_head=True,
-            head_node_args={"num_cpus": 0, "object_store_memory": 80 << 20},
-        )
+        self.tmp = Path(tempfile.mkdtemp(prefix="rlmray-", dir="/tmp"))  # short: socket paths
+        with self._own_tmpdir():
+            self.cluster = cluster_utils.Cluster(
+                initialize_head=True,
+                head_node_args={"num_cpus": 0, "object_store_memory": 80 << 20},
+            )
         self.nodes = [self.add() for _ in range(2)]
 
+    @contextlib.contextmanager
+    def _own_tmpdir(self) -> Iterator[None]:
+        """Ray's processes take their environment from ours as they start."""
+        before = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(self.tmp)
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = before
+
     def add(self) -> Any:
-        node = self.cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=80 << 20)
+        with self._own_tmpdir():
+            node = self.cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=80 << 20)
         self.cluster.wait_for_nodes()
         return node
 
     @property
     def address(self) -> str:
         return str(self.cluster.address)
+
+    @property
+    def session_dir(self) -> str:
+        return str(self.cluster.head_node.get_session_dir_path())
+
+    def agent_dirs(self) -> list[Path]:
+        """The node agents' private directories (their zygotes' and workers')."""
+        return sorted(self.tmp.glob("rlm-server-*"))
 
     def remove(self, node_id: str) -> None:
         node = next(n for n in self.nodes if n.node_id == node_id)
@@ -70,6 +100,7 @@ def cluster() -> Iterator[RayCluster]:
     made = RayCluster()
     yield made
     made.cluster.shutdown()
+    shutil.rmtree(made.tmp, ignore_errors=True)
 
 
 def _ray_server(
@@ -157,7 +188,9 @@ def test_requests_spread_over_both_nodes_and_the_needle_is_found(
     response = server.call("infer", {"prompt": haystack, "query": "find the needle"})
     assert response["result"]["text"] == "NEEDLE=4711", response
     assert response["result"]["usage"]["calls"] == 1
+    assert len(cluster.agent_dirs()) == 2  # one agent per node, each with its directory
     assert server.close() == 0
+    assert cluster.agent_dirs() == [], "the node agents left their directories behind"
 
 
 def test_cancel_and_deadline_kill_the_remote_worker(
@@ -222,7 +255,7 @@ def test_a_stored_context_is_read_once_per_node(
     assert server.close() == 0
 
 
-def _hunt(needles: list[str], control: str) -> str:
+def _hunt(needles: list[str], control: str, address: str, session_dir: str) -> str:
     """Model code that looks for each needle (given reversed, so the code that travels through
     Ray does not hold them) everywhere a process on a node can look: its environment, the
     environment, command line, open files (the object store's shared memory among them) of
@@ -293,13 +326,15 @@ def _hunt(needles: list[str], control: str) -> str:
         "                    pass",
         "        except OSError:",
         "            pass",
-        "for path in glob.glob('/tmp/ray/session_latest/**', recursive=True):",
-        "    if os.path.isfile(path):",
-        "        look(path, read(path))",
+        "files = [p for p in glob.glob(" + repr(session_dir) + " + '/**', recursive=True)",
+        "         if os.path.isfile(p)]",
+        "for path in files:",
+        "    look(path, read(path))",
+        "found['session_files'] = [len(files)]",
         "try:",
         "    import ray",
         "    from ray.experimental import internal_kv",
-        "    ray.init(address='auto', log_to_driver=False)",
+        f"    ray.init(address={address!r}, log_to_driver=False)",
         "    for space in (None, 'session', 'fun', 'job', 'cluster', 'runtime_env'):",
         "        for key in internal_kv._internal_kv_list('', namespace=space):",
         "            value = internal_kv._internal_kv_get(key, namespace=space)",
@@ -322,7 +357,8 @@ def test_model_code_on_a_node_finds_no_key(
     control = "CONTROL-" + secrets.token_hex(8)  # the prompt: the hunt must find this one
     env = fixture_env(llm.base_url, OPENAI_API_KEY=key, ELIZA_RLM_MAX_RETRIES="0")
     needles = [key, llm.base_url, "ELIZA_RLM_BACKEND="]
-    llm.script.replace([{"when": "root", "reply": _hunt(needles, control)}])
+    hunt = _hunt(needles, control, cluster.address, cluster.session_dir)
+    llm.script.replace([{"when": "root", "reply": hunt}])
     server = ServerProcess(
         env, ["--executor", "ray", "--ray-address", cluster.address, "--sandbox", "off"]
     )
@@ -333,6 +369,7 @@ def test_model_code_on_a_node_finds_no_key(
         assert found[control], f"the hunt cannot even find the prompt: {found}"
         assert found["ray_api"] == ["reached"], found
         assert found["processes"][0] >= 10, found  # raylets, GCS, agents, zygotes, workers
+        assert found["session_files"][0] >= 10, found  # Ray's logs among them
         assert {n: found[n] for n in needles} == {n: [] for n in needles}
         assert server.close() == 0
     finally:

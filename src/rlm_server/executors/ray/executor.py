@@ -59,6 +59,7 @@ LOOK_EVERY_S = 1.0  # how often, at most, the cluster's node list is read again
 AGENT_START_TIMEOUT_S = 120.0  # a node whose agent has not started by then is left out
 CANCEL_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
 REASON_CHARS = 200
 LOST = "the Ray node running the request was lost"
 NO_NODE = "no Ray node is available"
@@ -120,10 +121,15 @@ class RayExecutor:
         self._local.start()
 
     def stop(self) -> None:
-        for node in self._nodes.values():
-            with contextlib.suppress(RayError):
-                ray.kill(node.agent)
+        """Each agent stops its zygote (its workers die with it) and removes its directory,
+        then is killed; an agent that does not answer in time is killed all the same."""
+        agents = [node.agent for node in self._nodes.values()]
         self._nodes.clear()
+        with contextlib.suppress(RayError):
+            ray.get([agent.stop.remote() for agent in agents], timeout=STOP_TIMEOUT_S)
+        for agent in agents:
+            with contextlib.suppress(RayError):
+                ray.kill(agent)
         if self._connected:
             ray.shutdown()
         self._local.stop()
