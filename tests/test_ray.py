@@ -415,5 +415,6 @@ def test_a_node_lost_mid_request_fails_only_that_request(
         return len(_nodes(server)) == 2
 
     assert wait_until(back, timeout=60, interval=0.5)
+    assert len(cluster.agent_dirs()) == 2, "the lost agent's directory is still there"
     llm.script.released.set()
     assert server.close() == 0

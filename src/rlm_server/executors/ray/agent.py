@@ -9,6 +9,10 @@ the server answers each model call with `reply`. The agent holds no key and make
 it does not know where the model is. `cancel` kills a job's worker; a killed agent (a lost node)
 takes its zygote with it, and the zygote its workers (PR_SET_PDEATHSIG).
 
+An agent's directory is marked with its pid; an agent that starts removes the directories of
+the agents on its node that died without removing theirs (a lost node that comes back, a killed
+agent).
+
 A stored context arrives as a reference into Ray's object store; the agent fetches it the first
 time a job on this node needs it, writes it to a private file and lets its zygote read it once,
 as the local executor does with the server's own file.
@@ -18,10 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import itertools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -34,6 +41,7 @@ from rlm_server.executors.local.pool import Context, ContextFile, WorkerPool
 Json = dict[str, Any]
 Frame = tuple[str, Any]  # ("event" | "call" | "read" | "final" | "crash", body)
 PROBE_TIMEOUT_S = 60.0
+AGENT_MARK = "node-agent.pid"  # in an agent's directory: the pid of the agent that made it
 
 
 def probe(level: str) -> Json:
@@ -47,6 +55,35 @@ def probe(level: str) -> Json:
     )
     answer: Json = orjson.loads(found.stdout)
     return answer
+
+
+def _claim(root: str) -> None:
+    """Mark our directory as an agent's: a later agent on this node removes it if we die
+    without removing it ourselves (a node lost, an agent killed)."""
+    with open(os.path.join(root, AGENT_MARK), "w") as mark:
+        mark.write(str(os.getpid()))
+
+
+def _remove_abandoned() -> None:
+    """Remove the directories of this node's agents that died without removing them."""
+    for root in glob.glob(os.path.join(tempfile.gettempdir(), "rlm-server-*")):
+        try:
+            with open(os.path.join(root, AGENT_MARK)) as mark:
+                owner = int(mark.read())
+        except (OSError, ValueError):
+            continue  # not an agent's (a local server's, say): not ours to touch
+        if not _alive(owner):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -87,7 +124,9 @@ class NodeAgent:
             tuple(found["protections"]),
             self._disk_mb,
         )
+        await asyncio.to_thread(_remove_abandoned)
         self._pool.start()
+        _claim(self._pool.root)
         return {"protections": found["protections"], "host": os.uname().nodename}
 
     async def run(self, job_id: int, job: Json, source: Any, label: str) -> AsyncIterator[Frame]:
