@@ -127,7 +127,7 @@ class NodeAgent:
         await asyncio.to_thread(_remove_abandoned)
         self._pool.start()
         _claim(self._pool.root)
-        return {"protections": found["protections"], "host": os.uname().nodename}
+        return {"protections": found["protections"]}
 
     async def run(self, job_id: int, job: Json, source: Any, label: str) -> AsyncIterator[Frame]:
         """One job in a fresh worker on this node: its frames, as they come."""

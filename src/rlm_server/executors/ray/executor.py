@@ -51,6 +51,7 @@ from rlm_server.executors.local.pool import (
     checked_final,
 )
 from rlm_server.executors.ray.agent import NodeAgent
+from rlm_server.worker import sandbox
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,6 @@ class _Node:
     address: str
     slots: int
     agent: Any  # the actor handle
-    host: str = ""
     protections: list[str] = field(default_factory=list)
     running: int = 0
     contexts: set[str] = field(default_factory=set)  # stored contexts the node has fetched
@@ -177,7 +177,9 @@ class RayExecutor:
                 if attempt is None or (attempt.done() and attempt.exception() is not None):
                     attempt = self._attempt = self._start_attempt()
                 try:
-                    await anyio.to_thread.run_sync(attempt.result, CONNECT_TIMEOUT_S)
+                    await anyio.to_thread.run_sync(
+                        attempt.result, CONNECT_TIMEOUT_S, abandon_on_cancel=True
+                    )
                     self._connected = True
                 except Exception as error:  # Ray raises many kinds; each means: not reached
                     log.warning("cannot reach the Ray cluster: %s", type(error).__name__)
@@ -221,10 +223,11 @@ class RayExecutor:
                 if node_id not in alive:
                     log.warning("Ray node %s is gone", node_id)
                     del self._nodes[node_id]
-            async with anyio.create_task_group() as placing:
-                for node_id, info in alive.items():
-                    if node_id not in self._nodes:
-                        placing.start_soon(self._place, node_id, info)
+            with anyio.CancelScope(shield=True):  # an agent once asked for is kept or killed
+                async with anyio.create_task_group() as placing:
+                    for node_id, info in alive.items():
+                        if node_id not in self._nodes:
+                            placing.start_soon(self._place, node_id, info)
             self._looked_at = time.monotonic()
 
     async def _place(self, node_id: str, info: Json) -> None:
@@ -241,7 +244,8 @@ class RayExecutor:
         try:
             with anyio.fail_after(AGENT_START_TIMEOUT_S):
                 started = await agent.start.remote()
-            node.host, node.protections = started["host"], started["protections"]
+            found = started.get("protections") if isinstance(started, dict) else None
+            node.protections = [p for p in sandbox.PROTECTIONS if p in (found or ())]
             self._nodes[node_id] = node
         except (RayError, TimeoutError) as error:
             log.warning("no agent on Ray node %s: %s", node_id, type(error).__name__)
