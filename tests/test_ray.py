@@ -151,8 +151,12 @@ def test_executor_ray_without_an_address_is_one_line_and_exit_2() -> None:
 def test_ray_local_runs_here_when_the_cluster_cannot_be_reached(
     spawn: Spawn, llm: FixtureServer
 ) -> None:
+    """...and, having never connected, it starts no Ray cluster of its own at exit either (Ray
+    would start one from the server's environment, its key included, on any call)."""
+    key = "sk-fallback-" + secrets.token_hex(8)
     server = spawn(
         [{"when": "root", "reply": answer_with("'ran here'")}],
+        env={"OPENAI_API_KEY": key},
         args=["--executor", "ray,local", "--ray-address", "127.0.0.1:1"],  # nothing listens
     )
     server.ready()
@@ -160,6 +164,19 @@ def test_ray_local_runs_here_when_the_cluster_cannot_be_reached(
     assert response["result"]["text"] == "ran here", response
     assert server.call("status")["result"]["executor"] == {"kind": "local", "nodes": []}
     assert server.close() == 0
+    holders = [
+        pid
+        for pid in alive(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+        if key.encode() in _environ_of(pid)
+    ]
+    assert holders == [], [cmdline_of(pid)[:100] for pid in holders]
+
+
+def _environ_of(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
 
 
 HELD = {"when": "root", "hold": True, "reply": answer_with("'held'")}

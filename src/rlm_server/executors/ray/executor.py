@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+
+# Ray starts a whole local cluster, from our environment and so with our keys, when any of its
+# calls is made before `ray.init` connected; the server only ever connects to a running one.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"  # read once, as Ray is imported (next line)
 import ray
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -123,14 +128,14 @@ class RayExecutor:
     def stop(self) -> None:
         """Each agent stops its zygote (its workers die with it) and removes its directory,
         then is killed; an agent that does not answer in time is killed all the same."""
-        agents = [node.agent for node in self._nodes.values()]
-        self._nodes.clear()
-        with contextlib.suppress(RayError):
-            ray.get([agent.stop.remote() for agent in agents], timeout=STOP_TIMEOUT_S)
-        for agent in agents:
-            with contextlib.suppress(RayError):
-                ray.kill(agent)
         if self._connected:
+            agents = [node.agent for node in self._nodes.values()]
+            self._nodes.clear()
+            with contextlib.suppress(RayError):
+                ray.get([agent.stop.remote() for agent in agents], timeout=STOP_TIMEOUT_S)
+            for agent in agents:
+                with contextlib.suppress(RayError):
+                    ray.kill(agent)
             ray.shutdown()
         self._local.stop()
 
