@@ -167,6 +167,14 @@ def _urls(raw: str) -> tuple[str, ...]:
     return urls
 
 
+def _directories(raw: str) -> tuple[str, ...]:
+    """Comma-separated existing directories, by their real path (symlinks resolved)."""
+    found = tuple(os.path.realpath(path.strip()) for path in raw.split(",") if path.strip())
+    if not all(os.path.isdir(path) for path in found):
+        raise ValueError
+    return found
+
+
 class Setting(NamedTuple):
     name: str
     env: str
@@ -444,6 +452,23 @@ SETTINGS: tuple[Setting, ...] = (
         "a non-negative integer",
         "completions one Ray node runs at once (0: as many as it has CPUs)",
     ),
+    Setting(
+        "allow_path",
+        "ELIZA_RLM_ALLOW_PATH",
+        "",
+        _directories,
+        "existing directories separated by commas",
+        "rlm-server mcp: a directory whose files the tools may read (repeatable; none: no files)",
+        repeatable=True,
+    ),
+    Setting(
+        "max_read_bytes",
+        "ELIZA_RLM_MAX_READ_BYTES",
+        str(256 << 20),
+        _positive_int,
+        "a positive number of bytes",
+        "rlm-server mcp: most bytes of files one tool call reads; files past it are skipped",
+    ),
 )
 
 
@@ -480,6 +505,8 @@ class Config(NamedTuple):
     executor: str
     ray_address: str
     ray_node_slots: int
+    allow_path: tuple[str, ...]
+    max_read_bytes: int
     protections: tuple[str, ...] = ()  # not a setting: what the sandbox probe found in force
 
     @property

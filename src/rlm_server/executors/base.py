@@ -19,6 +19,7 @@ from rlm_server.executors.local.pool import (
     ContextFile,
     EventHandler,
     LongWorker,
+    ToolHandler,
     WorkerPool,
 )
 
@@ -44,10 +45,13 @@ class Executor(Protocol):
         context: Context,
         on_event: EventHandler,
         on_call: CallHandler,
+        on_tool: ToolHandler,
         label: str = "a worker",
     ) -> Json:
-        """One job in a fresh worker; its final frame, or WorkerCrashed. Cancelling the caller
-        kills the worker and everything it started. `label` names the request in logs."""
+        """One job in a fresh worker; its final frame, or WorkerCrashed. Its model calls are
+        answered by `on_call`, its host tool calls by `on_tool`, both in the server. Cancelling
+        the caller kills the worker and everything it started. `label` names the request in
+        logs."""
         ...
 
     async def long_worker(self, context: ContextFile | None) -> LongWorker:

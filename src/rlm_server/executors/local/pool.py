@@ -19,9 +19,10 @@ context (its holder exits after its workers). The handshake is shielded from can
 fork once asked for is always answered and its worker always ended; the token matches each
 answer to its request. The server then talks to the worker over its socketpair in frames (see
 frames.py): one job frame in; event frames, model-call frames (each answered by a reply frame,
-made by the broker) and one final frame out. End of stream without a final frame means the
-worker died. Every frame is checked: the worker runs model code, and nothing it sends is
-trusted.
+made by the broker), host tool call frames (each answered by a reply frame, made by the
+engine's ToolGate: engine/tools.py) and one final frame out. End of stream without a final
+frame means the worker died. Every frame is checked: the worker runs model code, and nothing it
+sends is trusted.
 
 The zygote, and so every worker, starts from an environment with nothing but what Python needs:
 no provider key and no `ELIZA_RLM_*` setting reaches model code.
@@ -109,6 +110,7 @@ OUTPUT_LINE_BYTES = 4096  # a longer line is logged in pieces
 OUTPUT_CHUNK = 1 << 16
 EventHandler = Callable[[Json], None]
 CallHandler = Callable[[str, Any], Awaitable[Json]]  # (model, prompt) -> reply
+ToolHandler = Callable[[str, Json], Awaitable[Json]]  # (tool name, arguments) -> reply
 WORKER_ENVIRONMENT = frozenset(
     {
         "PATH",
@@ -497,16 +499,18 @@ class WorkerPool:
         context: Context,
         on_event: EventHandler,
         on_call: CallHandler,
+        on_tool: ToolHandler,
         label: str = "a worker",
     ) -> Json:
         """Run one job in a fresh worker; return its final frame. The worker never outlives it;
-        its model calls are answered by `on_call`, concurrently. A stored context is named in
-        the fork, so the worker inherits it. `label` names the request in our log."""
+        its model calls are answered by `on_call` and its host tool calls by `on_tool`,
+        concurrently. A stored context is named in the fork, so the worker inherits it. `label`
+        names the request in our log."""
         inherited = context if isinstance(context, ContextFile) else None
         crash: RpcError | None = None
         async with self._forked(inherited) as worker:
             try:
-                final = await _converse(worker, job, context, on_event, on_call, label)
+                final = await _converse(worker, job, context, on_event, on_call, on_tool, label)
             except* WorkerCrashed as crashed:  # raised inside the calls' task group
                 crash = first_of(crashed, WorkerCrashed)
         if crash is not None:
@@ -545,13 +549,20 @@ class LongWorker:
         context: Context,
         on_event: EventHandler,
         on_call: CallHandler,
+        on_tool: ToolHandler,
         label: str = "a session's worker",
     ) -> Json:
         """One job (a turn) on this worker; its final frame, or WorkerCrashed."""
         crash: RpcError | None = None
         try:
             final = await _converse(
-                self._worker, {**job, "session": True}, context, on_event, on_call, label
+                self._worker,
+                {**job, "session": True},
+                context,
+                on_event,
+                on_call,
+                on_tool,
+                label,
             )
         except* WorkerCrashed as crashed:  # raised inside the calls' task group
             crash = first_of(crashed, WorkerCrashed)
@@ -598,6 +609,7 @@ async def _converse(
     context: Context,
     on_event: EventHandler,
     on_call: CallHandler,
+    on_tool: ToolHandler,
     label: str,
 ) -> Json | None:
     """Send the job, then serve the worker's frames until its final one (None: it died),
@@ -608,6 +620,8 @@ async def _converse(
         async for frame in worker.frames():
             if "call" in frame:
                 calls.start_soon(_answer, worker, checked_call(frame), on_call)
+            elif "tool" in frame:
+                calls.start_soon(_answer_tool, worker, checked_tool(frame), on_tool)
             elif "event" in frame:
                 event = checked_event(frame)
                 if event is not None:
@@ -622,6 +636,11 @@ async def _converse(
 async def _answer(worker: Worker, call: Json, on_call: CallHandler) -> None:
     reply = await on_call(call["model"], call["prompt"])
     await worker.send_frame({"reply": call["call"], **reply})
+
+
+async def _answer_tool(worker: Worker, call: Json, on_tool: ToolHandler) -> None:
+    reply = await on_tool(call["name"], call["arguments"])
+    await worker.send_frame({"reply": call["tool"], **reply})
 
 
 # -- what a worker may say ------------------------------------------------------------------
@@ -691,6 +710,20 @@ def checked_call(frame: Json) -> Json:
     ):
         return frame
     raise WorkerCrashed(reason="the worker sent a malformed model call")
+
+
+def checked_tool(frame: Json) -> Json:
+    """A host tool call of the shape the engine checks further (a name and an object of
+    arguments), or WorkerCrashed."""
+    name = frame.get("name")
+    if (
+        _is_count(frame.get("tool"))
+        and isinstance(name, str)
+        and 0 < len(name) <= MODEL_NAME_CHARS
+        and isinstance(frame.get("arguments"), dict)
+    ):
+        return frame
+    raise WorkerCrashed(reason="the worker sent a malformed tool call")
 
 
 def checked_final(frame: Json) -> Json:

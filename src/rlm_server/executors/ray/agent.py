@@ -4,10 +4,10 @@ It runs the local executor's `WorkerPool` on its node: the zygote is a fresh pro
 with fork+exec from the agent's event loop thread, never a fork of the Ray worker itself), and
 every worker is forked from it and confined exactly as on the server's own machine. A job comes
 in as a streaming call (`run`): the agent yields the worker's frames one by one (its events, its
-model calls, one `read` when it fetched a stored context, and the final frame or a crash), and
-the server answers each model call with `reply`. The agent holds no key and makes no model call:
-it does not know where the model is. `cancel` kills a job's worker; a killed agent (a lost node)
-takes its zygote with it, and the zygote its workers (PR_SET_PDEATHSIG).
+model calls and host tool calls, one `read` when it fetched a stored context, and the final frame
+or a crash), and the server answers each call with `reply`. The agent holds no key and makes no
+model call: it does not know where the model is. `cancel` kills a job's worker; a killed agent
+(a lost node) takes its zygote with it, and the zygote its workers (PR_SET_PDEATHSIG).
 
 An agent's directory is marked with its pid; an agent that starts removes the directories of
 the agents on its node that died without removing theirs (a lost node that comes back, a killed
@@ -39,7 +39,7 @@ from rlm_server.errors import WorkerCrashed
 from rlm_server.executors.local.pool import Context, ContextFile, WorkerPool
 
 Json = dict[str, Any]
-Frame = tuple[str, Any]  # ("event" | "call" | "read" | "final" | "crash", body)
+Frame = tuple[str, Any]  # ("event" | "call" | "tool" | "read" | "final" | "crash", body)
 PROBE_TIMEOUT_S = 60.0
 AGENT_MARK = "node-agent.pid"  # in an agent's directory: the pid of the agent that made it
 
@@ -137,20 +137,28 @@ class NodeAgent:
         def on_event(event: Json) -> None:
             frames.put_nowait(("event", event))
 
-        async def on_call(model: str, prompt: Any) -> Json:
+        async def ask(kind: str, body: Json, id_field: str) -> Json:
+            """Send a call to the server as a frame; its reply comes back through `reply`."""
             call_id = next(self._call_ids)
             reply: asyncio.Future[Json] = asyncio.get_running_loop().create_future()
             entry.replies[call_id] = reply
-            frames.put_nowait(("call", {"call": call_id, "model": model, "prompt": prompt}))
+            frames.put_nowait((kind, {id_field: call_id, **body}))
             try:
                 return await reply
             finally:
                 entry.replies.pop(call_id, None)
 
+        async def on_call(model: str, prompt: Any) -> Json:
+            return await ask("call", {"model": model, "prompt": prompt}, "call")
+
+        async def on_tool(name: str, arguments: Json) -> Json:
+            return await ask("tool", {"name": name, "arguments": arguments}, "tool")
+
         async def work() -> None:
             try:
                 context = await self._context(source, frames)
-                final = await self._started().run(job, context, on_event, on_call, label)
+                pool = self._started()
+                final = await pool.run(job, context, on_event, on_call, on_tool, label)
                 frames.put_nowait(("final", final))
             except WorkerCrashed as crashed:
                 frames.put_nowait(("crash", crashed.data.get("reason")))

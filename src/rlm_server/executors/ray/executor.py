@@ -28,10 +28,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 
@@ -50,10 +50,12 @@ from rlm_server.executors.local.pool import (
     ContextFile,
     EventHandler,
     LongWorker,
+    ToolHandler,
     WorkerPool,
     checked_call,
     checked_event,
     checked_final,
+    checked_tool,
 )
 from rlm_server.executors.ray.agent import NodeAgent
 from rlm_server.worker import sandbox
@@ -72,6 +74,14 @@ NO_NODE = "no Ray node is available"
 UNREACHABLE = "the Ray cluster cannot be reached"
 
 RemoteAgent = ray.remote(max_restarts=0)(NodeAgent)  # an async actor: 1000 calls at once
+
+
+class _Handlers(NamedTuple):
+    """The engine's callbacks for one job."""
+
+    on_event: EventHandler
+    on_call: CallHandler
+    on_tool: ToolHandler
 
 
 @dataclass(eq=False)
@@ -160,14 +170,16 @@ class RayExecutor:
         context: Context,
         on_event: EventHandler,
         on_call: CallHandler,
+        on_tool: ToolHandler,
         label: str = "a worker",
     ) -> Json:
         if not await self._connect():
-            return await self._local.run(job, context, on_event, on_call, label)
+            return await self._local.run(job, context, on_event, on_call, on_tool, label)
         stored = context.id if isinstance(context, ContextFile) else None
         source = await self._source(context)
         with self._slot(await self._node_for(stored)) as node:
-            return await self._run_on(node, job, source, label, on_event, on_call)
+            handlers = _Handlers(on_event, on_call, on_tool)
+            return await self._run_on(node, job, source, label, handlers)
 
     # -- connecting and looking at the cluster ------------------------------------------------
 
@@ -303,8 +315,7 @@ class RayExecutor:
         job: Json,
         source: Any,
         label: str,
-        on_event: EventHandler,
-        on_call: CallHandler,
+        handlers: _Handlers,
     ) -> Json:
         """Relay the job's frames; the broker answers its calls. Killed on the node however
         this ends early."""
@@ -315,7 +326,7 @@ class RayExecutor:
         crash: RpcError | None = None
         try:
             async with anyio.create_task_group() as calls:
-                final = await self._relay(node, job_id, stream, calls, on_event, on_call)
+                final = await self._relay(node, job_id, stream, calls, handlers)
                 calls.cancel_scope.cancel()
         except* RayError:  # raised inside the calls' task group, as is WorkerCrashed
             self._lost(node)
@@ -335,18 +346,25 @@ class RayExecutor:
         job_id: int,
         stream: Any,
         calls: anyio.abc.TaskGroup,
-        on_event: EventHandler,
-        on_call: CallHandler,
+        handlers: _Handlers,
     ) -> Json:
+        """The job's frames, each checked as the local executor checks a worker's (the node is
+        not trusted either): model and tool calls answered here, events passed on."""
         async for ref in stream:
             kind, body = await ref
+            body = body if isinstance(body, dict) or kind in ("read", "crash") else {}
             if kind == "call":
-                call = checked_call(body if isinstance(body, dict) else {})
-                calls.start_soon(self._answer, node, job_id, call, on_call)
+                call = checked_call(body)
+                answer = handlers.on_call(call["model"], call["prompt"])
+                calls.start_soon(self._reply, node, job_id, call["call"], answer)
+            elif kind == "tool":
+                tool = checked_tool(body)
+                answer = handlers.on_tool(tool["name"], tool["arguments"])
+                calls.start_soon(self._reply, node, job_id, tool["tool"], answer)
             elif kind == "event":
-                event = checked_event(body) if isinstance(body, dict) else None
+                event = checked_event(body)
                 if event is not None:
-                    on_event(event)
+                    handlers.on_event(event)
             elif kind == "read":
                 node.contexts.add(str(body))
                 node.contexts_read += 1
@@ -368,10 +386,10 @@ class RayExecutor:
             await node.agent.cancel.remote(job_id)
 
     @staticmethod
-    async def _answer(node: _Node, job_id: int, call: Json, on_call: CallHandler) -> None:
-        reply = await on_call(call["model"], call["prompt"])
+    async def _reply(node: _Node, job_id: int, call_id: int, answer: Awaitable[Json]) -> None:
+        reply = await answer
         with contextlib.suppress(RayError):
-            await node.agent.reply.remote(job_id, call["call"], reply)
+            await node.agent.reply.remote(job_id, call_id, reply)
 
     def _lost(self, node: _Node) -> None:
         if self._nodes.get(node.node_id) is node:
