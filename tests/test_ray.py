@@ -245,6 +245,26 @@ def test_sixteen_concurrent_requests_are_all_answered(
     assert server.close() == 0
 
 
+def test_a_host_tool_call_from_a_node_reaches_the_client(
+    spawn: Spawn, llm: FixtureServer, cluster: RayCluster
+) -> None:
+    code = repl("answer['content'] = lookup(key='alpha')['owner']", "answer['ready'] = True")
+    server = _ray_server(spawn, cluster, [{"when": "root", "reply": code}])
+    lookup = {
+        "name": "lookup",
+        "description": "Look a record up by its key.",
+        "input_schema": {"type": "object", "properties": {"key": {"type": "string"}}},
+    }
+    server.request(7, "infer", {"prompt": "ctx", "tools": [lookup]})
+    call = server.next_message(timeout=60)
+    assert isinstance(call, dict) and call.get("method") == "tool/call", call
+    assert call["params"]["arguments"] == {"key": "alpha"}
+    server.send({"jsonrpc": "2.0", "id": call["id"], "result": {"owner": "ada"}})
+    response = server.next_response(timeout=60)
+    assert response["result"]["text"] == "ada", response
+    assert server.close() == 0
+
+
 def test_a_stored_context_is_read_once_per_node(
     spawn: Spawn, llm: FixtureServer, cluster: RayCluster
 ) -> None:
