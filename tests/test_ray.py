@@ -16,6 +16,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from harness import (
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'rlm-server[ray]'")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
+LOOK_EVERY_S = 1.0  # how often, at most, a server reads the cluster's node list (executor.py)
 NODE_CPUS = 8  # a label for Ray's scheduler; the workers share this machine's cores
 Json = dict[str, Any]
 
@@ -455,3 +457,30 @@ def test_a_node_lost_mid_request_fails_only_that_request(
     assert len(cluster.agent_dirs()) == 2, "the lost agent's directory is still there"
     llm.script.released.set()
     assert server.close() == 0
+
+
+def test_ray_local_runs_here_when_the_cluster_has_no_node_left(
+    spawn: Spawn, llm: FixtureServer, cluster: RayCluster
+) -> None:
+    """Last: it removes every worker node. A job not yet started anywhere runs locally with
+    `ray,local`; with `ray` it fails `worker_crashed`."""
+    rules = [{"when": "root", "reply": answer_with("'somewhere'")}]
+    args = ["--ray-address", cluster.address]
+    fallback = spawn(rules, args=["--executor", "ray,local", *args])
+    strict = spawn(rules, args=["--executor", "ray", *args])
+    for server in (fallback, strict):
+        server.ready(timeout=60)
+        assert server.call("infer", {"prompt": "x"})["result"]["text"] == "somewhere"
+    for node in list(cluster.nodes):
+        cluster.remove(node.node_id)
+    cluster.cluster.wait_for_nodes()  # until the cluster itself counts them gone
+    time.sleep(LOOK_EVERY_S)  # the servers look at the cluster again at their next job
+
+    response = fallback.call("infer", {"prompt": "x"})
+    assert response["result"]["text"] == "somewhere", response
+    assert _nodes(fallback) == []
+    response = strict.call("infer", {"prompt": "x"})
+    assert response["error"]["data"]["type"] == "worker_crashed", response
+    assert response["error"]["data"]["reason"] == "no Ray node is available"
+    for server in (fallback, strict):
+        assert server.close() == 0

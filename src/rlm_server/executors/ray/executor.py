@@ -176,8 +176,14 @@ class RayExecutor:
         if not await self._connect():
             return await self._local.run(job, context, on_event, on_call, on_tool, label)
         stored = context.id if isinstance(context, ContextFile) else None
+        chosen = await self._node_for(stored)
+        if chosen is None:  # not started anywhere yet, so it may run here if allowed
+            if not self._fallback:
+                raise WorkerCrashed(reason=NO_NODE)
+            log.warning("no Ray node for a job: running it locally (--executor ray,local)")
+            return await self._local.run(job, context, on_event, on_call, on_tool, label)
         source = await self._source(context)
-        with self._slot(await self._node_for(stored)) as node:
+        with self._slot(chosen) as node:
             handlers = _Handlers(on_event, on_call, on_tool)
             return await self._run_on(node, job, source, label, handlers)
 
@@ -271,13 +277,18 @@ class RayExecutor:
 
     # -- scheduling ---------------------------------------------------------------------------
 
-    async def _node_for(self, stored: str | None) -> _Node:
+    async def _node_for(self, stored: str | None) -> _Node | None:
         """The least-loaded node with a free slot (one that holds the context first); waits
-        while every node is busy (the engine's --max-concurrency bounds the cluster)."""
+        while every node is busy (the engine's --max-concurrency bounds the cluster). None when
+        the cluster has no node for us, or cannot be asked."""
         while True:
-            await self._look()
+            try:
+                await self._look()
+            except Exception as error:  # the connection is lost: Ray raises many kinds
+                log.warning("cannot look at the Ray cluster: %s", type(error).__name__)
+                self._nodes.clear()
             if not self._nodes:
-                raise WorkerCrashed(reason=NO_NODE)
+                return None
             free = [n for n in self._nodes.values() if n.running < n.slots]
             if free:
                 holding = [n for n in free if stored in n.contexts]
