@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import glob
 import itertools
+import logging
 import os
 import shutil
 import subprocess
@@ -38,9 +39,12 @@ import orjson
 from rlm_server.errors import WorkerCrashed
 from rlm_server.executors.local.pool import Context, ContextFile, WorkerPool
 
+log = logging.getLogger(__name__)
+
 Json = dict[str, Any]
 Frame = tuple[str, Any]  # ("event" | "call" | "tool" | "read" | "final" | "crash", body)
 PROBE_TIMEOUT_S = 60.0
+AGENT_FAILED = "the node agent could not run the job"
 AGENT_MARK = "node-agent.pid"  # in an agent's directory: the pid of the agent that made it
 
 
@@ -162,6 +166,9 @@ class NodeAgent:
                 frames.put_nowait(("final", final))
             except WorkerCrashed as crashed:
                 frames.put_nowait(("crash", crashed.data.get("reason")))
+            except Exception as error:  # fetching or writing a stored context, say
+                log.warning("the job failed on this node: %s", type(error).__name__)
+                frames.put_nowait(("crash", AGENT_FAILED))
             finally:
                 frames.put_nowait(None)
 
@@ -175,8 +182,9 @@ class NodeAgent:
                 await entry.task
             del self._jobs[job_id]
 
-    def reply(self, job_id: int, call_id: int, reply: Json) -> None:
-        """The broker's answer to a model call of a running job."""
+    async def reply(self, job_id: int, call_id: int, reply: Json) -> None:
+        """The server's answer to a model or tool call of a running job (async: it runs on the
+        event loop, as the job does)."""
         entry = self._jobs.get(job_id)
         waiting = entry.replies.get(call_id) if entry is not None else None
         if waiting is not None and not waiting.done():
@@ -196,7 +204,8 @@ class NodeAgent:
             with contextlib.suppress(OSError):
                 os.unlink(held.path)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """At the server's exit: the zygote and its workers end, the directory goes."""
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
