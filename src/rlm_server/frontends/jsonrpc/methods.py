@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlm_server.config import BACKENDS
 from rlm_server.engine.broker import budget_from
-from rlm_server.engine.engine import InferOptions, InferRequest
+from rlm_server.engine.engine import SUBCALL_ERRORS, InferOptions, InferRequest
 from rlm_server.engine.store import StoredContext
 from rlm_server.errors import InvalidParams
 from rlm_server.frontends.jsonrpc.request import RequestContext
@@ -89,6 +89,7 @@ OPTION_RULES: Mapping[str, _OptionRule] = {
     "progress": _BOOL,
     "trajectory": _BOOL,
     "budget": _OptionRule(lambda v: isinstance(v, dict), "an object"),
+    "subcall_errors": _OptionRule(lambda v: v in SUBCALL_ERRORS, "one of fail, model"),
 }
 
 
