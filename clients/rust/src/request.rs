@@ -215,7 +215,7 @@ impl ProgressSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Backend, Budget};
+    use crate::protocol::{Backend, Budget, SubcallErrors};
     use serde_json::json;
 
     fn wire(request: InferRequest) -> serde_json::Value {
@@ -243,6 +243,7 @@ mod tests {
             progress: Some(false),
             trajectory: Some(true),
             budget: Some(Budget::new().max_calls(5).max_cost_usd(0.25)),
+            subcall_errors: Some(SubcallErrors::Model),
         };
         let request = InferRequest::messages(vec![Message::new("user", "hi")])
             .query("q")
@@ -257,7 +258,8 @@ mod tests {
                     "base_url": "http://x/v1", "max_iterations": 3, "max_depth": 2,
                     "timeout_s": 1.5, "temperature": 0.2, "max_tokens": 100,
                     "progress": false, "trajectory": true,
-                    "budget": {"max_calls": 5, "max_cost_usd": 0.25}
+                    "budget": {"max_calls": 5, "max_cost_usd": 0.25},
+                    "subcall_errors": "model"
                 }
             })
         );
