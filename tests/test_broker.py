@@ -282,6 +282,30 @@ def test_a_budget_refusal_of_a_depth_two_child_call_ends_the_request(
     assert server.close() == 0
 
 
+@pytest.mark.parametrize(
+    ("variable", "scope"),
+    [("ELIZA_RLM_MAX_COST_USD", "request"), ("ELIZA_RLM_SPEND_LIMIT_USD", "server")],
+)
+def test_the_servers_cost_limits_refuse_a_sub_call_and_end_the_request(
+    spawn: Spawn, llm: FixtureServer, variable: str, scope: str
+) -> None:
+    """gpt-4o-mini has a price. The root call's reservation fits under $0.004; a sub-call
+    with a 20,000-byte prompt reserves $0.003 of input on top of 4096 output tokens: it
+    does not, and is refused before it is made."""
+    big_sub_call = repl("s = llm_query('x' * 20000)", "answer['content'] = '7 ' + s")
+    server = spawn(
+        [{"when": "root", "reply": big_sub_call}, {"when": "sub", "reply": "x"}],
+        env={"ELIZA_RLM_MODEL": "gpt-4o-mini", variable: "0.004"},
+    )
+    server.ready()
+    error = server.call("infer", {"prompt": "x"})["error"]
+    data = error["data"]
+    assert (error["code"], data["limit"], data["scope"]) == (-32004, "max_cost_usd", scope)
+    assert data["usage"]["calls"] == 1 and data["usage"]["cost_usd"] > 0
+    assert llm.script.stats()["requests"] == 1
+    assert server.close() == 0
+
+
 TWO_SUB_CALLS = repl(
     "a = llm_query('first')",
     "b = llm_query('second')",
