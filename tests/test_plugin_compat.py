@@ -199,6 +199,18 @@ def test_a_failed_sub_call_is_an_error_string_unless_model_code_asked_for_it(
     assert llm.script.stats()["requests"] == 4  # two root calls, two sub-calls
 
 
+def test_an_id_past_64_bits_beside_a_lone_surrogate_is_answered(plugin: Any) -> None:
+    """The second parser (for lone surrogates) once kept such an id whole, and writing it back
+    stopped the server."""
+    server = plugin([])
+    server.next()
+    server.send(b'{"id":18446744073709551616,"method":"status","u":"\\ud800"}')
+    server.send({"id": 2, "method": "status"})
+    answers = server.answers(2)
+    assert answers[2]["result"]["server"] == "rlm-server"
+    assert answers[18446744073709551616.0]["result"]["server"] == "rlm-server"  # read as a float
+
+
 def test_long_lines_are_parsed_aside_and_over_long_ones_refused(plugin: Any) -> None:
     server = plugin([{"when": "root", "reply": FIND_CODE}], ELIZA_RLM_MAX_MESSAGE_BYTES="3000000")
     server.next()
