@@ -2,7 +2,8 @@
 
 .ci/run tees each runner's output to a log; this reads the closing lines each runner writes
 (pytest's `1 failed, 2 passed, 1 skipped in 3.7s`, node's test runner's `# pass 2` ... lines,
-every `test result:` line of cargo test) and adds them up, so that the last line of a run
+every `test result:` line of cargo test, and this very form, `5 passed, 0 failed`, which
+tests/inspector/check.py writes) and adds them up, so that the last line of a run
 counts every suite instead of the last runner's last line (a doc-test run of 0 tests).
 
     python3 .ci/tally.py LOG...
@@ -20,6 +21,7 @@ PYTEST = re.compile(r"^=* ?((?:\d+ [a-z]+(?:, )?)+) in [\d.]+s\b")
 PYTEST_COUNT = re.compile(r"(\d+) ([a-z]+)")
 NODE = re.compile(r"^(?:#|\u2139) (pass|fail|cancelled|skipped|todo) (\d+)$")
 CARGO = re.compile(r"^test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored;")
+PLAIN = re.compile(r"^(\d+) passed, (\d+) failed(?:, (\d+) skipped)?$")
 
 # Each runner's word for an outcome, as one of ours.
 OUTCOMES = {
@@ -45,6 +47,9 @@ def tally(text: str) -> Counter[str]:
         if match := CARGO.match(line):
             passed, failed, ignored = (int(n) for n in match.groups())
             counts.update(passed=passed, failed=failed, skipped=ignored)
+        elif match := PLAIN.match(line):
+            passed, failed, skipped = (int(n or 0) for n in match.groups())
+            counts.update(passed=passed, failed=failed, skipped=skipped)
         elif match := NODE.match(line):
             counts[OUTCOMES[match[1]]] += int(match[2])
         elif match := PYTEST.match(line):

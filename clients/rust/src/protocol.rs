@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -221,6 +222,19 @@ pub struct InferOptions {
     /// (`fail`, the default) or reach model code (`model`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subcall_errors: Option<SubcallErrors>,
+    /// How long one host tool call may take, in seconds (default 60): then model code gets
+    /// `ToolError` and the handler is cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_timeout_s: Option<f64>,
+    /// A JSON Schema (draft 2020-12, at most 64 KiB) the answer must match: the root model is
+    /// told it, each answer it sets is checked, and the valid one is [`InferResult::value`]
+    /// ([`InferResult::answer`] decodes it). One that is not a schema is -32602.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_schema: Option<Value>,
+    /// With `answer_schema`: how many invalid answers the model may fix (0..=100, default 2)
+    /// before the server answers -32006 ([`crate::RlmError::InvalidAnswer`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_repairs: Option<u32>,
 }
 
 /// Limits over one request's whole call tree, every model call at every depth (`Budget`).
@@ -251,6 +265,10 @@ pub struct Budget {
     /// Most cost in US dollars (above 0); the model must have a known price.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cost_usd: Option<f64>,
+    /// Most host tool calls; the next one ends the request with -32004 before the client's
+    /// handler sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tool_calls: Option<u64>,
 }
 
 impl Budget {
@@ -280,6 +298,12 @@ impl Budget {
     /// Sets `max_cost_usd`.
     pub fn max_cost_usd(mut self, value: f64) -> Self {
         self.max_cost_usd = Some(value);
+        self
+    }
+
+    /// Sets `max_tool_calls`.
+    pub fn max_tool_calls(mut self, value: u64) -> Self {
+        self.max_tool_calls = Some(value);
         self
     }
 }
@@ -343,6 +367,12 @@ option_setters! {
     /// Sets `subcall_errors`: whether a failed model call ends the request or reaches model
     /// code.
     subcall_errors: SubcallErrors;
+    /// Sets `tool_timeout_s`, the bound of one host tool call in seconds.
+    tool_timeout_s: f64;
+    /// Sets `answer_schema`: the JSON Schema the answer must match.
+    answer_schema: Value;
+    /// Sets `answer_repairs`: how many invalid answers the model may fix (0..=100).
+    answer_repairs: u32;
 }
 
 /// Params of `infer` (`InferParams`). The long input is one of `prompt`, `context_id` (a
@@ -370,6 +400,51 @@ pub struct InferParams {
     /// Per-request options.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<InferOptions>,
+    /// Host tools model code may call (not with `session_id`: a session has its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<ToolDeclaration>>,
+}
+
+/// One host tool as the server is told of it (`ToolDeclaration`): a Python identifier, what
+/// it does (for the root model's prompt), and a JSON Schema for its keyword arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ToolDeclaration {
+    /// The function's name in the REPL.
+    pub name: String,
+    /// What it does.
+    pub description: String,
+    /// A JSON Schema object; every call's arguments are checked against it by the server.
+    pub input_schema: Value,
+}
+
+/// Params of the server's `tool/call` request (`ToolCallRequest`): model code of infer
+/// `request_id` called tool `name` with `arguments` (valid against its schema).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ToolCallParams {
+    /// The infer whose model code made the call.
+    pub request_id: Option<Id>,
+    /// The tool.
+    pub name: String,
+    /// Its keyword arguments.
+    pub arguments: Value,
+}
+
+/// One host tool call in a trajectory (`TrajectoryToolCall`): sizes as JSON, not contents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TrajectoryToolCall {
+    /// The tool.
+    pub name: String,
+    /// Size of its arguments as JSON, in bytes.
+    pub arguments_bytes: u64,
+    /// Size of its value as JSON, in bytes.
+    pub result_bytes: u64,
+    /// The `ToolError` message model code got, if any.
+    pub error: Option<String>,
+    /// How long model code waited, in seconds.
+    pub time_s: f64,
 }
 
 /// Params of `context/load` (`ContextLoadParams`): exactly one of `text` (a whole text),
@@ -467,6 +542,9 @@ pub struct SessionOpenParams {
     /// A sealed context: the session's `context`, held while the session is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_id: Option<String>,
+    /// Host tools every turn's model code may call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<ToolDeclaration>>,
 }
 
 /// The result of `session/open` (`SessionOpenResult`).
@@ -568,8 +646,12 @@ pub struct InferMetadata {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct InferResult {
-    /// The answer.
+    /// The answer; with `options.answer_schema`, the compact JSON of [`InferResult::value`].
     pub text: String,
+    /// With `options.answer_schema`: the answer, valid against that schema. `None` without
+    /// one, and for a stub answer. ([`InferResult::answer`] decodes it into a type.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
     /// True only when the server runs in stub mode (no usable backend) and `text` is the
     /// stub message, not an answer.
     pub stub: bool,
@@ -580,6 +662,40 @@ pub struct InferResult {
     /// The run's steps, when `options.trajectory` was true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trajectory: Option<Vec<TrajectoryStep>>,
+}
+
+impl InferResult {
+    /// The structured answer ([`InferResult::value`]) decoded into `T`: the server checked it
+    /// against `options.answer_schema`, `T` is the caller's reading of that schema.
+    ///
+    /// ```
+    /// use rlm_client::InferResult;
+    /// #[derive(serde::Deserialize)]
+    /// struct Found {
+    ///     code: String,
+    ///     line: u32,
+    /// }
+    /// # let result: InferResult = serde_json::from_value(serde_json::json!({
+    /// #     "text": "{\"code\":\"ZEBRA-42\",\"line\":21}", "value": {"code": "ZEBRA-42", "line": 21},
+    /// #     "stub": false,
+    /// #     "usage": {"calls": 1, "input_tokens": 9, "output_tokens": 9, "cost_usd": null, "models": {}},
+    /// #     "metadata": {"backend": "openai", "model": "m", "iterations": 1, "depth": 1,
+    /// #                  "elapsed_ms": 1.0, "attempts": 1}})).unwrap();
+    /// let found: Found = result.answer()?;
+    /// assert_eq!((found.code.as_str(), found.line), ("ZEBRA-42", 21));
+    /// # Ok::<(), rlm_client::RlmError>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`crate::RlmError::Answer`] when there is no value (no `answer_schema`, or a stub
+    /// answer) or it does not decode into `T`.
+    pub fn answer<T: DeserializeOwned>(&self) -> Result<T, crate::RlmError> {
+        let value = self.value.as_ref().ok_or_else(|| {
+            crate::RlmError::Answer("the result has no value: no answer_schema, or a stub".into())
+        })?;
+        T::deserialize(value).map_err(|error| crate::RlmError::Answer(error.to_string()))
+    }
 }
 
 /// One iteration of the root model (`TrajectoryStep`): what it said, the code it ran and what
@@ -598,6 +714,9 @@ pub struct TrajectoryStep {
     pub final_answer: Option<String>,
     /// How long the iteration took, in seconds.
     pub iteration_time_s: Option<f64>,
+    /// The host tool calls its code made (absent from servers without host tools).
+    #[serde(default)]
+    pub tool_calls: Vec<TrajectoryToolCall>,
 }
 
 /// One code block of an iteration (`TrajectoryCodeBlock`).
@@ -759,6 +878,8 @@ wire_enum! {
     /// One protection around model code in force on the server's machine (`Protection`; the
     /// repository README's Security section says what each one guarantees).
     Protection {
+        /// A root server's workers run as `nobody`, never as the server's uid.
+        UnprivilegedUid = "unprivileged_uid",
         /// A user namespace per worker.
         UserNamespace = "user_namespace",
         /// A PID namespace per worker.
@@ -767,6 +888,8 @@ wire_enum! {
         NetworkNamespace = "network_namespace",
         /// An IPC namespace per worker.
         IpcNamespace = "ipc_namespace",
+        /// Its directory is a tmpfs of `--worker-disk-mb` in a mount namespace of its own.
+        DiskLimit = "disk_limit",
         /// No capability in any set.
         NoCapabilities = "no_capabilities",
         /// No way to gain privileges.
@@ -779,12 +902,18 @@ wire_enum! {
         LandlockSignals = "landlock_signals",
         /// seccomp: cannot clear its parent-death signal.
         Seccomp = "seccomp",
+        /// seccomp: no AF_UNIX socket but its own socketpairs, no io_uring.
+        NoUnixSockets = "no_unix_sockets",
+        /// seccomp: no memfd and no System V shared memory.
+        NoSharedMemory = "no_shared_memory",
         /// Limits on open files, file size, CPU time and core files.
         ResourceLimits = "resource_limits",
         /// A bound on its processes and threads.
         ProcessLimit = "process_limit",
         /// A directory of its own as working directory and `TMPDIR`.
         PrivateTmp = "private_tmp",
+        /// Its fds 1 and 2 are a pipe the server drains into its log.
+        PrivateOutput = "private_output",
     }
 }
 
@@ -892,6 +1021,8 @@ wire_enum! {
         BudgetExceeded = "budget_exceeded",
         /// -32005: the context store is full even after evicting every unused context.
         ContextStoreFull = "context_store_full",
+        /// -32006: the answer did not match `options.answer_schema`, its repairs spent.
+        InvalidAnswer = "invalid_answer",
         /// -32800: cancelled.
         Cancelled = "cancelled",
     }
@@ -908,6 +1039,8 @@ wire_enum! {
         MaxOutputTokens = "max_output_tokens",
         /// `max_cost_usd`.
         MaxCostUsd = "max_cost_usd",
+        /// `max_tool_calls`: host tool calls.
+        MaxToolCalls = "max_tool_calls",
     }
 }
 
@@ -999,8 +1132,11 @@ pub struct ErrorData {
     /// -32004: whether the request's budget or the server's lifetime limit was reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<BudgetScope>,
+    /// -32006: why the last answer did not match the schema (at most 1000 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_error: Option<String>,
     /// What the request spent before it ended: on every error that ends an `infer` after a
-    /// model call was made (cancelled, timed out, failed, over budget).
+    /// model call was made (cancelled, timed out, failed, over budget, an invalid answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
     /// Members the schema does not name.

@@ -7,6 +7,9 @@ export {
   type InferCallOptions,
   type InferInput,
   type InferRequest,
+  type AnswerSchema,
+  type StructuredRequest,
+  type StructuredResult,
   type LoadContextOptions,
   type RLMClientOptions,
   type SessionOptions,
@@ -19,6 +22,13 @@ export {
   type StoredContext,
 } from "./contexts.js";
 export { Session, type TurnOptions } from "./session.js";
+export {
+  TOOL_ERROR_CODE,
+  type ToolCall,
+  type ToolDefinition,
+  type ToolHandler,
+  type Tools,
+} from "./tools.js";
 export type { Logger, ProgressEvent, ReadyInfo } from "./connection.js";
 export {
   RLMBackendError,
@@ -28,6 +38,7 @@ export {
   RLMDeadlineError,
   RLMError,
   RLMInternalError,
+  RLMInvalidAnswerError,
   RLMInvalidParamsError,
   RLMInvalidRequestError,
   RLMMethodNotFoundError,

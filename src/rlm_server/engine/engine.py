@@ -31,11 +31,13 @@ from rlm_server.engine.broker import Account, Broker, Budget, OnRetry, RetryPoli
 from rlm_server.engine.metrics import Metrics, Outcome
 from rlm_server.engine.sessions import Session, Sessions
 from rlm_server.engine.store import ContextStore
+from rlm_server.engine.tools import DEFAULT_TOOL_TIMEOUT_S, ToolGate, ToolHost, ToolSpec
 from rlm_server.errors import (
     BackendError,
     BackendUnavailable,
     BudgetExceeded,
     DeadlineExceeded,
+    InvalidAnswer,
     InvalidParams,
     QueueFull,
     RequestCancelled,
@@ -43,7 +45,8 @@ from rlm_server.errors import (
     ShuttingDown,
     first_of,
 )
-from rlm_server.executors.local.pool import CallHandler, Context, WorkerPool
+from rlm_server.executors.local.pool import CallHandler, Context, ToolHandler, WorkerPool
+from rlm_server.worker import frames
 
 Json = dict[str, Any]
 RequestId = str | int | None
@@ -53,6 +56,7 @@ STUB_TEXT = "[RLM STUB] RLM backend not available"
 # options.subcall_errors: a model call that fails after the broker's retries ends its request
 # ("fail"), or reaches model code as the library's error string and is counted ("model").
 SUBCALL_ERRORS = ("fail", "model")
+ANSWER_REPAIRS = 2  # the default of options.answer_repairs
 
 
 class InferOptions(NamedTuple):
@@ -71,6 +75,9 @@ class InferOptions(NamedTuple):
     trajectory: bool = False
     budget: Budget = Budget()  # frozen: one default serves all
     subcall_errors: str = SUBCALL_ERRORS[0]
+    tool_timeout_s: float | None = None  # None: DEFAULT_TOOL_TIMEOUT_S
+    answer_schema: Json | None = None  # a checked JSON Schema: the answer must match it
+    answer_repairs: int = ANSWER_REPAIRS  # invalid answers the model may still fix
 
 
 class InferRequest(NamedTuple):
@@ -79,6 +86,7 @@ class InferRequest(NamedTuple):
     options: InferOptions = InferOptions()
     context_id: str | None = None  # a context stored with context/load
     session_id: str | None = None  # a turn of this session
+    tools: tuple[ToolSpec, ...] = ()  # host tools model code may call (a session has its own)
 
     @property
     def size(self) -> int:
@@ -192,8 +200,15 @@ _OUTCOMES = {
 }
 
 
-def _failure(account: Account) -> RpcError:
-    """The error for a completion that ended without an answer: what the broker saw."""
+def _unreported(message: str) -> None:
+    """A retry note nobody asked to hear."""
+
+
+def _failure(account: Account, failure: Json | None = None) -> RpcError:
+    """The error for a call or a completion that ended without an answer: an answer the schema
+    refused to the end (the worker's `failure` frame says so), else what the broker saw."""
+    if failure is not None and failure["kind"] == frames.INVALID_ANSWER:
+        return InvalidAnswer(str(failure.get("validation_error"))[: frames.VALIDATION_ERROR_CHARS])
     if account.exceeded is not None:
         return account.exceeded
     if account.failure is None:  # the completion itself failed (no model call did)
@@ -212,9 +227,16 @@ class _Running:
     progress: _Progress
     started: float
     account: Account
+    host: ToolHost | None  # the front end that runs this request's host tools
+    label: str  # names the request in our log (its worker's output)
     steps: list[Json] = field(default_factory=list)  # the trajectory, as far as it got
     failed_calls: int = 0  # model calls that failed and reached model code ("model")
     ending: RpcError | None = None  # a refused or failed call that ends the request
+
+    @property
+    def tools(self) -> tuple[ToolSpec, ...]:
+        """The request's host tools: its own, or its session's."""
+        return self.request.tools if self.session is None else self.session.tools
 
 
 class Engine:
@@ -224,7 +246,11 @@ class Engine:
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
         self.workers = WorkerPool(
-            config.worker_memory_mb, config.max_message_bytes, environ, config.protections
+            config.worker_memory_mb,
+            config.max_message_bytes,
+            environ,
+            config.protections,
+            config.worker_disk_mb,
         )
         self.contexts = ContextStore(
             config.context_store_bytes, lambda: self.workers.root, self.workers.forget
@@ -295,16 +321,59 @@ class Engine:
     # -- infer ------------------------------------------------------------------------------
 
     async def infer(
-        self, request: InferRequest, request_id: RequestId, notify: Notify, sequence: int
+        self,
+        request: InferRequest,
+        request_id: RequestId,
+        notify: Notify,
+        sequence: int,
+        host: ToolHost | None = None,
     ) -> Json:
-        """Run one request; `sequence` is the number of the input line that carried it."""
+        """Run one request; `sequence` is the number of the input line that carried it, `host`
+        the front end that runs its host tools (None: it declares none)."""
         self._admit_or_refuse(sequence, request.size)
+        self.check_tools(request.tools)
         session = None if request.session_id is None else self.sessions.get(request.session_id)
         spec = RunSpec.resolve(self.config, request.options, self._environ)
         await self._check_prices(spec, request.options)
         async with self._source(request) as source:
             with contextlib.nullcontext() if session is None else self.sessions.active(session):
-                return await self._admitted(request, spec, source, session, request_id, notify)
+                return await self._admitted(
+                    request, spec, source, session, request_id, notify, host
+                )
+
+    def check_tools(self, tools: tuple[ToolSpec, ...]) -> None:
+        """Host tools are functions in the worker's own REPL: a remote REPL (docker, modal...)
+        could not call back through the worker's channel, so they are refused there."""
+        if tools and self.config.environment != "local":
+            raise InvalidParams("tools", "host tools need the local REPL (--environment local)")
+
+    async def ask_model(self, prompt: str, options: InferOptions | None = None) -> Json:
+        """One plain call to the request's root model, with no REPL: `prompt` is the whole
+        input. It goes through the broker like every model call (keys, retries, usage, budgets,
+        record and replay), so `rlm-server eval` compares the RLM with the bare model on equal
+        terms. Answers `text`, `usage` and `metadata` as `infer` does; raises as `infer` does
+        (with the usage spent, when there was some)."""
+        options = options or InferOptions()
+        spec = RunSpec.resolve(self.config, options, self._environ)
+        if spec.unavailable_reason is not None:
+            raise BackendUnavailable(reason=spec.unavailable_reason)
+        await self._check_prices(spec, options)
+        account = self.broker.account(spec.budget)
+        started = time.monotonic()
+        reply: Json | None = None
+        with anyio.move_on_after(spec.timeout_s):
+            reply = await self.broker.call(spec.route, account, spec.model, prompt, _unreported)
+        error: RpcError
+        if reply is None:
+            error = DeadlineExceeded(timeout_s=spec.timeout_s)
+        elif "error" in reply:
+            error = _failure(account)
+        else:
+            metadata = self._metadata(spec, 0, started, 1 + account.retries)
+            return {"text": reply["text"], "usage": account.usage(), "metadata": metadata}
+        if account.made_calls:
+            error.data["usage"] = account.usage()
+        raise error
 
     @asynccontextmanager
     async def _source(self, request: InferRequest) -> AsyncIterator[Context]:
@@ -324,11 +393,13 @@ class Engine:
         session: Session | None,
         request_id: RequestId,
         notify: Notify,
+        host: ToolHost | None,
     ) -> Json:
         started = time.monotonic()
         progress = _Progress(request_id, notify if request.options.progress else None, started)
         account = self.broker.account(spec.budget)
-        run = _Running(spec, request, source, session, progress, started, account)
+        label = f"worker of request {request_id!r}"
+        run = _Running(spec, request, source, session, progress, started, account, host, label)
         self.metrics.started()
         outcome = Outcome.FAILURE
         ending: Json = {}
@@ -457,7 +528,13 @@ class Engine:
             "rlm": spec.rlm_kwargs,
             "progress": request.options.progress,
             "trajectory": request.options.trajectory or self.config.log_dir is not None,
+            "tools": [tool.to_job() for tool in run.tools],
         }
+        if request.options.answer_schema is not None:
+            job["answer"] = {
+                "schema": request.options.answer_schema,
+                "repairs": request.options.answer_repairs,
+            }
 
         def on_retry(message: str) -> None:
             run.progress("retry", message=message)
@@ -469,7 +546,7 @@ class Engine:
         try:
             async with anyio.create_task_group() as starting:
                 starting.start_soon(self.broker.prepare, spec.route)  # while the worker starts
-                final = await self._execute(run, job, on_call)
+                final = await self._execute(run, job, on_call, self._tool_gate(run).call)
         except* RpcError as failed:  # raised inside the task group
             failure = first_of(failed, RpcError)
         if failure is not None:
@@ -479,10 +556,11 @@ class Engine:
         if run.ending is not None:
             raise run.ending
         if "result" not in final:
-            raise _failure(account)
+            raise _failure(account, final["failure"])
         result: Json = final["result"]
         response = {
             "text": result["text"],
+            **({"value": result["value"]} if "value" in result else {}),
             "stub": False,
             "usage": account.usage(),  # the broker's count: the whole call tree, every depth
             "metadata": self._metadata(
@@ -514,13 +592,34 @@ class Engine:
             raise run.ending
         return {"error": {"type": run.ending.TYPE}}
 
-    async def _execute(self, run: _Running, job: Json, on_call: CallHandler) -> Json:
+    def _tool_gate(self, run: _Running) -> ToolGate:
+        options = run.request.options
+        return ToolGate(
+            run.tools,
+            run.host,
+            options.tool_timeout_s or DEFAULT_TOOL_TIMEOUT_S,
+            run.spec.budget.max_tool_calls,
+            record=self.broker.recording,
+            replay=self.broker.replaying,
+        )
+
+    async def _execute(
+        self, run: _Running, job: Json, on_call: CallHandler, on_tool: ToolHandler
+    ) -> Json:
         """The completion's final frame: from the session's worker, or from a fresh one."""
         if run.session is not None:
             return await self.sessions.run_turn(
-                run.session, job, run.source, run.progress.forward, on_call
+                run.session,
+                job,
+                run.source,
+                run.progress.forward,
+                on_call,
+                on_tool,
+                run.label,
             )
-        return await self.workers.run(job, run.source, run.progress.forward, on_call)
+        return await self.workers.run(
+            job, run.source, run.progress.forward, on_call, on_tool, run.label
+        )
 
     @staticmethod
     def _metadata(

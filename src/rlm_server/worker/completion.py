@@ -13,6 +13,10 @@ library's seam for this, the `_spawn_completion_context` context manager, to han
 an LM handler that is never stopped, because the worker process ends with the completion.
 tests/test_library_seam.py fails loudly if an upgrade moves either seam.
 
+The host tools a job declares are Python functions in the REPL (`HostTool`, given to the
+library as `custom_tools`, so the root prompt lists them): a call is a frame to the server and
+waits for its reply, as a model call does; a refused or failed one raises `ToolError`.
+
 A stored context is not sent: the zygote sets `inherited` to it just before it forks, so the
 worker has it already, shared with the zygote copy-on-write. A session's worker serves one job
 after another; its REPL environment (`SessionState`) lives from one turn to the next, built with
@@ -28,10 +32,12 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, cast
 
+import jsonschema
 import orjson
 import rlm.core.rlm
 from rlm import RLM
@@ -188,12 +194,21 @@ class BrokerLink:
             self._arrived.wait_for(lambda: self._closed)
 
     def call(self, model: str, prompt: Any) -> Json:
+        """A model call: the broker's reply (text and usage, or an error)."""
+        return self._exchange("call", {"model": model, "prompt": prompt})
+
+    def call_tool(self, name: str, arguments: Json) -> Json:
+        """A host tool call: the server's reply (the value, or an error with a message)."""
+        return self._exchange("tool", {"name": name, "arguments": arguments})
+
+    def _exchange(self, kind: str, fields: Json) -> Json:
+        """Send one numbered frame and wait for the reply that names its number."""
         number = next(self._numbers)
         slot: list[Json] = []
         with self._arrived:
             self._waiting[number] = slot
         try:
-            self._channel.send({"call": number, "model": model, "prompt": prompt})
+            self._channel.send({kind: number, **fields})
             with self._arrived:
                 self._arrived.wait_for(lambda: bool(slot) or self._closed)
         finally:
@@ -254,6 +269,96 @@ def relay_clients(link: BrokerLink) -> None:
         return RelayLM(str(backend_kwargs.get("model_name") or "default"), link)
 
     rlm.core.rlm.get_client = get_client
+
+
+# ---------------------------------------------------------------------------------------------
+# Host tools: functions the client provides, called from model code
+
+
+class ToolError(Exception):
+    """A host tool failed: the client's handler raised, the call timed out, or the server
+    refused it (arguments that do not match the tool's schema). Its text is the reason."""
+
+
+class ToolLog:
+    """The tool calls made since the last iteration was logged (model code may use threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: list[Json] = []
+
+    def add(self, call: Json) -> None:
+        with self._lock:
+            self._calls.append(call)
+
+    def drain(self) -> list[Json]:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        return calls
+
+
+TOOL_NAME_CHARS = 200
+
+
+class HostTool:
+    """One tool the client declared, as a Python function of keyword arguments in the REPL.
+
+    A call leaves the worker as a frame and blocks until the server answers it: the value the
+    client's handler returned, or a ToolError. The server checks every call again (model code
+    can change `name` or write frames of its own): nothing here is trusted.
+    """
+
+    def __init__(self, name: str, link: BrokerLink, log: ToolLog) -> None:
+        self.name = name
+        self._link = link
+        self._log = log
+
+    def __call__(self, **arguments: Any) -> Any:
+        started = time.monotonic()
+        reply = self._link.call_tool(self.name, arguments)
+        error = reply.get("error")
+        self._log.add(
+            {
+                "name": str(self.name)[:TOOL_NAME_CHARS],
+                "arguments_bytes": len(orjson.dumps(arguments, default=str)),
+                "result_bytes": len(orjson.dumps(reply.get("value"), default=str)),
+                "error": None if error is None else bounded(str(error.get("message", ""))),
+                "time_s": round(time.monotonic() - started, 6),
+            }
+        )
+        if error is not None:
+            raise ToolError(str(error.get("message", "the tool call failed")))
+        return reply.get("value")
+
+
+TOOL_ERROR_DESCRIPTION = (
+    "the exception a host tool raises when it fails; str(error) says why (catch it to go on)"
+)
+
+
+def tool_description(tool: Json) -> str:
+    """What the root model's prompt says of a tool: its description and how to call it."""
+    schema = orjson.dumps(tool.get("input_schema", {})).decode()
+    return (
+        f"{tool.get('description', '')} Call it with keyword arguments, as "
+        f"`{tool['name']}(name=value, ...)`; its arguments, as a JSON Schema: {schema}. "
+        "It returns JSON values (dict, list, str, int, float, bool, None) or raises ToolError."
+    )
+
+
+def host_tools(tools: list[Json], link: BrokerLink, log: ToolLog) -> Json | None:
+    """The library's `custom_tools` for the declared tools (None when there are none)."""
+    if not tools:
+        return None
+    custom: Json = {
+        tool["name"]: {
+            "tool": HostTool(tool["name"], link, log),
+            "description": tool_description(tool),
+        }
+        for tool in tools
+    }
+    custom["ToolError"] = {"tool": ToolError, "description": TOOL_ERROR_DESCRIPTION}
+    return custom
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,10 +433,16 @@ class ProgressLogger(RLMLogger):  # type: ignore[misc]
     summarised as it is logged and nothing else is kept.
     """
 
-    def __init__(self, on_iteration: Callable[[int], None], keep_trajectory: bool) -> None:
+    def __init__(
+        self,
+        on_iteration: Callable[[int], None],
+        keep_trajectory: bool,
+        tool_log: ToolLog | None = None,
+    ) -> None:
         super().__init__()
         self._on_iteration = on_iteration
         self._keep = keep_trajectory
+        self.tool_log = tool_log or ToolLog()
         self.completed = 0
         self.steps: list[Json] = []
 
@@ -342,8 +453,9 @@ class ProgressLogger(RLMLogger):  # type: ignore[misc]
 
     def log(self, iteration: RLMIteration) -> None:
         self.completed += 1
+        tool_calls = self.tool_log.drain()
         if self._keep:
-            self.steps.append(trajectory_step(self.completed, iteration))
+            self.steps.append(trajectory_step(self.completed, iteration, tool_calls))
         self._on_iteration(self.completed)
 
 
@@ -379,8 +491,11 @@ def _sub_call(call: RLMChatCompletion) -> Json:
     }
 
 
-def trajectory_step(number: int, iteration: RLMIteration) -> Json:
-    """One iteration: the model's reply, each code block with its output and sub-calls."""
+def trajectory_step(
+    number: int, iteration: RLMIteration, tool_calls: list[Json] | None = None
+) -> Json:
+    """One iteration: the model's reply, each code block with its output and sub-calls, and
+    the host tool calls its code made (name, sizes, time, and the error if one was raised)."""
     return {
         "iteration": number,
         "response": bounded(iteration.response),
@@ -396,7 +511,119 @@ def trajectory_step(number: int, iteration: RLMIteration) -> Json:
         ],
         "final_answer": None if iteration.final_answer is None else bounded(iteration.final_answer),
         "iteration_time_s": _seconds(iteration.iteration_time),
+        "tool_calls": tool_calls or [],
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured answers: options.answer_schema
+
+
+class AnswerRefused(Exception):
+    """The answer did not match the schema and no repair is left."""
+
+    def __init__(self, validation_error: str) -> None:
+        super().__init__(validation_error)
+        self.validation_error = validation_error
+
+
+def _bounded_error(text: str) -> str:
+    limit = frames.VALIDATION_ERROR_CHARS
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _json_value(value: Any) -> Any:
+    """A Python value as the JSON value it writes as (tuples as arrays, ...), or TypeError."""
+    return orjson.loads(orjson.dumps(value))
+
+
+def _unfenced(text: str) -> str:
+    """A JSON text without the Markdown fence a model may wrap it in."""
+    stripped = text.strip()
+    if stripped.startswith("```") and stripped.endswith("```") and "\n" in stripped:
+        return stripped[stripped.index("\n") + 1 : -3]
+    return stripped
+
+
+class AnswerCheck:
+    """`options.answer_schema` for one completion: what the root model is told, the check of
+    each answer it sets, and how many invalid ones it may still repair.
+
+    `answer["content"]` may be a Python value (a dict, a list, a number...) or a JSON text; a
+    string that parses as JSON is taken as that JSON first, then as the string itself, so a
+    string schema still accepts "42". An answer that does not match is not returned: the model
+    sees why in the REPL's output and gets another iteration, `repairs` times at most.
+    """
+
+    def __init__(self, schema: Json, repairs: int) -> None:
+        self.schema = schema
+        self.repairs_left = repairs
+        self.value: Any = None  # the valid answer, once there is one
+        self._validator = jsonschema.Draft202012Validator(schema)
+
+    def prompt(self) -> str:
+        """The system prompt's section on the answer's shape."""
+        return (
+            "\n\nThe answer must be a JSON value valid against this JSON Schema "
+            f"(draft 2020-12):\n{orjson.dumps(self.schema).decode()}\n"
+            'Set answer["content"] to that value as a Python value (a dict, list, str, int, '
+            'float, bool or None), not its text, then set answer["ready"] = True. It is checked '
+            "against the schema then: an answer that does not match is refused, with the "
+            "reason, and you get another turn to fix it."
+        )
+
+    def error_of(self, value: Any) -> str | None:
+        """Why `value` does not match the schema (the validator's most relevant message)."""
+        try:
+            error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
+        except RecursionError:
+            return "the answer is nested too deeply to check"
+        if error is None:
+            return None
+        return _bounded_error(f"at {error.json_path}: {error.message}")
+
+    def accept(self, content: Any) -> str | None:
+        """Take `content` as the answer if it matches (then None), else say why not."""
+        try:
+            value = _json_value(content)
+        except TypeError as error:  # orjson.JSONEncodeError: a set, a 65-bit int, ...
+            return _bounded_error(f'answer["content"] is not a JSON value: {error}')
+        candidates = [value]
+        if isinstance(value, str):
+            with suppress(orjson.JSONDecodeError):
+                candidates.insert(0, orjson.loads(_unfenced(value)))
+        problems = []
+        for candidate in candidates:
+            problem = self.error_of(candidate)
+            if problem is None:
+                self.value = candidate
+                return None
+            problems.append(problem)
+        return problems[0]
+
+    def refuse(self, error: str) -> str:
+        """Spend a repair on an invalid answer: what the model is told, or AnswerRefused."""
+        if self.repairs_left == 0:
+            raise AnswerRefused(error)
+        self.repairs_left -= 1
+        return (
+            f"\nYour answer was refused: it does not match the answer schema ({error}). "
+            'Fix it, set answer["content"] again and answer["ready"] = True.'
+        )
+
+
+def _content_of(environment: Any, final_answer: str) -> Any:
+    """What the model set as `answer["content"]`: the value itself in the local REPL, else
+    the text the library made of it."""
+    answer = getattr(environment, "locals", {}).get("answer")
+    return answer.get("content", final_answer) if isinstance(answer, dict) else final_answer
+
+
+def _reopen(environment: Any) -> None:
+    """The answer was refused: `answer["ready"]` is False again, as before it was set."""
+    answer = getattr(environment, "locals", {}).get("answer")
+    if isinstance(answer, dict):
+        dict.__setitem__(answer, "ready", False)
 
 
 class SessionState:
@@ -435,11 +662,16 @@ class WorkerRLM(RLM):  # type: ignore[misc]
     """
 
     def __init__(
-        self, lm_handler: LMHandler, session: SessionState | None = None, **kwargs: Any
+        self,
+        lm_handler: LMHandler,
+        session: SessionState | None = None,
+        answer: AnswerCheck | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(persistent=session is not None, **kwargs)
         self._worker_lm_handler = lm_handler
         self._session = session
+        self._answer = answer
 
     def completion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
         """A session's turn may bring no input (`prompt` None): the metadata then describes
@@ -465,6 +697,9 @@ class WorkerRLM(RLM):  # type: ignore[misc]
         if self.environment_type in ("local", "ipython", "docker") and self.max_depth > 1:
             env_kwargs["subcall_fn"] = self._subcall
         env_kwargs["max_concurrent_subcalls"] = self.max_concurrent_subcalls
+        if self.custom_tools is not None:
+            env_kwargs["custom_tools"] = self.custom_tools
+            env_kwargs["custom_sub_tools"] = self.custom_sub_tools
         environment = get_environment(self.environment_type, env_kwargs)
         for context in contexts if in_process else contexts[1:]:
             self._add_context(environment, context)
@@ -485,6 +720,9 @@ class WorkerRLM(RLM):  # type: ignore[misc]
         for context in session.pending:
             self._add_context(environment, context)
         session.pending = []
+        if self.custom_tools is not None and hasattr(environment, "globals"):
+            for name, entry in self.custom_tools.items():  # this turn's, logged with this turn
+                environment.globals[name] = entry["tool"]
         return environment
 
     def _add_context(self, environment: Any, context: Any) -> None:
@@ -507,10 +745,51 @@ class WorkerRLM(RLM):  # type: ignore[misc]
         if prompt is inherited and inherited_length is not None and isinstance(prompt, list):
             prompt = [_Sized(inherited_length)]
         try:
-            return cast(list[dict[str, Any]], super()._setup_prompt(prompt, root_prompt))
+            messages = cast(list[dict[str, Any]], super()._setup_prompt(prompt, root_prompt))
         except (TypeError, AttributeError):  # as in context_length
             described = _as_json(prompt)
-            return cast(list[dict[str, Any]], super()._setup_prompt(described, root_prompt))
+            messages = cast(list[dict[str, Any]], super()._setup_prompt(described, root_prompt))
+        if self._answer is not None:
+            messages[0]["content"] += self._answer.prompt()
+        return messages
+
+    def _completion_turn(
+        self, prompt: Any, lm_handler: LMHandler, environment: Any
+    ) -> RLMIteration:
+        """With an answer schema, an answer the model sets is checked before the library sees
+        it: a valid one becomes its compact JSON; an invalid one is withdrawn, and the reason
+        added to the REPL's output for the next iteration (or AnswerRefused, when no repair is
+        left)."""
+        iteration = cast(RLMIteration, super()._completion_turn(prompt, lm_handler, environment))
+        answer = self._answer
+        answered = [b.result for b in iteration.code_blocks if b.result.final_answer is not None]
+        if answer is None or not answered:
+            return iteration
+        error = answer.accept(_content_of(environment, answered[0].final_answer))
+        if error is None:
+            answered[0].final_answer = orjson.dumps(answer.value).decode()
+            return iteration
+        for result in answered:
+            result.final_answer = None
+        _reopen(environment)
+        try:
+            answered[-1].stderr += answer.refuse(error)
+        except AnswerRefused:
+            if self.logger:  # the trajectory shows the last answer too
+                self.logger.log(iteration)
+            raise
+        return iteration
+
+    def _default_answer(self, message_history: list[dict[str, Any]], lm_handler: LMHandler) -> str:
+        """Out of iterations, the library asks for an answer as text: with a schema, it must
+        be the JSON of a valid value (no repair is left to spend on it)."""
+        text = str(super()._default_answer(message_history, lm_handler))
+        if self._answer is None:
+            return text
+        error = self._answer.accept(text)
+        if error is not None:
+            raise AnswerRefused(error)
+        return orjson.dumps(self._answer.value).decode()
 
     def retire_handler(self) -> None:
         """Stop this turn's LM handler, off the turn's path (stopping waits out a 0.5 s poll):
@@ -556,6 +835,7 @@ def _build_rlm(
     emit: Emit,
     logger: ProgressLogger,
     session: SessionState | None,
+    answer: AnswerCheck | None,
 ) -> WorkerRLM:
     spec: Json = job["rlm"]
     root = RelayLM(spec["backend_kwargs"]["model_name"], link)
@@ -572,8 +852,10 @@ def _build_rlm(
     return WorkerRLM(
         lm_handler=handler,
         session=session,
+        answer=answer,
         logger=logger,
         on_subcall_start=lambda depth, model, preview: emit("subcall", message=str(model)),
+        custom_tools=host_tools(job.get("tools") or [], link, logger.tool_log),
         **spec,
     )
 
@@ -606,15 +888,21 @@ def run_job(
     )
     if any(isinstance(c, ContextUnavailable) for c in (context, session and session.base)):
         return {"failure": {"kind": CONTEXT_UNAVAILABLE}}
+    answer = AnswerCheck(**job["answer"]) if job.get("answer") else None
     try:
-        completion = _complete(job, context, _build_rlm(job, link, emit, logger, session), session)
+        rlm = _build_rlm(job, link, emit, logger, session, answer)
+        completion = _complete(job, context, rlm, session)
     except Exception as exc:
         log.info("completion failed: %s: %s", type(exc).__name__, exc)
         failure: Json = {"kind": type(exc).__name__}
+        if isinstance(exc, AnswerRefused):
+            failure = {"kind": frames.INVALID_ANSWER, "validation_error": exc.validation_error}
         if keep:
             failure["trajectory"] = logger.steps
         return {"failure": failure}
     result: Json = {"text": str(completion.response), "iterations": logger.completed}
+    if answer is not None:
+        result["value"] = answer.value
     if keep:
         result["trajectory"] = logger.steps
     return {"result": result}
