@@ -445,20 +445,17 @@ class Broker:
     async def call(
         self, route: Route, account: Account, model: str, prompt: Any, on_retry: OnRetry
     ) -> Json:
-        """Make one model call for a worker: its reply frame (text and usage, or an error)."""
-        try:
-            if self._replaying is not None:
-                return await self._replay(self._replaying, route, account, model, prompt)
-            client = await self._client(route, model)
-            reply = await self._attempts(route, account, client, model, prompt, on_retry)
-            if self._recording is not None:
-                request = Tape.request(route, model, prompt)
-                await self._recording.record(Tape.key(request), request, reply)
-            return reply
-        except BudgetExceeded as exceeded:
-            return {"error": {"type": exceeded.TYPE}}
-        except BackendError as failed:
-            return {"error": {"type": failed.TYPE}}
+        """Make one model call for a worker: its reply frame (text and usage). A call over a
+        budget raises BudgetExceeded, and one that failed for good (after the retries) a
+        BackendError, each with what it says on the wire: the engine decides how it ends."""
+        if self._replaying is not None:
+            return await self._replay(self._replaying, route, account, model, prompt)
+        client = await self._client(route, model)
+        reply = await self._attempts(route, account, client, model, prompt, on_retry)
+        if self._recording is not None:
+            request = Tape.request(route, model, prompt)
+            await self._recording.record(Tape.key(request), request, reply)
+        return reply
 
     async def _replay(
         self, tape: Tape, route: Route, account: Account, model: str, prompt: Any
@@ -532,7 +529,7 @@ class Broker:
                 log.info("model call failed: %s (status %s)", type(exc).__name__, status)
                 if not may_retry or attempt > self._retry.max_retries:
                     account.failure = CallFailure(type(exc).__name__, attempt, status)
-                    raise BackendError(retryable=False, attempts=attempt) from None
+                    raise account.failure.error() from None
                 delay = self._delay(attempt, exc)
                 account.retries += 1
                 on_retry(
