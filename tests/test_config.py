@@ -60,7 +60,8 @@ def test_options_resolve_per_request_without_touching_the_configuration() -> Non
     assert kwargs["other_backend_kwargs"] == [{"model_name": "small"}]
     assert spec.route.kwargs["sampling_args"] == {"temperature": 0.5}
     assert spec.route.kwargs["api_key"] == "k"  # the broker's route, in the server only
-    assert spec.route.kwargs_for("small")["model_name"] == "small"
+    assert spec.route.models == ("other", "small")
+    assert spec.route.allowed == {"other", "small", "base"}  # and --allow-model's: none here
     assert config.model == "base" and config.max_depth == 1
 
 

@@ -32,6 +32,7 @@ from rlm_server.engine.metrics import Metrics, Outcome
 from rlm_server.engine.sessions import Session, Sessions
 from rlm_server.engine.store import ContextStore
 from rlm_server.errors import (
+    AnswerTooLarge,
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
@@ -43,6 +44,7 @@ from rlm_server.errors import (
     first_of,
 )
 from rlm_server.executors.local.pool import CallHandler, Context, WorkerPool
+from rlm_server.worker.trajectory import trimmed
 
 Json = dict[str, Any]
 RequestId = str | int | None
@@ -100,6 +102,14 @@ def _endpoint(config: Config, options: InferOptions, same_backend: bool) -> str:
     )
 
 
+def _allowed_models(config: Config, models: tuple[str, ...], same_backend: bool) -> frozenset[str]:
+    """The models a request's model code may name: the request's own, the configured root and
+    sub models, and --allow-model. A name from model code is steered by content nobody vetted,
+    and every new one would cost a provider call at the least."""
+    configured = (config.effective_model, config.sub_model) if same_backend else ()
+    return frozenset(name for name in (*models, *configured, *config.allow_model) if name)
+
+
 class RunSpec(NamedTuple):
     """Everything one request runs with: the configuration with its options applied."""
 
@@ -143,7 +153,7 @@ class RunSpec(NamedTuple):
             "max_depth": max_depth,
             "verbose": config.verbose,
         }
-        sub_client = {**client, "model_name": sub_model} if sub_model else None
+        models = (model, sub_model) if sub_model else (model,)
         if sub_model:
             rlm_kwargs["other_backends"] = [info.library_backend]
             rlm_kwargs["other_backend_kwargs"] = [{"model_name": sub_model}]
@@ -158,7 +168,13 @@ class RunSpec(NamedTuple):
                 backend, base_url, environ, replaying=config.replay is not None
             ),
             rlm_kwargs=rlm_kwargs,
-            route=Route(info.library_backend, client, sub_client, info.price_provider),
+            route=Route(
+                info.library_backend,
+                client,
+                models,
+                _allowed_models(config, models, same_backend),
+                info.price_provider,
+            ),
             budget=budget,
             cost_limited=budget.max_cost_usd is not None or config.spend_limit_usd is not None,
         )
@@ -185,6 +201,13 @@ _OUTCOMES = {
     DeadlineExceeded: Outcome.TIMED_OUT,
     RequestCancelled: Outcome.CANCELLED,
 }
+
+
+def _iterations(spec: RunSpec, account: Account, result: Json) -> int:
+    """The iterations the worker claims, never more than the server saw: each one is a call
+    to the root model, and there are at most max_iterations."""
+    claimed: int = result["iterations"]
+    return min(claimed, account.calls_to(spec.model), spec.max_iterations)
 
 
 def _failure(account: Account) -> RpcError:
@@ -217,7 +240,11 @@ class Engine:
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
         self.workers = WorkerPool(
-            config.worker_memory_mb, config.max_message_bytes, environ, config.protections
+            config.worker_memory_mb,
+            config.max_message_bytes,
+            environ,
+            config.protections,
+            max_calls_in_flight=config.max_calls_in_flight,
         )
         self.contexts = ContextStore(
             config.context_store_bytes, lambda: self.workers.root, self.workers.forget
@@ -283,6 +310,8 @@ class Engine:
         status["max_iterations"] = self.config.max_iterations
         status["max_depth"] = self.config.max_depth
         status["max_concurrency"] = self.config.max_concurrency
+        status["max_calls_in_flight"] = self.config.max_calls_in_flight
+        status["max_answer_bytes"] = self.config.max_answer_bytes
         return status
 
     # -- infer ------------------------------------------------------------------------------
@@ -468,21 +497,29 @@ class Engine:
         if failure is not None:
             raise failure
         outcome: Json = final.get("result") or final["failure"]
-        run.steps += outcome.get("trajectory") or []
+        run.steps += trimmed(outcome.get("trajectory"), spec.max_iterations)
         if "result" not in final:
             raise _failure(account)
         result: Json = final["result"]
+        text = self._bounded_answer(result["text"])
         response = {
-            "text": result["text"],
+            "text": text,
             "stub": False,
             "usage": account.usage(),  # the broker's count: the whole call tree, every depth
             "metadata": self._metadata(
-                spec, result["iterations"], run.started, 1 + account.retries
+                spec, _iterations(spec, account, result), run.started, 1 + account.retries
             ),
         }
         if request.options.trajectory:
             response["trajectory"] = run.steps
         return response
+
+    def _bounded_answer(self, text: str) -> str:
+        """The worker's answer, unless it is longer than --max-answer-bytes."""
+        limit = self.config.max_answer_bytes
+        if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
+            raise AnswerTooLarge(limit_bytes=limit)
+        return text
 
     async def _execute(self, run: _Running, job: Json, on_call: CallHandler) -> Json:
         """The completion's final frame: from the session's worker, or from a fresh one."""

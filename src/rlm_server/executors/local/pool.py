@@ -19,7 +19,10 @@ worker always ended; the token matches each answer to its request. The server th
 the worker over its socketpair in frames (see frames.py): one job frame in; event frames,
 model-call frames (each answered by a reply frame, made by the broker) and one final frame out.
 End of stream without a final frame means the worker died. Every frame is checked: the worker
-runs model code, and nothing it sends is trusted.
+runs model code, and nothing it sends is trusted. A job has at most `max_calls_in_flight` model
+calls in the broker at once: past that the server reads no more of its frames until one is
+answered, so a flood of calls waits in the worker's own socket, holds none of the server's
+memory, and leaves the providers' connections to the other requests.
 
 The zygote, and so every worker, starts from an environment with nothing but what Python needs:
 no provider key and no `ELIZA_RLM_*` setting reaches model code.
@@ -270,8 +273,10 @@ class WorkerPool:
         max_frame_bytes: int,
         environ: Mapping[str, str],
         protections: Sequence[str] = (sandbox.PRIVATE_TMP,),
+        max_calls_in_flight: int = 16,
     ) -> None:
         self._env = worker_environment(environ)
+        self._max_calls = max_calls_in_flight
         self._plan = sandbox.Plan(protections)
         self._memory_mb = memory_mb
         self._max_frame_bytes = max_frame_bytes
@@ -390,7 +395,7 @@ class WorkerPool:
         crash: RpcError | None = None
         async with self._forked(inherited) as worker:
             try:
-                final = await _converse(worker, job, context, on_event, on_call)
+                final = await _converse(worker, job, context, on_event, on_call, self._max_calls)
             except* WorkerCrashed as crashed:  # raised inside the calls' task group
                 crash = first_of(crashed, WorkerCrashed)
         if crash is not None:
@@ -410,7 +415,7 @@ class WorkerPool:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_remove_tree, workdir)
             raise
-        return LongWorker(worker, workdir)
+        return LongWorker(worker, workdir, self._max_calls)
 
 
 class LongWorker:
@@ -420,8 +425,9 @@ class LongWorker:
     started, and removes its directory.
     """
 
-    def __init__(self, worker: Worker, workdir: str) -> None:
+    def __init__(self, worker: Worker, workdir: str, max_calls_in_flight: int) -> None:
         self._worker, self._workdir = worker, workdir
+        self._max_calls = max_calls_in_flight
 
     async def run(
         self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
@@ -430,7 +436,12 @@ class LongWorker:
         crash: RpcError | None = None
         try:
             final = await _converse(
-                self._worker, {**job, "session": True}, context, on_event, on_call
+                self._worker,
+                {**job, "session": True},
+                context,
+                on_event,
+                on_call,
+                self._max_calls,
             )
         except* WorkerCrashed as crashed:  # raised inside the calls' task group
             crash = first_of(crashed, WorkerCrashed)
@@ -473,13 +484,18 @@ async def _converse(
     context: Context,
     on_event: EventHandler,
     on_call: CallHandler,
+    max_calls: int,
 ) -> Json | None:
-    """Send the job, then serve the worker's frames until its final one (None: it died)."""
+    """Send the job, then serve the worker's frames until its final one (None: it died). At
+    most `max_calls` model calls are answered at once; the next frame waits for one of them."""
+    in_flight = anyio.Semaphore(max_calls)
     async with anyio.create_task_group() as calls:
         await worker.send_job(job, context)
         async for frame in worker.frames():
             if "call" in frame:
-                calls.start_soon(_answer, worker, checked_call(frame), on_call)
+                call = checked_call(frame)
+                await in_flight.acquire()
+                calls.start_soon(_answer, worker, call, on_call, in_flight)
             elif "event" in frame:
                 event = checked_event(frame)
                 if event is not None:
@@ -491,9 +507,14 @@ async def _converse(
     return None
 
 
-async def _answer(worker: Worker, call: Json, on_call: CallHandler) -> None:
-    reply = await on_call(call["model"], call["prompt"])
-    await worker.send_frame({"reply": call["call"], **reply})
+async def _answer(
+    worker: Worker, call: Json, on_call: CallHandler, in_flight: anyio.Semaphore
+) -> None:
+    try:
+        reply = await on_call(call["model"], call["prompt"])
+        await worker.send_frame({"reply": call["call"], **reply})
+    finally:
+        in_flight.release()
 
 
 # -- what a worker may say ------------------------------------------------------------------
