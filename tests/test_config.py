@@ -37,6 +37,20 @@ def test_bad_integers_name_the_variable(value: str) -> None:
         load_config([], {"ELIZA_RLM_MAX_CONCURRENCY": value})
 
 
+def test_the_brokers_bounds_have_defaults_and_refuse_bad_values() -> None:
+    config = load_config([], {})
+    assert (config.allow_model, config.max_calls_in_flight) == ((), 16)
+    assert config.max_answer_bytes == 64 << 20
+    flags = ["--allow-model", "a", "--allow-model", "b, c", "--max-calls-in-flight", "4"]
+    config = load_config(flags, {"ELIZA_RLM_ALLOW_MODEL": "ignored"})
+    assert (config.allow_model, config.max_calls_in_flight) == (("a", "b", "c"), 4)
+    assert load_config([], {"ELIZA_RLM_ALLOW_MODEL": "x,y"}).allow_model == ("x", "y")
+    with pytest.raises(ConfigError, match="--max-calls-in-flight"):
+        load_config(["--max-calls-in-flight", "0"], {})
+    with pytest.raises(ConfigError, match="ELIZA_RLM_MAX_ANSWER_BYTES"):
+        load_config([], {"ELIZA_RLM_MAX_ANSWER_BYTES": "lots"})
+
+
 def test_retry_cap_below_the_first_delay_is_refused() -> None:
     with pytest.raises(ConfigError, match="RETRY_MAX_DELAY"):
         load_config([], {"ELIZA_RLM_RETRY_DELAY": "500", "ELIZA_RLM_RETRY_MAX_DELAY": "100"})
