@@ -10,11 +10,15 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 from conftest import Spawn
 from fixtures.openai_fixture import FixtureServer
 from harness import answer_with, repl, wait_until
+
+from rlm_server.engine.broker import MAX_CLIENTS, Broker, Budget, RetryPolicy, Route
 
 SECRET = "sk-test-SECRET-4c0e9d7b2a"
 
@@ -465,3 +469,30 @@ def test_an_answer_over_max_answer_bytes_is_refused(spawn: Spawn) -> None:
         assert error["data"]["limit_bytes"] == 1_000_000 and error["data"]["usage"]["calls"] == 1
     assert server.call("infer", {"prompt": "x"}, request_id=3)["result"]["text"] == "é" * 400_000
     assert server.close() == 0
+
+
+def test_clients_are_per_endpoint_and_bounded(llm: FixtureServer) -> None:
+    """The broker itself, in this process, against the fixture over HTTP: one client serves
+    every model at an endpoint; arguments that differ (a request's temperature) make clients
+    of their own, of which at most MAX_CLIENTS idle ones are kept."""
+    llm.script.replace([{"reply": "ok"}])
+    models = ("m-1", "m-2", "m-3")
+    budget = Budget()
+
+    def route(temperature: float) -> Route:
+        kwargs: dict[str, Any] = {"model_name": "m-1", "base_url": llm.base_url, "api_key": "k"}
+        kwargs = {**kwargs, "sampling_args": {"temperature": temperature}}
+        return Route("openai", kwargs, models, frozenset(models), "openai")
+
+    async def calls() -> int:
+        broker = Broker(RetryPolicy(0, 10, 10), lifetime=Budget())
+        for model in models:
+            reply = await broker.call(route(0.0), broker.account(budget), model, "p", print)
+            assert reply["text"] == "ok"
+        assert len(broker._clients.built) == 1
+        for n in range(MAX_CLIENTS + 8):
+            await broker.call(route(n / 100), broker.account(budget), "m-2", "p", print)
+        return len(broker._clients.built)
+
+    assert anyio.run(calls) == MAX_CLIENTS
+    assert [body["model"] for body in llm.script.bodies][:3] == list(models)
