@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import anyio
 import pytest
 from conftest import Spawn
 from fixtures.openai_fixture import FixtureServer
-from harness import answer_with, repl, wait_until
+from harness import ServerProcess, answer_with, repl, wait_until
 
 from rlm_server.engine.broker import MAX_CLIENTS, Broker, Budget, RetryPolicy, Route
 
@@ -252,6 +253,29 @@ LINK = (
 )
 
 
+NEIGHBOUR_RULES = [
+    {
+        "when": "root",
+        "contains": "NEIGHBOUR-Q",
+        "reply": answer_with("llm_query('NEIGHBOUR-SUB')"),
+    },
+    {"when": "sub", "contains": "NEIGHBOUR-SUB", "hold": True, "reply": "neighbour-ok"},
+]
+
+
+@contextmanager
+def neighbour_held(server: ServerProcess, llm: FixtureServer) -> Iterator[None]:
+    """A neighbour request held mid-call while the attack runs; afterwards it finishes
+    normally. Its rules (NEIGHBOUR_RULES) come first in the test's."""
+    server.request("neighbour", "infer", {"prompt": "x", "query": "NEIGHBOUR-Q"})
+    assert wait_until(lambda: llm.script.stats()["in_flight"] == 1, timeout=30)
+    yield
+    assert server.call("status", request_id="during")["result"]["in_flight"] == 1
+    llm.script.released.set()
+    response = server.next_response()
+    assert response["id"] == "neighbour" and response["result"]["text"] == "neighbour-ok"
+
+
 def _outcome(reply: str) -> str:
     """Model code: what one reply frame says, the text or the error's type."""
     return f"({reply}).get('text') or ({reply})['error']['type']"
@@ -305,6 +329,7 @@ def test_three_hundred_new_model_names_cost_the_server_nothing(
         "answer['ready'] = True",
     )
     rules = [
+        *NEIGHBOUR_RULES,
         {"when": "root", "contains": "NAMES-Q", "reply": names},
         {"when": "root", "reply": answer_with("'fine'")},
     ]
@@ -312,13 +337,14 @@ def test_three_hundred_new_model_names_cost_the_server_nothing(
     server.ready()
     pid = server.process.pid
     assert server.call("infer", {"prompt": "x"})["result"]["text"] == "fine"  # clients built
-    fds, rss = _fds(pid), _rss_kib(pid)
-    refused = server.call("infer", {"prompt": "x", "query": "NAMES-Q"}, request_id=2)
-    assert json.loads(refused["result"]["text"]) == ["model_not_allowed"]
-    assert server.call("infer", {"prompt": "x"}, request_id=3)["result"]["text"] == "fine"
-    assert _fds(pid) <= fds + 2, (fds, _fds(pid))
-    assert _rss_kib(pid) - rss < 40 * 1024, (rss, _rss_kib(pid))  # 300 clients: ~500 MB
-    assert llm.script.stats()["by_kind"]["sub"] == 0  # none of them reached the provider
+    with neighbour_held(server, llm):
+        fds, rss = _fds(pid), _rss_kib(pid)
+        refused = server.call("infer", {"prompt": "x", "query": "NAMES-Q"}, request_id=2)
+        assert json.loads(refused["result"]["text"]) == ["model_not_allowed"]
+        assert server.call("infer", {"prompt": "x"}, request_id=3)["result"]["text"] == "fine"
+        assert _fds(pid) <= fds + 2, (fds, _fds(pid))
+        assert _rss_kib(pid) - rss < 40 * 1024, (rss, _rss_kib(pid))  # 300 clients: ~500 MB
+        assert llm.script.stats()["by_kind"]["sub"] == 1  # the neighbour's: no new name's
     assert server.close() == 0
 
 
@@ -385,12 +411,13 @@ def test_a_cost_limit_refuses_a_model_without_a_price_whoever_names_it(
         "answer['ready'] = True",
     )
     server = spawn(
-        [{"when": "root", "reply": probe}, {"when": "sub", "reply": "probed"}],
+        [*NEIGHBOUR_RULES, {"when": "root", "reply": probe}, {"when": "sub", "reply": "probed"}],
         env={"ELIZA_RLM_MODEL": "gpt-4o-mini"},
         args=["--max-cost-usd", "1", "--allow-model", "gpt-4o,unpriced-model"],
     )
     server.ready()
-    response = server.call("infer", {"prompt": "x"})
+    with neighbour_held(server, llm):
+        response = server.call("infer", {"prompt": "x"})
     called = [body["model"] for body in llm.script.bodies]
     assert "unpriced-model" not in called and "gpt-4o" in called
     if "error" in response:  # a request whose budget refused a call may end with it
@@ -431,12 +458,16 @@ def _strings(value: object) -> Iterator[str]:
 
 
 def test_a_forged_trajectory_and_iteration_count_are_cut_to_what_the_server_saw(
-    spawn: Spawn, tmp_path: Path
+    spawn: Spawn, llm: FixtureServer, tmp_path: Path
 ) -> None:
-    server = spawn([{"when": "root", "reply": FORGE}], args=["--log-dir", str(tmp_path)])
+    rules = [*NEIGHBOUR_RULES, {"when": "root", "reply": FORGE}]
+    server = spawn(rules, args=["--log-dir", str(tmp_path)])
     server.ready()
     options = {"trajectory": True, "max_iterations": 3}
-    result = server.call("infer", {"prompt": "x", "options": options})["result"]
+    with neighbour_held(server, llm):
+        result = server.call("infer", {"prompt": "x", "options": options})["result"]
+        assert wait_until(lambda: len(list(tmp_path.iterdir())) == 1)  # the neighbour's later
+        (log,) = tmp_path.iterdir()
     assert result["text"] == "forged"
     assert result["metadata"]["iterations"] == 1  # one root call, whatever the worker says
     steps = result["trajectory"]
@@ -446,14 +477,13 @@ def test_a_forged_trajectory_and_iteration_count_are_cut_to_what_the_server_saw(
     assert max(len(s) for s in _strings(steps)) <= 4096
     calls = [c for step in steps for b in step["code_blocks"] for c in b["sub_calls"]]
     assert calls and all(c["input_tokens"] == 0 for c in calls)
-    assert wait_until(lambda: len(list(tmp_path.iterdir())) == 1)
-    (log,) = tmp_path.iterdir()
     assert log.stat().st_size < 4 << 20, log.stat().st_size  # forged: 50 steps of ~1 MB
     assert server.close() == 0
 
 
-def test_an_answer_over_max_answer_bytes_is_refused(spawn: Spawn) -> None:
+def test_an_answer_over_max_answer_bytes_is_refused(spawn: Spawn, llm: FixtureServer) -> None:
     rules = [
+        *NEIGHBOUR_RULES,
         {"when": "root", "contains": "ASCII-Q", "reply": answer_with("'x' * 2_000_000")},
         {"when": "root", "contains": "UTF8-Q", "reply": answer_with("'é' * 600_000")},
         {"when": "root", "reply": answer_with("'é' * 400_000")},
@@ -462,11 +492,14 @@ def test_an_answer_over_max_answer_bytes_is_refused(spawn: Spawn) -> None:
     server.ready()
     status = server.call("status", request_id="s")["result"]
     assert (status["max_answer_bytes"], status["max_calls_in_flight"]) == (1_000_000, 16)
-    for query in ("ASCII-Q", "UTF8-Q"):  # 2 MB; 600,000 characters but 1.2 MB of UTF-8
-        error = server.call("infer", {"prompt": "x", "query": query}, request_id=query)["error"]
-        assert (error["code"], error["message"]) == (-32603, "Answer too large")
-        assert error["data"]["type"] == "answer_too_large"
-        assert error["data"]["limit_bytes"] == 1_000_000 and error["data"]["usage"]["calls"] == 1
+    with neighbour_held(server, llm):
+        for query in ("ASCII-Q", "UTF8-Q"):  # 2 MB; 600,000 characters but 1.2 MB of UTF-8
+            params = {"prompt": "x", "query": query}
+            error = server.call("infer", params, request_id=query)["error"]
+            assert (error["code"], error["message"]) == (-32603, "Answer too large")
+            assert error["data"]["type"] == "answer_too_large"
+            assert error["data"]["limit_bytes"] == 1_000_000
+            assert error["data"]["usage"]["calls"] == 1
     assert server.call("infer", {"prompt": "x"}, request_id=3)["result"]["text"] == "é" * 400_000
     assert server.close() == 0
 
