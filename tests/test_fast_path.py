@@ -85,14 +85,15 @@ def test_status_names_an_unknown_param_and_ignores_being_a_notification(spawn: S
 
 
 def test_status_and_the_start_need_no_jsonrpcserver() -> None:
-    """Its import costs as much as everything before `ready`; only task methods load it."""
+    """Its import costs as much as everything before `ready`; only task methods load it (and
+    jsonschema, which it imports and `options.answer_schema` needs)."""
     code = (
         "import sys\n"
         "import rlm_server.frontends.jsonrpc.server, rlm_server.frontends.jsonrpc.dispatch\n"
         "import rlm_server.frontends.jsonrpc.methods\n"
         "from rlm_server.frontends.jsonrpc.server import _load_dispatcher\n"
         "_load_dispatcher()\n"
-        "sys.exit('jsonrpcserver' in sys.modules)\n"
+        "sys.exit('jsonrpcserver' in sys.modules or 'jsonschema' in sys.modules)\n"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

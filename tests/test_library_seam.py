@@ -1,9 +1,10 @@
 """The seams into the `rlm` library that workers depend on. If an upgrade moves one, these fail.
 
 `WorkerRLM` overrides `RLM._spawn_completion_context` to hand completions a long-lived LM
-handler. Workers replace `rlm.core.rlm.get_client`, through which the library builds every model
-client (root, child RLMs, max-depth fallbacks), with one that relays to the broker. Neither is
-public API, so: the version is pinned, both must still exist with the same shape, and a
+handler, and `_completion_turn` and `_default_answer` to check answers against a schema.
+Workers replace `rlm.core.rlm.get_client`, through which the library builds every model client
+(root, child RLMs, max-depth fallbacks), with one that relays to the broker. None of these is
+public API, so: the version is pinned, each must still exist with the same shape, and a
 completion through `WorkerRLM` must send the model exactly what the stock `RLM` sends.
 """
 
@@ -48,6 +49,26 @@ def test_the_overridden_method_still_has_its_shape() -> None:
         "max_concurrent_subcalls",
     ):
         assert f'env_kwargs["{key}"]' in source, key
+
+
+def test_the_answer_check_seams_still_have_their_shape() -> None:
+    """`options.answer_schema`: `WorkerRLM` checks each iteration's answer in
+    `_completion_turn` (the loop reads `final_answer` off each block's result after it) and the
+    closing one in `_default_answer`; the local REPL keeps the value itself in
+    `locals["answer"]`."""
+    turn = inspect.signature(RLM._completion_turn).parameters
+    assert list(turn) == ["self", "prompt", "lm_handler", "environment"]
+    assert list(inspect.signature(RLM._default_answer).parameters) == [
+        "self",
+        "message_history",
+        "lm_handler",
+    ]
+    loop = inspect.getsource(RLM.completion)
+    assert loop.index("self._completion_turn(") < loop.index("block.result.final_answer")
+    assert "self._default_answer(" in loop
+    from rlm.environments.local_repl import LocalREPL
+
+    assert 'self.locals["answer"]' in inspect.getsource(LocalREPL.setup)
 
 
 def _kwargs(llm: FixtureServer) -> dict[str, Any]:

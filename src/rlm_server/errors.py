@@ -128,6 +128,18 @@ class ContextStoreFull(RpcError):
     TYPE = "context_store_full"
 
 
+class InvalidAnswer(RpcError):
+    """The root model's answer did not match `options.answer_schema`, and its repairs are spent:
+    `validation_error` is the last failure, bounded (the worker words it)."""
+
+    CODE = -32006
+    MESSAGE = "Answer does not match the schema"
+    TYPE = "invalid_answer"
+
+    def __init__(self, validation_error: str) -> None:
+        super().__init__(validation_error=validation_error)
+
+
 class RequestCancelled(RpcError):
     CODE = -32800
     MESSAGE = "Request cancelled"

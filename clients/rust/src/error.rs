@@ -110,6 +110,17 @@ pub enum RlmError {
     /// ([`crate::RlmClient::drop_context`]) makes room.
     #[error("context store full: {0}")]
     ContextStoreFull(Box<RpcError>),
+    /// -32006: the answer never matched `options.answer_schema`, after `answer_repairs`
+    /// repairs. `data.validation_error` says why the last one did not ([`RlmError::rpc`]),
+    /// `data.usage` what was spent. Never retried: the same request would most likely fail the
+    /// same way.
+    #[error("invalid answer: {0}")]
+    InvalidAnswer(Box<RpcError>),
+    /// [`crate::InferResult::answer`]: the result has no value (the request had no
+    /// `answer_schema`, or the server answered in stub mode), or its value does not decode
+    /// into the type asked for.
+    #[error("the answer does not decode: {0}")]
+    Answer(String),
     /// -32800: the request was cancelled (by `$/cancelRequest` or by a server shutdown).
     #[error("cancelled: {0}")]
     Cancelled(Box<RpcError>),
@@ -134,6 +145,7 @@ impl RlmError {
             -32003 => RlmError::BackendUnavailable(error),
             -32004 => RlmError::BudgetExceeded(error),
             -32005 => RlmError::ContextStoreFull(error),
+            -32006 => RlmError::InvalidAnswer(error),
             -32800 => RlmError::Cancelled(error),
             _ => RlmError::Rpc(error),
         }
@@ -153,6 +165,7 @@ impl RlmError {
             | RlmError::BackendUnavailable(e)
             | RlmError::BudgetExceeded(e)
             | RlmError::ContextStoreFull(e)
+            | RlmError::InvalidAnswer(e)
             | RlmError::Cancelled(e)
             | RlmError::Rpc(e) => Some(e),
             _ => None,

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -205,6 +206,15 @@ pub struct InferOptions {
     /// ([`crate::RlmError::BudgetExceeded`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// A JSON Schema (draft 2020-12, at most 64 KiB) the answer must match: the root model is
+    /// told it, each answer it sets is checked, and the valid one is [`InferResult::value`]
+    /// ([`InferResult::answer`] decodes it). One that is not a schema is -32602.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_schema: Option<Value>,
+    /// With `answer_schema`: how many invalid answers the model may fix (0..=100, default 2)
+    /// before the server answers -32006 ([`crate::RlmError::InvalidAnswer`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_repairs: Option<u32>,
 }
 
 /// Limits over one request's whole call tree, every model call at every depth (`Budget`).
@@ -324,6 +334,10 @@ option_setters! {
     trajectory: bool;
     /// Sets `budget`: limits over the request's whole call tree.
     budget: Budget;
+    /// Sets `answer_schema`: the JSON Schema the answer must match.
+    answer_schema: Value;
+    /// Sets `answer_repairs`: how many invalid answers the model may fix (0..=100).
+    answer_repairs: u32;
 }
 
 /// Params of `infer` (`InferParams`). The long input is one of `prompt`, `context_id` (a
@@ -545,8 +559,12 @@ pub struct InferMetadata {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct InferResult {
-    /// The answer.
+    /// The answer; with `options.answer_schema`, the compact JSON of [`InferResult::value`].
     pub text: String,
+    /// With `options.answer_schema`: the answer, valid against that schema. `None` without
+    /// one, and for a stub answer. ([`InferResult::answer`] decodes it into a type.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
     /// True only when the server runs in stub mode (no usable backend) and `text` is the
     /// stub message, not an answer.
     pub stub: bool,
@@ -557,6 +575,40 @@ pub struct InferResult {
     /// The run's steps, when `options.trajectory` was true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trajectory: Option<Vec<TrajectoryStep>>,
+}
+
+impl InferResult {
+    /// The structured answer ([`InferResult::value`]) decoded into `T`: the server checked it
+    /// against `options.answer_schema`, `T` is the caller's reading of that schema.
+    ///
+    /// ```
+    /// use rlm_client::InferResult;
+    /// #[derive(serde::Deserialize)]
+    /// struct Found {
+    ///     code: String,
+    ///     line: u32,
+    /// }
+    /// # let result: InferResult = serde_json::from_value(serde_json::json!({
+    /// #     "text": "{\"code\":\"ZEBRA-42\",\"line\":21}", "value": {"code": "ZEBRA-42", "line": 21},
+    /// #     "stub": false,
+    /// #     "usage": {"calls": 1, "input_tokens": 9, "output_tokens": 9, "cost_usd": null, "models": {}},
+    /// #     "metadata": {"backend": "openai", "model": "m", "iterations": 1, "depth": 1,
+    /// #                  "elapsed_ms": 1.0, "attempts": 1}})).unwrap();
+    /// let found: Found = result.answer()?;
+    /// assert_eq!((found.code.as_str(), found.line), ("ZEBRA-42", 21));
+    /// # Ok::<(), rlm_client::RlmError>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`crate::RlmError::Answer`] when there is no value (no `answer_schema`, or a stub
+    /// answer) or it does not decode into `T`.
+    pub fn answer<T: DeserializeOwned>(&self) -> Result<T, crate::RlmError> {
+        let value = self.value.as_ref().ok_or_else(|| {
+            crate::RlmError::Answer("the result has no value: no answer_schema, or a stub".into())
+        })?;
+        T::deserialize(value).map_err(|error| crate::RlmError::Answer(error.to_string()))
+    }
 }
 
 /// One iteration of the root model (`TrajectoryStep`): what it said, the code it ran and what
@@ -875,6 +927,8 @@ wire_enum! {
         BudgetExceeded = "budget_exceeded",
         /// -32005: the context store is full even after evicting every unused context.
         ContextStoreFull = "context_store_full",
+        /// -32006: the answer did not match `options.answer_schema`, its repairs spent.
+        InvalidAnswer = "invalid_answer",
         /// -32800: cancelled.
         Cancelled = "cancelled",
     }
@@ -982,8 +1036,11 @@ pub struct ErrorData {
     /// -32004: whether the request's budget or the server's lifetime limit was reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<BudgetScope>,
+    /// -32006: why the last answer did not match the schema (at most 1000 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_error: Option<String>,
     /// What the request spent before it ended: on every error that ends an `infer` after a
-    /// model call was made (cancelled, timed out, failed, over budget).
+    /// model call was made (cancelled, timed out, failed, over budget, an invalid answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
     /// Members the schema does not name.

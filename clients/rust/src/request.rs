@@ -243,6 +243,8 @@ mod tests {
             progress: Some(false),
             trajectory: Some(true),
             budget: Some(Budget::new().max_calls(5).max_cost_usd(0.25)),
+            answer_schema: Some(json!({"type": "object"})),
+            answer_repairs: Some(1),
         };
         let request = InferRequest::messages(vec![Message::new("user", "hi")])
             .query("q")
@@ -257,7 +259,8 @@ mod tests {
                     "base_url": "http://x/v1", "max_iterations": 3, "max_depth": 2,
                     "timeout_s": 1.5, "temperature": 0.2, "max_tokens": 100,
                     "progress": false, "trajectory": true,
-                    "budget": {"max_calls": 5, "max_cost_usd": 0.25}
+                    "budget": {"max_calls": 5, "max_cost_usd": 0.25},
+                    "answer_schema": {"type": "object"}, "answer_repairs": 1
                 }
             })
         );

@@ -46,6 +46,9 @@ macro_rules! transcripts {
 }
 
 transcripts!(
+    answer_refused,
+    answer_repaired,
+    answer_valid,
     backend_error,
     basic,
     cancel,

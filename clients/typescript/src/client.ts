@@ -102,6 +102,25 @@ export type InferRequest = InferCallOptions &
     query?: string;
   };
 
+/** A JSON Schema (draft 2020-12) for `options.answerSchema`. */
+export type AnswerSchema = Readonly<Record<string, unknown>>;
+
+/** Call options that ask for a structured answer: `options.answerSchema` is set. */
+export type WithAnswerSchema<R extends InferCallOptions> = R & {
+  options: InferOptions & { answerSchema: AnswerSchema };
+};
+
+/** An infer that asks for a structured answer. */
+export type StructuredRequest = WithAnswerSchema<InferRequest>;
+
+/**
+ * The result of an infer with `options.answerSchema`: `value` is the answer, which the server
+ * checked against the schema, as the type `T` the caller names (the client does not check it
+ * again); `text` is its compact JSON. A stub answer (a server without a backend) has no value.
+ */
+export type StructuredResult<T> = Omit<InferResult, "value" | "stub"> &
+  ({ stub: false; value: T } | { stub: true; value?: undefined });
+
 export interface LoadContextOptions extends CallOptions {
   /**
    * The largest piece of text sent in one line, in bytes of UTF-8 (at least 4): a longer string,
@@ -290,7 +309,14 @@ export class RLMClient implements AsyncDisposable {
    * over the stored context `contextId`, answering `query` (the short question). Named fields,
    * so the two cannot be swapped.
    */
-  async infer(request: InferRequest): Promise<InferResult> {
+  infer<T = unknown>(request: StructuredRequest): Promise<StructuredResult<T>>;
+  infer(request: InferRequest): Promise<InferResult>;
+  /**
+   * With `options.answerSchema` (a JSON Schema) the answer is a JSON value valid against it,
+   * returned as `value`, typed `T`: `client.infer<Person>({ context, query, options: {
+   * answerSchema } })`. An answer that never matches rejects with RLMInvalidAnswerError (-32006).
+   */
+  async infer<T>(request: InferRequest): Promise<InferResult | StructuredResult<T>> {
     const { context, contextId, query } = request;
     const input = {
       ...(context === undefined ? {} : { prompt: context }),

@@ -111,6 +111,13 @@ export class RLMBudgetError extends RLMError {
 export class RLMContextStoreFullError extends RLMError {
   override name = "RLMContextStoreFullError";
 }
+/**
+ * -32006: the answer never matched `options.answerSchema`, after `options.answerRepairs` repairs:
+ * `data.validation_error` says why the last one did not, and `data.usage` what was spent.
+ */
+export class RLMInvalidAnswerError extends RLMError {
+  override name = "RLMInvalidAnswerError";
+}
 /** -32800: the request was cancelled (AbortSignal, or the server's shutdown grace ran out). */
 export class RLMCancelledError extends RLMError {
   override name = "RLMCancelledError";
@@ -131,6 +138,7 @@ const CLASSES: { readonly [C in ErrorCode]: ErrorClass } = {
   [-32003]: RLMUnavailableError,
   [-32004]: RLMBudgetError,
   [-32005]: RLMContextStoreFullError,
+  [-32006]: RLMInvalidAnswerError,
   [-32800]: RLMCancelledError,
 };
 

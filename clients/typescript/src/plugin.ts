@@ -16,7 +16,12 @@
  * - `stream`, `stopSequences` and `responseFormat` are honoured or refused, never ignored:
  *   a stream yields the answer as one chunk once the REPL has set it (an RLM answer does not
  *   exist before that), stop sequences cut the answer at the first one, a `text` format is
- *   what the RLM returns anyway, and a JSON format is refused (nothing makes the answer JSON).
+ *   what the RLM returns anyway, and a `json_object` format asks the server for an answer that
+ *   is a JSON object (`options.answer_schema`), returned as its JSON text (stop sequences are
+ *   refused then: a cut would break the JSON).
+ * - `OBJECT_SMALL` and `OBJECT_LARGE` return the answer as an object, valid against `schema`
+ *   when given, else any JSON object, checked by the server before it returns it (`output`
+ *   other than `object` is refused: give a schema instead; so are stop sequences).
  *
  * `@elizaos/core` is an optional peer dependency: only this entry point imports it.
  */
@@ -24,12 +29,13 @@ import {
   type GenerateTextParams,
   type IAgentRuntime,
   ModelType,
+  type ObjectGenerationParams,
   type Plugin,
   Service,
   type TextStreamResult,
 } from "@elizaos/core";
-import { type ChatMessage, RLMClient, type RLMClientOptions } from "./client.js";
-import { RLMError } from "./errors.js";
+import { type AnswerSchema, type ChatMessage, RLMClient, type RLMClientOptions } from "./client.js";
+import { RLMError, RLMUnavailableError } from "./errors.js";
 import type { InferOptions } from "./options.js";
 
 /** Settings the plugin reads through the runtime and passes to the server's environment. */
@@ -62,7 +68,7 @@ export const PRIORITY_SETTING = "ELIZA_RLM_PRIORITY";
 /** Below the default (0) of every other provider: the RLM answers only what nobody else does. */
 export const DEFAULT_PRIORITY = -10;
 
-/** The model types the plugin registers: elizaOS's text models and the two RLM-only ones. */
+/** The model types the plugin registers: elizaOS's text and object models, and two RLM-only ones. */
 export const RLM_MODEL_TYPES = {
   TEXT_SMALL: ModelType.TEXT_SMALL,
   TEXT_LARGE: ModelType.TEXT_LARGE,
@@ -71,7 +77,15 @@ export const RLM_MODEL_TYPES = {
   TEXT_COMPLETION: ModelType.TEXT_COMPLETION,
   TEXT_RLM_LARGE: "TEXT_RLM_LARGE",
   TEXT_RLM_REASONING: "TEXT_RLM_REASONING",
+  OBJECT_SMALL: ModelType.OBJECT_SMALL,
+  OBJECT_LARGE: ModelType.OBJECT_LARGE,
 } as const;
+
+/** The text models among them; the others return objects. */
+const OBJECT_MODEL_TYPES: ReadonlySet<string> = new Set([ModelType.OBJECT_SMALL, ModelType.OBJECT_LARGE]);
+
+/** The answer of a JSON `responseFormat`, and of an object model given no schema. */
+const ANY_OBJECT: AnswerSchema = { type: "object" };
 
 /** elizaOS's text params, plus the RLM's own: the long `context` and per-request `options`. */
 export interface RlmTextParams extends GenerateTextParams {
@@ -80,6 +94,13 @@ export interface RlmTextParams extends GenerateTextParams {
   /** Same as `context` given as messages (the seed plugin's name). */
   messages?: ChatMessage[];
   /** RLM options for this request (camelCase), e.g. `{ maxIterations: 8 }`. */
+  options?: InferOptions;
+}
+
+/** elizaOS's object params, plus the RLM's own, as for text. */
+export interface RlmObjectParams extends ObjectGenerationParams {
+  context?: string | ChatMessage[];
+  messages?: ChatMessage[];
   options?: InferOptions;
 }
 
@@ -148,22 +169,53 @@ async function clientOf(runtime: IAgentRuntime): Promise<RLMClient> {
   return ((await loading) as RlmService).client;
 }
 
-/** Refuses what the RLM cannot honour, before any process starts or any token is spent. */
-function refuseUnsupported(params: RlmTextParams): void {
+/**
+ * The schema a text call's `responseFormat` asks for: none for text, any object for JSON. Refuses
+ * what the RLM cannot honour, before any process starts or any token is spent.
+ */
+function textFormat(params: RlmTextParams): AnswerSchema | undefined {
   const format = params.responseFormat;
   const type = typeof format === "string" ? format : format?.type;
-  if (type !== undefined && type !== "text") {
+  requirePrompt(params);
+  if (type === undefined || type === "text") return undefined;
+  if (type !== "json_object") {
     throw new RLMUnsupportedError(
-      `responseFormat ${JSON.stringify(type)} is not supported: an RLM answer is the text its REPL sets, and nothing makes it JSON; use an OBJECT_* model of another provider`,
+      `responseFormat ${JSON.stringify(type)} is not supported: use "text" or "json_object"`,
     );
   }
+  refuseStops(params.stopSequences, "responseFormat json_object");
+  return ANY_OBJECT;
+}
+
+/** The schema an object call asks for: `schema`, else any JSON object. */
+function objectSchema(params: RlmObjectParams): AnswerSchema {
+  requirePrompt(params);
+  refuseStops(params.stopSequences, "an object model");
+  if (params.output !== undefined && params.output !== "object") {
+    throw new RLMUnsupportedError(
+      `output ${JSON.stringify(params.output)} is not supported: give a schema for anything but an object`,
+    );
+  }
+  return (params.schema as AnswerSchema | undefined) ?? ANY_OBJECT;
+}
+
+function requirePrompt(params: { prompt?: unknown }): void {
   if (typeof params.prompt !== "string" || params.prompt === "") {
     throw new TypeError("rlm: params.prompt (what the agent asks) is required");
   }
 }
 
+function refuseStops(stopSequences: readonly string[] | undefined, what: string): void {
+  if (stopSequences?.length) {
+    throw new RLMUnsupportedError(`stopSequences are not supported with ${what}: a cut would break the JSON`);
+  }
+}
+
 /** `prompt` -> query; `context` or `messages` (else the prompt) -> the REPL's context. */
-function inferRequest(params: RlmTextParams): {
+function inferRequest(
+  params: (RlmTextParams | RlmObjectParams) & { maxTokens?: number },
+  answerSchema: AnswerSchema | undefined,
+): {
   context: string | ChatMessage[];
   query: string;
   options: InferOptions;
@@ -173,6 +225,7 @@ function inferRequest(params: RlmTextParams): {
   if (params.temperature !== undefined && options.temperature === undefined)
     options.temperature = params.temperature;
   if (params.maxTokens !== undefined && options.maxTokens === undefined) options.maxTokens = params.maxTokens;
+  if (answerSchema !== undefined) options.answerSchema = answerSchema;
   return { context, query: params.prompt, options };
 }
 
@@ -203,19 +256,53 @@ export type RlmModelHandler = (
   params: RlmTextParams,
 ) => Promise<string | TextStreamResult>;
 
-function handler(fixed: RLMClient | undefined): RlmModelHandler {
+export type RlmObjectHandler = (
+  runtime: IAgentRuntime,
+  params: RlmObjectParams,
+) => Promise<Record<string, unknown>>;
+
+function textHandler(fixed: RLMClient | undefined): RlmModelHandler {
   return async (runtime, params) => {
-    refuseUnsupported(params);
+    const answerSchema = textFormat(params);
     const client = fixed ?? (await clientOf(runtime));
     const answer = client
-      .infer(inferRequest(params))
+      .infer(inferRequest(params, answerSchema))
       .then((result) => cutAtStop(result.text, params.stopSequences));
     return params.stream === true ? oneChunkStream(answer) : answer;
   };
 }
 
+function objectHandler(fixed: RLMClient | undefined): RlmObjectHandler {
+  return async (runtime, params) => {
+    const answerSchema = objectSchema(params);
+    const { context, query, options } = inferRequest(params, undefined);
+    const client = fixed ?? (await clientOf(runtime));
+    const result = await client.infer<Record<string, unknown>>({
+      context,
+      query,
+      options: { ...options, answerSchema },
+    });
+    if (result.stub) {
+      throw new RLMUnavailableError(
+        -32003,
+        "rlm: the server has no backend (stub mode): no object to return",
+        {
+          type: "backend_unavailable",
+        },
+      );
+    }
+    return result.value;
+  };
+}
+
+type TextModelType = Exclude<
+  (typeof RLM_MODEL_TYPES)[keyof typeof RLM_MODEL_TYPES],
+  typeof ModelType.OBJECT_SMALL | typeof ModelType.OBJECT_LARGE
+>;
+
 export type RlmPlugin = Plugin & {
-  models: Record<(typeof RLM_MODEL_TYPES)[keyof typeof RLM_MODEL_TYPES], RlmModelHandler>;
+  models: Record<TextModelType, RlmModelHandler> &
+    Record<typeof ModelType.OBJECT_SMALL | typeof ModelType.OBJECT_LARGE, RlmObjectHandler>;
   priority: number;
 };
 
@@ -224,7 +311,8 @@ export type RlmPlugin = Plugin & {
  * answers instead (for an application that manages its own client).
  */
 export function createRlmPlugin(client?: RLMClient): RlmPlugin {
-  const handle = handler(client);
+  const text = textHandler(client);
+  const object = objectHandler(client);
   const plugin: RlmPlugin = {
     name: "rlm",
     description: "Recursive Language Models through rlm-server: long contexts explored in a REPL",
@@ -232,7 +320,7 @@ export function createRlmPlugin(client?: RLMClient): RlmPlugin {
     priority: DEFAULT_PRIORITY,
     services: client ? [] : [RlmService],
     models: Object.fromEntries(
-      Object.values(RLM_MODEL_TYPES).map((type) => [type, handle]),
+      Object.values(RLM_MODEL_TYPES).map((type) => [type, OBJECT_MODEL_TYPES.has(type) ? object : text]),
     ) as unknown as RlmPlugin["models"],
     async init(config, runtime) {
       const raw = readSettings(runtime, config)[PRIORITY_SETTING];

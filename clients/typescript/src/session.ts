@@ -3,7 +3,7 @@
  * variables an earlier one set. It lives in the server process that opened it: its turns and its
  * close go to that process only, and end with it.
  */
-import type { ChatMessage, InferCallOptions } from "./client.js";
+import type { ChatMessage, InferCallOptions, StructuredResult, WithAnswerSchema } from "./client.js";
 import type { InferResult } from "./generated/protocol.js";
 
 /** One turn's options: the infer options, and optionally a new input. */
@@ -43,7 +43,9 @@ export class Session implements AsyncDisposable {
    * before its worker finished it (cancelled, past its deadline, a crashed worker) closes the
    * session: later turns reject with RLMInvalidParamsError (`data.field` `session_id`).
    */
-  infer(query: string, options: TurnOptions = {}): Promise<InferResult> {
+  infer<T = unknown>(query: string, options: WithAnswerSchema<TurnOptions>): Promise<StructuredResult<T>>;
+  infer(query: string, options?: TurnOptions): Promise<InferResult>;
+  infer<T>(query: string, options: TurnOptions = {}): Promise<InferResult | StructuredResult<T>> {
     const { context } = options;
     return this.link.turn(
       { session_id: this.id, ...(context === undefined ? {} : { prompt: context }) },

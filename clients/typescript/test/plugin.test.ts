@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import type { IAgentRuntime, Plugin, TextStreamResult } from "@elizaos/core";
+import { RLMUnavailableError } from "../src/errors.js";
 import {
   DEFAULT_PRIORITY,
   RLMUnsupportedError,
@@ -125,21 +126,71 @@ describe("rlmPlugin", { concurrency: true }, () => {
     );
   });
 
-  test("a JSON response format is refused with a clear error before any process starts", async () => {
-    const client = serverClient(STUB_ENV);
+  test("OBJECT_LARGE returns an object valid against the schema inside the runtime", async (t) => {
+    const fixture = await startFixture([
+      {
+        when: "root",
+        contains: "Your answer was refused",
+        reply: answerWith('{"code": "K2Q", "digits": 1}'),
+      },
+      { when: "root", reply: answerWith('{"code": "K2Q", "digits": "one"}') },
+    ]);
+    t.after(() => fixture.stop());
+    const { runtime: agent } = await started(fixtureSettings(fixture.baseUrl));
+    t.after(() => RlmService.stop(agent));
+    const schema = {
+      type: "object",
+      properties: { code: { type: "string" }, digits: { type: "integer" } },
+      required: ["code", "digits"],
+    };
+    const object = await rlmPlugin.models.OBJECT_LARGE(agent, {
+      prompt: "Which vault code, and how many digits?",
+      schema,
+      context: "The vault code is K2Q.",
+    });
+    assert.deepEqual(object, { code: "K2Q", digits: 1 });
+    const bodies = JSON.stringify(await fixture.requests());
+    assert.ok(bodies.includes('\\"digits\\":{\\"type\\":\\"integer\\"}'), "the root model saw the schema");
+    const anyObject = await rlmPlugin.models.OBJECT_SMALL(agent, { prompt: "Anything" });
+    assert.deepEqual(anyObject, { code: "K2Q", digits: "one" }, "any object will do");
+  });
+
+  test("responseFormat json_object returns JSON text; other formats are refused before any process starts", async (t) => {
+    const fixture = await startFixture([{ when: "root", reply: answerWith('{"ok": True}') }]);
+    const client = serverClient(openaiEnv(fixture.baseUrl));
+    t.after(async () => {
+      await client.close();
+      await fixture.stop();
+    });
     const plugin = createRlmPlugin(client);
     for (const responseFormat of [{ type: "json_object" } as const, "json_object"]) {
-      await assert.rejects(
-        plugin.models.TEXT_LARGE(runtime, { prompt: "p", responseFormat }),
-        (error: unknown) =>
-          error instanceof RLMUnsupportedError && /responseFormat "json_object"/.test(error.message),
-      );
+      assert.equal(await plugin.models.TEXT_LARGE(runtime, { prompt: "p", responseFormat }), '{"ok":true}');
     }
+    const stub = serverClient(STUB_ENV);
+    const refused = createRlmPlugin(stub);
+    await assert.rejects(
+      refused.models.TEXT_LARGE(runtime, { prompt: "p", responseFormat: "xml" }),
+      (error: unknown) => error instanceof RLMUnsupportedError && /responseFormat "xml"/.test(error.message),
+    );
+    await assert.rejects(
+      refused.models.TEXT_LARGE(runtime, {
+        prompt: "p",
+        responseFormat: "json_object",
+        stopSequences: ["}"],
+      }),
+      RLMUnsupportedError,
+    );
+    await assert.rejects(
+      refused.models.OBJECT_LARGE(runtime, { prompt: "p", output: "array" }),
+      RLMUnsupportedError,
+    );
+    assert.equal(stub.serverInfo, undefined);
     assert.equal(
-      await plugin.models.TEXT_LARGE(runtime, { prompt: "p", responseFormat: { type: "text" } }),
+      await refused.models.TEXT_LARGE(runtime, { prompt: "p", responseFormat: { type: "text" } }),
       "[RLM STUB] RLM backend not available",
     );
-    await client.close();
+    await assert.rejects(refused.models.OBJECT_SMALL(runtime, { prompt: "p" }), RLMUnavailableError);
+    await stub.close();
   });
 
   test("a call without a prompt is refused before any process starts", async () => {

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import anyio
+import orjson
 
 from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
 from rlm_server.config import BACKEND_INFO, Config, api_key, backend_unavailable_reason
@@ -36,6 +37,7 @@ from rlm_server.errors import (
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
+    InvalidAnswer,
     InvalidParams,
     QueueFull,
     RequestCancelled,
@@ -44,6 +46,7 @@ from rlm_server.errors import (
     first_of,
 )
 from rlm_server.executors.local.pool import CallHandler, Context, WorkerPool
+from rlm_server.worker import frames
 from rlm_server.worker.trajectory import trimmed
 
 Json = dict[str, Any]
@@ -51,6 +54,7 @@ RequestId = str | int | None
 Notify = Callable[[Json], None]
 
 STUB_TEXT = "[RLM STUB] RLM backend not available"
+ANSWER_REPAIRS = 2  # the default of options.answer_repairs
 
 
 class InferOptions(NamedTuple):
@@ -68,6 +72,8 @@ class InferOptions(NamedTuple):
     progress: bool = False
     trajectory: bool = False
     budget: Budget = Budget()  # frozen: one default serves all
+    answer_schema: Json | None = None  # a checked JSON Schema: the answer must match it
+    answer_repairs: int = ANSWER_REPAIRS  # invalid answers the model may still fix
 
 
 class InferRequest(NamedTuple):
@@ -210,8 +216,15 @@ def _iterations(spec: RunSpec, account: Account, result: Json) -> int:
     return min(claimed, account.calls_to(spec.model), spec.max_iterations)
 
 
-def _failure(account: Account) -> RpcError:
-    """The error for a completion that ended without an answer: what the broker saw."""
+def _unreported(message: str) -> None:
+    """A retry note nobody asked to hear."""
+
+
+def _failure(account: Account, failure: Json | None = None) -> RpcError:
+    """The error for a call or a completion that ended without an answer: an answer the schema
+    refused to the end (the worker's `failure` frame says so), else what the broker saw."""
+    if failure is not None and failure["kind"] == frames.INVALID_ANSWER:
+        return InvalidAnswer(str(failure.get("validation_error"))[: frames.VALIDATION_ERROR_CHARS])
     if account.exceeded is not None:
         return account.exceeded
     if account.failure is None:  # the completion itself failed (no model call did)
@@ -327,6 +340,34 @@ class Engine:
         async with self._source(request) as source:
             with contextlib.nullcontext() if session is None else self.sessions.active(session):
                 return await self._admitted(request, spec, source, session, request_id, notify)
+
+    async def ask_model(self, prompt: str, options: InferOptions | None = None) -> Json:
+        """One plain call to the request's root model, with no REPL: `prompt` is the whole
+        input. It goes through the broker like every model call (keys, retries, usage, budgets,
+        record and replay), so `rlm-server eval` compares the RLM with the bare model on equal
+        terms. Answers `text`, `usage` and `metadata` as `infer` does; raises as `infer` does
+        (with the usage spent, when there was some)."""
+        options = options or InferOptions()
+        spec = RunSpec.resolve(self.config, options, self._environ)
+        if spec.unavailable_reason is not None:
+            raise BackendUnavailable(reason=spec.unavailable_reason)
+        await self._check_prices(spec, options)
+        account = self.broker.account(spec.budget)
+        started = time.monotonic()
+        reply: Json | None = None
+        with anyio.move_on_after(spec.timeout_s):
+            reply = await self.broker.call(spec.route, account, spec.model, prompt, _unreported)
+        error: RpcError
+        if reply is None:
+            error = DeadlineExceeded(timeout_s=spec.timeout_s)
+        elif "error" in reply:
+            error = _failure(account)
+        else:
+            metadata = self._metadata(spec, 0, started, 1 + account.retries)
+            return {"text": reply["text"], "usage": account.usage(), "metadata": metadata}
+        if account.made_calls:
+            error.data["usage"] = account.usage()
+        raise error
 
     @asynccontextmanager
     async def _source(self, request: InferRequest) -> AsyncIterator[Context]:
@@ -480,6 +521,11 @@ class Engine:
             "progress": request.options.progress,
             "trajectory": request.options.trajectory or self.config.log_dir is not None,
         }
+        if request.options.answer_schema is not None:
+            job["answer"] = {
+                "schema": request.options.answer_schema,
+                "repairs": request.options.answer_repairs,
+            }
 
         def on_retry(message: str) -> None:
             run.progress("retry", message=message)
@@ -499,11 +545,12 @@ class Engine:
         outcome: Json = final.get("result") or final["failure"]
         run.steps += trimmed(outcome.get("trajectory"), spec.max_iterations)
         if "result" not in final:
-            raise _failure(account)
+            raise _failure(account, final["failure"])
         result: Json = final["result"]
-        text = self._bounded_answer(result["text"])
+        self._check_answer_size(result)
         response = {
-            "text": text,
+            "text": result["text"],
+            **({"value": result["value"]} if "value" in result else {}),
             "stub": False,
             "usage": account.usage(),  # the broker's count: the whole call tree, every depth
             "metadata": self._metadata(
@@ -514,12 +561,15 @@ class Engine:
             response["trajectory"] = run.steps
         return response
 
-    def _bounded_answer(self, text: str) -> str:
-        """The worker's answer, unless it is longer than --max-answer-bytes."""
+    def _check_answer_size(self, result: Json) -> None:
+        """AnswerTooLarge when the worker's answer (its text, or its value as JSON) is longer
+        than --max-answer-bytes: the worker runs model code, and its sizes are not trusted."""
         limit = self.config.max_answer_bytes
+        text: str = result["text"]
         if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
             raise AnswerTooLarge(limit_bytes=limit)
-        return text
+        if "value" in result and len(orjson.dumps(result["value"])) > limit:
+            raise AnswerTooLarge(limit_bytes=limit)
 
     async def _execute(self, run: _Running, job: Json, on_call: CallHandler) -> Json:
         """The completion's final frame: from the session's worker, or from a fresh one."""

@@ -29,9 +29,10 @@ import queue
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, cast
 
+import jsonschema
 import orjson
 import rlm.core.rlm
 from rlm import RLM
@@ -388,6 +389,117 @@ def trajectory_step(number: int, iteration: RLMIteration) -> Json:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Structured answers: options.answer_schema
+
+
+class AnswerRefused(Exception):
+    """The answer did not match the schema and no repair is left."""
+
+    def __init__(self, validation_error: str) -> None:
+        super().__init__(validation_error)
+        self.validation_error = validation_error
+
+
+def _bounded_error(text: str) -> str:
+    limit = frames.VALIDATION_ERROR_CHARS
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _json_value(value: Any) -> Any:
+    """A Python value as the JSON value it writes as (tuples as arrays, ...), or TypeError."""
+    return orjson.loads(orjson.dumps(value))
+
+
+def _unfenced(text: str) -> str:
+    """A JSON text without the Markdown fence a model may wrap it in."""
+    stripped = text.strip()
+    if stripped.startswith("```") and stripped.endswith("```") and "\n" in stripped:
+        return stripped[stripped.index("\n") + 1 : -3]
+    return stripped
+
+
+class AnswerCheck:
+    """`options.answer_schema` for one completion: what the root model is told, the check of
+    each answer it sets, and how many invalid ones it may still repair.
+
+    `answer["content"]` may be a Python value (a dict, a list, a number...) or a JSON text; a
+    string that parses as JSON is taken as that JSON first, then as the string itself, so a
+    string schema still accepts "42". An answer that does not match is not returned: the model
+    sees why in the REPL's output and gets another iteration, `repairs` times at most.
+    """
+
+    def __init__(self, schema: Json, repairs: int) -> None:
+        self.schema = schema
+        self.repairs_left = repairs
+        self.value: Any = None  # the valid answer, once there is one
+        self._validator = jsonschema.Draft202012Validator(schema)
+
+    def prompt(self) -> str:
+        """The system prompt's section on the answer's shape."""
+        return (
+            "\n\nThe answer must be a JSON value valid against this JSON Schema "
+            f"(draft 2020-12):\n{orjson.dumps(self.schema).decode()}\n"
+            'Set answer["content"] to that value as a Python value (a dict, list, str, int, '
+            'float, bool or None), not its text, then set answer["ready"] = True. It is checked '
+            "against the schema then: an answer that does not match is refused, with the "
+            "reason, and you get another turn to fix it."
+        )
+
+    def error_of(self, value: Any) -> str | None:
+        """Why `value` does not match the schema (the validator's most relevant message)."""
+        try:
+            error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
+        except RecursionError:
+            return "the answer is nested too deeply to check"
+        if error is None:
+            return None
+        return _bounded_error(f"at {error.json_path}: {error.message}")
+
+    def accept(self, content: Any) -> str | None:
+        """Take `content` as the answer if it matches (then None), else say why not."""
+        try:
+            value = _json_value(content)
+        except TypeError as error:  # orjson.JSONEncodeError: a set, a 65-bit int, ...
+            return _bounded_error(f'answer["content"] is not a JSON value: {error}')
+        candidates = [value]
+        if isinstance(value, str):
+            with suppress(orjson.JSONDecodeError):
+                candidates.insert(0, orjson.loads(_unfenced(value)))
+        problems = []
+        for candidate in candidates:
+            problem = self.error_of(candidate)
+            if problem is None:
+                self.value = candidate
+                return None
+            problems.append(problem)
+        return problems[0]
+
+    def refuse(self, error: str) -> str:
+        """Spend a repair on an invalid answer: what the model is told, or AnswerRefused."""
+        if self.repairs_left == 0:
+            raise AnswerRefused(error)
+        self.repairs_left -= 1
+        return (
+            f"\nYour answer was refused: it does not match the answer schema ({error}). "
+            'Fix it, set answer["content"] again and answer["ready"] = True.'
+        )
+
+
+def _content_of(environment: Any, final_answer: str) -> Any:
+    """What the model set as `answer["content"]`: the value itself in the local REPL, else
+    the text the library made of it."""
+    answer = getattr(environment, "locals", {}).get("answer")
+    return answer.get("content", final_answer) if isinstance(answer, dict) else final_answer
+
+
+def _reopen(environment: Any) -> None:
+    """The answer was refused: `answer["ready"]` is False again, as before it was set."""
+    answer = getattr(environment, "locals", {}).get("answer")
+    if isinstance(answer, dict):
+        dict.__setitem__(answer, "ready", False)
+
+
 class SessionState:
     """A session's REPL environment, kept from one turn to the next, and what the next turn adds.
 
@@ -424,11 +536,16 @@ class WorkerRLM(RLM):  # type: ignore[misc]
     """
 
     def __init__(
-        self, lm_handler: LMHandler, session: SessionState | None = None, **kwargs: Any
+        self,
+        lm_handler: LMHandler,
+        session: SessionState | None = None,
+        answer: AnswerCheck | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(persistent=session is not None, **kwargs)
         self._worker_lm_handler = lm_handler
         self._session = session
+        self._answer = answer
 
     def completion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
         """A session's turn may bring no input (`prompt` None): the metadata then describes
@@ -496,10 +613,51 @@ class WorkerRLM(RLM):  # type: ignore[misc]
         if prompt is inherited and inherited_length is not None and isinstance(prompt, list):
             prompt = [_Sized(inherited_length)]
         try:
-            return cast(list[dict[str, Any]], super()._setup_prompt(prompt, root_prompt))
+            messages = cast(list[dict[str, Any]], super()._setup_prompt(prompt, root_prompt))
         except (TypeError, AttributeError):  # as in context_length
             described = _as_json(prompt)
-            return cast(list[dict[str, Any]], super()._setup_prompt(described, root_prompt))
+            messages = cast(list[dict[str, Any]], super()._setup_prompt(described, root_prompt))
+        if self._answer is not None:
+            messages[0]["content"] += self._answer.prompt()
+        return messages
+
+    def _completion_turn(
+        self, prompt: Any, lm_handler: LMHandler, environment: Any
+    ) -> RLMIteration:
+        """With an answer schema, an answer the model sets is checked before the library sees
+        it: a valid one becomes its compact JSON; an invalid one is withdrawn, and the reason
+        added to the REPL's output for the next iteration (or AnswerRefused, when no repair is
+        left)."""
+        iteration = cast(RLMIteration, super()._completion_turn(prompt, lm_handler, environment))
+        answer = self._answer
+        answered = [b.result for b in iteration.code_blocks if b.result.final_answer is not None]
+        if answer is None or not answered:
+            return iteration
+        error = answer.accept(_content_of(environment, answered[0].final_answer))
+        if error is None:
+            answered[0].final_answer = orjson.dumps(answer.value).decode()
+            return iteration
+        for result in answered:
+            result.final_answer = None
+        _reopen(environment)
+        try:
+            answered[-1].stderr += answer.refuse(error)
+        except AnswerRefused:
+            if self.logger:  # the trajectory shows the last answer too
+                self.logger.log(iteration)
+            raise
+        return iteration
+
+    def _default_answer(self, message_history: list[dict[str, Any]], lm_handler: LMHandler) -> str:
+        """Out of iterations, the library asks for an answer as text: with a schema, it must
+        be the JSON of a valid value (no repair is left to spend on it)."""
+        text = str(super()._default_answer(message_history, lm_handler))
+        if self._answer is None:
+            return text
+        error = self._answer.accept(text)
+        if error is not None:
+            raise AnswerRefused(error)
+        return orjson.dumps(self._answer.value).decode()
 
     def retire_handler(self) -> None:
         """Stop this turn's LM handler, off the turn's path (stopping waits out a 0.5 s poll):
@@ -545,6 +703,7 @@ def _build_rlm(
     emit: Emit,
     logger: ProgressLogger,
     session: SessionState | None,
+    answer: AnswerCheck | None,
 ) -> WorkerRLM:
     spec: Json = job["rlm"]
     root = RelayLM(spec["backend_kwargs"]["model_name"], link)
@@ -561,6 +720,7 @@ def _build_rlm(
     return WorkerRLM(
         lm_handler=handler,
         session=session,
+        answer=answer,
         logger=logger,
         on_subcall_start=lambda depth, model, preview: emit("subcall", message=str(model)),
         **spec,
@@ -595,15 +755,21 @@ def run_job(
     )
     if any(isinstance(c, ContextUnavailable) for c in (context, session and session.base)):
         return {"failure": {"kind": CONTEXT_UNAVAILABLE}}
+    answer = AnswerCheck(**job["answer"]) if job.get("answer") else None
     try:
-        completion = _complete(job, context, _build_rlm(job, link, emit, logger, session), session)
+        rlm = _build_rlm(job, link, emit, logger, session, answer)
+        completion = _complete(job, context, rlm, session)
     except Exception as exc:
         log.info("completion failed: %s: %s", type(exc).__name__, exc)
         failure: Json = {"kind": type(exc).__name__}
+        if isinstance(exc, AnswerRefused):
+            failure = {"kind": frames.INVALID_ANSWER, "validation_error": exc.validation_error}
         if keep:
             failure["trajectory"] = logger.steps
         return {"failure": failure}
     result: Json = {"text": str(completion.response), "iterations": logger.completed}
+    if answer is not None:
+        result["value"] = answer.value
     if keep:
         result["trajectory"] = logger.steps
     return {"result": result}

@@ -15,3 +15,9 @@ def header(length: int) -> bytes:
 
 def length_of(head: bytes | bytearray) -> int:
     return int.from_bytes(head, "big")
+
+
+# A failure frame's kind when the answer never matched `options.answer_schema`; the frame also
+# carries `validation_error`, the last failure in words, at most VALIDATION_ERROR_CHARS long.
+INVALID_ANSWER = "InvalidAnswer"
+VALIDATION_ERROR_CHARS = 1000

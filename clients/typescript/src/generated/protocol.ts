@@ -25,10 +25,10 @@ export type Protection =
   | "process_limit"
   | "private_tmp";
 /**
- * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error, worker crash or an answer over --max-answer-bytes; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32004 a budget was exhausted; -32005 the context store is full even after evicting every unused context; -32800 cancelled.
+ * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error, worker crash or an answer over --max-answer-bytes; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32004 a budget was exhausted; -32005 the context store is full even after evicting every unused context; -32006 the answer did not match `options.answer_schema` and its repairs were spent; -32800 cancelled.
  */
 export type ErrorCode =
-  -32700 | -32600 | -32601 | -32602 | -32603 | -32000 | -32001 | -32002 | -32003 | -32004 | -32005 | -32800;
+  -32700 | -32600 | -32601 | -32602 | -32603 | -32000 | -32001 | -32002 | -32003 | -32004 | -32005 | -32006 | -32800;
 export type ErrorType =
   | "parse_error"
   | "invalid_request"
@@ -46,6 +46,7 @@ export type ErrorType =
   | "backend_unavailable"
   | "budget_exceeded"
   | "context_store_full"
+  | "invalid_answer"
   | "cancelled";
 export type ClientMessage = Request | [Request, ...Request[]];
 /**
@@ -136,6 +137,10 @@ export interface SuccessResponse {
 }
 export interface InferResult {
   text: string;
+  /**
+   * With `options.answer_schema`: the answer, a JSON value valid against that schema (`text` is its compact JSON). Absent otherwise, and in a stub answer.
+   */
+  value?: {} | unknown[] | string | number | boolean | null;
   stub: boolean;
   usage: Usage;
   metadata: {
@@ -382,6 +387,10 @@ export interface ErrorData {
    * -32000 replay_miss: the SHA-256 of the model call (backend, model, prompt, sampling) that --replay has no recorded answer for.
    */
   hash?: string;
+  /**
+   * -32006: why the last answer did not match the schema, in the validator's words (at most 1000 characters).
+   */
+  validation_error?: string;
 }
 export interface ReadyNotification {
   jsonrpc: "2.0";
@@ -438,6 +447,16 @@ export interface InferOptions {
   progress?: boolean;
   trajectory?: boolean;
   budget?: Budget;
+  /**
+   * A JSON Schema (draft 2020-12, at most 65536 bytes as JSON) the answer must match: the root model is told it, each answer it sets is checked, and a valid one comes back as `result.value`. A schema that is not one is -32602 naming `options.answer_schema`.
+   */
+  answer_schema?: {
+    [k: string]: unknown | undefined;
+  };
+  /**
+   * Only with `answer_schema`: how many invalid answers the model may fix, each in another iteration, before the request ends with -32006 `invalid_answer`. Default 2.
+   */
+  answer_repairs?: number;
 }
 /**
  * Limits over this request's whole call tree (every model call at every depth). The broker reserves before each call (a call's input is counted as at most its prompt's bytes, its output as at most max_tokens, else 4096) and settles after it, so concurrent requests cannot overspend together. A cost limit on a model without a known price is refused (-32602).
@@ -471,8 +490,8 @@ export interface SessionCloseParams {
 /** The protocol version this client speaks: the `ready` notification's `protocol`. */
 export const PROTOCOL_VERSION = "1" as const;
 /** Every error code of the contract. */
-export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32004, -32005, -32800] as const;
+export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32004, -32005, -32006, -32800] as const;
 /** Every `data.type` of the contract. */
-export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "answer_too_large", "backend_error", "replay_miss", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "context_store_full", "cancelled"] as const;
+export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "answer_too_large", "backend_error", "replay_miss", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "context_store_full", "invalid_answer", "cancelled"] as const;
 /** Every per-request option, by its wire name. */
-export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget"] as const;
+export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget", "answer_schema", "answer_repairs"] as const;

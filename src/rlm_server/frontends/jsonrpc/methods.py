@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from rlm_server.config import BACKENDS
 from rlm_server.engine.broker import budget_from
 from rlm_server.engine.engine import InferOptions, InferRequest
@@ -89,6 +91,8 @@ OPTION_RULES: Mapping[str, _OptionRule] = {
     "progress": _BOOL,
     "trajectory": _BOOL,
     "budget": _OptionRule(lambda v: isinstance(v, dict), "an object"),
+    "answer_schema": _OptionRule(lambda v: isinstance(v, dict), "a JSON Schema object"),
+    "answer_repairs": _int_between(0, 100),
 }
 
 
@@ -113,6 +117,31 @@ def _checked(raw: Any, rules: Mapping[str, _OptionRule], prefix: str) -> Json:
     return {k: v for k, v in raw.items() if v is not None}
 
 
+ANSWER_SCHEMA_BYTES = 64 * 1024  # the largest options.answer_schema, as compact JSON
+SCHEMA_ERROR_CHARS = 300  # of the validator's words on a schema that is not one
+
+
+def check_answer_schema(schema: Json) -> None:
+    """`options.answer_schema` must be a draft 2020-12 JSON Schema of at most 64 KiB: refused
+    here, before any model call, rather than failing in the worker. jsonschema is imported on
+    the first schema: the server's start never needs it."""
+    try:
+        size = len(orjson.dumps(schema))
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits, read by the surrogate path
+        raise InvalidParams("options.answer_schema", "holds a number out of range") from None
+    if size > ANSWER_SCHEMA_BYTES:
+        raise InvalidParams("options.answer_schema", "must be at most 65536 bytes as JSON")
+    from jsonschema import Draft202012Validator, SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as error:
+        reason = f"not a valid JSON Schema (draft 2020-12): {error.message}"
+        raise InvalidParams("options.answer_schema", reason[:SCHEMA_ERROR_CHARS]) from None
+    except RecursionError:
+        raise InvalidParams("options.answer_schema", "nested too deeply to check") from None
+
+
 def parse_options(raw: Any) -> InferOptions:
     if raw is None:
         return InferOptions()
@@ -121,6 +150,10 @@ def parse_options(raw: Any) -> InferOptions:
         options["budget"] = budget_from(
             _checked(options["budget"], BUDGET_RULES, "options.budget.")
         )
+    if "answer_schema" in options:
+        check_answer_schema(options["answer_schema"])
+    elif "answer_repairs" in options:
+        raise InvalidParams("options.answer_repairs", "only with options.answer_schema")
     return InferOptions(**options)
 
 
