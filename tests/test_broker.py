@@ -481,11 +481,25 @@ def test_a_forged_trajectory_and_iteration_count_are_cut_to_what_the_server_saw(
     assert server.close() == 0
 
 
+FORGED_VALUE = repl(  # a short answer, and a final frame that carries a 2 MB `value` beside it
+    "from rlm_server.worker import completion",
+    "send = completion.Channel.send",
+    "def forged(self, frame):",
+    "    if 'result' in frame:",
+    "        frame['result']['value'] = ['v' * 1000] * 2000",
+    "    return send(self, frame)",
+    "completion.Channel.send = forged",
+    "answer['content'] = 'short'",
+    "answer['ready'] = True",
+)
+
+
 def test_an_answer_over_max_answer_bytes_is_refused(spawn: Spawn, llm: FixtureServer) -> None:
     rules = [
         *NEIGHBOUR_RULES,
         {"when": "root", "contains": "ASCII-Q", "reply": answer_with("'x' * 2_000_000")},
         {"when": "root", "contains": "UTF8-Q", "reply": answer_with("'é' * 600_000")},
+        {"when": "root", "contains": "VALUE-Q", "reply": FORGED_VALUE},
         {"when": "root", "reply": answer_with("'é' * 400_000")},
     ]
     server = spawn(rules, args=["--max-answer-bytes", "1000000"])
@@ -493,7 +507,8 @@ def test_an_answer_over_max_answer_bytes_is_refused(spawn: Spawn, llm: FixtureSe
     status = server.call("status", request_id="s")["result"]
     assert (status["max_answer_bytes"], status["max_calls_in_flight"]) == (1_000_000, 16)
     with neighbour_held(server, llm):
-        for query in ("ASCII-Q", "UTF8-Q"):  # 2 MB; 600,000 characters but 1.2 MB of UTF-8
+        # 2 MB; 600,000 characters but 1.2 MB of UTF-8; a forged 2 MB value beside short text
+        for query in ("ASCII-Q", "UTF8-Q", "VALUE-Q"):
             params = {"prompt": "x", "query": query}
             error = server.call("infer", params, request_id=query)["error"]
             assert (error["code"], error["message"]) == (-32603, "Answer too large")
