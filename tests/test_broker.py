@@ -482,13 +482,13 @@ def test_a_forged_trajectory_and_iteration_count_are_cut_to_what_the_server_saw(
 
 
 FORGED_VALUE = repl(  # a short answer, and a final frame that carries a 2 MB `value` beside it
+    "import orjson, types",
     "from rlm_server.worker import completion",
-    "send = completion.Channel.send",
-    "def forged(self, frame):",
-    "    if 'result' in frame:",
+    "def dumps(frame, **options):",  # the worker's JSON encoder, as the final frame goes through
+    "    if isinstance(frame, dict) and 'result' in frame:",
     "        frame['result']['value'] = ['v' * 1000] * 2000",
-    "    return send(self, frame)",
-    "completion.Channel.send = forged",
+    "    return orjson.dumps(frame, **options)",
+    "completion.orjson = types.SimpleNamespace(**{**vars(orjson), 'dumps': dumps})",
     "answer['content'] = 'short'",
     "answer['ready'] = True",
 )
