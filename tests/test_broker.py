@@ -431,8 +431,10 @@ def test_a_cost_limit_refuses_a_model_without_a_price_whoever_names_it(
 
 FORGE = repl(
     "import gc",
-    "from rlm_server.worker.completion import ProgressLogger",
+    "from rlm_server.worker.completion import Channel, ProgressLogger",
     "logger = next(o for o in gc.get_objects() if isinstance(o, ProgressLogger))",
+    "channel = next(o for o in gc.get_objects() if isinstance(o, Channel))",
+    "channel.send({'event': 'iteration', 'iteration': 999999, 'max_iterations': 10**6})",
     "big = 'T' * 300_000",
     "calls = [{'model': 'm', 'prompt': 'p', 'input_tokens': -5}] * 2000",
     "block = {'code': big, 'stdout': big, 'stderr': 7, 'sub_calls': calls, 'own': big}",
@@ -463,13 +465,15 @@ def test_a_forged_trajectory_and_iteration_count_are_cut_to_what_the_server_saw(
     rules = [*NEIGHBOUR_RULES, {"when": "root", "reply": FORGE}]
     server = spawn(rules, args=["--log-dir", str(tmp_path)])
     server.ready()
-    options = {"trajectory": True, "max_iterations": 3}
+    options = {"trajectory": True, "max_iterations": 3, "progress": True}
     with neighbour_held(server, llm):
         result = server.call("infer", {"prompt": "x", "options": options})["result"]
         assert wait_until(lambda: len(list(tmp_path.iterdir())) == 1)  # the neighbour's later
         (log,) = tmp_path.iterdir()
     assert result["text"] == "forged"
     assert result["metadata"]["iterations"] == 1  # one root call, whatever the worker says
+    told = [n["params"] for n in server.notifications if n["params"].get("event") == "iteration"]
+    assert told and all(e["iteration"] <= e["max_iterations"] == 3 for e in told), told
     steps = result["trajectory"]
     assert [step["iteration"] for step in steps] == [1, 2, 3]  # max_iterations steps at most
     assert all(set(step) == STEP_FIELDS for step in steps)

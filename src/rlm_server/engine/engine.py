@@ -189,8 +189,11 @@ class RunSpec(NamedTuple):
 class _Progress:
     """Sends `$/progress` for one request, when it asked for them."""
 
-    def __init__(self, request_id: RequestId, notify: Notify | None, started: float) -> None:
+    def __init__(
+        self, request_id: RequestId, notify: Notify | None, started: float, max_iterations: int
+    ) -> None:
         self._request_id, self._notify, self._started = request_id, notify, started
+        self._max_iterations = max_iterations
 
     def __call__(self, event: str, **fields: Any) -> None:
         if self._notify is None:
@@ -199,7 +202,12 @@ class _Progress:
         self._notify({"id": self._request_id, "event": event, "elapsed_ms": elapsed_ms, **fields})
 
     def forward(self, frame: Json) -> None:
-        """An event frame from the worker."""
+        """An event frame from the worker (the pool kept its known fields only), its iteration
+        never past the request's max_iterations, which the server states, not the worker."""
+        if "iteration" in frame:
+            frame = {**frame, "iteration": min(frame["iteration"], self._max_iterations)}
+        if "max_iterations" in frame:
+            frame = {**frame, "max_iterations": self._max_iterations}
         self(**frame)
 
 
@@ -389,7 +397,12 @@ class Engine:
         notify: Notify,
     ) -> Json:
         started = time.monotonic()
-        progress = _Progress(request_id, notify if request.options.progress else None, started)
+        progress = _Progress(
+            request_id,
+            notify if request.options.progress else None,
+            started,
+            spec.max_iterations,
+        )
         account = self.broker.account(spec.budget)
         run = _Running(spec, request, source, session, progress, started, account)
         self.metrics.started()
