@@ -273,7 +273,8 @@ class WorkerPool:
         max_frame_bytes: int,
         environ: Mapping[str, str],
         protections: Sequence[str] = (sandbox.PRIVATE_TMP,),
-        max_calls_in_flight: int = 16,
+        *,
+        max_calls_in_flight: int,
     ) -> None:
         self._env = worker_environment(environ)
         self._max_calls = max_calls_in_flight
