@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
 
@@ -49,6 +51,15 @@ def test_the_brokers_bounds_have_defaults_and_refuse_bad_values() -> None:
         load_config(["--max-calls-in-flight", "0"], {})
     with pytest.raises(ConfigError, match="ELIZA_RLM_MAX_ANSWER_BYTES"):
         load_config([], {"ELIZA_RLM_MAX_ANSWER_BYTES": "lots"})
+
+
+def test_the_worker_disk_limit_is_a_non_negative_number_of_mib() -> None:
+    assert load_config([], {}).worker_disk_mb == 1024
+    assert load_config(["--worker-disk-mb", "0"], {}).worker_disk_mb == 0  # no limit
+    assert load_config([], {"ELIZA_RLM_WORKER_DISK_MB": "64"}).worker_disk_mb == 64
+    for value in ("-1", "1.5", "lots"):
+        with pytest.raises(ConfigError, match="--worker-disk-mb"):
+            load_config(["--worker-disk-mb", value], {})
 
 
 def test_retry_cap_below_the_first_delay_is_refused() -> None:
@@ -120,3 +131,17 @@ def test_metrics_add_up_and_percentiles_are_nearest_rank() -> None:
     for _ in range(2000):
         metrics.record(Outcome.SUCCESS, 1.0)
     assert metrics.snapshot()["latency_ms"]["p99"] == 1.0  # a rolling window of 1000
+
+
+def test_allow_path_is_repeatable_resolved_and_must_exist(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    other = tmp_path / "other"
+    other.mkdir()
+    assert load_config([], {}).allow_path == ()
+    flags = ["--allow-path", str(tmp_path / "link"), "--allow-path", str(other)]
+    assert load_config(flags, {}).allow_path == (str(tmp_path / "real"), str(other))
+    env = {"ELIZA_RLM_ALLOW_PATH": f"{tmp_path / 'real'},{other}"}
+    assert load_config([], env).allow_path == (str(tmp_path / "real"), str(other))
+    with pytest.raises(ConfigError, match="--allow-path must be existing directories"):
+        load_config(["--allow-path", str(tmp_path / "missing")], {})

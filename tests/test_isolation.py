@@ -50,7 +50,7 @@ def _rules() -> list[dict[str, object]]:
 
 
 def test_misbehaving_model_code_is_contained(spawn: Spawn, llm: FixtureServer) -> None:
-    server = spawn(_rules())
+    server = spawn(_rules(), env={"ELIZA_RLM_VERBOSE": "true"})  # worker output is logged at info
     server.ready()
     server.request("neighbour", "infer", {"prompt": "ctx", "query": "SLOW-NEIGHBOUR"})
 
@@ -76,9 +76,10 @@ def test_misbehaving_model_code_is_contained(spawn: Spawn, llm: FixtureServer) -
     assert neighbour["result"]["text"] == "calm"
     assert server.call("status")["result"]["metrics"]["failed_requests"] == 2
     assert server.close() == 0  # close() also fails on any non-protocol line seen on stdout
-    stderr = "\n".join(server.stderr_lines)
-    assert "FD1-MARK" in stderr and "FD2-MARK" in stderr
-    assert "via the real stdout object" in stderr
+    for mark in ("FD1-MARK", "FD2-MARK", "via the real stdout object"):
+        lines = [line for line in server.stderr_lines if mark in line]
+        assert lines, f"{mark} did not reach the server's log"
+        assert all(": worker of request " in line for line in lines), lines  # never bare
 
 
 def test_error_messages_carry_no_model_text(spawn: Spawn) -> None:

@@ -9,10 +9,12 @@ check is skipped with the reason. .ci/run runs this file as root and as an unpri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,13 +42,15 @@ pytestmark = pytest.mark.skipif(
 Report = dict[str, list[str]]
 NEIGHBOUR = repl("answer['content'] = llm_query('NEIGHBOUR-SUB')", "answer['ready'] = True")
 HELD = {"when": "sub", "contains": "NEIGHBOUR-SUB", "hold": True, "reply": "neighbour-ok"}
+DISK_MB = 16  # the attacked server's --worker-disk-mb
 
 
-def _attack(targets: dict[str, int], port: int, secret: Path, mark: str) -> str:
+def _attack(targets: dict[str, int], port: int, secret: Path, mark: str, unix: Path) -> str:
     """Model code that tries everything at once and reports, for each attempt, `done` with
     what it got or `refused` with the exception's name."""
     return repl(
         "import ctypes, json, os, signal, socket, subprocess, tempfile, time",
+        f"DISK_MB = {DISK_MB}",
         "report = {}",
         "def attempt(name, action):",
         "    try:",
@@ -72,6 +76,42 @@ def _attack(targets: dict[str, int], port: int, secret: Path, mark: str) -> str:
         "    except OSError:",
         "        pass",
         "    return made",
+        "def unix_connect(path):",
+        "    with socket.socket(socket.AF_UNIX) as sock:",
+        "        sock.connect(path)",
+        "        return 'connected'",
+        "def datagram_pair():",
+        "    for end in socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM):",
+        "        end.close()",
+        "def stream_pair():",
+        "    for end in socket.socketpair():",
+        "        end.close()",
+        "    return 'made'",
+        "def shared_segment():",
+        "    if ctypes.CDLL(None, use_errno=True).shmget(0, 1 << 20, 0o1600) == -1:",
+        "        raise PermissionError('shmget refused')",
+        "def io_uring():",  # its operations connect sockets out of seccomp's sight
+        "    params = ctypes.create_string_buffer(120)",
+        "    fd = ctypes.CDLL(None, use_errno=True).syscall(425, 8, params)",
+        "    if fd == -1:",
+        "        raise PermissionError('io_uring_setup refused')",
+        "    return fd",
+        "def fill(megabytes):",
+        "    written = 0",
+        "    try:",
+        "        for i in range(megabytes):",
+        "            with open(f'fill-{i}', 'wb') as f:",
+        "                f.write(b'x' * (1 << 20))",
+        "            written += 1",
+        "    except OSError:",
+        "        pass",
+        "    return written",
+        "def trap():",
+        "    os.makedirs('trap/inner')",
+        "    with open('trap/inner/kept', 'w') as f:",
+        "        f.write('x' * 1000)",
+        "    os.chmod('trap/inner', 0)",
+        "    os.chmod('trap', 0)",
         "def keep_death_signal():",
         "    if ctypes.CDLL(None, use_errno=True).prctl(1, 0, 0, 0, 0) != 0:",
         "        raise PermissionError('prctl refused')",
@@ -94,6 +134,18 @@ def _attack(targets: dict[str, int], port: int, secret: Path, mark: str) -> str:
         " start_new_session=True).pid)",
         "attempt('forks', lambda: forks(1000))",
         "attempt('death_signal', keep_death_signal)",
+        f"attempt('unix_socket', lambda: unix_connect({str(unix)!r}))",
+        "attempt('unix_datagram_pair', datagram_pair)",
+        "attempt('unix_stream_pair', stream_pair)",
+        "attempt('io_uring', io_uring)",
+        "attempt('uid', os.getuid)",
+        "attempt('memfd', lambda: os.memfd_create('hoard'))",
+        "attempt('shm_segment', shared_segment)",
+        "attempt('trap', trap)",
+        "attempt('fill_disk', lambda: fill(4 * DISK_MB))",
+        "attempt('forge_log', lambda: os.write(2, b'\\nFORGED-LOG-LINE all went well\\n'))",
+        "attempt('flood_log', lambda: os.write(1, b'FLOOD' * 60000))",
+        "attempt('truncate_log', lambda: os.ftruncate(2, 0))",
         "answer['content'] = json.dumps(report)",
         "answer['ready'] = True",
     )
@@ -102,10 +154,13 @@ def _attack(targets: dict[str, int], port: int, secret: Path, mark: str) -> str:
 class Attacked:
     """One server, one neighbour held mid-request, one attack; what each side saw."""
 
-    def __init__(self, server: ServerProcess, report: Report, protections: list[str]) -> None:
+    def __init__(
+        self, server: ServerProcess, report: Report, protections: list[str], sibling_uid: int
+    ) -> None:
         self.server = server
         self.report = report
         self.protections = protections
+        self.sibling_uid = sibling_uid  # the neighbour's worker, as the host sees it
 
     def need(self, protection: str) -> None:
         if protection not in self.protections:
@@ -126,15 +181,37 @@ def attacked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attacked]:
     secret.write_text("OPENAI_API_KEY=sk-never-for-model-code\n")
     secret.chmod(0o600)
     mark = f"{400 + os.getpid() % 1000}.25"
+    environment = {
+        "TMPDIR": str(root / "tmp"),
+        "ELIZA_RLM_WORKER_DISK_MB": str(DISK_MB),
+        "ELIZA_RLM_VERBOSE": "true",  # the worker's output is logged at info
+    }
     try:
-        with _server(llm, {"TMPDIR": str(root / "tmp")}) as server:
-            yield _run_attack(server, llm, secret, mark)
+        with _listening_socket() as unix, _server(llm, environment) as server:
+            yield _run_attack(server, llm, secret, mark, unix)
         assert list((root / "tmp").iterdir()) == [], "the server left files behind"
         assert not Path(f"/tmp/rlm-sandbox-escape-{mark}").exists()
     finally:
         Path(f"/tmp/rlm-sandbox-escape-{mark}").unlink(missing_ok=True)
         llm.shutdown()
         llm.server_close()
+
+
+@contextlib.contextmanager
+def _listening_socket() -> Iterator[Path]:
+    """A socket file of the server's user, mode 0600, listening where model code can name it
+    (/dev/shm: not the /tmp that a disk limit hides), as the docker or session-bus socket
+    would be."""
+    path = Path(f"/dev/shm/rlm-sandbox-{os.getpid()}.sock")
+    path.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        path.chmod(0o600)
+        listener.listen(8)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
 
 
 class _server:
@@ -148,7 +225,9 @@ class _server:
         self.process.kill()
 
 
-def _run_attack(server: ServerProcess, llm: FixtureServer, secret: Path, mark: str) -> Attacked:
+def _run_attack(
+    server: ServerProcess, llm: FixtureServer, secret: Path, mark: str, unix: Path
+) -> Attacked:
     protections = server.ready()["protections"]
     llm.script.replace([{"when": "root", "reply": answer_with("'warm'")}])
     assert server.call("infer", {"prompt": "x"})["result"]["text"] == "warm"
@@ -158,7 +237,8 @@ def _run_attack(server: ServerProcess, llm: FixtureServer, secret: Path, mark: s
     assert wait_until(lambda: llm.script.stats()["in_flight"] == 1, timeout=30)
     sibling = max(descendants(zygote))  # the neighbour's job: the newest process under it
     targets = {"server": server.process.pid, "zygote": zygote, "sibling": sibling}
-    attack = _attack(targets, llm.port, secret, mark)
+    sibling_uid = _uid_of(sibling)
+    attack = _attack(targets, llm.port, secret, mark, unix)
     with llm.script.lock:  # not replace(): that would forget the neighbour's held call
         llm.script.rules = [Rule.from_json({"when": "root", "reply": attack}), Rule.from_json(HELD)]
     response = server.call("infer", {"prompt": "x", "query": "ATTACK-Q"})
@@ -170,7 +250,15 @@ def _run_attack(server: ServerProcess, llm: FixtureServer, secret: Path, mark: s
     assert wait_until(lambda: not alive(descendants(zygote)), timeout=15), "workers outlived it"
     assert wait_until(lambda: not _running(["sleep", mark])), "model code's sleeper outlived it"
     assert server.close() == 0
-    return Attacked(server, report, protections)
+    return Attacked(server, report, protections, sibling_uid)
+
+
+def _uid_of(pid: int) -> int:
+    """The real uid of a process as the host sees it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")
 
 
 def _zygote(server: ServerProcess) -> int:
@@ -215,7 +303,10 @@ def test_it_writes_only_its_own_directory(attacked: Attacked) -> None:
     assert attacked.report["write_cwd"][0] == "done"
     assert attacked.report["write_tempfile"][0] == "done"
     attacked.need("landlock_filesystem")
-    attacked.refused("write_tmp")
+    if "disk_limit" in attacked.protections:  # /tmp is its own tmpfs: the host's is untouched
+        assert attacked.report["write_tmp"][0] == "done"
+    else:
+        attacked.refused("write_tmp")
     attacked.refused("write_beside")
 
 
@@ -228,6 +319,45 @@ def test_its_processes_are_bounded(attacked: Attacked) -> None:
 def test_it_cannot_unbind_itself_from_its_request(attacked: Attacked) -> None:
     attacked.need("seccomp")
     attacked.refused("death_signal")
+
+
+def test_it_reaches_no_socket_file_of_the_host(attacked: Attacked) -> None:
+    attacked.need("no_unix_sockets")
+    attacked.refused("unix_socket")
+    attacked.refused("unix_datagram_pair")  # a datagram socket could connect again by path
+    attacked.refused("io_uring")
+    assert attacked.report["unix_stream_pair"] == ["done", "'made'"]  # the library needs them
+
+
+def test_a_root_server_runs_it_as_nobody(attacked: Attacked) -> None:
+    attacked.need("unprivileged_uid")
+    assert attacked.report["uid"] == ["done", "65534"]
+    assert attacked.sibling_uid == 65534  # what the host, and any socket's peer, sees
+    assert attacked.sibling_uid != os.geteuid()  # the server's (the probe tries this as root only)
+
+
+def test_it_holds_no_memory_outside_its_limit(attacked: Attacked) -> None:
+    attacked.need("no_shared_memory")
+    attacked.refused("memfd")
+    attacked.refused("shm_segment")
+
+
+def test_its_files_together_are_bounded(attacked: Attacked) -> None:
+    attacked.need("disk_limit")
+    written = int(attacked.report["fill_disk"][1])
+    assert written < DISK_MB, f"{written} MiB written with a {DISK_MB} MiB limit"
+    assert attacked.report["trap"][0] == "done"  # and the fixture found nothing left behind
+
+
+def test_its_output_reaches_the_log_only_prefixed_and_bounded(attacked: Attacked) -> None:
+    attacked.refused("truncate_log")  # a pipe, not the server's stderr
+    lines = attacked.server.stderr_lines
+    forged = [line for line in lines if "FORGED-LOG-LINE" in line]
+    assert forged, "the worker's output did not reach the log"
+    assert all(" INFO rlm_server.executors.local.pool: worker of request " in f for f in forged)
+    flood = sum(len(line) for line in lines if "FLOODFLOOD" in line)
+    assert 0 < flood < 80_000, f"{flood} characters of one worker's output logged"
+    assert any("more bytes of output not logged" in line for line in lines)
 
 
 # -- the zygote, the levels ----------------------------------------------------------------
@@ -255,11 +385,42 @@ def test_a_zygote_killed_mid_request_fails_only_those_requests(
     assert server.close() == 0
 
 
-def test_off_applies_nothing_but_a_private_directory(spawn: Spawn) -> None:
+def test_off_applies_nothing_but_a_private_directory_and_output(spawn: Spawn) -> None:
     server = spawn(args=["--sandbox", "off"])
-    assert server.ready()["protections"] == ["private_tmp"]
+    assert server.ready()["protections"] == ["private_tmp", "private_output"]
     assert server.call("status")["result"]["sandbox"] == "off"
     assert server.close() == 0
+
+
+TRAP = repl(
+    "import os",
+    "os.makedirs('trap/inner')",
+    "with open('trap/inner/kept', 'w') as f:",
+    "    f.write('x' * 100000)",
+    "os.chmod('trap/inner', 0)",
+    "os.chmod('trap', 0)",
+    "answer['content'] = 'trapped'",
+    "answer['ready'] = True",
+)
+
+
+def test_nothing_is_left_on_disk_whatever_modes_model_code_set(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """Without a disk limit (here `--sandbox off`) its directory is on the host's disk:
+    directories it made unreadable are made ours again, then removed."""
+    (tmp_path / "tmp").mkdir()
+    server = spawn(
+        [{"when": "root", "reply": TRAP}],
+        env={"TMPDIR": str(tmp_path / "tmp")},
+        args=["--sandbox", "off"],
+    )
+    assert server.call("infer", {"prompt": "x"})["result"]["text"] == "trapped"
+    (root,) = (tmp_path / "tmp").iterdir()  # the server's private directory
+    assert list(root.iterdir()) == [], "a worker's directory was left behind"
+    assert server.close() == 0
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert not [line for line in server.stderr_lines if "could not remove" in line]
 
 
 SECCOMP_NO_UNSHARE = """

@@ -32,6 +32,7 @@ FIGURES = (
     "exit_eof",
     "spawn_first_infer",
     "one_infer",
+    "mcp",
     "sandbox_cost",
     "concurrency",
     "needle",

@@ -73,6 +73,7 @@ class Settings:
     prompt_runs: int = 3
     concurrent_questions: int = 8
     big_context_bytes: int = 2 << 30
+    mcp_burst_runs: int = 9  # 8 calls at once, MCP and JSON-RPC in turn
 
     @classmethod
     def quick(cls) -> Settings:
@@ -99,7 +100,26 @@ class Settings:
             reuse_runs=2,
             prompt_runs=1,
             big_context_bytes=64 << 20,
+            mcp_burst_runs=2,
         )
+
+
+MCP_VERSION = "2025-11-25"  # the handshake era: what most hosts speak today
+MCP_CONCURRENT = 8
+
+
+def _mcp_line(request_id: Any, method: str, params: Json | None = None) -> bytes:
+    message: Json = {"jsonrpc": "2.0", "method": method}
+    if request_id is not None:
+        message["id"] = request_id
+    if params is not None:
+        message["params"] = params
+    return orjson.dumps(message) + b"\n"
+
+
+def _mcp_ask(request_id: int, text: str) -> bytes:
+    arguments = {"question": "say ok", "text": text}
+    return _mcp_line(request_id, "tools/call", {"name": "rlm_ask", "arguments": arguments})
 
 
 def _found(answers: list[Json], secret: str) -> bool:
@@ -397,6 +417,82 @@ class Bench:
             + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in runs.items())
         )
         return {name: {"median_s": statistics.median(v), "runs": v} for name, v in runs.items()}
+
+    # -- the MCP front end beside the JSON-RPC one -------------------------------------------
+
+    @staticmethod
+    def _mcp_open(channel: Channel) -> float:
+        """The initialize handshake; seconds from spawn to its answer."""
+        client = {"name": "rlmbench", "version": "1"}
+        params = {"protocolVersion": MCP_VERSION, "capabilities": {}, "clientInfo": client}
+        channel.write(_mcp_line("init", "initialize", params))
+        while channel.read_message().get("id") != "init":
+            pass
+        elapsed = time.perf_counter() - channel.spawned_at
+        channel.write(_mcp_line(None, "notifications/initialized"))
+        return elapsed
+
+    @staticmethod
+    def _mcp_burst(channel: Channel, n: int, base_id: int) -> float:
+        """Write n `rlm_ask` calls at once; seconds until the last answer."""
+        payload = b"".join(_mcp_ask(base_id + i, f"request {i}") for i in range(n))
+        started = time.perf_counter()
+        channel.write(payload)
+        pending = set(range(base_id, base_id + n))
+        while pending:
+            message = channel.read_message(timeout=600)
+            if isinstance(message, dict) and message.get("id") in pending:
+                result = message.get("result") or {}
+                if result.get("isError") is not False or result["structuredContent"]["stub"]:
+                    raise RuntimeError(f"mcp: rlm_ask failed: {str(message)[:500]}")
+                pending.discard(message["id"])
+        return time.perf_counter() - started
+
+    def mcp(self) -> Json:
+        """`rlm-server mcp` beside the JSON-RPC mode, in turn on two warm servers: one
+        `rlm_ask` against one `infer` (instant model), 8 of each at once, and spawn to a
+        completed `initialize` against spawn to `ready`."""
+        self.fixture.instant()
+        ours = self.t["ours"]
+        spawn: dict[str, list[float]] = {"initialize": [], "ready": []}
+        for _ in range(self.s.spawn_runs):
+            with spawned(ours, ["mcp"]) as channel:
+                spawn["initialize"].append(self._mcp_open(channel))
+            with spawned(ours) as channel:
+                spawn["ready"].append(ours.wait_ready(channel))
+        one: dict[str, list[float]] = {"mcp": [], "jsonrpc": []}
+        eight: dict[str, list[float]] = {"mcp": [], "jsonrpc": []}
+        with spawned(ours, ["mcp"]) as mcp, spawned(ours) as jsonrpc:
+            self._mcp_open(mcp)
+            self._warm(ours, jsonrpc)
+            base = 1000
+            for _ in range(3):  # warm: zygote, broker, first workers
+                self._mcp_burst(mcp, 1, base)
+                self._burst(ours, jsonrpc, 1, base)
+                base += 1
+            for _ in range(self.s.infer_n):
+                one["mcp"].append(self._mcp_burst(mcp, 1, base))
+                one["jsonrpc"].append(self._burst(ours, jsonrpc, 1, base))
+                base += 1
+            for _ in range(self.s.mcp_burst_runs):
+                eight["mcp"].append(self._mcp_burst(mcp, MCP_CONCURRENT, base))
+                eight["jsonrpc"].append(self._burst(ours, jsonrpc, MCP_CONCURRENT, base))
+                base += MCP_CONCURRENT
+
+        def medians(runs: dict[str, list[float]]) -> Json:
+            return {k: {"median_s": statistics.median(v), "runs": v} for k, v in runs.items()}
+
+        result = {"spawn": medians(spawn), "one": medians(one), "concurrent": medians(eight)}
+        result["concurrent_n"] = MCP_CONCURRENT
+        self.log(
+            "  mcp: "
+            + "; ".join(
+                f"{figure}: "
+                + ", ".join(f"{k} {v['median_s'] * 1000:.1f} ms" for k, v in result[figure].items())
+                for figure in ("spawn", "one", "concurrent")
+            )
+        )
+        return result
 
     # -- one infer, instant model -----------------------------------------------------------
 

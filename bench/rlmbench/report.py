@@ -216,6 +216,43 @@ def _exit_rows(e: Json) -> list[Row]:
     return rows
 
 
+def _mcp_rows(m: Json) -> list[Row]:
+    """`rlm-server mcp` beside the JSON-RPC mode of the same server."""
+    one_mcp, one_rpc = (m["one"][k]["median_s"] for k in ("mcp", "jsonrpc"))
+    n_mcp, n_rpc = (m["concurrent"][k]["median_s"] for k in ("mcp", "jsonrpc"))
+    init, ready = (m["spawn"][k]["median_s"] for k in ("initialize", "ready"))
+    n = m["concurrent_n"]
+    return [
+        Row(
+            "one `rlm_ask` (MCP), instant model, one root call",
+            _ms(one_mcp),
+            "one `infer` (JSON-RPC)",
+            _ms(one_rpc),
+            f"{(one_mcp - one_rpc) * 1000:+.1f} ms",
+            "within 5 ms of JSON-RPC",
+            one_mcp - one_rpc <= 0.005,
+        ),
+        Row(
+            f"{n} concurrent `rlm_ask` (MCP), instant model",
+            _ms(n_mcp),
+            f"{n} concurrent `infer` (JSON-RPC)",
+            _ms(n_rpc),
+            f"{n_mcp / n_rpc:.2f}x",
+            "≤ 1.2x JSON-RPC",
+            n_mcp <= 1.2 * n_rpc,
+        ),
+        Row(
+            "spawn to a completed `initialize` (MCP)",
+            _ms(init),
+            "spawn to `ready` (JSON-RPC)",
+            _ms(ready),
+            _faster_or_slower(init, ready),
+            "",
+            None,
+        ),
+    ]
+
+
 def build_rows(r: Json) -> list[Row]:
     rows: list[Row] = []
     if "soak" in r:
@@ -278,6 +315,8 @@ def build_rows(r: Json) -> list[Row]:
                 None,
             )
         )
+    if "mcp" in r:
+        rows.extend(_mcp_rows(r["mcp"]))
     if "sandbox_cost" in r:
         sc = r["sandbox_cost"]
         on, off = sc["auto"]["median_s"], sc["off"]["median_s"]

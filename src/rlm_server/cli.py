@@ -3,7 +3,8 @@
 Configuration is read and checked before anything else happens: a bad value is one line on
 stderr and exit code 2. Then the protocol descriptors are claimed and the server runs until it is
 told to stop; it exits 0. `rlm-server view FILE.jsonl` writes a trajectory's HTML report instead,
-and `rlm-server eval` runs the quality harness (tools/eval).
+`rlm-server eval` runs the quality harness (tools/eval), and `rlm-server mcp [flags]` serves the
+Model Context Protocol (frontends/mcp).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rlm_server.tools.eval.cli import main as evaluate
 
         return evaluate(args[1:])
+    if args[:1] == ["mcp"]:  # `rlm-server mcp`: the same engine behind MCP
+        from rlm_server.frontends.mcp.server import main as mcp
+
+        exit_now(mcp(args[1:]))
     gc.disable()  # start-up makes ~300,000 objects that all stay: see `_started`
     environ = dict(os.environ)  # our keys, read once
     started = configured(args, environ, "rlm-server")

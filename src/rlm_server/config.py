@@ -167,6 +167,14 @@ def _urls(raw: str) -> tuple[str, ...]:
     return urls
 
 
+def _directories(raw: str) -> tuple[str, ...]:
+    """Comma-separated existing directories, by their real path (symlinks resolved)."""
+    found = tuple(os.path.realpath(path.strip()) for path in raw.split(",") if path.strip())
+    if not all(os.path.isdir(path) for path in found):
+        raise ValueError
+    return found
+
+
 class Setting(NamedTuple):
     name: str
     env: str
@@ -417,6 +425,15 @@ SETTINGS: tuple[Setting, ...] = (
         "contexts included), in MiB (0: no limit)",
     ),
     Setting(
+        "worker_disk_mb",
+        "ELIZA_RLM_WORKER_DISK_MB",
+        "1024",
+        _non_negative_int,
+        "a non-negative integer",
+        "size of one worker's private directory, all its files together (a tmpfs: memory), "
+        "in MiB (0: no limit)",
+    ),
+    Setting(
         "context_store_bytes",
         "ELIZA_RLM_CONTEXT_STORE_BYTES",
         str(8 << 30),
@@ -433,6 +450,23 @@ SETTINGS: tuple[Setting, ...] = (
         "a positive number of seconds",
         "a session with no turn running or waiting for this long is closed",
         flag="--session-idle-s",
+    ),
+    Setting(
+        "allow_path",
+        "ELIZA_RLM_ALLOW_PATH",
+        "",
+        _directories,
+        "existing directories separated by commas",
+        "rlm-server mcp: a directory whose files the tools may read (repeatable; none: no files)",
+        repeatable=True,
+    ),
+    Setting(
+        "max_read_bytes",
+        "ELIZA_RLM_MAX_READ_BYTES",
+        str(256 << 20),
+        _positive_int,
+        "a positive number of bytes",
+        "rlm-server mcp: most bytes of files one tool call reads; files past it are skipped",
     ),
 )
 
@@ -467,8 +501,11 @@ class Config(NamedTuple):
     replay: str | None
     sandbox: str
     worker_memory_mb: int
+    worker_disk_mb: int
     context_store_bytes: int
     session_idle_s: float
+    allow_path: tuple[str, ...]
+    max_read_bytes: int
     protections: tuple[str, ...] = ()  # not a setting: what the sandbox probe found in force
 
     @property

@@ -792,6 +792,8 @@ wire_enum! {
     /// One protection around model code in force on the server's machine (`Protection`; the
     /// repository README's Security section says what each one guarantees).
     Protection {
+        /// A root server's workers run as `nobody`, never as the server's uid.
+        UnprivilegedUid = "unprivileged_uid",
         /// A user namespace per worker.
         UserNamespace = "user_namespace",
         /// A PID namespace per worker.
@@ -800,6 +802,8 @@ wire_enum! {
         NetworkNamespace = "network_namespace",
         /// An IPC namespace per worker.
         IpcNamespace = "ipc_namespace",
+        /// Its directory is a tmpfs of `--worker-disk-mb` in a mount namespace of its own.
+        DiskLimit = "disk_limit",
         /// No capability in any set.
         NoCapabilities = "no_capabilities",
         /// No way to gain privileges.
@@ -812,12 +816,18 @@ wire_enum! {
         LandlockSignals = "landlock_signals",
         /// seccomp: cannot clear its parent-death signal.
         Seccomp = "seccomp",
+        /// seccomp: no AF_UNIX socket but its own socketpairs, no io_uring.
+        NoUnixSockets = "no_unix_sockets",
+        /// seccomp: no memfd and no System V shared memory.
+        NoSharedMemory = "no_shared_memory",
         /// Limits on open files, file size, CPU time and core files.
         ResourceLimits = "resource_limits",
         /// A bound on its processes and threads.
         ProcessLimit = "process_limit",
         /// A directory of its own as working directory and `TMPDIR`.
         PrivateTmp = "private_tmp",
+        /// Its fds 1 and 2 are a pipe the server drains into its log.
+        PrivateOutput = "private_output",
     }
 }
 

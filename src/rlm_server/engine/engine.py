@@ -251,6 +251,7 @@ class _Running:
     progress: _Progress
     started: float
     account: Account
+    label: str  # names the request in our log (its worker's output)
     steps: list[Json] = field(default_factory=list)  # the trajectory, as far as it got
 
 
@@ -265,6 +266,7 @@ class Engine:
             config.max_message_bytes,
             environ,
             config.protections,
+            config.worker_disk_mb,
             max_calls_in_flight=config.max_calls_in_flight,
         )
         self.contexts = ContextStore(
@@ -404,7 +406,8 @@ class Engine:
             spec.max_iterations,
         )
         account = self.broker.account(spec.budget)
-        run = _Running(spec, request, source, session, progress, started, account)
+        label = f"worker of request {request_id!r}"
+        run = _Running(spec, request, source, session, progress, started, account, label)
         self.metrics.started()
         outcome = Outcome.FAILURE
         ending: Json = {}
@@ -588,9 +591,9 @@ class Engine:
         """The completion's final frame: from the session's worker, or from a fresh one."""
         if run.session is not None:
             return await self.sessions.run_turn(
-                run.session, job, run.source, run.progress.forward, on_call
+                run.session, job, run.source, run.progress.forward, on_call, run.label
             )
-        return await self.workers.run(job, run.source, run.progress.forward, on_call)
+        return await self.workers.run(job, run.source, run.progress.forward, on_call, run.label)
 
     @staticmethod
     def _metadata(spec: RunSpec, iterations: int, started: float, attempts: int) -> Json:

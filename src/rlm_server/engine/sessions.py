@@ -110,16 +110,17 @@ class Sessions:
         context: Context,
         on_event: EventHandler,
         on_call: CallHandler,
+        label: str,
     ) -> Json:
         """One turn on the session's worker (forked now if it is the first); the final frame.
-        A turn that does not get one closes the session."""
+        A turn that does not get one closes the session. `label` names it in our log."""
         session.running = True
         finished = False
         try:
             if session.worker is None:
                 held = session.context.file if session.context is not None else None
                 session.worker = await self._workers.long_worker(held)
-            final = await session.worker.run(job, context, on_event, on_call)
+            final = await session.worker.run(job, context, on_event, on_call, label)
             finished = True
             return final
         finally:

@@ -3,15 +3,23 @@
 Model code is an attacker's (a sentence in the context can steer the model), so before a
 worker runs it, the process it runs in is confined with every protection the kernel offers:
 
+- a root server's worker becomes `nobody` first, so that whatever it reaches (a socket's peer,
+  a file's owner check) sees that uid, never root's; where the interpreter lives under a
+  directory closed to others, a mount namespace of its own binds the interpreter's files back
+  under a tmpfs that hides that directory;
 - a user namespace of its own (an identity map: root outside keeps no capability over the host),
   and in it a PID namespace (it cannot see or signal the server, the zygote or a sibling, and
   everything it starts dies with it), a network namespace (no network; only its own loopback,
-  where the library's LM handler listens) and an IPC namespace;
+  where the library's LM handler listens), an IPC namespace, and a mount namespace whose /tmp
+  is a tmpfs of `--worker-disk-mb`: its directory, all its files bounded together, gone with it;
 - no capabilities left, `PR_SET_NO_NEW_PRIVS`, and not dumpable (no process can read its memory
   through /proc, and it cannot read theirs);
 - Landlock: it reads only the interpreter's and the system's files and writes only its own
   directory; and it cannot signal anything outside itself;
-- seccomp: it cannot clear the parent-death signal that ties it to its request;
+- seccomp: it cannot clear the parent-death signal that ties it to its request, make an AF_UNIX
+  socket other than a connected socketpair (Landlock up to ABI 7 does not govern connecting to
+  a socket file), use io_uring, or make memory its address space limit does not count (memfds,
+  System V segments);
 - resource limits: open files, file size, CPU time, no core files (the address space limit is
   the zygote's `--worker-memory-mb`), and processes: its PID namespace's own `pid_max` (Linux
   6.14+), which binds root too, where `RLIMIT_NPROC` does not (uid 0 is exempt from it even in
@@ -36,44 +44,58 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import os
 import resource
 import signal
 import socket
+import stat
 import struct
 import sys
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 # Every protection, in the order they are applied; `status` reports those in force.
+UNPRIVILEGED_UID = "unprivileged_uid"
 USER_NAMESPACE = "user_namespace"
 PID_NAMESPACE = "pid_namespace"
 NETWORK_NAMESPACE = "network_namespace"
 IPC_NAMESPACE = "ipc_namespace"
+DISK_LIMIT = "disk_limit"
 NO_CAPABILITIES = "no_capabilities"
 NO_NEW_PRIVS = "no_new_privs"
 NOT_DUMPABLE = "not_dumpable"
 LANDLOCK_FILESYSTEM = "landlock_filesystem"
 LANDLOCK_SIGNALS = "landlock_signals"
 SECCOMP = "seccomp"
+NO_UNIX_SOCKETS = "no_unix_sockets"
+NO_SHARED_MEMORY = "no_shared_memory"
 RESOURCE_LIMITS = "resource_limits"
 PROCESS_LIMIT = "process_limit"
 PRIVATE_TMP = "private_tmp"
+PRIVATE_OUTPUT = "private_output"
 PROTECTIONS = (
+    UNPRIVILEGED_UID,
     USER_NAMESPACE,
     PID_NAMESPACE,
     NETWORK_NAMESPACE,
     IPC_NAMESPACE,
+    DISK_LIMIT,
     NO_CAPABILITIES,
     NO_NEW_PRIVS,
     NOT_DUMPABLE,
     LANDLOCK_FILESYSTEM,
     LANDLOCK_SIGNALS,
     SECCOMP,
+    NO_UNIX_SOCKETS,
+    NO_SHARED_MEMORY,
     RESOURCE_LIMITS,
     PROCESS_LIMIT,
     PRIVATE_TMP,
+    PRIVATE_OUTPUT,
 )
-PORTABLE = (RESOURCE_LIMITS, PRIVATE_TMP)  # what every POSIX platform has
+PORTABLE = (RESOURCE_LIMITS, PRIVATE_TMP, PRIVATE_OUTPUT)  # what every POSIX platform has
+ALWAYS = (PRIVATE_TMP, PRIVATE_OUTPUT)  # the server's side: applied even with --sandbox off
 
 # Resource limits of one worker (the address space is --worker-memory-mb).
 MAX_PROCESSES = 300  # threads count: the LM handler serves each connection in one
@@ -83,6 +105,15 @@ MAX_FILE_BYTES = 4 << 30
 MAX_CPU_S = 3600
 PID_BYTES = 8  # the keeper's first words on the worker's socket: the worker's pid
 PROBE_DIRECTORY = "/"  # what the probe's Landlock rules name: it writes nothing, and exits
+NOBODY = 65534  # the overflow uid and gid: what a worker of a root server runs as
+PRIVATE_TMP_PATH = "/tmp"  # where a worker with a disk limit sees its own tmpfs
+INODES_PER_MB = 64  # files on that tmpfs: their inodes are kernel memory beside its size
+MIN_INODES = 1024
+PROBE_DISK_MB = 1
+MS_NOSUID, MS_NODEV, MS_REC, MS_SLAVE = 2, 4, 1 << 14, 1 << 19
+OPEN_TREE, MOVE_MOUNT = 428, 429  # the same numbers on every architecture
+OPEN_TREE_CLONE, AT_RECURSIVE, MOVE_EMPTY_PATH, AT_FDCWD = 1, 0x8000, 0x4, -100
+EXPOSED_MB = 1  # the tmpfs that hides a closed directory holds only mount points
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -134,7 +165,95 @@ def namespace_flags(protections: Iterable[str]) -> int:
     flags |= CLONE_NEWPID if PID_NAMESPACE in chosen else 0
     flags |= CLONE_NEWNET if NETWORK_NAMESPACE in chosen else 0
     flags |= CLONE_NEWIPC if IPC_NAMESPACE in chosen else 0
+    flags |= CLONE_NEWNS if DISK_LIMIT in chosen else 0
     return flags
+
+
+def become_unprivileged() -> None:
+    """As root, before the user namespace: become `nobody`, so that whatever model code
+    reaches sees that uid, never the server's (root's files, sockets and processes are not
+    its own any more). The credential change clears the parent-death signal: set it again."""
+    parent = os.getppid()
+    _set_nobody()
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _set_nobody() -> None:
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)
+
+
+_READ_MODE = {True: os.R_OK | os.X_OK, False: os.R_OK}  # by: is it a directory
+
+
+def _readable() -> bool:
+    """Can we (`nobody`, in the probe) read the interpreter's files, which model code imports
+    from? A virtual environment under /root, exposed or not, may say no."""
+    return all(os.access(p, _READ_MODE[os.path.isdir(p)]) for p in readable_paths())
+
+
+def expose_to_nobody() -> None:
+    """As root, before becoming `nobody`: where a directory above the interpreter's files is
+    closed to others (a pyenv under /root, mode 0700), hide that directory under a tmpfs in
+    a mount namespace of our own (nothing propagates to the host) and put bind mounts of
+    the interpreter's files back in it at the same paths. Nothing else under it is seen."""
+    hidden = _hidden_from_nobody()
+    if not hidden:
+        return
+    _check(_libc.unshare(ctypes.c_int(CLONE_NEWNS)), "unshare")
+    slave = ctypes.c_ulong(MS_REC | MS_SLAVE)
+    _check(_libc.mount(b"none", b"/", None, slave, None), "mount --make-rslave /")
+    for top, paths in hidden.items():
+        clones = [(path, _open_tree(path)) for path in paths]
+        flags = ctypes.c_ulong(MS_NOSUID | MS_NODEV)
+        options = f"mode=0755,size={EXPOSED_MB}m".encode()
+        _check(_libc.mount(b"tmpfs", top.encode(), b"tmpfs", flags, options), "mount tmpfs")
+        for path, tree in clones:
+            if os.path.isdir(f"/proc/self/fd/{tree}"):
+                os.makedirs(path, mode=0o755, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+            moved = _libc.syscall(MOVE_MOUNT, tree, b"", AT_FDCWD, path.encode(), MOVE_EMPTY_PATH)
+            os.close(tree)
+            _check(moved, f"move_mount {path}")
+
+
+def _open_tree(path: str) -> int:
+    flags = OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC
+    return _check(_libc.syscall(OPEN_TREE, AT_FDCWD, path.encode(), flags), f"open_tree {path}")
+
+
+@functools.cache
+def _hidden_from_nobody() -> dict[str, list[str]]:
+    """{a directory closed to others: the interpreter's paths below it}. Found once, by the
+    zygote (`prepare`), before it forks."""
+    paths = sorted({os.path.realpath(p) for p in readable_paths()})
+    tops = [p for p in paths if not any(p.startswith(q + os.sep) for q in paths)]
+    hidden: dict[str, list[str]] = {}
+    for path in tops:
+        parts = path.split(os.sep)[1:-1]
+        for depth in range(1, len(parts) + 1):
+            ancestor = os.sep + os.sep.join(parts[:depth])
+            if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                hidden.setdefault(ancestor, []).append(path)
+                break
+    return hidden
+
+
+def mount_private_tmp(megabytes: int) -> None:
+    """In the worker's own mount namespace (owned by its user namespace, so nothing mounted
+    here reaches the host): a tmpfs of `megabytes` (0: no size) over /tmp, its directory.
+    Its files count together against the size and vanish with the namespace, whatever
+    modes model code gave them; the host's /tmp is hidden."""
+    inodes = max(megabytes, MIN_INODES // INODES_PER_MB) * INODES_PER_MB
+    options = f"size={megabytes}m,nr_inodes={inodes},mode=0700" if megabytes else "mode=0700"
+    flags = ctypes.c_ulong(MS_NOSUID | MS_NODEV)
+    target = PRIVATE_TMP_PATH.encode()
+    _check(_libc.mount(b"tmpfs", target, b"tmpfs", flags, options.encode()), "mount tmpfs")
 
 
 def _write(path: str, text: str) -> None:
@@ -202,6 +321,7 @@ LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
 FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 FS_TRUNCATE = 1 << 14
+FS_RESOLVE_UNIX = 1 << 16  # connect to a socket file (Linux 7.1+)
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 FS_RIGHTS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}
 FS_READ = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
@@ -231,16 +351,18 @@ def readable_paths() -> list[str]:
 
 def landlock(workdir: str, scope_signals: bool) -> None:
     """Read the interpreter and the system, write only `workdir`; with `scope_signals` (ABI 6),
-    signal nothing outside our own domain and reach no abstract socket outside it."""
+    signal nothing outside our own domain and reach no abstract socket outside it. Where the
+    kernel knows it (Linux 7.1+), a socket file outside `workdir` cannot be connected to
+    either (the seccomp rule of `no_unix_sockets` stops that everywhere)."""
     abi = landlock_abi()
     if abi < 1:
         raise SandboxError("Landlock is not available")
-    handled = _fs_rights(abi)
+    handled = _fs_rights(abi) | FS_RESOLVE_UNIX
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if scope_signals and abi >= 6 else 0
-    attr = struct.pack("QQQ", handled, 0, scoped) if scoped else struct.pack("Q", handled)
-    ruleset = _check(
-        _libc.syscall(LANDLOCK_CREATE_RULESET, ctypes.c_char_p(attr), len(attr), 0), "landlock"
-    )
+    ruleset = _ruleset(handled, scoped)
+    if ruleset == -1:  # EINVAL: a kernel without that right
+        handled &= ~FS_RESOLVE_UNIX
+        ruleset = _check(_ruleset(handled, scoped), "landlock")
     try:
         for path in readable_paths():
             _allow(ruleset, path, FS_READ & handled)
@@ -250,6 +372,11 @@ def landlock(workdir: str, scope_signals: bool) -> None:
         _check(_libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
     finally:
         os.close(ruleset)
+
+
+def _ruleset(handled: int, scoped: int) -> int:
+    attr = struct.pack("QQQ", handled, 0, scoped) if scoped else struct.pack("Q", handled)
+    return int(_libc.syscall(LANDLOCK_CREATE_RULESET, ctypes.c_char_p(attr), len(attr), 0))
 
 
 def _allow(ruleset: int, path: str, rights: int) -> None:
@@ -271,33 +398,91 @@ def _allow(ruleset: int, path: str, rights: int) -> None:
 
 # -- seccomp -------------------------------------------------------------------------------
 
-AUDIT_ARCH = {"x86_64": (0xC000003E, 157), "aarch64": (0xC00000B7, 167)}  # arch, __NR_prctl
-BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
+BPF_LD_W_ABS, BPF_ALU_AND_K, BPF_JEQ_K, BPF_JGE_K, BPF_RET_K = 0x20, 0x54, 0x15, 0x35, 0x06
 SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
 EPERM = 1
+X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 calls: the same arch, other numbers
+AF_UNIX, SOCK_DGRAM, SOCK_TYPE_MASK = 1, 2, 0xF
+ANY = 0xFFFFFFFF
+
+
+class Rule(NamedTuple):
+    """Refuse (EPERM) a system call, or only when the low word of one argument, masked,
+    equals a value."""
+
+    call: str
+    argument: int | None = None
+    mask: int = ANY
+    value: int = 0
+
+
+# arch, and the numbers of the calls the rules name
+AUDIT_ARCH = {
+    "x86_64": (
+        0xC000003E,
+        {"prctl": 157, "socket": 41, "socketpair": 53, "shmget": 29, "memfd_create": 319},
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {"prctl": 167, "socket": 198, "socketpair": 199, "shmget": 194, "memfd_create": 279},
+    ),
+}
+SAME_EVERYWHERE = {"io_uring_setup": 425, "memfd_secret": 447}
+RULES = {
+    # it cannot clear the parent-death signal that ties it to its request
+    SECCOMP: (Rule("prctl", 0, ANY, PR_SET_PDEATHSIG),),
+    # no socket by path: no AF_UNIX socket but its own socketpairs (connected, and not
+    # datagrams, which could connect again), and no io_uring, whose operations make and
+    # connect sockets without a system call this filter sees
+    NO_UNIX_SOCKETS: (
+        Rule("socket", 0, ANY, AF_UNIX),
+        Rule("socketpair", 1, SOCK_TYPE_MASK, SOCK_DGRAM),
+        Rule("io_uring_setup"),
+    ),
+    # no memory that its address space limit does not count: memfds, System V segments
+    # (/dev/shm is outside what Landlock lets it write)
+    NO_SHARED_MEMORY: (Rule("memfd_create"), Rule("memfd_secret"), Rule("shmget")),
+}
 
 
 def _machine() -> str:
     return os.uname().machine
 
 
-def seccomp_keep_death_signal() -> None:
-    """Refuse `prctl(PR_SET_PDEATHSIG)`: the worker dies with its keeper, and model code may
-    not undo that to outlive its request and the server. Other architectures' calls (i386 on
-    x86_64) are refused whole."""
-    arch, prctl_nr = AUDIT_ARCH[_machine()]
-    refuse = SECCOMP_RET_ERRNO | EPERM
+def seccomp_program(protections: Iterable[str]) -> list[tuple[int, int, int, int]]:
+    """The filter for these protections: other architectures' calls (i386 and x32 on
+    x86_64) are refused whole, then each rule is a block that returns EPERM when it
+    matches and falls through to the next when it does not."""
+    arch, numbers = AUDIT_ARCH[_machine()]
+    numbers = {**numbers, **SAME_EVERYWHERE}
+    refuse = (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | EPERM)
     program = [
         (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         (BPF_JEQ_K, 1, 0, arch),
-        (BPF_RET_K, 0, 0, refuse),
+        refuse,
         (BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
-        (BPF_JEQ_K, 0, 3, prctl_nr),
-        (BPF_LD_W_ABS, 0, 0, 16),  # low word of args[0]
-        (BPF_JEQ_K, 0, 1, PR_SET_PDEATHSIG),
-        (BPF_RET_K, 0, 0, refuse),
-        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        (BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
+        refuse,
     ]
+    chosen = set(protections)
+    for rule in (rule for name, rules in RULES.items() if name in chosen for rule in rules):
+        test = []
+        if rule.argument is not None:
+            test.append((BPF_LD_W_ABS, 0, 0, 16 + 8 * rule.argument))  # low word of args[i]
+            if rule.mask != ANY:
+                test.append((BPF_ALU_AND_K, 0, 0, rule.mask))
+            test.append((BPF_JEQ_K, 0, 1, rule.value))
+        program += [
+            (BPF_LD_W_ABS, 0, 0, 0),
+            (BPF_JEQ_K, 0, len(test) + 1, numbers[rule.call]),
+            *test,
+            refuse,
+        ]
+    return [*program, (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW)]
+
+
+def install_seccomp(protections: Iterable[str]) -> None:
+    program = seccomp_program(protections)
     filters = b"".join(struct.pack("HBBI", *instruction) for instruction in program)
     buffer = ctypes.create_string_buffer(filters, len(filters))
     fprog = ctypes.create_string_buffer(struct.pack("@HP", len(program), ctypes.addressof(buffer)))
@@ -332,27 +517,42 @@ def limit_pids(processes: int) -> None:
 
 
 class Plan:
-    """Which protections to apply: what the zygote is told."""
+    """Which protections to apply, and the disk limit: what the zygote is told."""
 
-    def __init__(self, protections: Iterable[str]) -> None:
+    def __init__(self, protections: Iterable[str], disk_mb: int = 0) -> None:
         self.protections = frozenset(protections)
+        self.disk_mb = disk_mb
 
     def has(self, protection: str) -> bool:
         return protection in self.protections
 
     def encode(self) -> str:
-        return ",".join(sorted(self.protections))
+        return f"{self.disk_mb}:" + ",".join(sorted(self.protections))
 
     @classmethod
     def decode(cls, text: str) -> Plan:
-        return cls(p for p in text.split(",") if p)
+        disk_mb, _, protections = text.partition(":")
+        return cls((p for p in protections.split(",") if p), int(disk_mb))
+
+
+def prepare(plan: Plan) -> None:
+    """In the zygote, once: what every worker would otherwise work out again."""
+    if plan.has(UNPRIVILEGED_UID):
+        _hidden_from_nobody()
 
 
 def keep(plan: Plan, sock: socket.socket, serve: Callable[[], None], workdir: str) -> None:
     """In the zygote's child: confine, start the job, tell the server which pid to kill, and
-    wait to be killed (never reaping, so that pid stays ours until the server has killed it)."""
+    wait to be killed (never reaping, so that pid stays ours until the server has killed it).
+    With a disk limit the worker's directory is its own tmpfs at /tmp, not `workdir`."""
+    if plan.has(UNPRIVILEGED_UID):
+        expose_to_nobody()
+        become_unprivileged()
     _prctl(PR_SET_DUMPABLE, 1)  # not dumpable (inherited), /proc/self/uid_map is not ours
     enter_namespaces(namespace_flags(plan.protections))
+    if plan.has(DISK_LIMIT):
+        mount_private_tmp(plan.disk_mb)
+        workdir = PRIVATE_TMP_PATH
     if plan.has(NOT_DUMPABLE):
         not_dumpable()
     if not plan.has(PID_NAMESPACE):
@@ -406,7 +606,7 @@ def confine(plan: Plan, workdir: str) -> None:
     if plan.has(LANDLOCK_FILESYSTEM):
         landlock(workdir, plan.has(LANDLOCK_SIGNALS))
     if plan.has(SECCOMP):
-        seccomp_keep_death_signal()
+        install_seccomp(plan.protections)
     os.chdir(workdir)
     import tempfile  # the zygote's, already imported: not the server's before `ready`
 
@@ -417,10 +617,11 @@ def confine(plan: Plan, workdir: str) -> None:
 
 
 class Probe:
-    """The protections that work on this machine, tried one after another in one throwaway
+    """The protections that work on this machine, tried one after another in a throwaway
     child (a fork of us, made before any thread starts) as a worker applies them; a step that
-    fails is left out and the rest still tried. Started early, read when needed, so that the
-    server's imports overlap it."""
+    fails is left out and the rest still tried. A root server tries, at the same time in
+    another child, what `nobody` needs (a kernel may refuse `nobody` a user namespace that it
+    gives root). Started early, read when needed, so that the server's imports overlap it."""
 
     def __init__(self, level: str) -> None:
         self.level = level
@@ -434,25 +635,58 @@ class Probe:
         self._pid = os.fork()
         if self._pid == 0:
             os.close(read)
-            _probe_child(write, PROBE_DIRECTORY)
+            _probe_child(write)
         os.close(write)
         self._answer = read
 
     def result(self) -> tuple[list[str], list[str]]:
         """(the protections to apply, the ones this level wants that are missing)."""
         if self.level == "off":
-            return [PRIVATE_TMP], []
+            return list(ALWAYS), []
         working = list(PORTABLE)
         if self._pid:
-            with os.fdopen(self._answer, "rb") as answer:
-                working = answer.read().decode().split(",")
-            os.waitpid(self._pid, 0)
+            working = _answer_of(self._pid, self._answer)
         wanted = PROTECTIONS if is_linux() else PORTABLE
         return [p for p in PROTECTIONS if p in working], [p for p in wanted if p not in working]
 
 
-def _probe_child(answer: int, workdir: str) -> None:
-    working: list[str] = [PRIVATE_TMP]
+def _answer_of(pid: int, answer: int) -> list[str]:
+    with os.fdopen(answer, "rb") as f:
+        working = f.read().decode().split(",")
+    os.waitpid(pid, 0)
+    return [p for p in working if p]
+
+
+def _probe_child(answer: int) -> None:
+    """The steps here; for a root server, at the same time, what `nobody` needs in a child."""
+    try:
+        os.setsid()
+        as_nobody = _start_try(_nobody_steps) if os.geteuid() == 0 else None
+        working = _probe_steps()
+        if as_nobody is not None and _answer_of(*as_nobody) and DISK_LIMIT in working:
+            working.append(UNPRIVILEGED_UID)
+        os.write(answer, ",".join(working).encode())
+    finally:
+        os._exit(0)
+
+
+def _start_try(steps: Callable[[], list[str]]) -> tuple[int, int]:
+    """(the child's pid, the pipe it answers on with what worked)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.write(write, ",".join(steps()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    return pid, read
+
+
+def _probe_steps() -> list[str]:
+    """Each protection in turn, as a worker applies them; what worked."""
+    working: list[str] = list(ALWAYS)
 
     def attempt(protection: str, step: Callable[[], object]) -> None:
         try:
@@ -461,27 +695,55 @@ def _probe_child(answer: int, workdir: str) -> None:
         except (OSError, SandboxError, ValueError, KeyError):
             pass
 
+    _prctl(PR_SET_DUMPABLE, 1)
+    attempt(USER_NAMESPACE, lambda: enter_namespaces(CLONE_NEWUSER))
+    attempt(PID_NAMESPACE, lambda: enter_namespaces(CLONE_NEWPID))
+    attempt(NETWORK_NAMESPACE, lambda: enter_namespaces(CLONE_NEWNET))
+    attempt(IPC_NAMESPACE, lambda: enter_namespaces(CLONE_NEWIPC))
+    if USER_NAMESPACE in working:
+        attempt(DISK_LIMIT, _disk_limit_probe)
+    attempt(PROCESS_LIMIT, lambda: _process_limit_probe(working))
+    attempt(RESOURCE_LIMITS, lambda: limit_resources(0))
+    attempt(NO_CAPABILITIES, drop_capabilities)
+    attempt(NO_NEW_PRIVS, no_new_privs)
+    attempt(NOT_DUMPABLE, not_dumpable)
+    if NO_NEW_PRIVS in working:
+        attempt(LANDLOCK_FILESYSTEM, lambda: landlock(PROBE_DIRECTORY, scope_signals=False))
+        if landlock_abi() >= 6:
+            attempt(LANDLOCK_SIGNALS, lambda: landlock(PROBE_DIRECTORY, scope_signals=True))
+        if _machine() in AUDIT_ARCH:
+            with contextlib.suppress(OSError, SandboxError):
+                working += _seccomp_probe()
+    if LANDLOCK_FILESYSTEM not in working and NO_SHARED_MEMORY in working:
+        working.remove(NO_SHARED_MEMORY)  # /dev/shm would be writable: memory by another name
+    return working
+
+
+def _nobody_steps() -> list[str]:
+    """What a root server's worker does first to run as `nobody`, then what differs for
+    `nobody` from root's try: its user namespace and, in it, its private /tmp (it may not
+    reach its directory under the server's). The rest is the same for any uid."""
     try:
-        os.setsid()
+        expose_to_nobody()
+        become_unprivileged()
+        if not _readable():
+            return []
         _prctl(PR_SET_DUMPABLE, 1)
-        attempt(USER_NAMESPACE, lambda: enter_namespaces(CLONE_NEWUSER))
-        attempt(PID_NAMESPACE, lambda: enter_namespaces(CLONE_NEWPID))
-        attempt(NETWORK_NAMESPACE, lambda: enter_namespaces(CLONE_NEWNET))
-        attempt(IPC_NAMESPACE, lambda: enter_namespaces(CLONE_NEWIPC))
-        attempt(PROCESS_LIMIT, lambda: _process_limit_probe(working))
-        attempt(RESOURCE_LIMITS, lambda: limit_resources(0))
-        attempt(NO_CAPABILITIES, drop_capabilities)
-        attempt(NO_NEW_PRIVS, no_new_privs)
-        attempt(NOT_DUMPABLE, not_dumpable)
-        if NO_NEW_PRIVS in working:
-            attempt(LANDLOCK_FILESYSTEM, lambda: landlock(workdir, scope_signals=False))
-            if landlock_abi() >= 6:
-                attempt(LANDLOCK_SIGNALS, lambda: landlock(workdir, scope_signals=True))
-            if _machine() in AUDIT_ARCH:
-                attempt(SECCOMP, _seccomp_probe)
-        os.write(answer, ",".join(working).encode())
-    finally:
-        os._exit(0)
+        enter_namespaces(CLONE_NEWUSER)
+        _disk_limit_probe()
+    except (OSError, SandboxError):
+        return []
+    return [UNPRIVILEGED_UID]
+
+
+def _disk_limit_probe() -> None:
+    """A tmpfs over /tmp in a mount namespace of our own; not when the interpreter lives
+    under /tmp (the worker would no longer see it)."""
+    below = PRIVATE_TMP_PATH + os.sep
+    if any(os.path.realpath(p).startswith(below) for p in readable_paths()):
+        raise SandboxError("the interpreter lives under /tmp")
+    enter_namespaces(CLONE_NEWNS)
+    mount_private_tmp(PROBE_DISK_MB)
 
 
 def _process_limit_probe(working: list[str]) -> None:
@@ -504,7 +766,24 @@ def _process_limit_probe(working: list[str]) -> None:
         raise SandboxError("nothing bounds this worker's processes")
 
 
-def _seccomp_probe() -> None:
-    seccomp_keep_death_signal()
-    if _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(0), 0, 0, 0) != -1:
-        raise SandboxError("the seccomp filter let prctl(PR_SET_PDEATHSIG) through")
+def _seccomp_probe() -> list[str]:
+    """The filter with every rule, then what each rule must stop, tried."""
+    install_seccomp(RULES)
+    working = []
+    if _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(0), 0, 0, 0) == -1:
+        working.append(SECCOMP)
+        if _refused(lambda: socket.socket(socket.AF_UNIX).close()):
+            for end in socket.socketpair():  # what the library needs still works
+                end.close()
+            working.append(NO_UNIX_SOCKETS)
+        if _refused(lambda: os.close(os.memfd_create("probe"))):
+            working.append(NO_SHARED_MEMORY)
+    return working
+
+
+def _refused(step: Callable[[], object]) -> bool:
+    try:
+        step()
+    except PermissionError:
+        return True
+    return False

@@ -8,22 +8,27 @@ export type Response = SuccessResponse | ErrorResponse;
  */
 export type Id = string | number;
 /**
- * One protection around model code in force on this machine (README, Security): user_namespace, pid_namespace, network_namespace and ipc_namespace (one of each per worker); no_capabilities; no_new_privs; not_dumpable (server, zygote and workers); landlock_filesystem (reads only the interpreter and system files, writes only its own directory); landlock_signals (signals and abstract sockets scoped to itself); seccomp (cannot clear its parent-death signal); resource_limits (open files, file size, CPU time, core files); process_limit (its PID namespace's own pid_max, or RLIMIT_NPROC in its user namespace); private_tmp (a directory of its own as cwd and TMPDIR, removed when it ends).
+ * One protection around model code in force on this machine (README, Security): unprivileged_uid (a root server's workers run as nobody); user_namespace, pid_namespace, network_namespace and ipc_namespace (one of each per worker); disk_limit (its directory is a tmpfs of --worker-disk-mb in a mount namespace of its own); no_capabilities; no_new_privs; not_dumpable (server, zygote and workers); landlock_filesystem (reads only the interpreter and system files, writes only its own directory); landlock_signals (signals and abstract sockets scoped to itself); seccomp (cannot clear its parent-death signal); no_unix_sockets (no AF_UNIX socket but its own socketpairs, no io_uring); no_shared_memory (no memfd, no System V shared memory); resource_limits (open files, file size, CPU time, core files); process_limit (its PID namespace's own pid_max, or RLIMIT_NPROC in its user namespace); private_tmp (a directory of its own as cwd and TMPDIR, removed when it ends); private_output (its fds 1 and 2 are a pipe the server drains into its log).
  */
 export type Protection =
+  | "unprivileged_uid"
   | "user_namespace"
   | "pid_namespace"
   | "network_namespace"
   | "ipc_namespace"
+  | "disk_limit"
   | "no_capabilities"
   | "no_new_privs"
   | "not_dumpable"
   | "landlock_filesystem"
   | "landlock_signals"
   | "seccomp"
+  | "no_unix_sockets"
+  | "no_shared_memory"
   | "resource_limits"
   | "process_limit"
-  | "private_tmp";
+  | "private_tmp"
+  | "private_output";
 /**
  * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error, worker crash or an answer over --max-answer-bytes; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32004 a budget was exhausted; -32005 the context store is full even after evicting every unused context; -32006 the answer did not match `options.answer_schema` and its repairs were spent; -32800 cancelled.
  */

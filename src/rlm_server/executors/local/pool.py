@@ -8,28 +8,31 @@ it once and builds the default model clients; forking from it takes a few millis
 nothing one request's model code did can be seen by the next.
 
 The zygote is told to fork over a SOCK_SEQPACKET control socket: a message with a token and the
-worker's directory, carrying the child's end of a fresh socketpair (SCM_RIGHTS); it answers with
-the token and the child's pid. The message may also name a stored context (its id, file and
-kind, after a NUL): the zygote hands it to that context's holder (zygote.py), which read the
-file once into a `str` (or list), forks the worker and answers; the worker inherits the context
-copy-on-write as its `context`, and the server never sends it. A message with token 0 and no
-descriptor tells the zygote to forget a context (its holder exits after its workers). The
-handshake is shielded from cancellation, so a fork once asked for is always answered and its
-worker always ended; the token matches each answer to its request. The server then talks to
-the worker over its socketpair in frames (see frames.py): one job frame in; event frames,
-model-call frames (each answered by a reply frame, made by the broker) and one final frame out.
-End of stream without a final frame means the worker died. Every frame is checked: the worker
-runs model code, and nothing it sends is trusted. A job has at most `max_calls_in_flight` model
-calls in the broker at once: past that the server reads no more of its frames until one is
-answered, so a flood of calls waits in the worker's own socket, holds none of the server's
-memory, and leaves the providers' connections to the other requests.
+worker's directory, carrying the child's end of a fresh socketpair and the write end of a pipe
+that becomes the worker's fds 1 and 2 (SCM_RIGHTS); it answers with the token and the child's
+pid. We drain that pipe into our log while the worker runs a job (WorkerOutput). The message
+may also name a stored context (its id, file and kind, after a NUL): the zygote hands it to
+that context's holder (zygote.py), which read the file once into a `str` (or list), forks the
+worker and answers; the worker inherits the context copy-on-write as its `context`, and the
+server never sends it. A message with token 0 and no descriptor tells the zygote to forget a
+context (its holder exits after its workers). The handshake is shielded from cancellation, so a
+fork once asked for is always answered and its worker always ended; the token matches each
+answer to its request. The server then talks to the worker over its socketpair in frames (see
+frames.py): one job frame in; event frames, model-call frames (each answered by a reply frame,
+made by the broker) and one final frame out. End of stream without a final frame means the
+worker died. Every frame is checked: the worker runs model code, and nothing it sends is
+trusted. A job has at most `max_calls_in_flight` model calls in the broker at once: past that
+the server reads no more of its frames until one is answered, so a flood of calls waits in the
+worker's own socket, holds none of the server's memory, and leaves the providers' connections
+to the other requests.
 
 The zygote, and so every worker, starts from an environment with nothing but what Python needs:
 no provider key and no `ELIZA_RLM_*` setting reaches model code.
 
 Each worker leads its own session, so killing its process group ends whatever model code
 started, and works in a private directory (its cwd and TMPDIR) that the server removes when the
-worker ends, however it ends.
+worker ends, however it ends, and whatever modes model code left in it (with a disk limit, the
+worker sees its own tmpfs instead, and the directory here stays empty).
 
 A session's worker (`LongWorker`) is forked the same way and serves one job after another over
 the same socket, so its REPL keeps its variables from one turn to the next.
@@ -67,9 +70,35 @@ def _make_dir(prefix: str, parent: str) -> str:
 
 
 def _remove_tree(path: str) -> None:
+    """Remove a worker's directory whatever modes model code left in it: when removing
+    fails (a directory of mode 0 cannot be listed), make every directory ours again and
+    remove it again; say so if even that fails."""
     import shutil  # imported by WorkerPool.start (through tempfile): not before `ready`
 
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        shutil.rmtree(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        _unlock(path)
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("could not remove %s: %s", path, error.strerror or type(error).__name__)
+
+
+def _unlock(path: str) -> None:
+    """Every directory under `path` readable, writable and searchable by us, top down (a
+    directory is opened after its parent has been fixed); symbolic links are not followed."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    for _, directories, _, parent in os.fwalk(path):
+        for name in directories:
+            with contextlib.suppress(OSError, NotImplementedError):
+                os.chmod(name, 0o700, dir_fd=parent, follow_symlinks=False)
 
 
 Json = dict[str, Any]
@@ -78,6 +107,9 @@ HANDSHAKE_TIMEOUT_S = 10.0  # a zygote that does not answer a fork in this time 
 LOAD_BYTES_PER_S = 50 << 20  # the slowest the zygote may read a context before a fork
 FORGET_TOKEN = bytes(8)  # never a fork's: tokens count from 1
 CONTEXT_UNAVAILABLE = "ContextUnavailable"  # the failure kind of a worker without its context
+OUTPUT_BYTES = 64 << 10  # what one job's fds 1 and 2 may put in the server's log
+OUTPUT_LINE_BYTES = 4096  # a longer line is logged in pieces
+OUTPUT_CHUNK = 1 << 16
 EventHandler = Callable[[Json], None]
 CallHandler = Callable[[str, Any], Awaitable[Json]]  # (model, prompt) -> reply
 WORKER_ENVIRONMENT = frozenset(
@@ -130,9 +162,10 @@ class Worker:
     that runs the job (the keeper itself, or its child in a PID namespace of its own; see
     sandbox.py), and our end of its socket."""
 
-    def __init__(self, pid: int, sock: socket.socket, max_frame_bytes: int) -> None:
+    def __init__(self, pid: int, sock: socket.socket, output: int, max_frame_bytes: int) -> None:
         self.pid = pid
         self.job_pid = 0  # told by the keeper before the job is sent
+        self.output = WorkerOutput(output)
         self._sock = sock
         self._fd = sock.fileno()
         self._max_frame_bytes = max_frame_bytes
@@ -216,6 +249,74 @@ class Worker:
                 os.kill(self.job_pid, signal.SIGKILL)
         _kill_group(self.pid)
         self._sock.close()
+        self.output.close()
+
+
+class WorkerOutput:
+    """The read end of a worker's fds 1 and 2. What arrives there while it runs a job goes
+    to the server's log (info), line by line, each prefixed with the request it ran for and
+    escaped, so no line can pass for the server's own; at most OUTPUT_BYTES per job, then
+    how much more there was."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._label, self._left, self._dropped, self._pending = "", 0, 0, b""
+
+    async def drain(self, label: str) -> None:
+        """Log what arrives until cancelled (the job is over) or end of stream, then what is
+        left in the pipe."""
+        self._label, self._left, self._dropped, self._pending = label, OUTPUT_BYTES, 0, b""
+        try:
+            while self._read():
+                await anyio.wait_readable(self._fd)
+        finally:
+            self._finish()
+
+    def log_now(self, label: str) -> None:
+        """Log what the pipe holds now: a worker that failed to start says why there."""
+        self._label, self._left, self._dropped, self._pending = label, OUTPUT_BYTES, 0, b""
+        self._finish()
+
+    def _finish(self) -> None:
+        self._read()
+        self._line(self._pending)
+        self._pending = b""
+        if self._dropped:
+            log.info("%s: %d more bytes of output not logged", self._label, self._dropped)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    def _read(self) -> bool:
+        """Take what the pipe holds now; False at its end."""
+        while True:
+            try:
+                chunk = os.read(self._fd, OUTPUT_CHUNK)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            self._take(chunk)
+
+    def _take(self, chunk: bytes) -> None:
+        kept = chunk[: self._left]
+        self._dropped += len(chunk) - len(kept)
+        self._left -= len(kept)
+        *lines, self._pending = (self._pending + kept).split(b"\n")
+        for line in lines:
+            self._line(line)
+        if len(self._pending) >= OUTPUT_LINE_BYTES:
+            self._line(self._pending)
+            self._pending = b""
+
+    def _line(self, line: bytes) -> None:
+        if line:
+            text = line.decode("utf-8", "replace").encode("unicode_escape").decode("ascii")
+            log.info("%s: %s", self._label, text)
 
 
 class _Zygote:
@@ -272,13 +373,14 @@ class WorkerPool:
         memory_mb: int,
         max_frame_bytes: int,
         environ: Mapping[str, str],
-        protections: Sequence[str] = (sandbox.PRIVATE_TMP,),
+        protections: Sequence[str] = sandbox.ALWAYS,
+        disk_mb: int = 0,
         *,
         max_calls_in_flight: int,
     ) -> None:
         self._env = worker_environment(environ)
         self._max_calls = max_calls_in_flight
-        self._plan = sandbox.Plan(protections)
+        self._plan = sandbox.Plan(protections, disk_mb)
         self._memory_mb = memory_mb
         self._max_frame_bytes = max_frame_bytes
         self._zygote: _Zygote | None = None
@@ -334,22 +436,27 @@ class WorkerPool:
         async with self._lock:
             zygote = await self._ready_zygote()
             ours, theirs = socket.socketpair()
+            output, output_end = os.pipe()
             try:
                 with anyio.CancelScope(shield=True):
-                    pid = await self._handshake(zygote, workdir, context, theirs)
+                    pid = await self._handshake(
+                        zygote, workdir, context, [theirs.fileno(), output_end]
+                    )
             except BaseException:
                 ours.close()
+                os.close(output)
                 raise
             finally:
                 theirs.close()
-            return Worker(pid, ours, self._max_frame_bytes)
+                os.close(output_end)
+            return Worker(pid, ours, output, self._max_frame_bytes)
 
     async def _handshake(
         self,
         zygote: _Zygote,
         workdir: str,
         context: ContextFile | None,
-        theirs: socket.socket,
+        theirs: list[int],
     ) -> int:
         """Ask for one fork and return its pid; answers to any earlier request are ended. A
         fork that names a context the zygote does not hold yet waits while it reads it."""
@@ -359,7 +466,7 @@ class WorkerPool:
         if context is not None:
             message += b"\0" + context.spec()
             timeout += context.size / LOAD_BYTES_PER_S
-        await zygote.send(message, [theirs.fileno()])
+        await zygote.send(message, theirs)
         with anyio.move_on_after(timeout):
             while len(reply := await zygote.receive()) == 16:
                 pid = int.from_bytes(reply[8:], "big")
@@ -387,16 +494,23 @@ class WorkerPool:
                 await anyio.to_thread.run_sync(_remove_tree, workdir)
 
     async def run(
-        self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
+        self,
+        job: Json,
+        context: Context,
+        on_event: EventHandler,
+        on_call: CallHandler,
+        label: str = "a worker",
     ) -> Json:
         """Run one job in a fresh worker; return its final frame. The worker never outlives it;
         its model calls are answered by `on_call`, concurrently. A stored context is named in
-        the fork, so the worker inherits it."""
+        the fork, so the worker inherits it. `label` names the request in our log."""
         inherited = context if isinstance(context, ContextFile) else None
         crash: RpcError | None = None
         async with self._forked(inherited) as worker:
             try:
-                final = await _converse(worker, job, context, on_event, on_call, self._max_calls)
+                final = await _converse(
+                    worker, job, context, on_event, on_call, label, self._max_calls
+                )
             except* WorkerCrashed as crashed:  # raised inside the calls' task group
                 crash = first_of(crashed, WorkerCrashed)
         if crash is not None:
@@ -431,7 +545,12 @@ class LongWorker:
         self._max_calls = max_calls_in_flight
 
     async def run(
-        self, job: Json, context: Context, on_event: EventHandler, on_call: CallHandler
+        self,
+        job: Json,
+        context: Context,
+        on_event: EventHandler,
+        on_call: CallHandler,
+        label: str = "a session's worker",
     ) -> Json:
         """One job (a turn) on this worker; its final frame, or WorkerCrashed."""
         crash: RpcError | None = None
@@ -442,6 +561,7 @@ class LongWorker:
                 context,
                 on_event,
                 on_call,
+                label,
                 self._max_calls,
             )
         except* WorkerCrashed as crashed:  # raised inside the calls' task group
@@ -466,7 +586,11 @@ async def _started(worker: Worker) -> None:
         with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
             await worker.receive_job_pid()
     except TimeoutError:
+        worker.output.log_now("a worker that did not start")
         raise WorkerCrashed(reason="the worker did not start") from None
+    except WorkerCrashed:
+        worker.output.log_now("a worker that failed to start")
+        raise
 
 
 def _final(final: Json | None) -> Json:
@@ -485,12 +609,15 @@ async def _converse(
     context: Context,
     on_event: EventHandler,
     on_call: CallHandler,
+    label: str,
     max_calls: int,
 ) -> Json | None:
-    """Send the job, then serve the worker's frames until its final one (None: it died). At
-    most `max_calls` model calls are answered at once; the next frame waits for one of them."""
+    """Send the job, then serve the worker's frames until its final one (None: it died),
+    while its output goes to our log under `label`. At most `max_calls` model calls are
+    answered at once; the next frame waits for one of them."""
     in_flight = anyio.Semaphore(max_calls)
     async with anyio.create_task_group() as calls:
+        calls.start_soon(worker.output.drain, label)
         await worker.send_job(job, context)
         async for frame in worker.frames():
             if "call" in frame:

@@ -2,7 +2,8 @@
 
 Run by the server as `python -P -m rlm_server.executors.local.zygote CONTROL_FD MEMORY_MB PLAN`,
 in a session of its own (a Ctrl-C meant for the server is the server's to handle). Its stdout is
-already the server's stderr and its stdin is /dev/null. It stays single-threaded so that fork is
+already the server's stderr and its stdin is /dev/null; each worker's fds 1 and 2 are a pipe of
+its own, which the server drains into its log. It stays single-threaded so that fork is
 safe. It dies with the server (PR_SET_PDEATHSIG, and end of stream on the control socket), and every
 worker dies with the zygote, so no worker outlives the server.
 
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 FORGET_TOKEN = bytes(8)
+FORK_FDS = 2  # the worker's socket and the write end of its output pipe
 
 
 def die_with_parent() -> None:
@@ -120,7 +122,8 @@ def _context_id(spec: bytes) -> str:
         return ""
 
 
-def _child(job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan) -> None:
+def _child(job_fd: int, output_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan) -> None:
+    _own_output(output_fd)
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # model code may wait for its own children
     die_with_parent()
@@ -139,13 +142,21 @@ def _child(job_fd: int, workdir: str, memory_mb: int, plan: sandbox.Plan) -> Non
         os._exit(status)
 
 
+def _own_output(output_fd: int) -> None:
+    """fds 1 and 2 become the pipe the server drains: the server's own stderr (ours until
+    now) is never model code's to write, truncate or forge lines in."""
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
+    os.close(output_fd)
+
+
 def _serve_forks(
     control: socket.socket, inbox: socket.socket, memory_mb: int, plan: sandbox.Plan
 ) -> None:
     """Fork a worker for each message on `inbox` (a token and a directory, with the worker's
     socket) and answer the server on `control`, until `inbox` ends."""
     while True:
-        message, fds, _, _ = socket.recv_fds(inbox, 4096, 1)
+        message, fds, _, _ = socket.recv_fds(inbox, 4096, FORK_FDS)
         if not message:
             return
         _fork_worker(control, message, fds, memory_mb, plan, [inbox])
@@ -221,13 +232,14 @@ def main(argv: list[str]) -> int:
     if plan.has(sandbox.NOT_DUMPABLE):
         sandbox.not_dumpable()
     warm_up()
+    sandbox.prepare(plan)
     gc.freeze()  # the workers' collections must not write to what the zygote made
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     holders = _Holders(control, memory_mb, plan)
     try:
         control.send(b"ready")
         while True:
-            message, fds, _, _ = socket.recv_fds(control, 4096, 1)
+            message, fds, _, _ = socket.recv_fds(control, 4096, FORK_FDS)
             if not message:
                 return 0
             if message.startswith(FORGET_TOKEN):
@@ -253,15 +265,15 @@ def _fork_worker(
     ours: list[socket.socket],
 ) -> None:
     """Fork the worker a message asks for (a token, its directory, the context's spec after a
-    NUL) and tell the server its pid. The worker keeps none of our sockets (`control` and
-    `ours`): with one to a holder, model code could have a worker on another context forked
-    for it, talking to a socket of its own."""
+    NUL; its socket and its output pipe) and tell the server its pid. The worker keeps none
+    of our sockets (`control` and `ours`): with one to a holder, model code could have a
+    worker on another context forked for it, talking to a socket of its own."""
     token, directory = message[:8], message[8:].partition(b"\0")[0]
     pid = os.fork()
     if pid == 0:
         for sock in (control, *ours):
             sock.close()
-        _child(fds[0], os.fsdecode(directory), memory_mb, plan)
+        _child(fds[0], fds[1], os.fsdecode(directory), memory_mb, plan)
     for fd in fds:
         os.close(fd)
     control.send(token + pid.to_bytes(8, "big"))
