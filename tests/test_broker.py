@@ -438,13 +438,21 @@ FORGE = repl(
     "big = 'T' * 300_000",
     "calls = [{'model': 'm', 'prompt': 'p', 'input_tokens': -5}] * 2000",
     "block = {'code': big, 'stdout': big, 'stderr': 7, 'sub_calls': calls, 'own': big}",
+    "tools = [{'name': 'n' * 5000, 'arguments_bytes': -1, 'time_s': -5, 'own': 1}] * 100",
     "logger.steps.extend({'iteration': 99, 'response': big, 'extra': big,"
-    " 'code_blocks': [block]} for _ in range(50))",
+    " 'code_blocks': [block], 'tool_calls': tools} for _ in range(50))",
     "logger.completed = 999998",  # the library counts this iteration after it: 999999
     "answer['content'] = 'forged'",
     "answer['ready'] = True",
 )
-STEP_FIELDS = {"iteration", "response", "code_blocks", "final_answer", "iteration_time_s"}
+STEP_FIELDS = {
+    "iteration",
+    "response",
+    "code_blocks",
+    "final_answer",
+    "iteration_time_s",
+    "tool_calls",
+}
 BLOCK_FIELDS = {"code", "stdout", "stderr", "execution_time_s", "sub_calls"}
 
 
@@ -481,6 +489,8 @@ def test_a_forged_trajectory_and_iteration_count_are_cut_to_what_the_server_saw(
     assert max(len(s) for s in _strings(steps)) <= 4096
     calls = [c for step in steps for b in step["code_blocks"] for c in b["sub_calls"]]
     assert calls and all(c["input_tokens"] == 0 for c in calls)
+    tools = [t for step in steps for t in step["tool_calls"]]  # and the schema holds (harness)
+    assert tools and all(t["arguments_bytes"] == 0 and t["time_s"] == 0 for t in tools)
     assert log.stat().st_size < 4 << 20, log.stat().st_size  # forged: 50 steps of ~1 MB
     assert server.close() == 0
 

@@ -400,6 +400,7 @@ FORGE = repl(
         "frame({'result': {'text': 5}})",  # the wrong shape
         "b'\\xff' * 8",  # a length of 2^64 - 1
         "frame([1, 2])",  # not an object
+        "frame({'tool': 1, 'name': 'x', 'arguments': [1]})",  # a tool call without an object
     ],
 )
 def test_frames_forged_by_model_code_end_only_its_request(spawn: Spawn, final: str) -> None:

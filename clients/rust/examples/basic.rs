@@ -34,7 +34,7 @@ async fn main() -> Result<(), RlmError> {
         result.usage.calls, result.usage.input_tokens, result.usage.output_tokens
     );
 
-    let status = client.status(None).await?;
+    let status = client.status().await?;
     println!(
         "server: {} requests, {} in flight, available: {}{}",
         status.metrics.total_requests,

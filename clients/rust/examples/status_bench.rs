@@ -78,7 +78,7 @@ async fn bench(sequential: usize, concurrent: usize, rounds: usize) -> Result<()
         }
         for _ in 0..BLOCK {
             let start = Instant::now();
-            client.status(None).await?;
+            client.status().await?;
             client_times.push(start.elapsed());
         }
         if block * BLOCK < warm_up {
@@ -219,7 +219,7 @@ async fn burst(client: &RlmClient, count: usize) -> Result<Duration, RlmError> {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..count {
         let client = client.clone();
-        tasks.spawn(async move { client.status(None).await.map(drop) });
+        tasks.spawn(async move { client.status().await.map(drop) });
     }
     while let Some(outcome) = tasks.join_next().await {
         outcome.expect("task")?;

@@ -19,7 +19,11 @@ use crate::protocol::{
     SessionOpenParams, SessionOpenResult, ShutdownParams, ShutdownResult, StatusResult,
 };
 use crate::request::{InferRequest, ProgressSink, Wire, encode_params};
-use crate::session::Session;
+use crate::session::{Session, SessionRequest};
+use crate::tools::Tools;
+
+/// A session turn's route: the session's id, its server, and its host tools.
+pub(crate) type SessionRef<'a> = (&'a str, &'a Arc<Connection>, &'a Option<Arc<Tools>>);
 
 /// A client of one rlm-server child process, shared by any number of tasks.
 ///
@@ -142,7 +146,7 @@ impl RlmClient {
     pub(crate) async fn infer_on(
         &self,
         request: InferRequest,
-        session: Option<(&str, &Arc<Connection>)>,
+        session: Option<SessionRef<'_>>,
     ) -> Result<InferResult, RlmError> {
         let tracked = self.inner.metrics.begin();
         let outcome = self.infer_with_retries(request, session).await;
@@ -153,18 +157,20 @@ impl RlmClient {
     async fn infer_with_retries(
         &self,
         request: InferRequest,
-        session: Option<(&str, &Arc<Connection>)>,
+        session: Option<SessionRef<'_>>,
     ) -> Result<InferResult, RlmError> {
         let Wire {
             params,
             timeout,
             progress,
+            tools,
             stored,
-        } = request.into_wire(session.map(|(id, _)| id))?;
+        } = request.into_wire(session.map(|(id, _, _)| id))?;
+        let tools = session.and_then(|(_, _, tools)| tools.clone()).or(tools);
         let deadline = Deadline::after(timeout.unwrap_or(self.inner.config.request_timeout));
         // What names a stored context or a session goes to the server that holds it, only.
         let pinned = match session {
-            Some((_, connection)) => Some(connection.clone()),
+            Some((_, connection, _)) => Some(connection.clone()),
             None if stored => Some(self.connection()?),
             None => None,
         };
@@ -181,6 +187,7 @@ impl RlmClient {
                     "infer",
                     Some(params.clone()),
                     progress.clone(),
+                    tools.clone(),
                     deadline,
                 )
                 .await;
@@ -205,11 +212,17 @@ impl RlmClient {
         }
     }
 
-    /// The server's configuration, load and counters, within `timeout` (default
-    /// [`RlmConfig::request_timeout`]), start-up included. Not retried.
-    pub async fn status(&self, timeout: Option<Duration>) -> Result<StatusResult, RlmError> {
+    /// The server's configuration, load and counters, within
+    /// [`RlmConfig::request_timeout`], start-up included. Not retried.
+    pub async fn status(&self) -> Result<StatusResult, RlmError> {
         let connection = self.connection()?;
-        self.ask(&connection, "status", None, timeout).await
+        self.ask(&connection, "status", None, None).await
+    }
+
+    /// [`RlmClient::status`] within `timeout` instead of the configured one.
+    pub async fn status_within(&self, timeout: Duration) -> Result<StatusResult, RlmError> {
+        let connection = self.connection()?;
+        self.ask(&connection, "status", None, Some(timeout)).await
     }
 
     /// Stores a context on the server, to ask about it with [`InferRequest::context`] or in
@@ -296,15 +309,33 @@ impl RlmClient {
     /// # Ok(()) }
     /// ```
     pub async fn open_session(&self, context_id: Option<&str>) -> Result<Session, RlmError> {
+        let mut request = SessionRequest::new();
+        if let Some(context_id) = context_id {
+            request = request.context(context_id);
+        }
+        self.open_session_with(request).await
+    }
+
+    /// [`RlmClient::open_session`] with everything a [`SessionRequest`] sets: a stored
+    /// context, and host tools every turn's model code may call.
+    pub async fn open_session_with(&self, request: SessionRequest) -> Result<Session, RlmError> {
+        let (context_id, tools) = request.into_parts();
         let params = SessionOpenParams {
-            context_id: context_id.map(str::to_owned),
+            context_id,
+            tools: tools.declarations(),
         };
         let params = encode_params("session/open", &params)?;
         let connection = self.connection()?;
         let opened: SessionOpenResult = self
             .ask(&connection, "session/open", Some(params), None)
             .await?;
-        Ok(Session::new(self.clone(), connection, opened.session_id))
+        let tools = (!tools.is_empty()).then(|| Arc::new(tools));
+        Ok(Session::new(
+            self.clone(),
+            connection,
+            opened.session_id,
+            tools,
+        ))
     }
 
     /// Asks the running server to finish and waits until it has: it stops admitting work,
@@ -335,6 +366,7 @@ impl RlmClient {
                 &connection,
                 "shutdown",
                 Some(params),
+                None,
                 None,
                 Deadline::after(budget),
             )
@@ -407,13 +439,14 @@ impl RlmClient {
         method: &str,
         params: Option<Arc<RawValue>>,
         progress: Option<ProgressSink>,
+        tools: Option<Arc<Tools>>,
         deadline: Deadline,
     ) -> Reply {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let exchange = async {
             connection.ready().await?;
             connection
-                .request(id, method, params, progress)?
+                .request(id, method, params, progress, tools)?
                 .response()
                 .await
         };
@@ -440,7 +473,7 @@ impl RlmClient {
         let deadline = Deadline::after(timeout.unwrap_or(self.inner.config.request_timeout));
         decode(
             &self
-                .call(connection, method, params, None, deadline)
+                .call(connection, method, params, None, None, deadline)
                 .await?,
         )
     }
@@ -463,7 +496,7 @@ mod tests {
         shareable::<RlmClient>();
         let client = RlmClient::new(RlmConfig::default());
         sendable(&client.infer(InferRequest::new("x")));
-        sendable(&client.status(None));
+        sendable(&client.status());
         sendable(&client.load_context("x"));
         sendable(&client.drop_context("ctx"));
         sendable(&client.list_contexts());
@@ -479,7 +512,7 @@ mod tests {
                 .program("/nonexistent/rlm-server")
                 .build(),
         );
-        let error = client.status(None).await.unwrap_err();
+        let error = client.status().await.unwrap_err();
         assert!(matches!(error, RlmError::Spawn { .. }), "{error}");
         assert_eq!(client.pid(), None);
     }

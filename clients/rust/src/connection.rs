@@ -30,8 +30,11 @@ use tokio::time::timeout;
 use crate::config::RlmConfig;
 use crate::error::RlmError;
 use crate::lines::{Segment, edge_id, loose_id, read_segment, skip_line, utf8_cut};
-use crate::protocol::{CancelParams, Id, Progress, ReadyParams, RpcError, ShutdownParams};
+use crate::protocol::{
+    CancelParams, Id, Progress, ReadyParams, RpcError, ShutdownParams, ToolCallParams,
+};
 use crate::request::ProgressSink;
+use crate::tools::{Running, Tools};
 
 /// The protocol version this client speaks; a server announcing another is refused.
 const PROTOCOL: &str = "1";
@@ -175,6 +178,13 @@ impl Frame {
         Self::notification("shutdown", &params)
     }
 
+    /// A whole message, encoded already (an answer to one of the server's requests).
+    fn message(json: String) -> Self {
+        // `write_to` closes the object: keep everything but its closing brace.
+        let head = json.strip_suffix('}').map(str::to_owned).unwrap_or(json);
+        Self { head, params: None }
+    }
+
     fn notification(method: &str, params: &impl serde::Serialize) -> Self {
         let params = serde_json::value::to_raw_value(params).expect("plain params always encode");
         Self {
@@ -197,6 +207,8 @@ impl Frame {
 struct Pending {
     reply: oneshot::Sender<Reply>,
     progress: Option<ProgressSink>,
+    /// The handlers of the host tools whose `tool/call`s name this request.
+    tools: Option<Arc<Tools>>,
 }
 
 /// What the connection's tasks share. The pending map is `None` once the connection is down,
@@ -207,6 +219,8 @@ struct Shared {
     stderr_tail: Mutex<Option<String>>,
     /// How the child ended; set by the supervisor before it publishes `Down`.
     exit: OnceLock<Exit>,
+    /// Host tool calls running for the server.
+    tools: Arc<Running>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -251,6 +265,7 @@ impl Shared {
         };
         tracing::debug!(?down, "rlm-server connection down");
         self.state.send_replace(State::Down(down.clone()));
+        self.tools.abort_all();
         let pending = lock(&self.pending).take();
         for (_, waiting) in pending.into_iter().flatten() {
             let _ = waiting.reply.send(Err(down.error()));
@@ -259,7 +274,7 @@ impl Shared {
 
     /// Routes one line from stdout (a message, or a batch of them). An error means the
     /// server cannot be talked to.
-    fn dispatch(&self, line: &[u8]) -> Result<(), Down> {
+    fn dispatch(&self, line: &[u8], writer: &mpsc::UnboundedSender<Outgoing>) -> Result<(), Down> {
         let line = line.trim_ascii();
         if line.is_empty() {
             return Ok(());
@@ -268,13 +283,17 @@ impl Shared {
             if let Ok(batch) = serde_json::from_slice::<Vec<Box<RawValue>>>(line) {
                 return batch
                     .iter()
-                    .try_for_each(|message| self.dispatch_one(message.get().as_bytes()));
+                    .try_for_each(|message| self.dispatch_one(message.get().as_bytes(), writer));
             }
         }
-        self.dispatch_one(line)
+        self.dispatch_one(line, writer)
     }
 
-    fn dispatch_one(&self, line: &[u8]) -> Result<(), Down> {
+    fn dispatch_one(
+        &self,
+        line: &[u8],
+        writer: &mpsc::UnboundedSender<Outgoing>,
+    ) -> Result<(), Down> {
         let message: Incoming = match serde_json::from_slice(line) {
             Ok(message) => message,
             Err(error) => {
@@ -286,6 +305,17 @@ impl Shared {
             Some("ready") => self.on_ready(message.params.as_deref()),
             Some("$/progress") => {
                 self.on_progress(message.params.as_deref());
+                Ok(())
+            }
+            Some("tool/call") => {
+                self.on_tool_call(message.id, message.params.as_deref(), writer);
+                Ok(())
+            }
+            Some("$/cancelRequest") => {
+                match decode_params::<CancelParams>(message.params.as_deref()) {
+                    Ok(CancelParams { id: Id::String(id) }) => self.tools.cancel(&id),
+                    _ => tracing::warn!("ignoring an unreadable $/cancelRequest"),
+                }
                 Ok(())
             }
             Some(method) => {
@@ -357,6 +387,43 @@ impl Shared {
         if let Some(sink) = sink {
             sink.deliver(progress);
         }
+    }
+
+    /// The server's `tool/call`: run the handler of the infer it names, and answer it.
+    fn on_tool_call(
+        &self,
+        id: Option<Value>,
+        params: Option<&RawValue>,
+        writer: &mpsc::UnboundedSender<Outgoing>,
+    ) {
+        let Some(Value::String(id)) = id else {
+            tracing::warn!(?id, "ignoring a tool/call without a string id");
+            return;
+        };
+        let call: ToolCallParams = match decode_params(params) {
+            Ok(call) => call,
+            Err(error) => {
+                tracing::warn!(%error, "ignoring an unreadable tool/call");
+                return;
+            }
+        };
+        let tools = match call.request_id {
+            Some(Id::Number(request)) => lock(&self.pending)
+                .as_ref()
+                .and_then(|map| map.get(&(request as u64)))
+                .and_then(|pending| pending.tools.clone()),
+            _ => None,
+        };
+        let writer = writer.clone();
+        self.tools.start(
+            id,
+            &call.name,
+            call.arguments,
+            tools.as_deref(),
+            move |line| {
+                let _ = writer.send(Outgoing::Frame(Frame::message(line)));
+            },
+        );
     }
 
     fn on_response(&self, message: Incoming) {
@@ -510,6 +577,7 @@ impl Connection {
             state: watch::Sender::new(State::Starting),
             stderr_tail: Mutex::new(None),
             exit: OnceLock::new(),
+            tools: Arc::default(),
         });
         let (writer, outgoing) = mpsc::unbounded_channel();
         let (control, orders) = mpsc::unbounded_channel();
@@ -585,9 +653,15 @@ impl Connection {
         method: &str,
         params: Option<Arc<RawValue>>,
         progress: Option<ProgressSink>,
+        tools: Option<Arc<Tools>>,
     ) -> Result<InFlight<'_>, RlmError> {
         let (reply, answer) = oneshot::channel();
-        self.shared.register(id, Pending { reply, progress })?;
+        let pending = Pending {
+            reply,
+            progress,
+            tools,
+        };
+        self.shared.register(id, pending)?;
         let in_flight = InFlight {
             connection: self,
             id,
@@ -726,7 +800,7 @@ async fn read_loop(stdout: ChildStdout, reader: Reader, eof: oneshot::Sender<()>
                 ended
             }),
             Ok(segment) => {
-                if let Err(down) = reader.shared.dispatch(&line) {
+                if let Err(down) = reader.shared.dispatch(&line, &reader.writer) {
                     tracing::error!(?down, "cannot talk to this rlm-server");
                     let _ = reader.control.send(Control::Kill(down));
                 }

@@ -339,6 +339,7 @@ impl Load {
                     "context/load",
                     Some(params),
                     None,
+                    None,
                     deadline,
                 )
                 .await;

@@ -103,6 +103,7 @@ mod metrics;
 pub mod protocol;
 mod request;
 mod session;
+mod tools;
 
 #[cfg(feature = "elizaos")]
 pub mod elizaos_plugin;
@@ -123,7 +124,7 @@ pub use protocol::{
     StoredContext,
 };
 pub use request::InferRequest;
-pub use session::Session;
+pub use session::{Session, SessionRequest};
 
 /// The README's example, compiled by `cargo test` so that it cannot rot.
 #[cfg(doctest)]

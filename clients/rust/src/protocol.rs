@@ -206,6 +206,10 @@ pub struct InferOptions {
     /// ([`crate::RlmError::BudgetExceeded`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// How long one host tool call may take, in seconds (default 60): then model code gets
+    /// `ToolError` and the handler is cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_timeout_s: Option<f64>,
     /// A JSON Schema (draft 2020-12, at most 64 KiB) the answer must match: the root model is
     /// told it, each answer it sets is checked, and the valid one is [`InferResult::value`]
     /// ([`InferResult::answer`] decodes it). One that is not a schema is -32602.
@@ -245,6 +249,10 @@ pub struct Budget {
     /// Most cost in US dollars (above 0); the model must have a known price.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cost_usd: Option<f64>,
+    /// Most host tool calls; the next one ends the request with -32004 before the client's
+    /// handler sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tool_calls: Option<u64>,
 }
 
 impl Budget {
@@ -274,6 +282,12 @@ impl Budget {
     /// Sets `max_cost_usd`.
     pub fn max_cost_usd(mut self, value: f64) -> Self {
         self.max_cost_usd = Some(value);
+        self
+    }
+
+    /// Sets `max_tool_calls`.
+    pub fn max_tool_calls(mut self, value: u64) -> Self {
+        self.max_tool_calls = Some(value);
         self
     }
 }
@@ -334,6 +348,8 @@ option_setters! {
     trajectory: bool;
     /// Sets `budget`: limits over the request's whole call tree.
     budget: Budget;
+    /// Sets `tool_timeout_s`, the bound of one host tool call in seconds.
+    tool_timeout_s: f64;
     /// Sets `answer_schema`: the JSON Schema the answer must match.
     answer_schema: Value;
     /// Sets `answer_repairs`: how many invalid answers the model may fix (0..=100).
@@ -365,6 +381,51 @@ pub struct InferParams {
     /// Per-request options.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<InferOptions>,
+    /// Host tools model code may call (not with `session_id`: a session has its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<ToolDeclaration>>,
+}
+
+/// One host tool as the server is told of it (`ToolDeclaration`): a Python identifier, what
+/// it does (for the root model's prompt), and a JSON Schema for its keyword arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ToolDeclaration {
+    /// The function's name in the REPL.
+    pub name: String,
+    /// What it does.
+    pub description: String,
+    /// A JSON Schema object; every call's arguments are checked against it by the server.
+    pub input_schema: Value,
+}
+
+/// Params of the server's `tool/call` request (`ToolCallRequest`): model code of infer
+/// `request_id` called tool `name` with `arguments` (valid against its schema).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ToolCallParams {
+    /// The infer whose model code made the call.
+    pub request_id: Option<Id>,
+    /// The tool.
+    pub name: String,
+    /// Its keyword arguments.
+    pub arguments: Value,
+}
+
+/// One host tool call in a trajectory (`TrajectoryToolCall`): sizes as JSON, not contents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TrajectoryToolCall {
+    /// The tool.
+    pub name: String,
+    /// Size of its arguments as JSON, in bytes.
+    pub arguments_bytes: u64,
+    /// Size of its value as JSON, in bytes.
+    pub result_bytes: u64,
+    /// The `ToolError` message model code got, if any.
+    pub error: Option<String>,
+    /// How long model code waited, in seconds.
+    pub time_s: f64,
 }
 
 /// Params of `context/load` (`ContextLoadParams`): exactly one of `text` (a whole text),
@@ -462,6 +523,9 @@ pub struct SessionOpenParams {
     /// A sealed context: the session's `context`, held while the session is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_id: Option<String>,
+    /// Host tools every turn's model code may call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<ToolDeclaration>>,
 }
 
 /// The result of `session/open` (`SessionOpenResult`).
@@ -627,6 +691,9 @@ pub struct TrajectoryStep {
     pub final_answer: Option<String>,
     /// How long the iteration took, in seconds.
     pub iteration_time_s: Option<f64>,
+    /// The host tool calls its code made (absent from servers without host tools).
+    #[serde(default)]
+    pub tool_calls: Vec<TrajectoryToolCall>,
 }
 
 /// One code block of an iteration (`TrajectoryCodeBlock`).
@@ -955,6 +1022,8 @@ wire_enum! {
         MaxOutputTokens = "max_output_tokens",
         /// `max_cost_usd`.
         MaxCostUsd = "max_cost_usd",
+        /// `max_tool_calls`: host tool calls.
+        MaxToolCalls = "max_tool_calls",
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::error::RlmError;
 use crate::protocol::{InferOptions, InferParams, Message, Progress, Prompt};
+use crate::tools::Tools;
 
 /// One `infer` call: the wire params (`prompt` or `context_id`, `query`, `options`) plus the
 /// client-side `timeout` and an optional progress sink.
@@ -42,6 +43,7 @@ pub struct InferRequest {
     /// `$/cancelRequest` and returns [`RlmError::Timeout`].
     pub timeout: Option<Duration>,
     progress: Option<ProgressSink>,
+    tools: Tools,
 }
 
 impl InferRequest {
@@ -80,6 +82,7 @@ impl InferRequest {
             options: InferOptions::default(),
             timeout: None,
             progress: None,
+            tools: Tools::default(),
         }
     }
 
@@ -124,6 +127,43 @@ impl InferRequest {
         self
     }
 
+    /// Declares a host tool that model code may call: `name` (a Python identifier) becomes a
+    /// function of keyword arguments in the REPL, listed with `description` in the root
+    /// model's prompt; the server checks each call's arguments against `schema` (a JSON
+    /// Schema object) before `handler` sees them. The handler runs in a task of its own
+    /// (calls may overlap); its `Ok` value reaches model code, its `Err` reaches it as
+    /// `ToolError` with the error's text. A call the server cancels (the request was
+    /// cancelled or timed out, or the call passed [`InferOptions::tool_timeout_s`]) drops the
+    /// handler's future.
+    ///
+    /// ```
+    /// use rlm_client::InferRequest;
+    /// use serde_json::{Value, json};
+    /// let request = InferRequest::new("...").query("Who owns record 42?").tool(
+    ///     "lookup",
+    ///     "Look a record up by its key.",
+    ///     json!({"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]}),
+    ///     |args: Value| async move { Ok::<_, String>(json!({"owner": "ada", "key": args["key"]})) },
+    /// );
+    /// # let _ = request;
+    /// ```
+    pub fn tool<F, Fut, E>(
+        mut self,
+        name: impl Into<String>,
+        description: impl Into<String>,
+        schema: serde_json::Value,
+        handler: F,
+    ) -> Self
+    where
+        F: Fn(serde_json::Value) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<serde_json::Value, E>> + Send + 'static,
+        E: fmt::Display,
+    {
+        self.tools
+            .add(name.into(), description.into(), schema, handler);
+        self
+    }
+
     /// The wire params, encoded once so that retries resend them without re-encoding a
     /// prompt that may be hundreds of megabytes (as a turn of `session_id`, when given); the
     /// timeout; the progress sink.
@@ -140,11 +180,13 @@ impl InferRequest {
             session_id: session_id.map(str::to_owned),
             query: self.query,
             options: (options != InferOptions::default()).then_some(options),
+            tools: self.tools.declarations(),
         };
         Ok(Wire {
             params: encode_params("infer", &params)?,
             timeout: self.timeout,
             progress: self.progress,
+            tools: (!self.tools.is_empty()).then(|| Arc::new(self.tools)),
             stored,
         })
     }
@@ -165,6 +207,8 @@ pub(crate) struct Wire {
     pub(crate) params: Arc<RawValue>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) progress: Option<ProgressSink>,
+    /// The handlers of its host tools.
+    pub(crate) tools: Option<Arc<Tools>>,
     /// Whether it names what only the server it is sent to holds (a stored context or a
     /// session), so that it must not be sent again to a new server.
     pub(crate) stored: bool,
@@ -185,6 +229,7 @@ impl fmt::Debug for InferRequest {
             .field("options", &self.options)
             .field("timeout", &self.timeout)
             .field("progress", &self.progress.is_some())
+            .field("tools", &self.tools)
             .finish()
     }
 }
@@ -243,6 +288,7 @@ mod tests {
             progress: Some(false),
             trajectory: Some(true),
             budget: Some(Budget::new().max_calls(5).max_cost_usd(0.25)),
+            tool_timeout_s: Some(2.0),
             answer_schema: Some(json!({"type": "object"})),
             answer_repairs: Some(1),
         };
@@ -260,6 +306,7 @@ mod tests {
                     "timeout_s": 1.5, "temperature": 0.2, "max_tokens": 100,
                     "progress": false, "trajectory": true,
                     "budget": {"max_calls": 5, "max_cost_usd": 0.25},
+                    "tool_timeout_s": 2.0,
                     "answer_schema": {"type": "object"}, "answer_repairs": 1
                 }
             })

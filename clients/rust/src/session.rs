@@ -9,6 +9,63 @@ use crate::connection::Connection;
 use crate::error::RlmError;
 use crate::protocol::{InferResult, SessionCloseParams, SessionCloseResult};
 use crate::request::{InferRequest, encode_params};
+use crate::tools::Tools;
+
+/// What [`RlmClient::open_session_with`] opens: a session on a stored context, or on none,
+/// with host tools every turn's model code may call.
+///
+/// ```
+/// use rlm_client::SessionRequest;
+/// use serde_json::{Value, json};
+/// let request = SessionRequest::new().context("ctx-...").tool(
+///     "remember",
+///     "Store a note in the agent's memory.",
+///     json!({"type": "object", "properties": {"note": {"type": "string"}}}),
+///     |args: Value| async move { Ok::<_, String>(json!({"stored": args["note"]})) },
+/// );
+/// # let _ = request;
+/// ```
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct SessionRequest {
+    context_id: Option<String>,
+    tools: Tools,
+}
+
+impl SessionRequest {
+    /// A session with no stored context and no tools.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Opens it on a context stored with [`RlmClient::load_context`].
+    pub fn context(mut self, context_id: impl Into<String>) -> Self {
+        self.context_id = Some(context_id.into());
+        self
+    }
+
+    /// Declares a host tool, as [`InferRequest::tool`] does, for every turn.
+    pub fn tool<F, Fut, E>(
+        mut self,
+        name: impl Into<String>,
+        description: impl Into<String>,
+        schema: serde_json::Value,
+        handler: F,
+    ) -> Self
+    where
+        F: Fn(serde_json::Value) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<serde_json::Value, E>> + Send + 'static,
+        E: fmt::Display,
+    {
+        self.tools
+            .add(name.into(), description.into(), schema, handler);
+        self
+    }
+
+    pub(crate) fn into_parts(self) -> (Option<String>, Tools) {
+        (self.context_id, self.tools)
+    }
+}
 
 /// A session opened with [`RlmClient::open_session`]: one REPL on the server, kept from one
 /// turn to the next, so that a turn can read the variables an earlier turn set (and the root
@@ -28,15 +85,22 @@ pub struct Session {
     client: RlmClient,
     connection: Arc<Connection>,
     id: String,
+    tools: Option<Arc<Tools>>,
     closed: AtomicBool,
 }
 
 impl Session {
-    pub(crate) fn new(client: RlmClient, connection: Arc<Connection>, id: String) -> Self {
+    pub(crate) fn new(
+        client: RlmClient,
+        connection: Arc<Connection>,
+        id: String,
+        tools: Option<Arc<Tools>>,
+    ) -> Self {
         Self {
             client,
             connection,
             id,
+            tools,
             closed: AtomicBool::new(false),
         }
     }
@@ -58,7 +122,7 @@ impl Session {
     /// any `infer`.
     pub async fn infer_with(&self, request: InferRequest) -> Result<InferResult, RlmError> {
         self.client
-            .infer_on(request, Some((&self.id, &self.connection)))
+            .infer_on(request, Some((&self.id, &self.connection, &self.tools)))
             .await
     }
 

@@ -35,7 +35,7 @@ fn first_of_two() -> Value {
 }
 
 async fn server_counter(client: &RlmClient, counter: &str) -> u64 {
-    let status = client.status(None).await.expect("status");
+    let status = client.status().await.expect("status");
     let metrics = serde_json::to_value(&status.metrics).unwrap();
     metrics[counter].as_u64().unwrap()
 }
@@ -93,7 +93,7 @@ async fn dropping_an_infer_future_cancels_it_on_the_server() {
         server_counter(&client, "cancelled_requests").await == 1
     })
     .await;
-    assert_eq!(client.status(None).await.unwrap().in_flight, 0);
+    assert_eq!(client.status().await.unwrap().in_flight, 0);
     let metrics = client.metrics();
     assert_eq!((metrics.total_requests, metrics.cancelled_requests), (1, 1));
     assert_eq!((metrics.failed_requests, metrics.last_error), (0, None));
@@ -106,7 +106,7 @@ async fn a_timeout_sends_cancel_request_and_ids_start_at_one() {
     let wire = scratch("wire.jsonl");
     let script = format!("tee '{}' | exec \"$@\"", wire.display());
     let client = RlmClient::new(wrapped(fixture.config(&[], &[]), &script));
-    client.status(None).await.unwrap();
+    client.status().await.unwrap();
     let request = InferRequest::new("ctx").timeout(Duration::from_secs(2));
     let error = client.infer(request).await.unwrap_err();
     assert!(
@@ -172,7 +172,7 @@ async fn a_killed_child_fails_pending_calls_at_once_and_the_next_call_restarts_i
         );
     }
     let status = client
-        .status(None)
+        .status()
         .await
         .expect("the next call starts a new child");
     assert_eq!(status.metrics.total_requests, 0, "a fresh server");
@@ -188,7 +188,7 @@ async fn stub_mode_answers_stubs_and_counts_them_as_stubs() {
     let result = client.infer(InferRequest::new("anything")).await.unwrap();
     assert!(result.stub);
     assert_eq!(result.text, STUB_TEXT);
-    let status = client.status(None).await.unwrap();
+    let status = client.status().await.unwrap();
     assert!(!status.available && status.reason.is_some());
     assert_eq!(status.metrics.stub_responses, 1);
     let metrics = client.metrics();
@@ -377,7 +377,7 @@ async fn a_budget_error_names_its_limit_carries_usage_and_is_not_retried() {
     let metrics = client.metrics();
     assert_eq!((metrics.failed_requests, metrics.total_retries), (1, 0));
     // The server's lifetime totals count that call; the scripted model has no price.
-    let server = client.status(None).await.expect("status").metrics;
+    let server = client.status().await.expect("status").metrics;
     assert_eq!(server.total_calls, 1);
     assert_eq!(
         (server.total_input_tokens, server.total_output_tokens),
@@ -477,7 +477,7 @@ async fn stderr_is_drained_into_tracing() {
     config.ready_timeout = LIMIT;
     let client = RlmClient::new(config);
     client
-        .status(None)
+        .status()
         .await
         .expect("the server starts despite the flood");
     // The last lines may still be in the pipe when `ready` arrives on stdout.
@@ -515,7 +515,7 @@ async fn a_server_that_never_sends_ready_is_killed() {
             .ready_timeout(Duration::from_millis(300))
             .build(),
     );
-    let starting = client.status(None);
+    let starting = client.status();
     let error = tokio::time::timeout(LIMIT, starting)
         .await
         .unwrap()
@@ -537,7 +537,7 @@ async fn close_escalates_to_sigterm_and_sigkill() {
             .term_timeout(Duration::from_millis(200))
             .build(),
     );
-    let error = client.status(None).await.unwrap_err();
+    let error = client.status().await.unwrap_err();
     assert!(matches!(error, RlmError::Timeout(_)), "{error}");
     let pid = client.pid().expect("spawned");
     let exit = tokio::time::timeout(LIMIT, client.close())
@@ -618,7 +618,7 @@ async fn metrics_are_pushed_to_the_callback() {
 async fn each_request_runs_in_a_span_with_its_method_and_id() {
     let captured = capture();
     let client = RlmClient::new(stub_config());
-    client.status(None).await.unwrap();
+    client.status().await.unwrap();
     client.infer(InferRequest::new("x")).await.unwrap();
     let spans = captured.spans.lock().unwrap();
     let requests: Vec<&Vec<String>> = spans

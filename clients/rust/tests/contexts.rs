@@ -78,7 +78,7 @@ async fn a_text_loaded_once_answers_twice_is_listed_and_dropped() {
         (&loaded.context_id, loaded.bytes, &loaded.sha256, 0)
     );
     assert_eq!(listed.bytes_total, loaded.bytes);
-    let status = client.status(None).await.unwrap();
+    let status = client.status().await.unwrap();
     assert_eq!(
         (status.contexts.count, status.contexts.bytes),
         (1, loaded.bytes)
@@ -346,12 +346,12 @@ async fn a_session_turn_reads_what_an_earlier_turn_stored() {
         .await
         .unwrap();
     assert_eq!(second.text, "the code was KITE-7");
-    assert_eq!(client.status(None).await.unwrap().sessions.count, 1);
+    assert_eq!(client.status().await.unwrap().sessions.count, 1);
     let listed = client.list_contexts().await.unwrap();
     assert_eq!(listed.contexts[0].uses, 1, "the session holds its context");
     assert!(session.close().await.unwrap());
     assert!(!session.close().await.unwrap(), "closing again is a no-op");
-    assert_eq!(client.status(None).await.unwrap().sessions.count, 0);
+    assert_eq!(client.status().await.unwrap().sessions.count, 0);
     assert_eq!(client.metrics().successful_requests, 2);
 }
 
@@ -368,10 +368,10 @@ async fn a_turn_may_bring_its_own_input_and_a_dropped_session_is_closed() {
     assert_eq!(session.infer_with(first).await.unwrap().text, "alpha");
     let second = InferRequest::turn("And this.").prompt("beta");
     assert_eq!(session.infer_with(second).await.unwrap().text, "alpha+beta");
-    assert_eq!(client.status(None).await.unwrap().sessions.count, 1);
+    assert_eq!(client.status().await.unwrap().sessions.count, 1);
     drop(session);
     eventually(LIMIT, "the dropped session is closed", || async {
-        client.status(None).await.unwrap().sessions.count == 0
+        client.status().await.unwrap().sessions.count == 0
     })
     .await;
 }
@@ -382,7 +382,7 @@ async fn ready_and_status_say_how_model_code_is_sandboxed() {
     let fixture = Fixture::start(echo());
     let client = client(&fixture, &["--sandbox", "off"]);
     let ready = client.start().await.unwrap();
-    let status = client.status(None).await.unwrap();
+    let status = client.status().await.unwrap();
     assert_eq!(ready.sandbox, SandboxLevel::Off);
     assert_eq!(
         (&status.sandbox, &status.protections),

@@ -26,8 +26,9 @@ use rlm_client::protocol::{
     ContextListResult, ContextLoadParams, ContextLoadResult, ErrorData, InferOptions, InferParams,
     InferResult, LatencySummary, Message, Progress, Protection, ReadyParams, RpcError,
     SandboxLevel, ServerMetrics, SessionCloseParams, SessionCloseResult, SessionOpenParams,
-    SessionOpenResult, ShutdownParams, ShutdownResult, StatusResult, TrajectoryCodeBlock,
-    TrajectoryStep, TrajectorySubCall, Usage,
+    SessionOpenResult, ShutdownParams, ShutdownResult, StatusResult, ToolCallParams,
+    ToolDeclaration, TrajectoryCodeBlock, TrajectoryStep, TrajectorySubCall, TrajectoryToolCall,
+    Usage,
 };
 use rlm_client::{Backend, ErrorType, ProgressEvent, RlmError};
 use serde_json::{Map, Value, json};
@@ -50,10 +51,12 @@ const METHODS: [&str; 9] = [
 const UNIONS: [&str; 4] = ["ClientMessage", "ServerMessage", "Response", "Id"];
 
 /// Envelope definitions: the members the client writes or reads, by name.
-const ENVELOPES: [(&str, &[&str]); 3] = [
+const ENVELOPES: [(&str, &[&str]); 5] = [
     ("Request", &["jsonrpc", "id", "method", "params"]),
     ("SuccessResponse", &["jsonrpc", "id", "result"]),
     ("ErrorResponse", &["jsonrpc", "id", "error"]),
+    ("ToolCallResponse", &["jsonrpc", "id", "result", "error"]),
+    ("ToolCancelNotification", &["jsonrpc", "method", "params"]),
 ];
 
 #[test]
@@ -102,6 +105,12 @@ fn check(name: &str, def: &Value, defs: &Map<String, Value>) -> Result<(), Strin
         "TrajectoryStep" => round_trip::<TrajectoryStep>(&sample()),
         "TrajectoryCodeBlock" => round_trip::<TrajectoryCodeBlock>(&sample()),
         "TrajectorySubCall" => round_trip::<TrajectorySubCall>(&sample()),
+        "TrajectoryToolCall" => round_trip::<TrajectoryToolCall>(&sample()),
+        "ToolDeclaration" => round_trip::<ToolDeclaration>(&sample()),
+        "ToolCallRequest" => {
+            same_names(&members(def), &["jsonrpc", "id", "method", "params"])?;
+            round_trip::<ToolCallParams>(&sample()["params"])
+        }
         "LatencySummary" => round_trip::<LatencySummary>(&sample()),
         "ServerMetrics" => round_trip::<ServerMetrics>(&sample()),
         "StatusResult" => round_trip::<StatusResult>(&sample()),

@@ -18,7 +18,7 @@ use rlm_client::protocol::{
     CancelParams, ContextDropParams, ContextDropResult, ContextListParams, ContextListResult,
     ContextLoadParams, ContextLoadResult, InferParams, InferResult, Progress, ReadyParams,
     RpcError, SessionCloseParams, SessionCloseResult, SessionOpenParams, SessionOpenResult,
-    ShutdownParams, ShutdownResult, StatusResult,
+    ShutdownParams, ShutdownResult, StatusResult, ToolCallParams,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -63,6 +63,9 @@ transcripts!(
     shutdown_cancel,
     strict,
     stub,
+    tool_answered,
+    tool_cancel,
+    tool_error,
 );
 
 /// A transcript added to `protocol/` after this list was written is replayed here, so that
@@ -282,6 +285,8 @@ impl Run {
         match message.get("method").and_then(Value::as_str) {
             Some("ready") => return round_trip::<ReadyParams>(&message["params"]),
             Some("$/progress") => return round_trip::<Progress>(&message["params"]),
+            Some("tool/call") => return round_trip::<ToolCallParams>(&message["params"]),
+            Some("$/cancelRequest") => return round_trip::<CancelParams>(&message["params"]),
             Some(other) => return Err(format!("unknown server notification {other}")),
             None => {}
         }

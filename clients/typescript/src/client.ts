@@ -31,6 +31,7 @@ import type {
 import { type MetricsCallback, MetricsRecorder, type RLMMetrics } from "./metrics.js";
 import { type InferOptions, toWireOptions } from "./options.js";
 import { Session, type TurnInput, type TurnOptions } from "./session.js";
+import { type Tools, toWireTools } from "./tools.js";
 
 /** The server's own default shutdown grace (its ELIZA_RLM_SHUTDOWN_GRACE), in seconds. */
 export const DEFAULT_SHUTDOWN_GRACE_S = 30;
@@ -100,6 +101,11 @@ export type InferRequest = InferCallOptions &
   InferInput & {
     /** The short question about the context, shown to the root model. */
     query?: string;
+    /**
+     * Host tools model code may call: each a Python function of keyword arguments in the REPL,
+     * listed with its description in the root model's prompt; its handler runs here.
+     */
+    tools?: Tools;
   };
 
 /** A JSON Schema (draft 2020-12) for `options.answerSchema`. */
@@ -133,6 +139,8 @@ export interface LoadContextOptions extends CallOptions {
 export interface SessionOptions extends CallOptions {
   /** A stored context: the session's `context` (and `context_0`); the session holds it. */
   contextId?: string;
+  /** Host tools every turn's model code may call (see `InferRequest.tools`). */
+  tools?: Tools;
 }
 
 /**
@@ -142,6 +150,8 @@ export interface SessionOptions extends CallOptions {
  */
 interface Route extends CallOptions {
   onProgress?: ((event: ProgressEvent) => void) | undefined;
+  /** The handlers of the host tools this call's `tool/call`s name. */
+  tools?: Tools | undefined;
   connection?: Connection | undefined;
   bound?: boolean;
 }
@@ -317,12 +327,19 @@ export class RLMClient implements AsyncDisposable {
    * answerSchema } })`. An answer that never matches rejects with RLMInvalidAnswerError (-32006).
    */
   async infer<T>(request: InferRequest): Promise<InferResult | StructuredResult<T>> {
-    const { context, contextId, query } = request;
+    if (typeof request !== "object" || request === null) {
+      throw new TypeError(
+        "infer takes one object: infer({ context, query }) (or { contextId, query }); " +
+          `it was given ${request === null ? "null" : typeof request}`,
+      );
+    }
+    const { context, contextId, query, tools } = request;
     const input = {
       ...(context === undefined ? {} : { prompt: context }),
       ...(contextId === undefined ? {} : { context_id: contextId }),
+      ...(tools === undefined ? {} : { tools: toWireTools(tools) }),
     };
-    return this.runInfer(input, query, request, { bound: contextId !== undefined });
+    return this.runInfer(input, query, request, { bound: contextId !== undefined, tools });
   }
 
   /**
@@ -379,12 +396,16 @@ export class RLMClient implements AsyncDisposable {
     if (options.signal?.aborted) return Promise.reject(cancelledError());
     const deadline = deadlineAfter(options.timeoutMs ?? this.requestTimeoutMs);
     const connection = this.current();
-    const params = options.contextId === undefined ? {} : { context_id: options.contextId };
+    const { contextId, tools } = options;
+    const params = {
+      ...(contextId === undefined ? {} : { context_id: contextId }),
+      ...(tools === undefined ? {} : { tools: toWireTools(tools) }),
+    };
     const opened = this.call<SessionOpenResult>("session/open", params, { connection, timeoutMs: 0 }).then(
       ({ session_id }) =>
         new Session(session_id, {
           turn: (input: TurnInput, query: string, turn: TurnOptions) =>
-            this.runInfer(input, query, turn, { connection }),
+            this.runInfer(input, query, turn, { connection, tools }),
           close: (id: string) => this.closeSession(connection, id),
         }),
     );
@@ -500,6 +521,7 @@ export class RLMClient implements AsyncDisposable {
           signal: call.signal,
           timeoutMs: deadline ? Math.max(1, deadline.at - Date.now()) : 0,
           onProgress: call.onProgress,
+          tools: call.tools,
         });
       } catch (error) {
         if (!this.retries(error, connection, attempt, call)) throw error;

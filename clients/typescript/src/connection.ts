@@ -20,6 +20,7 @@ import {
   rlmError,
 } from "./errors.js";
 import { LineDecoder, LineWriter } from "./framing.js";
+import { ToolRunner, type Tools } from "./tools.js";
 import {
   PROTOCOL_VERSION,
   type ProgressNotification,
@@ -63,12 +64,15 @@ export interface RequestOptions {
   /** 0 or Infinity: no client-side deadline. */
   timeoutMs?: number | undefined;
   onProgress?: ((event: ProgressEvent) => void) | undefined;
+  /** The host tools whose `tool/call`s name this request (an infer's, or its session's). */
+  tools?: Tools | undefined;
 }
 
 interface Pending {
   resolve(result: unknown): void;
   reject(error: RLMError): void;
   onProgress: ((event: ProgressEvent) => void) | undefined;
+  tools: Tools | undefined;
 }
 
 type Refable = { ref(): void; unref(): void };
@@ -142,6 +146,7 @@ export class Connection {
   private readonly writer: LineWriter;
   private readonly pending = new Map<number, Pending>();
   private readonly logger: Logger;
+  private readonly tools: ToolRunner;
   private nextId = 1;
   private failure: RLMError | undefined;
   /** Set once the client asked the child to stop: its exit is then expected, and final. */
@@ -177,6 +182,7 @@ export class Connection {
     if (this.child.pid !== undefined) killOnExit(this.child);
     const stdin = this.child.stdin as Writable;
     this.writer = new LineWriter(stdin);
+    this.tools = new ToolRunner((message) => this.send(message), logger);
     // EPIPE once the child is gone; the exit handling reports that, so only note it.
     stdin.on("error", (error) => logger.debug(`rlm-server stdin: ${error.message}`));
     this.readStdout(this.child.stdout as Readable);
@@ -246,6 +252,7 @@ export class Connection {
           reject(error);
         },
         onProgress: options.onProgress,
+        tools: options.tools,
       });
       signal?.addEventListener("abort", onAbort, { once: true });
       this.writer.write(line);
@@ -255,7 +262,13 @@ export class Connection {
 
   /** Sends a notification (no id, no answer). */
   notify(method: string, params: object): void {
-    if (!this.failure) this.writer.write(JSON.stringify({ jsonrpc: "2.0", method, params }));
+    this.send({ jsonrpc: "2.0", method, params });
+  }
+
+  /** Writes one message, unless the child is gone; throws only if `message` is not JSON. */
+  private send(message: object): void {
+    const line = JSON.stringify(message, wellFormed);
+    if (!this.failure) this.writer.write(line);
   }
 
   /**
@@ -377,6 +390,8 @@ export class Connection {
   private dispatch(message: unknown): void {
     if (!isObject(message)) {
       this.report(protocolError(`rlm-server wrote ${describe(message)}, which is not a message`));
+    } else if (typeof message.method === "string" && "id" in message) {
+      this.onServerRequest(message.id, message.method, message.params);
     } else if (typeof message.method === "string") {
       this.onNotification(message.method, message.params);
     } else {
@@ -411,7 +426,21 @@ export class Connection {
   private onNotification(method: string, params: unknown): void {
     if (method === "ready") this.onReady(params);
     else if (method === "$/progress") this.onProgress(params);
+    else if (method === "$/cancelRequest") this.tools.cancel(isObject(params) ? params.id : undefined);
     else this.logger.debug(`rlm-server sent a notification this client does not know: ${method}`);
+  }
+
+  /** The server's own request: a `tool/call` of a pending infer, run by its tools' handler. */
+  private onServerRequest(id: unknown, method: string, params: unknown): void {
+    if (typeof id !== "string") {
+      this.report(protocolError(`rlm-server sent ${method} with id ${describe(id)}, not a string`));
+    } else if (method === "tool/call") {
+      const requestId = isObject(params) ? params.request_id : undefined;
+      const entry = typeof requestId === "number" ? this.pending.get(requestId) : undefined;
+      this.tools.call(id, params, entry?.tools);
+    } else {
+      this.send({ jsonrpc: "2.0", id, error: { code: -32601, message: "Method not found" } });
+    }
   }
 
   private onReady(params: unknown): void {
@@ -515,6 +544,7 @@ export class Connection {
     clearTimeout(this.readyTimer);
     clearTimeout(this.goneTimer);
     this.writer.discard();
+    this.tools.abortAll();
     this.settleReady.reject(error);
     const entries = [...this.pending.values()];
     this.pending.clear();

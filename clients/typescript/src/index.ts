@@ -22,6 +22,13 @@ export {
   type StoredContext,
 } from "./contexts.js";
 export { Session, type TurnOptions } from "./session.js";
+export {
+  TOOL_ERROR_CODE,
+  type ToolCall,
+  type ToolDefinition,
+  type ToolHandler,
+  type Tools,
+} from "./tools.js";
 export type { Logger, ProgressEvent, ReadyInfo } from "./connection.js";
 export {
   RLMBackendError,

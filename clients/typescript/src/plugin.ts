@@ -37,6 +37,7 @@ import {
 import { type AnswerSchema, type ChatMessage, RLMClient, type RLMClientOptions } from "./client.js";
 import { RLMError, RLMUnavailableError } from "./errors.js";
 import type { InferOptions } from "./options.js";
+import type { Tools } from "./tools.js";
 
 /** Settings the plugin reads through the runtime and passes to the server's environment. */
 export const RLM_SETTINGS = [
@@ -95,6 +96,8 @@ export interface RlmTextParams extends GenerateTextParams {
   messages?: ChatMessage[];
   /** RLM options for this request (camelCase), e.g. `{ maxIterations: 8 }`. */
   options?: InferOptions;
+  /** Host tools the model's REPL code may call, run in this process (see `InferRequest.tools`). */
+  tools?: Tools;
 }
 
 /** elizaOS's object params, plus the RLM's own, as for text. */
@@ -102,6 +105,7 @@ export interface RlmObjectParams extends ObjectGenerationParams {
   context?: string | ChatMessage[];
   messages?: ChatMessage[];
   options?: InferOptions;
+  tools?: Tools;
 }
 
 /** A call the plugin will not answer, with the reason: raised before anything is spent. */
@@ -219,6 +223,7 @@ function inferRequest(
   context: string | ChatMessage[];
   query: string;
   options: InferOptions;
+  tools?: Tools;
 } {
   const context = params.context ?? (params.messages?.length ? params.messages : params.prompt);
   const options: InferOptions = { ...params.options };
@@ -226,7 +231,7 @@ function inferRequest(
     options.temperature = params.temperature;
   if (params.maxTokens !== undefined && options.maxTokens === undefined) options.maxTokens = params.maxTokens;
   if (answerSchema !== undefined) options.answerSchema = answerSchema;
-  return { context, query: params.prompt, options };
+  return { context, query: params.prompt, options, ...(params.tools ? { tools: params.tools } : {}) };
 }
 
 /** The answer up to the first stop sequence, as a model stopping there would have written it. */

@@ -126,6 +126,32 @@ describe("rlmPlugin", { concurrency: true }, () => {
     );
   });
 
+  test("tools passed in the model params are host tools of the request", async (t) => {
+    const fixture = await startFixture([{ when: "root", reply: answerWith('recall(topic="launch")') }]);
+    const client = serverClient(openaiEnv(fixture.baseUrl));
+    t.after(async () => {
+      await client.close();
+      await fixture.stop();
+    });
+    const plugin = createRlmPlugin(client);
+    const asked: unknown[] = [];
+    const text = await plugin.models.TEXT_LARGE(runtime, {
+      prompt: "What did we decide about the launch?",
+      tools: {
+        recall: {
+          description: "The agent's memory of a topic.",
+          inputSchema: { type: "object", properties: { topic: { type: "string" } }, required: ["topic"] },
+          handler: (args: Record<string, unknown>) => {
+            asked.push(args.topic);
+            return "launch moved to Tuesday";
+          },
+        },
+      },
+    } as Parameters<typeof plugin.models.TEXT_LARGE>[1]);
+    assert.equal(text, "launch moved to Tuesday");
+    assert.deepEqual(asked, ["launch"]);
+  });
+
   test("OBJECT_LARGE returns an object valid against the schema inside the runtime", async (t) => {
     const fixture = await startFixture([
       {

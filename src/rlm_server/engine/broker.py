@@ -129,6 +129,7 @@ class Budget:
     max_input_tokens: int | None = None
     max_output_tokens: int | None = None
     max_cost_usd: float | None = None
+    max_tool_calls: int | None = None  # host tool calls (tools.py), not model calls
 
     def within(self, other: Budget) -> Budget:
         """The tighter of the two, limit by limit."""
@@ -474,6 +475,16 @@ class Broker:
         self.ledger = Ledger(lifetime)
         self._recording = Tape(record) if record else None
         self._replaying = Tape(replay) if replay else None
+
+    @property
+    def recording(self) -> Tape | None:
+        """--record: where host tool answers are stored too (tools.py)."""
+        return self._recording
+
+    @property
+    def replaying(self) -> Tape | None:
+        """--replay: where host tool answers are played from too (tools.py)."""
+        return self._replaying
 
     def account(self, budget: Budget) -> Account:
         return Account(budget, self.ledger)

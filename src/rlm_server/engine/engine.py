@@ -32,6 +32,7 @@ from rlm_server.engine.broker import Account, Broker, Budget, RetryPolicy, Route
 from rlm_server.engine.metrics import Metrics, Outcome
 from rlm_server.engine.sessions import Session, Sessions
 from rlm_server.engine.store import ContextStore
+from rlm_server.engine.tools import DEFAULT_TOOL_TIMEOUT_S, ToolGate, ToolHost, ToolSpec
 from rlm_server.errors import (
     AnswerTooLarge,
     BackendError,
@@ -45,7 +46,7 @@ from rlm_server.errors import (
     ShuttingDown,
     first_of,
 )
-from rlm_server.executors.local.pool import CallHandler, Context, WorkerPool
+from rlm_server.executors.local.pool import CallHandler, Context, ToolHandler, WorkerPool
 from rlm_server.worker import frames
 from rlm_server.worker.trajectory import trimmed
 
@@ -72,6 +73,7 @@ class InferOptions(NamedTuple):
     progress: bool = False
     trajectory: bool = False
     budget: Budget = Budget()  # frozen: one default serves all
+    tool_timeout_s: float | None = None  # None: DEFAULT_TOOL_TIMEOUT_S
     answer_schema: Json | None = None  # a checked JSON Schema: the answer must match it
     answer_repairs: int = ANSWER_REPAIRS  # invalid answers the model may still fix
 
@@ -82,6 +84,7 @@ class InferRequest(NamedTuple):
     options: InferOptions = InferOptions()
     context_id: str | None = None  # a context stored with context/load
     session_id: str | None = None  # a turn of this session
+    tools: tuple[ToolSpec, ...] = ()  # host tools model code may call (a session has its own)
 
     @property
     def size(self) -> int:
@@ -251,8 +254,14 @@ class _Running:
     progress: _Progress
     started: float
     account: Account
+    host: ToolHost | None  # the front end that runs this request's host tools
     label: str  # names the request in our log (its worker's output)
     steps: list[Json] = field(default_factory=list)  # the trajectory, as far as it got
+
+    @property
+    def tools(self) -> tuple[ToolSpec, ...]:
+        """The request's host tools: its own, or its session's."""
+        return self.request.tools if self.session is None else self.session.tools
 
 
 class Engine:
@@ -340,16 +349,31 @@ class Engine:
     # -- infer ------------------------------------------------------------------------------
 
     async def infer(
-        self, request: InferRequest, request_id: RequestId, notify: Notify, sequence: int
+        self,
+        request: InferRequest,
+        request_id: RequestId,
+        notify: Notify,
+        sequence: int,
+        host: ToolHost | None = None,
     ) -> Json:
-        """Run one request; `sequence` is the number of the input line that carried it."""
+        """Run one request; `sequence` is the number of the input line that carried it, `host`
+        the front end that runs its host tools (None: it declares none)."""
         self._admit_or_refuse(sequence, request.size)
+        self.check_tools(request.tools)
         session = None if request.session_id is None else self.sessions.get(request.session_id)
         spec = RunSpec.resolve(self.config, request.options, self._environ)
         await self._check_prices(spec, request.options)
         async with self._source(request) as source:
             with contextlib.nullcontext() if session is None else self.sessions.active(session):
-                return await self._admitted(request, spec, source, session, request_id, notify)
+                return await self._admitted(
+                    request, spec, source, session, request_id, notify, host
+                )
+
+    def check_tools(self, tools: tuple[ToolSpec, ...]) -> None:
+        """Host tools are functions in the worker's own REPL: a remote REPL (docker, modal...)
+        could not call back through the worker's channel, so they are refused there."""
+        if tools and self.config.environment != "local":
+            raise InvalidParams("tools", "host tools need the local REPL (--environment local)")
 
     async def ask_model(self, prompt: str, options: InferOptions | None = None) -> Json:
         """One plain call to the request's root model, with no REPL: `prompt` is the whole
@@ -397,6 +421,7 @@ class Engine:
         session: Session | None,
         request_id: RequestId,
         notify: Notify,
+        host: ToolHost | None,
     ) -> Json:
         started = time.monotonic()
         progress = _Progress(
@@ -407,7 +432,7 @@ class Engine:
         )
         account = self.broker.account(spec.budget)
         label = f"worker of request {request_id!r}"
-        run = _Running(spec, request, source, session, progress, started, account, label)
+        run = _Running(spec, request, source, session, progress, started, account, host, label)
         self.metrics.started()
         outcome = Outcome.FAILURE
         ending: Json = {}
@@ -536,6 +561,7 @@ class Engine:
             "rlm": spec.rlm_kwargs,
             "progress": request.options.progress,
             "trajectory": request.options.trajectory or self.config.log_dir is not None,
+            "tools": [tool.to_job() for tool in run.tools],
         }
         if request.options.answer_schema is not None:
             job["answer"] = {
@@ -553,7 +579,7 @@ class Engine:
         try:
             async with anyio.create_task_group() as starting:
                 starting.start_soon(self.broker.prepare, spec.route)  # while the worker starts
-                final = await self._execute(run, job, on_call)
+                final = await self._execute(run, job, on_call, self._tool_gate(run).call)
         except* RpcError as failed:  # raised inside the task group
             failure = first_of(failed, RpcError)
         if failure is not None:
@@ -587,13 +613,34 @@ class Engine:
         if "value" in result and len(orjson.dumps(result["value"])) > limit:
             raise AnswerTooLarge(limit_bytes=limit)
 
-    async def _execute(self, run: _Running, job: Json, on_call: CallHandler) -> Json:
+    def _tool_gate(self, run: _Running) -> ToolGate:
+        options = run.request.options
+        return ToolGate(
+            run.tools,
+            run.host,
+            options.tool_timeout_s or DEFAULT_TOOL_TIMEOUT_S,
+            run.spec.budget.max_tool_calls,
+            record=self.broker.recording,
+            replay=self.broker.replaying,
+        )
+
+    async def _execute(
+        self, run: _Running, job: Json, on_call: CallHandler, on_tool: ToolHandler
+    ) -> Json:
         """The completion's final frame: from the session's worker, or from a fresh one."""
         if run.session is not None:
             return await self.sessions.run_turn(
-                run.session, job, run.source, run.progress.forward, on_call, run.label
+                run.session,
+                job,
+                run.source,
+                run.progress.forward,
+                on_call,
+                on_tool,
+                run.label,
             )
-        return await self.workers.run(job, run.source, run.progress.forward, on_call, run.label)
+        return await self.workers.run(
+            job, run.source, run.progress.forward, on_call, on_tool, run.label
+        )
 
     @staticmethod
     def _metadata(spec: RunSpec, iterations: int, started: float, attempts: int) -> Json:

@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager, contextmanager
 import anyio
 
 from rlm_server.engine.store import ContextStore, StoredContext
+from rlm_server.engine.tools import ToolSpec
 from rlm_server.errors import InvalidParams
 from rlm_server.executors.local.pool import (
     CallHandler,
@@ -33,6 +34,7 @@ from rlm_server.executors.local.pool import (
     EventHandler,
     Json,
     LongWorker,
+    ToolHandler,
     WorkerPool,
 )
 
@@ -40,9 +42,12 @@ log = logging.getLogger(__name__)
 
 
 class Session:
-    def __init__(self, session_id: str, context: StoredContext | None) -> None:
+    def __init__(
+        self, session_id: str, context: StoredContext | None, tools: tuple[ToolSpec, ...] = ()
+    ) -> None:
         self.id = session_id
         self.context = context  # held for the session's lifetime
+        self.tools = tools  # the host tools every turn's model code may call
         self.worker: LongWorker | None = None  # forked when the first turn runs
         self.turns = anyio.Lock()  # one turn at a time, first come first served
         self.active = 0  # turns running or waiting: the session is idle at 0
@@ -62,9 +67,9 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, context_id: str | None) -> Session:
+    def open(self, context_id: str | None, tools: tuple[ToolSpec, ...] = ()) -> Session:
         context = self._contexts.acquire(context_id) if context_id is not None else None
-        session = Session("ses-" + os.urandom(16).hex(), context)  # as secrets.token_hex
+        session = Session("ses-" + os.urandom(16).hex(), context, tools)  # as secrets.token_hex
         self._sessions[session.id] = session
         self._changed.set()
         return session
@@ -110,6 +115,7 @@ class Sessions:
         context: Context,
         on_event: EventHandler,
         on_call: CallHandler,
+        on_tool: ToolHandler,
         label: str,
     ) -> Json:
         """One turn on the session's worker (forked now if it is the first); the final frame.
@@ -120,7 +126,7 @@ class Sessions:
             if session.worker is None:
                 held = session.context.file if session.context is not None else None
                 session.worker = await self._workers.long_worker(held)
-            final = await session.worker.run(job, context, on_event, on_call, label)
+            final = await session.worker.run(job, context, on_event, on_call, on_tool, label)
             finished = True
             return final
         finally:

@@ -3,7 +3,8 @@
 So the library's visualizer opens it, and so does `rlm-server view`. Line 1 is the library's
 `metadata` entry (with our `query` and `request_id` added), then one `iteration` entry per
 iteration, built from the bounded trajectory (strings cut to 4096 characters, no REPL variables,
-never the context), then our `result` line: the answer or the error, usage and metadata.
+never the context; our `tool_calls` added: each host tool call's name, sizes and time, never
+its arguments or value), then our `result` line: the answer or the error, usage and metadata.
 The steps come from a worker, which runs model code: every field is read defensively.
 """
 
@@ -86,6 +87,18 @@ def _code_block(block: Json) -> Json:
     }
 
 
+def _tool_call(call: Json) -> Json:
+    """A host tool call: its name, sizes and time; the error model code got, if any."""
+    error = call.get("error")
+    return {
+        "name": _text(call.get("name")),
+        "arguments_bytes": _count(call.get("arguments_bytes")),
+        "result_bytes": _count(call.get("result_bytes")),
+        "error": error if isinstance(error, str) else None,
+        "time_s": _number(call.get("time_s")),
+    }
+
+
 def iteration_line(number: int, step: Json) -> Json:
     answer = step.get("final_answer")
     return {
@@ -97,6 +110,7 @@ def iteration_line(number: int, step: Json) -> Json:
         "code_blocks": [_code_block(block) for block in _list(step.get("code_blocks"))],
         "final_answer": answer if isinstance(answer, str) else None,
         "iteration_time": _number(step.get("iteration_time_s")),
+        "tool_calls": [_tool_call(call) for call in _list(step.get("tool_calls"))],
     }
 
 

@@ -51,6 +51,17 @@ class SubCall:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One host tool call the REPL code made (our --log-dir adds them): sizes, not contents."""
+
+    name: str
+    arguments_bytes: int | None
+    result_bytes: int | None
+    seconds: float | None
+    error: str | None
+
+
+@dataclass(frozen=True)
 class CodeBlock:
     """One code block the root model wrote and the REPL ran."""
 
@@ -73,6 +84,7 @@ class Iteration:
     final_answer: str | None
     seconds: float | None
     prompt: list[tuple[str, str]]
+    tools: list[ToolCall]
 
     @property
     def calls(self) -> list[SubCall]:
@@ -210,6 +222,18 @@ def _prompt(raw: Any) -> list[tuple[str, str]]:
     return [(_text(m.get("role")) or "?", _clip(_text(m.get("content")))) for m in messages]
 
 
+def _tool_call(raw: Any) -> ToolCall:
+    call = _dict(raw)
+    error = call.get("error")
+    return ToolCall(
+        name=_clip(_text(call.get("name")), 200) or "?",
+        arguments_bytes=_int(call.get("arguments_bytes")),
+        result_bytes=_int(call.get("result_bytes")),
+        seconds=_num(call.get("time_s")),
+        error=None if error is None else _clip(_text(error)),
+    )
+
+
 def _iteration(raw: dict[str, Any], position: int) -> Iteration:
     final = raw.get("final_answer")
     return Iteration(
@@ -220,6 +244,7 @@ def _iteration(raw: dict[str, Any], position: int) -> Iteration:
         final_answer=None if final is None else _clip(_text(final)),
         seconds=_num(raw.get("iteration_time")),
         prompt=_prompt(raw.get("prompt")),
+        tools=[_tool_call(c) for c in _list(raw.get("tool_calls"))],
     )
 
 
@@ -366,7 +391,26 @@ def _iteration_stats(it: Iteration) -> str:
     if calls:
         stats.append(f"sub-call tokens {_tokens(it.sub_tokens)}")
         stats.append(f"sub-call cost {_fmt_usd(it.sub_cost)}")
+    if it.tools:
+        stats.append(f"{len(it.tools)} tool call(s)")
     return " · ".join(stats)
+
+
+def _tools_html(tools: Sequence[ToolCall]) -> str:
+    """The iteration's host tool calls, one row each: name, bytes in and out, time, error."""
+    if not tools:
+        return ""
+    rows = "".join(
+        f'<tr class="toolcall"><td><code>{escape(call.name)}</code></td>'
+        f"<td>{_fmt_int(call.arguments_bytes)} B</td><td>{_fmt_int(call.result_bytes)} B</td>"
+        f"<td>{_fmt_seconds(call.seconds)}</td>"
+        f"<td>{'' if call.error is None else escape(call.error)}</td></tr>"
+        for call in tools
+    )
+    return (
+        '<table class="tools"><thead><tr><th>host tool</th><th>arguments</th><th>value</th>'
+        f"<th>time</th><th>ToolError</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
 
 
 def _iteration_html(position: int, it: Iteration) -> str:
@@ -386,7 +430,8 @@ def _iteration_html(position: int, it: Iteration) -> str:
         f'<details class="iteration" id="iteration-{position}" data-iteration="{it.number}" open>'
         f'<summary><h3>Iteration {it.number} <span class="muted small">{escape(it.timestamp)}'
         f'</span></h3><div class="stats">{_iteration_stats(it)}</div></summary>{prompt}'
-        f"{_block('reply', 'model reply', it.response)}{blocks}{final}</details>"
+        f"{_block('reply', 'model reply', it.response)}{blocks}{_tools_html(it.tools)}{final}"
+        "</details>"
     )
 
 
@@ -618,6 +663,8 @@ details.stdout pre{background:#f8fafc}
 details.stderr pre{background:#fef2f2;color:#991b1b}
 details.answer pre{background:#f0fdf4}
 .codeblock{border-left:3px solid #14b8a6;padding-left:12px;margin:10px 0}
+.tools{border-collapse:collapse;margin:10px 0;font-size:13px}
+.tools th,.tools td{border:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top}
 details.subcall{margin:8px 0 8px 14px;border:1px solid #fcd34d;border-radius:8px;background:#fffdf5}
 details.subcall>summary{cursor:pointer;padding:4px 10px;font-size:13px}
 .subbody{padding:0 10px 6px}

@@ -13,6 +13,10 @@ library's seam for this, the `_spawn_completion_context` context manager, to han
 an LM handler that is never stopped, because the worker process ends with the completion.
 tests/test_library_seam.py fails loudly if an upgrade moves either seam.
 
+The host tools a job declares are Python functions in the REPL (`HostTool`, given to the
+library as `custom_tools`, so the root prompt lists them): a call is a frame to the server and
+waits for its reply, as a model call does; a refused or failed one raises `ToolError`.
+
 A stored context is not sent: the zygote sets `inherited` to it just before it forks, so the
 worker has it already, shared with the zygote copy-on-write. A session's worker serves one job
 after another; its REPL environment (`SessionState`) lives from one turn to the next, built with
@@ -28,6 +32,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, cast
@@ -190,12 +195,21 @@ class BrokerLink:
             self._arrived.wait_for(lambda: self._closed)
 
     def call(self, model: str, prompt: Any) -> Json:
+        """A model call: the broker's reply (text and usage, or an error)."""
+        return self._exchange("call", {"model": model, "prompt": prompt})
+
+    def call_tool(self, name: str, arguments: Json) -> Json:
+        """A host tool call: the server's reply (the value, or an error with a message)."""
+        return self._exchange("tool", {"name": name, "arguments": arguments})
+
+    def _exchange(self, kind: str, fields: Json) -> Json:
+        """Send one numbered frame and wait for the reply that names its number."""
         number = next(self._numbers)
         slot: list[Json] = []
         with self._arrived:
             self._waiting[number] = slot
         try:
-            self._channel.send({"call": number, "model": model, "prompt": prompt})
+            self._channel.send({kind: number, **fields})
             with self._arrived:
                 self._arrived.wait_for(lambda: bool(slot) or self._closed)
         finally:
@@ -256,6 +270,96 @@ def relay_clients(link: BrokerLink) -> None:
         return RelayLM(str(backend_kwargs.get("model_name") or "default"), link)
 
     rlm.core.rlm.get_client = get_client
+
+
+# ---------------------------------------------------------------------------------------------
+# Host tools: functions the client provides, called from model code
+
+
+class ToolError(Exception):
+    """A host tool failed: the client's handler raised, the call timed out, or the server
+    refused it (arguments that do not match the tool's schema). Its text is the reason."""
+
+
+class ToolLog:
+    """The tool calls made since the last iteration was logged (model code may use threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: list[Json] = []
+
+    def add(self, call: Json) -> None:
+        with self._lock:
+            self._calls.append(call)
+
+    def drain(self) -> list[Json]:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        return calls
+
+
+TOOL_NAME_CHARS = 200
+
+
+class HostTool:
+    """One tool the client declared, as a Python function of keyword arguments in the REPL.
+
+    A call leaves the worker as a frame and blocks until the server answers it: the value the
+    client's handler returned, or a ToolError. The server checks every call again (model code
+    can change `name` or write frames of its own): nothing here is trusted.
+    """
+
+    def __init__(self, name: str, link: BrokerLink, log: ToolLog) -> None:
+        self.name = name
+        self._link = link
+        self._log = log
+
+    def __call__(self, **arguments: Any) -> Any:
+        started = time.monotonic()
+        reply = self._link.call_tool(self.name, arguments)
+        error = reply.get("error")
+        self._log.add(
+            {
+                "name": str(self.name)[:TOOL_NAME_CHARS],
+                "arguments_bytes": len(orjson.dumps(arguments, default=str)),
+                "result_bytes": len(orjson.dumps(reply.get("value"), default=str)),
+                "error": None if error is None else bounded(str(error.get("message", ""))),
+                "time_s": round(time.monotonic() - started, 6),
+            }
+        )
+        if error is not None:
+            raise ToolError(str(error.get("message", "the tool call failed")))
+        return reply.get("value")
+
+
+TOOL_ERROR_DESCRIPTION = (
+    "the exception a host tool raises when it fails; str(error) says why (catch it to go on)"
+)
+
+
+def tool_description(tool: Json) -> str:
+    """What the root model's prompt says of a tool: its description and how to call it."""
+    schema = orjson.dumps(tool.get("input_schema", {})).decode()
+    return (
+        f"{tool.get('description', '')} Call it with keyword arguments, as "
+        f"`{tool['name']}(name=value, ...)`; its arguments, as a JSON Schema: {schema}. "
+        "It returns JSON values (dict, list, str, int, float, bool, None) or raises ToolError."
+    )
+
+
+def host_tools(tools: list[Json], link: BrokerLink, log: ToolLog) -> Json | None:
+    """The library's `custom_tools` for the declared tools (None when there are none)."""
+    if not tools:
+        return None
+    custom: Json = {
+        tool["name"]: {
+            "tool": HostTool(tool["name"], link, log),
+            "description": tool_description(tool),
+        }
+        for tool in tools
+    }
+    custom["ToolError"] = {"tool": ToolError, "description": TOOL_ERROR_DESCRIPTION}
+    return custom
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,10 +434,16 @@ class ProgressLogger(RLMLogger):  # type: ignore[misc]
     summarised as it is logged and nothing else is kept.
     """
 
-    def __init__(self, on_iteration: Callable[[int], None], keep_trajectory: bool) -> None:
+    def __init__(
+        self,
+        on_iteration: Callable[[int], None],
+        keep_trajectory: bool,
+        tool_log: ToolLog | None = None,
+    ) -> None:
         super().__init__()
         self._on_iteration = on_iteration
         self._keep = keep_trajectory
+        self.tool_log = tool_log or ToolLog()
         self.completed = 0
         self.steps: list[Json] = []
 
@@ -344,8 +454,9 @@ class ProgressLogger(RLMLogger):  # type: ignore[misc]
 
     def log(self, iteration: RLMIteration) -> None:
         self.completed += 1
+        tool_calls = self.tool_log.drain()
         if self._keep:
-            self.steps.append(trajectory_step(self.completed, iteration))
+            self.steps.append(trajectory_step(self.completed, iteration, tool_calls))
         self._on_iteration(self.completed)
 
 
@@ -369,8 +480,11 @@ def _sub_call(call: RLMChatCompletion) -> Json:
     }
 
 
-def trajectory_step(number: int, iteration: RLMIteration) -> Json:
-    """One iteration: the model's reply, each code block with its output and sub-calls."""
+def trajectory_step(
+    number: int, iteration: RLMIteration, tool_calls: list[Json] | None = None
+) -> Json:
+    """One iteration: the model's reply, each code block with its output and sub-calls, and
+    the host tool calls its code made (name, sizes, time, and the error if one was raised)."""
     return {
         "iteration": number,
         "response": bounded(iteration.response),
@@ -386,6 +500,7 @@ def trajectory_step(number: int, iteration: RLMIteration) -> Json:
         ],
         "final_answer": None if iteration.final_answer is None else bounded(iteration.final_answer),
         "iteration_time_s": _seconds(iteration.iteration_time),
+        "tool_calls": tool_calls or [],
     }
 
 
@@ -571,6 +686,9 @@ class WorkerRLM(RLM):  # type: ignore[misc]
         if self.environment_type in ("local", "ipython", "docker") and self.max_depth > 1:
             env_kwargs["subcall_fn"] = self._subcall
         env_kwargs["max_concurrent_subcalls"] = self.max_concurrent_subcalls
+        if self.custom_tools is not None:
+            env_kwargs["custom_tools"] = self.custom_tools
+            env_kwargs["custom_sub_tools"] = self.custom_sub_tools
         environment = get_environment(self.environment_type, env_kwargs)
         for context in contexts if in_process else contexts[1:]:
             self._add_context(environment, context)
@@ -591,6 +709,9 @@ class WorkerRLM(RLM):  # type: ignore[misc]
         for context in session.pending:
             self._add_context(environment, context)
         session.pending = []
+        if self.custom_tools is not None and hasattr(environment, "globals"):
+            for name, entry in self.custom_tools.items():  # this turn's, logged with this turn
+                environment.globals[name] = entry["tool"]
         return environment
 
     def _add_context(self, environment: Any, context: Any) -> None:
@@ -723,6 +844,7 @@ def _build_rlm(
         answer=answer,
         logger=logger,
         on_subcall_start=lambda depth, model, preview: emit("subcall", message=str(model)),
+        custom_tools=host_tools(job.get("tools") or [], link, logger.tool_log),
         **spec,
     )
 

@@ -74,6 +74,17 @@ def _sub_call(call: Json, budget: _Budget) -> Json:
     }
 
 
+def _tool_call(call: Json, budget: _Budget) -> Json:
+    error = call.get("error")
+    return {
+        "name": budget.text(call.get("name")),
+        "arguments_bytes": _count(call.get("arguments_bytes")),
+        "result_bytes": _count(call.get("result_bytes")),
+        "error": budget.text(error) if isinstance(error, str) else None,
+        "time_s": max(0.0, _seconds(call.get("time_s")) or 0.0),
+    }
+
+
 def _code_block(block: Json, budget: _Budget) -> Json:
     return {
         "code": budget.text(block.get("code")),
@@ -92,6 +103,7 @@ def _step(step: Json, budget: _Budget) -> Json:
         "code_blocks": budget.items(step.get("code_blocks"), _code_block),
         "final_answer": budget.text(answer) if isinstance(answer, str) else None,
         "iteration_time_s": _seconds(step.get("iteration_time_s")),
+        "tool_calls": budget.items(step.get("tool_calls"), _tool_call),
     }
 
 

@@ -1,7 +1,13 @@
 // GENERATED from protocol/schema.json by scripts/gen-types.mjs. Do not edit by hand:
 // run `npm run gen:types`. `npm test` fails when this file and the schema disagree.
 
-export type ServerMessage = Response | [Response, ...Response[]] | ReadyNotification | ProgressNotification;
+export type ServerMessage =
+  | Response
+  | [Response, ...Response[]]
+  | ReadyNotification
+  | ProgressNotification
+  | ToolCallRequest
+  | ToolCancelNotification;
 export type Response = SuccessResponse | ErrorResponse;
 /**
  * Request id. Integers are kept within 64 bits; fractional numbers and booleans are invalid.
@@ -53,7 +59,10 @@ export type ErrorType =
   | "context_store_full"
   | "invalid_answer"
   | "cancelled";
-export type ClientMessage = Request | [Request, ...Request[]];
+/**
+ * A request, a batch of requests, or the answer to one of the server's own `tool/call` requests (one per line, never in a batch).
+ */
+export type ClientMessage = Request | [Request, ...Request[]] | ToolCallResponse;
 /**
  * A request (with id) or a notification (without). `params: null` is treated as absent.
  */
@@ -75,6 +84,22 @@ export type Request = {
   params?: {} | null;
 };
 /**
+ * The client's answer to a `tool/call`: `result` (any JSON value, which model code gets), or `error` (model code gets ToolError with its `message`). One per line; its line is bounded by --max-message-bytes like any other.
+ */
+export type ToolCallResponse = {
+  jsonrpc: "2.0";
+  id: string;
+  result?: unknown;
+  error?: {
+    code: number;
+    message: string;
+    data?: unknown;
+  };
+} & ToolCallResponse1;
+export type ToolCallResponse1 = {
+  [k: string]: unknown | undefined;
+};
+/**
  * The long input is exactly one of: `prompt` (or its alias `messages`), which becomes `context` in the REPL; `context_id`, a context stored with context/load; or, with `session_id`, the session's REPL, to which an optional `prompt` (or `messages`) adds the next `context_N`. `query` is the short question shown to the root model.
  */
 export type InferParams = {
@@ -93,6 +118,12 @@ export type InferParams = {
   session_id?: string;
   query?: string;
   options?: InferOptions;
+  /**
+   * Host tools model code may call: each becomes a Python function of keyword arguments in the REPL, listed with its description in the root model's prompt. The server sends `tool/call` for each call; a client that declares none never receives one. Not with `session_id`: a session's turns use the tools declared on session/open.
+   *
+   * @maxItems 64
+   */
+  tools?: ToolDeclaration[];
 } & InferParams1;
 export type Backend =
   "openai" | "anthropic" | "gemini" | "groq" | "openrouter" | "vllm" | "azure_openai" | "portkey" | "vercel";
@@ -183,6 +214,10 @@ export interface TrajectoryStep {
   code_blocks: TrajectoryCodeBlock[];
   final_answer: string | null;
   iteration_time_s: number | null;
+  /**
+   * The host tool calls this iteration's code made, in the order they returned.
+   */
+  tool_calls?: TrajectoryToolCall[];
 }
 export interface TrajectoryCodeBlock {
   code: string;
@@ -204,6 +239,19 @@ export interface TrajectorySubCall {
   input_tokens: number;
   output_tokens: number;
   execution_time_s: number | null;
+}
+/**
+ * One host tool call: its name, the sizes of its arguments and of its value as JSON, and how long model code waited for it.
+ */
+export interface TrajectoryToolCall {
+  name: string;
+  arguments_bytes: number;
+  result_bytes: number;
+  /**
+   * The ToolError's message model code got, or null.
+   */
+  error: string | null;
+  time_s: number;
 }
 export interface StatusResult {
   server: "rlm-server";
@@ -366,7 +414,7 @@ export interface ErrorData {
    */
   status?: number;
   /**
-   * -32600 line_too_long: the maximum line in bytes; -32002 queue_full: the maximum number of queued requests; -32004: the name of the limit that was reached (max_calls, max_input_tokens, max_output_tokens or max_cost_usd).
+   * -32600 line_too_long: the maximum line in bytes; -32002 queue_full: the maximum number of queued requests; -32004: the name of the limit that was reached (max_calls, max_input_tokens, max_output_tokens, max_cost_usd or max_tool_calls).
    */
   limit?: number | string;
   timeout_s?: number;
@@ -432,6 +480,35 @@ export interface ProgressNotification {
     message?: string;
   };
 }
+/**
+ * The server's own request: model code of request `request_id` called a host tool. Its `id` is from the server's id space (strings `tool-N`), apart from the client's; the client answers with a ToolCallResponse carrying that id.
+ */
+export interface ToolCallRequest {
+  jsonrpc: "2.0";
+  id: string;
+  method: "tool/call";
+  params: {
+    /**
+     * The infer whose model code made the call.
+     */
+    request_id: Id | null;
+    name: string;
+    /**
+     * Valid against the tool's input_schema.
+     */
+    arguments: {};
+  };
+}
+/**
+ * The server no longer waits for this `tool/call` (its infer was cancelled, timed out or ended, or the call passed tool_timeout_s): stop its handler; an answer sent after this is dropped.
+ */
+export interface ToolCancelNotification {
+  jsonrpc: "2.0";
+  method: "$/cancelRequest";
+  params: {
+    id: string;
+  };
+}
 export interface Message {
   role: string;
   content: string;
@@ -453,6 +530,10 @@ export interface InferOptions {
   trajectory?: boolean;
   budget?: Budget;
   /**
+   * How long one host tool call may take, seconds (default 60): then model code gets ToolError and the client `$/cancelRequest` for it.
+   */
+  tool_timeout_s?: number;
+  /**
    * A JSON Schema (draft 2020-12, at most 65536 bytes as JSON) the answer must match: the root model is told it, each answer it sets is checked, and a valid one comes back as `result.value`. A schema that is not one is -32602 naming `options.answer_schema`.
    */
   answer_schema?: {
@@ -471,6 +552,21 @@ export interface Budget {
   max_input_tokens?: number;
   max_output_tokens?: number;
   max_cost_usd?: number;
+  /**
+   * Host tool calls this request may make; the next one ends it with -32004 (limit `max_tool_calls`), before the client sees it.
+   */
+  max_tool_calls?: number;
+}
+/**
+ * One host tool. `name` is a Python identifier, not a keyword, not starting with `_`, and not a name the REPL already has (`llm_query`, `llm_query_batched`, `rlm_query`, `rlm_query_batched`, `SHOW_VARS`, `FINAL`, `FINAL_VAR`, `answer`, `context`, `history`, `ToolError`); names are unique within a request.
+ */
+export interface ToolDeclaration {
+  name: string;
+  description: string;
+  /**
+   * A JSON Schema (2020-12, at most 65536 bytes as JSON) for the keyword arguments, as one object: every call's arguments are checked against it before the client sees them.
+   */
+  input_schema: {};
 }
 export interface ShutdownParams {
   grace_s?: number;
@@ -487,6 +583,12 @@ export interface SessionOpenParams {
    * A sealed context: the session's `context`.
    */
   context_id?: string;
+  /**
+   * Host tools every turn of the session may call (see InferParams.tools).
+   *
+   * @maxItems 64
+   */
+  tools?: ToolDeclaration[];
 }
 export interface SessionCloseParams {
   session_id: string;
@@ -499,4 +601,4 @@ export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -320
 /** Every `data.type` of the contract. */
 export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "answer_too_large", "backend_error", "replay_miss", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "context_store_full", "invalid_answer", "cancelled"] as const;
 /** Every per-request option, by its wire name. */
-export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget", "answer_schema", "answer_repairs"] as const;
+export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget", "tool_timeout_s", "answer_schema", "answer_repairs"] as const;

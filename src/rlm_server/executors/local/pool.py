@@ -19,12 +19,13 @@ context (its holder exits after its workers). The handshake is shielded from can
 fork once asked for is always answered and its worker always ended; the token matches each
 answer to its request. The server then talks to the worker over its socketpair in frames (see
 frames.py): one job frame in; event frames, model-call frames (each answered by a reply frame,
-made by the broker) and one final frame out. End of stream without a final frame means the
-worker died. Every frame is checked: the worker runs model code, and nothing it sends is
-trusted. A job has at most `max_calls_in_flight` model calls in the broker at once: past that
-the server reads no more of its frames until one is answered, so a flood of calls waits in the
-worker's own socket, holds none of the server's memory, and leaves the providers' connections
-to the other requests.
+made by the broker), host tool call frames (each answered by a reply frame, made by the
+engine's ToolGate: engine/tools.py) and one final frame out. End of stream without a final
+frame means the worker died. Every frame is checked: the worker runs model code, and nothing it
+sends is trusted. A job has at most `max_calls_in_flight` model calls in the broker at once:
+past that the server reads no more of its frames until one is answered, so a flood of calls
+waits in the worker's own socket, holds none of the server's memory, and leaves the providers'
+connections to the other requests.
 
 The zygote, and so every worker, starts from an environment with nothing but what Python needs:
 no provider key and no `ELIZA_RLM_*` setting reaches model code.
@@ -112,6 +113,7 @@ OUTPUT_LINE_BYTES = 4096  # a longer line is logged in pieces
 OUTPUT_CHUNK = 1 << 16
 EventHandler = Callable[[Json], None]
 CallHandler = Callable[[str, Any], Awaitable[Json]]  # (model, prompt) -> reply
+ToolHandler = Callable[[str, Json], Awaitable[Json]]  # (tool name, arguments) -> reply
 WORKER_ENVIRONMENT = frozenset(
     {
         "PATH",
@@ -499,17 +501,19 @@ class WorkerPool:
         context: Context,
         on_event: EventHandler,
         on_call: CallHandler,
+        on_tool: ToolHandler,
         label: str = "a worker",
     ) -> Json:
         """Run one job in a fresh worker; return its final frame. The worker never outlives it;
-        its model calls are answered by `on_call`, concurrently. A stored context is named in
-        the fork, so the worker inherits it. `label` names the request in our log."""
+        its model calls are answered by `on_call` and its host tool calls by `on_tool`,
+        concurrently. A stored context is named in the fork, so the worker inherits it. `label`
+        names the request in our log."""
         inherited = context if isinstance(context, ContextFile) else None
         crash: RpcError | None = None
         async with self._forked(inherited) as worker:
             try:
                 final = await _converse(
-                    worker, job, context, on_event, on_call, label, self._max_calls
+                    worker, job, context, on_event, on_call, on_tool, label, self._max_calls
                 )
             except* WorkerCrashed as crashed:  # raised inside the calls' task group
                 crash = first_of(crashed, WorkerCrashed)
@@ -550,6 +554,7 @@ class LongWorker:
         context: Context,
         on_event: EventHandler,
         on_call: CallHandler,
+        on_tool: ToolHandler,
         label: str = "a session's worker",
     ) -> Json:
         """One job (a turn) on this worker; its final frame, or WorkerCrashed."""
@@ -561,6 +566,7 @@ class LongWorker:
                 context,
                 on_event,
                 on_call,
+                on_tool,
                 label,
                 self._max_calls,
             )
@@ -609,6 +615,7 @@ async def _converse(
     context: Context,
     on_event: EventHandler,
     on_call: CallHandler,
+    on_tool: ToolHandler,
     label: str,
     max_calls: int,
 ) -> Json | None:
@@ -624,6 +631,8 @@ async def _converse(
                 call = checked_call(frame)
                 await in_flight.acquire()
                 calls.start_soon(_answer, worker, call, on_call, in_flight)
+            elif "tool" in frame:
+                calls.start_soon(_answer_tool, worker, checked_tool(frame), on_tool)
             elif "event" in frame:
                 event = checked_event(frame)
                 if event is not None:
@@ -643,6 +652,11 @@ async def _answer(
         await worker.send_frame({"reply": call["call"], **reply})
     finally:
         in_flight.release()
+
+
+async def _answer_tool(worker: Worker, call: Json, on_tool: ToolHandler) -> None:
+    reply = await on_tool(call["name"], call["arguments"])
+    await worker.send_frame({"reply": call["tool"], **reply})
 
 
 # -- what a worker may say ------------------------------------------------------------------
@@ -712,6 +726,20 @@ def checked_call(frame: Json) -> Json:
     ):
         return frame
     raise WorkerCrashed(reason="the worker sent a malformed model call")
+
+
+def checked_tool(frame: Json) -> Json:
+    """A host tool call of the shape the engine checks further (a name and an object of
+    arguments), or WorkerCrashed."""
+    name = frame.get("name")
+    if (
+        _is_count(frame.get("tool"))
+        and isinstance(name, str)
+        and 0 < len(name) <= MODEL_NAME_CHARS
+        and isinstance(frame.get("arguments"), dict)
+    ):
+        return frame
+    raise WorkerCrashed(reason="the worker sent a malformed tool call")
 
 
 def checked_final(frame: Json) -> Json:

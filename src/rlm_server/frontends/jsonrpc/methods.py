@@ -27,6 +27,7 @@ from rlm_server.config import BACKENDS
 from rlm_server.engine.broker import budget_from
 from rlm_server.engine.engine import InferOptions, InferRequest
 from rlm_server.engine.store import StoredContext
+from rlm_server.engine.tools import ToolSpec
 from rlm_server.errors import InvalidParams
 from rlm_server.frontends.jsonrpc.request import RequestContext
 
@@ -77,6 +78,7 @@ def _int_between(low: int, high: int | None) -> _OptionRule:
 
 _NON_EMPTY = _OptionRule(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
 _BOOL = _OptionRule(lambda v: isinstance(v, bool), "true or false")
+_SECONDS = _OptionRule(lambda v: _is_number(v) and v > 0, "a number of seconds above 0")
 
 OPTION_RULES: Mapping[str, _OptionRule] = {
     "backend": _OptionRule(lambda v: v in BACKENDS, "one of " + ", ".join(BACKENDS)),
@@ -85,12 +87,13 @@ OPTION_RULES: Mapping[str, _OptionRule] = {
     "base_url": _NON_EMPTY,
     "max_iterations": _int_between(1, 1000),
     "max_depth": _int_between(1, 10),
-    "timeout_s": _OptionRule(lambda v: _is_number(v) and v > 0, "a number of seconds above 0"),
+    "timeout_s": _SECONDS,
     "temperature": _OptionRule(lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
     "max_tokens": _int_between(1, None),
     "progress": _BOOL,
     "trajectory": _BOOL,
     "budget": _OptionRule(lambda v: isinstance(v, dict), "an object"),
+    "tool_timeout_s": _SECONDS,
     "answer_schema": _OptionRule(lambda v: isinstance(v, dict), "a JSON Schema object"),
     "answer_repairs": _int_between(0, 100),
 }
@@ -103,6 +106,7 @@ BUDGET_RULES: Mapping[str, _OptionRule] = {
     "max_cost_usd": _OptionRule(
         lambda v: _is_number(v) and v > 0, "a number of US dollars above 0"
     ),
+    "max_tool_calls": _int_between(1, None),
 }
 
 
@@ -117,29 +121,30 @@ def _checked(raw: Any, rules: Mapping[str, _OptionRule], prefix: str) -> Json:
     return {k: v for k, v in raw.items() if v is not None}
 
 
-ANSWER_SCHEMA_BYTES = 64 * 1024  # the largest options.answer_schema, as compact JSON
+SCHEMA_BYTES = 64 * 1024  # the largest answer or tool input schema, as compact JSON
 SCHEMA_ERROR_CHARS = 300  # of the validator's words on a schema that is not one
 
 
-def check_answer_schema(schema: Json) -> None:
-    """`options.answer_schema` must be a draft 2020-12 JSON Schema of at most 64 KiB: refused
-    here, before any model call, rather than failing in the worker. jsonschema is imported on
-    the first schema: the server's start never needs it."""
+def check_schema(field: str, schema: Json) -> None:
+    """A schema of a request (`options.answer_schema`, a tool's `input_schema`) must be a draft
+    2020-12 JSON Schema of at most 64 KiB: refused here, before any model call, rather than
+    failing in the worker. jsonschema is imported on the first schema: the server's start never
+    needs it."""
     try:
         size = len(orjson.dumps(schema))
     except orjson.JSONEncodeError:  # an integer beyond 64 bits, read by the surrogate path
-        raise InvalidParams("options.answer_schema", "holds a number out of range") from None
-    if size > ANSWER_SCHEMA_BYTES:
-        raise InvalidParams("options.answer_schema", "must be at most 65536 bytes as JSON")
+        raise InvalidParams(field, "holds a number out of range") from None
+    if size > SCHEMA_BYTES:
+        raise InvalidParams(field, "must be at most 65536 bytes as JSON")
     from jsonschema import Draft202012Validator, SchemaError
 
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as error:
         reason = f"not a valid JSON Schema (draft 2020-12): {error.message}"
-        raise InvalidParams("options.answer_schema", reason[:SCHEMA_ERROR_CHARS]) from None
+        raise InvalidParams(field, reason[:SCHEMA_ERROR_CHARS]) from None
     except RecursionError:
-        raise InvalidParams("options.answer_schema", "nested too deeply to check") from None
+        raise InvalidParams(field, "nested too deeply to check") from None
 
 
 def parse_options(raw: Any) -> InferOptions:
@@ -151,7 +156,7 @@ def parse_options(raw: Any) -> InferOptions:
             _checked(options["budget"], BUDGET_RULES, "options.budget.")
         )
     if "answer_schema" in options:
-        check_answer_schema(options["answer_schema"])
+        check_schema("options.answer_schema", options["answer_schema"])
     elif "answer_repairs" in options:
         raise InvalidParams("options.answer_repairs", "only with options.answer_schema")
     return InferOptions(**options)
@@ -188,6 +193,67 @@ def parse_context(prompt: Any, messages: Any) -> str | list[dict[str, str]]:
     return _parse_messages("messages", messages)
 
 
+# Names model code already has in the REPL (the library's, and ToolError), and Python's keywords.
+RESERVED_TOOL_NAMES = frozenset(
+    {
+        "llm_query",
+        "llm_query_batched",
+        "rlm_query",
+        "rlm_query_batched",
+        "SHOW_VARS",
+        "FINAL",
+        "FINAL_VAR",
+        "answer",
+        "context",
+        "history",
+        "ToolError",
+    }
+)
+MAX_TOOLS = 64
+TOOL_FIELDS = ("name", "description", "input_schema")
+TOOL_NAME_CHARS = 64
+TOOL_DESCRIPTION_CHARS = 4096
+
+
+def _tool_name(field: str, name: Any) -> str:
+    import keyword
+
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise InvalidParams(field, "must be a Python identifier")
+    if len(name) > TOOL_NAME_CHARS or name in RESERVED_TOOL_NAMES or name.startswith("_"):
+        raise InvalidParams(field, "is reserved or too long (a name the REPL has already)")
+    return name
+
+
+def _tool(field: str, raw: Any) -> ToolSpec:
+    if not isinstance(raw, dict):
+        raise InvalidParams(field, "must be an object with name, description and input_schema")
+    _refuse_unknown({k: v for k, v in raw.items() if k not in TOOL_FIELDS}, field + ".")
+    name = _tool_name(f"{field}.name", raw.get("name"))
+    description = raw.get("description")
+    if not isinstance(description, str) or len(description) > TOOL_DESCRIPTION_CHARS:
+        raise InvalidParams(f"{field}.description", "must be a string of at most 4096 characters")
+    schema = raw.get("input_schema")
+    if not isinstance(schema, dict):
+        raise InvalidParams(f"{field}.input_schema", "must be a JSON Schema object")
+    check_schema(f"{field}.input_schema", schema)
+    return ToolSpec(name, description, schema)
+
+
+def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
+    """`tools`: host tools model code may call, each a Python function of keyword arguments."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_TOOLS:
+        raise InvalidParams("tools", f"must be an array of at most {MAX_TOOLS} tools")
+    tools = tuple(_tool(f"tools.{index}", tool) for index, tool in enumerate(raw))
+    names = [tool.name for tool in tools]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise InvalidParams(f"tools.{index}.name", "is declared twice")
+    return tools
+
+
 # ---------------------------------------------------------------------------------------------
 # Methods
 
@@ -204,10 +270,16 @@ def _string(field: str, value: Any) -> str:
 
 
 def parse_infer(
-    prompt: Any, messages: Any, context_id: Any, session_id: Any, query: Any, options: Any
+    prompt: Any,
+    messages: Any,
+    context_id: Any,
+    session_id: Any,
+    query: Any,
+    options: Any,
+    tools: Any = None,
 ) -> InferRequest:
     """Exactly one long input: `prompt` (or `messages`) or `context_id`; a session's turn
-    takes no `context_id` (the session has its own) and its `prompt` is optional."""
+    takes no `context_id` nor `tools` (the session has its own) and its `prompt` is optional."""
     if query is not None and not isinstance(query, str):
         raise InvalidParams("query", "must be a string")
     parsed = parse_options(options)
@@ -215,13 +287,17 @@ def parse_infer(
     if _given(session_id):
         if _given(context_id):
             raise InvalidParams("context_id", "not with session_id (a session keeps its own)")
+        if tools is not None:
+            raise InvalidParams("tools", "not with session_id (declare them on session/open)")
         context = parse_context(prompt, messages) if given_prompt else None
         return InferRequest(context, query, parsed, session_id=_string("session_id", session_id))
+    declared = parse_tools(tools)
     if _given(context_id):
         if given_prompt:
             raise InvalidParams("context_id", "give prompt or context_id, not both")
-        return InferRequest(None, query, parsed, context_id=_string("context_id", context_id))
-    return InferRequest(parse_context(prompt, messages), query, parsed)
+        named = _string("context_id", context_id)
+        return InferRequest(None, query, parsed, context_id=named, tools=declared)
+    return InferRequest(parse_context(prompt, messages), query, parsed, tools=declared)
 
 
 async def infer(
@@ -233,17 +309,20 @@ async def infer(
     session_id: Any = MISSING,
     query: Any = None,
     options: Any = None,
+    tools: Any = None,
     **unknown: Any,
 ) -> Result:
     _refuse_unknown(unknown)
-    request = parse_infer(prompt, messages, context_id, session_id, query, options)
+    request = parse_infer(prompt, messages, context_id, session_id, query, options, tools)
     session = ctx.session
 
     def progress(params: Json) -> None:
         if ctx.request_id is not None:  # progress names its request; a null id names none
             session.notify("$/progress", params)
 
-    return _success(await session.engine.infer(request, ctx.request_id, progress, ctx.sequence))
+    host = session.tool_host(ctx.request_id)
+    result = await session.engine.infer(request, ctx.request_id, progress, ctx.sequence, host)
+    return _success(result)
 
 
 def status(ctx: RequestContext, /, **unknown: Any) -> Json:
@@ -348,10 +427,14 @@ def context_list(ctx: RequestContext, /, **unknown: Any) -> Json:
     }
 
 
-async def session_open(ctx: RequestContext, /, context_id: Any = MISSING, **unknown: Any) -> Result:
+async def session_open(
+    ctx: RequestContext, /, context_id: Any = MISSING, tools: Any = None, **unknown: Any
+) -> Result:
     _refuse_unknown(unknown)
     named = _string("context_id", context_id) if _given(context_id) else None
-    session = ctx.session.engine.sessions.open(named)
+    declared = parse_tools(tools)
+    ctx.session.engine.check_tools(declared)
+    session = ctx.session.engine.sessions.open(named, declared)
     return _success({"session_id": session.id})
 
 

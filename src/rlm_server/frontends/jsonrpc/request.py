@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Protocol
 
 from rlm_server.engine.engine import Engine
+from rlm_server.engine.tools import ToolHost
 from rlm_server.frontends.jsonrpc.wire import RequestId
 
 Json = dict[str, Any]
@@ -20,6 +21,8 @@ class Session(Protocol):
     async def shutdown(self, grace_s: float | None, sequence: int) -> None: ...
 
     def cancel(self, request_id: RequestId) -> None: ...
+
+    def tool_host(self, request_id: RequestId) -> ToolHost: ...
 
 
 class RequestContext(NamedTuple):

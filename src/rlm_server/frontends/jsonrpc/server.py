@@ -43,8 +43,10 @@ from anyio.abc import TaskGroup
 
 from rlm_server.config import Config
 from rlm_server.engine.engine import Engine
+from rlm_server.engine.tools import ToolHost
 from rlm_server.errors import LineTooLong, ParseError, RpcError
 from rlm_server.frontends.jsonrpc.request import RequestContext
+from rlm_server.frontends.jsonrpc.tools import ToolCalls, is_response
 from rlm_server.frontends.jsonrpc.wire import (
     Json,
     RequestId,
@@ -76,6 +78,7 @@ OUTPUT_HIGH_WATER = 64 << 20  # unsent answer bytes above which we stop reading 
 DECODE_IN_THREAD_BYTES = 1 << 20
 BATCHES_AHEAD = 4  # reads the input thread may hand the loop before it waits for it
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+TOO_LARGE_ANSWER = "the tool's answer is longer than the server's --max-message-bytes"
 
 
 class InFlight:
@@ -137,6 +140,7 @@ class Server:
             claim.write_fd, on_closed=self._output_closed, high_water=OUTPUT_HIGH_WATER
         )
         self.engine = Engine(config, environ)
+        self._tool_calls = ToolCalls(self._send)  # our own requests to the client
         self._parent = ParentWatch()
         self._lines_read = 0
         self._in_flight = InFlight()
@@ -153,6 +157,9 @@ class Server:
 
     def notify(self, method: str, params: Json) -> None:
         self._writer.send(encode({"jsonrpc": "2.0", "method": method, "params": params}))
+
+    def tool_host(self, request_id: RequestId) -> ToolHost:
+        return self._tool_calls.host(request_id)
 
     async def shutdown(self, grace_s: float | None, sequence: int) -> None:
         """Start stopping, and return once everything else has been answered."""
@@ -278,7 +285,9 @@ class Server:
 
     def _handle_line(self, line: Line, dispatcher: Dispatcher, spawn: Spawn) -> None:
         if isinstance(line, OversizedLine):
-            self._send_error(LineTooLong(limit=line.limit), leading_id(line.head))
+            request_id = leading_id(line.head)
+            if not self._tool_calls.fail(request_id, TOO_LARGE_ANSWER):
+                self._send_error(LineTooLong(limit=line.limit), request_id)
             return
         self._lines_read += 1
         context = self._context_factory(self._lines_read)
@@ -295,7 +304,7 @@ class Server:
         except ParseError as error:
             self._send_error(error)
             return
-        dispatcher.dispatch(message, context, spawn, self._send)
+        self._route(message, dispatcher, context, spawn)
 
     async def _decode_aside(
         self, line: bytes | bytearray, dispatcher: Dispatcher, context: ContextFactory, spawn: Spawn
@@ -316,7 +325,16 @@ class Server:
             if not self._decoding[request_id]:
                 del self._decoding[request_id]
         del line
-        dispatcher.dispatch(message, context, spawn, self._send)
+        self._route(message, dispatcher, context, spawn)
+
+    def _route(
+        self, message: Any, dispatcher: Dispatcher, context: ContextFactory, spawn: Spawn
+    ) -> None:
+        """A response answers one of our `tool/call` requests; anything else is dispatched."""
+        if is_response(message):
+            self._tool_calls.answer(message)
+        else:
+            dispatcher.dispatch(message, context, spawn, self._send)
 
     def cancel(self, request_id: RequestId) -> None:
         self.engine.cancel(request_id, arriving=request_id in self._decoding)
