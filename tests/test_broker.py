@@ -17,7 +17,7 @@ import anyio
 import pytest
 from conftest import Spawn
 from fixtures.openai_fixture import FixtureServer
-from harness import ServerProcess, answer_with, repl, wait_until
+from harness import ServerProcess, alive, answer_with, descendants, repl, wait_until
 
 from rlm_server.engine.broker import MAX_CLIENTS, Broker, Budget, RetryPolicy, Route
 
@@ -240,6 +240,137 @@ def test_usage_is_priced_from_the_table(spawn: Spawn) -> None:
     assert server.close() == 0
 
 
+# -- a refused or failed call ends its request, at any depth ----------------------------------
+
+
+def _workers(server_pid: int) -> set[int]:
+    """Every process below the zygote (and any holder): the workers and what they started."""
+    return alive({pid for child in descendants(server_pid) for pid in descendants(child)})
+
+
+SUB_CALL_THEN_SPIN = repl(
+    "s = llm_query('a sub question')",
+    "answer['content'] = '7 ' + s",
+    "while True: pass",  # a worker left running would never end by itself
+)
+
+
+def test_a_budget_refusal_of_a_sub_call_ends_the_request_and_its_worker(
+    spawn: Spawn, llm: FixtureServer
+) -> None:
+    server = spawn([{"when": "root", "reply": SUB_CALL_THEN_SPIN}, {"when": "sub", "reply": "x"}])
+    server.ready()
+    options = {"budget": {"max_calls": 1}, "timeout_s": 60}
+    error = server.call("infer", {"prompt": "x", "options": options})["error"]
+    assert (error["code"], error["data"]["type"], error["data"]["limit"]) == (
+        -32004,
+        "budget_exceeded",
+        "max_calls",
+    )
+    assert error["data"]["usage"]["calls"] == 1  # the root call; the sub-call was not made
+    assert llm.script.stats()["requests"] == 1
+    assert wait_until(lambda: not _workers(server.process.pid)), _workers(server.process.pid)
+    assert server.close() == 0
+
+
+def test_a_budget_refusal_of_a_depth_two_child_call_ends_the_request(
+    spawn: Spawn, llm: FixtureServer
+) -> None:
+    rules = [  # the child's own root call is the second call: over the budget
+        {"when": "root", "times": 1, "reply": answer_with("rlm_query('a question for a child')")},
+        {"when": "root", "reply": answer_with("'from the child'")},
+    ]
+    server = spawn(rules)
+    server.ready()
+    options = {"max_depth": 2, "budget": {"max_calls": 1}}
+    error = server.call("infer", {"prompt": "x", "options": options})["error"]
+    assert (error["code"], error["data"]["scope"]) == (-32004, "request")
+    assert error["data"]["usage"]["calls"] == 1
+    assert llm.script.stats()["requests"] == 1
+    assert wait_until(lambda: not _workers(server.process.pid)), _workers(server.process.pid)
+    assert server.close() == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "scope"),
+    [("ELIZA_RLM_MAX_COST_USD", "request"), ("ELIZA_RLM_SPEND_LIMIT_USD", "server")],
+)
+def test_the_servers_cost_limits_refuse_a_sub_call_and_end_the_request(
+    spawn: Spawn, llm: FixtureServer, variable: str, scope: str
+) -> None:
+    """gpt-4o-mini has a price. The root call's reservation fits under $0.004; a sub-call
+    with a 20,000-byte prompt reserves $0.003 of input on top of 4096 output tokens: it
+    does not, and is refused before it is made."""
+    big_sub_call = repl("s = llm_query('x' * 20000)", "answer['content'] = '7 ' + s")
+    server = spawn(
+        [{"when": "root", "reply": big_sub_call}, {"when": "sub", "reply": "x"}],
+        env={"ELIZA_RLM_MODEL": "gpt-4o-mini", variable: "0.004"},
+    )
+    server.ready()
+    error = server.call("infer", {"prompt": "x"})["error"]
+    data = error["data"]
+    assert (error["code"], data["limit"], data["scope"]) == (-32004, "max_cost_usd", scope)
+    assert data["usage"]["calls"] == 1 and data["usage"]["cost_usd"] > 0
+    assert llm.script.stats()["requests"] == 1
+    assert server.close() == 0
+
+
+TWO_SUB_CALLS = repl(
+    "a = llm_query('first')",
+    "b = llm_query('second')",
+    "answer['content'] = '5 ' + a + ' ' + b",
+    "answer['ready'] = True",
+)
+
+
+def test_a_sub_call_that_fails_after_the_retries_ends_the_request(
+    spawn: Spawn, llm: FixtureServer
+) -> None:
+    rules = [{"when": "root", "reply": TWO_SUB_CALLS}, {"when": "sub", "status": 500}]
+    server = spawn(rules, env={"ELIZA_RLM_MAX_RETRIES": "1"})
+    server.ready()
+    error = server.call("infer", {"prompt": "x"})["error"]
+    assert error["code"] == -32000 and error["data"]["type"] == "backend_error"
+    assert error["data"]["retryable"] is False
+    assert (error["data"]["attempts"], error["data"]["status"]) == (2, 500)
+    assert error["data"]["usage"]["calls"] == 1  # the root call
+    assert llm.script.stats()["requests"] == 3  # the root call, the first sub-call twice
+    assert wait_until(lambda: not _workers(server.process.pid)), _workers(server.process.pid)
+    assert server.close() == 0
+
+
+def test_with_subcall_errors_model_the_code_gets_the_failure_and_the_result_counts_it(
+    spawn: Spawn, llm: FixtureServer
+) -> None:
+    rules = [
+        {"when": "root", "reply": TWO_SUB_CALLS},
+        {"when": "sub", "contains": "first", "status": 500},
+        {"when": "sub", "reply": "fine"},
+    ]
+    server = spawn(rules, env={"ELIZA_RLM_MAX_RETRIES": "1"})
+    server.ready()
+    options = {"subcall_errors": "model"}
+    result = server.call("infer", {"prompt": "x", "options": options})["result"]
+    assert result["text"].startswith("5 ") and result["text"].endswith(" fine")
+    assert "backend_error" in result["text"]  # what the library gives model code
+    assert result["metadata"]["failed_calls"] == 1
+    assert result["usage"]["calls"] == 2  # the root call and the second sub-call
+    assert llm.script.stats()["requests"] == 4
+    clean = server.call("infer", {"prompt": "x", "options": {"subcall_errors": "fail"}})
+    assert clean["error"]["code"] == -32000
+    assert server.close() == 0
+
+
+def test_subcall_errors_takes_fail_or_model(spawn: Spawn) -> None:
+    server = spawn([{"when": "root", "reply": answer_with("'ok'")}])
+    server.ready()
+    error = server.call("infer", {"prompt": "x", "options": {"subcall_errors": "ignore"}})["error"]
+    assert (error["code"], error["data"]["field"]) == (-32602, "options.subcall_errors")
+    result = server.call("infer", {"prompt": "x"}, request_id=2)["result"]
+    assert result["metadata"]["failed_calls"] == 0
+    assert server.close() == 0
+
+
 # -- what model code can ask of the broker (issue 21) -----------------------------------------
 #
 # Model code runs in the worker's own process, so it can do whatever the worker can: these
@@ -420,12 +551,12 @@ def test_a_cost_limit_refuses_a_model_without_a_price_whoever_names_it(
         response = server.call("infer", {"prompt": "x"})
     called = [body["model"] for body in llm.script.bodies]
     assert "unpriced-model" not in called and "gpt-4o" in called
-    if "error" in response:  # a request whose budget refused a call may end with it
-        error = response["error"]
-        assert (error["code"], error["data"]["limit"]) == (-32004, "max_cost_usd")
-    else:  # or model code is told, and answers anyway
-        seen = json.loads(response["result"]["text"])
-        assert seen == {"gpt-4o": "probed", "unpriced-model": "budget_exceeded"}
+    error = response["error"]  # a call its cost limit refused ends the request
+    assert (error["code"], error["data"]["limit"], error["data"]["scope"]) == (
+        -32004,
+        "max_cost_usd",
+        "request",
+    )
     assert server.close() == 0
 
 

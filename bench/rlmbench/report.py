@@ -101,10 +101,11 @@ def _soak_row(s: Json) -> Row:
     before, after = s["before"], s["after"]
     leaks = {k: (before[k], after[k]) for k in ("processes", "open_fds", "temp_entries")}
     clean = all(a <= b for b, a in leaks.values()) and s["after_exit_temp_entries"] == 0
-    met = not s["answered_twice"] and clean and s["exit_code"] == 0
+    met = not s["answered_twice"] and clean and s["exit_code"] == 0 and s["fuzz"]["alive_after"]
     return Row(
         "soak: every id answered once, nothing left over",
-        f"{s['fuzz']['lines']:,} fuzzed lines, {s['infer']['infers']} infers",
+        f"{s['fuzz']['lines']:,} fuzzed lines ({s['fuzz']['status_path_lines']:,} through the "
+        f"status path), {s['infer']['infers']} infers",
         "",
         "",
         "",

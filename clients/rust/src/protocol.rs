@@ -162,6 +162,18 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// What a model call that fails after the server's retries does to its request
+    /// (`InferOptions.subcall_errors`). A budget refusal always ends the request (-32004).
+    SubcallErrors {
+        /// The request ends with -32000 `backend_error` (the server's default).
+        Fail = "fail",
+        /// Model code gets the library's error string in place of the reply, and the result
+        /// counts the failures in [`InferMetadata::failed_calls`].
+        Model = "model",
+    }
+}
+
 /// Per-request overrides (`InferOptions`). They apply to one request only and never change
 /// the server's shared configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -206,6 +218,10 @@ pub struct InferOptions {
     /// ([`crate::RlmError::BudgetExceeded`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// What a model call that fails after the server's retries does: end the request
+    /// (`fail`, the default) or reach model code (`model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subcall_errors: Option<SubcallErrors>,
     /// How long one host tool call may take, in seconds (default 60): then model code gets
     /// `ToolError` and the handler is cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -348,6 +364,9 @@ option_setters! {
     trajectory: bool;
     /// Sets `budget`: limits over the request's whole call tree.
     budget: Budget;
+    /// Sets `subcall_errors`: whether a failed model call ends the request or reaches model
+    /// code.
+    subcall_errors: SubcallErrors;
     /// Sets `tool_timeout_s`, the bound of one host tool call in seconds.
     tool_timeout_s: f64;
     /// Sets `answer_schema`: the JSON Schema the answer must match.
@@ -617,6 +636,10 @@ pub struct InferMetadata {
     pub elapsed_ms: f64,
     /// Backend attempts, including the server's own retries.
     pub attempts: u64,
+    /// Model calls that failed after the server's retries and reached model code
+    /// (`subcall_errors: model`); 0 otherwise.
+    #[serde(default)]
+    pub failed_calls: u64,
 }
 
 /// The result of `infer` (`InferResult`).

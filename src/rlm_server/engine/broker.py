@@ -492,25 +492,23 @@ class Broker:
     async def call(
         self, route: Route, account: Account, model: str, prompt: Any, on_retry: OnRetry
     ) -> Json:
-        """Make one model call for a worker: its reply frame (text and usage, or an error). A
-        model the route does not allow is refused before any client exists."""
+        """Make one model call for a worker: its reply frame (text and usage). A model the
+        route does not allow is refused to model code before any client exists (an error
+        reply). A call over a budget raises BudgetExceeded (a model without a known price under
+        a cost limit too), and one that failed for good (after the retries) a BackendError,
+        each with what it says on the wire: the engine decides how it ends."""
         if model not in route.allowed:
             log.info("refused a call to model %r: not an allowed model", model)
             return {"error": {"type": MODEL_NOT_ALLOWED}}
-        try:
-            await self._check_price(route, account, model)
-            if self._replaying is not None:
-                return await self._replay(self._replaying, route, account, model, prompt)
-            async with self._client(route) as client:
-                reply = await self._attempts(route, account, client, model, prompt, on_retry)
-            if self._recording is not None:
-                request = Tape.request(route, model, prompt)
-                await self._recording.record(Tape.key(request), request, reply)
-            return reply
-        except BudgetExceeded as exceeded:
-            return {"error": {"type": exceeded.TYPE}}
-        except BackendError as failed:
-            return {"error": {"type": failed.TYPE}}
+        await self._check_price(route, account, model)
+        if self._replaying is not None:
+            return await self._replay(self._replaying, route, account, model, prompt)
+        async with self._client(route) as client:
+            reply = await self._attempts(route, account, client, model, prompt, on_retry)
+        if self._recording is not None:
+            request = Tape.request(route, model, prompt)
+            await self._recording.record(Tape.key(request), request, reply)
+        return reply
 
     async def _check_price(self, route: Route, account: Account, model: str) -> None:
         """Under a cost limit, a model without a known price is refused, whoever names it."""
@@ -607,7 +605,7 @@ class Broker:
                 log.info("model call failed: %s (status %s)", type(exc).__name__, status)
                 if not may_retry or attempt > self._retry.max_retries:
                     account.failure = CallFailure(type(exc).__name__, attempt, status)
-                    raise BackendError(retryable=False, attempts=attempt) from None
+                    raise account.failure.error() from None
                 delay = self._delay(attempt, exc)
                 account.retries += 1
                 on_retry(

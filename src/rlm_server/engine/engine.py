@@ -28,7 +28,7 @@ import orjson
 
 from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
 from rlm_server.config import BACKEND_INFO, Config, api_key, backend_unavailable_reason
-from rlm_server.engine.broker import Account, Broker, Budget, RetryPolicy, Route
+from rlm_server.engine.broker import Account, Broker, Budget, OnRetry, RetryPolicy, Route
 from rlm_server.engine.metrics import Metrics, Outcome
 from rlm_server.engine.sessions import Session, Sessions
 from rlm_server.engine.store import ContextStore
@@ -37,6 +37,7 @@ from rlm_server.errors import (
     AnswerTooLarge,
     BackendError,
     BackendUnavailable,
+    BudgetExceeded,
     DeadlineExceeded,
     InvalidAnswer,
     InvalidParams,
@@ -55,6 +56,9 @@ RequestId = str | int | None
 Notify = Callable[[Json], None]
 
 STUB_TEXT = "[RLM STUB] RLM backend not available"
+# options.subcall_errors: a model call that fails after the broker's retries ends its request
+# ("fail"), or reaches model code as the library's error string and is counted ("model").
+SUBCALL_ERRORS = ("fail", "model")
 ANSWER_REPAIRS = 2  # the default of options.answer_repairs
 
 
@@ -73,6 +77,7 @@ class InferOptions(NamedTuple):
     progress: bool = False
     trajectory: bool = False
     budget: Budget = Budget()  # frozen: one default serves all
+    subcall_errors: str = SUBCALL_ERRORS[0]
     tool_timeout_s: float | None = None  # None: DEFAULT_TOOL_TIMEOUT_S
     answer_schema: Json | None = None  # a checked JSON Schema: the answer must match it
     answer_repairs: int = ANSWER_REPAIRS  # invalid answers the model may still fix
@@ -257,6 +262,8 @@ class _Running:
     host: ToolHost | None  # the front end that runs this request's host tools
     label: str  # names the request in our log (its worker's output)
     steps: list[Json] = field(default_factory=list)  # the trajectory, as far as it got
+    failed_calls: int = 0  # model calls that failed and reached model code ("model")
+    ending: RpcError | None = None  # a refused or failed call that ends the request
 
     @property
     def tools(self) -> tuple[ToolSpec, ...]:
@@ -573,7 +580,7 @@ class Engine:
             run.progress("retry", message=message)
 
         async def on_call(model: str, prompt: Any) -> Json:
-            return await self.broker.call(spec.route, account, model, prompt, on_retry)
+            return await self._call(run, model, prompt, on_retry)
 
         failure: RpcError | None = None
         try:
@@ -586,6 +593,8 @@ class Engine:
             raise failure
         outcome: Json = final.get("result") or final["failure"]
         run.steps += trimmed(outcome.get("trajectory"), spec.max_iterations)
+        if run.ending is not None:
+            raise run.ending
         if "result" not in final:
             raise _failure(account, final["failure"])
         result: Json = final["result"]
@@ -596,7 +605,11 @@ class Engine:
             "stub": False,
             "usage": account.usage(),  # the broker's count: the whole call tree, every depth
             "metadata": self._metadata(
-                spec, _iterations(spec, account, result), run.started, 1 + account.retries
+                spec,
+                _iterations(spec, account, result),
+                run.started,
+                1 + account.retries,
+                run.failed_calls,
             ),
         }
         if request.options.trajectory:
@@ -612,6 +625,27 @@ class Engine:
             raise AnswerTooLarge(limit_bytes=limit)
         if "value" in result and len(orjson.dumps(result["value"])) > limit:
             raise AnswerTooLarge(limit_bytes=limit)
+
+    async def _call(self, run: _Running, model: str, prompt: Any, on_retry: OnRetry) -> Json:
+        """One model call of a worker, through the broker. A refusal by a budget ends the
+        request, and so does a call that failed after the retries unless the request asked for
+        `subcall_errors: "model"`. Once ended, the request makes no further model call: a fresh
+        worker is stopped at once (raised here); a session's worker is told, as the library
+        would be, so that it unwinds and keeps its REPL, and its turn then fails."""
+        if run.ending is not None:
+            return {"error": {"type": run.ending.TYPE}}
+        try:
+            return await self.broker.call(run.spec.route, run.account, model, prompt, on_retry)
+        except BackendError as failed:
+            if run.request.options.subcall_errors == "model":
+                run.failed_calls += 1
+                return {"error": {"type": failed.TYPE}}
+            run.ending = failed
+        except BudgetExceeded as exceeded:
+            run.ending = exceeded
+        if run.session is None:
+            raise run.ending
+        return {"error": {"type": run.ending.TYPE}}
 
     def _tool_gate(self, run: _Running) -> ToolGate:
         options = run.request.options
@@ -643,7 +677,9 @@ class Engine:
         )
 
     @staticmethod
-    def _metadata(spec: RunSpec, iterations: int, started: float, attempts: int) -> Json:
+    def _metadata(
+        spec: RunSpec, iterations: int, started: float, attempts: int, failed_calls: int = 0
+    ) -> Json:
         return {
             "backend": spec.backend,
             "model": spec.model,
@@ -651,6 +687,7 @@ class Engine:
             "depth": spec.max_depth,
             "elapsed_ms": round((time.monotonic() - started) * 1000, 3),
             "attempts": attempts,
+            "failed_calls": failed_calls,
         }
 
     # -- cancellation and shutdown ----------------------------------------------------------

@@ -186,6 +186,10 @@ export interface InferResult {
     depth: number;
     elapsed_ms: number;
     attempts: number;
+    /**
+     * Model calls that failed after the server's retries and reached model code (options.subcall_errors "model"); 0 otherwise.
+     */
+    failed_calls: number;
   };
   trajectory?: TrajectoryStep[];
 }
@@ -530,6 +534,10 @@ export interface InferOptions {
   trajectory?: boolean;
   budget?: Budget;
   /**
+   * A model call that fails after the server's retries: "fail" (default) ends the request with -32000; "model" gives model code the library's error string and counts it in metadata.failed_calls. A budget refusal always ends the request (-32004).
+   */
+  subcall_errors?: "fail" | "model";
+  /**
    * How long one host tool call may take, seconds (default 60): then model code gets ToolError and the client `$/cancelRequest` for it.
    */
   tool_timeout_s?: number;
@@ -601,4 +609,4 @@ export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -320
 /** Every `data.type` of the contract. */
 export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "answer_too_large", "backend_error", "replay_miss", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "context_store_full", "invalid_answer", "cancelled"] as const;
 /** Every per-request option, by its wire name. */
-export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget", "tool_timeout_s", "answer_schema", "answer_repairs"] as const;
+export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget", "subcall_errors", "tool_timeout_s", "answer_schema", "answer_repairs"] as const;

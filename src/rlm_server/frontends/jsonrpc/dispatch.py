@@ -204,13 +204,17 @@ class Dispatcher:
 
     def answer_here(self, message: Any, make_context: ContextFactory) -> tuple[bool, Json | None]:
         """For a thread other than the loop's: (True, the answer or None) when `message` is one
-        request (not a batch) for an inline method that may run in any thread; (False, None)
-        when it is anything else, for `dispatch` in the loop."""
-        if not isinstance(message, dict) or message.get("method") not in self._any_thread:
+        message (not a batch) that owes nothing or an error, or a request for an inline method
+        that may run in any thread; (False, None) for anything else, which `dispatch` answers in
+        the loop. It passes the same check (`_prepare`) as on every other path before anything
+        looks inside it."""
+        if not isinstance(message, dict):
             return False, None
         prepared = self._prepare(message)
         if not isinstance(prepared, _Prepared):
             return True, prepared
+        if prepared.method not in self._any_thread:
+            return False, None
         return True, self._call_inline(prepared, make_context)
 
     def dispatch(

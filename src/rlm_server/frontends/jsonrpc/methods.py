@@ -25,7 +25,7 @@ import orjson
 
 from rlm_server.config import BACKENDS
 from rlm_server.engine.broker import budget_from
-from rlm_server.engine.engine import InferOptions, InferRequest
+from rlm_server.engine.engine import SUBCALL_ERRORS, InferOptions, InferRequest
 from rlm_server.engine.store import StoredContext
 from rlm_server.engine.tools import ToolSpec
 from rlm_server.errors import InvalidParams
@@ -93,6 +93,7 @@ OPTION_RULES: Mapping[str, _OptionRule] = {
     "progress": _BOOL,
     "trajectory": _BOOL,
     "budget": _OptionRule(lambda v: isinstance(v, dict), "an object"),
+    "subcall_errors": _OptionRule(lambda v: v in SUBCALL_ERRORS, "one of fail, model"),
     "tool_timeout_s": _SECONDS,
     "answer_schema": _OptionRule(lambda v: isinstance(v, dict), "a JSON Schema object"),
     "answer_repairs": _int_between(0, 100),
