@@ -159,6 +159,11 @@ def _directory(raw: str) -> str | None:
     return os.path.abspath(path)
 
 
+def _names(raw: str) -> tuple[str, ...]:
+    """Comma-separated model names."""
+    return tuple(name.strip() for name in raw.split(",") if name.strip())
+
+
 def _urls(raw: str) -> tuple[str, ...]:
     """Comma-separated http(s) URLs, compared without a trailing slash."""
     urls = tuple(url.strip().rstrip("/") for url in raw.split(",") if url.strip())
@@ -341,6 +346,32 @@ SETTINGS: tuple[Setting, ...] = (
         repeatable=True,
     ),
     Setting(
+        "allow_model",
+        "ELIZA_RLM_ALLOW_MODEL",
+        "",
+        _names,
+        "model names separated by commas",
+        "a model that model code may name besides the configured ones and those a request's "
+        "options name (repeatable); any other name it passes is refused",
+        repeatable=True,
+    ),
+    Setting(
+        "max_calls_in_flight",
+        "ELIZA_RLM_MAX_CALLS_IN_FLIGHT",
+        "16",
+        _positive_int,
+        "a positive integer",
+        "model calls one request may have in flight at once; its other calls wait",
+    ),
+    Setting(
+        "max_answer_bytes",
+        "ELIZA_RLM_MAX_ANSWER_BYTES",
+        str(64 << 20),
+        _positive_int,
+        "a positive number of bytes",
+        "longest answer (UTF-8) a request may return before -32603 answer_too_large",
+    ),
+    Setting(
         "max_cost_usd",
         "ELIZA_RLM_MAX_COST_USD",
         "",
@@ -492,6 +523,9 @@ class Config(NamedTuple):
     max_message_bytes: int
     shutdown_grace_s: float
     allow_base_url: tuple[str, ...]
+    allow_model: tuple[str, ...]
+    max_calls_in_flight: int
+    max_answer_bytes: int
     max_cost_usd: float | None
     spend_limit_usd: float | None
     log_dir: str | None

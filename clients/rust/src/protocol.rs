@@ -830,6 +830,10 @@ pub struct StatusResult {
     pub max_depth: u64,
     /// Completions run at once.
     pub max_concurrency: u64,
+    /// Model calls one request may have in flight at once (`--max-calls-in-flight`).
+    pub max_calls_in_flight: u64,
+    /// The longest answer an `infer` returns, in UTF-8 bytes (`--max-answer-bytes`).
+    pub max_answer_bytes: u64,
     /// Completions running now.
     pub in_flight: u64,
     /// Requests waiting for a slot.
@@ -1047,6 +1051,8 @@ wire_enum! {
         InternalError = "internal_error",
         /// -32603: the worker running the request crashed.
         WorkerCrashed = "worker_crashed",
+        /// -32603: the answer is longer than `--max-answer-bytes` (`data.limit_bytes`).
+        AnswerTooLarge = "answer_too_large",
         /// -32000: the backend failed after the server's retries.
         BackendError = "backend_error",
         /// -32000: `--replay` has no recorded answer for a model call (`data.hash` names it).
@@ -1153,7 +1159,7 @@ pub struct ErrorData {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<Limit>,
     /// `queue_full`: the most prompt bytes that may wait; -32005: the server's
-    /// `--context-store-bytes`.
+    /// `--context-store-bytes`; `answer_too_large`: its `--max-answer-bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_bytes: Option<u64>,
     /// `replay_miss`: the SHA-256 of the model call nothing was recorded for.

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import anyio
+import orjson
 
 from rlm_server import PROTOCOL_VERSION, SERVER_NAME, __version__
 from rlm_server.config import BACKEND_INFO, Config, api_key, backend_unavailable_reason
@@ -33,6 +34,7 @@ from rlm_server.engine.sessions import Session, Sessions
 from rlm_server.engine.store import ContextStore
 from rlm_server.engine.tools import DEFAULT_TOOL_TIMEOUT_S, ToolGate, ToolHost, ToolSpec
 from rlm_server.errors import (
+    AnswerTooLarge,
     BackendError,
     BackendUnavailable,
     BudgetExceeded,
@@ -48,6 +50,7 @@ from rlm_server.errors import (
 from rlm_server.executors.base import Executor, make_executor
 from rlm_server.executors.local.pool import CallHandler, Context, ToolHandler
 from rlm_server.worker import frames
+from rlm_server.worker.trajectory import trimmed
 
 Json = dict[str, Any]
 RequestId = str | int | None
@@ -114,6 +117,14 @@ def _endpoint(config: Config, options: InferOptions, same_backend: bool) -> str:
     )
 
 
+def _allowed_models(config: Config, models: tuple[str, ...], same_backend: bool) -> frozenset[str]:
+    """The models a request's model code may name: the request's own, the configured root and
+    sub models, and --allow-model. A name from model code is steered by content nobody vetted,
+    and every new one would cost a provider call at the least."""
+    configured = (config.effective_model, config.sub_model) if same_backend else ()
+    return frozenset(name for name in (*models, *configured, *config.allow_model) if name)
+
+
 class RunSpec(NamedTuple):
     """Everything one request runs with: the configuration with its options applied."""
 
@@ -157,7 +168,7 @@ class RunSpec(NamedTuple):
             "max_depth": max_depth,
             "verbose": config.verbose,
         }
-        sub_client = {**client, "model_name": sub_model} if sub_model else None
+        models = (model, sub_model) if sub_model else (model,)
         if sub_model:
             rlm_kwargs["other_backends"] = [info.library_backend]
             rlm_kwargs["other_backend_kwargs"] = [{"model_name": sub_model}]
@@ -172,7 +183,13 @@ class RunSpec(NamedTuple):
                 backend, base_url, environ, replaying=config.replay is not None
             ),
             rlm_kwargs=rlm_kwargs,
-            route=Route(info.library_backend, client, sub_client, info.price_provider),
+            route=Route(
+                info.library_backend,
+                client,
+                models,
+                _allowed_models(config, models, same_backend),
+                info.price_provider,
+            ),
             budget=budget,
             cost_limited=budget.max_cost_usd is not None or config.spend_limit_usd is not None,
         )
@@ -181,8 +198,11 @@ class RunSpec(NamedTuple):
 class _Progress:
     """Sends `$/progress` for one request, when it asked for them."""
 
-    def __init__(self, request_id: RequestId, notify: Notify | None, started: float) -> None:
+    def __init__(
+        self, request_id: RequestId, notify: Notify | None, started: float, max_iterations: int
+    ) -> None:
         self._request_id, self._notify, self._started = request_id, notify, started
+        self._max_iterations = max_iterations
 
     def __call__(self, event: str, **fields: Any) -> None:
         if self._notify is None:
@@ -191,7 +211,12 @@ class _Progress:
         self._notify({"id": self._request_id, "event": event, "elapsed_ms": elapsed_ms, **fields})
 
     def forward(self, frame: Json) -> None:
-        """An event frame from the worker."""
+        """An event frame from the worker (the pool kept its known fields only), its iteration
+        never past the request's max_iterations, which the server states, not the worker."""
+        if "iteration" in frame:
+            frame = {**frame, "iteration": min(frame["iteration"], self._max_iterations)}
+        if "max_iterations" in frame:
+            frame = {**frame, "max_iterations": self._max_iterations}
         self(**frame)
 
 
@@ -199,6 +224,13 @@ _OUTCOMES = {
     DeadlineExceeded: Outcome.TIMED_OUT,
     RequestCancelled: Outcome.CANCELLED,
 }
+
+
+def _iterations(spec: RunSpec, account: Account, result: Json) -> int:
+    """The iterations the worker claims, never more than the server saw: each one is a call
+    to the root model, and there are at most max_iterations."""
+    claimed: int = result["iterations"]
+    return min(claimed, account.calls_to(spec.model), spec.max_iterations)
 
 
 def _unreported(message: str) -> None:
@@ -313,6 +345,8 @@ class Engine:
         status["max_iterations"] = self.config.max_iterations
         status["max_depth"] = self.config.max_depth
         status["max_concurrency"] = self.config.max_concurrency
+        status["max_calls_in_flight"] = self.config.max_calls_in_flight
+        status["max_answer_bytes"] = self.config.max_answer_bytes
         return status
 
     # -- infer ------------------------------------------------------------------------------
@@ -393,7 +427,12 @@ class Engine:
         host: ToolHost | None,
     ) -> Json:
         started = time.monotonic()
-        progress = _Progress(request_id, notify if request.options.progress else None, started)
+        progress = _Progress(
+            request_id,
+            notify if request.options.progress else None,
+            started,
+            spec.max_iterations,
+        )
         account = self.broker.account(spec.budget)
         label = f"worker of request {request_id!r}"
         run = _Running(spec, request, source, session, progress, started, account, host, label)
@@ -549,24 +588,39 @@ class Engine:
         if failure is not None:
             raise failure
         outcome: Json = final.get("result") or final["failure"]
-        run.steps += outcome.get("trajectory") or []
+        run.steps += trimmed(outcome.get("trajectory"), spec.max_iterations)
         if run.ending is not None:
             raise run.ending
         if "result" not in final:
             raise _failure(account, final["failure"])
         result: Json = final["result"]
+        self._check_answer_size(result)
         response = {
             "text": result["text"],
             **({"value": result["value"]} if "value" in result else {}),
             "stub": False,
             "usage": account.usage(),  # the broker's count: the whole call tree, every depth
             "metadata": self._metadata(
-                spec, result["iterations"], run.started, 1 + account.retries, run.failed_calls
+                spec,
+                _iterations(spec, account, result),
+                run.started,
+                1 + account.retries,
+                run.failed_calls,
             ),
         }
         if request.options.trajectory:
             response["trajectory"] = run.steps
         return response
+
+    def _check_answer_size(self, result: Json) -> None:
+        """AnswerTooLarge when the worker's answer (its text, or its value as JSON) is longer
+        than --max-answer-bytes: the worker runs model code, and its sizes are not trusted."""
+        limit = self.config.max_answer_bytes
+        text: str = result["text"]
+        if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
+            raise AnswerTooLarge(limit_bytes=limit)
+        if "value" in result and len(orjson.dumps(result["value"])) > limit:
+            raise AnswerTooLarge(limit_bytes=limit)
 
     async def _call(self, run: _Running, model: str, prompt: Any, on_retry: OnRetry) -> Json:
         """One model call of a worker, through the broker. A refusal by a budget ends the

@@ -74,6 +74,7 @@ def make_executor(config: Config, environ: Mapping[str, str]) -> Executor:
         environ,
         config.protections,
         config.worker_disk_mb,
+        max_calls_in_flight=config.max_calls_in_flight,
     )
     if config.executor == LOCAL:
         return local

@@ -36,7 +36,7 @@ export type Protection =
   | "private_tmp"
   | "private_output";
 /**
- * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error or worker crash; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32004 a budget was exhausted; -32005 the context store is full even after evicting every unused context; -32006 the answer did not match `options.answer_schema` and its repairs were spent; -32800 cancelled.
+ * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error, worker crash or an answer over --max-answer-bytes; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32004 a budget was exhausted; -32005 the context store is full even after evicting every unused context; -32006 the answer did not match `options.answer_schema` and its repairs were spent; -32800 cancelled.
  */
 export type ErrorCode =
   -32700 | -32600 | -32601 | -32602 | -32603 | -32000 | -32001 | -32002 | -32003 | -32004 | -32005 | -32006 | -32800;
@@ -48,6 +48,7 @@ export type ErrorType =
   | "invalid_params"
   | "internal_error"
   | "worker_crashed"
+  | "answer_too_large"
   | "backend_error"
   | "replay_miss"
   | "deadline_exceeded"
@@ -277,6 +278,14 @@ export interface StatusResult {
   max_iterations: number;
   max_depth: number;
   max_concurrency: number;
+  /**
+   * --max-calls-in-flight: model calls one request may have in flight at once.
+   */
+  max_calls_in_flight: number;
+  /**
+   * --max-answer-bytes: the longest answer (UTF-8 bytes) an infer returns; a longer one is -32603 answer_too_large.
+   */
+  max_answer_bytes: number;
   in_flight: number;
   queued: number;
   uptime_s: number;
@@ -444,7 +453,7 @@ export interface ErrorData {
   reason?: string;
   method?: string;
   /**
-   * -32002 queue_full: the maximum total prompt size of queued requests; -32005: --context-store-bytes.
+   * -32002 queue_full: the maximum total prompt size of queued requests; -32005: --context-store-bytes; -32603 answer_too_large: --max-answer-bytes.
    */
   limit_bytes?: number;
   /**
@@ -626,6 +635,6 @@ export const PROTOCOL_VERSION = "1" as const;
 /** Every error code of the contract. */
 export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32004, -32005, -32006, -32800] as const;
 /** Every `data.type` of the contract. */
-export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "backend_error", "replay_miss", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "context_store_full", "invalid_answer", "cancelled"] as const;
+export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "answer_too_large", "backend_error", "replay_miss", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "context_store_full", "invalid_answer", "cancelled"] as const;
 /** Every per-request option, by its wire name. */
 export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget", "subcall_errors", "tool_timeout_s", "answer_schema", "answer_repairs"] as const;

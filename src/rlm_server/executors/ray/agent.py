@@ -101,10 +101,15 @@ class NodeAgent:
     without Ray."""
 
     def __init__(
-        self, memory_mb: int, disk_mb: int, max_frame_bytes: int, sandbox_level: str
+        self,
+        memory_mb: int,
+        disk_mb: int,
+        max_frame_bytes: int,
+        max_calls_in_flight: int,
+        sandbox_level: str,
     ) -> None:
         self._memory_mb, self._disk_mb = memory_mb, disk_mb
-        self._max_frame_bytes = max_frame_bytes
+        self._max_frame_bytes, self._max_calls = max_frame_bytes, max_calls_in_flight
         self._level = sandbox_level
         self._pool: WorkerPool | None = None
         self._jobs: dict[int, _Job] = {}
@@ -127,6 +132,7 @@ class NodeAgent:
             os.environ,
             tuple(found["protections"]),
             self._disk_mb,
+            max_calls_in_flight=self._max_calls,
         )
         await asyncio.to_thread(_remove_abandoned)
         self._pool.start()

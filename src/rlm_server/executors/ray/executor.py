@@ -261,7 +261,11 @@ class RayExecutor:
             num_cpus=0,  # its workers are processes of its own, outside Ray's accounting
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(
-            config.worker_memory_mb, config.worker_disk_mb, config.max_message_bytes, config.sandbox
+            config.worker_memory_mb,
+            config.worker_disk_mb,
+            config.max_message_bytes,
+            config.max_calls_in_flight,
+            config.sandbox,
         )
         node = _Node(node_id, info.get("NodeManagerAddress", ""), slots, agent)
         try:
