@@ -40,6 +40,20 @@ def test_bad_integers_name_the_variable(value: str) -> None:
         load_config([], {"ELIZA_RLM_MAX_CONCURRENCY": value})
 
 
+def test_the_brokers_bounds_have_defaults_and_refuse_bad_values() -> None:
+    config = load_config([], {})
+    assert (config.allow_model, config.max_calls_in_flight) == ((), 16)
+    assert config.max_answer_bytes == 64 << 20
+    flags = ["--allow-model", "a", "--allow-model", "b, c", "--max-calls-in-flight", "4"]
+    config = load_config(flags, {"ELIZA_RLM_ALLOW_MODEL": "ignored"})
+    assert (config.allow_model, config.max_calls_in_flight) == (("a", "b", "c"), 4)
+    assert load_config([], {"ELIZA_RLM_ALLOW_MODEL": "x,y"}).allow_model == ("x", "y")
+    with pytest.raises(ConfigError, match="--max-calls-in-flight"):
+        load_config(["--max-calls-in-flight", "0"], {})
+    with pytest.raises(ConfigError, match="ELIZA_RLM_MAX_ANSWER_BYTES"):
+        load_config([], {"ELIZA_RLM_MAX_ANSWER_BYTES": "lots"})
+
+
 def test_the_worker_disk_limit_is_a_non_negative_number_of_mib() -> None:
     assert load_config([], {}).worker_disk_mb == 1024
     assert load_config(["--worker-disk-mb", "0"], {}).worker_disk_mb == 0  # no limit
@@ -72,7 +86,8 @@ def test_options_resolve_per_request_without_touching_the_configuration() -> Non
     assert kwargs["other_backend_kwargs"] == [{"model_name": "small"}]
     assert spec.route.kwargs["sampling_args"] == {"temperature": 0.5}
     assert spec.route.kwargs["api_key"] == "k"  # the broker's route, in the server only
-    assert spec.route.kwargs_for("small")["model_name"] == "small"
+    assert spec.route.models == ("other", "small")
+    assert spec.route.allowed == {"other", "small", "base"}  # and --allow-model's: none here
     assert config.model == "base" and config.max_depth == 1
 
 

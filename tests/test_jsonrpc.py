@@ -50,6 +50,17 @@ def test_ids_round_trip_exactly(spawn: Spawn) -> None:
         assert server.call("status", request_id=request_id)["id"] == request_id
     server.send_raw(b'{"jsonrpc": "2.0", "id": 18446744073709551617, "method": "status"}\n')
     _error(server.next_response(), -32600, "invalid_request")  # above 64 bits: not an id we keep
+    # the same where a lone surrogate has the line read by the second parser, which once kept
+    # the integer whole, answered with it, and the encoder's refusal stopped the server
+    server.send_raw(
+        b'{"jsonrpc":"2.0","id":18446744073709551617,"method":"status","u":"\\ud800"}\n'
+    )
+    response = server.next_response()
+    _error(response, -32600, "invalid_request")
+    assert response["id"] is None
+    server.send_raw(b'{"jsonrpc":"2.0","id":7,"u":"\\ud800","n":1' + b"0" * 400 + b"}\n")
+    _error(server.next_response(), -32700, "parse_error")  # as orjson: beyond a double's range
+    assert server.call("status", request_id="alive")["id"] == "alive"
     for bad in (True, [1], {"a": 1}):
         server.send({"jsonrpc": "2.0", "id": bad, "method": "status"})
         response = server.next_response()

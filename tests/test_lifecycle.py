@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -61,6 +62,24 @@ def test_bad_flag_is_one_line_and_exit_2() -> None:
     assert done.returncode == 2
     assert done.stderr.decode().splitlines() == [
         "rlm-server: configuration error: --max-depth must be a positive integer, got '0'"
+    ]
+
+
+def test_executor_ray_without_ray_is_one_line_and_exit_2() -> None:
+    """Python's own way to make a module absent (sys.modules[name] = None), so this runs
+    whether or not Ray is installed here."""
+    blocked = (
+        "import sys; sys.modules['ray'] = None; from rlm_server.cli import main; sys.exit(main())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", blocked, "--executor", "ray", "--ray-address", "127.0.0.1:1"],
+        env=clean_env(),
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines() == [
+        "rlm-server: configuration error: --executor ray needs Ray: pip install 'rlm-server[ray]'"
     ]
 
 

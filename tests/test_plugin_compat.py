@@ -178,6 +178,39 @@ def test_errors_are_strings_under_the_requests_id(plugin: Any) -> None:
     assert answers[9]["error"].startswith("Invalid params: messages")
 
 
+def test_a_failed_sub_call_is_an_error_string_unless_model_code_asked_for_it(
+    plugin: Any, llm: FixtureServer
+) -> None:
+    sub_call = repl(
+        "s = llm_query('sub')", "answer['content'] = '5 ' + s", "answer['ready'] = True"
+    )
+    server = plugin(
+        [{"when": "root", "reply": sub_call}, {"when": "sub", "status": 500}],
+        ELIZA_RLM_MAX_RETRIES="0",
+    )
+    server.next()
+    server.send({"id": 1, "method": "infer", "params": {"messages": "x"}})
+    assert server.next() == {"id": 1, "error": "LLM backend failed (backend_error)"}
+    opts = {"subcallErrors": "model"}
+    server.send({"id": 2, "method": "infer", "params": {"messages": "x", "opts": opts}})
+    result = server.next()["result"]
+    assert result["text"].startswith("5 ") and "backend_error" in result["text"]
+    assert result["metadata"]["failed_calls"] == 1
+    assert llm.script.stats()["requests"] == 4  # two root calls, two sub-calls
+
+
+def test_an_id_past_64_bits_beside_a_lone_surrogate_is_answered(plugin: Any) -> None:
+    """The second parser (for lone surrogates) once kept such an id whole, and writing it back
+    stopped the server."""
+    server = plugin([])
+    server.next()
+    server.send(b'{"id":18446744073709551616,"method":"status","u":"\\ud800"}')
+    server.send({"id": 2, "method": "status"})
+    answers = server.answers(2)
+    assert answers[2]["result"]["server"] == "rlm-server"
+    assert answers[18446744073709551616.0]["result"]["server"] == "rlm-server"  # read as a float
+
+
 def test_long_lines_are_parsed_aside_and_over_long_ones_refused(plugin: Any) -> None:
     server = plugin([{"when": "root", "reply": FIND_CODE}], ELIZA_RLM_MAX_MESSAGE_BYTES="3000000")
     server.next()

@@ -194,6 +194,36 @@ def test_a_failed_turn_keeps_the_session(spawn: Spawn) -> None:
     assert server.close() == 0
 
 
+def test_a_turn_whose_sub_call_is_refused_fails_and_keeps_the_session(
+    spawn: Spawn, llm: FixtureServer
+) -> None:
+    """The refusal ends the turn (-32004, not an answer holding the error); the session's
+    worker unwinds instead of being killed, asks for no further call, and keeps its REPL."""
+    server = spawn(
+        [
+            {"when": "root", "contains": "recall", "reply": answer_with("kept")},
+            {
+                "when": "root",
+                "contains": "ask",
+                "reply": repl(
+                    "kept = 'still here'",
+                    "s = llm_query('sub')",
+                    "answer['content'] = '7 ' + s",
+                    "answer['ready'] = True",
+                ),
+            },
+            {"when": "sub", "reply": "never"},
+        ]
+    )
+    server.ready()
+    session_id = _open(server)
+    over = _turn(server, session_id, query="ask", options={"budget": {"max_calls": 1}})
+    assert (over["error"]["code"], over["error"]["data"]["usage"]["calls"]) == (-32004, 1)
+    assert llm.script.stats()["requests"] == 1  # the sub-call was never made
+    assert _text(_turn(server, session_id, query="recall")) == "still here"
+    assert server.close() == 0
+
+
 def test_an_idle_session_expires(spawn: Spawn) -> None:
     server = spawn(
         [{"when": "root", "reply": answer_with("'ok'")}], args=["--session-idle-s", "0.3"]
@@ -202,7 +232,7 @@ def test_an_idle_session_expires(spawn: Spawn) -> None:
     session_id = _open(server)
     assert _text(_turn(server, session_id)) == "ok"
     assert wait_until(lambda: server.call("status")["result"]["sessions"]["count"] == 0)
-    assert not _session_workers(server)
+    assert wait_until(lambda: not _session_workers(server))  # killed just after the count
     _refused(_turn(server, session_id))
     assert server.close() == 0
 

@@ -42,7 +42,7 @@ FIGURES = (
     "line_ours",
     "line_plugin",
 )
-OPT_IN = ("soak",)  # run only when named: bench/run --only soak
+OPT_IN = ("soak", "cluster")  # run only when named: bench/run --only soak
 README_START = "<!-- results:start (written by bench/run) -->"
 README_END = "<!-- results:end -->"
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from rlmbench import soak
+from rlmbench import cluster, soak
 from rlmbench.context import NEEDLE_CODE, NEEDLE_QUERY, context_chunks, make_context
 from rlmbench.procs import (
     BENCH,
@@ -168,6 +168,10 @@ class Bench:
     def soak(self) -> Json:
         """A long hostile session, then a check that nothing leaked (rlmbench/soak.py)."""
         return soak.run(self.t["ours"], self.fixture)
+
+    def cluster(self) -> Json:
+        """The Ray executor on a multi-node cluster on this machine (rlmbench/cluster.py)."""
+        return cluster.run(self.t["ours"], self.fixture, self.log)
 
     def placements(self) -> dict[str, tuple[set[int], set[int]]]:
         """Where the client and the server run in the round-trip figure: (client, server) CPUs.

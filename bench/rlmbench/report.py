@@ -101,10 +101,11 @@ def _soak_row(s: Json) -> Row:
     before, after = s["before"], s["after"]
     leaks = {k: (before[k], after[k]) for k in ("processes", "open_fds", "temp_entries")}
     clean = all(a <= b for b, a in leaks.values()) and s["after_exit_temp_entries"] == 0
-    met = not s["answered_twice"] and clean and s["exit_code"] == 0
+    met = not s["answered_twice"] and clean and s["exit_code"] == 0 and s["fuzz"]["alive_after"]
     return Row(
         "soak: every id answered once, nothing left over",
-        f"{s['fuzz']['lines']:,} fuzzed lines, {s['infer']['infers']} infers",
+        f"{s['fuzz']['lines']:,} fuzzed lines ({s['fuzz']['status_path_lines']:,} through the "
+        f"status path), {s['infer']['infers']} infers",
         "",
         "",
         "",
@@ -216,6 +217,46 @@ def _exit_rows(e: Json) -> list[Row]:
     return rows
 
 
+def _cluster_rows(c: Json) -> list[Row]:
+    overhead = c["overhead"]
+    rows = [
+        Row(
+            "one instant infer, --executor ray (3 nodes)",
+            _ms(overhead["ray"]["median_s"]),
+            "local executor",
+            _ms(overhead["local"]["median_s"]),
+            f"+{overhead['added_s'] * 1000:.1f} ms",
+            "",
+            None,
+            "Ray's multi-node test cluster on this machine",
+        ),
+        Row(
+            f"{c['wide']['n']} concurrent {c['wide']['model_delay_ms']} ms infers, 3 nodes",
+            _s(c["wide"]["wall_s"]),
+            "",
+            "",
+            "",
+            "",
+            None,
+            f"{c['wide']['max_in_flight_at_model']} at the model at once",
+        ),
+    ]
+    for nodes, cpu in c["cpu"].items():
+        rows.append(
+            Row(
+                f"{cpu['jobs']} jobs of {cpu['cpu_s']:.0f} s CPU in the REPL, {nodes} node(s)",
+                _s(cpu["wall_s"]),
+                "",
+                "",
+                "",
+                "",
+                None,
+                f"one slot per node; {c['cores']} cores on this machine",
+            )
+        )
+    return rows
+
+
 def _mcp_rows(m: Json) -> list[Row]:
     """`rlm-server mcp` beside the JSON-RPC mode of the same server."""
     one_mcp, one_rpc = (m["one"][k]["median_s"] for k in ("mcp", "jsonrpc"))
@@ -257,6 +298,8 @@ def build_rows(r: Json) -> list[Row]:
     rows: list[Row] = []
     if "soak" in r:
         rows.append(_soak_row(r["soak"]))
+    if "cluster" in r:
+        rows.extend(_cluster_rows(r["cluster"]))
     if "status_rtt" in r:
         for place, where in PLACES:
             if place in r["status_rtt"]:

@@ -2,9 +2,12 @@
 
 `bench/run --only soak` (not part of the default run, and not of CI's): 20,000 fuzzed lines
 (arbitrary JSON in every member, malformed bytes, batches, cancels), then 300 infers against the
-scripted model with a third of them cancelled and workers SIGKILLed from outside. Every id must be
-answered exactly once; afterwards the server's process count, open descriptors, temporary
-directories and RSS are compared with what they were after warm-up.
+scripted model with a third of them cancelled and workers SIGKILLed from outside. Most fuzzed
+lines are short and hold the bytes `status`, so that they take the server's status path (the
+input thread reads such lines itself) with any JSON value in any member; a `status` after the
+fuzz must still be answered. Every id must be answered exactly once; afterwards the server's
+process count, open descriptors, temporary directories and RSS are compared with what they were
+after warm-up.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import orjson
 from rlmbench.procs import Channel, Fixture, Json, Target, children, repl_reply, status_kib, tree
 
 FUZZ_LINES = 20_000
+STATUS_PATH_BYTES = 1024  # lines this short holding `status` take the server's status path
 INFERS = 300
 SEED = 20261130
 
@@ -41,6 +45,8 @@ def _value(rng: random.Random, depth: int = 0) -> Any:
     if kind == 3:
         return rng.uniform(-1e9, 1e9)
     if kind in (4, 5):
+        if rng.random() < 0.2:
+            return "status"
         return "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(rng.randrange(12)))
     if kind in (6, 7):
         return [_value(rng, depth + 1) for _ in range(rng.randrange(4))]
@@ -76,6 +82,8 @@ class _Fuzzer:
         message["method"] = method
         if rng.random() < 0.8:
             message["params"] = self._params(method)
+        if rng.random() < 0.6:
+            message["note"] = "status"  # an ignored member: the line takes the status path
         return message
 
     def _params(self, method: Any) -> Any:
@@ -131,13 +139,26 @@ def _fuzz(channel: Channel, seen: Counter[Any]) -> Json:
     fuzzer = _Fuzzer(SEED)
     started = time.perf_counter()
     batch: list[bytes] = []
+    status_path = 0
     for index in range(FUZZ_LINES):
-        batch.append(fuzzer.line())
+        line = fuzzer.line()
+        if len(line) <= STATUS_PATH_BYTES and b"status" in line:
+            status_path += 1
+        batch.append(line)
         if len(batch) == 200 or index == FUZZ_LINES - 1:
             channel.write(b"\n".join(batch) + b"\n")
             batch = []
             _drain(channel, fuzzer.owed, seen, timeout=120)
-    return {"lines": FUZZ_LINES, "ids_owed": len(fuzzer.owed), "s": time.perf_counter() - started}
+    elapsed = time.perf_counter() - started
+    channel.write(b'{"jsonrpc":"2.0","id":"after-fuzz","method":"status"}\n')
+    _drain(channel, {"after-fuzz"}, seen, timeout=30)  # alive and serving: raises if not
+    return {
+        "lines": FUZZ_LINES,
+        "status_path_lines": status_path,
+        "ids_owed": len(fuzzer.owed),
+        "alive_after": True,
+        "s": elapsed,
+    }
 
 
 def _infers(target: Target, channel: Channel, fixture: Fixture, seen: Counter[Any]) -> Json:

@@ -34,6 +34,11 @@ BACKENDS = (
     "vercel",
 )
 SANDBOX_LEVELS = ("strict", "auto", "off")  # see sandbox.py
+EXECUTORS = (
+    "local",
+    "ray",
+    "ray,local",
+)  # see executors/; `ray,local`: local if Ray is unreachable
 ENVIRONMENTS = ("local", "ipython", "docker", "modal", "prime", "e2b", "daytona")
 
 
@@ -152,6 +157,11 @@ def _directory(raw: str) -> str | None:
     except OSError:
         raise ValueError(path) from None
     return os.path.abspath(path)
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    """Comma-separated model names."""
+    return tuple(name.strip() for name in raw.split(",") if name.strip())
 
 
 def _urls(raw: str) -> tuple[str, ...]:
@@ -336,6 +346,32 @@ SETTINGS: tuple[Setting, ...] = (
         repeatable=True,
     ),
     Setting(
+        "allow_model",
+        "ELIZA_RLM_ALLOW_MODEL",
+        "",
+        _names,
+        "model names separated by commas",
+        "a model that model code may name besides the configured ones and those a request's "
+        "options name (repeatable); any other name it passes is refused",
+        repeatable=True,
+    ),
+    Setting(
+        "max_calls_in_flight",
+        "ELIZA_RLM_MAX_CALLS_IN_FLIGHT",
+        "16",
+        _positive_int,
+        "a positive integer",
+        "model calls one request may have in flight at once; its other calls wait",
+    ),
+    Setting(
+        "max_answer_bytes",
+        "ELIZA_RLM_MAX_ANSWER_BYTES",
+        str(64 << 20),
+        _positive_int,
+        "a positive number of bytes",
+        "longest answer (UTF-8) a request may return before -32603 answer_too_large",
+    ),
+    Setting(
         "max_cost_usd",
         "ELIZA_RLM_MAX_COST_USD",
         "",
@@ -421,6 +457,33 @@ SETTINGS: tuple[Setting, ...] = (
         flag="--session-idle-s",
     ),
     Setting(
+        "executor",
+        "ELIZA_RLM_EXECUTOR",
+        "local",
+        _choice(EXECUTORS),
+        "one of " + ", ".join(EXECUTORS),
+        "where completions run: local (workers on this machine) or ray (workers on the nodes "
+        "of a Ray cluster, pip install 'rlm-server[ray]'); ray,local runs them here when the "
+        "cluster cannot be reached",
+    ),
+    Setting(
+        "ray_address",
+        "RAY_ADDRESS",
+        "",
+        _text,
+        "a Ray cluster address",
+        "the Ray cluster --executor ray connects to (the address `ray start --head` prints, "
+        "or auto for the cluster this machine is a node of)",
+    ),
+    Setting(
+        "ray_node_slots",
+        "ELIZA_RLM_RAY_NODE_SLOTS",
+        "0",
+        _non_negative_int,
+        "a non-negative integer",
+        "completions one Ray node runs at once (0: as many as it has CPUs)",
+    ),
+    Setting(
         "allow_path",
         "ELIZA_RLM_ALLOW_PATH",
         "",
@@ -460,6 +523,9 @@ class Config(NamedTuple):
     max_message_bytes: int
     shutdown_grace_s: float
     allow_base_url: tuple[str, ...]
+    allow_model: tuple[str, ...]
+    max_calls_in_flight: int
+    max_answer_bytes: int
     max_cost_usd: float | None
     spend_limit_usd: float | None
     log_dir: str | None
@@ -470,6 +536,9 @@ class Config(NamedTuple):
     worker_disk_mb: int
     context_store_bytes: int
     session_idle_s: float
+    executor: str
+    ray_address: str
+    ray_node_slots: int
     allow_path: tuple[str, ...]
     max_read_bytes: int
     protections: tuple[str, ...] = ()  # not a setting: what the sandbox probe found in force
@@ -554,7 +623,17 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         raise ConfigError("ELIZA_RLM_RETRY_MAX_DELAY must not be below ELIZA_RLM_RETRY_DELAY")
     if config.record and config.replay:
         raise ConfigError("--record and --replay cannot be used together")
+    if config.executor != "local":
+        _check_ray(config)
     return config
+
+
+def _check_ray(config: Config) -> None:
+    """--executor ray needs Ray installed and a cluster to connect to (we never start one)."""
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("--executor ray needs Ray: pip install 'rlm-server[ray]'")
+    if not config.ray_address:
+        raise ConfigError("--executor ray needs --ray-address or RAY_ADDRESS")
 
 
 def backend_unavailable_reason(

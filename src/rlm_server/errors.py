@@ -69,6 +69,13 @@ class WorkerCrashed(InternalError):
     TYPE = "worker_crashed"
 
 
+class AnswerTooLarge(InternalError):
+    """A worker's answer is longer than --max-answer-bytes: it is not passed on."""
+
+    MESSAGE = "Answer too large"
+    TYPE = "answer_too_large"
+
+
 class BackendError(RpcError):
     CODE = -32000
     MESSAGE = "LLM backend failed"

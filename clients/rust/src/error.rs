@@ -79,8 +79,9 @@ pub enum RlmError {
     /// opened, dropped, evicted, closed, expired, or made by a server that has since exited).
     #[error("invalid params: {0}")]
     InvalidParams(Box<RpcError>),
-    /// -32603: internal error, or the worker running the request crashed
-    /// (`data.type == worker_crashed`). The server keeps running.
+    /// -32603: internal error, the worker running the request crashed
+    /// (`data.type == worker_crashed`), or its answer was longer than the server's
+    /// `--max-answer-bytes` (`data.type == answer_too_large`). The server keeps running.
     #[error("internal server error: {0}")]
     Internal(Box<RpcError>),
     /// -32000: the LLM backend failed after the server's own retries. Never retried by the

@@ -121,7 +121,7 @@ pub use metrics::Metrics;
 pub use protocol::{
     Backend, Budget, ContextListResult, ErrorData, ErrorType, InferOptions, InferResult, Message,
     Progress, ProgressEvent, Prompt, ReadyParams, RpcError, ShutdownResult, StatusResult,
-    StoredContext,
+    StoredContext, SubcallErrors,
 };
 pub use request::InferRequest;
 pub use session::{Session, SessionRequest};

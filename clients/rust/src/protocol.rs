@@ -162,6 +162,18 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// What a model call that fails after the server's retries does to its request
+    /// (`InferOptions.subcall_errors`). A budget refusal always ends the request (-32004).
+    SubcallErrors {
+        /// The request ends with -32000 `backend_error` (the server's default).
+        Fail = "fail",
+        /// Model code gets the library's error string in place of the reply, and the result
+        /// counts the failures in [`InferMetadata::failed_calls`].
+        Model = "model",
+    }
+}
+
 /// Per-request overrides (`InferOptions`). They apply to one request only and never change
 /// the server's shared configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -206,6 +218,10 @@ pub struct InferOptions {
     /// ([`crate::RlmError::BudgetExceeded`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// What a model call that fails after the server's retries does: end the request
+    /// (`fail`, the default) or reach model code (`model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subcall_errors: Option<SubcallErrors>,
     /// How long one host tool call may take, in seconds (default 60): then model code gets
     /// `ToolError` and the handler is cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -348,6 +364,9 @@ option_setters! {
     trajectory: bool;
     /// Sets `budget`: limits over the request's whole call tree.
     budget: Budget;
+    /// Sets `subcall_errors`: whether a failed model call ends the request or reaches model
+    /// code.
+    subcall_errors: SubcallErrors;
     /// Sets `tool_timeout_s`, the bound of one host tool call in seconds.
     tool_timeout_s: f64;
     /// Sets `answer_schema`: the JSON Schema the answer must match.
@@ -617,6 +636,10 @@ pub struct InferMetadata {
     pub elapsed_ms: f64,
     /// Backend attempts, including the server's own retries.
     pub attempts: u64,
+    /// Model calls that failed after the server's retries and reached model code
+    /// (`subcall_errors: model`); 0 otherwise.
+    #[serde(default)]
+    pub failed_calls: u64,
 }
 
 /// The result of `infer` (`InferResult`).
@@ -807,6 +830,10 @@ pub struct StatusResult {
     pub max_depth: u64,
     /// Completions run at once.
     pub max_concurrency: u64,
+    /// Model calls one request may have in flight at once (`--max-calls-in-flight`).
+    pub max_calls_in_flight: u64,
+    /// The longest answer an `infer` returns, in UTF-8 bytes (`--max-answer-bytes`).
+    pub max_answer_bytes: u64,
     /// Completions running now.
     pub in_flight: u64,
     /// Requests waiting for a slot.
@@ -819,6 +846,48 @@ pub struct StatusResult {
     pub contexts: ContextStoreStatus,
     /// The open sessions.
     pub sessions: SessionsStatus,
+    /// Where completions run, with `--executor ray`: the cluster's nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<ExecutorStatus>,
+}
+
+/// `StatusResult.executor`: present with `--executor ray`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ExecutorStatus {
+    /// `ray`, or `local` when the cluster could not be reached and `--executor ray,local`
+    /// let the server run completions itself.
+    pub kind: ExecutorKind,
+    /// The nodes that have a node agent.
+    pub nodes: Vec<ExecutorNode>,
+}
+
+wire_enum! {
+    /// `ExecutorStatus.kind`.
+    ExecutorKind {
+        /// On the nodes of a Ray cluster.
+        Ray = "ray",
+        /// On the server's own machine.
+        Local = "local",
+    }
+}
+
+/// One node of `ExecutorStatus.nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ExecutorNode {
+    /// Ray's node id.
+    pub node_id: String,
+    /// The node's address.
+    pub address: String,
+    /// Completions this node runs at once.
+    pub slots: u64,
+    /// Completions running on it now.
+    pub in_flight: u64,
+    /// What confines model code on this node.
+    pub protections: Vec<Protection>,
+    /// Stored contexts it fetched from the object store (once each).
+    pub contexts_read: u64,
 }
 
 /// `StatusResult.contexts`: what `context/list` lists, in short.
@@ -982,6 +1051,8 @@ wire_enum! {
         InternalError = "internal_error",
         /// -32603: the worker running the request crashed.
         WorkerCrashed = "worker_crashed",
+        /// -32603: the answer is longer than `--max-answer-bytes` (`data.limit_bytes`).
+        AnswerTooLarge = "answer_too_large",
         /// -32000: the backend failed after the server's retries.
         BackendError = "backend_error",
         /// -32000: `--replay` has no recorded answer for a model call (`data.hash` names it).
@@ -1088,7 +1159,7 @@ pub struct ErrorData {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<Limit>,
     /// `queue_full`: the most prompt bytes that may wait; -32005: the server's
-    /// `--context-store-bytes`.
+    /// `--context-store-bytes`; `answer_too_large`: its `--max-answer-bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_bytes: Option<u64>,
     /// `replay_miss`: the SHA-256 of the model call nothing was recorded for.

@@ -260,7 +260,7 @@ impl ProgressSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Backend, Budget};
+    use crate::protocol::{Backend, Budget, SubcallErrors};
     use serde_json::json;
 
     fn wire(request: InferRequest) -> serde_json::Value {
@@ -288,6 +288,7 @@ mod tests {
             progress: Some(false),
             trajectory: Some(true),
             budget: Some(Budget::new().max_calls(5).max_cost_usd(0.25)),
+            subcall_errors: Some(SubcallErrors::Model),
             tool_timeout_s: Some(2.0),
             answer_schema: Some(json!({"type": "object"})),
             answer_repairs: Some(1),
@@ -306,6 +307,7 @@ mod tests {
                     "timeout_s": 1.5, "temperature": 0.2, "max_tokens": 100,
                     "progress": false, "trajectory": true,
                     "budget": {"max_calls": 5, "max_cost_usd": 0.25},
+                    "subcall_errors": "model",
                     "tool_timeout_s": 2.0,
                     "answer_schema": {"type": "object"}, "answer_repairs": 1
                 }

@@ -23,7 +23,8 @@ use std::collections::BTreeSet;
 
 use rlm_client::protocol::{
     Budget, BudgetScope, CancelParams, ContextDropParams, ContextDropResult, ContextListParams,
-    ContextListResult, ContextLoadParams, ContextLoadResult, ErrorData, InferOptions, InferParams,
+    ContextListResult, ContextLoadParams, ContextLoadResult, ErrorData, ExecutorKind, ExecutorNode,
+    ExecutorStatus, InferOptions, InferParams,
     InferResult, LatencySummary, Message, Progress, Protection, ReadyParams, RpcError,
     SandboxLevel, ServerMetrics, SessionCloseParams, SessionCloseResult, SessionOpenParams,
     SessionOpenResult, ShutdownParams, ShutdownResult, StatusResult, ToolCallParams,
@@ -114,6 +115,11 @@ fn check(name: &str, def: &Value, defs: &Map<String, Value>) -> Result<(), Strin
         "LatencySummary" => round_trip::<LatencySummary>(&sample()),
         "ServerMetrics" => round_trip::<ServerMetrics>(&sample()),
         "StatusResult" => round_trip::<StatusResult>(&sample()),
+        "ExecutorStatus" => {
+            same_names(&strings(&def["properties"]["kind"]["enum"]), ExecutorKind::KNOWN)?;
+            round_trip::<ExecutorStatus>(&sample())
+        }
+        "ExecutorNode" => round_trip::<ExecutorNode>(&sample()),
         "ShutdownResult" => round_trip::<ShutdownResult>(&sample()),
         "ContextLoadParams" => round_trip::<ContextLoadParams>(&sample()),
         "ContextLoadResult" => round_trip::<ContextLoadResult>(&sample()),

@@ -57,6 +57,8 @@ export {
   type Budget,
   type ErrorCode,
   type ErrorType,
+  type ExecutorNode,
+  type ExecutorStatus,
   type InferResult,
   type Protection,
   type ServerMetrics,

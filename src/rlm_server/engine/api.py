@@ -23,6 +23,9 @@ from rlm_server.engine.tools import ToolSpec
 
 Prompt = str | list[dict[str, str]]  # the long input: a text, or messages
 ANSWER_REPAIRS = 2  # the default of InferOptions.answer_repairs
+# InferOptions.subcall_errors: a model call that fails after the broker's retries ends its
+# request ("fail"), or reaches model code as the library's error string and is counted ("model").
+SUBCALL_ERRORS = ("fail", "model")
 
 
 class InferOptions(NamedTuple):
@@ -39,6 +42,7 @@ class InferOptions(NamedTuple):
     max_tokens: int | None = None
     trajectory: bool = False  # the result carries the trajectory
     budget: Budget = Budget()  # frozen: one default serves all
+    subcall_errors: str = SUBCALL_ERRORS[0]
     tool_timeout_s: float | None = None  # None: DEFAULT_TOOL_TIMEOUT_S
     answer_schema: Json | None = None  # a checked JSON Schema: the answer must match it
     answer_repairs: int = ANSWER_REPAIRS  # invalid answers the model may still fix
@@ -91,6 +95,7 @@ class Metadata(NamedTuple):
     depth: int
     elapsed_ms: float  # from admission to the answer, queue included
     attempts: int  # 1 plus the model calls retried (0 for a stub answer)
+    failed_calls: int = 0  # model calls that failed and reached model code ("model")
 
 
 class StructuredAnswer(NamedTuple):
@@ -119,6 +124,7 @@ class Status(NamedTuple):
     stored_contexts: int
     stored_bytes: int
     sessions: int
+    executor: Json | None = None  # what the executor reports (a cluster's nodes), if anything
 
 
 class StoreReport(NamedTuple):

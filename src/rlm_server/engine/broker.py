@@ -5,8 +5,15 @@ depth) leaves its worker as a frame that names a model and a prompt, and is made
 server, which alone holds the keys. Here each call is retried on its own when it fails
 transiently, counted as it returns, and charged to its request's `Account`, whose budget is
 reserved before the call and settled after it, so that concurrent requests cannot overspend
-together. A `Route` is all a request may call: the endpoints and keys its configuration chose.
-A worker can name another model, never another endpoint, and never sees a key.
+together. A `Route` is all a request may call: the endpoint and key its configuration chose,
+and the models it may name there. A worker can name another model, never another endpoint, and
+never sees a key; a model name that the route does not allow is refused before any client
+exists, and under a cost limit so is a model without a known price.
+
+Clients are per endpoint, not per model name (one client serves every model at its endpoint),
+and at most MAX_CLIENTS idle ones are kept. Each client's connection pool is shared by every
+request; the workers' side (executors/local/pool.py) lets one request have at most
+`--max-calls-in-flight` calls here at once, so a neighbour's call always finds a connection.
 
 With `--record DIR` every exchange is also stored (the request as sent and the answer, under a
 hash of the request); with `--replay DIR` calls are answered from there, with no network and no
@@ -23,10 +30,12 @@ usage synchronously right after its awaited SDK call, so `get_last_usage()` read
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
@@ -42,6 +51,8 @@ log = logging.getLogger(__name__)
 OnRetry = Callable[[str], None]
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 OUTPUT_ESTIMATE_TOKENS = 4096  # reserved for a call's answer when max_tokens does not bound it
+MAX_CLIENTS = 32  # idle provider clients kept (one per endpoint and sampling arguments)
+MODEL_NOT_ALLOWED = "model_not_allowed"  # what model code is told when it names another model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,26 +101,24 @@ def warm_openai_sdk() -> None:
 
 
 class Route(NamedTuple):
-    """The clients one request may use: by the model name a worker asks for."""
+    """The endpoint one request may call, and the model names it may ask for there."""
 
     backend: str  # the library's backend name
-    kwargs: Json  # the root model's client arguments, key included: never leaves the server
-    sub_kwargs: Json | None
-    price_provider: str | None  # genai-prices' provider id for these endpoints
-
-    def kwargs_for(self, model: str) -> Json:
-        """The client for `model`: the configured ones, or another model at the same endpoint
-        with the same key (model code may name a model; it cannot name an endpoint)."""
-        if self.sub_kwargs is not None and model == self.sub_kwargs["model_name"]:
-            return self.sub_kwargs
-        if model == self.kwargs["model_name"]:
-            return self.kwargs
-        return {**self.kwargs, "model_name": model}
+    kwargs: Json  # the endpoint's client arguments, key included: never leaves the server
+    models: tuple[str, ...]  # the request's root model, then its sub model when it has one
+    allowed: frozenset[str]  # every model name its worker may pass; any other is refused
+    price_provider: str | None  # genai-prices' provider id for this endpoint
 
     @property
-    def models(self) -> list[str]:
-        configured = [self.kwargs, *([self.sub_kwargs] if self.sub_kwargs else [])]
-        return [kwargs["model_name"] for kwargs in configured]
+    def sampling(self) -> Json:
+        sampling: Json = self.kwargs.get("sampling_args") or {}
+        return sampling
+
+    @property
+    def endpoint(self) -> bytes:
+        """Which client serves it: its arguments but the model name, which each call names."""
+        arguments = {name: v for name, v in self.kwargs.items() if name != "model_name"}
+        return orjson.dumps([self.backend, arguments], option=orjson.OPT_SORT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,27 @@ class Account:
         self.failure: CallFailure | None = None
         self.exceeded: BudgetExceeded | None = None
 
+    @property
+    def cost_limited(self) -> bool:
+        return self.budget.max_cost_usd is not None or self._ledger.limit.max_cost_usd is not None
+
+    def refuse_unpriced(self) -> None:
+        """A cost limit cannot be kept on a model without a price: BudgetExceeded."""
+        scope, budget = (
+            ("request", self.budget)
+            if self.budget.max_cost_usd is not None
+            else ("server", self._ledger.limit)
+        )
+        self.exceeded = BudgetExceeded(
+            limit="max_cost_usd", max=budget.max_cost_usd, scope=scope, usage=self.usage()
+        )
+        raise self.exceeded
+
+    def calls_to(self, model: str) -> int:
+        """The calls to `model` that the broker made for this request."""
+        spend = self._by_model.get(model)
+        return 0 if spend is None else spend.calls
+
     def reserve(self, estimate: Spend) -> None:
         """Hold `estimate` against both budgets, or raise BudgetExceeded (and remember it)."""
         limit = _over(self.budget, self._spent, self._reserved, estimate)
@@ -274,7 +304,7 @@ class Tape:
 
     @staticmethod
     def request(route: Route, model: str, prompt: Any) -> Json:
-        sampling = route.kwargs_for(model).get("sampling_args") or {}
+        sampling = route.sampling
         return {"backend": route.backend, "model": model, "prompt": prompt, "sampling": sampling}
 
     @staticmethod
@@ -400,12 +430,29 @@ class RetryPolicy(NamedTuple):
 
 
 @dataclass
+class _Client:
+    """One of the library's client objects, and the calls it is making now."""
+
+    lm: Any
+    calls: int = 0
+
+
+@dataclass
 class _Clients:
-    """The library's client objects, one per configuration, built once."""
+    """The library's clients, one per endpoint, least recently used first."""
 
     module: Any = None
-    built: dict[bytes, Any] = field(default_factory=dict)
+    built: dict[bytes, _Client] = field(default_factory=dict)
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    def evict_idle(self) -> list[Any]:
+        """Make room for one more: the least recently used clients that make no call."""
+        evicted = []
+        for key in [key for key, client in self.built.items() if not client.calls]:
+            if len(self.built) < MAX_CLIENTS:
+                break
+            evicted.append(self.built.pop(key).lm)
+        return evicted
 
 
 def estimate(prompt: Any, max_tokens: int | None) -> Spend:
@@ -445,20 +492,32 @@ class Broker:
     async def call(
         self, route: Route, account: Account, model: str, prompt: Any, on_retry: OnRetry
     ) -> Json:
-        """Make one model call for a worker: its reply frame (text and usage, or an error)."""
-        try:
-            if self._replaying is not None:
-                return await self._replay(self._replaying, route, account, model, prompt)
-            client = await self._client(route, model)
+        """Make one model call for a worker: its reply frame (text and usage). A model the
+        route does not allow is refused to model code before any client exists (an error
+        reply). A call over a budget raises BudgetExceeded (a model without a known price under
+        a cost limit too), and one that failed for good (after the retries) a BackendError,
+        each with what it says on the wire: the engine decides how it ends."""
+        if model not in route.allowed:
+            log.info("refused a call to model %r: not an allowed model", model)
+            return {"error": {"type": MODEL_NOT_ALLOWED}}
+        await self._check_price(route, account, model)
+        if self._replaying is not None:
+            return await self._replay(self._replaying, route, account, model, prompt)
+        async with self._client(route) as client:
             reply = await self._attempts(route, account, client, model, prompt, on_retry)
-            if self._recording is not None:
-                request = Tape.request(route, model, prompt)
-                await self._recording.record(Tape.key(request), request, reply)
-            return reply
-        except BudgetExceeded as exceeded:
-            return {"error": {"type": exceeded.TYPE}}
-        except BackendError as failed:
-            return {"error": {"type": failed.TYPE}}
+        if self._recording is not None:
+            request = Tape.request(route, model, prompt)
+            await self._recording.record(Tape.key(request), request, reply)
+        return reply
+
+    async def _check_price(self, route: Route, account: Account, model: str) -> None:
+        """Under a cost limit, a model without a known price is refused, whoever names it."""
+        if not account.cost_limited:
+            return
+        await self.prices.load()
+        if not self.prices.known(route.price_provider, model):
+            log.info("refused a call to model %r: no known price, and a cost limit applies", model)
+            account.refuse_unpriced()
 
     async def _replay(
         self, tape: Tape, route: Route, account: Account, model: str, prompt: Any
@@ -489,26 +548,40 @@ class Broker:
         if self._replaying is not None:
             return
         try:
-            for model in route.models:
-                await self._client(route, model)
+            await self._built(route)
         except Exception as exc:  # the call itself will fail and say why
             log.warning("could not prepare the %s client: %s", route.backend, exc)
 
-    async def _client(self, route: Route, model: str) -> Any:
-        kwargs = route.kwargs_for(model)
-        key = orjson.dumps([route.backend, kwargs], option=orjson.OPT_SORT_KEYS)
+    @asynccontextmanager
+    async def _client(self, route: Route) -> AsyncIterator[Any]:
+        """The endpoint's client, counted as busy (never evicted) while the call uses it."""
+        client = await self._built(route)
+        client.calls += 1
+        try:
+            yield client.lm
+        finally:
+            client.calls -= 1
+
+    async def _built(self, route: Route) -> _Client:
+        key = route.endpoint
         clients = self._clients
-        if key not in clients.built:
-            async with clients.lock:
-                # abandoned on cancel: a server that stops must not wait for an import
-                if clients.module is None:
-                    clients.module = await _in_thread(import_rlm_clients)
-                    await _in_thread(warm_openai_sdk)
-                if key not in clients.built:
-                    clients.built[key] = await _in_thread(
-                        _build_client, clients.module, route.backend, dict(kwargs)
-                    )
-        return clients.built[key]
+        found = clients.built.pop(key, None)
+        if found is not None:
+            clients.built[key] = found  # now the most recently used
+            return found
+        async with clients.lock:
+            # abandoned on cancel: a server that stops must not wait for an import
+            if clients.module is None:
+                clients.module = await _in_thread(import_rlm_clients)
+                await _in_thread(warm_openai_sdk)
+            found = clients.built.get(key)
+            if found is None:
+                lm = await _in_thread(_build_client, clients.module, route.backend, route.kwargs)
+                evicted = clients.evict_idle()
+                found = clients.built[key] = _Client(lm)
+                for old in evicted:
+                    await _close_client(old)
+        return found
 
     async def _attempts(
         self,
@@ -524,7 +597,7 @@ class Broker:
         while True:
             account.reserve(hold)
             try:
-                text = await client.acompletion(prompt)
+                text = await client.acompletion(prompt, model)
                 spend = self._spend(route, model, client.get_last_usage(), client)  # same turn
             except Exception as exc:
                 account.release(hold)
@@ -532,7 +605,7 @@ class Broker:
                 log.info("model call failed: %s (status %s)", type(exc).__name__, status)
                 if not may_retry or attempt > self._retry.max_retries:
                     account.failure = CallFailure(type(exc).__name__, attempt, status)
-                    raise BackendError(retryable=False, attempts=attempt) from None
+                    raise account.failure.error() from None
                 delay = self._delay(attempt, exc)
                 account.retries += 1
                 on_retry(
@@ -583,12 +656,26 @@ def _build_client(module: Any, backend: str, kwargs: Json) -> Any:
     """One of the library's clients, with the provider SDK's own retries off: ours are the
     only ones (OpenAI, Azure, Anthropic and Portkey retry twice by default), counted and
     reported; two layers would multiply."""
-    client = module.get_client(backend, kwargs)
+    client = module.get_client(backend, dict(kwargs))
     for name in ("client", "async_client"):
         with_options = getattr(getattr(client, name, None), "with_options", None)
         if callable(with_options):
             setattr(client, name, with_options(max_retries=0))
     return client
+
+
+async def _close_client(lm: Any) -> None:
+    """Close an evicted client's connection pools (its sockets), sync and async alike."""
+    for name in ("async_client", "client"):
+        close = getattr(getattr(lm, name, None), "close", None)
+        if not callable(close):
+            continue
+        try:
+            closing = close()
+            if inspect.isawaitable(closing):
+                await closing
+        except Exception as exc:  # a client that will not close is garbage all the same
+            log.info("closing an evicted %s client failed: %s", name, type(exc).__name__)
 
 
 def budget_from(raw: Mapping[str, Any] | None) -> Budget:

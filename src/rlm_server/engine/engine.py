@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import anyio
+import orjson
 
 from rlm_server import PROTOCOL_VERSION, SERVER_NAME, Json, __version__
 from rlm_server.config import BACKEND_INFO, Config, api_key, backend_unavailable_reason
@@ -41,14 +42,16 @@ from rlm_server.engine.api import (
     StructuredAnswer,
     Ticket,
 )
-from rlm_server.engine.broker import Account, Broker, Budget, RetryPolicy, Route
+from rlm_server.engine.broker import Account, Broker, Budget, OnRetry, RetryPolicy, Route
 from rlm_server.engine.metrics import Metrics, Outcome
 from rlm_server.engine.sessions import Session, Sessions
 from rlm_server.engine.store import ContextStore, StoredContext
 from rlm_server.engine.tools import DEFAULT_TOOL_TIMEOUT_S, ToolGate, ToolHost, ToolSpec
 from rlm_server.errors import (
+    AnswerTooLarge,
     BackendError,
     BackendUnavailable,
+    BudgetExceeded,
     DeadlineExceeded,
     InvalidAnswer,
     InvalidParams,
@@ -58,8 +61,10 @@ from rlm_server.errors import (
     ShuttingDown,
     first_of,
 )
-from rlm_server.executors.local.pool import CallHandler, JobInput, ToolHandler, WorkerPool
+from rlm_server.executors.base import Executor, make_executor
+from rlm_server.executors.local.pool import CallHandler, JobInput, ToolHandler
 from rlm_server.worker import frames
+from rlm_server.worker.trajectory import trimmed
 
 STUB_TEXT = "[RLM STUB] RLM backend not available"
 
@@ -77,6 +82,14 @@ def _endpoint(config: Config, options: InferOptions, same_backend: bool) -> str:
     raise InvalidParams(
         "options.base_url", "not an allowed endpoint (the server allows it with --allow-base-url)"
     )
+
+
+def _allowed_models(config: Config, models: tuple[str, ...], same_backend: bool) -> frozenset[str]:
+    """The models a request's model code may name: the request's own, the configured root and
+    sub models, and --allow-model. A name from model code is steered by content nobody vetted,
+    and every new one would cost a provider call at the least."""
+    configured = (config.effective_model, config.sub_model) if same_backend else ()
+    return frozenset(name for name in (*models, *configured, *config.allow_model) if name)
 
 
 class RunSpec(NamedTuple):
@@ -122,7 +135,7 @@ class RunSpec(NamedTuple):
             "max_depth": max_depth,
             "verbose": config.verbose,
         }
-        sub_client = {**client, "model_name": sub_model} if sub_model else None
+        models = (model, sub_model) if sub_model else (model,)
         if sub_model:
             rlm_kwargs["other_backends"] = [info.library_backend]
             rlm_kwargs["other_backend_kwargs"] = [{"model_name": sub_model}]
@@ -137,7 +150,13 @@ class RunSpec(NamedTuple):
                 backend, base_url, environ, replaying=config.replay is not None
             ),
             rlm_kwargs=rlm_kwargs,
-            route=Route(info.library_backend, client, sub_client, info.price_provider),
+            route=Route(
+                info.library_backend,
+                client,
+                models,
+                _allowed_models(config, models, same_backend),
+                info.price_provider,
+            ),
             budget=budget,
             cost_limited=budget.max_cost_usd is not None or config.spend_limit_usd is not None,
         )
@@ -146,8 +165,9 @@ class RunSpec(NamedTuple):
 class _Progress:
     """Reports a request's events to its observer, if it has one."""
 
-    def __init__(self, observer: Observer | None, started: float) -> None:
+    def __init__(self, observer: Observer | None, started: float, max_iterations: int) -> None:
         self._observer, self._started = observer, started
+        self._max_iterations = max_iterations
 
     @property
     def wanted(self) -> bool:
@@ -160,8 +180,13 @@ class _Progress:
         self._observer(Event(kind, elapsed_ms, **fields))
 
     def forward(self, frame: Json) -> None:
-        """An event frame from the worker (checked: only known fields)."""
+        """An event frame from the worker (the pool kept its known fields only), its iteration
+        never past the request's max_iterations, which the server states, not the worker."""
         fields = {k: v for k, v in frame.items() if k != "event"}
+        if "iteration" in fields:
+            fields["iteration"] = min(fields["iteration"], self._max_iterations)
+        if "max_iterations" in fields:
+            fields["max_iterations"] = self._max_iterations
         self(frame["event"], **fields)
 
 
@@ -169,6 +194,13 @@ _OUTCOMES = {
     DeadlineExceeded: Outcome.TIMED_OUT,
     RequestCancelled: Outcome.CANCELLED,
 }
+
+
+def _iterations(spec: RunSpec, account: Account, result: Json) -> int:
+    """The iterations the worker claims, never more than the server saw: each one is a call
+    to the root model, and there are at most max_iterations."""
+    claimed: int = result["iterations"]
+    return min(claimed, account.calls_to(spec.model), spec.max_iterations)
 
 
 def _unreported(message: str) -> None:
@@ -201,6 +233,8 @@ class _Running:
     host: ToolHost | None  # the front end that runs this request's host tools
     label: str  # names the request in our log (its worker's output)
     steps: list[Json] = field(default_factory=list)  # the trajectory, as far as it got
+    failed_calls: int = 0  # model calls that failed and reached model code ("model")
+    ending: RpcError | None = None  # a refused or failed call that ends the request
 
     @property
     def tools(self) -> tuple[ToolSpec, ...]:
@@ -217,13 +251,7 @@ class Engine:
         self._metrics = Metrics()
         self._environ = environ
         self._default = RunSpec.resolve(config, InferOptions(), environ)
-        self._workers = WorkerPool(
-            config.worker_memory_mb,
-            config.max_message_bytes,
-            environ,
-            config.protections,
-            config.worker_disk_mb,
-        )
+        self._workers: Executor = make_executor(config, environ)
         self._contexts = ContextStore(
             config.context_store_bytes, lambda: self._workers.root, self._workers.forget
         )
@@ -294,6 +322,7 @@ class Engine:
             stored_contexts=self._contexts.sealed_count,
             stored_bytes=self._contexts.bytes_total,
             sessions=len(self._sessions),
+            executor=self._workers.status(),
         )
 
     def _status_of_configuration(self) -> Json:
@@ -304,6 +333,8 @@ class Engine:
         status["max_iterations"] = self.config.max_iterations
         status["max_depth"] = self.config.max_depth
         status["max_concurrency"] = self.config.max_concurrency
+        status["max_calls_in_flight"] = self.config.max_calls_in_flight
+        status["max_answer_bytes"] = self.config.max_answer_bytes
         return status
 
     # -- stored contexts and sessions ---------------------------------------------------------
@@ -422,7 +453,7 @@ class Engine:
     ) -> InferResult:
         started = time.monotonic()
         account = self._broker.account(spec.budget)
-        progress = _Progress(observer, started)
+        progress = _Progress(observer, started, spec.max_iterations)
         label = f"worker of request {request.label!r}"
         run = _Running(spec, request, job_input, session, progress, started, account, host, label)
         self._metrics.started()
@@ -560,7 +591,7 @@ class Engine:
             run.progress("retry", message=message)
 
         async def on_call(model: str, prompt: Any) -> Json:
-            return await self._broker.call(spec.route, account, model, prompt, on_retry)
+            return await self._call(run, model, prompt, on_retry)
 
         failure: RpcError | None = None
         try:
@@ -572,19 +603,56 @@ class Engine:
         if failure is not None:
             raise failure
         outcome: Json = final.get("result") or final["failure"]
-        run.steps += outcome.get("trajectory") or []
+        run.steps += trimmed(outcome.get("trajectory"), spec.max_iterations)
+        if run.ending is not None:
+            raise run.ending
         if "result" not in final:
             raise _failure(account, final["failure"])
         result: Json = final["result"]
+        self._check_answer_size(result)
         answer = StructuredAnswer(result["value"]) if "value" in result else None
+        iterations = _iterations(spec, account, result)
         return InferResult(
             text=result["text"],
             stub=False,
             usage=account.usage(),  # the broker's count: the whole call tree, every depth
-            metadata=_metadata(spec, result["iterations"], run.started, 1 + account.retries),
+            metadata=_metadata(
+                spec, iterations, run.started, 1 + account.retries, run.failed_calls
+            ),
             trajectory=run.steps if request.options.trajectory else None,
             answer=answer,
         )
+
+    def _check_answer_size(self, result: Json) -> None:
+        """AnswerTooLarge when the worker's answer (its text, or its value as JSON) is longer
+        than --max-answer-bytes: the worker runs model code, and its sizes are not trusted."""
+        limit = self.config.max_answer_bytes
+        text: str = result["text"]
+        if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
+            raise AnswerTooLarge(limit_bytes=limit)
+        if "value" in result and len(orjson.dumps(result["value"])) > limit:
+            raise AnswerTooLarge(limit_bytes=limit)
+
+    async def _call(self, run: _Running, model: str, prompt: Any, on_retry: OnRetry) -> Json:
+        """One model call of a worker, through the broker. A refusal by a budget ends the
+        request, and so does a call that failed after the retries unless the request asked for
+        `subcall_errors: "model"`. Once ended, the request makes no further model call: a fresh
+        worker is stopped at once (raised here); a session's worker is told, as the library
+        would be, so that it unwinds and keeps its REPL, and its turn then fails."""
+        if run.ending is not None:
+            return {"error": {"type": run.ending.TYPE}}
+        try:
+            return await self._broker.call(run.spec.route, run.account, model, prompt, on_retry)
+        except BackendError as failed:
+            if run.request.options.subcall_errors == "model":
+                run.failed_calls += 1
+                return {"error": {"type": failed.TYPE}}
+            run.ending = failed
+        except BudgetExceeded as exceeded:
+            run.ending = exceeded
+        if run.session is None:
+            raise run.ending
+        return {"error": {"type": run.ending.TYPE}}
 
     def _tool_gate(self, run: _Running) -> ToolGate:
         options = run.request.options
@@ -630,9 +698,13 @@ class Engine:
             ticket.cancel()
 
 
-def _metadata(spec: RunSpec, iterations: int, started: float, attempts: int) -> Metadata:
+def _metadata(
+    spec: RunSpec, iterations: int, started: float, attempts: int, failed_calls: int = 0
+) -> Metadata:
     elapsed_ms = round((time.monotonic() - started) * 1000, 3)
-    return Metadata(spec.backend, spec.model, iterations, spec.max_depth, elapsed_ms, attempts)
+    return Metadata(
+        spec.backend, spec.model, iterations, spec.max_depth, elapsed_ms, attempts, failed_calls
+    )
 
 
 def _ending(result: InferResult) -> Json:

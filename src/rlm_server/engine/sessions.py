@@ -29,13 +29,13 @@ from rlm_server import Json
 from rlm_server.engine.store import ContextStore, StoredContext
 from rlm_server.engine.tools import ToolSpec
 from rlm_server.errors import InvalidParams
+from rlm_server.executors.base import Executor
 from rlm_server.executors.local.pool import (
     CallHandler,
     EventHandler,
     JobInput,
     LongWorker,
     ToolHandler,
-    WorkerPool,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Session:
 
 
 class Sessions:
-    def __init__(self, idle_s: float, workers: WorkerPool, contexts: ContextStore) -> None:
+    def __init__(self, idle_s: float, workers: Executor, contexts: ContextStore) -> None:
         self._idle_s = idle_s
         self._workers = workers
         self._contexts = contexts

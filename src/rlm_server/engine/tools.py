@@ -23,12 +23,12 @@ from typing import Any, NamedTuple, Protocol
 
 import anyio
 
+from rlm_server import Json
 from rlm_server.engine.broker import Tape
 from rlm_server.errors import BudgetExceeded, ReplayMiss
 
 log = logging.getLogger(__name__)
 
-Json = dict[str, Any]
 DEFAULT_TOOL_TIMEOUT_S = 60.0
 ERROR_MESSAGE_CHARS = 4096  # of a client's error message, as model code sees it
 

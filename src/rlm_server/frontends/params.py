@@ -17,7 +17,7 @@ import orjson
 
 from rlm_server import Json
 from rlm_server.config import BACKENDS
-from rlm_server.engine.api import InferOptions, Prompt
+from rlm_server.engine.api import SUBCALL_ERRORS, InferOptions, Prompt
 from rlm_server.engine.broker import budget_from
 from rlm_server.errors import InvalidParams
 
@@ -84,6 +84,7 @@ OPTION_RULES: Mapping[str, Rule] = {
     "max_tokens": _int_between(1, None),
     "trajectory": BOOL,
     "budget": Rule(lambda v: isinstance(v, dict), "an object"),
+    "subcall_errors": Rule(lambda v: v in SUBCALL_ERRORS, "one of fail, model"),
     "tool_timeout_s": _SECONDS,
     "answer_schema": Rule(lambda v: isinstance(v, dict), "a JSON Schema object"),
     "answer_repairs": _int_between(0, 100),

@@ -26,6 +26,7 @@ def decode(line: bytes | bytearray) -> Any:
     JSON allows an escaped lone surrogate (`"\\ud800"`, as JavaScript's JSON.stringify writes
     one) but orjson refuses it; only then does the stdlib parser get a turn, and the lone
     surrogates become U+FFFD, so the request is served rather than refused without its id.
+    It reads integers as orjson does, so that both give the same values.
     """
     try:
         return orjson.loads(line)
@@ -33,9 +34,21 @@ def decode(line: bytes | bytearray) -> Any:
         if not _has_surrogate_escape(line):  # malformed: no slower parser will do better
             raise ParseError() from None
     try:
-        return _replace_surrogates(json.loads(line))
+        return _replace_surrogates(json.loads(line, parse_int=_integer))
     except (ValueError, RecursionError):
         raise ParseError() from None
+
+
+def _integer(digits: str) -> int | float:
+    """An integer as orjson reads it: beyond 64 bits a float, beyond a float's range not JSON.
+    No integer past 64 bits ever reaches an encoder (orjson refuses to write one)."""
+    value = int(digits)
+    if -(2**63) <= value < 2**64:
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError("number out of range") from None
 
 
 SCAN_CHUNK = 8 << 20

@@ -56,6 +56,7 @@ from rlm.logger import RLMLogger
 
 from rlm_server import Json
 from rlm_server.worker import frames
+from rlm_server.worker.trajectory import bounded
 
 log = logging.getLogger(__name__)
 
@@ -463,19 +464,7 @@ class ProgressLogger(RLMLogger):  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------
-# Trajectories: what the model did, bounded
-
-TRAJECTORY_CHARS = 4096
-
-
-def bounded(value: Any) -> str:
-    """At most TRAJECTORY_CHARS characters of `value` as text, saying how much was left out."""
-    text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
-    if len(text) <= TRAJECTORY_CHARS:
-        return text
-    marker = f"…[truncated {len(text)} chars]"  # a bound on the count, fixed before cutting
-    keep = TRAJECTORY_CHARS - len(marker)
-    return text[:keep] + f"…[truncated {len(text) - keep} chars]"
+# Trajectories: what the model did, bounded (trajectory.py; the server trims them again)
 
 
 def _seconds(value: Any) -> float | None:

@@ -36,7 +36,7 @@ export type Protection =
   | "private_tmp"
   | "private_output";
 /**
- * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error or worker crash; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32004 a budget was exhausted; -32005 the context store is full even after evicting every unused context; -32006 the answer did not match `options.answer_schema` and its repairs were spent; -32800 cancelled.
+ * -32700 parse error; -32600 invalid request or line too long; -32601 unknown method; -32602 invalid params; -32603 internal error, worker crash or an answer over --max-answer-bytes; -32000 backend failed after retries; -32001 deadline exceeded; -32002 shutting down or queue full; -32003 backend unavailable in strict mode; -32004 a budget was exhausted; -32005 the context store is full even after evicting every unused context; -32006 the answer did not match `options.answer_schema` and its repairs were spent; -32800 cancelled.
  */
 export type ErrorCode =
   -32700 | -32600 | -32601 | -32602 | -32603 | -32000 | -32001 | -32002 | -32003 | -32004 | -32005 | -32006 | -32800;
@@ -48,6 +48,7 @@ export type ErrorType =
   | "invalid_params"
   | "internal_error"
   | "worker_crashed"
+  | "answer_too_large"
   | "backend_error"
   | "replay_miss"
   | "deadline_exceeded"
@@ -185,6 +186,10 @@ export interface InferResult {
     depth: number;
     elapsed_ms: number;
     attempts: number;
+    /**
+     * Model calls that failed after the server's retries and reached model code (options.subcall_errors "model"); 0 otherwise.
+     */
+    failed_calls: number;
   };
   trajectory?: TrajectoryStep[];
 }
@@ -273,6 +278,14 @@ export interface StatusResult {
   max_iterations: number;
   max_depth: number;
   max_concurrency: number;
+  /**
+   * --max-calls-in-flight: model calls one request may have in flight at once.
+   */
+  max_calls_in_flight: number;
+  /**
+   * --max-answer-bytes: the longest answer (UTF-8 bytes) an infer returns; a longer one is -32603 answer_too_large.
+   */
+  max_answer_bytes: number;
   in_flight: number;
   queued: number;
   uptime_s: number;
@@ -290,6 +303,7 @@ export interface StatusResult {
   sessions: {
     count: number;
   };
+  executor?: ExecutorStatus;
 }
 export interface ServerMetrics {
   total_requests: number;
@@ -319,6 +333,33 @@ export interface LatencySummary {
   p50: number;
   p95: number;
   p99: number;
+}
+/**
+ * Present with --executor ray: where completions run. kind is local when the cluster could not be reached and --executor ray,local let the server run them here.
+ */
+export interface ExecutorStatus {
+  kind: "ray" | "local";
+  /**
+   * The cluster's nodes that have a node agent (none before the first infer connects).
+   */
+  nodes: ExecutorNode[];
+}
+export interface ExecutorNode {
+  node_id: string;
+  address: string;
+  /**
+   * Completions this node runs at once (--ray-node-slots, at most its CPUs).
+   */
+  slots: number;
+  in_flight: number;
+  /**
+   * What confines model code on this node.
+   */
+  protections: Protection[];
+  /**
+   * Stored contexts this node fetched from the object store (once each).
+   */
+  contexts_read: number;
 }
 export interface ShutdownResult {
   shutdown: true;
@@ -412,7 +453,7 @@ export interface ErrorData {
   reason?: string;
   method?: string;
   /**
-   * -32002 queue_full: the maximum total prompt size of queued requests; -32005: --context-store-bytes.
+   * -32002 queue_full: the maximum total prompt size of queued requests; -32005: --context-store-bytes; -32603 answer_too_large: --max-answer-bytes.
    */
   limit_bytes?: number;
   /**
@@ -521,6 +562,10 @@ export interface InferOptions {
   trajectory?: boolean;
   budget?: Budget;
   /**
+   * A model call that fails after the server's retries: "fail" (default) ends the request with -32000; "model" gives model code the library's error string and counts it in metadata.failed_calls. A budget refusal always ends the request (-32004).
+   */
+  subcall_errors?: "fail" | "model";
+  /**
    * How long one host tool call may take, seconds (default 60): then model code gets ToolError and the client `$/cancelRequest` for it.
    */
   tool_timeout_s?: number;
@@ -590,6 +635,6 @@ export const PROTOCOL_VERSION = "1" as const;
 /** Every error code of the contract. */
 export const ERROR_CODES = [-32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32004, -32005, -32006, -32800] as const;
 /** Every `data.type` of the contract. */
-export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "backend_error", "replay_miss", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "context_store_full", "invalid_answer", "cancelled"] as const;
+export const ERROR_TYPES = ["parse_error", "invalid_request", "line_too_long", "method_not_found", "invalid_params", "internal_error", "worker_crashed", "answer_too_large", "backend_error", "replay_miss", "deadline_exceeded", "shutting_down", "queue_full", "backend_unavailable", "budget_exceeded", "context_store_full", "invalid_answer", "cancelled"] as const;
 /** Every per-request option, by its wire name. */
-export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget", "tool_timeout_s", "answer_schema", "answer_repairs"] as const;
+export const INFER_OPTION_NAMES = ["backend", "model", "sub_model", "base_url", "max_iterations", "max_depth", "timeout_s", "temperature", "max_tokens", "progress", "trajectory", "budget", "subcall_errors", "tool_timeout_s", "answer_schema", "answer_repairs"] as const;

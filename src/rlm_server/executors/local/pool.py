@@ -22,7 +22,10 @@ server then talks to the worker over its socketpair: the pid to kill, then one j
 event frames, model-call frames (each answered by a reply frame, made by the broker), host tool
 call frames (each answered by a reply frame, made by the engine's ToolGate: engine/tools.py)
 and one final frame out. End of stream without a final frame means the worker died. Every
-frame is checked: the worker runs model code, and nothing it sends is trusted.
+frame is checked: the worker runs model code, and nothing it sends is trusted. A job has at most
+`max_calls_in_flight` model calls in the broker at once: past that the server reads no more of
+its frames until one is answered, so a flood of calls waits in the worker's own socket, holds
+none of the server's memory, and leaves the providers' connections to the other requests.
 
 The zygote, and so every worker, starts from an environment with nothing but what Python needs:
 no provider key and no `ELIZA_RLM_*` setting reaches model code.
@@ -376,8 +379,11 @@ class WorkerPool:
         environ: Mapping[str, str],
         protections: Sequence[str] = sandbox.ALWAYS,
         disk_mb: int = 0,
+        *,
+        max_calls_in_flight: int,
     ) -> None:
         self._env = worker_environment(environ)
+        self._max_calls = max_calls_in_flight
         self._plan = sandbox.Plan(protections, disk_mb)
         self._memory_mb = memory_mb
         self._max_frame_bytes = max_frame_bytes
@@ -402,6 +408,10 @@ class WorkerPool:
         if self._root is None:
             raise RuntimeError("the worker pool has not started")
         return self._root
+
+    def status(self) -> Json | None:
+        """Nothing beyond what `status` says of this machine already."""
+        return None
 
     def stop(self) -> None:
         if self._zygote is not None:
@@ -510,7 +520,9 @@ class WorkerPool:
         crash: RpcError | None = None
         async with self._forked(inherited) as worker:
             try:
-                final = await _converse(worker, job, context, on_event, on_call, on_tool, label)
+                final = await _converse(
+                    worker, job, context, on_event, on_call, on_tool, label, self._max_calls
+                )
             except* WorkerCrashed as crashed:  # raised inside the calls' task group
                 crash = first_of(crashed, WorkerCrashed)
         if crash is not None:
@@ -530,7 +542,7 @@ class WorkerPool:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_remove_tree, workdir)
             raise
-        return LongWorker(worker, workdir)
+        return LongWorker(worker, workdir, self._max_calls)
 
 
 class LongWorker:
@@ -540,8 +552,9 @@ class LongWorker:
     started, and removes its directory.
     """
 
-    def __init__(self, worker: Worker, workdir: str) -> None:
+    def __init__(self, worker: Worker, workdir: str, max_calls_in_flight: int) -> None:
         self._worker, self._workdir = worker, workdir
+        self._max_calls = max_calls_in_flight
 
     async def run(
         self,
@@ -563,6 +576,7 @@ class LongWorker:
                 on_call,
                 on_tool,
                 label,
+                self._max_calls,
             )
         except* WorkerCrashed as crashed:  # raised inside the calls' task group
             crash = first_of(crashed, WorkerCrashed)
@@ -611,15 +625,20 @@ async def _converse(
     on_call: CallHandler,
     on_tool: ToolHandler,
     label: str,
+    max_calls: int,
 ) -> Json | None:
     """Send the job, then serve the worker's frames until its final one (None: it died),
-    while its output goes to our log under `label`."""
+    while its output goes to our log under `label`. At most `max_calls` model calls are
+    answered at once; the next frame waits for one of them."""
+    in_flight = anyio.Semaphore(max_calls)
     async with anyio.create_task_group() as calls:
         calls.start_soon(worker.output.drain, label)
         await worker.send_job(job, context)
         async for frame in worker.frames():
             if "call" in frame:
-                calls.start_soon(_answer, worker, checked_call(frame), on_call)
+                call = checked_call(frame)
+                await in_flight.acquire()
+                calls.start_soon(_answer, worker, call, on_call, in_flight)
             elif "tool" in frame:
                 calls.start_soon(_answer_tool, worker, checked_tool(frame), on_tool)
             elif "event" in frame:
@@ -633,9 +652,14 @@ async def _converse(
     return None
 
 
-async def _answer(worker: Worker, call: Json, on_call: CallHandler) -> None:
-    reply = await on_call(call["model"], call["prompt"])
-    await worker.send_frame({"reply": call["call"], **reply})
+async def _answer(
+    worker: Worker, call: Json, on_call: CallHandler, in_flight: anyio.Semaphore
+) -> None:
+    try:
+        reply = await on_call(call["model"], call["prompt"])
+        await worker.send_frame({"reply": call["call"], **reply})
+    finally:
+        in_flight.release()
 
 
 async def _answer_tool(worker: Worker, call: Json, on_tool: ToolHandler) -> None:

@@ -197,6 +197,7 @@ def status(call: Call, /, **unknown: Any) -> Json:
     refuse_unknown(unknown)
     now = call.engine.status()
     return {
+        **({} if now.executor is None else {"executor": now.executor}),
         **now.configuration,
         "in_flight": now.in_flight,
         "queued": now.queued,

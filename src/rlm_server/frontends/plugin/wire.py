@@ -40,6 +40,8 @@ APPLIED_OPTS: Mapping[str, str] = {
     "temperature": "temperature",
     "max_tokens": "max_tokens",
     "maxTokens": "max_tokens",
+    "subcall_errors": "subcall_errors",  # ours: the plugin's server has no such option
+    "subcallErrors": "subcall_errors",
 }
 FLAG_OPTS: Mapping[str, str] = {
     "log_trajectories": "trajectory",
@@ -211,14 +213,17 @@ def infer_result(result: InferResult, request: PluginRequest, started_ms: int) -
     trajectory = None
     if not stub and request.trajectory:
         trajectory = plugin_trajectory(result, request.infer, started_ms, cost)
+    plugin_metadata: Json = {
+        "stub": stub,
+        "iterations": None if stub else metadata.iterations,
+        "depth": None if stub else metadata.depth,
+        "error": None,
+    }
+    if request.infer.options.subcall_errors == "model":  # only when asked: the plugin's shape
+        plugin_metadata["failed_calls"] = metadata.failed_calls
     return {
         "text": result.text.strip(),
-        "metadata": {
-            "stub": stub,
-            "iterations": None if stub else metadata.iterations,
-            "depth": None if stub else metadata.depth,
-            "error": None,
-        },
+        "metadata": plugin_metadata,
         "cost": cost,
         "trajectory": trajectory,
     }
