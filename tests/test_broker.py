@@ -628,12 +628,12 @@ def test_a_forged_trajectory_and_iteration_count_are_cut_to_what_the_server_saw(
 
 FORGED_VALUE = repl(  # a short answer, and a final frame that carries a 2 MB `value` beside it
     "import orjson, types",
-    "from rlm_server.worker import completion",
-    "def dumps(frame, **options):",  # the worker's JSON encoder, as the final frame goes through
-    "    if isinstance(frame, dict) and 'result' in frame:",
+    "from rlm_server.worker import frames",
+    "def dumps(frame, **options):",  # the worker's JSON encoder (frames.pack), as the final
+    "    if isinstance(frame, dict) and 'result' in frame:",  # frame goes through
     "        frame['result']['value'] = ['v' * 1000] * 2000",
     "    return orjson.dumps(frame, **options)",
-    "completion.orjson = types.SimpleNamespace(**{**vars(orjson), 'dumps': dumps})",
+    "frames.orjson = types.SimpleNamespace(**{**vars(orjson), 'dumps': dumps})",
     "answer['content'] = 'short'",
     "answer['ready'] = True",
 )
