@@ -413,16 +413,21 @@ class Engine:
         account = self._broker.account(spec.budget)
         started = time.monotonic()
         reply: Json | None = None
-        with anyio.move_on_after(spec.timeout_s):
-            reply = await self._broker.call(spec.route, account, spec.model, prompt, _unreported)
         error: RpcError
-        if reply is None:
-            error = DeadlineExceeded(timeout_s=spec.timeout_s)
-        elif "error" in reply:
-            error = _failure(account)
+        try:
+            with anyio.move_on_after(spec.timeout_s):
+                reply = await self._broker.call(
+                    spec.route, account, spec.model, prompt, _unreported
+                )
+        except (BackendError, BudgetExceeded) as failed:  # a call the broker ended
+            error = failed
         else:
-            metadata = _metadata(spec, 0, started, 1 + account.retries)
-            return InferResult(reply["text"], False, account.usage(), metadata, None)
+            if reply is not None and "error" not in reply:
+                metadata = _metadata(spec, 0, started, 1 + account.retries)
+                return InferResult(reply["text"], False, account.usage(), metadata, None)
+            error = (
+                DeadlineExceeded(timeout_s=spec.timeout_s) if reply is None else _failure(account)
+            )
         if account.made_calls:
             error.data["usage"] = account.usage()
         raise error
