@@ -9,9 +9,9 @@ import orjson
 import pytest
 from conftest import Spawn
 from fixtures.openai_fixture import FixtureServer
-from harness import answer_with
+from harness import answer_with, repl
 
-from rlm_server.worker.completion import AnswerCheck
+from rlm_server.worker.answers import AnswerCheck
 
 SCHEMA = {
     "type": "object",
@@ -166,4 +166,38 @@ def test_a_schema_read_by_the_second_parser_holds_what_the_first_would(spawn: Sp
     line = '{"jsonrpc":"2.0","id":1,"method":"infer","params":{"prompt":"ctx","options":'
     server.send_raw(f'{line}{{"answer_schema":{schema}}}}}}}\n'.encode())
     assert server.next_response()["result"]["value"] == {"code": "ZEBRA-42", "count": 3}
+    assert server.close() == 0
+
+
+def _forging(value: str) -> str:
+    """Model code that answers validly, then forges the worker's final frame to carry `value`
+    (a Python expression) instead: what the server returns must not depend on the worker."""
+    return repl(
+        "import orjson, types",
+        "from rlm_server.worker import frames",
+        "def dumps(frame, **options):",
+        "    if isinstance(frame, dict) and 'result' in frame:",
+        f"        frame['result']['value'] = {value}",
+        "    return orjson.dumps(frame, **options)",
+        "frames.orjson = types.SimpleNamespace(**{**vars(orjson), 'dumps': dumps})",
+        "answer['content'] = {'code': 'ZEBRA-42', 'count': 3}",
+        "answer['ready'] = True",
+    )
+
+
+def test_the_server_checks_the_value_a_worker_sends_once_more(spawn: Spawn) -> None:
+    server = spawn(
+        [
+            {"when": "root", "contains": "FORGE-INVALID", "reply": _forging("{'count': 'x'}")},
+            {"when": "root", "reply": _forging("{'code': 'FORGED', 'count': 9}")},
+        ]
+    )
+    server.ready()
+    error = server.call("infer", {**_infer(), "query": "FORGE-INVALID"})["error"]
+    assert (error["code"], error["data"]["type"]) == (-32006, "invalid_answer")
+    assert error["data"]["usage"]["calls"] == 1
+    forged_valid = server.call("infer", _infer())["result"]  # valid: the text is its JSON
+    assert forged_valid["text"] == '{"code":"FORGED","count":9}'
+    plain = server.call("infer", {"prompt": "ctx"})["result"]  # no schema: no value at all
+    assert "value" not in plain, plain
     assert server.close() == 0

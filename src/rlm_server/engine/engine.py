@@ -203,6 +203,21 @@ def _iterations(spec: RunSpec, account: Account, result: Json) -> int:
     return min(claimed, account.calls_to(spec.model), spec.max_iterations)
 
 
+def _checked_answer(schema: Json | None, result: Json) -> StructuredAnswer | None:
+    """The worker's structured answer, checked once more here: the worker runs model code, so
+    without a schema any value it sends is dropped, and with one the value must match."""
+    if schema is None:
+        return None
+    from rlm_server.worker.answers import AnswerCheck  # jsonschema: only with a schema
+
+    if "value" not in result:
+        raise InvalidAnswer("the worker returned no value")
+    problem = AnswerCheck(schema, repairs=0).error_of(result["value"])
+    if problem is not None:
+        raise InvalidAnswer(problem)
+    return StructuredAnswer(result["value"])
+
+
 def _unreported(message: str) -> None:
     """A retry note nobody asked to hear."""
 
@@ -615,10 +630,10 @@ class Engine:
             raise _failure(account, final["failure"])
         result: Json = final["result"]
         self._check_answer_size(result)
-        answer = StructuredAnswer(result["value"]) if "value" in result else None
+        answer = _checked_answer(request.options.answer_schema, result)
         iterations = _iterations(spec, account, result)
         return InferResult(
-            text=result["text"],
+            text=result["text"] if answer is None else orjson.dumps(answer.value).decode(),
             stub=False,
             usage=account.usage(),  # the broker's count: the whole call tree, every depth
             metadata=_metadata(
