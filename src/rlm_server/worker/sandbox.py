@@ -206,15 +206,31 @@ def expose_to_nobody() -> None:
         flags = ctypes.c_ulong(MS_NOSUID | MS_NODEV)
         options = f"mode=0755,size={EXPOSED_MB}m".encode()
         _check(_libc.mount(b"tmpfs", top.encode(), b"tmpfs", flags, options), "mount tmpfs")
-        for path, tree in clones:
-            if os.path.isdir(f"/proc/self/fd/{tree}"):
-                os.makedirs(path, mode=0o755, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
-            moved = _libc.syscall(MOVE_MOUNT, tree, b"", AT_FDCWD, path.encode(), MOVE_EMPTY_PATH)
-            os.close(tree)
-            _check(moved, f"move_mount {path}")
+        _put_back(clones)
+
+
+def _put_back(clones: list[tuple[str, int]]) -> None:
+    """Mount each cloned tree (`_open_tree`) at its own path again, under the tmpfs that was
+    just mounted over a directory above it."""
+    for path, tree in clones:
+        if os.path.isdir(f"/proc/self/fd/{tree}"):
+            os.makedirs(path, mode=0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+        moved = _libc.syscall(MOVE_MOUNT, tree, b"", AT_FDCWD, path.encode(), MOVE_EMPTY_PATH)
+        os.close(tree)
+        _check(moved, f"move_mount {path}")
+
+
+@functools.cache
+def _interpreter_below_private_tmp() -> list[str]:
+    """The interpreter's paths under /tmp (a virtual environment made there), outermost only:
+    the worker's own /tmp would hide them, so they are mounted back into it. Found once, by the
+    zygote (`prepare`), before it forks."""
+    paths = sorted({os.path.realpath(p) for p in readable_paths()})
+    below = [p for p in paths if p.startswith(PRIVATE_TMP_PATH + os.sep)]
+    return [p for p in below if not any(p.startswith(q + os.sep) for q in below)]
 
 
 def _open_tree(path: str) -> int:
@@ -243,12 +259,15 @@ def mount_private_tmp(megabytes: int) -> None:
     """In the worker's own mount namespace (owned by its user namespace, so nothing mounted
     here reaches the host): a tmpfs of `megabytes` (0: no size) over /tmp, its directory.
     Its files count together against the size and vanish with the namespace, whatever
-    modes model code gave them; the host's /tmp is hidden."""
+    modes model code gave them; the host's /tmp is hidden, but for the interpreter's own files
+    when they live there."""
+    clones = [(path, _open_tree(path)) for path in _interpreter_below_private_tmp()]
     inodes = max(megabytes, MIN_INODES // INODES_PER_MB) * INODES_PER_MB
     options = f"size={megabytes}m,nr_inodes={inodes},mode=0700" if megabytes else "mode=0700"
     flags = ctypes.c_ulong(MS_NOSUID | MS_NODEV)
     target = PRIVATE_TMP_PATH.encode()
     _check(_libc.mount(b"tmpfs", target, b"tmpfs", flags, options.encode()), "mount tmpfs")
+    _put_back(clones)
 
 
 def _write(path: str, text: str) -> None:
@@ -534,6 +553,8 @@ def prepare(plan: Plan) -> None:
     """In the zygote, once: what every worker would otherwise work out again."""
     if plan.has(UNPRIVILEGED_UID):
         _hidden_from_nobody()
+    if plan.has(DISK_LIMIT):
+        _interpreter_below_private_tmp()
 
 
 def keep(plan: Plan, sock: socket.socket, serve: Callable[[], None], workdir: str) -> None:
@@ -732,13 +753,12 @@ def _nobody_steps() -> list[str]:
 
 
 def _disk_limit_probe() -> None:
-    """A tmpfs over /tmp in a mount namespace of our own; not when the interpreter lives
-    under /tmp (the worker would no longer see it)."""
-    below = PRIVATE_TMP_PATH + os.sep
-    if any(os.path.realpath(p).startswith(below) for p in readable_paths()):
-        raise SandboxError("the interpreter lives under /tmp")
+    """A tmpfs over /tmp in a mount namespace of our own (the interpreter's files put back in
+    it when they live there)."""
     enter_namespaces(CLONE_NEWNS)
     mount_private_tmp(PROBE_DISK_MB)
+    if not _readable():
+        raise SandboxError("the interpreter's files are not readable under the private /tmp")
 
 
 def _process_limit_probe(working: list[str]) -> None:
