@@ -1,7 +1,8 @@
 /**
  * Long inputs and outputs: the product's point. Nothing on either pipe has a line-length cap,
  * so a 50 MB prompt reaches the model's REPL whole, and 200 MB go there and back whole; a 50 MB
- * stored context goes in chunks and arrives whole too.
+ * stored context goes in chunks and arrives whole too. (The server bounds an answer at 64 MiB by
+ * default, `--max-answer-bytes`; this server is told to allow 256 MiB.)
  */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
@@ -25,7 +26,9 @@ describe("long contexts", { timeout: 180_000 }, () => {
       { when: "root", contains: "measure-it", reply: answerWith('f"{len(context)}:{context[-16:]}"') },
       { when: "root", contains: "echo-it", reply: answerWith("context") },
     ]);
-    client = serverClient(openaiEnv(fixture.baseUrl));
+    client = serverClient(openaiEnv(fixture.baseUrl), {
+      serverArgs: ["--max-answer-bytes", String(256 * MB)],
+    });
   });
 
   after(async () => {
