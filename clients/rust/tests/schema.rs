@@ -24,12 +24,11 @@ use std::collections::BTreeSet;
 use rlm_client::protocol::{
     Budget, BudgetScope, CancelParams, ContextDropParams, ContextDropResult, ContextListParams,
     ContextListResult, ContextLoadParams, ContextLoadResult, ErrorData, ExecutorKind, ExecutorNode,
-    ExecutorStatus, InferOptions, InferParams,
-    InferResult, LatencySummary, Message, Progress, Protection, ReadyParams, RpcError,
-    SandboxLevel, ServerMetrics, SessionCloseParams, SessionCloseResult, SessionOpenParams,
-    SessionOpenResult, ShutdownParams, ShutdownResult, StatusResult, ToolCallParams,
-    ToolDeclaration, TrajectoryCodeBlock, TrajectoryStep, TrajectorySubCall, TrajectoryToolCall,
-    Usage,
+    ExecutorStatus, InferOptions, InferParams, InferResult, LatencySummary, Message, Progress,
+    Protection, ReadyParams, RpcError, SandboxLevel, ServerMetrics, SessionCloseParams,
+    SessionCloseResult, SessionOpenParams, SessionOpenResult, ShutdownParams, ShutdownResult,
+    StatusResult, ToolCallParams, ToolDeclaration, TrajectoryCodeBlock, TrajectoryStep,
+    TrajectorySubCall, TrajectoryToolCall, Usage,
 };
 use rlm_client::{Backend, ErrorType, ProgressEvent, RlmError};
 use serde_json::{Map, Value, json};
@@ -116,7 +115,10 @@ fn check(name: &str, def: &Value, defs: &Map<String, Value>) -> Result<(), Strin
         "ServerMetrics" => round_trip::<ServerMetrics>(&sample()),
         "StatusResult" => round_trip::<StatusResult>(&sample()),
         "ExecutorStatus" => {
-            same_names(&strings(&def["properties"]["kind"]["enum"]), ExecutorKind::KNOWN)?;
+            same_names(
+                &strings(&def["properties"]["kind"]["enum"]),
+                ExecutorKind::KNOWN,
+            )?;
             round_trip::<ExecutorStatus>(&sample())
         }
         "ExecutorNode" => round_trip::<ExecutorNode>(&sample()),

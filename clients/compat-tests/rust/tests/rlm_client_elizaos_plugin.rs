@@ -8,9 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use rlm_client::elizaos_plugin::{RLM_MODEL_TYPES, TEXT_MODEL_TYPES, cut_at_stop, infer_request};
+use rlm_client::elizaos_plugin::{
+    OBJECT_MODEL_TYPES, RLM_MODEL_TYPES, TEXT_MODEL_TYPES, cut_at_stop, infer_request,
+};
 use rlm_client::{Prompt, RlmClient, RlmPluginOptions, create_rlm_elizaos_plugin_with};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use common::{Fixture, STUB_TEXT, answer, stub_config};
 
@@ -36,6 +38,15 @@ fn the_text_models_stay_with_the_agents_usual_model_unless_asked_for() {
         .chain(TEXT_MODEL_TYPES.iter())
         .map(|s| s.to_string());
     assert_eq!(sorted(all.model_handlers.into_keys()), sorted(expected));
+    let objects = create_rlm_elizaos_plugin_with(
+        RlmClient::new(stub_config()),
+        RlmPluginOptions::default().object_models(true),
+    );
+    let expected = RLM_MODEL_TYPES
+        .iter()
+        .chain(OBJECT_MODEL_TYPES.iter())
+        .map(|s| s.to_string());
+    assert_eq!(sorted(objects.model_handlers.into_keys()), sorted(expected));
 }
 
 #[tokio::test]
@@ -62,7 +73,7 @@ async fn the_prompt_is_the_query_and_the_context_is_explored_in_the_repl() {
 }
 
 #[tokio::test]
-async fn stop_sequences_cut_the_answer_and_a_json_format_is_refused() {
+async fn stop_sequences_cut_the_answer_and_formats_but_text_and_json_are_refused() {
     let fixture = Fixture::start(json!([{"when": "root", "reply": answer("\"alpha STOP beta\"")}]));
     let client = RlmClient::new(fixture.config(&[], &[]));
     let options = RlmPluginOptions::default().text_models(true);
@@ -70,9 +81,73 @@ async fn stop_sequences_cut_the_answer_and_a_json_format_is_refused() {
     let handler = &plugin.model_handlers["TEXT_LARGE"];
     let text = handler(json!({"prompt": "go", "stopSequences": ["STOP"], "stream": true})).await;
     assert_eq!(text.unwrap(), "alpha ");
-    let refused = handler(json!({"prompt": "go", "responseFormat": {"type": "json_object"}})).await;
+    let refused = handler(json!({"prompt": "go", "responseFormat": {"type": "json_schema"}})).await;
     assert!(refused.unwrap_err().to_string().contains("responseFormat"));
+    let cut = json!({"prompt": "go", "responseFormat": "json_object", "stopSequences": ["}"]});
+    assert!(
+        handler(cut)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("stopSequences")
+    );
+    assert_eq!(
+        fixture.requests().as_array().map(Vec::len),
+        Some(1),
+        "refused before any call"
+    );
     client.shutdown(Duration::from_secs(5), None).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_json_object_format_on_a_text_model_answers_a_json_object() {
+    let fixture = Fixture::start(json!([
+        {"when": "root", "reply": answer(r#"{"city": "Lyon", "count": 3}"#)}
+    ]));
+    let client = RlmClient::new(fixture.config(&[], &[]));
+    let options = RlmPluginOptions::default().text_models(true);
+    let plugin = create_rlm_elizaos_plugin_with(client.clone(), options);
+    let params = json!({"prompt": "Which city?", "responseFormat": {"type": "json_object"}});
+    let text = plugin.model_handlers["TEXT_SMALL"](params).await.unwrap();
+    assert_eq!(text, r#"{"city":"Lyon","count":3}"#);
+    let object: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(object, json!({"city": "Lyon", "count": 3}));
+    client.shutdown(Duration::from_secs(5), None).await.unwrap();
+}
+
+#[tokio::test]
+async fn object_large_returns_the_object_valid_against_the_schema() {
+    let fixture = Fixture::start(json!([
+        {"when": "root", "contains": "Where is the code?", "reply": answer(r#"{"code": "ZEBRA-42", "line": 21}"#)}
+    ]));
+    let client = RlmClient::new(fixture.config(&[], &[]));
+    let options = RlmPluginOptions::default().object_models(true);
+    let plugin = create_rlm_elizaos_plugin_with(client.clone(), options);
+    let handler = &plugin.model_handlers["OBJECT_LARGE"];
+    let schema = json!({
+        "type": "object",
+        "properties": {"code": {"type": "string"}, "line": {"type": "integer"}},
+        "required": ["code", "line"]
+    });
+    let params = json!({"prompt": "Where is the code?", "context": "...", "schema": schema});
+    let text = handler(params).await.unwrap();
+    let object: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(object, json!({"code": "ZEBRA-42", "line": 21}));
+    let refused = handler(json!({"prompt": "go", "output": "array"})).await;
+    assert!(refused.unwrap_err().to_string().contains("output"));
+    let refused = handler(json!({"prompt": "go", "stopSequences": ["}"]})).await;
+    assert!(refused.unwrap_err().to_string().contains("stopSequences"));
+    client.shutdown(Duration::from_secs(5), None).await.unwrap();
+}
+
+#[tokio::test]
+async fn without_a_backend_an_object_model_is_an_error_not_the_stub_text() {
+    let client = RlmClient::new(stub_config());
+    let options = RlmPluginOptions::default().object_models(true);
+    let plugin = create_rlm_elizaos_plugin_with(client.clone(), options);
+    let refused = plugin.model_handlers["OBJECT_SMALL"](json!({"prompt": "hello"})).await;
+    assert!(refused.unwrap_err().to_string().contains("stub"));
+    client.close().await;
 }
 
 #[tokio::test]
