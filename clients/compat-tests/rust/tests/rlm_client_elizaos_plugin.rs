@@ -137,7 +137,10 @@ async fn object_large_returns_the_object_valid_against_the_schema() {
     let strict = json!({"type": "object", "properties": {"line": {"type": "string"}}});
     let params = json!({"prompt": "Where is the code?", "schema": strict});
     let invalid = handler(params).await.unwrap_err();
-    assert!(format!("{invalid:#}").contains("invalid_answer"), "{invalid:#}");
+    assert!(
+        format!("{invalid:#}").contains("invalid_answer"),
+        "{invalid:#}"
+    );
     let refused = handler(json!({"prompt": "go", "output": "array"})).await;
     assert!(refused.unwrap_err().to_string().contains("output"));
     let refused = handler(json!({"prompt": "go", "stopSequences": ["}"]})).await;
