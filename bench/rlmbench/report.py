@@ -294,6 +294,21 @@ def _mcp_rows(m: Json) -> list[Row]:
     ]
 
 
+def _tool_row(t: Json) -> Row:
+    ours, lib = t["ours"], t["library"]
+    return Row(
+        "host tool round trip from model code, trivial handler, median (p99)",
+        f"{_us(ours['median_us'])} ({_us(ours['p99_us'])})",
+        "`rlm` library, `custom_tools` in one process",
+        f"{lib['median_us']:.2f} µs ({lib['p99_us']:.2f} µs)",
+        f"+{_us(ours['median_us'] - lib['median_us'])}",
+        "≤ 1 ms",
+        ours["median_us"] <= 1000,
+        f"{len(ours['runs'])} infer(s) of {t['calls']:,} calls of `ping` each, timed in the "
+        "REPL; medians over the infers",
+    )
+
+
 def build_rows(r: Json) -> list[Row]:
     rows: list[Row] = []
     if "soak" in r:
@@ -360,6 +375,8 @@ def build_rows(r: Json) -> list[Row]:
         )
     if "mcp" in r:
         rows.extend(_mcp_rows(r["mcp"]))
+    if "tool_roundtrip" in r:
+        rows.append(_tool_row(r["tool_roundtrip"]))
     if "sandbox_cost" in r:
         sc = r["sandbox_cost"]
         on, off = sc["auto"]["median_s"], sc["off"]["median_s"]
