@@ -33,6 +33,7 @@ FIGURES = (
     "spawn_first_infer",
     "one_infer",
     "mcp",
+    "tool_roundtrip",
     "sandbox_cost",
     "concurrency",
     "needle",

@@ -74,6 +74,8 @@ class Settings:
     concurrent_questions: int = 8
     big_context_bytes: int = 2 << 30
     mcp_burst_runs: int = 9  # 8 calls at once, MCP and JSON-RPC in turn
+    tool_calls: int = 2000  # host tool calls timed by one infer's model code
+    tool_runs: int = 3
 
     @classmethod
     def quick(cls) -> Settings:
@@ -101,6 +103,8 @@ class Settings:
             prompt_runs=1,
             big_context_bytes=64 << 20,
             mcp_burst_runs=2,
+            tool_calls=500,
+            tool_runs=1,
         )
 
 
@@ -120,6 +124,33 @@ def _mcp_line(request_id: Any, method: str, params: Json | None = None) -> bytes
 def _mcp_ask(request_id: int, text: str) -> bytes:
     arguments = {"question": "say ok", "text": text}
     return _mcp_line(request_id, "tools/call", {"name": "rlm_ask", "arguments": arguments})
+
+
+PING = {
+    "name": "ping",
+    "description": "Answers its arguments back.",
+    "input_schema": {"type": "object", "properties": {"n": {"type": "integer"}}},
+}
+
+
+def _tool_timing_code(calls: int) -> str:
+    """Model code that calls the host tool `ping` once, then `calls` times, timing each call
+    itself; the answer is the median and p99 in µs."""
+    return repl_reply(
+        "import json, time",
+        "ping(n=-1)",
+        "samples = []",
+        f"for i in range({calls}):",
+        "    started = time.perf_counter_ns()",
+        "    ping(n=i)",
+        "    samples.append(time.perf_counter_ns() - started)",
+        "samples.sort()",
+        "answer['content'] = json.dumps({",
+        "    'median_us': samples[len(samples) // 2] / 1000,",
+        "    'p99_us': samples[int(len(samples) * 0.99)] / 1000,",
+        "})",
+        "answer['ready'] = True",
+    )
 
 
 def _found(answers: list[Json], secret: str) -> bool:
@@ -553,6 +584,46 @@ class Bench:
             f"  sandbox cost: off {result['off']['median_s'] * 1000:.1f} ms, auto "
             f"{result['auto']['median_s'] * 1000:.1f} ms ({len(result['auto']['protections'])} "
             "protections)"
+        )
+        return result
+
+    # -- host tool round trip ---------------------------------------------------------------
+
+    def tool_roundtrip(self) -> Json:
+        """Model code -> the client's handler -> model code: the REPL times each call of a host
+        tool `ping`. Ours: a `tool/call` answered at once here (its arguments back). The
+        library: `ping` a plain function given as `custom_tools`, in one process."""
+        ours = self.t["ours"]
+        runs: list[Json] = []
+        with spawned(ours) as channel:
+            self.fixture.instant()
+            self._warm(ours, channel)
+            self.fixture.rules([{"when": "root", "reply": _tool_timing_code(self.s.tool_calls)}])
+            params = {"prompt": "ctx", "query": "bench", "tools": [PING]}
+            for run in range(self.s.tool_runs):
+                channel.write(ours.request(100 + run, "infer", params))
+                while True:
+                    message = channel.read_message(timeout=300)
+                    if message.get("method") == "tool/call":  # the trivial handler
+                        arguments = message["params"]["arguments"]
+                        answer = {"jsonrpc": "2.0", "id": message["id"], "result": arguments}
+                        channel.write(orjson.dumps(answer) + b"\n")
+                    elif message.get("id") == 100 + run:
+                        break
+                if not ours.succeeded(message):
+                    raise RuntimeError(f"the infer with a host tool failed: {message}")
+                runs.append(orjson.loads(message["result"]["text"]))
+        library = self._library("tools", str(self.s.tool_runs))["runs"]
+        self.fixture.instant()
+        result: Json = {"calls": self.s.tool_calls}
+        for name, per_run in (("ours", runs), ("library", library)):
+            result[name] = {
+                key: statistics.median(r[key] for r in per_run) for key in ("median_us", "p99_us")
+            } | {"runs": per_run}
+        self.log(
+            f"  tool round trip: ours {result['ours']['median_us']:.1f} us "
+            f"(p99 {result['ours']['p99_us']:.1f} us), library "
+            f"{result['library']['median_us']:.2f} us"
         )
         return result
 

@@ -2,6 +2,7 @@
 
     python -m rlmbench.library_direct infer  BASE_URL N WARMUP
     python -m rlmbench.library_direct needle BASE_URL SIZE_BYTES
+    python -m rlmbench.library_direct tools  BASE_URL N
 
 One `rlm.RLM` is built once and reused for every completion (the library's best case); each
 `completion` is timed on its own. Prints one JSON object on stdout. The library's own output (it
@@ -27,7 +28,7 @@ def vm_kib(key: str) -> int:
     return 0
 
 
-def build(base_url: str) -> Any:
+def build(base_url: str, **options: Any) -> Any:
     from rlm import RLM
 
     return RLM(
@@ -37,6 +38,7 @@ def build(base_url: str) -> Any:
         max_iterations=4,
         max_depth=1,
         verbose=False,
+        **options,
     )
 
 
@@ -73,6 +75,14 @@ def needle(base_url: str, size: int) -> dict[str, Any]:
     }
 
 
+def tools(base_url: str, n: int) -> dict[str, Any]:
+    """N completions whose model code times its calls of `ping`, here a plain function given as
+    `custom_tools` (the floor for a host tool): each answer is that run's figures."""
+    ping = {"tool": lambda **arguments: arguments, "description": "Answers its arguments back."}
+    rlm = build(base_url, custom_tools={"ping": ping})
+    return {"runs": [json.loads(str(rlm.completion("ctx").response)) for _ in range(n)]}
+
+
 def main(argv: list[str]) -> int:
     real_stdout = os.dup(1)
     os.dup2(2, 1)  # anything the library prints must not mix with our JSON
@@ -81,6 +91,8 @@ def main(argv: list[str]) -> int:
         result = infer(base_url, int(argv[2]), int(argv[3]))
     elif mode == "needle":
         result = needle(base_url, int(argv[2]))
+    elif mode == "tools":
+        result = tools(base_url, int(argv[2]))
     else:
         raise SystemExit(f"unknown mode {mode}")
     os.write(real_stdout, json.dumps(result).encode() + b"\n")
