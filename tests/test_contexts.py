@@ -519,3 +519,22 @@ def test_a_worker_holds_no_socket_but_its_own(spawn: Spawn, llm: FixtureServer) 
         sockets = server.call("infer", params)["result"]["text"].split(",")
         assert "SOCK_SEQPACKET" not in sockets, (params, sockets)
     assert server.close() == 0
+
+
+def test_a_worker_on_a_stored_context_that_dies_is_crashed_not_waited_for(spawn: Spawn) -> None:
+    """The first question on a context starts its holder; the holder keeps none of that
+    question's descriptors, so its worker's death reaches the server at once (a copy kept in
+    the holder, inherited by every later worker, would have held its socket open)."""
+    server = spawn(
+        [
+            {"when": "root", "contains": "EXITS", "reply": repl("import os", "os._exit(3)")},
+            {"when": "root", "reply": answer_with("'after'")},
+        ]
+    )
+    server.ready()
+    context_id = _load(server, text="a stored context")["context_id"]
+    for _ in range(2):  # the first starts the holder; the second is forked by it
+        crashed = _ask(server, context_id, query="EXITS", options={"timeout_s": 60})["error"]
+        assert (crashed["code"], crashed["data"]["type"]) == (-32603, "worker_crashed"), crashed
+    assert _ask(server, context_id)["result"]["text"] == "after"
+    assert server.close() == 0

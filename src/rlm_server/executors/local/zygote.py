@@ -175,7 +175,7 @@ class _Holders:
         holder has died)."""
         context_id = str(context.get("id"))
         for _ in range(2):
-            sock = self._sockets.get(context_id) or self._start(context_id, context)
+            sock = self._sockets.get(context_id) or self._start(context_id, context, fds)
             try:
                 socket.send_fds(sock, [datagram], fds)
                 return
@@ -192,12 +192,18 @@ class _Holders:
         if sock is not None:
             sock.close()
 
-    def _start(self, context_id: str, context: Json) -> socket.socket:
+    def _start(self, context_id: str, context: Json, fds: list[int]) -> socket.socket:
+        """A holder keeps none of our sockets, and not the descriptors of the fork message
+        that started it (they reach it again through its inbox): a copy kept in the holder
+        would be inherited by every worker it forks, which could then read and write another
+        request's socket, and that request would never see its worker's end."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if os.fork() == 0:
             ours.close()
             for other in self._sockets.values():
                 other.close()
+            for fd in fds:
+                os.close(fd)
             self._run_holder(theirs, context)
         theirs.close()
         self._sockets[context_id] = ours
