@@ -159,9 +159,10 @@ def _text(value: Any) -> str:
 
 
 def _num(value: Any) -> float | None:
+    """A finite number, else None: `json.loads` reads `1e999` as infinity and takes `NaN`."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    return float(value) if math.isfinite(value) else None
 
 
 def _int(value: Any) -> int | None:

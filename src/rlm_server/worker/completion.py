@@ -56,7 +56,7 @@ from rlm.logger import RLMLogger
 from rlm_server import Json
 from rlm_server.worker import frames
 from rlm_server.worker.answers import AnswerCheck, AnswerRefused
-from rlm_server.worker.trajectory import bounded
+from rlm_server.worker.trajectory import bounded, seconds
 
 log = logging.getLogger(__name__)
 
@@ -441,12 +441,11 @@ class ProgressLogger(RLMLogger):  # type: ignore[misc]
         self,
         on_iteration: Callable[[int], None],
         keep_trajectory: bool,
-        tool_log: ToolLog | None = None,
     ) -> None:
         super().__init__()
         self._on_iteration = on_iteration
         self._keep = keep_trajectory
-        self.tool_log = tool_log or ToolLog()
+        self.tool_log = ToolLog()
         self.completed = 0
         self.steps: list[Json] = []
 
@@ -467,10 +466,6 @@ class ProgressLogger(RLMLogger):  # type: ignore[misc]
 # Trajectories: what the model did, bounded (trajectory.py; the server trims them again)
 
 
-def _seconds(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
-
-
 def _sub_call(call: RLMChatCompletion) -> Json:
     usage = usage_to_wire(call.usage_summary)
     return {
@@ -479,7 +474,7 @@ def _sub_call(call: RLMChatCompletion) -> Json:
         "response": bounded(call.response),
         "input_tokens": usage["input_tokens"],
         "output_tokens": usage["output_tokens"],
-        "execution_time_s": _seconds(call.execution_time),
+        "execution_time_s": seconds(call.execution_time),
     }
 
 
@@ -496,13 +491,13 @@ def trajectory_step(
                 "code": bounded(block.code),
                 "stdout": bounded(block.result.stdout),
                 "stderr": bounded(block.result.stderr),
-                "execution_time_s": _seconds(block.result.execution_time),
+                "execution_time_s": seconds(block.result.execution_time),
                 "sub_calls": [_sub_call(call) for call in block.result.rlm_calls],
             }
             for block in iteration.code_blocks
         ],
         "final_answer": None if iteration.final_answer is None else bounded(iteration.final_answer),
-        "iteration_time_s": _seconds(iteration.iteration_time),
+        "iteration_time_s": seconds(iteration.iteration_time),
         "tool_calls": tool_calls or [],
     }
 

@@ -11,11 +11,12 @@ On the zygote's control socket (SOCK_SEQPACKET) each frame is one datagram:
 
 On a worker's socket (a stream) frames follow one another:
 - worker -> server: first `{"pid": pid}` (the process to kill), then `{"event": ...}`,
-  `{"call": n, "model", "prompt"}` and one final `{"result": ...}` or `{"failure": ...}` per job.
+  `{"call": n, "model", "prompt"}`, `{"tool": n, "name", "arguments"}` (a host tool) and one
+  final `{"result": ...}` or `{"failure": ...}` per job.
 - server -> worker: a job (`{"query", "rlm", "progress", "trajectory", "context_type", ...}`),
   then, for `context_type` `text` or `json`, one frame whose payload is the context itself
   (raw UTF-8, or JSON), so a long text is never copied into a JSON document; `{"reply": n,
-  ...}` for each call.
+  ...}` for each call and each tool call.
 """
 
 from __future__ import annotations

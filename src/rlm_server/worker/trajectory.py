@@ -33,7 +33,7 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def _seconds(value: Any) -> float | None:
+def seconds(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     return None
@@ -71,7 +71,7 @@ def _sub_call(call: Json, budget: _Budget) -> Json:
         "response": budget.text(call.get("response")),
         "input_tokens": _count(call.get("input_tokens")),
         "output_tokens": _count(call.get("output_tokens")),
-        "execution_time_s": _seconds(call.get("execution_time_s")),
+        "execution_time_s": seconds(call.get("execution_time_s")),
     }
 
 
@@ -82,7 +82,7 @@ def _tool_call(call: Json, budget: _Budget) -> Json:
         "arguments_bytes": _count(call.get("arguments_bytes")),
         "result_bytes": _count(call.get("result_bytes")),
         "error": budget.text(error) if isinstance(error, str) else None,
-        "time_s": max(0.0, _seconds(call.get("time_s")) or 0.0),
+        "time_s": max(0.0, seconds(call.get("time_s")) or 0.0),
     }
 
 
@@ -91,7 +91,7 @@ def _code_block(block: Json, budget: _Budget) -> Json:
         "code": budget.text(block.get("code")),
         "stdout": budget.text(block.get("stdout")),
         "stderr": budget.text(block.get("stderr")),
-        "execution_time_s": _seconds(block.get("execution_time_s")),
+        "execution_time_s": seconds(block.get("execution_time_s")),
         "sub_calls": budget.items(block.get("sub_calls"), _sub_call),
     }
 
@@ -103,7 +103,7 @@ def _step(step: Json, budget: _Budget) -> Json:
         "response": budget.text(step.get("response")),
         "code_blocks": budget.items(step.get("code_blocks"), _code_block),
         "final_answer": budget.text(answer) if isinstance(answer, str) else None,
-        "iteration_time_s": _seconds(step.get("iteration_time_s")),
+        "iteration_time_s": seconds(step.get("iteration_time_s")),
         "tool_calls": budget.items(step.get("tool_calls"), _tool_call),
     }
 
