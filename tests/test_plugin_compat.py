@@ -365,3 +365,21 @@ def test_plugin_mode_keeps_the_key_out_of_its_proc_environ(plugin: Any) -> None:
     assert b"OPENAI_API_KEY=" in environ and secret.encode() not in environ
     server.send({"id": 1, "method": "shutdown", "params": {}})
     assert server.next()["result"] == {"shutdown": True}
+
+
+def test_params_and_ids_nested_deeper_than_json_can_be_written_back_are_answered(
+    plugin: Any,
+) -> None:
+    """orjson reads 1024 levels and writes 254: such an infer's params (hashed to join resent
+    infers) and such an id (written back in the answer) once stopped the server."""
+    server = plugin([])
+    server.next()
+    deep = b"[" * 300 + b"]" * 300
+    server.send(b'{"id":1,"method":"infer","params":{"messages":"x","x":' + deep + b"}}")
+    server.send(b'{"id":' + deep + b',"method":"status"}')
+    server.send({"id": 2, "method": "status"})
+    answers = server.answers(3)
+    assert answers[1] == {"id": 1, "error": answers[1]["error"]}
+    assert "nested too deeply" in answers[1]["error"]
+    assert answers[0]["result"]["server"] == "rlm-server"  # the id could not be written back
+    assert answers[2]["result"]["server"] == "rlm-server"

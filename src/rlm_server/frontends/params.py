@@ -130,8 +130,8 @@ def check_schema(field: str, schema: Json) -> None:
     the worker. jsonschema is imported on the first schema: the server's start never needs it."""
     try:
         size = len(orjson.dumps(schema))
-    except orjson.JSONEncodeError:  # an integer beyond 64 bits, read by the surrogate path
-        raise InvalidParams(field, "holds a number out of range") from None
+    except orjson.JSONEncodeError:  # a 65-bit integer (surrogate path), or over 254 levels deep
+        raise InvalidParams(field, "holds a number out of range or is nested too deeply") from None
     if size > SCHEMA_BYTES:
         raise InvalidParams(field, "must be at most 65536 bytes as JSON")
     from jsonschema import Draft202012Validator, SchemaError

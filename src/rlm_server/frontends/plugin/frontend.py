@@ -34,7 +34,7 @@ import orjson
 from rlm_server import Json, __version__
 from rlm_server.cli import configured, sandboxed
 from rlm_server.engine.api import Ticket
-from rlm_server.errors import InternalError, ParseError, RpcError
+from rlm_server.errors import InternalError, InvalidParams, ParseError, RpcError
 from rlm_server.frontends.lifecycle import Lifecycle, serve_stdio
 from rlm_server.frontends.plugin.wire import (
     PluginDefaults,
@@ -45,7 +45,7 @@ from rlm_server.frontends.plugin.wire import (
     status_result,
 )
 from rlm_server.frontends.transport import OversizedLine, ProtocolWriter
-from rlm_server.frontends.wire import leading_id
+from rlm_server.frontends.wire import encode, leading_id
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,14 @@ class PluginFrontend:
             self._answer(request_id, error=f"Unknown method: {method}")
 
     async def _infer(self, request_id: Any, params: Json, ticket: Ticket) -> None:
+        try:
+            key = request_key(params)
+        except orjson.JSONEncodeError:  # read (orjson takes 1024 levels), not writable (254)
+            refused = InvalidParams("params", "nested too deeply")
+            self._answer(request_id, error=error_text(refused, {}))
+            return
         work = functools.partial(self._run_infer, request_id, params, ticket)
-        self._answer(request_id, **await self._joiner.run(request_key(params), work))
+        self._answer(request_id, **await self._joiner.run(key, work))
 
     async def _run_infer(self, request_id: Any, params: Json, ticket: Ticket) -> Json:
         """Run one infer and return its answer: {"result": ...} or {"error": "..."}."""
@@ -172,7 +178,13 @@ class PluginFrontend:
         self._answer(request_id, result={"shutdown": True})
 
     def _answer(self, request_id: Any, **member: Any) -> None:
-        self._writer.send(orjson.dumps({"id": request_id, **member}))
+        """The answer under the request's id, or under 0 when that id cannot be written back
+        (nested deeper than orjson writes)."""
+        try:
+            line = encode({"id": request_id, **member})
+        except orjson.JSONEncodeError:
+            line = encode({"id": 0, **member})
+        self._writer.send(line)
 
 
 def _nothing() -> None:
