@@ -261,10 +261,6 @@ class ContextStore:
                 await self._let_go(entry)
         return True
 
-    async def drop_all(self) -> None:
-        for context_id in list(self._contexts):
-            await self.drop(context_id)
-
     async def _drop_now(self, entry: StoredContext) -> None:
         """A load that failed: its entry and file go at once (nothing can hold it yet)."""
         self._unlist(entry)

@@ -629,7 +629,7 @@ async def _converse(
 ) -> Json | None:
     """Send the job, then serve the worker's frames until its final one (None: it died),
     while its output goes to our log under `label`. At most `max_calls` model calls are
-    answered at once; the next frame waits for one of them."""
+    answered at once, host tool calls among them; the next frame waits for one of them."""
     in_flight = anyio.Semaphore(max_calls)
     async with anyio.create_task_group() as calls:
         calls.start_soon(worker.output.drain, label)
@@ -640,7 +640,9 @@ async def _converse(
                 await in_flight.acquire()
                 calls.start_soon(_answer, worker, call, on_call, in_flight)
             elif "tool" in frame:
-                calls.start_soon(_answer_tool, worker, checked_tool(frame), on_tool)
+                tool = checked_tool(frame)
+                await in_flight.acquire()
+                calls.start_soon(_answer_tool, worker, tool, on_tool, in_flight)
             elif "event" in frame:
                 event = checked_event(frame)
                 if event is not None:
@@ -662,9 +664,14 @@ async def _answer(
         in_flight.release()
 
 
-async def _answer_tool(worker: Worker, call: Json, on_tool: ToolHandler) -> None:
-    reply = await on_tool(call["name"], call["arguments"])
-    await worker.send_frame({"reply": call["tool"], **reply})
+async def _answer_tool(
+    worker: Worker, call: Json, on_tool: ToolHandler, in_flight: anyio.Semaphore
+) -> None:
+    try:
+        reply = await on_tool(call["name"], call["arguments"])
+        await worker.send_frame({"reply": call["tool"], **reply})
+    finally:
+        in_flight.release()
 
 
 # -- what a worker may say ------------------------------------------------------------------

@@ -204,6 +204,7 @@ class NodeAgent:
 
     async def forget(self, context_id: str) -> None:
         """A stored context was dropped: the zygote lets go of it and its file goes."""
+        self._fetching.pop(context_id, None)
         held = self._files.pop(context_id, None)
         if held is not None and self._pool is not None:
             await self._pool.forget(context_id)
