@@ -82,7 +82,7 @@ export const RLM_MODEL_TYPES = {
   OBJECT_LARGE: ModelType.OBJECT_LARGE,
 } as const;
 
-/** The text models among them; the others return objects. */
+/** The object models among them; the others return text. */
 const OBJECT_MODEL_TYPES: ReadonlySet<string> = new Set([ModelType.OBJECT_SMALL, ModelType.OBJECT_LARGE]);
 
 /** The answer of a JSON `responseFormat`, and of an object model given no schema. */
@@ -279,12 +279,11 @@ function textHandler(fixed: RLMClient | undefined): RlmModelHandler {
 
 function objectHandler(fixed: RLMClient | undefined): RlmObjectHandler {
   return async (runtime, params) => {
-    const answerSchema = objectSchema(params);
-    const { context, query, options } = inferRequest(params, undefined);
     const client = fixed ?? (await clientOf(runtime));
+    const { options, ...request } = inferRequest(params, undefined);
+    const answerSchema = objectSchema(params);
     const result = await client.infer<Record<string, unknown>>({
-      context,
-      query,
+      ...request,
       options: { ...options, answerSchema },
     });
     if (result.stub) {

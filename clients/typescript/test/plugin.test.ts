@@ -152,6 +152,29 @@ describe("rlmPlugin", { concurrency: true }, () => {
     assert.deepEqual(asked, ["launch"]);
   });
 
+  test("an object model passes the tools in its params on as host tools", async (t) => {
+    const fixture = await startFixture([
+      { when: "root", reply: answerWith('{"when": recall(topic="launch")}') },
+    ]);
+    const client = serverClient(openaiEnv(fixture.baseUrl));
+    t.after(async () => {
+      await client.close();
+      await fixture.stop();
+    });
+    const plugin = createRlmPlugin(client);
+    const object = await plugin.models.OBJECT_LARGE(runtime, {
+      prompt: "When is the launch?",
+      tools: {
+        recall: {
+          description: "The agent's memory of a topic.",
+          inputSchema: { type: "object", properties: { topic: { type: "string" } }, required: ["topic"] },
+          handler: () => "Tuesday",
+        },
+      },
+    } as Parameters<typeof plugin.models.OBJECT_LARGE>[1]);
+    assert.deepEqual(object, { when: "Tuesday" });
+  });
+
   test("OBJECT_LARGE returns an object valid against the schema inside the runtime", async (t) => {
     const fixture = await startFixture([
       {
