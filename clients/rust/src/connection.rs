@@ -403,7 +403,11 @@ impl Shared {
         let call: ToolCallParams = match decode_params(params) {
             Ok(call) => call,
             Err(error) => {
-                tracing::warn!(%error, "ignoring an unreadable tool/call");
+                // answered at once, as a call with no handler is: the server would otherwise
+                // wait out the call's timeout before model code hears of it
+                tracing::warn!(%error, "refusing an unreadable tool/call");
+                let line = crate::tools::response(&id, Err("unreadable tool/call params".into()));
+                let _ = writer.send(Outgoing::Frame(Frame::message(line)));
                 return;
             }
         };

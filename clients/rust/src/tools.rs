@@ -149,7 +149,7 @@ impl Running {
 }
 
 /// The answer to tool call `id`: its value, or an error whose message model code gets.
-fn response(id: &str, outcome: Result<Value, String>) -> String {
+pub(crate) fn response(id: &str, outcome: Result<Value, String>) -> String {
     let message = match outcome {
         Ok(value) => json!({"jsonrpc": "2.0", "id": id, "result": value}),
         Err(message) => json!({
