@@ -21,7 +21,8 @@ def set_nonblocking(fd: int) -> int:
 
 
 class FdReceiveStream(ByteReceiveStream):
-    """A byte stream over a non-blocking descriptor (a worker's socket), read without threads."""
+    """A byte stream over a non-blocking descriptor (a worker's socket, the MCP front end's
+    input), read without threads."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd

@@ -437,12 +437,10 @@ class Engine:
         except (BackendError, BudgetExceeded) as failed:  # a call the broker ended
             error = failed
         else:
-            if reply is not None and "error" not in reply:
+            if reply is not None:  # the root model is always allowed: no error reply here
                 metadata = _metadata(spec, 0, started, 1 + account.retries)
                 return InferResult(reply["text"], False, account.usage(), metadata, None)
-            error = (
-                DeadlineExceeded(timeout_s=spec.timeout_s) if reply is None else _failure(account)
-            )
+            error = DeadlineExceeded(timeout_s=spec.timeout_s)
         if account.made_calls:
             error.data["usage"] = account.usage()
         raise error
