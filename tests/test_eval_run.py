@@ -119,6 +119,8 @@ def _ask_model(llm: FixtureServer, rules: list[dict[str, Any]], *flags: str) -> 
             return await engine.ask_model("Question: what is the code?")
         except RpcError as error:
             return error
+        finally:
+            await engine.release_models()  # not left to a later test's event loop
 
     return anyio.run(ask)
 

@@ -476,6 +476,13 @@ class Broker:
         self._recording = Tape(record) if record else None
         self._replaying = Tape(replay) if replay else None
 
+    async def close_clients(self) -> None:
+        """Close every provider client now, in the event loop they were made in: left to the
+        garbage collector, an async client schedules its closing in whatever loop then runs."""
+        built, self._clients.built = self._clients.built, {}
+        for client in built.values():
+            await _close_client(client.lm)
+
     @property
     def recording(self) -> Tape | None:
         """--record: where host tool answers are stored too (tools.py)."""

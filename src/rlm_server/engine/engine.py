@@ -297,6 +297,11 @@ class Engine:
         """What the engine does on its own (idle sessions expire); runs until cancelled."""
         await self._sessions.expire_idle()
 
+    async def release_models(self) -> None:
+        """Close the provider clients, for an engine that ends inside a running program
+        (`rlm-server eval`) rather than at the server's exit."""
+        await self._broker.close_clients()
+
     def close(self) -> None:
         """At exit: every session's worker, the zygote and the private directory go now."""
         self._sessions.kill_all()

@@ -183,6 +183,7 @@ async def _evaluate(config: Config, environ: dict[str, str], plan: Plan, out: Pa
         return 2
     finally:
         engine.close()
+        await engine.release_models()
         report = table(rows, header)
         (out / "report.md").write_text(report, encoding="utf-8")
         (out / "scores.svg").write_text(plot(rows, header), encoding="utf-8")
