@@ -161,8 +161,11 @@ class Spend:
             "calls": self.calls,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
-            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 10),
+            "cost_usd": self.rounded_cost(),
         }
+
+    def rounded_cost(self) -> float | None:
+        return None if self.cost_usd is None else round(self.cost_usd, 10)
 
 
 def _over(budget: Budget, spent: Spend, reserved: Spend, estimate: Spend) -> str | None:
@@ -194,8 +197,14 @@ class Ledger:
         self.reserved = Spend()
 
     def totals(self) -> Json:
-        wire = self.spent.to_wire()
-        return {f"total_{name}": value for name, value in wire.items()}
+        """The lifetime spend as `status` reports it among its metrics."""
+        spent = self.spent
+        return {
+            "total_calls": spent.calls,
+            "total_input_tokens": spent.input_tokens,
+            "total_output_tokens": spent.output_tokens,
+            "total_cost_usd": spent.rounded_cost(),
+        }
 
 
 @dataclass
