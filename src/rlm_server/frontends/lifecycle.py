@@ -294,10 +294,17 @@ def serve_stdio(
             writer.send(frontend.ready())
         _started()
         read = functools.partial(read_lines, claim.read_fd, config, lifecycle, writer, frontend)
-        return anyio.run(lifecycle.run, read, backend="asyncio")
+        return run_loop(lifecycle.run, read)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # decided to exit; a late SIGTERM agrees
         claim.release()
+
+
+def run_loop(main: Callable[..., Awaitable[int]], *args: Any) -> int:
+    """Run a front end on uvloop (libuv's event loop) rather than asyncio's own, which is
+    written in Python: every message pays a turn of the loop, and on uvloop the server's part
+    of a `status` round trip is about a fifth smaller. anyio imports it here, after `ready`."""
+    return anyio.run(main, *args, backend="asyncio", backend_options={"use_uvloop": True})
 
 
 def _started() -> None:

@@ -30,7 +30,7 @@ from rlm_server.cli import configured, sandboxed
 from rlm_server.config import Config
 from rlm_server.engine.engine import Engine
 from rlm_server.fdio import FdReceiveStream, write_all
-from rlm_server.frontends.lifecycle import Lifecycle
+from rlm_server.frontends.lifecycle import Lifecycle, run_loop
 from rlm_server.frontends.transport import LineReader, OversizedLine, StdioClaim, claim_stdio
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
     claim = claim_stdio()
     try:
-        return anyio.run(_run, config, claim, environ, backend="asyncio")
+        return run_loop(_run, config, claim, environ)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # decided to exit; a late SIGTERM agrees
         claim.release()
