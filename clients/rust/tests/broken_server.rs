@@ -43,6 +43,14 @@ fn error_answer(error: Value) -> String {
         .replace(r#""{id}""#, "{id}")
 }
 
+/// An answer to the client's `infer` `id` whose text is the line the fake server answers with
+/// it (the client's answer to a request of the server's own), for the test to read.
+fn infer_echoing_read(id: u64) -> String {
+    infer_ok("{read}")
+        .replace(r#""{read}""#, "{read}")
+        .replace("{id}", &id.to_string())
+}
+
 async fn infer(client: &RlmClient, prompt: &str) -> Result<InferResult, RlmError> {
     tokio::time::timeout(LIMIT, client.infer(InferRequest::new(prompt)))
         .await
@@ -146,6 +154,24 @@ async fn unknown_progress_events_and_error_types_are_kept() {
     };
     assert_eq!(rpc.kind(), Some(&ErrorType::Unknown("brand_new".into())));
     assert_eq!(rpc.data.as_ref().unwrap().extra["hint"], 1);
+}
+
+/// A `tool/call` whose params do not decode (a `name` that is not a string) is answered
+/// with an error under its id at once: it was only logged, and the server waited out the
+/// call's timeout. The fake answers the `infer` (id 1) only once it reads that answer.
+#[tokio::test]
+async fn an_unreadable_tool_call_is_answered_with_an_error_at_once() {
+    let call = r#"{"jsonrpc":"2.0","id":"tool-1","method":"tool/call","params":{"request_id":1,"name":5,"arguments":{}}}"#;
+    let client = RlmClient::new(fake_config(&[call, &infer_echoing_read(1)]));
+    let text = infer(&client, "ctx")
+        .await
+        .expect("the infer's answer")
+        .text;
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["id"], "tool-1", "{answer}");
+    assert_eq!(answer["error"]["code"], -32000, "{answer}");
+    assert!(answer["error"]["message"].is_string(), "{answer}");
+    assert!(answer.get("result").is_none(), "{answer}");
 }
 
 /// Issue 14, defect 5: a stdout line over the limit fails the call whose id it carries; the

@@ -8,7 +8,9 @@ It writes a `ready` notification, then answers the n-th request it reads (a mess
 id, other than `shutdown`) with the n-th ANSWER, which is one of:
 
 - a template: written as is (it may hold several lines), after `{id}` is replaced by the
-  request's id and `{big:N}` by N times `x`;
+  request's id, `{big:N}` by N times `x`, and `{read}` by the line it answers as a JSON
+  string (so a test can see how the client answered a request of the server's own, which
+  this script takes for a request too: it has an id);
 - `!none`: no answer;
 - `!exit N`: exit with status N without answering.
 
@@ -45,9 +47,10 @@ READY = {
 }
 
 
-def render(template: str, request_id: object) -> str:
+def render(template: str, request_id: object, line: str) -> str:
     text = template.replace("{id}", json.dumps(request_id))
-    return re.sub(r"\{big:(\d+)\}", lambda m: "x" * int(m.group(1)), text)
+    text = re.sub(r"\{big:(\d+)\}", lambda m: "x" * int(m.group(1)), text)
+    return text.replace("{read}", json.dumps(line.strip()))
 
 
 def main(args: list[str]) -> int:
@@ -74,7 +77,7 @@ def main(args: list[str]) -> int:
         if answer.startswith("!exit "):
             return int(answer.split()[1])
         if answer != "!none":
-            out.write(render(answer, message["id"]) + "\n")
+            out.write(render(answer, message["id"], line) + "\n")
             out.flush()
     return 0
 
