@@ -185,6 +185,16 @@ impl Frame {
         Self { head, params: None }
     }
 
+    /// The refusal of a server request whose method this client does not know, shaped as the
+    /// TypeScript client's.
+    fn method_not_found(id: &Value) -> Self {
+        let error = serde_json::json!({
+            "jsonrpc": "2.0", "id": id,
+            "error": {"code": -32601, "message": "Method not found"},
+        });
+        Self::message(error.to_string())
+    }
+
     fn notification(method: &str, params: &impl serde::Serialize) -> Self {
         let params = serde_json::value::to_raw_value(params).expect("plain params always encode");
         Self {
@@ -319,7 +329,7 @@ impl Shared {
                 Ok(())
             }
             Some(method) => {
-                tracing::debug!(method, "ignoring a server notification");
+                refuse_unknown(method, message.id, writer);
                 Ok(())
             }
             None => {
@@ -530,6 +540,19 @@ struct Incoming {
     /// Raw too: an error that does not decode fails its call, not the whole line.
     #[serde(default)]
     error: Option<Box<RawValue>>,
+}
+
+/// A message of a method this client does not know. A request is refused at once, as the
+/// TypeScript client refuses it: unanswered, it would keep the server waiting. A notification
+/// (no id; `"id": null` reads as none) needs no answer.
+fn refuse_unknown(method: &str, id: Option<Value>, writer: &mpsc::UnboundedSender<Outgoing>) {
+    match id {
+        Some(id) => {
+            tracing::warn!(method, %id, "refusing a server request of an unknown method");
+            let _ = writer.send(Outgoing::Frame(Frame::method_not_found(&id)));
+        }
+        None => tracing::debug!(method, "ignoring a server notification"),
+    }
 }
 
 /// The start of a line, for a log or an error message.

@@ -174,6 +174,33 @@ async fn an_unreadable_tool_call_is_answered_with_an_error_at_once() {
     assert!(answer.get("result").is_none(), "{answer}");
 }
 
+/// A request of the server's own whose method the client does not know is refused at once
+/// with -32601 under its id, as the TypeScript client refuses it, so the server never waits
+/// for an answer; a notification of an unknown method gets none (were it answered, with any
+/// id, the fake would take that answer for the one it waits for). The fake answers the
+/// `infer` (id 1) only once it reads the client's answer.
+#[tokio::test]
+async fn a_server_request_of_an_unknown_method_is_refused_at_once() {
+    let lines = [
+        r#"{"jsonrpc":"2.0","method":"no/such/method","params":{}}"#,
+        r#"{"jsonrpc":"2.0","id":"srv-1","method":"no/such/method","params":{}}"#,
+    ]
+    .join("\n");
+    let client = RlmClient::new(fake_config(&[&lines, &infer_echoing_read(1)]));
+    let text = infer(&client, "ctx")
+        .await
+        .expect("the infer's answer")
+        .text;
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        answer,
+        json!({
+            "jsonrpc": "2.0", "id": "srv-1",
+            "error": {"code": -32601, "message": "Method not found"},
+        })
+    );
+}
+
 /// Issue 14, defect 5: a stdout line over the limit fails the call whose id it carries; the
 /// connection goes on.
 #[tokio::test]
