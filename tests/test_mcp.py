@@ -346,6 +346,20 @@ async def test_failures_are_tool_errors_with_the_contract_types(
     assert no_such_tool.value.code == -32602
 
 
+async def test_a_message_over_the_size_limit_is_refused_and_the_session_goes_on(
+    llm: FixtureServer, mode: str
+) -> None:
+    fact, text = _needle()
+    rules = [{"when": "root", "reply": FIND_NEEDLE}]
+    async with connect(llm, mode, rules, args=["--max-message-bytes", "65536"]) as server:
+        with anyio.fail_after(10), pytest.raises(MCPError) as too_long:  # not its own timeout
+            await server.ask(question="What is the vault code?", text="x" * 131072)
+        result = await server.ask(question="What is the vault code?", text=text[-2000:])
+    assert too_long.value.code == -32600
+    assert too_long.value.error.data == {"type": "line_too_long", "limit": 65536}
+    assert not result.is_error and _text(result) == fact
+
+
 async def test_model_code_printing_never_reaches_the_host(llm: FixtureServer, mode: str) -> None:
     noisy = repl(
         "import os, sys",

@@ -196,6 +196,11 @@ class Ledger:
         self.spent = Spend()
         self.reserved = Spend()
 
+    def limits_cost(self, budget: Budget) -> bool:
+        """Whether a cost limit applies to a request under `budget`: its own or the server's
+        (then every model it calls must have a known price)."""
+        return budget.max_cost_usd is not None or self.limit.max_cost_usd is not None
+
     def totals(self) -> Json:
         """The lifetime spend as `status` reports it among its metrics."""
         spent = self.spent
@@ -238,7 +243,7 @@ class Account:
 
     @property
     def cost_limited(self) -> bool:
-        return self.budget.max_cost_usd is not None or self._ledger.limit.max_cost_usd is not None
+        return self._ledger.limits_cost(self.budget)
 
     def refuse_unpriced(self) -> None:
         """A cost limit cannot be kept on a model without a price: BudgetExceeded."""

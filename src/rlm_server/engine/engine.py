@@ -104,7 +104,6 @@ class RunSpec(NamedTuple):
     rlm_kwargs: Json  # what the worker is told: model names and loop settings only
     route: Route  # what the broker may call for it, keys included: never leaves the server
     budget: Budget
-    cost_limited: bool  # a cost limit applies, so every model must have a known price
 
     @classmethod
     def resolve(cls, config: Config, options: InferOptions, environ: Mapping[str, str]) -> RunSpec:
@@ -158,7 +157,6 @@ class RunSpec(NamedTuple):
                 info.price_provider,
             ),
             budget=budget,
-            cost_limited=budget.max_cost_usd is not None or config.spend_limit_usd is not None,
         )
 
 
@@ -517,7 +515,7 @@ class Engine:
     async def _check_prices(self, spec: RunSpec, options: InferOptions) -> None:
         """A cost limit on a model without a known price is refused up front: it could not be
         kept, and ignoring it silently would be worse."""
-        if not spec.cost_limited or spec.unavailable_reason is not None:
+        if not self._broker.ledger.limits_cost(spec.budget) or spec.unavailable_reason is not None:
             return
         await self._broker.prices.load()
         for model in spec.route.models:

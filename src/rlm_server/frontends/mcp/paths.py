@@ -51,17 +51,16 @@ def gather(patterns: Sequence[str], allowed: Sequence[str], limit: int) -> Gathe
     skipped: list[dict[str, str]] = []
     total = files = 0
     seen: set[str] = set()
-    for path in _expand(patterns, allowed, skipped):
-        real = os.path.realpath(path)
+    for path, real in _expand(patterns, allowed, skipped):
         if real in seen:
             continue
         seen.add(real)
-        content, reason = _read_text(real, limit - total)
+        content, size, reason = _read_text(real, limit - total)
         if content is None:
             skipped.append({"path": path, "reason": reason})
             continue
         parts.append(f"==> {path} <==\n{content}\n")
-        total += len(content.encode())
+        total += size
         files += 1
     if not files:
         raise InvalidParams(FIELD, _nothing_read(skipped))
@@ -77,8 +76,9 @@ def _nothing_read(skipped: list[dict[str, str]]) -> str:
 
 def _expand(
     patterns: Sequence[str], allowed: Sequence[str], skipped: list[dict[str, str]]
-) -> Iterator[str]:
-    """Each pattern's files: a file, every file under a directory, or a glob's matches."""
+) -> Iterator[tuple[str, str]]:
+    """Each pattern's files, as given and resolved: a file, every file under a directory, or a
+    glob's matches."""
     for given in patterns:
         pattern = os.path.expanduser(given)
         if any(magic in pattern for magic in GLOB_MAGIC):
@@ -86,28 +86,30 @@ def _expand(
             matches = sorted(glob.glob(pattern, recursive=True))
             yield from _inside(matches, allowed, skipped)
             continue
-        _require_allowed(pattern, allowed, pattern)
+        real = _require_allowed(pattern, allowed, pattern)
         if os.path.isdir(pattern):
             yield from _inside(_walk(pattern), allowed, skipped)
         elif os.path.isfile(pattern):
-            yield pattern
+            yield pattern, real
         else:
             raise InvalidParams(FIELD, f"{pattern}: no such file or directory")
 
 
 def _inside(
     paths: Iterator[str] | list[str], allowed: Sequence[str], skipped: list[dict[str, str]]
-) -> Iterator[str]:
-    """The regular files among `paths`; a symlink out of the allowed directories is skipped."""
+) -> Iterator[tuple[str, str]]:
+    """The regular files among `paths`, as given and resolved; a symlink out of the allowed
+    directories is skipped."""
     for path in paths:
         if not os.path.isfile(path):
             continue
-        if not _is_allowed(path, allowed):
+        real = os.path.realpath(path)
+        if not _is_allowed(real, allowed):
             skipped.append(
                 {"path": path, "reason": "a symlink out of the --allow-path directories"}
             )
             continue
-        yield path
+        yield path, real
 
 
 def _walk(directory: str) -> Iterator[str]:
@@ -129,32 +131,36 @@ def _glob_base(pattern: str) -> str:
     return os.sep.join(literal) or "."
 
 
-def _is_allowed(path: str, allowed: Sequence[str]) -> bool:
-    real = os.path.realpath(path)
+def _is_allowed(real: str, allowed: Sequence[str]) -> bool:
+    """Whether a resolved path is one of the allowed directories or under one."""
     return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in allowed)
 
 
-def _require_allowed(path: str, allowed: Sequence[str], named: str) -> None:
-    if not _is_allowed(path, allowed):
+def _require_allowed(path: str, allowed: Sequence[str], named: str) -> str:
+    """The path resolved; InvalidParams naming it when it is outside every allowed directory."""
+    real = os.path.realpath(path)
+    if not _is_allowed(real, allowed):
         raise InvalidParams(FIELD, f"{named} is outside every --allow-path directory")
+    return real
 
 
-def _read_text(path: str, room: int) -> tuple[str | None, str]:
-    """The file's text, or None and why it was skipped."""
+def _read_text(path: str, room: int) -> tuple[str | None, int, str]:
+    """The file's text and its size in bytes, or None and why it was skipped."""
     try:
         size = os.path.getsize(path)
         if size > room:
-            return None, f"over --max-read-bytes ({size} bytes; {max(room, 0)} left of the limit)"
+            why = f"over --max-read-bytes ({size} bytes; {max(room, 0)} left of the limit)"
+            return None, 0, why
         with open(path, "rb") as file:
             data = file.read(min(SNIFF_BYTES, room + 1))
             if b"\0" in data:
-                return None, "binary"
+                return None, 0, "binary"
             data += file.read(room + 1 - len(data))
     except OSError as error:
-        return None, f"unreadable ({error.strerror or 'error'})"
+        return None, 0, f"unreadable ({error.strerror or 'error'})"
     if len(data) > room:
-        return None, "over --max-read-bytes (it grew while read)"
+        return None, 0, "over --max-read-bytes (it grew while read)"
     try:
-        return data.decode("utf-8"), ""
+        return data.decode("utf-8"), len(data), ""
     except UnicodeDecodeError:
-        return None, "binary (not UTF-8 text)"
+        return None, 0, "binary (not UTF-8 text)"

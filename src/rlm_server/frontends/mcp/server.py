@@ -29,9 +29,11 @@ from rlm_server import SERVER_NAME, __version__
 from rlm_server.cli import configured, sandboxed
 from rlm_server.config import Config
 from rlm_server.engine.engine import Engine
+from rlm_server.errors import LineTooLong
 from rlm_server.fdio import FdReceiveStream, write_all
 from rlm_server.frontends.lifecycle import Lifecycle, run_loop
 from rlm_server.frontends.transport import LineReader, OversizedLine, StdioClaim, claim_stdio
+from rlm_server.frontends.wire import encode, leading_id
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +48,24 @@ INSTRUCTIONS = (
 
 class _Input:
     """The host's lines, for the SDK's stdio transport: read from the private descriptor on the
-    event loop (no thread to outlive a stop), any length up to --max-message-bytes. The SDK
-    sees the end of its input only once the server has drained (`at_end`): it answers every
-    call still running "Connection closed" as soon as it does."""
+    event loop (no thread to outlive a stop), any length up to --max-message-bytes. A longer
+    message never reaches the SDK: it is answered here (-32600 `line_too_long`, under the id
+    its line begins with), as the JSON-RPC front end answers it, so the host's request fails
+    at once instead of waiting out its timeout. The SDK sees the end of its input only once
+    the server has drained (`at_end`): it answers every call still running "Connection
+    closed" as soon as it does."""
 
-    def __init__(self, fd: int, max_bytes: int, at_end: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        fd: int,
+        max_bytes: int,
+        at_end: Callable[[], Awaitable[None]],
+        output: _Output,
+    ) -> None:
         self._stream = FdReceiveStream(fd)
         self._reader = LineReader(self._stream, max_bytes)
         self._at_end = at_end
+        self._output = output
         self._stopped = False
         self._reading: anyio.CancelScope | None = None  # the read under way
 
@@ -72,9 +84,15 @@ class _Input:
                 await self._at_end()
                 raise StopAsyncIteration
             if isinstance(line, OversizedLine):
-                log.warning("a message over --max-message-bytes (%d) was discarded", line.limit)
+                await self._refuse(line)
                 continue
             return line  # the SDK parses bytes as they are: a long context is not copied
+
+    async def _refuse(self, line: OversizedLine) -> None:
+        log.warning("a message over --max-message-bytes (%d) was refused", line.limit)
+        error = LineTooLong(limit=line.limit).to_wire()
+        response = {"jsonrpc": "2.0", "id": leading_id(line.head), "error": error}
+        await self._output.write(encode(response).decode() + "\n")
 
     def stop(self) -> None:
         """Read no more: the SDK is told the input ended (once the server has drained)."""
@@ -84,22 +102,25 @@ class _Input:
 
 
 class _Output:
-    """The SDK's writes, onto the private descriptor (one writer task: never interleaved). A
-    host that closed its end reads nothing more: the server stops at once."""
+    """Every write onto the private descriptor: the SDK's (one writer task) and the refusals of
+    over-long messages (`_Input`), a whole line at a time, never interleaved. A host that
+    closed its end reads nothing more: the server stops at once."""
 
     def __init__(self, fd: int, on_closed: Callable[[], None]) -> None:
         self._fd = fd
         self._on_closed = on_closed
         self._closed = False
+        self._lock = anyio.Lock()
 
     async def write(self, text: str) -> None:
-        if self._closed:
-            return
-        try:
-            await write_all(self._fd, text.encode("utf-8", "replace"))
-        except OSError:  # EPIPE and the like: nobody is reading
-            self._closed = True
-            self._on_closed()
+        async with self._lock:
+            if self._closed:
+                return
+            try:
+                await write_all(self._fd, text.encode("utf-8", "replace"))
+            except OSError:  # EPIPE and the like: nobody is reading
+                self._closed = True
+                self._on_closed()
 
     async def flush(self) -> None:
         """Every write is already on the descriptor."""
@@ -112,7 +133,6 @@ class McpServer:
         from rlm_server.frontends.mcp.bridge import Bridge
         from rlm_server.frontends.mcp.tools import Tools
 
-        self._claim = claim
         self._lifecycle = lifecycle
         self._tools = Tools(Bridge(lifecycle), config, lifecycle.in_flight)
         self._app: Server[Any] = Server(
@@ -124,7 +144,10 @@ class McpServer:
             on_list_resources=self._tools.list_resources,
             on_read_resource=self._tools.read_resource,
         )
-        self._input = _Input(claim.read_fd, config.max_message_bytes, self._at_end_of_input)
+        self._output = _Output(claim.write_fd, lifecycle.output_closed)
+        self._input = _Input(
+            claim.read_fd, config.max_message_bytes, self._at_end_of_input, self._output
+        )
 
     async def run(self) -> int:
         return await self._lifecycle.run(self._serve, end_reading=self._input.stop)
@@ -132,8 +155,8 @@ class McpServer:
     async def _serve(self) -> None:
         from mcp.server.stdio import stdio_server
 
-        output = _Output(self._claim.write_fd, self._lifecycle.output_closed)
-        async with stdio_server(cast(Any, self._input), cast(Any, output)) as (reads, writes):
+        stdio = stdio_server(cast(Any, self._input), cast(Any, self._output))
+        async with stdio as (reads, writes):
             await self._app.run(reads, writes, self._app.create_initialization_options())
 
     async def _at_end_of_input(self) -> None:
