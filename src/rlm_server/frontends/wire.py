@@ -9,9 +9,15 @@ from typing import Any
 
 import orjson
 
-from rlm_server.errors import ParseError
+from rlm_server.errors import ParseError, RpcError
 
 RequestId = str | int | None  # an id as JSON-RPC and the plugin's protocol both write it
+
+
+def error_response(error: RpcError, request_id: RequestId) -> dict[str, Any]:
+    """A JSON-RPC 2.0 error response (the JSON-RPC and MCP front ends both answer with one)."""
+    return {"jsonrpc": "2.0", "id": request_id, "error": error.to_wire()}
+
 
 # `"id"` as the first member of the top-level object, or the second after `"jsonrpc": "2.0"`,
 # as clients write it: only there can it not be a key inside `params`.

@@ -39,7 +39,7 @@ from rlm_server.errors import (
     MethodNotFound,
     RpcError,
 )
-from rlm_server.frontends.wire import RequestId
+from rlm_server.frontends.wire import RequestId, error_response
 
 if TYPE_CHECKING:
     from jsonrpcserver.result import Result
@@ -56,10 +56,6 @@ Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], object]  # starts a 
 
 def result_response(result: Any, request_id: RequestId) -> Json:
     return {"jsonrpc": "2.0", "result": result, "id": request_id}
-
-
-def error_response(error: RpcError, request_id: RequestId) -> Json:
-    return {"jsonrpc": "2.0", "id": request_id, "error": error.to_wire()}
 
 
 def _as_rpc_error(name: str, error: Exception) -> RpcError:

@@ -28,7 +28,7 @@ from rlm_server.errors import LineTooLong, ParseError, RpcError
 from rlm_server.frontends.jsonrpc.tools import ToolCalls, is_response
 from rlm_server.frontends.lifecycle import Lifecycle
 from rlm_server.frontends.transport import OversizedLine, ProtocolWriter
-from rlm_server.frontends.wire import RequestId, encode, leading_id
+from rlm_server.frontends.wire import RequestId, encode, error_response, leading_id
 
 if TYPE_CHECKING:
     from rlm_server.frontends.jsonrpc.dispatch import Dispatcher, Response
@@ -161,8 +161,6 @@ class JsonRpcFrontend:
             self._writer.send(encode(response))
 
     def _send_error(self, error: RpcError, request_id: RequestId = None) -> None:
-        from rlm_server.frontends.jsonrpc.dispatch import error_response
-
         self._send(error_response(error, request_id))
 
 

@@ -33,7 +33,7 @@ from rlm_server.errors import LineTooLong
 from rlm_server.fdio import FdReceiveStream, write_all
 from rlm_server.frontends.lifecycle import Lifecycle, run_loop
 from rlm_server.frontends.transport import LineReader, OversizedLine, StdioClaim, claim_stdio
-from rlm_server.frontends.wire import encode, leading_id
+from rlm_server.frontends.wire import encode, error_response, leading_id
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,7 @@ class _Input:
 
     async def _refuse(self, line: OversizedLine) -> None:
         log.warning("a message over --max-message-bytes (%d) was refused", line.limit)
-        error = LineTooLong(limit=line.limit).to_wire()
-        response = {"jsonrpc": "2.0", "id": leading_id(line.head), "error": error}
+        response = error_response(LineTooLong(limit=line.limit), leading_id(line.head))
         await self._output.write(encode(response).decode() + "\n")
 
     def stop(self) -> None:
