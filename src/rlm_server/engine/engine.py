@@ -62,7 +62,7 @@ from rlm_server.errors import (
     first_of,
 )
 from rlm_server.executors.base import Executor, make_executor
-from rlm_server.executors.local.pool import CallHandler, JobInput, ToolHandler
+from rlm_server.executors.local.pool import CallHandler, Job, JobInput, ToolHandler
 from rlm_server.worker import frames
 from rlm_server.worker.trajectory import trimmed
 
@@ -595,7 +595,7 @@ class Engine:
         each on its own (so a flaky call costs one call more, not a whole completion)."""
         spec, request, account = run.spec, run.request, run.account
         run.progress("started")
-        job = {
+        frame = {
             "query": request.query,
             "rlm": spec.rlm_kwargs,
             "progress": run.progress.wanted,
@@ -603,7 +603,7 @@ class Engine:
             "tools": [tool.to_job() for tool in run.tools],
         }
         if request.options.answer_schema is not None:
-            job["answer"] = {
+            frame["answer"] = {
                 "schema": request.options.answer_schema,
                 "repairs": request.options.answer_repairs,
             }
@@ -618,7 +618,7 @@ class Engine:
         try:
             async with anyio.create_task_group() as starting:
                 starting.start_soon(self._broker.prepare, spec.route)  # while the worker starts
-                final = await self._execute(run, job, on_call, self._tool_gate(run).call)
+                final = await self._execute(run, frame, on_call, self._tool_gate(run).call)
         except* RpcError as failed:  # raised inside the task group
             failure = first_of(failed, RpcError)
         if failure is not None:
@@ -687,22 +687,13 @@ class Engine:
         )
 
     async def _execute(
-        self, run: _Running, job: Json, on_call: CallHandler, on_tool: ToolHandler
+        self, run: _Running, frame: Json, on_call: CallHandler, on_tool: ToolHandler
     ) -> Json:
         """The completion's final frame: from the session's worker, or from a fresh one."""
+        job = Job(frame, run.job_input, run.progress.forward, on_call, on_tool, run.label)
         if run.session is not None:
-            return await self._sessions.run_turn(
-                run.session,
-                job,
-                run.job_input,
-                run.progress.forward,
-                on_call,
-                on_tool,
-                run.label,
-            )
-        return await self._workers.run(
-            job, run.job_input, run.progress.forward, on_call, on_tool, run.label
-        )
+            return await self._sessions.run_turn(run.session, job)
+        return await self._workers.run(job)
 
     # -- stopping -----------------------------------------------------------------------------
 

@@ -30,13 +30,7 @@ from rlm_server.engine.store import ContextStore, StoredContext
 from rlm_server.engine.tools import ToolSpec
 from rlm_server.errors import InvalidParams
 from rlm_server.executors.base import Executor
-from rlm_server.executors.local.pool import (
-    CallHandler,
-    EventHandler,
-    JobInput,
-    LongWorker,
-    ToolHandler,
-)
+from rlm_server.executors.local.pool import Job, LongWorker
 
 log = logging.getLogger(__name__)
 
@@ -108,25 +102,16 @@ class Sessions:
                 raise InvalidParams("session_id", "the session was closed while this turn waited")
             yield
 
-    async def run_turn(
-        self,
-        session: Session,
-        job: Json,
-        context: JobInput,
-        on_event: EventHandler,
-        on_call: CallHandler,
-        on_tool: ToolHandler,
-        label: str,
-    ) -> Json:
+    async def run_turn(self, session: Session, job: Job) -> Json:
         """One turn on the session's worker (forked now if it is the first); the final frame.
-        A turn that does not get one closes the session. `label` names it in our log."""
+        A turn that does not get one closes the session. `job.label` names it in our log."""
         session.running = True
         finished = False
         try:
             if session.worker is None:
                 held = session.stored.file if session.stored is not None else None
                 session.worker = await self._workers.long_worker(held)
-            final = await session.worker.run(job, context, on_event, on_call, on_tool, label)
+            final = await session.worker.run(job)
             finished = True
             return final
         finally:

@@ -2,9 +2,10 @@
 
 `executors.local.pool.WorkerPool` runs each completion in a worker forked on this machine;
 `executors.ray.executor.RayExecutor` runs it in a worker forked on a node of a Ray cluster. Both
-take the same job and source, relay the worker's events and model calls to the engine's
-callbacks (the broker answers every call, in the server), kill the worker when the caller is
-cancelled, and answer the worker's final frame or raise WorkerCrashed.
+take the same job (a `Job`: the worker's first frame, its input, the engine's callbacks and a
+label for the log), relay the worker's events and model calls to the job's callbacks (the
+broker answers every call, in the server), kill the worker when the caller is cancelled, and
+answer the worker's final frame or raise WorkerCrashed.
 """
 
 from __future__ import annotations
@@ -14,15 +15,9 @@ from typing import Protocol
 
 from rlm_server import Json
 from rlm_server.config import Config
-from rlm_server.executors.local.pool import (
-    CallHandler,
-    ContextFile,
-    EventHandler,
-    JobInput,
-    LongWorker,
-    ToolHandler,
-    WorkerPool,
-)
+
+# Job is defined beside the types of its fields: pool.py cannot import this module back.
+from rlm_server.executors.local.pool import ContextFile, Job, LongWorker, WorkerPool
 
 LOCAL = "local"
 
@@ -39,19 +34,11 @@ class Executor(Protocol):
     def stop(self) -> None:
         """At exit: end every worker and remove every private directory."""
 
-    async def run(
-        self,
-        job: Json,
-        context: JobInput,
-        on_event: EventHandler,
-        on_call: CallHandler,
-        on_tool: ToolHandler,
-        label: str = "a worker",
-    ) -> Json:
+    async def run(self, job: Job) -> Json:
         """One job in a fresh worker; its final frame, or WorkerCrashed. Its model calls are
-        answered by `on_call`, its host tool calls by `on_tool`, both in the server. Cancelling
-        the caller kills the worker and everything it started. `label` names the request in
-        logs."""
+        answered by `job.on_call`, its host tool calls by `job.on_tool`, both in the server.
+        Cancelling the caller kills the worker and everything it started. `job.label` names
+        the request in logs."""
         ...
 
     async def long_worker(self, context: ContextFile | None) -> LongWorker:

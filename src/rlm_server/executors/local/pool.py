@@ -159,6 +159,20 @@ class ContextFile(NamedTuple):
 JobInput = str | list[Any] | ContextFile | None
 
 
+class Job(NamedTuple):
+    """One job as every executor takes it, and passes it on unchanged to another."""
+
+    # The JSON object the worker is sent first (query, rlm, progress, ...: worker/frames.py).
+    # Called `frame`, as on the worker's socket: `job` names this record, and `spec` the
+    # engine's RunSpec the frame is made from.
+    frame: Json
+    context: JobInput  # the job's long input, sent (or inherited) after the frame
+    on_event: EventHandler  # the worker's checked progress events
+    on_call: CallHandler  # answers its model calls (the broker, in the server)
+    on_tool: ToolHandler  # answers its host tool calls (the engine's ToolGate)
+    label: str  # names the request in our log, over the worker's own output
+
+
 class Worker:
     """One worker: its keeper (the zygote's child, leader of its own session), the process
     that runs the job (the keeper itself, or its child in a PID namespace of its own; see
@@ -175,8 +189,8 @@ class Worker:
         self._stream = BufferedByteReceiveStream(FdReceiveStream(self._fd))  # across jobs
         sock.setblocking(False)
 
-    async def send_job(self, job: Json, context: JobInput) -> None:
-        """The job as a JSON frame, then the context in a frame of its own.
+    async def send_job(self, frame: Json, context: JobInput) -> None:
+        """The job's JSON frame, then the context in a frame of its own.
 
         A text context goes as raw UTF-8, streamed in chunks, so a 200 MB context is never
         copied into one JSON document on its way to the worker. A stored context is not sent at
@@ -186,12 +200,12 @@ class Worker:
             async with self._writing:
                 if context is None or isinstance(context, ContextFile):
                     kind = "none" if context is None else "inherited"
-                    await self._write_frame(orjson.dumps({**job, "context_type": kind}))
+                    await self._write_frame(orjson.dumps({**frame, "context_type": kind}))
                 elif isinstance(context, str):
-                    await self._write_frame(orjson.dumps({**job, "context_type": "text"}))
+                    await self._write_frame(orjson.dumps({**frame, "context_type": "text"}))
                     await self._write_text(context)
                 else:
-                    await self._write_frame(orjson.dumps({**job, "context_type": "json"}))
+                    await self._write_frame(orjson.dumps({**frame, "context_type": "json"}))
                     await self._write_frame(orjson.dumps(context))
         except OSError:  # the worker died while we wrote; its frames() will end
             pass
@@ -503,26 +517,16 @@ class WorkerPool:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_remove_tree, workdir)
 
-    async def run(
-        self,
-        job: Json,
-        context: JobInput,
-        on_event: EventHandler,
-        on_call: CallHandler,
-        on_tool: ToolHandler,
-        label: str = "a worker",
-    ) -> Json:
+    async def run(self, job: Job) -> Json:
         """Run one job in a fresh worker; return its final frame. The worker never outlives it;
-        its model calls are answered by `on_call` and its host tool calls by `on_tool`,
-        concurrently. A stored context is named in the fork, so the worker inherits it. `label`
-        names the request in our log."""
-        inherited = context if isinstance(context, ContextFile) else None
+        its model calls are answered by `job.on_call` and its host tool calls by `job.on_tool`,
+        concurrently. A stored context is named in the fork, so the worker inherits it.
+        `job.label` names the request in our log."""
+        inherited = job.context if isinstance(job.context, ContextFile) else None
         crash: RpcError | None = None
         async with self._forked(inherited) as worker:
             try:
-                final = await _converse(
-                    worker, job, context, on_event, on_call, on_tool, label, self._max_calls
-                )
+                final = await _converse(worker, job, self._max_calls)
             except* WorkerCrashed as crashed:  # raised inside the calls' task group
                 crash = first_of(crashed, WorkerCrashed)
         if crash is not None:
@@ -556,28 +560,12 @@ class LongWorker:
         self._worker, self._workdir = worker, workdir
         self._max_calls = max_calls_in_flight
 
-    async def run(
-        self,
-        job: Json,
-        context: JobInput,
-        on_event: EventHandler,
-        on_call: CallHandler,
-        on_tool: ToolHandler,
-        label: str = "a session's worker",
-    ) -> Json:
+    async def run(self, job: Job) -> Json:
         """One job (a turn) on this worker; its final frame, or WorkerCrashed."""
         crash: RpcError | None = None
         try:
-            final = await _converse(
-                self._worker,
-                {**job, "session": True},
-                context,
-                on_event,
-                on_call,
-                on_tool,
-                label,
-                self._max_calls,
-            )
+            turn = job._replace(frame={**job.frame, "session": True})
+            final = await _converse(self._worker, turn, self._max_calls)
         except* WorkerCrashed as crashed:  # raised inside the calls' task group
             crash = first_of(crashed, WorkerCrashed)
         if crash is not None:
@@ -617,36 +605,27 @@ def _final(final: Json | None) -> Json:
     return final
 
 
-async def _converse(
-    worker: Worker,
-    job: Json,
-    context: JobInput,
-    on_event: EventHandler,
-    on_call: CallHandler,
-    on_tool: ToolHandler,
-    label: str,
-    max_calls: int,
-) -> Json | None:
+async def _converse(worker: Worker, job: Job, max_calls: int) -> Json | None:
     """Send the job, then serve the worker's frames until its final one (None: it died),
-    while its output goes to our log under `label`. At most `max_calls` model calls are
+    while its output goes to our log under `job.label`. At most `max_calls` model calls are
     answered at once, host tool calls among them; the next frame waits for one of them."""
     in_flight = anyio.Semaphore(max_calls)
     async with anyio.create_task_group() as calls:
-        calls.start_soon(worker.output.drain, label)
-        await worker.send_job(job, context)
+        calls.start_soon(worker.output.drain, job.label)
+        await worker.send_job(job.frame, job.context)
         async for frame in worker.frames():
             if "call" in frame:
                 call = checked_call(frame)
                 await in_flight.acquire()
-                calls.start_soon(_answer, worker, call, on_call, in_flight)
+                calls.start_soon(_answer, worker, call, job.on_call, in_flight)
             elif "tool" in frame:
                 tool = checked_tool(frame)
                 await in_flight.acquire()
-                calls.start_soon(_answer_tool, worker, tool, on_tool, in_flight)
+                calls.start_soon(_answer_tool, worker, tool, job.on_tool, in_flight)
             elif "event" in frame:
                 event = checked_event(frame)
                 if event is not None:
-                    on_event(event)
+                    job.on_event(event)
             else:
                 calls.cancel_scope.cancel()
                 return frame

@@ -38,7 +38,7 @@ import orjson
 
 from rlm_server import Json
 from rlm_server.errors import WorkerCrashed
-from rlm_server.executors.local.pool import ContextFile, JobInput, WorkerPool
+from rlm_server.executors.local.pool import ContextFile, Job, JobInput, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,11 @@ class NodeAgent:
         _claim(self._pool.root)
         return {"protections": found["protections"]}
 
-    async def run(self, job_id: int, job: Json, source: Any, label: str) -> AsyncIterator[Frame]:
-        """One job in a fresh worker on this node: its frames, as they come."""
+    async def run(
+        self, job_id: int, job_frame: Json, source: Any, label: str
+    ) -> AsyncIterator[Frame]:
+        """One job in a fresh worker on this node: its frames, as they come. `job_frame` is
+        the `Job.frame` the worker is sent first (not a `Frame` of this stream)."""
         frames: asyncio.Queue[Frame | None] = asyncio.Queue()
         entry = self._jobs[job_id] = _Job()
 
@@ -168,7 +171,7 @@ class NodeAgent:
             try:
                 context = await self._context(source, frames)
                 pool = self._started()
-                final = await pool.run(job, context, on_event, on_call, on_tool, label)
+                final = await pool.run(Job(job_frame, context, on_event, on_call, on_tool, label))
                 frames.put_nowait(("final", final))
             except WorkerCrashed as crashed:
                 frames.put_nowait(("crash", crashed.data.get("reason")))

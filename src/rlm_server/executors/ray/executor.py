@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 
@@ -47,12 +47,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rlm_server.config import Config
 from rlm_server.errors import RpcError, WorkerCrashed, first_of
 from rlm_server.executors.local.pool import (
-    CallHandler,
     ContextFile,
-    EventHandler,
+    Job,
     JobInput,
     LongWorker,
-    ToolHandler,
     WorkerPool,
     checked_call,
     checked_event,
@@ -75,14 +73,6 @@ NO_NODE = "no Ray node is available"
 UNREACHABLE = "the Ray cluster cannot be reached"
 
 RemoteAgent = ray.remote(max_restarts=0)(NodeAgent)  # an async actor: 1000 calls at once
-
-
-class _Handlers(NamedTuple):
-    """The engine's callbacks for one job."""
-
-    on_event: EventHandler
-    on_call: CallHandler
-    on_tool: ToolHandler
 
 
 @dataclass(eq=False)
@@ -165,28 +155,19 @@ class RayExecutor:
         nodes = [node.report() for node in list(self._nodes.values())]
         return {"kind": "ray" if self._connected is not False else "local", "nodes": nodes}
 
-    async def run(
-        self,
-        job: Json,
-        context: JobInput,
-        on_event: EventHandler,
-        on_call: CallHandler,
-        on_tool: ToolHandler,
-        label: str = "a worker",
-    ) -> Json:
+    async def run(self, job: Job) -> Json:
         if not await self._connect():
-            return await self._local.run(job, context, on_event, on_call, on_tool, label)
-        stored = context.id if isinstance(context, ContextFile) else None
+            return await self._local.run(job)
+        stored = job.context.id if isinstance(job.context, ContextFile) else None
         chosen = await self._node_for(stored)
         if chosen is None:  # not started anywhere yet, so it may run here if allowed
             if not self._fallback:
                 raise WorkerCrashed(reason=NO_NODE)
             log.warning("no Ray node for a job: running it locally (--executor ray,local)")
-            return await self._local.run(job, context, on_event, on_call, on_tool, label)
-        source = await self._source(context)
+            return await self._local.run(job)
+        source = await self._source(job.context)
         with self._slot(chosen) as node:
-            handlers = _Handlers(on_event, on_call, on_tool)
-            return await self._run_on(node, job, source, label, handlers)
+            return await self._run_on(node, job, source)
 
     # -- connecting and looking at the cluster ------------------------------------------------
 
@@ -325,24 +306,17 @@ class RayExecutor:
 
     # -- one job --------------------------------------------------------------------------------
 
-    async def _run_on(
-        self,
-        node: _Node,
-        job: Json,
-        source: Any,
-        label: str,
-        handlers: _Handlers,
-    ) -> Json:
+    async def _run_on(self, node: _Node, job: Job, source: Any) -> Json:
         """Relay the job's frames; the broker answers its calls. Killed on the node however
         this ends early."""
         job_id = next(self._job_ids)
         run = node.agent.run.options(num_returns="streaming")
-        stream = run.remote(job_id, job, source, label)
+        stream = run.remote(job_id, job.frame, source, job.label)
         final: Json | None = None
         crash: RpcError | None = None
         try:
             async with anyio.create_task_group() as calls:
-                final = await self._relay(node, job_id, stream, calls, handlers)
+                final = await self._relay(node, job_id, stream, calls, job)
                 calls.cancel_scope.cancel()
         except* RayError:  # raised inside the calls' task group, as is WorkerCrashed
             self._lost(node)
@@ -357,12 +331,7 @@ class RayExecutor:
         return final
 
     async def _relay(
-        self,
-        node: _Node,
-        job_id: int,
-        stream: Any,
-        calls: anyio.abc.TaskGroup,
-        handlers: _Handlers,
+        self, node: _Node, job_id: int, stream: Any, calls: anyio.abc.TaskGroup, job: Job
     ) -> Json:
         """The job's frames, each checked as the local executor checks a worker's (the node is
         not trusted either): model and tool calls answered here, events passed on."""
@@ -371,16 +340,16 @@ class RayExecutor:
             body = body if isinstance(body, dict) or kind in ("read", "crash") else {}
             if kind == "call":
                 call = checked_call(body)
-                answer = handlers.on_call(call["model"], call["prompt"])
+                answer = job.on_call(call["model"], call["prompt"])
                 calls.start_soon(self._reply, node, job_id, call["call"], answer)
             elif kind == "tool":
                 tool = checked_tool(body)
-                answer = handlers.on_tool(tool["name"], tool["arguments"])
+                answer = job.on_tool(tool["name"], tool["arguments"])
                 calls.start_soon(self._reply, node, job_id, tool["tool"], answer)
             elif kind == "event":
                 event = checked_event(body)
                 if event is not None:
-                    handlers.on_event(event)
+                    job.on_event(event)
             elif kind == "read":
                 node.contexts.add(str(body))
                 node.contexts_read += 1
